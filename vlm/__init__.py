@@ -1,0 +1,5 @@
+"""vlm: compose a vision-language model from swappable parts and train it in stages."""
+from vlm.model import VLM, VLMConfig, build, load
+
+__all__ = ["VLM", "VLMConfig", "build", "load"]
+__version__ = "0.1.0"

@@ -1,0 +1,39 @@
+"""The connector contract: ``forward(x (N, T, C), grid (h, w)) -> (N, K, D)`` and ``num_tokens(T, grid) -> K``."""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Connector(nn.Module):
+    """Maps encoder tokens ``(N, T, in_dim)`` to LLM-space tokens ``(N, K, out_dim)``.
+
+    ``in_dim`` and ``out_dim`` are filled in by ``vlm.build`` from the encoder and the LLM. Subclasses store their
+    constructor arguments (besides the dims) in ``self.options`` so ``export_config`` can rebuild them.
+    """
+
+    in_dim: int
+    out_dim: int
+    options: dict[str, Any]
+
+    def num_tokens(self, num_input_tokens: int, grid: tuple[int, int]) -> int:
+        """``K``: how many LLM tokens one image of ``num_input_tokens`` encoder tokens (patch ``grid``) becomes."""
+        return num_input_tokens
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 3 or x.shape[-1] != self.in_dim:
+            raise ValueError(f"{type(self).__name__} expects (N, T, {self.in_dim}); got {tuple(x.shape)}")
+
+    def export_config(self) -> dict[str, Any]:
+        return {"name": self.registry_name, "in_dim": self.in_dim, "out_dim": self.out_dim, **self.options}
+
+    def record_options(self, frame_locals: dict[str, Any]) -> None:
+        """Store the constructor's keyword arguments (except dims) for ``export_config``."""
+        params = inspect.signature(type(self).__init__).parameters
+        self.options = {k: frame_locals[k] for k in params if k not in ("self", "in_dim", "out_dim")}

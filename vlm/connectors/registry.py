@@ -1,0 +1,3 @@
+from vlm.registry import Registry
+
+CONNECTORS: Registry = Registry("connector")

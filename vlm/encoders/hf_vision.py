@@ -1,0 +1,141 @@
+"""Shared machinery for towers backed by a transformers vision model (CLIP, SigLIP, ...)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
+
+from vlm.encoders.base import SELECT_STRATEGIES, VisionEncoder
+
+FeatureLayer = int | list[int]
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        value = getattr(torch, dtype)
+    except AttributeError:
+        value = None
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; expected e.g. 'float32', 'bfloat16', 'float16'")
+    return value
+
+
+def read_normalization(path: Path) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """``(mean, std)`` from a ``preprocessor_config.json`` next to the weights, if there is one."""
+    f = path / "preprocessor_config.json"
+    if not f.is_file():
+        return None
+    d = json.loads(f.read_text())
+    if "image_mean" in d and "image_std" in d:
+        return tuple(d["image_mean"]), tuple(d["image_std"])
+    return None
+
+
+class HFVisionEncoder(VisionEncoder):
+    """A transformers vision model whose ``hidden_states`` give the features.
+
+    Subclasses set ``model_class``, ``config_class``, ``has_cls``, default ``image_mean``/``image_std`` and
+    ``config_overrides`` (applied when building from dimensions).
+
+    Build from exactly one of: ``pretrained`` (a local directory holding a transformers vision model, or a full
+    CLIP/SigLIP model whose vision part is used), ``config`` (a transformers config dict), or dimensions
+    (``hidden_size``, ``num_layers``, ``num_heads``, ``intermediate_size``, ``image_size``, ``patch_size``).
+    """
+
+    model_class: type[PreTrainedModel]
+    config_class: type[PretrainedConfig]
+    config_overrides: dict[str, Any] = {}
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        config: dict[str, Any] | None = None,
+        *,
+        hidden_size: int = 64,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        intermediate_size: int | None = None,
+        image_size: int = 32,
+        patch_size: int = 8,
+        feature_layer: FeatureLayer = -1,
+        select: str = "patch",
+        freeze: bool = False,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
+        attn_implementation: str = "sdpa",
+        dtype: str | None = None,
+    ) -> None:
+        super().__init__()
+        if pretrained is not None and config is not None:
+            raise ValueError("give either 'pretrained' or 'config', not both")
+        if select not in SELECT_STRATEGIES:
+            raise ValueError(f"select={select!r}; expected one of {SELECT_STRATEGIES}")
+        norm = None
+        if pretrained is not None:
+            path = Path(pretrained)
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(f"{self.registry_name} encoder: no config.json in pretrained directory "
+                                        f"{str(path)!r}; expected a transformers model saved with save_pretrained")
+            self.model = self.model_class.from_pretrained(
+                str(path), attn_implementation=attn_implementation, dtype=resolve_dtype(dtype) or torch.float32)
+            norm = read_normalization(path)
+        else:
+            if config is not None:
+                cfg = self.config_class(**{k: v for k, v in config.items() if k != "model_type"})
+            else:
+                cfg = self.config_class(
+                    hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                    intermediate_size=intermediate_size or 4 * hidden_size, image_size=image_size,
+                    patch_size=patch_size, **self.config_overrides)
+            cfg._attn_implementation = attn_implementation
+            self.model = self.model_class(cfg)
+            if dtype is not None:
+                self.model.to(resolve_dtype(dtype))
+        cfg = self.model.config
+        layers = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
+        n_states = cfg.num_hidden_layers + 1
+        for layer in layers:
+            if not -n_states <= layer < n_states:
+                raise ValueError(f"feature_layer {layer} out of range for a tower with {cfg.num_hidden_layers} "
+                                 f"layers (hidden_states has {n_states} entries; valid {-n_states}..{n_states - 1})")
+        self.feature_layer: FeatureLayer = feature_layer if isinstance(feature_layer, int) else layers
+        self.layers = layers
+        self.select = select
+        self.patch_size = cfg.patch_size
+        self.image_size = cfg.image_size
+        self.hidden_size = cfg.hidden_size * len(layers)
+        if norm is not None:
+            self.image_mean, self.image_std = norm
+        if image_mean is not None:
+            self.image_mean = tuple(image_mean)
+        if image_std is not None:
+            self.image_std = tuple(image_std)
+        if freeze:
+            self.requires_grad_(False)
+
+    @property
+    def hf_config(self) -> PretrainedConfig:
+        return self.model.config
+
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, H, W) -> (N, T_all, C)``: the selected hidden states, concatenated on channels."""
+        dtype = next(self.model.parameters()).dtype
+        out = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True, return_dict=True)
+        states = [out.hidden_states[i] for i in self.layers]
+        return states[0] if len(states) == 1 else torch.cat(states, dim=-1)
+
+    def export_config(self) -> dict[str, Any]:
+        return {
+            "name": self.registry_name,
+            "config": self.model.config.to_dict(),
+            "feature_layer": self.feature_layer,
+            "select": self.select,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+            "attn_implementation": self.model.config._attn_implementation or "sdpa",
+        }

@@ -1,0 +1,3 @@
+from vlm.registry import Registry
+
+ENCODERS: Registry = Registry("encoder")

@@ -1,0 +1,124 @@
+"""``hf_causal_lm``: any transformers causal LM, with image features injected into its input embeddings.
+
+No per-family subclass: the model's own ``get_input_embeddings`` embeds the ids, image features are scattered into
+the image-placeholder positions, and the model is called with ``inputs_embeds``.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from vlm.encoders.hf_vision import resolve_dtype
+from vlm.llm.registry import LLMS
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+def check_attn_implementation(name: str) -> None:
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation={name!r}; expected one of {ATTN_IMPLEMENTATIONS}")
+    if name == "flash_attention_2":
+        if not torch.cuda.is_available():
+            raise RuntimeError("attn_implementation='flash_attention_2' needs CUDA; use 'sdpa' on this machine")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise RuntimeError("attn_implementation='flash_attention_2' needs the flash-attn package: "
+                               "pip install -e '.[flash]'")
+
+
+@LLMS.register("hf_causal_lm")
+class HFCausalLM(nn.Module):
+    """Wraps ``AutoModelForCausalLM`` in ``self.model``.
+
+    Build from ``pretrained`` (a local directory) or ``config`` (a dict with ``model_type`` plus that family's config
+    keys, random init). ``trust_remote_code`` stays off unless the user opts in.
+    """
+
+    def __init__(self, pretrained: str | None = None, config: dict[str, Any] | None = None,
+                 attn_implementation: str = "sdpa", gradient_checkpointing: bool = False,
+                 dtype: str | None = None, trust_remote_code: bool = False) -> None:
+        super().__init__()
+        check_attn_implementation(attn_implementation)
+        if (pretrained is None) == (config is None):
+            raise ValueError("hf_causal_lm needs exactly one of 'pretrained' (a local directory) or 'config' "
+                             "(a dict with 'model_type')")
+        torch_dtype = resolve_dtype(dtype)
+        if pretrained is not None:
+            if not (Path(pretrained) / "config.json").is_file():
+                raise FileNotFoundError(f"hf_causal_lm: no config.json in pretrained directory {pretrained!r}")
+            self.model = AutoModelForCausalLM.from_pretrained(
+                pretrained, attn_implementation=attn_implementation, dtype=torch_dtype or torch.float32,
+                trust_remote_code=trust_remote_code)
+        else:
+            self.model = AutoModelForCausalLM.from_config(
+                make_config(config), attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+            if torch_dtype is not None:
+                self.model.to(torch_dtype)
+        self.trust_remote_code = trust_remote_code
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    @property
+    def hf_config(self) -> PretrainedConfig:
+        return self.model.config
+
+    @property
+    def text_config(self) -> PretrainedConfig:
+        cfg = self.model.config
+        return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text_config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[0]
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.model.config._attn_implementation or "sdpa"
+
+    def resize_token_embeddings(self, n: int) -> None:
+        self.model.resize_token_embeddings(n)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``(B, L) -> (B, L, D)``."""
+        return self.model.get_input_embeddings()(input_ids)
+
+    @staticmethod
+    def inject(embeds: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor,
+               image_token_id: int) -> torch.Tensor:
+        """Scatter ``features (M, D)`` into the ``M`` placeholder positions of ``embeds (B, L, D)``, in row-major order."""
+        mask = input_ids == image_token_id
+        n_tokens, n_feats = int(mask.sum()), features.shape[0]
+        if n_tokens != n_feats:
+            raise ValueError(f"image placeholder count mismatch: input_ids hold {n_tokens} image tokens "
+                             f"(id {image_token_id}) but the images produced {n_feats} feature vectors")
+        if n_feats == 0:
+            return embeds
+        return embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
+
+    def forward(self, **kwargs: Any) -> Any:
+        return self.model(**kwargs)
+
+    def export_config(self) -> dict[str, Any]:
+        cfg = self.model.config.to_dict()
+        return {"name": "hf_causal_lm", "config": cfg, "attn_implementation": self.attn_implementation,
+                "trust_remote_code": self.trust_remote_code}
+
+
+def make_config(config: dict[str, Any]) -> PretrainedConfig:
+    """A transformers config from a dict naming ``model_type``."""
+    config = dict(config)
+    if "model_type" not in config:
+        raise KeyError(f"hf_causal_lm config needs 'model_type' (e.g. llama, qwen2, gemma, gpt2); got keys "
+                       f"{sorted(config)}")
+    model_type = config.pop("model_type")
+    for k in ("architectures", "transformers_version", "_name_or_path"):
+        config.pop(k, None)
+    return AutoConfig.for_model(model_type, **config)

@@ -1,0 +1,227 @@
+"""``VLM``: vision encoder -> connector -> feature injection into a causal LM.
+
+``vlm.build(cfg, tokenizer=None)`` composes one from component configs; ``model.save_pretrained(dir)`` /
+``vlm.load(dir)`` round-trip it through ``config.json`` + ``model.safetensors`` (+ tokenizer files). Nothing pickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from vlm import connectors, encoders, llm as llms
+from vlm.connectors.base import Connector
+from vlm.encoders.base import VisionEncoder, as_pair
+from vlm.llm.hf_causal_lm import HFCausalLM
+from vlm.llm.masks import positions_from_segments, segment_mask, segment_starts
+from vlm.registry import to_dict
+
+FORMAT = "vlm"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+IGNORE_INDEX = -100
+BUILD_KEYS = ("encoder", "connector", "llm", "image_token", "image_token_id")
+
+
+@dataclass
+class VLMConfig:
+    """What ``config.json`` holds: each component's rebuildable config plus the image-token convention."""
+
+    encoder: dict[str, Any]
+    connector: dict[str, Any]
+    llm: dict[str, Any]
+    image_token_id: int
+    image_token: str = "<image>"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}
+
+
+class VLM(nn.Module):
+    """A vision-language model made of swappable parts.
+
+    ``forward`` takes ``input_ids`` whose image placeholders are already expanded: each image contributes exactly
+    ``num_image_tokens((H, W))`` ids equal to ``config.image_token_id``, images in batch order.
+    """
+
+    def __init__(self, encoder: VisionEncoder, connector: Connector, llm: HFCausalLM, image_token_id: int,
+                 image_token: str = "<image>") -> None:
+        super().__init__()
+        if not 0 <= image_token_id < llm.vocab_size:
+            raise ValueError(f"image_token_id {image_token_id} is outside the LLM's embedding table "
+                             f"(vocab size {llm.vocab_size}); add the token and resize the embeddings first")
+        self.encoder, self.connector, self.llm = encoder, connector, llm
+        self.image_token_id, self.image_token = image_token_id, image_token
+        self.tokenizer: Any = None
+
+    # -- what the processor asks ------------------------------------------------------------------------------
+    @property
+    def config(self) -> VLMConfig:
+        return VLMConfig(encoder=self.encoder.export_config(), connector=self.connector.export_config(),
+                         llm=self.llm.export_config(), image_token_id=self.image_token_id,
+                         image_token=self.image_token)
+
+    @property
+    def image_size(self) -> int:
+        return self.encoder.image_size
+
+    @property
+    def image_mean(self) -> tuple[float, float, float]:
+        return tuple(self.encoder.image_mean)
+
+    @property
+    def image_std(self) -> tuple[float, float, float]:
+        return tuple(self.encoder.image_std)
+
+    def num_image_tokens(self, image_size: int | tuple[int, int] | None = None) -> int:
+        """How many placeholder ids one image (or tile) of ``image_size`` ``(H, W)`` becomes."""
+        size = as_pair(self.encoder.image_size if image_size is None else image_size)
+        return self.connector.num_tokens(self.encoder.num_tokens(size), self.encoder.grid(size))
+
+    # -- forward ---------------------------------------------------------------------------------------------
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, H, W) -> (N, K, D)`` LLM-space image tokens."""
+        grid = self.encoder.grid(tuple(pixel_values.shape[-2:])) if pixel_values.ndim == 4 else (0, 0)
+        trainable = any(p.requires_grad for p in self.encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+            feats = self.encoder(pixel_values)
+        return self.connector(feats, grid)
+
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """``input_ids (B, L)`` (+ images) -> ``inputs_embeds (B, L, D)`` with image features injected."""
+        embeds = self.llm.embed(input_ids)
+        if pixel_values is None:
+            n = int((input_ids == self.image_token_id).sum())
+            if n:
+                raise ValueError(f"input_ids hold {n} image tokens (id {self.image_token_id}) but no pixel_values "
+                                 f"were given")
+            return embeds
+        feats = self.image_features(pixel_values)
+        return self.llm.inject(embeds, input_ids, feats.reshape(-1, feats.shape[-1]), self.image_token_id)
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                **lm_kwargs: Any) -> CausalLMOutputWithPast:
+        """Returns ``.logits (B, L, V)`` and ``.loss`` (mean over labels != -100, next-token shift) when labels given.
+
+        ``segment_ids (B, L)`` marks packed samples (0 = padding): attention stays within each segment, positions
+        restart per segment, and a segment's first token is never a target of the previous segment.
+        """
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (B, L); got shape {tuple(input_ids.shape)}")
+        embeds = self.embed_inputs(input_ids, pixel_values)
+        if segment_ids is not None:
+            if position_ids is None:
+                position_ids = positions_from_segments(segment_ids)
+            attention_mask = segment_mask(segment_ids, self.llm.attn_implementation, embeds.dtype)
+            if labels is not None:
+                labels = labels.masked_fill(segment_starts(segment_ids), IGNORE_INDEX)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                        labels=labels, **lm_kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, **generate_kwargs: Any) -> torch.Tensor:
+        """Greedy by default, with the KV cache. ``input_ids`` left-padded ``(B, L)``; returns new tokens ``(B, T)``."""
+        embeds = self.embed_inputs(input_ids, pixel_values)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        generate_kwargs.setdefault("do_sample", False)
+        if self.tokenizer is not None:
+            generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+            if self.tokenizer.eos_token_id is not None:
+                generate_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
+        return self.llm.model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+
+    # -- persistence -----------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json``, ``model.safetensors`` and the tokenizer (if set). Files are replaced atomically."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp_weights = out / f".{WEIGHTS_FILE}.tmp"
+        save_model(self, str(tmp_weights), metadata={"format": "pt"})
+        tmp_cfg = out / f".{CONFIG_FILE}.tmp"
+        tmp_cfg.write_text(json.dumps(self.config.to_dict(), indent=2, default=str))
+        os.replace(tmp_weights, out / WEIGHTS_FILE)
+        os.replace(tmp_cfg, out / CONFIG_FILE)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(out))
+        return out
+
+
+def build(cfg: Any, tokenizer: Any = None) -> VLM:
+    """Compose a ``VLM`` from ``{encoder: {...}, connector: {...}, llm: {...}}`` (+ optional ``image_token``).
+
+    With a ``tokenizer``: adds the image token to it if missing, resizes the LLM embeddings to ``len(tokenizer)``
+    when needed, and attaches it as ``model.tokenizer``. Without one (and no ``image_token_id``), a fresh id is
+    appended to the embedding table so the placeholder never collides with a real token.
+    """
+    cfg = to_dict(cfg)
+    unknown = sorted(set(cfg) - set(BUILD_KEYS))
+    if unknown:
+        raise TypeError(f"vlm.build: unknown key(s) {unknown}; accepted: {list(BUILD_KEYS)}")
+    for key in ("encoder", "connector", "llm"):
+        if key not in cfg:
+            raise KeyError(f"vlm.build: missing {key!r} config (a mapping with 'name')")
+    encoder = encoders.build(cfg["encoder"])
+    lm = llms.build(cfg["llm"])
+    connector = connectors.build(cfg["connector"], in_dim=encoder.hidden_size, out_dim=lm.hidden_size)
+    image_token = cfg.get("image_token", "<image>")
+    image_token_id = cfg.get("image_token_id")
+    if tokenizer is not None:
+        if image_token not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
+        image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        if len(tokenizer) > lm.vocab_size:
+            lm.resize_token_embeddings(len(tokenizer))
+    elif image_token_id is None:
+        image_token_id = lm.vocab_size
+        lm.resize_token_embeddings(lm.vocab_size + 1)
+    model = VLM(encoder, connector, lm, image_token_id=image_token_id, image_token=image_token)
+    model.tokenizer = tokenizer
+    return model
+
+
+def from_config(config: dict[str, Any]) -> VLM:
+    """Rebuild the architecture described by a saved ``config.json`` (random weights)."""
+    encoder = encoders.build(config["encoder"])
+    lm = llms.build(config["llm"])
+    connector = connectors.build(config["connector"])
+    return VLM(encoder, connector, lm, image_token_id=config["image_token_id"],
+               image_token=config.get("image_token", "<image>"))
+
+
+def load(directory: str | os.PathLike, *, tokenizer: bool = True, device: str | torch.device | None = None) -> VLM:
+    """Load a directory written by ``VLM.save_pretrained``. Raises naming any missing or foreign file."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise FileNotFoundError(f"vlm.load: {str(path)!r} is not a directory")
+    cfg_file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
+    for f in (cfg_file, weights):
+        if not f.is_file():
+            raise FileNotFoundError(f"vlm.load: {str(path)!r} is missing {f.name} (expected {CONFIG_FILE} and "
+                                    f"{WEIGHTS_FILE} written by VLM.save_pretrained)")
+    config = json.loads(cfg_file.read_text())
+    if config.get("format") != FORMAT:
+        raise ValueError(f"vlm.load: {str(cfg_file)!r} is not a vlm config (format={config.get('format')!r}); "
+                         f"for a transformers LLaVA directory use vlm.interop.from_hf")
+    model = from_config(config)
+    missing, unexpected = load_model(model, str(weights), strict=False, device=str(device or "cpu"))
+    if missing or unexpected:
+        raise ValueError(f"vlm.load: {str(weights)!r} does not match the config: missing {sorted(missing)[:8]}, "
+                         f"unexpected {sorted(unexpected)[:8]}")
+    if tokenizer and (path / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        model.tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return model

@@ -1,0 +1,89 @@
+"""One registry per component family: ``@REG.register("name")``, exact lookup, ``REG.build(cfg)``.
+
+``cfg`` is a mapping (a dict or an OmegaConf node, as a Hydra YAML gives) holding ``name`` plus the component's
+keyword arguments. Lookup is exact: no prefix or substring matching, so names cannot collide silently.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain ``dict`` copy of a mapping or OmegaConf node (interpolations resolved)."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"expected a mapping with a 'name' key, got {type(cfg).__name__}: {cfg!r}")
+    return dict(cfg)
+
+
+class Registry(Generic[T]):
+    """Maps exact names to component classes or factory functions of one family."""
+
+    def __init__(self, family: str) -> None:
+        self.family = family
+        self._entries: dict[str, Callable[..., T]] = {}
+
+    def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        def deco(obj: Callable[..., T]) -> Callable[..., T]:
+            if name in self._entries:
+                raise ValueError(f"{self.family} {name!r} is already registered (by {self._entries[name]!r})")
+            self._entries[name] = obj
+            try:
+                obj.registry_name = name  # type: ignore[attr-defined]
+            except (AttributeError, TypeError):
+                pass
+            return obj
+
+        return deco
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def get(self, name: str) -> Callable[..., T]:
+        if name not in self._entries:
+            raise KeyError(f"unknown {self.family} {name!r}; known {self.family}s: {', '.join(self.names()) or '(none)'}")
+        return self._entries[name]
+
+    def build(self, cfg: Any, **extra: Any) -> T:
+        """Build from ``cfg`` (``name`` + kwargs). ``extra`` kwargs (e.g. dimensions filled in by the composer)
+        are passed only when the component does not already get them from ``cfg``."""
+        kwargs = to_dict(cfg)
+        if "name" not in kwargs:
+            raise KeyError(f"{self.family} config needs a 'name' key (one of: {', '.join(self.names())}); got keys "
+                           f"{sorted(kwargs)}")
+        name = kwargs.pop("name")
+        factory = self.get(name)
+        for k, v in extra.items():
+            kwargs.setdefault(k, v)
+        check_kwargs(factory, kwargs, f"{self.family} {name!r}")
+        return factory(**kwargs)
+
+
+def check_kwargs(factory: Callable[..., Any], kwargs: Mapping[str, Any], what: str) -> None:
+    """Raise ``TypeError`` naming unknown keys and the accepted ones, before calling ``factory``."""
+    sig = inspect.signature(factory)
+    params = sig.parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [n for n, p in params.items() if n != "self" and p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise TypeError(f"{what}: unknown argument(s) {unknown}; accepted: {accepted}")
+    missing = [n for n, p in params.items()
+               if n != "self" and p.default is inspect.Parameter.empty and n not in kwargs
+               and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    if missing:
+        raise TypeError(f"{what}: missing required argument(s) {missing}")
