@@ -60,6 +60,14 @@ class HFCausalLM(nn.Module):
                 self.model.to(torch_dtype)
         self.trust_remote_code = trust_remote_code
         if gradient_checkpointing:
+            self.enable_gradient_checkpointing()
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute decoder-layer activations in the backward pass (non-reentrant)."""
+        enable = getattr(self.model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # transformers < 5.x name
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     @property

@@ -1,0 +1,236 @@
+import json
+
+import pytest
+import torch
+
+import vlm
+from vlm import llm as llms
+from vlm.llm.hf_causal_lm import HFCausalLM
+from vlm.llm.masks import positions_from_segments
+from tests.conftest import TINY_TEXT, image_batch_ids, tiny_cfg
+
+
+@pytest.mark.parametrize("family", sorted(TINY_TEXT))
+def test_any_causal_lm_family(family, seed):
+    model = vlm.build(tiny_cfg("siglip", family)).eval()
+    ids = image_batch_ids(model, [1, 2], length=48)
+    px = torch.randn(3, 3, 32, 32)
+    out = model(ids, px, labels=ids)
+    assert out.logits.shape == (2, 48, model.llm.vocab_size)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.connector.layers[0].weight.grad is not None
+
+
+def test_injection_order_and_placement(seed):
+    model = vlm.build(tiny_cfg("clip", "llama")).eval()
+    ids = image_batch_ids(model, [2, 1], length=48)
+    px = torch.randn(3, 3, 32, 32)
+    embeds = model.embed_inputs(ids, px)
+    feats = model.image_features(px)  # (3, K, D)
+    K = model.num_image_tokens()
+    mask = ids == model.image_token_id
+    r0 = mask[0].nonzero().squeeze(1)
+    r1 = mask[1].nonzero().squeeze(1)
+    torch.testing.assert_close(embeds[0, r0[:K]], feats[0])
+    torch.testing.assert_close(embeds[0, r0[K:]], feats[1])
+    torch.testing.assert_close(embeds[1, r1], feats[2])
+    text = ~mask
+    torch.testing.assert_close(embeds[text], model.llm.embed(ids)[text])
+
+
+def test_count_mismatch_states_both_numbers(seed):
+    model = vlm.build(tiny_cfg())
+    ids = image_batch_ids(model, [1, 1])
+    with pytest.raises(ValueError, match=r"hold 32 image tokens .* produced 16 feature vectors"):
+        model(ids, torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model(ids)
+
+
+def test_text_only_batch(seed):
+    model = vlm.build(tiny_cfg())
+    ids = torch.randint(0, 100, (2, 10))
+    out = model(ids, labels=ids)
+    assert out.logits.shape[:2] == (2, 10) and torch.isfinite(out.loss)
+
+
+def test_labels_ignore_index(seed):
+    model = vlm.build(tiny_cfg()).eval()
+    ids = torch.randint(0, 100, (1, 12))
+    labels = torch.full_like(ids, -100)
+    labels[0, 6:] = ids[0, 6:]
+    out = model(ids, labels=labels)
+    logp = torch.log_softmax(out.logits[0, 5:-1], -1)
+    expected = -logp.gather(1, ids[0, 6:, None]).mean()
+    torch.testing.assert_close(out.loss, expected)
+
+
+@pytest.mark.parametrize("encoder,text", [("clip", "llama"), ("siglip", "qwen2"), ("clip", "gpt2")])
+def test_save_load_identical(tmp_path, encoder, text, seed):
+    from vlm.data.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    cfg = tiny_cfg(encoder, text, feature_layer=[-2, -1])
+    cfg["llm"]["config"]["vocab_size"] = len(tok)
+    model = vlm.build(cfg, tokenizer=tok).eval()
+    ids = image_batch_ids(model, [1, 1])
+    px = torch.randn(2, 3, 32, 32)
+    ref = model(ids, px).logits
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".json", ".safetensors"))[:2] == [
+        "config.json", "model.safetensors"] or (tmp_path / "model.safetensors").is_file()
+    assert not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.pt"))
+    again = vlm.load(tmp_path).eval()
+    assert (again(ids, px).logits - ref).abs().max() == 0
+    assert again.tokenizer is not None and again.image_token_id == model.image_token_id
+    assert again.tokenizer.convert_tokens_to_ids("<image>") == model.image_token_id
+
+
+def test_build_reserves_fresh_image_token():
+    model = vlm.build(tiny_cfg())
+    assert model.image_token_id == 128 and model.llm.vocab_size == 129
+
+
+def test_load_errors(tmp_path):
+    model = vlm.build(tiny_cfg())
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        vlm.load(tmp_path / "nope")
+    model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="missing model.safetensors"):
+        vlm.load(tmp_path)
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["llm"]["config"]["num_hidden_layers"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="does not match the config"):
+        vlm.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    with pytest.raises(ValueError, match="not a vlm config"):
+        vlm.load(tmp_path)
+
+
+def greedy_without_cache(model, ids, px, steps):
+    out = []
+    for _ in range(steps):
+        logits = model(ids, px, use_cache=False).logits
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        out.append(nxt)
+        ids = torch.cat([ids, nxt], dim=1)
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("text", ["llama", "gpt2"])
+def test_generate_with_cache_equals_greedy_without_cache(text, seed):
+    model = vlm.build(tiny_cfg("siglip", text)).eval()
+    ids = image_batch_ids(model, [1, 1], length=24)
+    px = torch.randn(2, 3, 32, 32)
+    gen = model.generate(ids, px, max_new_tokens=8, min_new_tokens=8)
+    assert gen.shape == (2, 8)
+    assert torch.equal(gen, greedy_without_cache(model, ids, px, 8))
+
+
+def test_generate_left_padded_batch_matches_unpadded(seed):
+    model = vlm.build(tiny_cfg("clip", "llama")).eval()
+    K = model.num_image_tokens()
+    a = torch.cat([torch.tensor([[5, 6]]), torch.full((1, K), model.image_token_id), torch.tensor([[7, 8, 9]])], 1)
+    b = a[:, 1:]
+    px = torch.randn(2, 3, 32, 32)
+    pad = torch.cat([torch.zeros(1, 1, dtype=torch.long), b], 1)
+    batch = torch.cat([a, pad])
+    mask = torch.ones_like(batch)
+    mask[1, 0] = 0
+    gen = model.generate(batch, px, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
+    alone = model.generate(b, px[1:], max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
+    assert torch.equal(gen[1], alone[0])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("text", ["llama", "qwen3"])
+def test_packed_rows_equal_samples_alone(attn, text, seed):
+    cfg = tiny_cfg("clip", text)
+    cfg["llm"]["attn_implementation"] = attn
+    model = vlm.build(cfg).eval()
+    K = model.num_image_tokens()
+    t = model.image_token_id
+    s1 = torch.cat([torch.tensor([1, 2]), torch.full((K,), t), torch.tensor([3, 4, 5])])
+    s2 = torch.tensor([9, 8, 7, 6])
+    s3 = torch.cat([torch.tensor([11]), torch.full((K,), t), torch.tensor([12])])
+    px = torch.randn(2, 3, 32, 32)
+    row = torch.cat([s1, s2, s3, torch.zeros(3, dtype=torch.long)])[None]
+    seg = torch.cat([torch.full((len(s1),), 1), torch.full((len(s2),), 2), torch.full((len(s3),), 3),
+                     torch.zeros(3, dtype=torch.long)])[None]
+    packed = model(row, px, segment_ids=seg).logits[0]
+    alone = [model(s1[None], px[:1]).logits[0], model(s2[None]).logits[0], model(s3[None], px[1:]).logits[0]]
+    off = 0
+    for a in alone:
+        assert (packed[off:off + len(a)] - a).abs().max() <= 1e-4
+        off += len(a)
+
+
+def test_packed_loss_ignores_cross_segment_targets(seed):
+    model = vlm.build(tiny_cfg()).eval()
+    s1, s2 = torch.randint(0, 100, (6,)), torch.randint(0, 100, (5,))
+    row = torch.cat([s1, s2])[None]
+    seg = torch.tensor([[1] * 6 + [2] * 5])
+    loss = model(row, labels=row, segment_ids=seg).loss
+    l1 = model(s1[None], labels=s1[None]).loss
+    l2 = model(s2[None], labels=s2[None]).loss
+    torch.testing.assert_close(loss, (l1 * 5 + l2 * 4) / 9)
+
+
+def test_positions_from_segments():
+    seg = torch.tensor([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+    assert positions_from_segments(seg).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1], list(range(8))]
+
+
+def test_attention_implementations_agree(seed):
+    ref = vlm.build(tiny_cfg()).eval()
+    cfg = tiny_cfg()
+    cfg["llm"]["attn_implementation"] = "eager"
+    eager = vlm.build(cfg).eval()
+    eager.load_state_dict(ref.state_dict())
+    ids = image_batch_ids(ref, [1])
+    px = torch.randn(1, 3, 32, 32)
+    assert (ref(ids, px).logits - eager(ids, px).logits).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="attn_implementation"):
+        llms.build({"name": "hf_causal_lm", "config": TINY_TEXT["llama"], "attn_implementation": "flash"})
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs CUDA"):
+            llms.build({"name": "hf_causal_lm", "config": TINY_TEXT["llama"],
+                        "attn_implementation": "flash_attention_2"})
+
+
+def test_gradient_checkpointing_same_grads(seed):
+    ref = vlm.build(tiny_cfg())
+    cfg = tiny_cfg()
+    cfg["llm"]["gradient_checkpointing"] = True
+    ckpt = vlm.build(cfg)
+    ckpt.load_state_dict(ref.state_dict())
+    ids = image_batch_ids(ref, [1, 1])
+    px = torch.randn(2, 3, 32, 32)
+    for m in (ref, ckpt):
+        m.train()
+        m(ids, px, labels=ids).loss.backward()
+    assert any(getattr(m, "gradient_checkpointing", False) for m in ckpt.llm.model.modules())
+    g1 = ref.llm.model.model.layers[0].mlp.up_proj.weight.grad
+    g2 = ckpt.llm.model.model.layers[0].mlp.up_proj.weight.grad
+    torch.testing.assert_close(g1, g2)
+
+
+def test_pretrained_llm_directory(tmp_path, seed):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_TEXT["qwen2"])).eval()
+    ref.save_pretrained(tmp_path)
+    lm = llms.build({"name": "hf_causal_lm", "pretrained": str(tmp_path)}).eval()
+    assert isinstance(lm, HFCausalLM)
+    ids = torch.randint(0, 128, (1, 9))
+    assert (lm(input_ids=ids).logits - ref(input_ids=ids).logits).abs().max() == 0
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        llms.build({"name": "hf_causal_lm", "pretrained": str(tmp_path / "x")})
+    with pytest.raises(ValueError, match="exactly one"):
+        llms.build({"name": "hf_causal_lm"})
+    with pytest.raises(KeyError, match="model_type"):
+        llms.build({"name": "hf_causal_lm", "config": {"hidden_size": 8}})
