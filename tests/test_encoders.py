@@ -86,3 +86,42 @@ def test_bad_options(tmp_path):
         encoders.build({**TINY_VISION["clip"], "feature_layer": 5})
     with pytest.raises(FileNotFoundError, match="no config.json"):
         encoders.build({"name": "clip", "pretrained": str(tmp_path)})
+
+
+@pytest.mark.parametrize("model_name,kwargs,layer,C,grid", [
+    ("resnet10t", {}, 2, 128, 4),
+    ("vit_tiny_patch16_224", {"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}, [-2, -1], 128, 4),
+])
+def test_timm_tower(tmp_path, model_name, kwargs, layer, C, grid):
+    import timm
+    from safetensors.torch import save_file
+
+    enc = encoders.build({"name": "timm", "model_name": model_name, "image_size": 32, "feature_layer": layer,
+                          "model_kwargs": kwargs}).eval()
+    x = torch.randn(2, 3, 32, 32)
+    y = enc(x)
+    assert y.shape == (2, grid * grid, C) and enc.hidden_size == C and enc.num_tokens() == grid * grid
+    assert enc.patch_size == 32 // grid
+    # a local weights file of the full timm model loads through pretrained=
+    torch.manual_seed(1)
+    full = timm.create_model(model_name, img_size=32, **kwargs) if "vit" in model_name else timm.create_model(model_name)
+    full.eval()
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    loaded = encoders.build({"name": "timm", "model_name": model_name, "image_size": 32, "feature_layer": layer,
+                             "model_kwargs": kwargs, "pretrained": str(tmp_path / "w.safetensors")}).eval()
+    ref = full.forward_intermediates(x, indices=[layer] if isinstance(layer, int) else layer,
+                                     intermediates_only=True)
+    ref = torch.cat(ref, dim=1).flatten(2).transpose(1, 2)
+    assert (loaded(x) - ref).abs().max() <= 1e-5
+    again = encoders.build(loaded.export_config())
+    again.load_state_dict(loaded.state_dict())
+    assert (again.eval()(x) - loaded(x)).abs().max() == 0
+
+
+def test_timm_errors(tmp_path):
+    with pytest.raises(KeyError, match="unknown timm model"):
+        encoders.build({"name": "timm", "model_name": "resnet_nope"})
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        encoders.build({"name": "timm", "model_name": "resnet10t", "pretrained": str(tmp_path / "x.safetensors")})
+    with pytest.raises(ValueError, match="different strides"):
+        encoders.build({"name": "timm", "model_name": "resnet10t", "image_size": 32, "feature_layer": [1, 2]})

@@ -1,0 +1,81 @@
+"""``timm``: any timm model as a vision tower, through timm's ``features_only`` interface.
+
+CNNs (ResNet, ConvNeXt, ...) and ViTs alike return ``(N, C, h, w)`` feature maps at the requested ``feature_layer``
+(timm's ``out_indices``; negative counts from the last stage/block); they become ``(N, h*w, C)`` tokens, row-major.
+Prefix tokens (CLS, registers) are not part of timm's feature maps, so ``select`` has nothing to drop.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlm.encoders.base import VisionEncoder
+from vlm.encoders.registry import ENCODERS
+
+
+@ENCODERS.register("timm")
+class TimmEncoder(VisionEncoder):
+    """Build with ``model_name`` (any ``timm.list_models()`` name), ``image_size``, optional ``model_kwargs``
+    (e.g. ``{"patch_size": 8, "embed_dim": 128}`` for a ViT) and ``pretrained`` = a local weights file
+    (``.safetensors`` preferred) of the *full* timm model. Nothing is downloaded."""
+
+    has_cls = False
+
+    def __init__(self, model_name: str, image_size: int = 224, pretrained: str | None = None,
+                 feature_layer: int | list[int] = -1, select: str = "patch", freeze: bool = False,
+                 model_kwargs: dict[str, Any] | None = None, image_mean: list[float] | None = None,
+                 image_std: list[float] | None = None) -> None:
+        super().__init__()
+        import timm
+
+        if select not in ("patch", "all"):
+            raise ValueError(f"timm encoder select={select!r}; timm feature maps hold patch tokens only: use 'patch'")
+        if model_name not in timm.list_models():
+            raise KeyError(f"timm encoder: unknown timm model {model_name!r} (see timm.list_models())")
+        layers = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
+        kwargs = {"img_size": image_size, **(model_kwargs or {})}
+        load_kwargs: dict[str, Any] = {}
+        if pretrained is not None:
+            if not Path(pretrained).is_file():
+                raise FileNotFoundError(f"timm encoder: pretrained weights file {pretrained!r} does not exist")
+            load_kwargs = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(pretrained)}}
+        self.model = _create(timm, model_name, {"features_only": True, "out_indices": tuple(layers), **kwargs,
+                                                **load_kwargs})
+        reductions = self.model.feature_info.reduction()
+        if len(set(reductions)) != 1:
+            raise ValueError(f"timm encoder: feature layers {layers} of {model_name} have different strides "
+                             f"{reductions}; concatenating them needs one grid")
+        data_cfg = timm.data.resolve_data_config({}, model=self.model)
+        self.model_name, self.model_kwargs, self.feature_layer = model_name, dict(model_kwargs or {}), feature_layer
+        self.select = select
+        self.patch_size = int(reductions[0])
+        self.image_size = image_size
+        self.hidden_size = int(sum(self.model.feature_info.channels()))
+        self.image_mean = tuple(image_mean or data_cfg["mean"])
+        self.image_std = tuple(image_std or data_cfg["std"])
+        self.grid(image_size)
+        if freeze:
+            self.requires_grad_(False)
+
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, H, W) -> (N, h*w, C)``."""
+        maps = self.model(pixel_values.to(next(self.model.parameters()).dtype))
+        fmap = maps[0] if len(maps) == 1 else torch.cat(maps, dim=1)
+        return fmap.flatten(2).transpose(1, 2)
+
+    def export_config(self) -> dict[str, Any]:
+        return {"name": "timm", "model_name": self.model_name, "image_size": self.image_size,
+                "feature_layer": self.feature_layer, "select": self.select, "model_kwargs": self.model_kwargs,
+                "image_mean": list(self.image_mean), "image_std": list(self.image_std)}
+
+
+def _create(timm_module: Any, model_name: str, kwargs: dict[str, Any]) -> torch.nn.Module:
+    """``timm.create_model`` passing ``img_size`` to the architectures that take one (ViT-style), not to CNNs."""
+    try:
+        return timm_module.create_model(model_name, **kwargs)
+    except TypeError as e:
+        if "img_size" not in str(e) or "img_size" not in kwargs:
+            raise
+        return timm_module.create_model(model_name, **{k: v for k, v in kwargs.items() if k != "img_size"})
