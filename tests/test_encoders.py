@@ -125,3 +125,23 @@ def test_timm_errors(tmp_path):
         encoders.build({"name": "timm", "model_name": "resnet10t", "pretrained": str(tmp_path / "x.safetensors")})
     with pytest.raises(ValueError, match="different strides"):
         encoders.build({"name": "timm", "model_name": "resnet10t", "image_size": 32, "feature_layer": [1, 2]})
+
+
+def test_siglip2_matches_transformers_processor_path(tmp_path):
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+    from transformers.models.siglip2.image_processing_siglip2 import convert_image_to_patches
+
+    torch.manual_seed(0)
+    ref = Siglip2VisionModel(Siglip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_patches=16, patch_size=8)).eval()
+    ref.save_pretrained(tmp_path)
+    enc = encoders.build({"name": "siglip2", "pretrained": str(tmp_path), "feature_layer": -1}).eval()
+    assert enc.image_size == 32 and enc.num_tokens() == 16
+    x = torch.randn(2, 3, 32, 48)  # non-square: position embeddings are resized by the model
+    patches = torch.stack([convert_image_to_patches(img, 8) for img in x])
+    out = ref(pixel_values=patches, pixel_attention_mask=torch.ones(2, 24, dtype=torch.long),
+              spatial_shapes=torch.tensor([[4, 6], [4, 6]]), output_hidden_states=True)
+    assert (enc(x) - out.hidden_states[-1]).abs().max() <= 1e-5
+    small = encoders.build({"name": "siglip2", "image_size": 32, "patch_size": 8, "hidden_size": 32,
+                            "num_layers": 1, "num_heads": 4})
+    assert small(torch.randn(1, 3, 32, 32)).shape == (1, 16, 32)

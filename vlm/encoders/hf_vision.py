@@ -88,10 +88,10 @@ class HFVisionEncoder(VisionEncoder):
             if config is not None:
                 cfg = self.config_class(**{k: v for k, v in config.items() if k != "model_type"})
             else:
-                cfg = self.config_class(
+                cfg = self.config_class(**self.dims_config(
                     hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                     intermediate_size=intermediate_size or 4 * hidden_size, image_size=image_size,
-                    patch_size=patch_size, **self.config_overrides)
+                    patch_size=patch_size), **self.config_overrides)
             cfg._attn_implementation = attn_implementation
             self.model = self.model_class(cfg)
             if dtype is not None:
@@ -107,7 +107,7 @@ class HFVisionEncoder(VisionEncoder):
         self.layers = layers
         self.select = select
         self.patch_size = cfg.patch_size
-        self.image_size = cfg.image_size
+        self.image_size = self.config_image_size(cfg)
         self.hidden_size = cfg.hidden_size * len(layers)
         if norm is not None:
             self.image_mean, self.image_std = norm
@@ -117,6 +117,15 @@ class HFVisionEncoder(VisionEncoder):
             self.image_std = tuple(image_std)
         if freeze:
             self.requires_grad_(False)
+
+    @staticmethod
+    def dims_config(**dims: int) -> dict[str, int]:
+        """Transformers config keys for a tower built from dimensions."""
+        return dims
+
+    @staticmethod
+    def config_image_size(cfg: PretrainedConfig) -> int:
+        return int(cfg.image_size)
 
     @property
     def hf_config(self) -> PretrainedConfig:
