@@ -37,3 +37,50 @@ def test_errors():
         c(torch.randn(2, 9, 15), (3, 3))
     with pytest.raises(ValueError, match="depth"):
         connectors.build({"name": "mlp", "depth": 0}, in_dim=16, out_dim=24)
+
+
+def internvl_pixel_shuffle(x, scale_factor=0.5):
+    """InternVL-Chat-V1-5 ``InternVLChatModel.pixel_shuffle`` (ps_version v2), copied verbatim as the reference."""
+    n, w, h, c = x.size()
+    x = x.view(n, w, int(h * scale_factor), int(c / scale_factor))
+    x = x.permute(0, 2, 1, 3).contiguous()
+    x = x.view(n, int(h * scale_factor), int(w * scale_factor), int(c / (scale_factor * scale_factor)))
+    x = x.permute(0, 2, 1, 3).contiguous()
+    return x
+
+
+def test_pixel_shuffle_mlp_matches_internvl():
+    torch.manual_seed(0)
+    c = connectors.build({"name": "pixel_shuffle_mlp", "scale": 0.5}, in_dim=8, out_dim=24)
+    x = torch.randn(2, 16, 8)  # a 4x4 grid
+    # InternVL's extract_feature: reshape to (N, h, w, C), shuffle, flatten, mlp1
+    ref = internvl_pixel_shuffle(x.reshape(2, 4, 4, 8))
+    ref = c.layers(ref.reshape(2, -1, ref.shape[-1]))
+    assert c.num_tokens(16, (4, 4)) == 4
+    torch.testing.assert_close(c(x, (4, 4)), ref)
+    assert list(c.state_dict())[:4] == ["layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias"]
+    # every 2x2 block of neighbouring patches lands in one output token
+    x = torch.arange(16.0).reshape(1, 16, 1).repeat(1, 1, 2)
+    folded = internvl_pixel_shuffle(x.reshape(1, 4, 4, 2)).reshape(1, 4, 8)
+    assert sorted(set(folded[0, 0].tolist())) == [0.0, 1.0, 4.0, 5.0]
+
+
+def test_pixel_shuffle_mlp_errors():
+    c = connectors.build({"name": "pixel_shuffle_mlp"}, in_dim=8, out_dim=24)
+    with pytest.raises(ValueError, match="no CLS"):
+        c.num_tokens(17, (4, 4))
+    with pytest.raises(ValueError, match="divisible by 2"):
+        c.num_tokens(9, (3, 3))
+    with pytest.raises(ValueError, match="1/k"):
+        connectors.build({"name": "pixel_shuffle_mlp", "scale": 0.3}, in_dim=8, out_dim=24)
+
+
+def test_pixel_shuffle_in_a_vlm():
+    import vlm
+    from tests.conftest import image_batch_ids, tiny_cfg
+
+    model = vlm.build(tiny_cfg("siglip", "qwen2", connector={"name": "pixel_shuffle_mlp", "scale": 0.5}))
+    assert model.num_image_tokens() == 4 and model.num_image_tokens((64, 32)) == 8
+    ids = image_batch_ids(model, [1, 2])
+    out = model(ids, torch.randn(3, 3, 32, 32), labels=ids)
+    assert torch.isfinite(out.loss)

@@ -234,3 +234,17 @@ def test_pretrained_llm_directory(tmp_path, seed):
         llms.build({"name": "hf_causal_lm"})
     with pytest.raises(KeyError, match="model_type"):
         llms.build({"name": "hf_causal_lm", "config": {"hidden_size": 8}})
+
+
+def test_build_adds_image_token_without_dropping_existing_specials():
+    from vlm.data.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    specials_before = set(tok.all_special_tokens)
+    cfg = tiny_cfg()
+    cfg["image_token"] = "<IMG_CONTEXT>"
+    cfg["llm"]["config"]["vocab_size"] = len(tok)
+    model = vlm.build(cfg, tokenizer=tok)
+    assert specials_before <= set(tok.all_special_tokens)
+    assert tok("a<IMG_CONTEXT>b", add_special_tokens=False)["input_ids"][1] == model.image_token_id
+    assert model.image_token_id == len(tok) - 1 and model.llm.vocab_size == len(tok)

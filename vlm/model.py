@@ -180,7 +180,10 @@ def build(cfg: Any, tokenizer: Any = None) -> VLM:
     image_token_id = cfg.get("image_token_id")
     if tokenizer is not None:
         if image_token not in tokenizer.get_vocab():
-            tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
+            from tokenizers import AddedToken
+
+            # add_tokens appends; add_special_tokens({"additional_special_tokens": ...}) would replace the list
+            tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
         image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if len(tokenizer) > lm.vocab_size:
             lm.resize_token_embeddings(len(tokenizer))

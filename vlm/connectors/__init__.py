@@ -3,7 +3,7 @@ from typing import Any
 
 from vlm.connectors.base import Connector
 from vlm.connectors.registry import CONNECTORS
-from vlm.connectors import identity, linear, mlp  # noqa: F401  (registration)
+from vlm.connectors import identity, linear, mlp, pixel_shuffle_mlp  # noqa: F401  (registration)
 
 
 def build(cfg: Any, **dims: int) -> Connector:

@@ -13,38 +13,9 @@ from typing import Any, Union
 
 from PIL import Image
 
+from vlm.data.errors import DataError
+
 ROLES = ("system", "user", "assistant")
-
-
-class DataError(ValueError):
-    """A bad sample: names the sample (index and/or id), the file involved and the problem.
-
-    ``reason`` is a short machine-readable key (``missing_image``, ``corrupt_image``, ``tiny_image``,
-    ``image_count``, ``role_order``, ``empty``, ``too_long``, ``format``, ``url``, ...) used to count skipped
-    samples by cause. Subclasses ``ValueError`` so callers catching ``ValueError`` keep working.
-    """
-
-    def __init__(self, problem: str, *, reason: str = "invalid", index: int | None = None,
-                 sample_id: Any = None, file: str | None = None, source: str | None = None) -> None:
-        self.problem, self.reason, self.index, self.sample_id = problem, reason, index, sample_id
-        self.file, self.source = file, source
-        where = []
-        if source is not None:
-            where.append(str(source))
-        if index is not None:
-            where.append(f"sample #{index}")
-        if sample_id is not None:
-            where.append(f"id={sample_id!r}")
-        head = " ".join(where) or "sample"
-        tail = f" (file: {file})" if file is not None else ""
-        super().__init__(f"{head}: {problem}{tail}")
-
-    def located(self, *, index: int | None = None, sample_id: Any = None, source: str | None = None) -> "DataError":
-        """A copy with missing location fields filled in (used as the error travels up to the dataset)."""
-        return DataError(self.problem, reason=self.reason,
-                         index=self.index if self.index is not None else index,
-                         sample_id=self.sample_id if self.sample_id is not None else sample_id,
-                         file=self.file, source=self.source if self.source is not None else source)
 ImageSource = Union[str, Image.Image]
 
 
@@ -79,9 +50,12 @@ class Sample:
         return [p for m in self.messages for p in m.parts if isinstance(p, ImageRef)]
 
     def validate(self) -> "Sample":
-        """Check roles, ordering and image references; raise ``ValueError`` naming the sample and the problem."""
+        """Check roles, ordering and image references; raise ``DataError`` (a ``ValueError``) naming the sample and
+        the problem (its ``reason`` attribute says which check failed)."""
         def fail(problem: str, reason: str) -> DataError:
-            return DataError(problem, reason=reason, sample_id=self.id)
+            err = DataError(problem, sample_id=self.id)
+            err.reason = reason  # type: ignore[attr-defined]  (counted by cause when bad samples are skipped)
+            return err
 
         if not self.messages:
             raise fail("empty conversation", "empty")

@@ -1,0 +1,176 @@
+"""Templates and label masks, token by token, on multi-turn multi-image samples; the byte tokenizer."""
+from __future__ import annotations
+
+import pytest
+import torch
+from data_fixtures import K, expected, processor, trained_text
+from PIL import Image
+
+from vlm.data.sample import ImageRef, Message, Sample
+from vlm.data.templates import TEMPLATES, ImageSlot, Text, build_template
+from vlm.data.tokenizer import SPECIAL_TOKENS, byte_tokenizer, load_tokenizer
+
+RED, GREEN = Image.new("RGB", (20, 20), (255, 0, 0)), Image.new("RGB", (30, 10), (0, 255, 0))
+
+
+def conversation(system: bool = True) -> Sample:
+    msgs = [Message("system", ["Be brief."])] if system else []
+    msgs += [Message("user", [ImageRef(0), "\nWhat is this?"]), Message("assistant", ["A red square."]),
+             Message("user", ["And this one ", ImageRef(1), "?"]), Message("assistant", ["A green bar."])]
+    return Sample(msgs, [RED, GREEN], id="conv")
+
+
+CHATML = [("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n", 0), ("IMG", K),
+          ("\nWhat is this?<|im_end|>\n<|im_start|>assistant\n", 0), ("A red square.<|im_end|>", 1),
+          ("\n<|im_start|>user\nAnd this one ", 0), ("IMG", K), ("?<|im_end|>\n<|im_start|>assistant\n", 0),
+          ("A green bar.<|im_end|>", 1), ("\n", 0)]
+H = "<|start_header_id|>{}<|end_header_id|>\n\n"
+LLAMA3 = [("<|begin_of_text|>" + H.format("system") + "Be brief.<|eot_id|>" + H.format("user"), 0), ("IMG", K),
+          ("\nWhat is this?<|eot_id|>" + H.format("assistant"), 0), ("A red square.<|eot_id|>", 1),
+          (H.format("user") + "And this one ", 0), ("IMG", K), ("?<|eot_id|>" + H.format("assistant"), 0),
+          ("A green bar.<|eot_id|>", 1)]
+EXPECTED = {"chatml": (CHATML, "A red square.<|im_end|>A green bar.<|im_end|>"),
+            "llama3": (LLAMA3, "A red square.<|eot_id|>A green bar.<|eot_id|>")}
+
+
+def check(tok, item, pieces, trained):
+    ids, labels = expected(tok, pieces)
+    assert item["input_ids"].tolist() == ids  # token by token
+    assert item["labels"].tolist() == labels
+    assert trained_text(tok, item) == trained
+    assert item["pixel_values"].shape[0] == 2
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3"])
+def test_role_templates_masks(name):
+    tok = byte_tokenizer(name)
+    pieces, trained = EXPECTED[name]
+    check(tok, processor(tok, name)(conversation()), pieces, trained)
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3"])
+@pytest.mark.parametrize("method,tags", [("generation", True), ("prefix", True), ("auto", True), ("prefix", False),
+                                         ("auto", False)])
+def test_tokenizer_template_matches_hand_written(name, method, tags):
+    tok = byte_tokenizer(name, generation_tags=tags)
+    tpl = build_template({"name": "tokenizer", "method": method})
+    assert tpl.resolved_method(tok) == ("generation" if tags and method != "prefix" else "prefix")
+    pieces, trained = EXPECTED[name]
+    check(tok, processor(tok, tpl)(conversation()), pieces, trained)
+
+
+def test_plain_template_caption_is_label():
+    tok = byte_tokenizer("chatml")
+    s = Sample([Message("user", [ImageRef(0), "\nDescribe."]), Message("assistant", ["A red square."])], [RED])
+    item = processor(tok, "plain")(s)
+    ids, labels = expected(tok, [("IMG", K), ("A red square.<|im_end|>", 1)])
+    assert item["input_ids"].tolist() == ids and item["labels"].tolist() == labels
+    item = processor(tok, {"name": "plain", "eos": "<|eos|>", "keep_user_text": True, "separator": "\n"})(s)
+    ids, labels = expected(tok, [("IMG", K), ("\nDescribe.", 0), ("A red square.<|eos|>", 1), ("\n", 0)])
+    assert item["input_ids"].tolist() == ids and item["labels"].tolist() == labels
+    item = processor(tok, "plain")(conversation())  # multi-turn: images then captions, system dropped
+    assert trained_text(tok, item) == "A red square.<|im_end|>A green bar.<|im_end|>"
+    assert item["input_ids"][:K].eq(tok.convert_tokens_to_ids("<image>")).all()
+
+
+def test_image_markers_wrap_image_tokens_and_are_not_trained():
+    tok = byte_tokenizer("chatml")
+    item = processor(tok, {"name": "chatml", "image_start": "<img>", "image_end": "</img>"})(conversation())
+    pieces = []
+    for p in CHATML:
+        pieces += [("<img>", 0), p, ("</img>", 0)] if p[0] == "IMG" else [p]
+    check(tok, item, pieces, EXPECTED["chatml"][1])
+
+
+def test_default_system_and_generation_prompt():
+    tok = byte_tokenizer("chatml")
+    proc = processor(tok, {"name": "chatml", "default_system": "You are helpful."})
+    item = proc(conversation(system=False), add_generation_prompt=True)
+    assert item["meta"]["target"] == "A green bar."
+    text = tok.decode(item["input_ids"])
+    assert text.startswith("<|im_start|>system\nYou are helpful.<|im_end|>\n")
+    assert text.endswith("And this one " + "<image>" * K + "?<|im_end|>\n<|im_start|>assistant\n")
+    assert (item["labels"] == -100).all()
+    for name, tail in (("llama3", H.format("assistant")),):
+        t = byte_tokenizer(name)
+        out = processor(t, {"name": "tokenizer"})(conversation(), add_generation_prompt=True)
+        assert t.decode(out["input_ids"]).endswith("?<|eot_id|>" + tail)
+
+
+def test_jinja_prefix_method_custom_template_without_special_tokens():
+    tpl = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }} "
+           "{% elif m['role'] == 'assistant' %}ASSISTANT: {{ m['content'] }}<|eos|>"
+           "{% else %}{{ m['content'] }} {% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    tok = byte_tokenizer(tpl, eos_token="<|eos|>")
+    item = processor(tok, "tokenizer")(conversation())
+    pieces = [("Be brief. USER: ", 0), ("IMG", K), ("\nWhat is this? ASSISTANT:", 0), (" A red square.<|eos|>", 1),
+              ("USER: And this one ", 0), ("IMG", K), ("? ASSISTANT:", 0), (" A green bar.<|eos|>", 1)]
+    check(tok, item, pieces, " A red square.<|eos|> A green bar.<|eos|>")
+
+
+def test_jinja_prefix_unstable_template_is_refused():
+    tpl = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if loop.last %} (final){% endif %}\n{% endfor %}"
+    tok = byte_tokenizer(tpl)
+    with pytest.raises(ValueError, match="not prefix-stable at message 2"):
+        processor(tok, "tokenizer")(conversation())
+
+
+def test_jinja_list_content_with_template_placeholder():
+    tpl = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+           "{% else %}{% for p in m['content'] %}{% if p['type'] == 'image' %}<|vision_start|><|image_pad|>"
+           "<|vision_end|>{% else %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok = byte_tokenizer(tpl, extra_tokens=["<|vision_start|>", "<|vision_end|>", "<|image_pad|>"],
+                         eos_token="<|im_end|>")
+    proc = processor(tok, {"name": "tokenizer", "content_format": "list", "image_placeholder": "<|image_pad|>"})
+    item = proc(conversation())
+    pieces = []
+    for p in CHATML[:-1]:
+        pieces += [("<|vision_start|>", 0), p, ("<|vision_end|>", 0)] if p[0] == "IMG" else [p]
+    check(tok, item, pieces + [("\n", 0)], EXPECTED["chatml"][1])
+    with pytest.raises(ValueError, match=r"rendered 0 image placeholder\(s\) '<image>' for 2 image"):
+        processor(tok, {"name": "tokenizer", "content_format": "list"})(conversation())
+
+
+def test_render_segments_directly():
+    segs = build_template("chatml").render(conversation(system=False), byte_tokenizer())
+    assert segs[1] == ImageSlot(0) and Text("A red square.<|im_end|>", True) in segs
+    assert all(not s.trainable for s in segs if isinstance(s, Text) and "<|im_start|>" in s.text)
+
+
+def test_template_registry():
+    assert set(TEMPLATES.names()) >= {"chatml", "llama3", "plain", "tokenizer"}
+    with pytest.raises(KeyError, match="unknown template 'chat'; known templates: chatml"):
+        build_template("chat")
+    with pytest.raises(TypeError, match="unknown argument"):
+        build_template({"name": "chatml", "bogus": 1})
+
+
+# ------------------------------------------------------------------------------------------------------ tokenizer
+def test_byte_tokenizer_vocab_and_roundtrip(tmp_path):
+    tok = byte_tokenizer("chatml", extra_tokens=["<IMG_CONTEXT>"])
+    assert len(tok) == 256 + len(SPECIAL_TOKENS) + 1 < 300
+    text = "héllo wörld ✓ <image>\n"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids[:6] == list("héllo".encode()) and tok.convert_tokens_to_ids("<image>") in ids
+    assert tok.decode(ids) == text
+    assert tok.pad_token == "<|pad|>" and tok.eos_token == "<|im_end|>"
+    tok.save_pretrained(tmp_path / "tok")
+    back = load_tokenizer(tmp_path / "tok")
+    assert back(text, add_special_tokens=False)["input_ids"] == ids and len(back) == len(tok)
+    assert back.chat_template == tok.chat_template and back.pad_token_id == tok.pad_token_id
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert back.apply_chat_template(msgs, tokenize=False) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
+    assert len(load_tokenizer("byte:llama3")) == 256 + len(SPECIAL_TOKENS)
+    with pytest.raises(OSError, match="not a local tokenizer directory"):
+        load_tokenizer(tmp_path / "missing")
+
+
+def test_unknown_special_token_in_template_is_refused():
+    tok = byte_tokenizer()
+    with pytest.raises(ValueError, match="'<box_start>' is not a single token"):
+        processor(tok, {"name": "chatml", "image_start": "<box_start>"})
+    with pytest.raises(ValueError, match="image_token '<IMG_CONTEXT>' is not a single token"):
+        processor(tok, image_token="<IMG_CONTEXT>")
+    assert processor(byte_tokenizer(extra_tokens=["<IMG_CONTEXT>"]), image_token="<IMG_CONTEXT>").image_token_id == 268
+    assert torch.is_tensor(processor(tok)(conversation())["input_ids"])

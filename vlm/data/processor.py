@@ -1,0 +1,263 @@
+"""Processor: a ``Sample`` -> model-ready tensors (template, tokenization, image tensors, placeholder expansion, labels).
+
+Each image (all its tiles, thumbnail/base image included, contiguous) becomes
+``[image_start] + [image_token_id] * sum(num_image_tokens((H, W)) over its tiles) + [image_end]``; images appear in
+``pixel_values`` in the order their tokens appear. Labels are the ids on trainable template text (assistant content +
+end-of-turn) and -100 everywhere else (role headers, user/system text, markers, image tokens, padding).
+
+Text segments are tokenized one by one (``add_special_tokens=False``), so segment boundaries are token boundaries.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from vlm.data.errors import DataError
+from vlm.data.readers.base import SampleError, locate
+from vlm.data.sample import Sample
+from vlm.data.templates import ImageSlot, Template, Text, build_template
+
+IGNORE_INDEX = -100
+
+
+class SampleDropped(SampleError):
+    """A sample the processor drops by policy (e.g. too long to truncate without cutting an image).
+
+    Datasets always skip and count these, whatever their ``skip_bad`` setting."""
+
+
+class Processor:
+    """Turn a ``Sample`` into ``{"input_ids", "labels", "pixel_values", "meta"}``.
+
+    Args:
+        tokenizer: a ``transformers`` tokenizer holding ``image_token`` (and the template's special tokens) as
+            single tokens.
+        template: a name, config dict or :class:`~vlm.data.templates.Template`.
+        image_processor: ``pil -> (tiles (n, 3, S, S), info)``, normally ``vlm.data.images.ImageProcessor``.
+        num_image_tokens: ``(H, W) -> int`` tokens per tile (``model.num_image_tokens``) or a constant ``int``.
+        image_token: the placeholder token repeated for every image feature.
+        max_length: cap on ``len(input_ids)``. Text past it is cut; if the cut would fall inside or before an image's
+            tokens, the sample is dropped (``truncation="drop"``: raises :class:`SampleDropped`, which datasets skip
+            and count) or ``truncation="error"`` raises a ``SampleError``.
+        image_root: root for relative image paths still left in samples (readers usually resolve them already).
+        allow_urls: let ``load_image`` fetch ``http(s)`` images (a dataset may override per call).
+        max_tiles_per_sample: tile budget over all images of a sample (tiling only): each image gets the largest
+            common ``max_tiles`` for which the total, thumbnails included, fits.
+        image_loader: ``load_image``-compatible callable (default ``vlm.data.images.load_image``).
+        require_labels: training samples (no generation prompt) without any trainable token raise ``no_labels``.
+    """
+
+    def __init__(self, tokenizer: Any, template: str | dict | Template = "chatml", image_processor: Any = None,
+                 num_image_tokens: Callable[[tuple[int, int]], int] | int | None = None, image_token: str = "<image>",
+                 max_length: int | None = None, truncation: str = "drop", *, image_root: str | None = None,
+                 allow_urls: bool = False, max_tiles_per_sample: int | None = None,
+                 image_loader: Callable[..., Any] | None = None, require_labels: bool = True) -> None:
+        if truncation not in ("drop", "error"):
+            raise ValueError(f"truncation must be 'drop' or 'error'; got {truncation!r}")
+        self.tokenizer = tokenizer
+        self.template = build_template(template)
+        self.image_processor = image_processor
+        self.num_image_tokens = TokenCount(num_image_tokens) if isinstance(num_image_tokens, int) \
+            else num_image_tokens
+        self.image_token, self.max_length, self.truncation = image_token, max_length, truncation
+        self.image_root, self.allow_urls, self.max_tiles_per_sample = image_root, allow_urls, max_tiles_per_sample
+        self.require_labels = require_labels
+        if image_loader is None:
+            from vlm.data.images import load_image as image_loader
+        self.image_loader = image_loader
+        self.image_token_id = self._single_id(image_token, "image_token")
+        for tok in self.template.special_tokens(tokenizer):
+            self._single_id(tok, f"template {self.template.name!r} token")
+        self._start = self._encode(self.template.image_start)
+        self._end = self._encode(self.template.image_end)
+        self.dropped: Counter[str] = Counter()
+        self._ip_takes_max_tiles = image_processor is not None and _accepts(image_processor, "max_tiles")
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def _encode(self, text: str | None) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _single_id(self, token: str, what: str) -> int:
+        ids = self._encode(token)
+        if len(ids) != 1 or ids[0] == getattr(self.tokenizer, "unk_token_id", None):
+            raise ValueError(f"{what} {token!r} is not a single token of the tokenizer (it encodes to {ids}); add it "
+                             f"with tokenizer.add_special_tokens(...) and resize the model's embeddings")
+        return ids[0]
+
+    @classmethod
+    def for_model(cls, model: Any, tokenizer: Any, template: str | dict | Template = "chatml", *,
+                  resize_mode: str = "resize", tiling: dict | None = None, pad_color: Any = None,
+                  **options: Any) -> Processor:
+        """A processor matching ``model`` (duck-typed: ``num_image_tokens((H, W))``, ``image_size``,
+        ``image_mean``, ``image_std``, ``config.image_token`` / ``config.image_token_id``).
+
+        ``resize_mode``/``tiling``/``pad_color`` configure the ``ImageProcessor``; other ``options`` go to
+        :class:`Processor` (``max_length``, ``truncation``, ``max_tiles_per_sample``, ...).
+        """
+        from vlm.data.images import ImageProcessor
+
+        image_options = {"resize_mode": resize_mode, "tiling": tiling}
+        if pad_color is not None:
+            image_options["pad_color"] = pad_color
+        image_processor = ImageProcessor.from_model(model, **image_options)
+        config = getattr(model, "config", None)
+        image_token = getattr(config, "image_token", None) or options.pop("image_token", "<image>")
+        size = (image_processor.image_size, image_processor.image_size)
+        count = TokenCount(model.num_image_tokens, {size: int(model.num_image_tokens(size))})
+        proc = cls(tokenizer, template, image_processor, count, image_token=image_token, **options)
+        model_id = getattr(config, "image_token_id", getattr(model, "image_token_id", None))
+        if model_id is not None and model_id != proc.image_token_id:
+            raise ValueError(f"the model's image_token_id is {model_id} but the tokenizer maps {image_token!r} to "
+                             f"{proc.image_token_id}; use the tokenizer the model was built with")
+        return proc
+
+    # --------------------------------------------------------------------------------------------- images
+    def _tile_cap(self, sizes: list[tuple[int, int]], sid: Any) -> int | None:
+        """The per-image ``max_tiles`` keeping the sample within ``max_tiles_per_sample`` (None: no cap)."""
+        budget, ip = self.max_tiles_per_sample, self.image_processor
+        if not budget or not sizes or getattr(ip, "tiling", None) is None or not self._ip_takes_max_tiles:
+            return None
+        count = getattr(ip, "num_images", None)
+        for cap in range(max(1, budget // len(sizes)), 0, -1):
+            if count is None or sum(count(w, h, max_tiles=cap) for w, h in sizes) <= budget:
+                return cap
+        raise SampleDropped(f"{len(sizes)} images need more than the tile budget of {budget}", reason="tile_budget",
+                            sample_id=sid)
+
+    def _images(self, sample: Sample, order: list[int], allow_urls: bool) -> tuple[list[torch.Tensor], list[Any]]:
+        if order and (self.image_processor is None or self.num_image_tokens is None):
+            missing = "image_processor" if self.image_processor is None else "num_image_tokens"
+            raise SampleError(f"sample has images but the processor has no {missing}", reason="config",
+                              sample_id=sample.id)
+        pils = [self.image_loader(sample.images[i], root=self.image_root, allow_urls=allow_urls, sample_id=sample.id)
+                for i in order]
+        cap = self._tile_cap([p.size for p in pils], sample.id)
+        kwargs = {"max_tiles": cap} if cap is not None else {}
+        tiles, infos = [], []
+        for pil in pils:
+            t, info = self.image_processor(pil, **kwargs)
+            tiles.append(t)
+            infos.append(info)
+        total = sum(t.shape[0] for t in tiles)
+        if self.max_tiles_per_sample and total > self.max_tiles_per_sample:
+            raise SampleDropped(f"{total} tiles exceed the tile budget of {self.max_tiles_per_sample}",
+                                reason="tile_budget", sample_id=sample.id)
+        return tiles, infos
+
+    # ----------------------------------------------------------------------------------------------- call
+    def __call__(self, sample: Sample, add_generation_prompt: bool = False, *,
+                 allow_urls: bool | None = None) -> dict[str, Any]:
+        """Process one sample.
+
+        Returns ``input_ids`` (L,) long, ``labels`` (L,) long (-100 = ignored; all -100 with
+        ``add_generation_prompt``), ``pixel_values`` (n_tiles_total, 3, S, S) float or ``None``, and ``meta``
+        (``id``, ``num_tokens``, ``num_images``, ``tiles`` per image, ``image_sizes`` (w, h), ``image_info``,
+        ``truncated``; ``target`` = the dropped final assistant text under ``add_generation_prompt``).
+        Raises ``SampleError`` (a ``DataError``) naming the sample for any bad input.
+        """
+        where = {"index": sample.meta.get("index"), "sample_id": sample.id, "source": sample.meta.get("source")}
+        try:
+            return self._process(sample, add_generation_prompt, self.allow_urls if allow_urls is None else allow_urls)
+        except SampleDropped as e:
+            self.dropped[e.reason] += 1
+            raise locate(e, **where) from None
+        except DataError as e:
+            raise locate(e, **where) from None
+
+    def _process(self, sample: Sample, add_generation_prompt: bool, allow_urls: bool) -> dict[str, Any]:
+        sample.validate()
+        meta: dict[str, Any] = {"id": sample.id, "index": sample.meta.get("index")}
+        if add_generation_prompt and sample.messages[-1].role == "assistant":
+            meta["target"] = sample.messages[-1].text()
+            sample = dataclasses.replace(sample, messages=sample.messages[:-1])
+        segments = self.template.render(sample, self.tokenizer, add_generation_prompt)
+        order = [s.index for s in segments if isinstance(s, ImageSlot)]
+        if sorted(order) != list(range(len(sample.images))):
+            raise SampleError(f"template rendered images {order} for {len(sample.images)} image(s)",
+                              reason="image_count", sample_id=sample.id)
+        tiles, infos = self._images(sample, order, allow_urls)
+        texts = [s.text for s in segments if isinstance(s, Text)]
+        text_ids = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        image_iter = iter(tiles)
+        ids: list[int] = []
+        lengths: list[int] = []
+        trainable: list[bool] = []
+        image_end = 0  # position just after the last image block: truncation must not cut before it
+        for seg in segments:
+            if isinstance(seg, Text):
+                piece = next(text_ids)
+                train = seg.trainable and not add_generation_prompt
+            else:
+                t = next(image_iter)
+                n = t.shape[0] * int(self.num_image_tokens(tuple(t.shape[-2:])))
+                piece = self._start + [self.image_token_id] * n + self._end
+                train = False
+            ids += piece
+            lengths.append(len(piece))
+            trainable.append(train)
+            if isinstance(seg, ImageSlot):
+                image_end = len(ids)
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        n_expected = sum(n for n, seg in zip(lengths, segments) if isinstance(seg, ImageSlot)) \
+            - len(order) * (len(self._start) + len(self._end))
+        n_found = int((input_ids == self.image_token_id).sum())
+        if n_found != n_expected:
+            raise SampleError(f"the text contains the image token {self.image_token!r} itself ({n_found - n_expected} "
+                              f"extra); it would be fed image features", reason="image_token_in_text",
+                              sample_id=sample.id)
+        mask = torch.repeat_interleave(torch.tensor(trainable), torch.tensor(lengths, dtype=torch.long))
+        labels = torch.where(mask, input_ids, IGNORE_INDEX)
+        truncated = False
+        if self.max_length is not None and len(ids) > self.max_length:
+            if image_end > self.max_length:
+                cls = SampleDropped if self.truncation == "drop" else SampleError
+                raise cls(f"{len(ids)} tokens exceed max_length={self.max_length} and truncating would cut an image "
+                          f"(image tokens end at {image_end})", reason="too_long", sample_id=sample.id)
+            input_ids, labels, truncated = input_ids[:self.max_length], labels[:self.max_length], True
+        if self.require_labels and not add_generation_prompt and not bool((labels != IGNORE_INDEX).any()):
+            cls = SampleDropped if truncated and self.truncation == "drop" else SampleError
+            raise cls("no trainable (assistant) tokens" + (" left after truncation" if truncated else ""),
+                      reason="no_labels", sample_id=sample.id)
+        meta.update(num_tokens=int(input_ids.numel()), num_images=len(order), tiles=[t.shape[0] for t in tiles],
+                    image_sizes=[tuple(i.original_size) if hasattr(i, "original_size") else None for i in infos],
+                    image_info=infos, truncated=truncated)
+        return {"input_ids": input_ids, "labels": labels,
+                "pixel_values": torch.cat(tiles) if tiles else None, "meta": meta}
+
+
+class TokenCount:
+    """``(H, W) -> tokens per tile``: a constant, or a model's ``num_image_tokens`` memoized per size.
+
+    Pickles without the model (DataLoader workers must not receive a copy of it): after unpickling only the sizes
+    already asked (``for_model`` pre-asks the processor's tile size) are known."""
+
+    def __init__(self, source: int | Callable[[tuple[int, int]], int], known: dict | None = None) -> None:
+        self.constant = source if isinstance(source, int) else None
+        self.fn = None if isinstance(source, int) else source
+        self.known: dict[tuple[int, int], int] = dict(known or {})
+
+    def __call__(self, hw: tuple[int, int]) -> int:
+        if self.constant is not None:
+            return self.constant
+        hw = tuple(int(v) for v in hw)
+        if hw not in self.known:
+            if self.fn is None:
+                raise ValueError(f"num_image_tokens for tile size {hw} unknown in this process (only {sorted(self.known)})")
+            self.known[hw] = int(self.fn(hw))
+        return self.known[hw]
+
+    def __getstate__(self) -> dict:
+        return {"constant": self.constant, "fn": None, "known": self.known}
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

@@ -1,0 +1,214 @@
+"""Reader base class and the helpers every format shares.
+
+A reader converts one *record* (a ``dict`` as stored in a JSON/JSONL/parquet file or an HF ``datasets`` row) into
+the canonical :class:`~vlm.data.sample.Sample`. Readers do no image decoding: image sources are kept as paths
+(resolved against ``image_folder``), ``PIL`` images (HF ``Image`` columns, ``data:`` URIs, inline bytes) or URLs
+(refused unless ``allow_urls=True``; the processor fetches them). Every problem is a
+:class:`SampleError` (a ``vlm.data.errors.DataError``) naming the sample (index and id), the file and the problem.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from PIL import Image
+
+from vlm.data.errors import DataError
+from vlm.data.sample import ImageRef, ImageSource, Message, Part, Sample
+
+#: Role spellings found in the wild, mapped to the canonical ``system`` | ``user`` | ``assistant``.
+ROLE_ALIASES: dict[str, str] = {
+    "system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+    "model": "assistant", "bot": "assistant", "chatgpt": "assistant",
+}
+URL_RE = re.compile(r"^https?://", re.IGNORECASE)
+
+#: How a ``DataError`` without a ``reason`` (raised by ``vlm.data.images``) is classified, first match wins.
+_REASON_PATTERNS = (("no such file", "missing_image"), ("is a directory", "missing_image"),
+                    ("degenerate image", "tiny_image"), ("URLs are disabled", "url"),
+                    ("cannot read image", "corrupt_image"), ("data URI", "corrupt_image"))
+
+
+class SampleError(DataError):
+    """A ``DataError`` that also knows *where* (data file ``source``, record ``index``) and *why* (``reason``).
+
+    ``reason`` is a short key used to count skipped samples by cause: ``missing_image``, ``corrupt_image``,
+    ``tiny_image``, ``url``, ``image_count``, ``role``, ``role_order``, ``empty``, ``format``, ``too_long``,
+    ``no_labels``, ... The message reads ``<source>: sample #<index> (id <id>): image '<file>': <problem>``.
+    """
+
+    def __init__(self, problem: str, *, reason: str = "invalid", index: int | None = None, sample_id: Any = None,
+                 file: str | os.PathLike | None = None, source: str | None = None) -> None:
+        super().__init__(problem, sample_id=sample_id, file=file)
+        self.reason, self.index, self.source = reason, index, source
+        where = [] if source is None else [str(source)]
+        who = [] if index is None else [f"sample #{index}"]
+        if sample_id is not None and sample_id != index:
+            who.append(f"(id {sample_id!r})" if who else f"sample {sample_id!r}")
+        where += [" ".join(who)] if who else []
+        where += [] if self.file is None else [f"image {self.file!r}"]
+        self.args = (": ".join(where + [problem]),)
+
+    def __reduce__(self):  # picklable across DataLoader workers
+        return (_rebuild, (type(self), self.problem, self.reason, self.index, self.sample_id, self.file, self.source))
+
+
+def _rebuild(cls: type, problem: str, reason: str, index: Any, sample_id: Any, file: Any, source: Any) -> SampleError:
+    return cls(problem, reason=reason, index=index, sample_id=sample_id, file=file, source=source)
+
+
+def reason_of(err: BaseException) -> str:
+    """The cause key of a data error (its ``reason``, else inferred from the message of an images.py error)."""
+    reason = getattr(err, "reason", None)
+    if reason:
+        return reason
+    text = str(getattr(err, "problem", err))
+    return next((r for pat, r in _REASON_PATTERNS if pat in text), "invalid")
+
+
+def locate(err: DataError, *, index: int | None = None, sample_id: Any = None,
+           source: str | None = None) -> SampleError:
+    """``err`` as a ``SampleError`` (or its own ``SampleError`` subclass) with missing location fields filled in
+    (keeps problem, file and reason)."""
+    def pick(name: str, value: Any) -> Any:
+        own = getattr(err, name, None)
+        return own if own is not None else value
+
+    cls = type(err) if isinstance(err, SampleError) else SampleError
+    return cls(getattr(err, "problem", str(err)), reason=reason_of(err), index=pick("index", index),
+                       sample_id=pick("sample_id", sample_id), file=getattr(err, "file", None),
+                       source=pick("source", source))
+
+
+def canonical_role(role: Any) -> str:
+    if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
+        raise SampleError(f"unknown role {role!r}; expected one of {sorted(ROLE_ALIASES)}", reason="role")
+    return ROLE_ALIASES[role.lower()]
+
+
+def split_placeholders(text: str, token: str, first_index: int) -> tuple[list[Part], int]:
+    """Split ``text`` on ``token`` into text parts and ``ImageRef``s numbered from ``first_index``.
+
+    Returns ``(parts, next_index)``; empty text pieces are dropped.
+    """
+    parts: list[Part] = []
+    index = first_index
+    for i, piece in enumerate(text.split(token)):
+        if i > 0:
+            parts.append(ImageRef(index))
+            index += 1
+        if piece:
+            parts.append(piece)
+    return parts, index
+
+
+def as_list(value: Any) -> list[Any]:
+    """``None``/``""`` -> ``[]``, a scalar -> ``[value]``, a list/tuple -> a list (``None``/``""`` entries dropped)."""
+    if value is None or (isinstance(value, str) and not value):
+        return []
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if v is not None and not (isinstance(v, str) and not v)]
+    return [value]
+
+
+class Reader:
+    """Base class: subclasses implement :meth:`detect` and :meth:`parse`.
+
+    Args:
+        image_folder: root that relative image paths are resolved against.
+        allow_urls: keep ``http(s)://`` image sources (fetched later by the processor, with a timeout); when
+            ``False`` (default) a sample with a URL raises a ``DataError`` naming it.
+        check_files: ``stat`` local image paths at conversion time so a missing file is reported by the reader
+            (corrupt or tiny images are detected when the processor decodes them).
+        image_token: the placeholder string that marks an image inside message text (LLaVA-style formats).
+        source: a name for the data file, used in error messages.
+    """
+
+    name: str = "base"
+
+    def __init__(self, image_folder: str | os.PathLike | None = None, allow_urls: bool = False,
+                 check_files: bool = True, image_token: str = "<image>", source: str | None = None) -> None:
+        self.image_folder = None if image_folder is None else os.fspath(image_folder)
+        self.allow_urls = allow_urls
+        self.check_files = check_files
+        self.image_token = image_token
+        self.source = source
+
+    # --- to implement -------------------------------------------------------------------------------------
+    @classmethod
+    def detect(cls, record: Mapping[str, Any]) -> bool:
+        """Whether ``record`` looks like this format (used by auto-detection on the first record)."""
+        raise NotImplementedError
+
+    def parse(self, record: Mapping[str, Any]) -> Sample:
+        """Convert one record; raise ``DataError`` (location is filled in by :meth:`convert`)."""
+        raise NotImplementedError
+
+    # --- shared -------------------------------------------------------------------------------------------
+    def convert(self, record: Mapping[str, Any], index: int | None = None) -> Sample:
+        """``record`` -> validated ``Sample``; any problem raises ``DataError`` naming index, id and file."""
+        sample_id = record.get("id", index) if isinstance(record, Mapping) else index
+        try:
+            if not isinstance(record, Mapping):
+                raise SampleError(f"record is a {type(record).__name__}, expected a mapping", reason="format")
+            sample = self.parse(record)
+            if sample.id is None:
+                sample.id = sample_id
+            sample.meta.setdefault("index", index)
+            if self.source is not None:
+                sample.meta.setdefault("source", self.source)
+            return sample.validate()
+        except DataError as e:
+            raise locate(e, index=index, sample_id=sample_id, source=self.source) from None
+        except (KeyError, TypeError, AttributeError) as e:
+            raise SampleError(f"malformed {self.name!r} record: {type(e).__name__}: {e}", reason="format",
+                            index=index, sample_id=sample_id, source=self.source) from e
+
+    def image(self, src: Any) -> ImageSource:
+        """Resolve one image source: path (against ``image_folder``), URL, ``data:`` URI (kept as a string and
+        decoded by the processor), PIL image, raw bytes or an HF ``{"bytes", "path"}`` dict (decoded here)."""
+        if isinstance(src, Image.Image):
+            return src
+        if isinstance(src, Mapping):  # HF datasets ``Image`` feature, undecoded: {"bytes": ..., "path": ...}
+            if src.get("bytes") is not None:
+                return self._from_bytes(src)
+            if src.get("path") is not None:
+                return self.image(src["path"])
+            if src.get("url") is not None:
+                return self.image(src["url"])
+            raise SampleError(f"image entry {dict(src)!r} has neither 'bytes', 'path' nor 'url'", reason="format")
+        if isinstance(src, (bytes, bytearray)):
+            return self._from_bytes(bytes(src))
+        if isinstance(src, os.PathLike):
+            src = os.fspath(src)
+        if not isinstance(src, str) or not src:
+            raise SampleError(f"bad image source {src!r}", reason="format")
+        if URL_RE.match(src):
+            if not self.allow_urls:
+                raise SampleError(f"image URL {src!r} refused: fetching is off; pass allow_urls=True to enable it",
+                                reason="url", file=src)
+            return src
+        if src.startswith("data:"):
+            return src
+        src = src.removeprefix("file://")
+        path = src if self.image_folder is None or os.path.isabs(src) else os.path.join(self.image_folder, src)
+        if self.check_files and not os.path.isfile(path):
+            raise SampleError("image file not found", reason="missing_image", file=path)
+        return path
+
+    @staticmethod
+    def _from_bytes(data: Any) -> Image.Image:
+        from vlm.data.images import load_image  # decoded + RGB-converted + size-checked like every other image
+
+        return load_image(data, min_side=1)
+
+    def check_count(self, refs: int, images: list[Any], what: str = "") -> None:
+        if refs != len(images):
+            raise SampleError(f"{refs} {what or self.image_token} placeholder(s) in the text but {len(images)} "
+                            f"image(s) given", reason="image_count")
+
+
+def message(role: Any, parts: list[Part]) -> Message:
+    return Message(canonical_role(role), parts)

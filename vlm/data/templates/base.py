@@ -1,0 +1,95 @@
+"""Template base: a conversation -> a flat list of segments (text with a *trainable* flag, image slots).
+
+The processor tokenizes each text segment, expands each image slot to ``[image_start] + image tokens +
+[image_end]``, and sets labels = ids on trainable text, -100 everywhere else. Templates mark as trainable exactly the
+assistant content plus the end-of-turn token that closes it; role headers, system/user text, separators after the
+end-of-turn token, image markers and image tokens are never trained.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vlm.data.sample import ImageRef, Message, Sample
+from vlm.registry import Registry
+
+TEMPLATES: Registry = Registry("template")
+
+
+@dataclass(frozen=True)
+class Text:
+    """A piece of text; ``trainable`` pieces get labels (assistant content and its end-of-turn token)."""
+
+    text: str
+    trainable: bool = False
+
+
+@dataclass(frozen=True)
+class ImageSlot:
+    """Where image ``index`` (into ``sample.images``) goes; the processor wraps it in the template's markers."""
+
+    index: int
+
+
+Segment = Text | ImageSlot
+
+
+def merge(segments: list[Segment]) -> list[Segment]:
+    """Join adjacent ``Text`` with the same flag and drop empty text (fewer pieces to tokenize)."""
+    out: list[Segment] = []
+    for s in segments:
+        if isinstance(s, Text):
+            if not s.text:
+                continue
+            if out and isinstance(out[-1], Text) and out[-1].trainable == s.trainable:
+                out[-1] = Text(out[-1].text + s.text, s.trainable)
+                continue
+        out.append(s)
+    return out
+
+
+def content(message: Message, trainable: bool, keep_text: bool = True) -> list[Segment]:
+    """A message's parts as segments: text carries ``trainable``; images become slots (never trained)."""
+    return [ImageSlot(p.index) if isinstance(p, ImageRef) else Text(p, trainable)
+            for p in message.parts if keep_text or isinstance(p, ImageRef)]
+
+
+class Template:
+    """Base class. Subclasses implement :meth:`render`.
+
+    Attributes:
+        image_start / image_end: marker strings around each image's tokens (e.g. ``<img>``/``</img>`` for
+            InternVL/Qwen-VL), or ``None``.
+    """
+
+    name = "base"
+
+    def __init__(self, image_start: str | None = None, image_end: str | None = None) -> None:
+        self.image_start, self.image_end = image_start, image_end
+
+    def render(self, sample: Sample, tokenizer: Any = None, add_generation_prompt: bool = False) -> list[Segment]:
+        """``sample`` -> segments. With ``add_generation_prompt`` the output ends with the assistant turn start
+        (the caller removes a trailing assistant message first)."""
+        raise NotImplementedError
+
+    def end_of_turn(self, tokenizer: Any = None) -> str | None:
+        """The token trained at the end of each assistant reply (also a natural generation stop)."""
+        return None
+
+    def special_tokens(self, tokenizer: Any = None) -> list[str]:
+        """Strings this template emits that must each be a single token of the tokenizer."""
+        return [t for t in (self.image_start, self.image_end) if t]
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+def build_template(spec: str | dict | Template) -> Template:
+    """A template from a name (``"chatml"``), a config ``{"name": "chatml", "image_start": "<img>", ...}``, or an
+    instance (returned as is)."""
+    if isinstance(spec, Template):
+        return spec
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    return TEMPLATES.build(spec)

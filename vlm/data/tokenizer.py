@@ -1,0 +1,114 @@
+"""Tokenizers: a file-free byte-level tokenizer for tests and tiny models, and a safe local loader.
+
+``byte_tokenizer()`` builds a ``transformers`` fast tokenizer in code with the ``tokenizers`` library: ids 0..255 are
+the raw bytes (so any text round-trips, id == byte value), followed by a handful of special tokens. It carries a Jinja
+chat template (``chatml`` or ``llama3``, with ``{% generation %}`` blocks so ``return_assistant_tokens_mask`` works)
+and round-trips through ``save_pretrained`` / ``AutoTokenizer.from_pretrained``.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+#: Special tokens of the byte tokenizer, in id order after the 256 bytes (ids 256..).
+SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|pad|>", "<|bos|>", "<|eos|>",                                   # generic
+    "<|im_start|>", "<|im_end|>",                                      # chatml
+    "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",  # llama3
+    "<image>", "<img>", "</img>",                                      # image placeholder and markers
+)
+
+# Content may be a string or a list of {"type": "text"|"image"} parts; images render as "<image>".
+_CONTENT = ("{%- macro content(c) -%}{%- if c is string -%}{{ c }}{%- else -%}{%- for p in c -%}"
+            "{%- if p['type'] == 'image' -%}<image>{%- elif p['type'] == 'text' -%}{{ p['text'] }}{%- endif -%}"
+            "{%- endfor -%}{%- endif -%}{%- endmacro -%}")
+
+CHAT_TEMPLATES: dict[str, str] = {
+    "chatml": _CONTENT + (
+        "{%- for m in messages -%}"
+        "{%- if m['role'] == 'assistant' -%}"
+        "{{- '<|im_start|>assistant\\n' -}}{% generation %}{{- content(m['content']) + '<|im_end|>' -}}"
+        "{% endgeneration %}{{- '\\n' -}}"
+        "{%- else -%}{{- '<|im_start|>' + m['role'] + '\\n' + content(m['content']) + '<|im_end|>\\n' -}}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"),
+    "llama3": _CONTENT + (
+        "{{- '<|begin_of_text|>' -}}"
+        "{%- for m in messages -%}"
+        "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' -}}"
+        "{%- if m['role'] == 'assistant' -%}"
+        "{% generation %}{{- content(m['content']) + '<|eot_id|>' -}}{% endgeneration %}"
+        "{%- else -%}{{- content(m['content']) + '<|eot_id|>' -}}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"),
+}
+_EOS = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable unicode map (the ``ByteLevel`` pre-tokenizer's alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def byte_tokenizer(chat_template: str = "chatml", extra_tokens: Sequence[str] = (), generation_tags: bool = True,
+                   eos_token: str | None = None) -> Any:
+    """A byte-level ``PreTrainedTokenizerFast`` (``TokenizersBackend`` in transformers 5) built without files.
+
+    Args:
+        chat_template: ``"chatml"`` or ``"llama3"`` (built-in Jinja templates), or a raw Jinja string.
+        extra_tokens: more special tokens to append (e.g. ``"<IMG_CONTEXT>"``).
+        generation_tags: keep the ``{% generation %}`` markers in the built-in templates (``False`` gives a template
+            without them, to exercise the prefix-diff path of the ``tokenizer`` template).
+        eos_token: defaults to the template's end-of-turn token (``<|im_end|>`` / ``<|eot_id|>``), else ``<|eos|>``.
+
+    Vocabulary: 256 bytes (id == byte value), then :data:`SPECIAL_TOKENS`, then ``extra_tokens`` (< 300 in total).
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    b2u = _bytes_to_unicode()
+    tok = Tokenizer(models.BPE(vocab={b2u[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = list(dict.fromkeys([*SPECIAL_TOKENS, *extra_tokens]))
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    template = CHAT_TEMPLATES.get(chat_template, chat_template)
+    if not generation_tags:
+        template = template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>",
+        eos_token=eos_token or _EOS.get(chat_template, "<|eos|>"),
+        extra_special_tokens=[s for s in specials if s not in ("<|pad|>", "<|bos|>")],
+    )
+    fast.chat_template = template
+    return fast
+
+
+def load_tokenizer(path_or_name: str | os.PathLike, *, trust_remote_code: bool = False, **kwargs: Any) -> Any:
+    """Load a tokenizer from a local directory (never the network).
+
+    ``"byte"`` / ``"byte:chatml"`` / ``"byte:llama3"`` build :func:`byte_tokenizer`. Anything else goes to
+    ``AutoTokenizer.from_pretrained(..., local_files_only=True)`` (a local directory or an already-cached hub name);
+    remote code runs only with ``trust_remote_code=True``.
+    """
+    from transformers import AutoTokenizer
+
+    name = os.fspath(path_or_name)
+    if name == "byte" or name.startswith("byte:"):
+        return byte_tokenizer(name.split(":", 1)[1] if ":" in name else "chatml", **kwargs)
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, local_files_only=True,
+                                             **kwargs)
+    except OSError as e:
+        raise OSError(f"cannot load a tokenizer from {name!r}: not a local tokenizer directory (and not cached; "
+                      f"the network is never used). Pass a directory written by save_pretrained, or 'byte'.") from e
