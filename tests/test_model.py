@@ -248,3 +248,20 @@ def test_build_adds_image_token_without_dropping_existing_specials():
     assert specials_before <= set(tok.all_special_tokens)
     assert tok("a<IMG_CONTEXT>b", add_special_tokens=False)["input_ids"][1] == model.image_token_id
     assert model.image_token_id == len(tok) - 1 and model.llm.vocab_size == len(tok)
+
+
+def test_dtype_round_trips(tmp_path):
+    cfg = tiny_cfg()
+    cfg["llm"]["dtype"] = "bfloat16"
+    cfg["encoder"]["dtype"] = "bfloat16"
+    model = vlm.build(cfg)
+    model.save_pretrained(tmp_path)
+    again = vlm.load(tmp_path)
+    assert next(again.llm.parameters()).dtype == torch.bfloat16
+    assert next(again.encoder.parameters()).dtype == torch.bfloat16
+    assert next(again.connector.parameters()).dtype == torch.bfloat16
+    ids = image_batch_ids(again, [1])
+    assert again(ids, torch.randn(1, 3, 32, 32)).logits.dtype == torch.bfloat16
+    fp32 = tiny_cfg()
+    fp32["llm"]["config"]["dtype"] = "bfloat16"  # a saved transformers config's dtype does not decide ours
+    assert next(vlm.build(fp32).llm.parameters()).dtype == torch.float32

@@ -176,6 +176,7 @@ def build(cfg: Any, tokenizer: Any = None) -> VLM:
     encoder = encoders.build(cfg["encoder"])
     lm = llms.build(cfg["llm"])
     connector = connectors.build(cfg["connector"], in_dim=encoder.hidden_size, out_dim=lm.hidden_size)
+    connector.to(next(lm.parameters()).dtype)  # the connector computes in the LLM's dtype
     image_token = cfg.get("image_token", "<image>")
     image_token_id = cfg.get("image_token_id")
     if tokenizer is not None:
@@ -199,7 +200,7 @@ def from_config(config: dict[str, Any]) -> VLM:
     """Rebuild the architecture described by a saved ``config.json`` (random weights)."""
     encoder = encoders.build(config["encoder"])
     lm = llms.build(config["llm"])
-    connector = connectors.build(config["connector"])
+    connector = connectors.build(config["connector"]).to(next(lm.parameters()).dtype)
     return VLM(encoder, connector, lm, image_token_id=config["image_token_id"],
                image_token=config.get("image_token", "<image>"))
 
@@ -210,14 +211,19 @@ def load(directory: str | os.PathLike, *, tokenizer: bool = True, device: str | 
     if not path.is_dir():
         raise FileNotFoundError(f"vlm.load: {str(path)!r} is not a directory")
     cfg_file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
-    for f in (cfg_file, weights):
-        if not f.is_file():
-            raise FileNotFoundError(f"vlm.load: {str(path)!r} is missing {f.name} (expected {CONFIG_FILE} and "
-                                    f"{WEIGHTS_FILE} written by VLM.save_pretrained)")
-    config = json.loads(cfg_file.read_text())
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"vlm.load: {str(path)!r} is missing {CONFIG_FILE} (expected {CONFIG_FILE} and "
+                                f"{WEIGHTS_FILE} written by VLM.save_pretrained)")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"vlm.load: {str(cfg_file)!r} is not valid JSON: {e}") from e
     if config.get("format") != FORMAT:
         raise ValueError(f"vlm.load: {str(cfg_file)!r} is not a vlm config (format={config.get('format')!r}); "
                          f"for a transformers LLaVA directory use vlm.interop.from_hf")
+    if not weights.is_file():
+        raise FileNotFoundError(f"vlm.load: {str(path)!r} is missing {WEIGHTS_FILE} (expected {CONFIG_FILE} and "
+                                f"{WEIGHTS_FILE} written by VLM.save_pretrained)")
     model = from_config(config)
     missing, unexpected = load_model(model, str(weights), strict=False, device=str(device or "cpu"))
     if missing or unexpected:

@@ -11,6 +11,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 from vlm.encoders.base import SELECT_STRATEGIES, VisionEncoder
 
 FeatureLayer = int | list[int]
+# keys of a saved transformers config that describe the file, not the architecture
+CONFIG_META_KEYS = ("model_type", "architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -86,7 +88,7 @@ class HFVisionEncoder(VisionEncoder):
             norm = read_normalization(path)
         else:
             if config is not None:
-                cfg = self.config_class(**{k: v for k, v in config.items() if k != "model_type"})
+                cfg = self.config_class(**{k: v for k, v in config.items() if k not in CONFIG_META_KEYS})
             else:
                 cfg = self.config_class(**self.dims_config(
                     hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
@@ -147,4 +149,5 @@ class HFVisionEncoder(VisionEncoder):
             "image_mean": list(self.image_mean),
             "image_std": list(self.image_std),
             "attn_implementation": self.model.config._attn_implementation or "sdpa",
+            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
         }

@@ -116,8 +116,9 @@ class HFCausalLM(nn.Module):
 
     def export_config(self) -> dict[str, Any]:
         cfg = self.model.config.to_dict()
+        dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
         return {"name": "hf_causal_lm", "config": cfg, "attn_implementation": self.attn_implementation,
-                "trust_remote_code": self.trust_remote_code}
+                "trust_remote_code": self.trust_remote_code, "dtype": dtype}
 
 
 def make_config(config: dict[str, Any]) -> PretrainedConfig:
@@ -127,6 +128,6 @@ def make_config(config: dict[str, Any]) -> PretrainedConfig:
         raise KeyError(f"hf_causal_lm config needs 'model_type' (e.g. llama, qwen2, gemma, gpt2); got keys "
                        f"{sorted(config)}")
     model_type = config.pop("model_type")
-    for k in ("architectures", "transformers_version", "_name_or_path"):
+    for k in ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype"):
         config.pop(k, None)
     return AutoConfig.for_model(model_type, **config)

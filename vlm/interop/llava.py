@@ -1,0 +1,320 @@
+"""transformers ``LlavaForConditionalGeneration`` <-> ``vlm.VLM``, weight for weight.
+
+| LLaVA                                               | vlm                                                   |
+| --------------------------------------------------- | ----------------------------------------------------- |
+| ``model.vision_tower`` (CLIP / SigLIP vision model) | ``encoder.model`` (``clip`` / ``siglip`` encoder)     |
+| ``vision_feature_layer`` (int or list)              | ``encoder.feature_layer``                             |
+| ``vision_feature_select_strategy``                  | ``encoder.select`` (see ``mapping.SELECT_FROM_LLAVA``)|
+| ``model.multi_modal_projector.linear_1 / linear_2`` | ``connector.layers.0 / layers.2`` (``mlp``, depth 2)  |
+| ``projector_hidden_act``, ``..._projector_bias``    | ``connector`` ``act``, ``bias``                       |
+| ``model.language_model`` + ``lm_head``              | ``llm.model.base_model`` + output embeddings          |
+| ``image_token_id`` (``image_token_index``)          | ``image_token_id``                                    |
+
+Only local directories are read; weights come from safetensors (or ``pytorch_model.bin`` through
+``torch.load(weights_only=True)``); no remote code is ever run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlm import connectors, encoders, llm as llms
+from vlm.encoders.hf_vision import HFVisionEncoder, resolve_dtype
+from vlm.interop.mapping import (ACT_FROM_HF, ACT_TO_HF, ENCODER_MODEL_TYPES, SELECT_FROM_LLAVA, SELECT_TO_LLAVA,
+                                 UNUSED_VISION_MODULES, VISION_MODEL_TYPES, WEIGHT_FILES)
+from vlm.interop.processor import read_normalization, save_processor
+from vlm.llm.hf_causal_lm import HFCausalLM
+from vlm.model import VLM
+
+CONFIG_FILE = "config.json"
+LLAVA_MODEL_TYPE = "llava"
+# keys of a saved transformers config that describe the file, not the architecture
+FILE_KEYS = ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype")
+# our ``mlp`` connector's linear layers -> LLaVA projector submodules
+PROJECTOR_LAYERS = {"layers.0": "linear_1", "layers.2": "linear_2"}
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+VISION_PREFIX = "model.vision_tower."
+LM_PREFIX = "model.language_model."
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+def _arch_config(config: Any) -> dict[str, Any]:
+    """A transformers (sub)config as a plain dict without file bookkeeping keys."""
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return {k: v for k, v in d.items() if k not in FILE_KEYS}
+
+
+def _copy_state(dst: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """``dst.load_state_dict(state)`` strictly; a mismatch names the component and the offending keys."""
+    own = dst.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(state))
+              if state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{what}: weights do not match the architecture: missing {missing[:8]}, unexpected "
+                         f"{unexpected[:8]}, shape mismatches {shapes[:8]}")
+    dst.load_state_dict(state, strict=True)
+
+
+def _is_tied(model: nn.Module) -> bool:
+    """Whether the output embeddings share storage with the input embeddings."""
+    out = model.get_output_embeddings()
+    return out is not None and out.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ----------------------------------------------------------------------------------------------------- reading
+def read_llava_config(path: str | os.PathLike, who: str = "from_hf") -> dict[str, Any]:
+    """The ``config.json`` of a LLaVA directory, or an error naming the file and what was expected."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{who}: {str(path)!r} is not a directory; expected a transformers "
+                                f"LlavaForConditionalGeneration directory (config.json + model.safetensors)")
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{who}: {str(cfg_file)!r} does not exist; expected the config.json of a transformers "
+                                f"LlavaForConditionalGeneration (model_type 'llava') saved with save_pretrained")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{who}: {str(cfg_file)!r} is not valid JSON ({e})") from e
+    model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
+    if model_type != LLAVA_MODEL_TYPE:
+        hint = " (it is a vlm directory: use vlm.load, or to_hf to export it)" if isinstance(cfg, dict) and \
+            cfg.get("format") == "vlm" else ""
+        raise ValueError(f"{who}: {str(cfg_file)!r} has model_type={model_type!r}; expected 'llava' "
+                         f"(LlavaForConditionalGeneration){hint}. Variants such as llava_next / llava_onevision "
+                         f"(image tiling) are not supported")
+    return cfg
+
+
+def check_weights(path: Path, who: str = "from_hf") -> Path:
+    """The weights file (or shard index) ``from_pretrained`` will read; every shard an index names must exist."""
+    found = [path / name for name in WEIGHT_FILES if (path / name).is_file()]
+    if not found:
+        raise FileNotFoundError(f"{who}: no weights in {str(path)!r}: expected one of {', '.join(WEIGHT_FILES)} "
+                                f"(config.json is there but the weights file is missing)")
+    weights = found[0]
+    if weights.name.endswith(".index.json"):
+        index = json.loads(weights.read_text())
+        shards = sorted(set(index.get("weight_map", {}).values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{who}: {str(weights)!r} names shard(s) missing from {str(path)!r}: {missing}")
+    return weights
+
+
+def _load_llava(path: Path, dtype: torch.dtype) -> nn.Module:
+    """``LlavaForConditionalGeneration.from_pretrained`` (local files, ``weights_only``), strict: any missing weight
+    is an error, except in vision-tower modules LLaVA never uses (``UNUSED_VISION_MODULES``)."""
+    from transformers import LlavaForConditionalGeneration
+
+    hf, info = LlavaForConditionalGeneration.from_pretrained(
+        str(path), dtype=dtype, local_files_only=True, weights_only=True, output_loading_info=True)
+    missing = sorted(k for k in info.get("missing_keys", [])
+                     if not any(k.startswith(VISION_PREFIX + p) for p in UNUSED_VISION_MODULES))
+    mismatched = info.get("mismatched_keys", [])
+    if missing or mismatched:
+        raise ValueError(f"from_hf: the weights in {str(path)!r} do not match its config.json: missing "
+                         f"{missing[:8]}, shape-mismatched {list(mismatched)[:8]}")
+    if info.get("unexpected_keys"):
+        warnings.warn(f"from_hf: ignoring unexpected weights in {str(path)!r}: "
+                      f"{sorted(info['unexpected_keys'])[:8]}", stacklevel=3)
+    return hf.eval()
+
+
+# ----------------------------------------------------------------------------------------------------- import
+def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, tokenizer: bool = True,
+            attn_implementation: str = "sdpa") -> VLM:
+    """Import a local transformers ``LlavaForConditionalGeneration`` directory as a ``vlm.VLM`` (eval mode).
+
+    ``dtype``: parameter dtype of the result (default float32, like ``vlm.load``). The tokenizer in the directory,
+    if any, is attached as ``model.tokenizer`` (``tokenizer=False`` skips it). Image mean/std come from the
+    directory's image-processor config when present, else the encoder family's defaults.
+    """
+    path = Path(path)
+    raw = read_llava_config(path)
+    from transformers import LlavaConfig
+
+    try:
+        config = LlavaConfig.from_dict(raw)
+    except Exception as e:  # transformers' strict config validation has its own exception types
+        raise ValueError(f"from_hf: {str(path / CONFIG_FILE)!r} is not a valid LlavaConfig: {e}") from e
+    vision_type = config.vision_config.model_type
+    if vision_type not in VISION_MODEL_TYPES:
+        raise ValueError(f"from_hf: vision_config.model_type={vision_type!r} in {str(path / CONFIG_FILE)!r} is not "
+                         f"supported; supported towers: {sorted(VISION_MODEL_TYPES)}")
+    strategy = config.vision_feature_select_strategy
+    act = config.projector_hidden_act
+    if act not in ACT_FROM_HF:
+        raise ValueError(f"from_hf: projector_hidden_act={act!r} has no equivalent in the mlp connector; supported: "
+                         f"{sorted(ACT_FROM_HF)}")
+    enc_name = VISION_MODEL_TYPES[vision_type]
+    has_cls = encoders.ENCODERS.get(enc_name).has_cls
+    if (strategy, has_cls) not in SELECT_FROM_LLAVA:
+        raise ValueError(f"from_hf: vision_feature_select_strategy={strategy!r}; expected 'default' or 'full'")
+    torch_dtype = resolve_dtype(dtype) or torch.float32
+    check_weights(path)
+
+    hf = _load_llava(path, torch_dtype)
+    tied = _is_tied(hf)
+
+    # modules LLaVA never runs (SigLIP's pooling head) are left out of our encoder: logits are unchanged, and no
+    # trainable parameter is left without a gradient
+    tower = hf.model.vision_tower.state_dict()
+    dropped = [p for p in UNUSED_VISION_MODULES if any(k.startswith(p) for k in tower)]
+    tower = {k: v for k, v in tower.items() if not any(k.startswith(p) for p in dropped)}
+    vision_cfg = _arch_config(config.vision_config)
+    for prefix in dropped:
+        vision_cfg.update(UNUSED_VISION_MODULES[prefix])
+    enc_cfg: dict[str, Any] = {
+        "name": enc_name, "config": vision_cfg, "feature_layer": config.vision_feature_layer,
+        "select": SELECT_FROM_LLAVA[(strategy, has_cls)], "attn_implementation": attn_implementation,
+        "dtype": _dtype_name(torch_dtype)}
+    norm = read_normalization(path)
+    if norm is not None:
+        enc_cfg["image_mean"], enc_cfg["image_std"] = norm
+    encoder = encoders.build(enc_cfg)
+
+    text_cfg = _arch_config(config.text_config)
+    text_cfg["tie_word_embeddings"] = tied  # what LLaVA actually does (its top-level flag can override the text one)
+    lm = llms.build({"name": "hf_causal_lm", "config": text_cfg, "attn_implementation": attn_implementation,
+                     "dtype": _dtype_name(torch_dtype)})
+    connector = connectors.build({"name": "mlp", "depth": 2, "act": ACT_FROM_HF[act],
+                                  "bias": bool(config.multimodal_projector_bias)},
+                                 in_dim=encoder.hidden_size, out_dim=lm.hidden_size).to(torch_dtype)
+
+    with torch.no_grad():
+        _copy_state(encoder.model, tower, "from_hf: vision tower")
+        proj = hf.model.multi_modal_projector
+        _copy_state(connector, {f"{ours}.{k}": v for ours, theirs in PROJECTOR_LAYERS.items()
+                                for k, v in getattr(proj, theirs).state_dict().items()}, "from_hf: projector")
+        _copy_state(lm.model.base_model, hf.model.language_model.state_dict(), "from_hf: language model")
+        _copy_state(lm.model.get_output_embeddings(), hf.lm_head.state_dict(), "from_hf: lm_head")
+    del hf
+
+    tok = None
+    if tokenizer and any((path / f).is_file() for f in TOKENIZER_FILES):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    image_token_id = int(config.image_token_id)
+    image_token = "<image>"
+    if tok is not None and image_token_id < len(tok):
+        image_token = tok.convert_ids_to_tokens(image_token_id) or image_token
+    model = VLM(encoder, connector, lm, image_token_id=image_token_id, image_token=image_token)
+    model.tokenizer = tok
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------- export
+def llava_problems(model: VLM) -> list[str]:
+    """Why ``model`` cannot be written as a LLaVA checkpoint (empty when it can)."""
+    problems = []
+    enc, conn, lm = model.encoder, model.connector, model.llm
+    enc_name = getattr(enc, "registry_name", type(enc).__name__)
+    if not isinstance(enc, HFVisionEncoder) or enc_name not in ENCODER_MODEL_TYPES:
+        problems.append(f"the encoder is {enc_name!r}; LLaVA's vision tower is a transformers CLIP or SigLIP vision "
+                        f"model (our encoders: {sorted(ENCODER_MODEL_TYPES)})")
+    conn_name = getattr(conn, "registry_name", type(conn).__name__)
+    opts = getattr(conn, "options", {})
+    if conn_name != "mlp":
+        problems.append(f"the connector is {conn_name!r}; LLaVA's projector is linear_1 -> act -> linear_2, i.e. "
+                        f"our 'mlp' connector with depth=2 (no pooling, no norm)")
+    else:
+        if opts.get("depth") != 2:
+            problems.append(f"the mlp connector has depth={opts.get('depth')}; LLaVA's projector has exactly 2 "
+                            f"linear layers (depth=2)")
+        if opts.get("norm"):
+            problems.append("the mlp connector has norm=True; LLaVA's projector has no input LayerNorm")
+        if opts.get("hidden_dim") not in (None, conn.out_dim):
+            problems.append(f"the mlp connector has hidden_dim={opts.get('hidden_dim')}; LLaVA's projector's hidden "
+                            f"size is the LLM hidden size ({conn.out_dim})")
+        if opts.get("act") not in ACT_TO_HF:
+            problems.append(f"the mlp connector act={opts.get('act')!r} has no LLaVA equivalent; supported: "
+                            f"{sorted(ACT_TO_HF)}")
+    if not isinstance(lm, HFCausalLM):
+        problems.append(f"the LLM is {type(lm).__name__}; LLaVA needs a transformers causal LM (hf_causal_lm)")
+    elif _is_tied(lm.model):
+        from transformers import LlavaForConditionalGeneration
+
+        # transformers' LLaVA ties lm_head to a fixed parameter name of its language model (embed_tokens)
+        for source in LlavaForConditionalGeneration._tied_weights_keys.values():
+            name = source.removeprefix(LM_PREFIX)
+            if name != source and not _has_parameter(lm.model.base_model, name):
+                problems.append(f"the LLM ({lm.text_config.model_type}) ties its output embeddings, and transformers' "
+                                f"LLaVA ties lm_head to language_model.{name}, which this model does not have; "
+                                f"untie the embeddings (tie_word_embeddings=False) or use a Llama-style LLM")
+    return problems
+
+
+def _has_parameter(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_parameter(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def llava_config(model: VLM) -> Any:
+    """The ``LlavaConfig`` describing ``model`` (raises ``ValueError`` listing what LLaVA cannot express)."""
+    problems = llava_problems(model)
+    if problems:
+        raise ValueError("to_hf: this model cannot be exported as transformers LLaVA: " + "; ".join(problems))
+    from transformers import LlavaConfig
+
+    enc, conn, lm = model.encoder, model.connector, model.llm
+    tied = _is_tied(lm.model)
+    vision_cfg = _arch_config(enc.hf_config)
+    text_cfg = _arch_config(lm.text_config)
+    text_cfg["vocab_size"] = lm.vocab_size
+    text_cfg["tie_word_embeddings"] = tied
+    return LlavaConfig(
+        vision_config=vision_cfg, text_config=text_cfg, image_token_id=model.image_token_id,
+        vision_feature_layer=enc.feature_layer, vision_feature_select_strategy=SELECT_TO_LLAVA[enc.drops_first],
+        projector_hidden_act=ACT_TO_HF[conn.options["act"]], multimodal_projector_bias=bool(conn.options["bias"]),
+        image_seq_length=model.num_image_tokens(), tie_word_embeddings=tied)
+
+
+def to_hf(model: VLM, path: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
+          processor: bool = True) -> Path:
+    """Write ``model`` as a transformers ``LlavaForConditionalGeneration`` directory (safetensors) and return it.
+
+    ``dtype``: dtype of the written weights (default: the LLM's). With ``processor`` (default) also writes the image
+    processor, the tokenizer (if ``model.tokenizer``) and the ``LlavaProcessor`` config (when the tokenizer encodes
+    the image token as the single ``image_token_id``; otherwise it warns and skips just that file).
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    config = llava_config(model)
+    enc, conn, lm = model.encoder, model.connector, model.llm
+    torch_dtype = resolve_dtype(dtype) or next(lm.parameters()).dtype
+    out = Path(path)
+    hf = LlavaForConditionalGeneration._from_config(config, dtype=torch_dtype)
+    with torch.no_grad():
+        _copy_state(hf.model.vision_tower, enc.model.state_dict(), "to_hf: vision tower")
+        state = conn.state_dict()
+        proj = {f"{theirs}.{k.removeprefix(ours + '.')}": v for ours, theirs in PROJECTOR_LAYERS.items()
+                for k, v in state.items() if k.startswith(ours + ".")}
+        _copy_state(hf.model.multi_modal_projector, proj, "to_hf: projector")
+        _copy_state(hf.model.language_model, lm.model.base_model.state_dict(), "to_hf: language model")
+        _copy_state(hf.lm_head, lm.model.get_output_embeddings().state_dict(), "to_hf: lm_head")
+    if _is_tied(lm.model) != _is_tied(hf):
+        raise RuntimeError(f"to_hf: embedding tying differs after export (vlm tied={_is_tied(lm.model)}, "
+                           f"LLaVA tied={_is_tied(hf)})")
+    out.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(str(out), safe_serialization=True)
+    del hf
+    if processor:
+        save_processor(model, out, strategy=config.vision_feature_select_strategy)
+    return out

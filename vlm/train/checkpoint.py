@@ -1,0 +1,152 @@
+"""Checkpoints: written atomically, the last K kept, loaded without pickle.
+
+``<stage dir>/checkpoints/step_000123/`` holds
+
+- ``model.safetensors``: the trainable parameters (every parameter with ``trainer.save_full=true``), keyed like the
+  unwrapped model (LoRA adapters under their peft names),
+- ``optimizer.pt`` / ``scheduler.pt``: state dicts of plain tensors and numbers (``torch.load(weights_only=True)``),
+- ``rng_rank{r}.pt``: each process's torch / CUDA / python / numpy RNG states, as tensors,
+- ``trainer_state.json``: step, data position, model fingerprint (parameter names/shapes), losses so far.
+
+A checkpoint is assembled in a hidden temporary directory and renamed into place (``os.replace``), so a crash
+mid-write leaves the previous checkpoint as the latest complete one; stale temporary directories are removed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vlm.train.distributed import Strategy
+
+STEP_RE = re.compile(r"^step_(\d+)$")
+WEIGHTS = "model.safetensors"
+STATE = "trainer_state.json"
+
+
+def step_dirs(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    dirs = [d for d in step_dirs(root) if (d / STATE).is_file()]
+    return dirs[-1] if dirs else None
+
+
+def save_tensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors refuses tensors that share memory (tied weights): give each key its own contiguous copy."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in state.items():
+        v = v.detach().cpu()
+        ptr = v.untyped_storage().data_ptr() if v.numel() else -1
+        out[k] = v.clone().contiguous() if ptr in seen or not v.is_contiguous() else v
+        seen.add(ptr)
+    save_file(out, str(path), metadata=metadata or {"format": "pt"})
+
+
+def rng_state() -> dict[str, Any]:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "python": {"version": py[0], "state": torch.tensor(py[1], dtype=torch.int64), "gauss": py[2]},
+             "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                       "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointManager:
+    """Save / find / load the checkpoints of one stage under ``root`` (``<stage dir>/checkpoints``)."""
+
+    def __init__(self, root: Path, strategy: Strategy, keep_last: int = 2, save_full: bool = False) -> None:
+        self.root, self.strategy, self.keep_last, self.save_full = Path(root), strategy, keep_last, save_full
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.root)
+
+    def save(self, step: int, wrapped: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+             state: dict[str, Any]) -> Path:
+        """Collective: every rank calls it. Returns the checkpoint directory."""
+        s = self.strategy
+        weights = s.model_state_dict(wrapped, trainable_only=not self.save_full)
+        optim = s.optimizer_state_dict(wrapped, optimizer)
+        final = self.root / f"step_{step:06d}"
+        tmp = self.root / f".tmp-step_{step:06d}"
+        if s.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        s.barrier()
+        torch.save(rng_state(), tmp / f"rng_rank{s.rank}.pt")
+        s.barrier()
+        if s.is_main:
+            save_tensors(weights, tmp / WEIGHTS)
+            torch.save(optim, tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / STATE).write_text(json.dumps({**state, "step": step, "world_size": s.world_size,
+                                                 "trainable_only": not self.save_full}, indent=1))
+            if final.exists():  # re-saving the same step (e.g. end of stage right after a periodic save)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in step_dirs(self.root)[:-self.keep_last] if self.keep_last > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        s.barrier()
+        return final
+
+    def load(self, path: Path, wrapped: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+        """Restore model weights, optimizer, scheduler and this rank's RNG; returns ``trainer_state.json``."""
+        s = self.strategy
+        state = json.loads((path / STATE).read_text())
+        weights = load_file(str(path / WEIGHTS)) if s.is_main else {}
+        check_keys(weights, wrapped, str(path / WEIGHTS))
+        s.load_model_state_dict(wrapped, weights)
+        optim = torch.load(path / "optimizer.pt", weights_only=True) if s.is_main else {}
+        s.load_optimizer_state_dict(wrapped, optimizer, optim)
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        rng_file = path / f"rng_rank{s.rank}.pt"
+        if not rng_file.is_file():  # resumed with more processes than wrote it
+            rng_file = path / "rng_rank0.pt"
+        set_rng_state(torch.load(rng_file, weights_only=True))
+        return state
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return getattr(module, "module", module)
+
+
+def check_keys(weights: dict[str, torch.Tensor], model: nn.Module, source: str) -> None:
+    """Every key of ``weights`` must be a parameter/buffer of ``model`` (a subset is fine)."""
+    if not weights:
+        return
+    known = set(unwrap(model).state_dict().keys())
+    unknown = sorted(set(weights) - known)
+    if unknown:
+        raise ValueError(f"{source} holds {len(unknown)} tensor(s) this model does not have, e.g. {unknown[:5]}; "
+                         f"it was written by a different model or policy")

@@ -1,0 +1,108 @@
+"""Find ``recipes/``, compose a recipe with Hydra, and check it against the schema.
+
+``compose(recipe="tiny", overrides=["connector=linear", "stage.sft.lr=1e-4"])`` gives the same config as
+``python -m vlm.train recipe=tiny connector=linear stage.sft.lr=1e-4``.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from vlm.train.schema import MODULES, RunConfig
+
+RECIPES_ENV = "VLM_RECIPES"
+PRIMARY_CONFIG = "config"
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot run: unknown key or option, wrong type, missing file. Raised before training starts."""
+
+
+def recipes_dir() -> Path:
+    """``$VLM_RECIPES`` if set, else the ``recipes/`` folder next to the ``vlm`` package (editable install)."""
+    env = os.environ.get(RECIPES_ENV)
+    if env:
+        path = Path(env).expanduser().resolve()
+        if not (path / f"{PRIMARY_CONFIG}.yaml").is_file():
+            raise ConfigError(f"${RECIPES_ENV}={env!r} has no {PRIMARY_CONFIG}.yaml")
+        return path
+    import vlm
+
+    path = Path(vlm.__file__).resolve().parents[1] / "recipes"
+    if not (path / f"{PRIMARY_CONFIG}.yaml").is_file():
+        raise ConfigError(f"recipes/ not found at {str(path)!r} (install vlm with `pip install -e .` from a checkout, "
+                          f"or point ${RECIPES_ENV} at a recipes folder)")
+    return path
+
+
+def list_options(group: str) -> list[str]:
+    """The options of a config group (``recipe``, ``encoder``, ...), i.e. the YAML files in ``recipes/<group>/``."""
+    return sorted(p.stem for p in (recipes_dir() / group).glob("*.yaml"))
+
+
+def compose(recipe: str | None = None, overrides: Sequence[str] = (), *, validate: bool = True) -> DictConfig:
+    """Compose ``recipes/config.yaml`` + ``recipe`` + command-line style ``overrides`` into a checked config."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    overrides = ([f"recipe={recipe}"] if recipe else []) + list(overrides)
+    if GlobalHydra.instance().is_initialized():  # e.g. called from inside a Hydra app
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
+            cfg = hydra_compose(PRIMARY_CONFIG, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(f"cannot compose recipe with overrides {overrides}: {e}") from e
+    return check(cfg) if validate else cfg
+
+
+def check(cfg: DictConfig | dict[str, Any]) -> DictConfig:
+    """Merge onto the schema (filling defaults, rejecting unknown keys / wrong types) and check cross-references.
+
+    Returns a struct-mode config: setting a key that does not exist raises.
+    """
+    raw = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    raw = OmegaConf.masked_copy(raw, [k for k in raw.keys() if k != "hydra"]) if "hydra" in raw else raw
+    try:
+        out = OmegaConf.merge(OmegaConf.structured(RunConfig), raw)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid config: {e}") from e
+    stages = list(out.stages)
+    if not stages:
+        raise ConfigError("`stages` is empty: nothing to train")
+    for name in stages:
+        if name not in out.stage:
+            raise ConfigError(f"stages lists {name!r} but no such stage is configured; known: {list(out.stage)} "
+                              f"(options in recipes/stage/: {list_options('stage')})")
+        st = out.stage[name]
+        if st.data not in out.data or out.data[st.data] is None:
+            raise ConfigError(f"stage {name!r} trains on data.{st.data}, which is not configured; data keys: "
+                              f"{[k for k in out.data if out.data[k] is not None]}")
+        for module in MODULES:
+            lr = st.module_lr[module]
+            if lr is not None and lr < 0:
+                raise ConfigError(f"stage.{name}.module_lr.{module}={lr} is negative")
+        if st.global_batch_size < 1 or st.micro_batch_size < 1:
+            raise ConfigError(f"stage.{name}: batch sizes must be >= 1")
+    for module in MODULES:
+        if "name" not in out[module]:
+            raise ConfigError(f"`{module}` has no `name` (pick an option: {module}=<one of {list_options(module)}>)")
+    if out.eval.enabled and out.eval.data is not None and out.data.get(out.eval.data) is None:
+        out.eval.enabled = False
+    OmegaConf.set_struct(out, True)
+    return out
+
+
+def model_config(cfg: DictConfig) -> dict[str, Any]:
+    """The ``vlm.build`` config of a run: ``{encoder, connector, llm}`` as plain dicts."""
+    return {k: OmegaConf.to_container(cfg[k], resolve=True) for k in MODULES}
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

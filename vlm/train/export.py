@@ -1,0 +1,122 @@
+"""Stage outputs: LoRA merged into the base weights, as a weights delta (to start the next stage) and as a full
+``vlm.load``-able directory (``final/``).
+
+``<stage dir>/weights.safetensors`` holds every tensor trained in this stage or an earlier one of the run (plain
+names, adapters merged); a stage starts from a freshly built (seeded) model plus these tensors. Everything works
+from a full (unsharded) state dict gathered on rank 0, so single-process, DDP and FSDP runs export the same way.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from vlm.train.checkpoint import check_keys, save_tensors, unwrap
+
+STAGE_WEIGHTS = "weights.safetensors"
+LORA_A, LORA_B, BASE = ".lora_A.", ".lora_B.", ".base_layer."
+
+
+def plain_name(name: str) -> str:
+    """The name a (possibly LoRA-wrapped) parameter has once adapters are merged."""
+    if LORA_A in name or LORA_B in name:
+        return name.split(LORA_A if LORA_A in name else LORA_B)[0] + ".weight"
+    return name.replace(BASE, ".")
+
+
+def merge_lora_state(state: dict[str, torch.Tensor], live: nn.Module) -> dict[str, torch.Tensor]:
+    """Fold every LoRA pair of ``state`` into its base weight (``W + scaling * B @ A``) and drop adapter keys.
+
+    ``scaling`` and ``fan_in_fan_out`` are read from the live adapter module, so the result matches peft's merge.
+    """
+    model = unwrap(live)
+    out: dict[str, torch.Tensor] = {}
+    for name, value in state.items():
+        if LORA_A in name or LORA_B in name:
+            continue
+        out[plain_name(name)] = value
+    for name in state:
+        if LORA_A not in name:
+            continue
+        prefix, rest = name.split(LORA_A)
+        adapter = rest.split(".")[0]
+        layer = model.get_submodule(prefix)
+        a, b = state[name].float(), state[f"{prefix}{LORA_B}{adapter}.weight"].float()
+        delta = (b @ a) * float(layer.scaling[adapter])
+        if getattr(layer, "fan_in_fan_out", False):
+            delta = delta.T
+        key = f"{prefix}.weight"
+        base = out[key]
+        out[key] = (base.float() + delta).to(base.dtype)
+    return out
+
+
+def trained_names(live: nn.Module) -> set[str]:
+    """Plain names of the tensors this stage changes (trainable parameters; a LoRA pair changes its base weight)."""
+    return {plain_name(n) for n, p in unwrap(live).named_parameters() if p.requires_grad}
+
+
+def write_stage_weights(path: Path, merged: dict[str, torch.Tensor], names: set[str]) -> None:
+    save_tensors({k: merged[k] for k in sorted(names) if k in merged}, path)
+
+
+def load_weights(model: nn.Module, source: str | Path) -> list[str]:
+    """Load ``source`` into ``model`` (before policies): a ``.safetensors`` file, a stage dir (its weights delta), a
+    ``vlm.load`` dir (``model.safetensors``) or a run dir (each finished stage's delta in order). Returns the files."""
+    files = resolve_weights(Path(source))
+    for f in files:
+        state = load_file(str(f))
+        check_keys(state, model, str(f))
+        own = model.state_dict()
+        bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
+        if bad:
+            raise ValueError(f"{f}: shapes differ from this model (a different model or tokenizer?): {bad[:5]}")
+        model.load_state_dict(state, strict=False)
+    return [str(f) for f in files]
+
+
+def resolve_weights(source: Path) -> list[Path]:
+    if source.is_file():
+        return [source]
+    if not source.is_dir():
+        raise FileNotFoundError(f"init_from={str(source)!r} does not exist")
+    for name in (STAGE_WEIGHTS, "model.safetensors"):
+        if (source / name).is_file():
+            return [source / name]
+    if (source / "final" / "model.safetensors").is_file():
+        return [source / "final" / "model.safetensors"]
+    stages = sorted((d for d in source.iterdir() if (d / STAGE_WEIGHTS).is_file()),
+                    key=lambda d: (d / STAGE_WEIGHTS).stat().st_mtime)
+    if stages:
+        return [stages[-1] / STAGE_WEIGHTS]  # deltas are cumulative: the last finished stage has everything
+    raise FileNotFoundError(f"init_from={str(source)!r}: no weights found (expected a .safetensors file, a vlm.load "
+                            f"directory, a stage directory with {STAGE_WEIGHTS}, or a run directory)")
+
+
+def plain_model(live: nn.Module, merged: dict[str, torch.Tensor], tokenizer: Any = None) -> nn.Module:
+    """A plain ``VLM`` (no adapters, no wrappers) holding ``merged``, built on the meta device (no extra init)."""
+    from vlm.model import from_config
+
+    model = unwrap(live)
+    with torch.device("meta"):
+        plain = from_config(model.config.to_dict())
+    plain.load_state_dict(merged, strict=True, assign=True)
+    if hasattr(plain.llm.model, "tie_weights"):
+        plain.llm.model.tie_weights()
+    live_buffers = dict(model.named_buffers())
+    for name, buf in list(plain.named_buffers()):
+        if buf.is_meta:  # non-persistent buffers (rotary frequencies, position ids) are not in state dicts
+            parent, _, attr = name.rpartition(".")
+            owner = plain.get_submodule(parent) if parent else plain
+            owner._buffers[attr] = live_buffers[name].detach().to("cpu").clone()
+    plain.tokenizer = tokenizer
+    return plain
+
+
+def export_final(directory: Path, live: nn.Module, merged: dict[str, torch.Tensor], tokenizer: Any) -> Path:
+    """Write a ``vlm.load``-able directory from the merged full state dict."""
+    plain = plain_model(live, merged, tokenizer)
+    return plain.save_pretrained(directory)

@@ -1,0 +1,109 @@
+"""Run logging: stdout and ``<run>/metrics.jsonl`` always; Weights & Biases with ``logger=wandb``.
+
+wandb runs offline (files under ``<run>/wandb``, upload later with ``wandb sync``) unless a project is set and
+``logger.mode=online``; the entity is never hard-coded (wandb's default unless ``logger.entity`` is set).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from vlm.registry import Registry
+
+BACKENDS: Registry[Any] = Registry("logger")
+
+
+class Backend:
+    def log(self, row: dict[str, Any], step: int) -> None: ...
+
+    def summary(self, values: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@BACKENDS.register("none")
+def no_backend(cfg: DictConfig, run_dir: Path, run_cfg: DictConfig) -> Backend:
+    return Backend()
+
+
+class WandbBackend(Backend):
+    def __init__(self, cfg: DictConfig, run_dir: Path, run_cfg: DictConfig) -> None:
+        import wandb
+
+        mode = cfg.mode
+        if mode == "online" and not cfg.project:
+            print("[vlm.train] logger.mode=online needs logger.project; logging offline", file=sys.stderr)
+            mode = "offline"
+        self.run = wandb.init(project=cfg.project or "vlm", entity=cfg.entity, mode=mode, dir=str(run_dir),
+                              name=cfg.run_name or f"{run_cfg.name}/{run_dir.name}", tags=list(cfg.tags),
+                              config=OmegaConf.to_container(run_cfg, resolve=True))
+        self._step = 0
+
+    def log(self, row: dict[str, Any], step: int) -> None:
+        self._step = max(self._step, step)  # wandb steps must not go back; stages continue the count
+        self.run.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=self._step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        for k, v in values.items():
+            self.run.summary[k] = v
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+BACKENDS.register("wandb")(WandbBackend)
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    return v
+
+
+class RunLogger:
+    """Rank 0 writes; other ranks' calls are no-ops."""
+
+    def __init__(self, run_dir: Path, cfg: DictConfig, is_main: bool) -> None:
+        self.is_main = is_main
+        self.path = run_dir / "metrics.jsonl"
+        self.backend: Backend = BACKENDS.get(cfg.logger.name)(cfg.logger, run_dir, cfg) if is_main else Backend()
+        self._global_step = 0
+
+    def info(self, message: str) -> None:
+        if self.is_main:
+            print(message, flush=True)
+
+    def log(self, row: dict[str, Any], global_step: int | None = None) -> None:
+        if not self.is_main:
+            return
+        row = _clean(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        flat = {}
+        for k, v in row.items():
+            if isinstance(v, dict):
+                flat.update({f"{k}/{kk}": vv for kk, vv in v.items()})
+            else:
+                flat[k] = v
+        self.backend.log({f"{row.get('stage', 'run')}/{k}": v for k, v in flat.items()},
+                         step=global_step if global_step is not None else self._global_step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.is_main:
+            self.backend.summary(values)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

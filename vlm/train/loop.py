@@ -1,0 +1,205 @@
+"""The training loop of one stage: gradient accumulation, AMP, clipping, schedule, eval/save hooks, progress bar.
+
+Loss normalization: each micro-batch's loss is ``sum of token losses / N`` where ``N`` is the number of target
+tokens in the *whole* optimizer step (all micro-batches, all processes), passed to the model as
+``num_items_in_batch``. Summed over micro-batches (and averaged over processes by DDP/FSDP, hence the ``* world``),
+the gradient is that of the mean token loss of the global batch: independent of how it is split.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlm.train.distributed import Strategy
+
+IGNORE_INDEX = -100
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or gradient norm) became NaN/inf; names the step and the samples of the offending batch."""
+
+
+class BatchTooLargeError(RuntimeError):
+    """Out of memory on the first step."""
+
+
+def count_targets(batch: dict[str, Any]) -> int:
+    """Target tokens of a batch as the model counts them: labels shifted by one, segment starts ignored."""
+    labels = batch["labels"]
+    if "segment_ids" in batch:
+        seg = batch["segment_ids"]
+        start = torch.ones_like(seg, dtype=torch.bool)
+        start[:, 1:] = seg[:, 1:] != seg[:, :-1]
+        labels = labels.masked_fill(start, IGNORE_INDEX)
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def flat_ids(meta: dict[str, Any]) -> list[Any]:
+    """Sample ids of a batch (rows of packed batches hold lists)."""
+    out: list[Any] = []
+    for row in meta.get("ids", []):
+        out += row if isinstance(row, list) else [row]
+    return out
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def is_oom(err: BaseException) -> bool:
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    msg = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+@dataclass
+class StepStats:
+    loss: float
+    grad_norm: float
+    tokens: int
+    targets: int
+    samples: int
+    seconds: float
+
+
+@dataclass
+class LoopState:
+    """What the loop reports back (and what a checkpoint stores in ``trainer_state.json``)."""
+
+    losses: list[float] = field(default_factory=list)
+    last_eval: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class StageLoop:
+    """Everything one stage's loop needs; built by :mod:`vlm.train.stage`."""
+
+    name: str
+    stage: Any
+    trainer: Any
+    strategy: Strategy
+    model: nn.Module            # unwrapped
+    wrapped: nn.Module          # what forward is called on (DDP / FSDP / the model)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loader: Any
+    total_steps: int
+    accumulation: int
+    precision: torch.dtype
+    log: Any                    # RunLogger
+    save: Callable[[int, LoopState], None]
+    evaluate: Callable[[int], dict[str, float]] | None = None
+    global_step_offset: int = 0
+    scaler: Any = None
+    params: list[nn.Parameter] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        fp16 = self.precision == torch.float16 and self.strategy.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+
+    # ---------------------------------------------------------------------------------------------------- step
+    def autocast(self) -> Any:
+        device = self.strategy.device
+        enabled = self.precision != torch.float32
+        return torch.autocast(device.type, dtype=self.precision, enabled=enabled)
+
+    def step(self, step: int, micro: list[dict[str, Any]]) -> StepStats:
+        s, t0 = self.strategy, time.perf_counter()
+        self.wrapped.train()
+        metas = [b.pop("meta", {}) for b in micro]
+        local = torch.tensor([sum(count_targets(b) for b in micro),
+                              sum(int(b["attention_mask"].sum()) for b in micro),
+                              sum(b["input_ids"].shape[0] for b in micro)], dtype=torch.float64)
+        n_targets, n_tokens, n_samples = (int(x) for x in s.all_reduce(local))
+        loss_sum = torch.zeros((), dtype=torch.float64, device=s.device)
+        bad_ids: list[Any] = []
+        for i, batch in enumerate(micro):
+            batch = to_device(batch, s.device)
+            with s.no_sync(self.wrapped, sync=i == len(micro) - 1):
+                with self.autocast():
+                    out = self.wrapped(**batch, num_items_in_batch=max(n_targets, 1))
+                loss = out.loss * s.world_size
+                if not bool(torch.isfinite(loss.detach())):
+                    bad_ids += flat_ids(metas[i]) or ["<no ids>"]
+                self.scaler.scale(loss).backward()
+            loss_sum += out.loss.detach().double()
+        if s.all_reduce(torch.tensor([float(bool(bad_ids))]), op="max").item():
+            named = [i for rank_ids in s.all_gather_object(bad_ids) for i in rank_ids]
+            raise NonFiniteLossError(f"non-finite loss at stage {self.name!r} step {step + 1}; the offending "
+                                     f"micro-batch held samples {named[:32]}{' ...' if len(named) > 32 else ''}. "
+                                     f"Check those samples, lower the learning rate, or use bf16/fp32 over fp16.")
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = s.clip_grad_norm(self.params, self.stage.max_grad_norm)
+        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
+            ids = s.all_gather_object([i for m in metas for i in flat_ids(m)])
+            raise NonFiniteLossError(f"non-finite gradient norm at stage {self.name!r} step {step + 1}; the batch "
+                                     f"held samples {[i for r in ids for i in r][:32]}")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        loss = float(s.all_reduce(loss_sum.cpu()))
+        return StepStats(loss=loss, grad_norm=grad_norm, tokens=n_tokens, targets=n_targets, samples=n_samples,
+                         seconds=time.perf_counter() - t0)
+
+    # ---------------------------------------------------------------------------------------------------- loop
+    def run(self, start_step: int, state: LoopState) -> LoopState:
+        s = self.strategy
+        bar = None
+        if s.is_main and self.trainer.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=start_step, desc=self.name, unit="step", dynamic_ncols=True,
+                       file=sys.stderr, leave=True)
+        it = iter(self.loader)
+        ema_tps = None
+        for step in range(start_step, self.total_steps):
+            micro = [next(it) for _ in range(self.accumulation)]
+            lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+            try:
+                stats = self.step(step, micro)
+            except Exception as e:
+                if step == start_step and is_oom(e):
+                    raise BatchTooLargeError(
+                        f"out of memory on the first step of stage {self.name!r} with micro_batch_size="
+                        f"{self.stage.micro_batch_size}. Lower it (e.g. stage.{self.name}.micro_batch_size="
+                        f"{max(1, self.stage.micro_batch_size // 2)}): global_batch_size="
+                        f"{self.stage.global_batch_size} is kept by gradient accumulation. "
+                        f"trainer.gradient_checkpointing=true also saves memory.") from e
+                raise
+            state.losses.append(stats.loss)
+            tps = stats.tokens / max(stats.seconds, 1e-9)
+            ema_tps = tps if ema_tps is None else 0.9 * ema_tps + 0.1 * tps
+            row = {"stage": self.name, "step": step + 1, "loss": stats.loss, "grad_norm": stats.grad_norm,
+                   "lr": lrs, "tokens_per_s": tps, "samples": stats.samples, "targets": stats.targets,
+                   "step_s": stats.seconds}
+            self.log.log(row, self.global_step_offset + step + 1)
+            if bar is not None:
+                bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{ema_tps:,.0f}", refresh=False)
+                bar.update(1)
+            done = step + 1
+            if (done % self.trainer.log_every == 0 or done == self.total_steps) and bar is None:
+                self.log.info(f"[{self.name}] step {done}/{self.total_steps} loss {stats.loss:.4f} "
+                              f"grad_norm {stats.grad_norm:.3f} tok/s {ema_tps:,.0f}")
+            if self.evaluate and self.stage.eval_every and done % self.stage.eval_every == 0 \
+                    and done != self.total_steps:
+                metrics = self.evaluate(done)
+                state.last_eval = metrics
+                self.log.log({"stage": self.name, "step": done, "eval": metrics}, self.global_step_offset + done)
+                if bar is not None:
+                    bar.write(f"[{self.name}] step {done} eval: " +
+                              ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if "/n" not in k))
+            if self.stage.save_every and done % self.stage.save_every == 0 and done != self.total_steps:
+                self.save(done, state)
+        if bar is not None:
+            bar.close()
+        return state

@@ -1,0 +1,145 @@
+"""The typed schema every composed recipe is checked against (unknown keys and wrong types are errors).
+
+Component configs (``encoder``, ``connector``, ``llm``, ``tokenizer``, ``data.*``) are open mappings here: their keys
+are checked by the component's own registry when it is built, which happens before the first training step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+MODULES = ("encoder", "connector", "llm")
+
+
+@dataclass
+class PolicyConfig:
+    """How each module is trained: ``frozen`` | ``full`` | ``lora`` | ``qlora`` | ``partial``."""
+
+    encoder: str = "frozen"
+    connector: str = "full"
+    llm: str = "frozen"
+
+
+@dataclass
+class PartialConfig:
+    """First trained layer of a module whose policy is ``partial`` (negative counts from the end)."""
+
+    encoder: int = 0
+    connector: int = 0
+    llm: int = 0
+
+
+@dataclass
+class LoraConfig:
+    """peft ``LoraConfig`` arguments shared by every module whose policy is ``lora`` / ``qlora``."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: Any = "all-linear"   # "all-linear" or a list of module-name suffixes (q_proj, v_proj, ...)
+    use_rslora: bool = False
+
+
+@dataclass
+class ModuleLR:
+    encoder: Optional[float] = None
+    connector: Optional[float] = None
+    llm: Optional[float] = None
+
+
+@dataclass
+class StageConfig:
+    data: str = "pretrain"
+    template: Any = "plain"               # a template name or {name: ..., options}
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    partial_from: PartialConfig = field(default_factory=PartialConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    module_lr: ModuleLR = field(default_factory=ModuleLR)
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    warmup_steps: Optional[int] = None
+    min_lr_ratio: float = 0.0
+    epochs: float = 1.0
+    max_steps: Optional[int] = None
+    global_batch_size: int = 256
+    micro_batch_size: int = 32
+    max_grad_norm: Optional[float] = 1.0
+    max_length: Optional[int] = 2048
+    packing: bool = False
+    eval_every: Optional[int] = None
+    save_every: Optional[int] = 500
+
+
+@dataclass
+class FSDPConfig:
+    reshard_after_forward: bool = True
+    param_dtype: Optional[str] = None
+    reduce_dtype: str = "float32"
+    shard_encoder: bool = True
+
+
+@dataclass
+class DDPConfig:
+    find_unused_parameters: bool = False
+
+
+@dataclass
+class TrainerConfig:
+    strategy: str = "single"
+    device: str = "auto"
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    tf32: bool = True
+    threads: Optional[int] = None
+    num_workers: int = 0
+    log_every: int = 10
+    progress: bool = True
+    keep_last: int = 2
+    save_full: bool = False
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    ddp: DDPConfig = field(default_factory=DDPConfig)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"
+    project: Optional[str] = None
+    entity: Optional[str] = None
+    mode: str = "offline"
+    run_name: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True
+    data: Optional[str] = "eval"
+    batch_size: int = 64
+    max_new_tokens: int = 32
+    limit: Optional[int] = None
+    periodic_limit: Optional[int] = 128
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny"
+    seed: int = 0
+    output_dir: Optional[str] = None
+    resume: Optional[str] = None
+    init_from: Optional[str] = None
+    stages: list[str] = field(default_factory=lambda: ["pretrain", "sft"])
+    encoder: dict[str, Any] = field(default_factory=dict)
+    connector: dict[str, Any] = field(default_factory=dict)
+    llm: dict[str, Any] = field(default_factory=dict)
+    tokenizer: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    stage: dict[str, StageConfig] = field(default_factory=dict)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

@@ -1,0 +1,235 @@
+"""One stage of a run: build the model, carry earlier weights in, apply policies, wrap, train, save, export.
+
+Every stage starts from a freshly built model (seeded, so from-scratch parts are reproducible) plus the cumulative
+weights delta of the previous stage (or ``init_from``); this is the same whether the stages run back to back, after
+a resume, or as separate commands.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
+
+from vlm.train.build import build_model, describe_mismatch, fingerprint, seed_everything
+from vlm.train.checkpoint import CheckpointManager
+from vlm.train.config import ConfigError
+from vlm.train.data import BatchPlan, build_dataset, make_loader
+from vlm.train.distributed import Strategy, resolve_precision
+from vlm.train.evaluate import evaluate
+from vlm.train.export import STAGE_WEIGHTS, export_final, load_weights, merge_lora_state, trained_names, \
+    write_stage_weights
+from vlm.train.loop import LoopState, StageLoop
+from vlm.train.optim import build_optimizer, build_scheduler
+from vlm.train.policy import apply_policies, trainable_summary
+
+DONE = "DONE.json"
+
+
+@dataclass
+class StageResult:
+    name: str
+    steps: int
+    losses: list[float]
+    seconds: float
+    weights: str
+    resumed_from: str | None = None
+    eval: dict[str, float] = field(default_factory=dict)
+    skipped: bool = False
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.losses[-1] if self.losses else None
+
+
+def stage_done(stage_dir: Path) -> dict[str, Any] | None:
+    f = stage_dir / DONE
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def weight_names(path: Path) -> set[str]:
+    with safe_open(str(path), framework="pt") as f:
+        return set(f.keys())
+
+
+@dataclass
+class StageRunner:
+    cfg: DictConfig
+    name: str
+    index: int
+    run_dir: Path
+    strategy: Strategy
+    tokenizer: Any
+    log: Any
+    init_files: list[Path]          # weights loaded into the fresh model, in order
+    carried: set[str]               # tensor names changed by earlier stages (the delta stays cumulative)
+    resume: bool
+    is_last: bool
+    eval_samples: Any = None
+    global_step_offset: int = 0
+    expected_base: dict[str, Any] | None = None   # fingerprint of the freshly built model recorded by the run
+    base: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def stage(self) -> DictConfig:
+        return self.cfg.stage[self.name]
+
+    @property
+    def dir(self) -> Path:
+        return self.run_dir / self.name
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def build(self) -> torch.nn.Module:
+        seed_everything(self.cfg.seed)
+        model = build_model(self.cfg, self.tokenizer, gradient_checkpointing=self.cfg.trainer.gradient_checkpointing)
+        fp, shapes = fingerprint(model)
+        want = self.expected_base
+        if want and want.get("fingerprint") != fp:
+            raise ConfigError(f"cannot resume {self.run_dir}: it was written by a different model (fingerprint "
+                              f"{want.get('fingerprint')} vs {fp}): "
+                              f"{describe_mismatch(want.get('param_shapes', {}), shapes)}")
+        self.base = {"fingerprint": fp, "param_shapes": shapes}
+        for f in self.init_files:
+            try:
+                load_weights(model, f)
+            except ValueError as e:
+                raise ConfigError(f"cannot start stage {self.name!r} from {f}: {e}") from e
+        apply_policies(model, self.stage)
+        return model
+
+    def run(self) -> StageResult:
+        s, st, t0 = self.strategy, self.stage, time.perf_counter()
+        if s.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        model = self.build()
+        fp, shapes = fingerprint(model)
+        summary = trainable_summary(model)
+        self.log.info(f"[{self.name}] policies {dict(st.policy)}; trainable " + ", ".join(
+            f"{m} {v['trainable'] / 1e6:.2f}M/{v['total'] / 1e6:.2f}M" for m, v in summary.items()))
+        precision = resolve_precision(self.cfg.trainer.precision, s.device)
+        if self.cfg.trainer.strategy != "fsdp":  # fully_shard moves each shard to the device itself
+            model.to(s.device)
+        wrapped = s.wrap(model, precision)
+        if self.cfg.trainer.compile:
+            compile_layers(model)
+        optimizer = build_optimizer(model, st, s.device)
+
+        from vlm.data.processor import Processor
+
+        processor = Processor.for_model(model, self.tokenizer, template=_plain(st.template),
+                                        max_length=st.max_length)
+        dataset = build_dataset(self.cfg.data[st.data], processor)
+        collator = make_collator(self.tokenizer, st)
+        plan = BatchPlan(len(dataset), st.global_batch_size, st.micro_batch_size, s.rank, s.world_size,
+                         seed=self.cfg.seed + self.index)
+        total = plan.total_steps(st.epochs, st.max_steps)
+        scheduler = build_scheduler(optimizer, st, total)
+        ckpt = CheckpointManager(self.dir / "checkpoints", s, self.cfg.trainer.keep_last, self.cfg.trainer.save_full)
+
+        start, state, resumed_from = 0, LoopState(), None
+        latest = ckpt.latest() if self.resume else None
+        if latest is not None:
+            saved = json.loads((latest / "trainer_state.json").read_text())
+            if saved.get("fingerprint") != fp:
+                raise ConfigError(f"cannot resume from {latest}: it was written by a different model or policy "
+                                  f"(fingerprint {saved.get('fingerprint')} vs {fp}): "
+                                  f"{describe_mismatch(saved.get('param_shapes', {}), shapes)}")
+            saved = ckpt.load(latest, wrapped, optimizer, scheduler)
+            start, state.losses, resumed_from = int(saved["step"]), list(saved.get("losses", [])), str(latest)
+            self.log.info(f"[{self.name}] resumed from {latest} at step {start}/{total}")
+        self.log.info(f"[{self.name}] {len(dataset)} samples, {total} steps of {st.global_batch_size} "
+                      f"({plan.accumulation} x {st.micro_batch_size} per process x {s.world_size} processes), "
+                      f"precision {str(precision).replace('torch.', '')}, device {s.device}")
+
+        def save(step: int, loop_state: LoopState) -> None:
+            ckpt.save(step, wrapped, optimizer, scheduler,
+                      {"stage": self.name, "fingerprint": fp, "param_shapes": shapes, "total_steps": total,
+                       "epoch": plan.epoch_of(step), "data": {"step": step, "seed": plan.seed, "num_samples": plan.n},
+                       "losses": loop_state.losses})
+
+        lockstep = self.cfg.trainer.strategy == "fsdp"
+
+        def run_eval(step: int, limit: int | None = None) -> dict[str, float]:
+            metrics, _ = evaluate(wrapped, s, processor, self.eval_samples, batch_size=self.cfg.eval.batch_size,
+                                  max_new_tokens=self.cfg.eval.max_new_tokens, precision=precision,
+                                  limit=limit if limit is not None else self.cfg.eval.periodic_limit,
+                                  lockstep=lockstep)
+            return metrics
+
+        loader = make_loader(dataset, collator, plan, start, total, self.cfg.trainer.num_workers)
+        loop = StageLoop(name=self.name, stage=st, trainer=self.cfg.trainer, strategy=s, model=model,
+                         wrapped=wrapped, optimizer=optimizer, scheduler=scheduler, loader=loader, total_steps=total,
+                         accumulation=plan.accumulation, precision=precision, log=self.log, save=save,
+                         evaluate=run_eval if self.eval_samples is not None else None,
+                         global_step_offset=self.global_step_offset)
+        state = loop.run(start, state)
+        if start < total or latest is None:
+            save(total, state)
+
+        # outputs: cumulative weights delta (LoRA merged), and for the last stage the full model + evaluation
+        full = s.model_state_dict(wrapped, trainable_only=False)
+        names = self.carried | trained_names(model)
+        weights = self.dir / STAGE_WEIGHTS
+        result = StageResult(self.name, total, state.losses, 0.0, str(weights), resumed_from)
+        if s.is_main:
+            merged = merge_lora_state(full, model)
+            write_stage_weights(weights, merged, names)
+            if self.is_last:
+                export_final(self.run_dir / "final", model, merged, self.tokenizer)
+            del merged
+        del full
+        s.barrier()
+        if self.is_last and self.eval_samples is not None and self.cfg.eval.enabled:
+            metrics, records = evaluate(wrapped, s, processor, self.eval_samples,
+                                        batch_size=self.cfg.eval.batch_size,
+                                        max_new_tokens=self.cfg.eval.max_new_tokens, precision=precision,
+                                        limit=self.cfg.eval.limit, lockstep=lockstep)
+            result.eval = metrics
+            if s.is_main:
+                (self.run_dir / "eval.json").write_text(json.dumps({"metrics": metrics, "stage": self.name},
+                                                                   indent=1))
+                with (self.run_dir / "predictions.jsonl").open("w") as f:
+                    for r in records:
+                        f.write(json.dumps(r) + "\n")
+            self.log.log({"stage": self.name, "step": total, "eval": metrics}, self.global_step_offset + total)
+        result.seconds = time.perf_counter() - t0
+        if s.is_main:
+            (self.dir / DONE).write_text(json.dumps({"steps": total, "final_loss": result.final_loss,
+                                                     "seconds": result.seconds, "eval": result.eval}, indent=1))
+        s.barrier()
+        del loop, loader, optimizer, wrapped, model
+        return result
+
+
+def skipped_result(name: str, stage_dir: Path) -> StageResult:
+    done = stage_done(stage_dir) or {}
+    return StageResult(name, int(done.get("steps", 0)), [], float(done.get("seconds", 0.0)),
+                       str(stage_dir / STAGE_WEIGHTS), eval=done.get("eval", {}), skipped=True)
+
+
+def make_collator(tokenizer: Any, stage: DictConfig) -> Any:
+    from vlm.data.collate import PackCollator, PadCollator
+
+    if stage.packing:
+        if stage.max_length is None:
+            raise ConfigError("packing needs stage.<name>.max_length (the packed row length)")
+        return PackCollator(tokenizer.pad_token_id, int(stage.max_length))
+    return PadCollator(tokenizer.pad_token_id, padding_side="right")
+
+
+def compile_layers(model: torch.nn.Module) -> None:
+    """``torch.compile`` each block of the LLM and the vision tower in place (names and state dicts unchanged)."""
+    from vlm.train.policy import layer_stack
+
+    for host in (model.llm.model, model.encoder):
+        for layer in layer_stack(host)[1]:
+            layer.compile()
+
+
+def _plain(spec: Any) -> Any:
+    return OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else spec
