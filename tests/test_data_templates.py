@@ -174,3 +174,39 @@ def test_unknown_special_token_in_template_is_refused():
         processor(tok, image_token="<IMG_CONTEXT>")
     assert processor(byte_tokenizer(extra_tokens=["<IMG_CONTEXT>"]), image_token="<IMG_CONTEXT>").image_token_id == 268
     assert torch.is_tensor(processor(tok)(conversation())["input_ids"])
+
+
+def test_byte_bpe_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    from vlm.data.processor import Processor
+    from vlm.data.sample import ImageRef, Message, Sample
+    from vlm.data.tokenizer import byte_bpe_tokenizer, byte_tokenizer
+
+    corpus = ["What color is the red circle?", "<ref>red circle</ref><box>(120,340),(560,999)</box>",
+              "a red circle and a blue square"] * 50
+    tok = byte_bpe_tokenizer(corpus, vocab_size=320)
+    assert tok.get_vocab() == byte_bpe_tokenizer(corpus, vocab_size=320).get_vocab()  # deterministic
+    text = "What color is the red circle? (344,32) ünïcode ✓"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text  # every byte representable
+    assert len(tok("What color is the red circle?", add_special_tokens=False)["input_ids"]) < 10
+    assert len(byte_tokenizer()("What color is the red circle?", add_special_tokens=False)["input_ids"]) == 29
+    digits = tok.convert_ids_to_tokens(tok("(344,32)", add_special_tokens=False)["input_ids"])
+    assert [t for t in digits if t.isdigit()] == ["3", "4", "4", "3", "2"]
+    for special in ("<|im_start|>", "<|im_end|>", "<image>", "<|pad|>"):
+        assert len(tok(special, add_special_tokens=False)["input_ids"]) == 1
+    tok.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again(text, add_special_tokens=False)["input_ids"] == ids
+    # the chatml label mask works the same with merged tokens
+    from PIL import Image
+
+    from vlm.data.images import ImageProcessor
+
+    proc = Processor(tok, "chatml", ImageProcessor(8, (0.5,) * 3, (0.5,) * 3), num_image_tokens=3)
+    s = Sample([Message("user", [ImageRef(0), "What color is the red circle?"]), Message("assistant", ["red"])],
+               images=[Image.new("RGB", (8, 8))], id=0)
+    out = proc(s)
+    trained = out["input_ids"][out["labels"] != -100]
+    assert tok.decode(trained) == "red<|im_end|>"
