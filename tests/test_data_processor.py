@@ -200,3 +200,38 @@ def test_for_model_token_count_pickles_without_the_model(tok):
     with pytest.raises(ValueError, match=r"tile size \(16, 16\) unknown"):
         count((16, 16))
     assert int((p(two_images())["input_ids"] == 265).sum()) == 18 and calls == [(32, 32)]
+
+
+def test_boxes_in_text_follow_resize_and_pad():
+    """Absolute JSON boxes are rescaled with the image (Qwen2.5-VL grounding SFT); Qwen [0,1000) boxes change only
+    when padding changes the normalized frame; each box follows the image rendered before it."""
+    from PIL import Image
+
+    from vlm.data.images import ImageProcessor
+    from vlm.data.sample import ImageRef, Message, Sample
+    from vlm.data.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    wide, square = Image.new("RGB", (200, 100)), Image.new("RGB", (50, 50))
+    sample = Sample([Message("user", [ImageRef(0), "Where is it?"]),
+                     Message("assistant", ['{"bbox_2d": [20, 10, 100, 50]} <box>(100,100),(500,500)</box>']),
+                     Message("user", [ImageRef(1), "And here?"]),
+                     Message("assistant", ['{"bbox_2d": [5, 5, 25, 25]}'])], images=[wide, square], id="b0")
+
+    def answers(mode):
+        proc = Processor(tok, "chatml", ImageProcessor(100, (0.5,) * 3, (0.5,) * 3, resize_mode=mode),
+                         num_image_tokens=1)
+        out = proc(sample)
+        text = tok.decode(out["input_ids"][out["labels"] != -100])
+        return text.split("<|im_end|>")[:2]
+
+    first, second = answers("resize")   # 200x100 -> 100x100: x halves, y stays; 50x50 -> 100x100: doubles
+    assert '"bbox_2d": [10, 10, 50, 50]' in first and "<box>(100,100),(500,500)</box>" in first
+    assert '"bbox_2d": [10, 10, 50, 50]' in second
+    first, _ = answers("pad")           # 200x100 letterboxed into 100x100: scale 0.5, 25 px top offset
+    assert '"bbox_2d": [10, 30, 50, 50]' in first
+    assert "<box>(100," in first and "<box>(100,100)" not in first  # y moved into the padded frame
+    proc = Processor(tok, "chatml", ImageProcessor(100, (0.5,) * 3, (0.5,) * 3), num_image_tokens=1,
+                     rewrite_boxes=False)
+    out = proc(sample)
+    assert '"bbox_2d": [20, 10, 100, 50]' in tok.decode(out["input_ids"])

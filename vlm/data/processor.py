@@ -50,13 +50,16 @@ class Processor:
             common ``max_tiles`` for which the total, thumbnails included, fits.
         image_loader: ``load_image``-compatible callable (default ``vlm.data.images.load_image``).
         require_labels: training samples (no generation prompt) without any trainable token raise ``no_labels``.
+        rewrite_boxes: rewrite grounding boxes in the text to follow each image's resize/pad/crop (see
+            :func:`rewrite_segment_boxes`).
     """
 
     def __init__(self, tokenizer: Any, template: str | dict | Template = "chatml", image_processor: Any = None,
                  num_image_tokens: Callable[[tuple[int, int]], int] | int | None = None, image_token: str = "<image>",
                  max_length: int | None = None, truncation: str = "drop", *, image_root: str | None = None,
                  allow_urls: bool = False, max_tiles_per_sample: int | None = None,
-                 image_loader: Callable[..., Any] | None = None, require_labels: bool = True) -> None:
+                 image_loader: Callable[..., Any] | None = None, require_labels: bool = True,
+                 rewrite_boxes: bool = True) -> None:
         if truncation not in ("drop", "error"):
             raise ValueError(f"truncation must be 'drop' or 'error'; got {truncation!r}")
         self.tokenizer = tokenizer
@@ -66,7 +69,7 @@ class Processor:
             else num_image_tokens
         self.image_token, self.max_length, self.truncation = image_token, max_length, truncation
         self.image_root, self.allow_urls, self.max_tiles_per_sample = image_root, allow_urls, max_tiles_per_sample
-        self.require_labels = require_labels
+        self.require_labels, self.rewrite_boxes = require_labels, rewrite_boxes
         if image_loader is None:
             from vlm.data.images import load_image as image_loader
         self.image_loader = image_loader
@@ -181,6 +184,8 @@ class Processor:
             raise SampleError(f"template rendered images {order} for {len(sample.images)} image(s)",
                               reason="image_count", sample_id=sample.id)
         tiles, infos = self._images(sample, order, allow_urls)
+        if self.rewrite_boxes and infos:
+            segments = rewrite_segment_boxes(segments, dict(zip(order, infos)))
         texts = [s.text for s in segments if isinstance(s, Text)]
         text_ids = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
         image_iter = iter(tiles)
@@ -228,6 +233,35 @@ class Processor:
                     image_info=infos, truncated=truncated)
         return {"input_ids": input_ids, "labels": labels,
                 "pixel_values": torch.cat(tiles) if tiles else None, "meta": meta}
+
+
+def rewrite_segment_boxes(segments: list[Any], infos: dict[int, Any]) -> list[Any]:
+    """Make boxes in the text follow their image's geometric transform.
+
+    A box refers to the closest image rendered before it (the first image for text that precedes every image).
+    Absolute-pixel JSON boxes (``"bbox_2d": [...]``) are mapped into the processed image's pixel frame
+    (``ImageInfo.transform_box``: resize scales them, pad shifts them, crop clips them); Qwen-VL ``[0, 1000)`` boxes
+    are rewritten only when the normalized frame changes (pad, crop). A box that ends up outside the image raises
+    ``DataError``. Images whose processor reports no geometry (no ``transform_box``) leave the text as it is.
+    """
+    from vlm.data import boxes
+
+    first = next((s.index for s in segments if isinstance(s, ImageSlot)), None)
+    current = infos.get(first) if first is not None else None
+    out = []
+    for seg in segments:
+        if isinstance(seg, ImageSlot):
+            current = infos.get(seg.index)
+        elif current is not None and hasattr(current, "transform_box") and (
+                "bbox_2d" in seg.text or "<box>" in seg.text):
+            text = seg.text
+            if "bbox_2d" in text:
+                text = boxes.rewrite_json_boxes(text, lambda b, i=current: i.transform_box(b, as_int=True))
+            if "<box>" in text and current.changes_normalized_frame:
+                text = boxes.rewrite_qwen_boxes(text, current.transform_norm_box)
+            seg = dataclasses.replace(seg, text=text)
+        out.append(seg)
+    return out
 
 
 class TokenCount:
