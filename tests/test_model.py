@@ -265,3 +265,30 @@ def test_dtype_round_trips(tmp_path):
     fp32 = tiny_cfg()
     fp32["llm"]["config"]["dtype"] = "bfloat16"  # a saved transformers config's dtype does not decide ours
     assert next(vlm.build(fp32).llm.parameters()).dtype == torch.float32
+
+
+def test_loss_weightings(seed):
+    from vlm.loss import lm_loss
+
+    model = vlm.build(tiny_cfg()).eval()
+    ids = torch.randint(0, 100, (2, 12))
+    labels = torch.full_like(ids, -100)
+    labels[0, 10:] = ids[0, 10:]        # a 2-token answer
+    labels[1, 4:] = ids[1, 4:]          # an 8-token answer
+    out = model(ids, labels=labels)
+    logits = out.logits
+    token = lm_loss(logits, labels, "token")
+    torch.testing.assert_close(token, out.loss)  # same as transformers' own loss
+    per_sample = [lm_loss(logits[i:i + 1], labels[i:i + 1]) for i in range(2)]
+    torch.testing.assert_close(model(ids, labels=labels, loss_weighting="sample").loss,
+                               (per_sample[0] + per_sample[1]) / 2)
+    sq = (per_sample[0] * 2 ** 0.5 + per_sample[1] * 8 ** 0.5) / (2 ** 0.5 + 8 ** 0.5)
+    torch.testing.assert_close(lm_loss(logits, labels, "square"), sq)
+    # packed: each segment is a sample
+    row = torch.cat([ids[0], ids[1]])[None]
+    seg = torch.tensor([[1] * 12 + [2] * 12])
+    packed_labels = torch.cat([labels[0], labels[1]])[None]
+    packed = model(row, labels=packed_labels, segment_ids=seg, loss_weighting="sample").loss
+    torch.testing.assert_close(packed, (per_sample[0] + per_sample[1]) / 2, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="loss_weighting"):
+        model(ids, labels=labels, loss_weighting="mean")

@@ -21,6 +21,7 @@ from vlm.connectors.base import Connector
 from vlm.encoders.base import VisionEncoder, as_pair
 from vlm.llm.hf_causal_lm import HFCausalLM
 from vlm.llm.masks import positions_from_segments, segment_mask, segment_starts
+from vlm.loss import LOSS_WEIGHTINGS, lm_loss
 from vlm.registry import to_dict
 
 FORMAT = "vlm"
@@ -62,6 +63,7 @@ class VLM(nn.Module):
         self.encoder, self.connector, self.llm = encoder, connector, llm
         self.image_token_id, self.image_token = image_token_id, image_token
         self.tokenizer: Any = None
+        self.loss_weighting = "token"  # see vlm.loss: token | sample | square
 
     # -- what the processor asks ------------------------------------------------------------------------------
     @property
@@ -111,8 +113,12 @@ class VLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
-                **lm_kwargs: Any) -> CausalLMOutputWithPast:
-        """Returns ``.logits (B, L, V)`` and ``.loss`` (mean over labels != -100, next-token shift) when labels given.
+                loss_weighting: str | None = None, **lm_kwargs: Any) -> CausalLMOutputWithPast:
+        """Returns ``.logits (B, L, V)`` and ``.loss`` (next-token shift, labels != -100) when labels are given.
+
+        ``loss_weighting`` (default ``self.loss_weighting``): ``token`` = mean over target tokens (the LM's own loss;
+        honours ``num_items_in_batch``), ``sample`` / ``square`` = per-sample weights ``1/n`` / ``1/sqrt(n)``
+        (see ``vlm.loss``).
 
         ``segment_ids (B, L)`` marks packed samples (0 = padding): attention stays within each segment, positions
         restart per segment, and a segment's first token is never a target of the previous segment.
@@ -126,8 +132,16 @@ class VLM(nn.Module):
             attention_mask = segment_mask(segment_ids, self.llm.attn_implementation, embeds.dtype)
             if labels is not None:
                 labels = labels.masked_fill(segment_starts(segment_ids), IGNORE_INDEX)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                        labels=labels, **lm_kwargs)
+        weighting = loss_weighting or self.loss_weighting
+        if weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting={weighting!r}; expected one of {LOSS_WEIGHTINGS}")
+        if labels is None or weighting == "token":
+            return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                            labels=labels, **lm_kwargs)
+        lm_kwargs.pop("num_items_in_batch", None)
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **lm_kwargs)
+        out.loss = lm_loss(out.logits, labels, weighting, segment_ids)
+        return out
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
