@@ -3,6 +3,7 @@
     python -m vlm.train                                   # the `tiny` recipe on the built-in shapes data
     python -m vlm.train recipe=llava15 trainer=fsdp       # under torchrun for N GPUs
     python -m vlm.train -m connector=mlp,linear seed=0,1  # a sweep, with summary.md / summary.csv
+    python -m vlm.train.score runs/tiny/<run>             # re-evaluate a saved model
 
 From Python::
 

@@ -8,6 +8,7 @@ three digits). Special tokens the stages' templates emit are added too; ``vlm.bu
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -59,11 +60,37 @@ def hf(path: str, extra_tokens: Sequence[str] = (), number_tokens: int = 0, pad_
     return _add_tokens(tok, extra_tokens, number_tokens)
 
 
+@TOKENIZERS.register("byte_bpe")
+def byte_bpe(vocab_size: int = 512, corpus: Sequence[str] = ("pretrain", "sft"), corpus_samples: int = 2000,
+             split_digits: bool = True, chat_template: str = "chatml", extra_tokens: Sequence[str] = (),
+             number_tokens: int = 0, data: Any = None) -> Any:
+    """``vlm.data.tokenizer.byte_bpe_tokenizer`` trained (deterministically) on the message texts of the first
+    ``corpus_samples`` samples of each ``data`` key in ``corpus``: every byte stays representable, frequent strings
+    of the corpus become single tokens (much shorter sequences for a tiny model), digits stay single tokens."""
+    from vlm.data.tokenizer import byte_bpe_tokenizer
+    from vlm.train.data import build_dataset
+
+    if data is None:
+        raise ValueError("tokenizer byte_bpe needs the run's data config to train on")
+    texts: list[str] = []
+    for key in corpus:
+        if key not in data or data[key] is None:
+            raise ValueError(f"tokenizer.corpus names data.{key}, which is not configured; data keys: {list(data)}")
+        ds = build_dataset(data[key])
+        for i in range(min(int(corpus_samples), len(ds))):
+            texts += [f"{m.role}\n{m.text()}" for m in ds[i].messages]
+    tok = byte_bpe_tokenizer(texts, vocab_size=int(vocab_size), chat_template=chat_template,
+                             split_digits=split_digits)
+    return _add_tokens(tok, extra_tokens, number_tokens)
+
+
 def build_tokenizer(cfg: DictConfig, templates: Iterable[Any] = ()) -> Any:
     """The run's tokenizer, with every special token of ``templates`` (names or configs) present."""
     from vlm.data.templates import build_template
 
-    tok = TOKENIZERS.build(cfg.tokenizer)
+    factory = TOKENIZERS.get(cfg.tokenizer.name)
+    extra = {"data": cfg.data} if "data" in inspect.signature(factory).parameters else {}
+    tok = TOKENIZERS.build(cfg.tokenizer, **extra)
     missing: list[str] = []
     for spec in templates:
         spec = OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else spec
@@ -81,9 +108,13 @@ def build_model(cfg: DictConfig, tokenizer: Any, *, gradient_checkpointing: bool
     if gradient_checkpointing:
         model_cfg["llm"]["gradient_checkpointing"] = True
     model = vlm.build(model_cfg, tokenizer)
-    if gradient_checkpointing and hasattr(model.encoder, "model") and \
-            getattr(model.encoder.model, "supports_gradient_checkpointing", False):
-        model.encoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tower = getattr(model.encoder, "model", None)
+    if gradient_checkpointing and getattr(tower, "supports_gradient_checkpointing", False):
+        kwargs = {"use_reentrant": False}
+        if hasattr(tower, "activation_checkpointing_enable"):  # transformers >= 5 name
+            tower.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
 
 

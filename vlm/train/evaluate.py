@@ -115,3 +115,4 @@ def format_table(metrics: dict[str, float]) -> str:
         n = int(n) if isinstance(n, float) and n.is_integer() else n
         lines.append(f"| {label.get(k, k)} | {metrics[k]:.3f} | {n} |")
     return "\n".join(lines)
+

@@ -30,15 +30,37 @@ class BatchTooLargeError(RuntimeError):
     """Out of memory on the first step."""
 
 
-def count_targets(batch: dict[str, Any]) -> int:
-    """Target tokens of a batch as the model counts them: labels shifted by one, segment starts ignored."""
+def targets(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(valid (B, L-1) bool, groups (B, L-1) long)``: which shifted labels are targets (segment starts excluded, as
+    the model does) and which sample (row, or segment of a packed row) each belongs to."""
     labels = batch["labels"]
+    groups = torch.ones_like(labels)
     if "segment_ids" in batch:
         seg = batch["segment_ids"]
         start = torch.ones_like(seg, dtype=torch.bool)
         start[:, 1:] = seg[:, 1:] != seg[:, :-1]
         labels = labels.masked_fill(start, IGNORE_INDEX)
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+        groups = seg
+    return labels[:, 1:] != IGNORE_INDEX, groups[:, 1:].long()
+
+
+def loss_weight(batch: dict[str, Any], weighting: str) -> float:
+    """The total weight ``vlm.loss`` gives a batch's targets: the number of target tokens (``token``), of samples
+    with a target (``sample``) or the sum of their square roots (``square``). The loop normalizes every micro-batch's
+    loss by the total over the whole optimizer step, so the weighting is exact under accumulation and DDP/FSDP."""
+    valid, groups = targets(batch)
+    if weighting == "token":
+        return float(valid.sum())
+    n_groups = int(groups.max()) + 1 if groups.numel() else 1
+    flat = (groups + torch.arange(groups.shape[0])[:, None] * n_groups).reshape(-1)
+    counts = torch.zeros(groups.shape[0] * n_groups).index_add_(0, flat, valid.reshape(-1).float())
+    counts = counts[counts > 0]
+    return float(counts.numel() if weighting == "sample" else counts.sqrt().sum())
+
+
+def count_targets(batch: dict[str, Any]) -> int:
+    """Target tokens of a batch as the model counts them: labels shifted by one, segment starts ignored."""
+    return int(targets(batch)[0].sum())
 
 
 def flat_ids(meta: dict[str, Any]) -> list[Any]:
@@ -116,17 +138,25 @@ class StageLoop:
         s, t0 = self.strategy, time.perf_counter()
         self.wrapped.train()
         metas = [b.pop("meta", {}) for b in micro]
+        weighting = self.stage.loss_weighting
+        weights = [loss_weight(b, weighting) for b in micro]
         local = torch.tensor([sum(count_targets(b) for b in micro),
                               sum(int(b["attention_mask"].sum()) for b in micro),
-                              sum(b["input_ids"].shape[0] for b in micro)], dtype=torch.float64)
-        n_targets, n_tokens, n_samples = (int(x) for x in s.all_reduce(local))
+                              sum(b["input_ids"].shape[0] for b in micro), sum(weights)], dtype=torch.float64)
+        total = s.all_reduce(local)
+        n_targets, n_tokens, n_samples = (int(x) for x in total[:3])
+        total_weight = max(float(total[3]), 1e-12)
         loss_sum = torch.zeros((), dtype=torch.float64, device=s.device)
         bad_ids: list[Any] = []
         for i, batch in enumerate(micro):
             batch = to_device(batch, s.device)
             with s.no_sync(self.wrapped, sync=i == len(micro) - 1):
                 with self.autocast():
-                    out = self.wrapped(**batch, num_items_in_batch=max(n_targets, 1))
+                    if weighting == "token":  # the LM's own loss: sum over tokens / targets of the whole step
+                        out = self.wrapped(**batch, loss_weighting="token", num_items_in_batch=max(n_targets, 1))
+                    else:  # vlm.loss: weighted mean over this micro-batch, rescaled to the step's total weight
+                        out = self.wrapped(**batch, loss_weighting=weighting)
+                        out.loss = out.loss * (weights[i] / total_weight)
                 loss = out.loss * s.world_size
                 if not bool(torch.isfinite(loss.detach())):
                     bad_ids += flat_ids(metas[i]) or ["<no ids>"]
@@ -195,9 +225,12 @@ class StageLoop:
                 metrics = self.evaluate(done)
                 state.last_eval = metrics
                 self.log.log({"stage": self.name, "step": done, "eval": metrics}, self.global_step_offset + done)
+                line = f"[{self.name}] step {done} eval: " + ", ".join(
+                    f"{k} {v:.3f}" for k, v in metrics.items() if "/n" not in k and k != "eval_seconds")
                 if bar is not None:
-                    bar.write(f"[{self.name}] step {done} eval: " +
-                              ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if "/n" not in k))
+                    bar.write(line)
+                else:
+                    self.log.info(line)
             if self.stage.save_every and done % self.stage.save_every == 0 and done != self.total_steps:
                 self.save(done, state)
         if bar is not None:

@@ -35,10 +35,10 @@ def plot_metrics(metrics_file: Path, out: Path) -> Path | None:
         offsets[st] = offset
         x = [offset + r["step"] for r in rs]
         y = [float(r["loss"]) for r in rs]
-        axes[0].plot(x, y, alpha=0.3)
-        axes[0].plot(x, smooth(y), label=st)
+        (line,) = axes[0].plot(x, smooth(y), label=st)
+        axes[0].plot(x, y, alpha=0.25, color=line.get_color())
         lr = [max(r["lr"].values()) if isinstance(r.get("lr"), dict) and r["lr"] else 0.0 for r in rs]
-        axes[1].plot(x, lr, label=st)
+        axes[1].plot(x, lr, label=st, color=line.get_color())
         offset = max(x)
     axes[0].set(title="training loss", xlabel="step (all stages)", ylabel="loss", yscale="log")
     axes[0].legend()

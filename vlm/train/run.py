@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from vlm.loss import LOSS_WEIGHTINGS
 from vlm.train.build import build_tokenizer, config_fingerprint, describe_config_change
 from vlm.train.config import ConfigError, check, compose, to_yaml
-from vlm.train.data import build_dataset, check_data_spec
+from vlm.train.data import build_dataset, check_data_spec, data_seed
 from vlm.train.distributed import build_strategy
 from vlm.train.evaluate import format_table
 from vlm.train.export import STAGE_WEIGHTS, resolve_weights
@@ -121,6 +122,8 @@ def preflight(cfg: DictConfig, device: torch.device) -> None:
         st = cfg.stage[name]
         try:
             check_policies(st, device)
+            if st.loss_weighting not in LOSS_WEIGHTINGS:
+                raise ValueError(f"loss_weighting={st.loss_weighting!r}; expected one of {LOSS_WEIGHTINGS}")
             OPTIMIZERS.get(st.optimizer)
             SCHEDULES.get(st.scheduler)
             template = st.template if isinstance(st.template, str) else st.template.name
@@ -145,6 +148,23 @@ def check_same_model(cfg: DictConfig, run_dir: Path) -> None:
                           f"{old_fp} vs {new_fp}): " + "; ".join(changes[:6]))
 
 
+def write_run_info(cfg: DictConfig, run_dir: Path, resuming: bool, world_size: int) -> None:
+    """``config.yaml`` (fresh runs) and ``run.json``: git commit, seeds, command line, versions; resumes appended."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    if not resuming:
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        info = {"name": cfg.name, "git": git_info(), "seed": cfg.seed,
+                "stage_seeds": {n: {"model": cfg.seed, "data": data_seed(cfg.seed, n)} for n in cfg.stages},
+                "argv": sys.argv, "world_size": world_size, "started": datetime.now().isoformat(),
+                "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                             "transformers": _version("transformers"), "peft": _version("peft")}}
+    else:
+        info.setdefault("resumed", []).append({"at": datetime.now().isoformat(), "git": git_info(),
+                                               "world_size": world_size})
+    (run_dir / "run.json").write_text(json.dumps(info, indent=1))
+
+
 def plot_run(run_dir: Path) -> Path | None:
     from vlm.train.plot import plot_metrics
 
@@ -157,10 +177,7 @@ def plot_run(run_dir: Path) -> Path | None:
 
 def run(cfg: DictConfig | None = None, *, recipe: str | None = None, overrides: list[str] | tuple = ()) -> RunResult:
     """Train every stage of ``cfg`` (or of ``compose(recipe, overrides)``) and return where everything went."""
-    if cfg is None:
-        cfg = compose(recipe, overrides)
-    elif not (isinstance(cfg, DictConfig) and OmegaConf.is_struct(cfg)):
-        cfg = check(cfg)
+    cfg = compose(recipe, overrides) if cfg is None else check(cfg)  # (re)checked: notebooks may edit it
     t0 = time.perf_counter()
     strategy = build_strategy(cfg.trainer)
     strategy.setup()
@@ -181,19 +198,7 @@ def _run(cfg: DictConfig, strategy: Any, t0: float) -> RunResult:
     if resuming:
         check_same_model(cfg, run_dir)
     if strategy.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
-        if not resuming:
-            (run_dir / "config.yaml").write_text(to_yaml(cfg))
-            info = {"name": cfg.name, "git": git_info(), "seed": cfg.seed,
-                    "stage_seeds": {n: {"model": cfg.seed, "data": cfg.seed + i} for i, n in enumerate(cfg.stages)},
-                    "argv": sys.argv, "world_size": strategy.world_size, "started": datetime.now().isoformat(),
-                    "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                                 "transformers": _version("transformers"), "peft": _version("peft")}}
-        else:
-            info.setdefault("resumed", []).append({"at": datetime.now().isoformat(), "git": git_info(),
-                                                   "world_size": strategy.world_size})
-        (run_dir / "run.json").write_text(json.dumps(info, indent=1))
+        write_run_info(cfg, run_dir, resuming, strategy.world_size)
     strategy.barrier()
     log = RunLogger(run_dir, cfg, strategy.is_main)
     log.info(f"[vlm.train] recipe {cfg.name!r}: stages {list(cfg.stages)} -> {run_dir}"
@@ -216,7 +221,7 @@ def _run(cfg: DictConfig, strategy: Any, t0: float) -> RunResult:
                 log.info(f"[{name}] already done; carrying {stage_dir / STAGE_WEIGHTS}")
                 res = skipped_result(name, stage_dir)
             else:
-                runner = StageRunner(cfg, name, i, run_dir, strategy, tokenizer, log, list(init_files), set(carried),
+                runner = StageRunner(cfg, name, run_dir, strategy, tokenizer, log, list(init_files), set(carried),
                                      resume=resuming, is_last=is_last, eval_samples=eval_samples,
                                      global_step_offset=offset, expected_base=base_model)
                 res = runner.run()

@@ -69,6 +69,7 @@ class StageConfig:
     global_batch_size: int = 256
     micro_batch_size: int = 32
     max_grad_norm: Optional[float] = 1.0
+    loss_weighting: str = "token"            # token | sample | square (vlm.loss): how answers of different lengths weigh
     max_length: Optional[int] = 2048
     packing: bool = False
     eval_every: Optional[int] = None

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from vlm.train.build import build_model, describe_mismatch, fingerprint, seed_everything
 from vlm.train.checkpoint import CheckpointManager
 from vlm.train.config import ConfigError
-from vlm.train.data import BatchPlan, build_dataset, make_loader
+from vlm.train.data import BatchPlan, build_dataset, data_seed, make_loader
 from vlm.train.distributed import Strategy, resolve_precision
 from vlm.train.evaluate import evaluate
 from vlm.train.export import STAGE_WEIGHTS, export_final, load_weights, merge_lora_state, trained_names, \
@@ -61,7 +61,6 @@ def weight_names(path: Path) -> set[str]:
 class StageRunner:
     cfg: DictConfig
     name: str
-    index: int
     run_dir: Path
     strategy: Strategy
     tokenizer: Any
@@ -106,6 +105,34 @@ class StageRunner:
         s, st, t0 = self.strategy, self.stage, time.perf_counter()
         if s.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
+        t = self.setup()
+        start, state, resumed_from = self.resume_from_checkpoint(t)
+        loader = make_loader(t.dataset, t.collator, t.plan, start, t.total, self.cfg.trainer.num_workers)
+        loop = StageLoop(name=self.name, stage=st, trainer=self.cfg.trainer, strategy=s, model=t.model,
+                         wrapped=t.wrapped, optimizer=t.optimizer, scheduler=t.scheduler, loader=loader,
+                         total_steps=t.total, accumulation=t.plan.accumulation, precision=t.precision, log=self.log,
+                         save=lambda step, ls: self.save(t, step, ls),
+                         evaluate=(lambda step: self.evaluate(t, self.cfg.eval.periodic_limit)[0])
+                         if self.eval_samples is not None else None,
+                         global_step_offset=self.global_step_offset)
+        state = loop.run(start, state)
+        if start < t.total or resumed_from is None:
+            self.save(t, t.total, state)
+        result = StageResult(self.name, t.total, state.losses, 0.0, str(self.dir / STAGE_WEIGHTS), resumed_from)
+        self.export(t)
+        if self.is_last and self.eval_samples is not None and self.cfg.eval.enabled:
+            result.eval = self.final_eval(t)
+        result.seconds = time.perf_counter() - t0
+        if s.is_main:
+            (self.dir / DONE).write_text(json.dumps({"steps": t.total, "final_loss": result.final_loss,
+                                                     "seconds": result.seconds, "eval": result.eval}, indent=1))
+        s.barrier()
+        return result
+
+    # ------------------------------------------------------------------------------------------------ parts
+    def setup(self) -> "Training":
+        """Model (policies applied, wrapped), optimizer, data, batch plan, scheduler, checkpoint manager."""
+        s, st = self.strategy, self.stage
         model = self.build()
         fp, shapes = fingerprint(model)
         summary = trainable_summary(model)
@@ -124,86 +151,82 @@ class StageRunner:
         processor = Processor.for_model(model, self.tokenizer, template=_plain(st.template),
                                         max_length=st.max_length)
         dataset = build_dataset(self.cfg.data[st.data], processor)
-        collator = make_collator(self.tokenizer, st)
         plan = BatchPlan(len(dataset), st.global_batch_size, st.micro_batch_size, s.rank, s.world_size,
-                         seed=self.cfg.seed + self.index)
+                         seed=data_seed(self.cfg.seed, self.name))
         total = plan.total_steps(st.epochs, st.max_steps)
         scheduler = build_scheduler(optimizer, st, total)
         ckpt = CheckpointManager(self.dir / "checkpoints", s, self.cfg.trainer.keep_last, self.cfg.trainer.save_full)
-
-        start, state, resumed_from = 0, LoopState(), None
-        latest = ckpt.latest() if self.resume else None
-        if latest is not None:
-            saved = json.loads((latest / "trainer_state.json").read_text())
-            if saved.get("fingerprint") != fp:
-                raise ConfigError(f"cannot resume from {latest}: it was written by a different model or policy "
-                                  f"(fingerprint {saved.get('fingerprint')} vs {fp}): "
-                                  f"{describe_mismatch(saved.get('param_shapes', {}), shapes)}")
-            saved = ckpt.load(latest, wrapped, optimizer, scheduler)
-            start, state.losses, resumed_from = int(saved["step"]), list(saved.get("losses", [])), str(latest)
-            self.log.info(f"[{self.name}] resumed from {latest} at step {start}/{total}")
         self.log.info(f"[{self.name}] {len(dataset)} samples, {total} steps of {st.global_batch_size} "
                       f"({plan.accumulation} x {st.micro_batch_size} per process x {s.world_size} processes), "
                       f"precision {str(precision).replace('torch.', '')}, device {s.device}")
+        return Training(model, wrapped, optimizer, scheduler, processor, dataset, make_collator(self.tokenizer, st),
+                        plan, total, precision, ckpt, fp, shapes)
 
-        def save(step: int, loop_state: LoopState) -> None:
-            ckpt.save(step, wrapped, optimizer, scheduler,
-                      {"stage": self.name, "fingerprint": fp, "param_shapes": shapes, "total_steps": total,
-                       "epoch": plan.epoch_of(step), "data": {"step": step, "seed": plan.seed, "num_samples": plan.n},
-                       "losses": loop_state.losses})
+    def resume_from_checkpoint(self, t: "Training") -> tuple[int, LoopState, str | None]:
+        """``(start step, loop state, checkpoint)``: the latest checkpoint of this stage when resuming."""
+        latest = t.ckpt.latest() if self.resume else None
+        if latest is None:
+            return 0, LoopState(), None
+        saved = json.loads((latest / "trainer_state.json").read_text())
+        if saved.get("fingerprint") != t.fingerprint:
+            raise ConfigError(f"cannot resume from {latest}: it was written by a different model or policy "
+                              f"(fingerprint {saved.get('fingerprint')} vs {t.fingerprint}): "
+                              f"{describe_mismatch(saved.get('param_shapes', {}), t.param_shapes)}")
+        saved = t.ckpt.load(latest, t.wrapped, t.optimizer, t.scheduler)
+        start = int(saved["step"])
+        self.log.info(f"[{self.name}] resumed from {latest} at step {start}/{t.total}")
+        return start, LoopState(losses=list(saved.get("losses", []))), str(latest)
 
-        lockstep = self.cfg.trainer.strategy == "fsdp"
+    def save(self, t: "Training", step: int, state: LoopState) -> None:
+        t.ckpt.save(step, t.wrapped, t.optimizer, t.scheduler,
+                    {"stage": self.name, "fingerprint": t.fingerprint, "param_shapes": t.param_shapes,
+                     "total_steps": t.total, "epoch": t.plan.epoch_of(step),
+                     "data": {"step": step, "seed": t.plan.seed, "num_samples": t.plan.n}, "losses": state.losses})
 
-        def run_eval(step: int, limit: int | None = None) -> dict[str, float]:
-            metrics, _ = evaluate(wrapped, s, processor, self.eval_samples, batch_size=self.cfg.eval.batch_size,
-                                  max_new_tokens=self.cfg.eval.max_new_tokens, precision=precision,
-                                  limit=limit if limit is not None else self.cfg.eval.periodic_limit,
-                                  lockstep=lockstep)
-            return metrics
-
-        loader = make_loader(dataset, collator, plan, start, total, self.cfg.trainer.num_workers)
-        loop = StageLoop(name=self.name, stage=st, trainer=self.cfg.trainer, strategy=s, model=model,
-                         wrapped=wrapped, optimizer=optimizer, scheduler=scheduler, loader=loader, total_steps=total,
-                         accumulation=plan.accumulation, precision=precision, log=self.log, save=save,
-                         evaluate=run_eval if self.eval_samples is not None else None,
-                         global_step_offset=self.global_step_offset)
-        state = loop.run(start, state)
-        if start < total or latest is None:
-            save(total, state)
-
-        # outputs: cumulative weights delta (LoRA merged), and for the last stage the full model + evaluation
-        full = s.model_state_dict(wrapped, trainable_only=False)
-        names = self.carried | trained_names(model)
-        weights = self.dir / STAGE_WEIGHTS
-        result = StageResult(self.name, total, state.losses, 0.0, str(weights), resumed_from)
+    def export(self, t: "Training") -> None:
+        """The cumulative weights delta (LoRA merged) and, after the last stage, ``final/``."""
+        s = self.strategy
+        full = s.model_state_dict(t.wrapped, trainable_only=False)
         if s.is_main:
-            merged = merge_lora_state(full, model)
-            write_stage_weights(weights, merged, names)
+            merged = merge_lora_state(full, t.model)
+            write_stage_weights(self.dir / STAGE_WEIGHTS, merged, self.carried | trained_names(t.model))
             if self.is_last:
-                export_final(self.run_dir / "final", model, merged, self.tokenizer)
-            del merged
-        del full
+                export_final(self.run_dir / "final", t.model, merged, self.tokenizer)
         s.barrier()
-        if self.is_last and self.eval_samples is not None and self.cfg.eval.enabled:
-            metrics, records = evaluate(wrapped, s, processor, self.eval_samples,
-                                        batch_size=self.cfg.eval.batch_size,
-                                        max_new_tokens=self.cfg.eval.max_new_tokens, precision=precision,
-                                        limit=self.cfg.eval.limit, lockstep=lockstep)
-            result.eval = metrics
-            if s.is_main:
-                (self.run_dir / "eval.json").write_text(json.dumps({"metrics": metrics, "stage": self.name},
-                                                                   indent=1))
-                with (self.run_dir / "predictions.jsonl").open("w") as f:
-                    for r in records:
-                        f.write(json.dumps(r) + "\n")
-            self.log.log({"stage": self.name, "step": total, "eval": metrics}, self.global_step_offset + total)
-        result.seconds = time.perf_counter() - t0
-        if s.is_main:
-            (self.dir / DONE).write_text(json.dumps({"steps": total, "final_loss": result.final_loss,
-                                                     "seconds": result.seconds, "eval": result.eval}, indent=1))
-        s.barrier()
-        del loop, loader, optimizer, wrapped, model
-        return result
+
+    def evaluate(self, t: "Training", limit: int | None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        return evaluate(t.wrapped, self.strategy, t.processor, self.eval_samples, batch_size=self.cfg.eval.batch_size,
+                        max_new_tokens=self.cfg.eval.max_new_tokens, precision=t.precision, limit=limit,
+                        lockstep=self.cfg.trainer.strategy == "fsdp")
+
+    def final_eval(self, t: "Training") -> dict[str, float]:
+        metrics, records = self.evaluate(t, self.cfg.eval.limit)
+        if self.strategy.is_main:
+            (self.run_dir / "eval.json").write_text(json.dumps({"metrics": metrics, "stage": self.name}, indent=1))
+            with (self.run_dir / "predictions.jsonl").open("w") as f:
+                for r in records:
+                    f.write(json.dumps(r) + "\n")
+        self.log.log({"stage": self.name, "step": t.total, "eval": metrics}, self.global_step_offset + t.total)
+        return metrics
+
+
+@dataclass
+class Training:
+    """The objects one stage trains with."""
+
+    model: torch.nn.Module
+    wrapped: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    processor: Any
+    dataset: Any
+    collator: Any
+    plan: BatchPlan
+    total: int
+    precision: torch.dtype
+    ckpt: CheckpointManager
+    fingerprint: str
+    param_shapes: dict[str, list[int]]
 
 
 def skipped_result(name: str, stage_dir: Path) -> StageResult:

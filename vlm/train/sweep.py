@@ -13,8 +13,9 @@ SUMMARY_METRICS = ("all", "vqa_color", "vqa_shape", "vqa_count", "vqa_position",
 
 
 def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One dict per finished job: its overrides, final loss per stage, evaluation metrics, time, directory."""
-    rows = []
+    """One dict per finished job: its overrides (those that vary across the sweep), final loss per stage,
+    evaluation metrics, time and directory."""
+    rows, override_keys = [], set()
     for result_file in sorted(Path(sweep_dir).glob("*/result.json"), key=lambda p: _job_num(p.parent.name)):
         job = result_file.parent
         result = json.loads(result_file.read_text())
@@ -23,6 +24,7 @@ def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
         for o in overrides:
             key, _, value = o.lstrip("+~").partition("=")
             row[key] = value
+            override_keys.add(key)
         for st in result.get("stages", []):
             row[f"{st['name']} loss"] = st.get("final_loss")
         ev = result.get("eval") or {}
@@ -32,6 +34,9 @@ def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
         row["minutes"] = result.get("seconds", 0.0) / 60
         row["run_dir"] = result.get("run_dir", str(job))
         rows.append(row)
+    if len(rows) > 1:  # overrides shared by every job are the sweep's setting, not a column of the table
+        same = {k for k in override_keys if len({r.get(k) for r in rows}) == 1}
+        rows = [{k: v for k, v in r.items() if k not in same} for r in rows]
     return rows
 
 

@@ -1,0 +1,93 @@
+"""Recipes compose, every key is overridable, and bad configs fail before anything is built."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from vlm.train import ConfigError, check, compose, list_options, recipes_dir
+
+
+def test_recipes_dir_found_and_env_override(tmp_path, monkeypatch):
+    d = recipes_dir()
+    assert (d / "config.yaml").is_file() and (d / "recipe" / "tiny.yaml").is_file()
+    monkeypatch.setenv("VLM_RECIPES", str(tmp_path))
+    with pytest.raises(ConfigError, match="config.yaml"):
+        recipes_dir()
+
+
+def test_default_recipe_is_tiny_with_two_stages():
+    cfg = compose()
+    assert cfg.name == "tiny"
+    assert list(cfg.stages) == ["pretrain", "sft"]
+    assert cfg.stage.pretrain.template == "plain"
+    assert cfg.tokenizer.name == "byte_bpe" and cfg.trainer.threads == 1
+
+
+def test_shipped_recipes_compose():
+    for name in ("tiny", "micro", "llava15", "scratch_siglip_qwen"):
+        assert name in list_options("recipe")
+        cfg = compose(name)
+        assert cfg.name == name
+        for st in cfg.stages:
+            assert cfg.stage[st].data in cfg.data
+
+
+def test_overrides_reach_every_level():
+    cfg = compose("tiny", ["connector=linear", "stage.sft.lr=1e-4", "trainer.strategy=ddp", "seed=3",
+                           "stage.sft.policy.llm=lora", "encoder.feature_layer=2", "stages=[sft]"])
+    assert cfg.connector.name == "linear" and "depth" not in cfg.connector
+    assert cfg.stage.sft.lr == pytest.approx(1e-4)
+    assert cfg.trainer.strategy == "ddp" and cfg.seed == 3
+    assert cfg.stage.sft.policy.llm == "lora" and cfg.encoder.feature_layer == 2
+    assert list(cfg.stages) == ["sft"]
+
+
+def test_command_line_group_choice_beats_the_recipe():
+    assert compose("llava15", ["connector=linear"]).connector.name == "linear"
+    assert compose("llava15").connector.name == "mlp"
+
+
+@pytest.mark.parametrize("override", ["foo=1", "stage.sft.foo=1", "trainer.nope=true", "eval.bogus=2"])
+def test_unknown_key_is_an_error(override):
+    with pytest.raises(ConfigError, match="foo|nope|bogus"):
+        compose("tiny", [override])
+
+
+def test_unknown_option_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="connector") as e:
+        compose("tiny", ["connector=qformer_xl"])
+    assert "mlp" in str(e.value)
+
+
+def test_unknown_key_inside_a_recipe_file_is_caught_by_the_schema():
+    raw = OmegaConf.to_container(compose("micro"), resolve=True)
+    raw["stage"]["sft"]["learning_rate"] = 1.0
+    with pytest.raises(ConfigError, match="learning_rate"):
+        check(raw)
+    raw = OmegaConf.to_container(compose("micro"), resolve=True)
+    raw["stage"]["sft"]["lr"] = "fast"
+    with pytest.raises(ConfigError, match="lr"):
+        check(raw)
+
+
+def test_struct_mode_after_compose():
+    cfg = compose("micro")
+    with pytest.raises(Exception):
+        cfg.stage.sft.not_a_key = 1
+
+
+def test_stage_list_must_name_configured_stages():
+    with pytest.raises(ConfigError, match="dpo"):
+        compose("micro", ["stages=[pretrain,dpo]"])
+
+
+def test_pretrained_paths_default_under_vlm_models(monkeypatch):
+    monkeypatch.setenv("VLM_MODELS", "/weights")
+    cfg = compose("llava15")
+    assert cfg.encoder.pretrained == "/weights/clip-vit-large-patch14-336"
+    assert cfg.llm.pretrained == "/weights/vicuna-7b-v1.5"
+    assert cfg.tokenizer.path == "/weights/vicuna-7b-v1.5"
+    monkeypatch.delenv("VLM_MODELS")
+    assert Path(compose("llava15").llm.pretrained) == Path("models/vicuna-7b-v1.5")
