@@ -122,3 +122,22 @@ def test_draw_does_not_modify_input():
     assert a[5:20, 10:60].any()  # label above the box
     norm = boxes.draw(img, boxes.parse("<ref>x</ref><box>(100,250),(500,750)</box>"), normalized=True)
     assert np.asarray(norm)[40, 10].any()
+
+
+def test_draw_writes_each_label_in_its_box_colour():
+    img = Image.new("RGB", (160, 100), (0, 0, 0))
+    items = [("cat", (10, 40, 70, 90)), ("dog", (90, 40, 150, 90))]
+    out = np.asarray(boxes.draw(img, items))
+    bare = np.asarray(boxes.draw(img, [(None, b) for _, b in items]))
+    for k, (_, (x1, y1, x2, y2)) in enumerate(items):
+        color = boxes._PALETTE[k]
+        assert tuple(out[(y1 + y2) // 2, x1]) == color and tuple(out[y1, (x1 + x2) // 2]) == color  # outline
+        above = out[y1 - 16:y1, x1:x2].reshape(-1, 3)
+        assert (above == color).all(1).sum() > 20  # the label's background, in the box colour
+        assert (above.min(1) > 240).sum() > 5  # (antialiased) white text on it
+        assert not bare[y1 - 16:y1, x1:x2].any()  # nothing there without a label
+    assert (out[:, 75:85] == 0).all()  # nothing drawn between the boxes
+    # labels follow boxes parsed from model text (normalized Qwen-VL boxes scaled to the image)
+    parsed = boxes.parse("<ref>cat</ref><box>(62,400),(437,900)</box>")
+    norm = np.asarray(boxes.draw(img, parsed, normalized=True))
+    assert tuple(norm[65, 9]) == boxes._PALETTE[0] and (norm[24:40, 10:70].min(-1) > 240).any()

@@ -1,6 +1,8 @@
 """Collation: padding (right/left), greedy packing, packed dataset, padding report, packed == unpacked logits."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from data_fixtures import processor
@@ -102,8 +104,26 @@ def test_padding_report_on_shapes_mixture(capsys):
     rep = padding_waste(items, batch_size=4, max_length=512, pad_token_id=pad)
     assert rep["padding"]["tokens"] == rep["packing"]["tokens"] == sum(it["input_ids"].numel() for it in items)
     assert rep["packing"]["waste"] < rep["padding"]["waste"] and rep["packing"]["batches"] < 6
-    main(["--samples", "12", "--batch-size", "4", "--max-length", "400"])
-    assert "packing" in capsys.readouterr().out
+    rep = main(["--samples", "12", "--batch-size", "4", "--max-length", "400"])
+    out = capsys.readouterr().out
+    printed = dict(re.findall(r"^\s+(padding|packing)\s.*waste=\s*([\d.]+)%$", out, re.MULTILINE))
+    assert set(printed) == {"padding", "packing"}, out  # the figure is printed, one line per strategy
+    for name, waste in printed.items():
+        assert float(waste) == pytest.approx(100 * rep[name]["waste"], abs=0.05)
+    assert float(printed["packing"]) < float(printed["padding"])
+
+
+def test_padding_report_runs_as_a_command(capsys, monkeypatch):
+    """``python -m vlm.data.report_padding`` (run in-process through runpy, as ``-m`` does)."""
+    import runpy
+    import sys
+
+    pytest.importorskip("vlm.data.shapes")
+    monkeypatch.setattr(sys, "argv", ["report_padding", "--samples", "9", "--batch-size", "3"])
+    monkeypatch.delitem(sys.modules, "vlm.data.report_padding", raising=False)  # fresh, like a new process
+    runpy.run_module("vlm.data.report_padding", run_name="__main__", alter_sys=True)
+    out = capsys.readouterr().out
+    assert out.startswith("9 shapes samples") and re.search(r"packing .* waste=\s*[\d.]+%", out)
 
 
 # --------------------------------------------------------------------------------------- packing == unpacked

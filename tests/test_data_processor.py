@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from data_fixtures import image_processor, mean_color, processor
+from data_fixtures import image_processor, mean_color, processor, trained_text
 from PIL import Image
 
 from vlm.data.dataset import SampleDataset
@@ -235,3 +235,74 @@ def test_boxes_in_text_follow_resize_and_pad():
                      rewrite_boxes=False)
     out = proc(sample)
     assert '"bbox_2d": [20, 10, 100, 50]' in tok.decode(out["input_ids"])
+
+
+def test_tile_budget_is_the_largest_common_cap_and_applies_to_anyres(tok):
+    tiling = {"kind": "dynamic", "min_tiles": 1, "max_tiles": 12, "thumbnail": True}
+    ip = image_processor(16, tiling=tiling)
+    s = two_images(images=(WIDE, WIDE))
+    item = processor(tok, image_processor=ip, max_tiles_per_sample=6)(s)
+    assert item["meta"]["tiles"] == [ip.num_images(200, 90, max_tiles=3)] * 2 == [3, 3]  # (2, 1) + thumbnail
+    assert int((item["input_ids"] == 265).sum()) == 4 * 6  # K tokens per tile, thumbnails included
+    long = Sample([Message("user", [ImageRef(0)]), Message("assistant", ["a"])], [Image.new("RGB", (1000, 100))])
+    assert ip.num_images(1000, 100) == 11 and ip.num_images(1000, 100, max_tiles=9) == 10  # (10|9, 1) + thumbnail
+    item = processor(tok, image_processor=ip, max_tiles_per_sample=9)(long)
+    assert item["meta"]["tiles"] == [9] and item["pixel_values"].shape[0] == 9  # the largest cap that fits: 8
+    pins = [[16, 32], [32, 16], [32, 32]]
+    ip = image_processor(16, tiling={"kind": "anyres", "pinpoints": pins})
+    free = processor(tok, image_processor=ip)(s)
+    capped = processor(tok, image_processor=ip, max_tiles_per_sample=6)(s)
+    assert free["meta"]["tiles"] == [3, 3] and sum(capped["meta"]["tiles"]) <= 6  # base + 2 tiles each
+    item = processor(tok, image_processor=ip, max_tiles_per_sample=4)(Sample(
+        [Message("user", [ImageRef(0)]), Message("assistant", ["a"])], [Image.new("RGB", (100, 90))], id="sq"))
+    assert item["meta"]["tiles"] == [3]  # 1 + 4 tiles over budget: the pinpoints of <= 3 tiles only
+    assert item["meta"]["image_info"][0].best_resolution in ((16, 32), (32, 16))
+
+
+def test_truncation_boundary_is_the_end_of_the_last_image(tok):
+    s = Sample([Message("user", [ImageRef(0), "?"]), Message("assistant", ["first answer"]),
+                Message("user", [ImageRef(1)]), Message("assistant", ["second answer"])], [RED, GREEN], id="t")
+    full = processor(tok, template={"name": "chatml", "image_start": "<img>", "image_end": "</img>"})(s)
+    ids = full["input_ids"].tolist()
+    image_end = len(ids) - ids[::-1].index(tok.convert_tokens_to_ids("</img>"))  # just after the last </img>
+    kw = {"template": {"name": "chatml", "image_start": "<img>", "image_end": "</img>"}}
+    cut = processor(tok, max_length=image_end, **kw)(s)  # the cut falls right after the image block: kept
+    assert cut["meta"]["truncated"] and cut["input_ids"].tolist() == ids[:image_end]
+    assert trained_text(tok, cut) == "first answer<|im_end|>"
+    p = processor(tok, max_length=image_end - 1, **kw)  # one token less would cut the end marker: dropped
+    with pytest.raises(SampleDropped, match="truncating would cut an image"):
+        p(s)
+    assert p.dropped == {"too_long": 1}
+
+
+@pytest.mark.parametrize("mode,tiling,json_box,qwen_box", [
+    # 200x100 -> crop to the central 100x100 (x - 50): JSON [60,10,100,50] -> [10,10,50,50];
+    # Qwen (500,100),(999,500) = pixels (100,10),(199.8,50) -> (50,10),(100,50) clipped -> (500,100),(999,500)
+    ("crop", None, "[10, 10, 50, 50]", "<box>(500,100),(999,500)</box>"),
+    # tiled: the frame is the global view (thumbnail / anyres base): squash 200x100 -> 100x100, x halves
+    ("resize", {"kind": "dynamic", "max_tiles": 6}, "[30, 10, 50, 50]", "<box>(500,100),(999,500)</box>"),
+    ("resize", {"kind": "anyres", "pinpoints": [[100, 200], [200, 100], [200, 200]]}, "[30, 10, 50, 50]",
+     "<box>(500,100),(999,500)</box>"),
+])
+def test_boxes_in_text_follow_crop_and_tiling(tok, mode, tiling, json_box, qwen_box):
+    from vlm.data.images import ImageProcessor
+
+    wide = Image.new("RGB", (200, 100))
+    s = Sample([Message("user", [ImageRef(0), "Where?"]),
+                Message("assistant", ['{"bbox_2d": [60, 10, 100, 50]} <box>(500,100),(999,500)</box>'])],
+               [wide], id="c")
+    ip = ImageProcessor(100, (0.5,) * 3, (0.5,) * 3, resize_mode=mode, tiling=tiling)
+    out = Processor(tok, "chatml", ip, num_image_tokens=1)(s)
+    text = trained_text(tok, out)
+    assert f'"bbox_2d": {json_box}' in text and qwen_box in text
+    if tiling:
+        assert out["meta"]["tiles"][0] > 1 and out["meta"]["image_info"][0].kinds[0] in ("tile", "base")
+
+
+def test_qwen2_style_boxes_follow_padding(tok):
+    from vlm.data.images import ImageProcessor
+
+    s = Sample([Message("user", [ImageRef(0)]),
+                Message("assistant", ["<|box_start|>(0,0),(999,999)<|box_end|>"])], [Image.new("RGB", (200, 100))])
+    out = Processor(tok, "chatml", ImageProcessor(100, (0.5,) * 3, (0.5,) * 3, resize_mode="pad"), 1)(s)
+    assert "<|box_start|>(0,250),(999,750)<|box_end|>" in trained_text(tok, out)  # letterboxed: y in 250..750

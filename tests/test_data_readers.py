@@ -288,3 +288,27 @@ def test_load_records_errors(tmp_path):
 
 def test_message_text_helper():
     assert Message("user", [ImageRef(0), "hi"]).text() == "<image>hi"
+
+
+def test_adding_a_reader_as_documented(root):
+    """The "Adding a reader" example of docs/data.md, executed as written."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    section = doc.split("### Adding a reader", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    try:
+        exec(compile(code, "docs/data.md", "exec"), {})  # noqa: S102 (our own documentation)
+        assert "my_format" in READERS
+        rec = {"uid": "d1", "pictures": ["a.png"],
+               "dialog": [{"speaker": "human", "text": "<image>\nHi"}, {"speaker": "gpt", "text": "Hello."}]}
+        ds = SampleDataset([rec], image_folder=root)  # auto-detected among the registered formats
+        assert ds.format == "my_format"
+        s = ds[0]
+        assert s.id == "d1" and s.messages[0].parts == [ImageRef(0), "\nHi"] and s.images == [str(root / "a.png")]
+        with pytest.raises(SampleError, match="sample #0 \\(id 'd1'\\).*1 <image> placeholder.*2 image") as ei:
+            ds.reader.convert({**rec, "pictures": ["a.png", "b.png"]}, index=0)
+        assert ei.value.reason == "image_count"
+    finally:
+        READERS._entries.pop("my_format", None)

@@ -68,9 +68,37 @@ def test_plain_template_caption_is_label():
     item = processor(tok, {"name": "plain", "eos": "<|eos|>", "keep_user_text": True, "separator": "\n"})(s)
     ids, labels = expected(tok, [("IMG", K), ("\nDescribe.", 0), ("A red square.<|eos|>", 1), ("\n", 0)])
     assert item["input_ids"].tolist() == ids and item["labels"].tolist() == labels
-    item = processor(tok, "plain")(conversation())  # multi-turn: images then captions, system dropped
-    assert trained_text(tok, item) == "A red square.<|im_end|>A green bar.<|im_end|>"
-    assert item["input_ids"][:K].eq(tok.convert_tokens_to_ids("<image>")).all()
+
+
+
+def test_plain_template_multi_turn_multi_image_token_by_token():
+    """Each user turn contributes only its images (system and user text dropped), each caption + eos is trained."""
+    tok = byte_tokenizer("chatml")
+    check(tok, processor(tok, "plain")(conversation()),
+          [("IMG", K), ("A red square.<|im_end|>", 1), ("IMG", K), ("A green bar.<|im_end|>", 1)],
+          "A red square.<|im_end|>A green bar.<|im_end|>")
+    item = processor(tok, {"name": "plain", "eos": "<|eos|>", "keep_user_text": True, "separator": "\n",
+                           "image_start": "<img>", "image_end": "</img>"})(conversation())
+    check(tok, item, [("<img>", 0), ("IMG", K), ("</img>", 0), ("\nWhat is this?", 0), ("A red square.<|eos|>", 1),
+                      ("\nAnd this one ", 0), ("<img>", 0), ("IMG", K), ("</img>", 0), ("?", 0),
+                      ("A green bar.<|eos|>", 1), ("\n", 0)], "A red square.<|eos|>A green bar.<|eos|>")
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3"])
+def test_auto_template_uses_the_tokenizers_own_template(name):
+    """``auto``: the tokenizer's chat template when it has one (here llama3 or chatml), else the chatml fallback."""
+    tok = byte_tokenizer(name)
+    proc = processor(tok, "auto")
+    assert proc.template.pick(tok).name == "tokenizer"
+    pieces, trained = EXPECTED[name]
+    check(tok, proc(conversation()), pieces, trained)
+    bare = byte_tokenizer(name)
+    bare.chat_template = None
+    proc = processor(bare, {"name": "auto", "fallback": "chatml"})
+    assert proc.template.pick(bare).name == "chatml"
+    check(bare, proc(conversation()), *EXPECTED["chatml"])
+    with pytest.raises(ValueError, match="cannot fall back to itself"):
+        build_template({"name": "auto", "fallback": "auto"})
 
 
 def test_image_markers_wrap_image_tokens_and_are_not_trained():
@@ -139,8 +167,8 @@ def test_render_segments_directly():
 
 
 def test_template_registry():
-    assert set(TEMPLATES.names()) >= {"chatml", "llama3", "plain", "tokenizer"}
-    with pytest.raises(KeyError, match="unknown template 'chat'; known templates: chatml"):
+    assert set(TEMPLATES.names()) >= {"auto", "chatml", "llama3", "plain", "tokenizer"}
+    with pytest.raises(KeyError, match="unknown template 'chat'; known templates: auto, chatml"):
         build_template("chat")
     with pytest.raises(TypeError, match="unknown argument"):
         build_template({"name": "chatml", "bogus": 1})

@@ -240,6 +240,23 @@ def rewrite_json_boxes(text: str, fn: Callable[[tuple], Sequence[float] | None])
     return _BBOX.sub(sub, text)
 
 
+def check_text_boxes(text: str, *, width: float | None = None, height: float | None = None,
+                     styles: Sequence[str] = tuple(STYLES)) -> None:
+    """Validate every box written in ``text`` (strictly): each ``"bbox_2d": [...]`` must be 4 non-negative numbers
+    with ``x1 <= x2``, ``y1 <= y2``, inside ``width x height`` when given (absolute pixels of the image it refers
+    to); each ``<box>..</box>`` (every tag ``style``) must read ``(x1,y1),(x2,y2)`` with integers in ``[0, 1000)``.
+    Raises ``DataError`` naming the box and the problem."""
+    for m in _BBOX.finditer(text):
+        try:
+            vals = json.loads(f"[{m.group(2)}]")
+        except json.JSONDecodeError:
+            raise DataError(f"malformed bbox_2d [{m.group(2)}]") from None
+        check_box(vals, width=width, height=height)
+    for style in styles:
+        if _tags(style)[2] in text:
+            parse(text, style=style, strict=True)
+
+
 # ------------------------------------------------------------------------------------------------------ measurements
 def iou(a: Sequence[float], b: Sequence[float]) -> float:
     """Intersection over union of two ``(x1, y1, x2, y2)`` boxes in the same frame (0 when the union is empty)."""

@@ -50,8 +50,11 @@ class Processor:
             common ``max_tiles`` for which the total, thumbnails included, fits.
         image_loader: ``load_image``-compatible callable (default ``vlm.data.images.load_image``).
         require_labels: training samples (no generation prompt) without any trainable token raise ``no_labels``.
-        rewrite_boxes: rewrite grounding boxes in the text to follow each image's resize/pad/crop (see
+        rewrite_boxes: rewrite grounding boxes in the text to follow each image's resize/pad/crop/tiling (see
             :func:`rewrite_segment_boxes`).
+        check_boxes: validate the boxes in the text of samples with images: a malformed box, a Qwen-VL box outside
+            ``[0, 1000)`` or an absolute JSON box outside its image raises a ``SampleError`` (reason ``box``) naming
+            the sample, the image file and the problem.
     """
 
     def __init__(self, tokenizer: Any, template: str | dict | Template = "chatml", image_processor: Any = None,
@@ -59,7 +62,7 @@ class Processor:
                  max_length: int | None = None, truncation: str = "drop", *, image_root: str | None = None,
                  allow_urls: bool = False, max_tiles_per_sample: int | None = None,
                  image_loader: Callable[..., Any] | None = None, require_labels: bool = True,
-                 rewrite_boxes: bool = True) -> None:
+                 rewrite_boxes: bool = True, check_boxes: bool = True) -> None:
         if truncation not in ("drop", "error"):
             raise ValueError(f"truncation must be 'drop' or 'error'; got {truncation!r}")
         self.tokenizer = tokenizer
@@ -69,7 +72,7 @@ class Processor:
             else num_image_tokens
         self.image_token, self.max_length, self.truncation = image_token, max_length, truncation
         self.image_root, self.allow_urls, self.max_tiles_per_sample = image_root, allow_urls, max_tiles_per_sample
-        self.require_labels, self.rewrite_boxes = require_labels, rewrite_boxes
+        self.require_labels, self.rewrite_boxes, self.check_boxes = require_labels, rewrite_boxes, check_boxes
         if image_loader is None:
             from vlm.data.images import load_image as image_loader
         self.image_loader = image_loader
@@ -184,8 +187,11 @@ class Processor:
             raise SampleError(f"template rendered images {order} for {len(sample.images)} image(s)",
                               reason="image_count", sample_id=sample.id)
         tiles, infos = self._images(sample, order, allow_urls)
-        if self.rewrite_boxes and infos:
-            segments = rewrite_segment_boxes(segments, dict(zip(order, infos)))
+        if (self.rewrite_boxes or self.check_boxes) and infos:
+            files = {i: src if isinstance(src, str) and not src.startswith("data:") else None
+                     for i, src in enumerate(sample.images)}
+            segments = rewrite_segment_boxes(segments, dict(zip(order, infos)), rewrite=self.rewrite_boxes,
+                                             check=self.check_boxes, files=files)
         texts = [s.text for s in segments if isinstance(s, Text)]
         text_ids = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
         image_iter = iter(tiles)
@@ -235,33 +241,57 @@ class Processor:
                 "pixel_values": torch.cat(tiles) if tiles else None, "meta": meta}
 
 
-def rewrite_segment_boxes(segments: list[Any], infos: dict[int, Any]) -> list[Any]:
-    """Make boxes in the text follow their image's geometric transform.
+def rewrite_segment_boxes(segments: list[Any], infos: dict[int, Any], *, rewrite: bool = True, check: bool = True,
+                          files: dict[int, str | None] | None = None) -> list[Any]:
+    """Check the boxes in the text and make them follow their image's geometric transform.
 
     A box refers to the closest image rendered before it (the first image for text that precedes every image).
-    Absolute-pixel JSON boxes (``"bbox_2d": [...]``) are mapped into the processed image's pixel frame
-    (``ImageInfo.transform_box``: resize scales them, pad shifts them, crop clips them); Qwen-VL ``[0, 1000)`` boxes
-    are rewritten only when the normalized frame changes (pad, crop). A box that ends up outside the image raises
-    ``DataError``. Images whose processor reports no geometry (no ``transform_box``) leave the text as it is.
+    ``check``: every box must be well formed; Qwen-VL boxes (``<box>`` and Qwen2's ``<|box_start|>``) ints in
+    ``[0, 1000)``; absolute JSON boxes inside the original image. ``rewrite``: JSON boxes (``"bbox_2d": [...]``)
+    are mapped into the processed image's pixel frame (``ImageInfo.transform_box``: resize scales them, pad shifts
+    them, crop clips them, tiling maps them into the global view); Qwen-VL boxes are rewritten only when the
+    normalized frame changes (pad, crop). Any problem raises ``SampleError`` (reason ``box``) naming the image
+    (``files[index]``) and the box. Images whose processor reports no geometry leave the text as it is.
     """
     from vlm.data import boxes
 
     first = next((s.index for s in segments if isinstance(s, ImageSlot)), None)
-    current = infos.get(first) if first is not None else None
+    index = first
     out = []
     for seg in segments:
         if isinstance(seg, ImageSlot):
-            current = infos.get(seg.index)
-        elif current is not None and hasattr(current, "transform_box") and (
-                "bbox_2d" in seg.text or "<box>" in seg.text):
-            text = seg.text
-            if "bbox_2d" in text:
-                text = boxes.rewrite_json_boxes(text, lambda b, i=current: i.transform_box(b, as_int=True))
-            if "<box>" in text and current.changes_normalized_frame:
-                text = boxes.rewrite_qwen_boxes(text, current.transform_norm_box)
-            seg = dataclasses.replace(seg, text=text)
-        out.append(seg)
+            index = seg.index
+            out.append(seg)
+            continue
+        info = infos.get(index) if index is not None else None
+        text = seg.text
+        if info is None or not hasattr(info, "transform_box") or not _has_box(text):
+            out.append(seg)
+            continue
+        try:
+            if check:
+                w, h = info.original_size
+                boxes.check_text_boxes(text, width=w, height=h)
+            if rewrite:
+                if "bbox_2d" in text:
+                    text = boxes.rewrite_json_boxes(text, lambda b, i=info: i.transform_box(b, as_int=True))
+                if info.changes_normalized_frame:
+                    for style, (_, _, open_tag, _) in boxes.STYLES.items():
+                        if open_tag in text:
+                            text = boxes.rewrite_qwen_boxes(text, info.transform_norm_box, style=style)
+        except DataError as e:
+            file = (files or {}).get(index)
+            size = "x".join(str(v) for v in info.original_size)
+            raise SampleError(f"bad box in the text referring to image #{index} ({size}): "
+                              f"{getattr(e, 'problem', e)}", reason="box", file=file) from None
+        out.append(dataclasses.replace(seg, text=text))
     return out
+
+
+def _has_box(text: str) -> bool:
+    from vlm.data.boxes import STYLES
+
+    return "bbox_2d" in text or any(tags[2] in text for tags in STYLES.values())
 
 
 class TokenCount:

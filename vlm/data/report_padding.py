@@ -1,7 +1,9 @@
 """Padding waste of padding vs packing on a mixture: ``python -m vlm.data.report_padding [--samples N] ...``.
 
-Uses the built-in ``shapes`` dataset (all tasks, 1-3 turns) processed with the byte tokenizer; waste is
-``1 - real tokens / (rows * padded length)`` summed over batches of ``batch_size`` rows.
+Uses the built-in ``shapes`` dataset (its default task mixture, 1-3 turns) processed with the byte tokenizer and the
+``chatml`` template; waste is ``1 - real tokens / (rows * padded length)`` summed over batches of ``batch_size`` rows.
+Padding batches ``batch_size`` samples; packing first packs the samples greedily into rows of at most
+``--max-length`` tokens, then batches ``batch_size`` rows.
 """
 from __future__ import annotations
 
@@ -51,8 +53,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--pad-to-multiple-of", type=int, default=None)
+    ap.add_argument("--image-size", type=int, default=32, help="side of the processed images")
+    ap.add_argument("--tokens-per-image", type=int, default=16, help="placeholder tokens per image")
+    ap.add_argument("--seed", type=int, default=0, help="shapes dataset seed")
     args = ap.parse_args(argv)
-    items, pad_id = shapes_items(args.samples)
+    items, pad_id = shapes_items(args.samples, args.image_size, args.tokens_per_image, args.seed)
     report = padding_waste(items, args.batch_size, args.max_length, pad_id, args.pad_to_multiple_of)
     lengths = sorted(it["input_ids"].numel() for it in items)
     print(f"{len(items)} shapes samples, lengths {lengths[0]}..{lengths[-1]} (median {lengths[len(lengths) // 2]}), "

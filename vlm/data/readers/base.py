@@ -127,6 +127,8 @@ class Reader:
     """
 
     name: str = "base"
+    #: the record key holding the sample id (named in errors; the index is used when absent)
+    id_key: str = "id"
 
     def __init__(self, image_folder: str | os.PathLike | None = None, allow_urls: bool = False,
                  check_files: bool = True, image_token: str = "<image>", source: str | None = None) -> None:
@@ -149,7 +151,7 @@ class Reader:
     # --- shared -------------------------------------------------------------------------------------------
     def convert(self, record: Mapping[str, Any], index: int | None = None) -> Sample:
         """``record`` -> validated ``Sample``; any problem raises ``DataError`` naming index, id and file."""
-        sample_id = record.get("id", index) if isinstance(record, Mapping) else index
+        sample_id = record.get(self.id_key, index) if isinstance(record, Mapping) else index
         try:
             if not isinstance(record, Mapping):
                 raise SampleError(f"record is a {type(record).__name__}, expected a mapping", reason="format")
