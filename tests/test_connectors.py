@@ -79,7 +79,8 @@ def test_pixel_shuffle_in_a_vlm():
     import vlm
     from tests.conftest import image_batch_ids, tiny_cfg
 
-    model = vlm.build(tiny_cfg("siglip", "qwen2", connector={"name": "pixel_shuffle_mlp", "scale": 0.5}))
+    model = vlm.build(tiny_cfg("siglip", "qwen2", connector={"name": "pixel_shuffle_mlp", "scale": 0.5},
+                               interpolate_pos_encoding=True))
     assert model.num_image_tokens() == 4 and model.num_image_tokens((64, 32)) == 8
     ids = image_batch_ids(model, [1, 2])
     out = model(ids, torch.randn(3, 3, 32, 32), labels=ids)

@@ -19,7 +19,7 @@ def test_shapes(name, has_cls, select, feature_layer):
     assert y.shape == (3, expected_T, 32 * n_layers)
     assert enc.hidden_size == 32 * n_layers
     assert enc.num_tokens() == expected_T == enc.num_tokens((32, 32))
-    assert enc.grid((32, 48)) == (4, 6) and enc.patch_size == 8 and enc.image_size == 32
+    assert enc.grid() == enc.grid((32, 32)) == (4, 4) and enc.patch_size == 8 and enc.image_size == 32
     assert enc.has_cls is has_cls
 
 
@@ -71,12 +71,129 @@ def test_freeze():
     assert not any(p.requires_grad for p in enc.parameters())
 
 
-@pytest.mark.parametrize("shape,match", [((3, 32, 32), "rank 3"), ((1, 1, 32, 32), "3 channels"),
-                                         ((1, 3, 30, 32), "not divisible by the patch size 8")])
+@pytest.mark.parametrize("shape,match", [
+    ((3, 32, 32), r"siglip encoder: pixel_values must have shape \(N, 3, H, W\); got rank 3 shape \(3, 32, 32\)"),
+    ((1, 1, 32, 32), r"must have 3 channels at dim 1, shape \(N, 3, H, W\); got 1 channels"),
+    ((1, 3, 4, 32), r"image size \(4, 32\) is smaller than one 8x8 patch; expected H and W >= 8"),
+    ((1, 3, 24, 32), (r"image size \(24, 32\) gives a 3x4 patch grid, but the tower's position embeddings cover "
+                      r"its native 4x4 grid .* expected H and W in 32..39")),
+])
 def test_bad_pixels(shape, match):
     enc = encoders.build(TINY_VISION["siglip"])
     with pytest.raises(ValueError, match=match):
         enc(torch.randn(*shape))
+
+
+TINY_TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+
+
+@pytest.mark.parametrize("select", ["patch", "all"])
+def test_siglip_non_divisible_size_floors_like_transformers(tmp_path, select):
+    """SigLIP takes an image size that is not a multiple of the patch (So400m/14 at 384 px): its stride-p patch
+    convolution floors, and so do ``grid`` / ``num_tokens``. Checked against ``SiglipVisionModel`` itself, through
+    a saved directory, at every size that floors to the native grid."""
+    torch.manual_seed(0)
+    ref = SiglipVisionModel(SiglipVisionConfig(**TINY_TOWER, image_size=30, patch_size=8)).eval()  # 3 x 3 patches
+    ref.save_pretrained(tmp_path)
+    enc = encoders.build({"name": "siglip", "pretrained": str(tmp_path), "select": select}).eval()
+    assert enc.image_size == 30 and enc.grid() == (3, 3) and enc.num_tokens() == 9  # no CLS: nothing dropped
+    for hw in [(30, 30), (24, 31), (31, 24)]:
+        x = torch.randn(2, 3, *hw)
+        expected = ref(pixel_values=x, output_hidden_states=True).hidden_states[-1]
+        assert expected.shape == (2, 9, 32) and enc.num_tokens(hw) == 9 and enc.grid(hw) == (3, 3)
+        assert (enc(x) - expected).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match=r"image size \(32, 30\) gives a 4x3 patch grid.*native 3x3 grid .*"
+                                         r"expected H and W in 24..31"):
+        enc(torch.randn(1, 3, 32, 30))
+
+
+def test_clip_non_divisible_native_size_and_strict_size(tmp_path):
+    """CLIP floors too (30 px, patch 8 -> 3 x 3 + CLS) but transformers' CLIP takes only its exact image size."""
+    torch.manual_seed(0)
+    ref = CLIPVisionModel(CLIPVisionConfig(**TINY_TOWER, image_size=30, patch_size=8)).eval()
+    ref.save_pretrained(tmp_path)
+    enc = encoders.build({"name": "clip", "pretrained": str(tmp_path), "select": "all"}).eval()
+    x = torch.randn(2, 3, 30, 30)
+    expected = ref(pixel_values=x, output_hidden_states=True).hidden_states[-1]
+    assert expected.shape == (2, 10, 32) and enc.num_tokens() == 10 and enc.grid() == (3, 3)
+    assert (enc(x) - expected).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="doesn't match model"):
+        ref(pixel_values=torch.randn(1, 3, 31, 31))  # why the rule below is the backbone's own
+    with pytest.raises(ValueError, match=r"clip encoder: image size \(31, 31\) is not the tower's native size; "
+                                         r"expected exactly 30x30"):
+        enc.num_tokens((31, 31))
+
+
+@pytest.mark.parametrize("name,model_cls,cfg_cls,cls", [("clip", CLIPVisionModel, CLIPVisionConfig, 1),
+                                                          ("siglip", SiglipVisionModel, SiglipVisionConfig, 0)])
+def test_interpolate_pos_encoding(name, model_cls, cfg_cls, cls):
+    """Off the native grid the position embeddings are interpolated (transformers' ``interpolate_pos_encoding``);
+    such sizes must then be multiples of the patch size."""
+    torch.manual_seed(0)
+    ref = model_cls(cfg_cls(**TINY_TOWER, image_size=32, patch_size=8)).eval()
+    enc = encoders.build({"name": name, "config": ref.config.to_dict(), "select": "all",
+                          "interpolate_pos_encoding": True}).eval()
+    enc.model.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 32, 48)
+    expected = ref(pixel_values=x, interpolate_pos_encoding=True, output_hidden_states=True).hidden_states[-1]
+    assert enc.grid((32, 48)) == (4, 6) and enc.num_tokens((32, 48)) == 24 + cls == expected.shape[1]
+    assert (enc(x) - expected).abs().max() <= 1e-5
+    assert enc.num_tokens((33, 33)) == 16 + cls  # the native grid stays as the backbone floors it
+    with pytest.raises(ValueError, match=r"image size \(44, 48\) is not divisible by the patch size 8; .* "
+                                         r"e.g. 40x48 or 48x48"):
+        enc.grid((44, 48))
+    again = encoders.build(enc.export_config())
+    assert again.interpolate_pos_encoding and again.num_tokens((32, 48)) == 24 + cls
+    plain = encoders.build({"name": name, "config": ref.config.to_dict()})
+    with pytest.raises(ValueError, match="interpolate_pos_encoding=True"):
+        plain.grid((32, 48))
+
+
+def test_bad_image_sizes_other_towers():
+    with pytest.raises(ValueError, match=r"clip encoder: image size \(4, 4\) is smaller than one 8x8 patch"):
+        encoders.build({**TINY_VISION["clip"], "image_size": 4})
+    s2 = encoders.build({"name": "siglip2", "image_size": 32, "patch_size": 8, "hidden_size": 32, "num_layers": 1,
+                         "num_heads": 4})
+    with pytest.raises(ValueError, match=r"siglip2 encoder: image size \(30, 32\) is not divisible by the patch "
+                                         r"size 8; .* e.g. 24x32 or 32x32"):
+        s2(torch.randn(1, 3, 30, 32))
+    with pytest.raises(ValueError, match="siglip2 encoder: interpolate_pos_encoding does not apply"):
+        encoders.build({"name": "siglip2", "image_size": 32, "patch_size": 8, "hidden_size": 32, "num_layers": 1,
+                        "num_heads": 4, "interpolate_pos_encoding": True})
+    with pytest.raises(ValueError, match=r"timm encoder: image size \(40, 40\) is not divisible by the patch size "
+                                         r"16"):
+        encoders.build({"name": "timm", "model_name": "resnet10t", "image_size": 40, "feature_layer": 3})
+
+
+def test_pretrained_full_model_directory_and_siglip_head(tmp_path):
+    """``pretrained:`` may hold a full CLIP/SigLIP model (its vision part is used). SigLIP's attention-pooling head,
+    which patch features never reach, is left out as when building from dimensions or importing LLaVA."""
+    from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+
+    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+            "vocab_size": 99}
+    vision = {**TINY_TOWER, "image_size": 32, "patch_size": 8}
+    x = torch.randn(1, 3, 32, 32)
+    for name, model_cls, cfg_cls in [("clip", CLIPModel, CLIPConfig), ("siglip", SiglipModel, SiglipConfig)]:
+        torch.manual_seed(0)
+        full = model_cls(cfg_cls(vision_config=vision, text_config=text)).eval()
+        full.save_pretrained(tmp_path / name)
+        enc = encoders.build({"name": name, "pretrained": str(tmp_path / name), "select": "all"}).eval()
+        expected = full.vision_model(pixel_values=x, output_hidden_states=True).hidden_states[-1]
+        assert (enc(x) - expected).abs().max() <= 1e-5
+        assert not any(".head." in k for k in enc.model.state_dict())
+        assert sum(p.numel() for p in enc.parameters()) == sum(p.numel() for p in full.vision_model.parameters()) \
+            - sum(p.numel() for n, p in full.vision_model.named_parameters() if n.startswith("head."))
+
+
+def test_pretrained_directory_missing_files(tmp_path):
+    ref = SiglipVisionModel(SiglipVisionConfig(**TINY_TOWER, image_size=32, patch_size=8))
+    ref.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"siglip encoder: no weights in .*expected one of model.safetensors"):
+        encoders.build({"name": "siglip", "pretrained": str(tmp_path)})
+    with pytest.raises(FileNotFoundError, match=r"siglip encoder: pretrained directory .*nope' does not exist"):
+        encoders.build({"name": "siglip", "pretrained": str(tmp_path / "nope")})
 
 
 def test_bad_options(tmp_path):

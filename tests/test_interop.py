@@ -114,6 +114,17 @@ def test_from_hf_identical_logits(tmp_path, tower, feature_layer, strategy, text
     assert_same_logits(model, hf, ids, px)
 
 
+@pytest.mark.parametrize("text", ["qwen3", "gemma"])  # gemma scales input embeddings inside the LM: same in both
+def test_other_text_models_both_directions(tmp_path, text):
+    hf = save_llava(tmp_path / "llava", tower="clip", text=text)
+    model = from_hf(tmp_path / "llava")
+    assert model.llm.text_config.model_type == text
+    ids, px = inputs(model)
+    assert_same_logits(model, hf, ids, px)
+    to_hf(model, tmp_path / "back")
+    assert_same_logits(model, LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "back")), ids, px)
+
+
 def test_from_hf_projector_options_and_dtype(tmp_path):
     hf = save_llava(tmp_path, tower="siglip", text="qwen2", projector_hidden_act="gelu_pytorch_tanh",
                     multimodal_projector_bias=False)
@@ -177,6 +188,38 @@ def test_activation_table_is_exact():
         torch.testing.assert_close(ACT2FN[theirs](x), ACTIVATIONS[ours]()(x), atol=1e-6, rtol=0, msg=theirs)
     for ours, theirs in ACT_TO_HF.items():
         assert ACT_FROM_HF[theirs] == ours
+
+
+@pytest.mark.parametrize("tower,strategy", [("siglip", "default"), ("siglip", "full"), ("clip", "default")])
+def test_non_divisible_image_size_both_directions(tmp_path, tower, strategy):
+    """A tower whose image size is not a multiple of its patch (SigLIP So400m/14 at 384 px; here 30 px, patch 8):
+    the patch convolution floors to 3 x 3, LLaVA's processor counts ``(30 // 8) ** 2 (+1 CLS) (-1 default)`` image
+    tokens, and so does ``num_image_tokens``; logits are identical both ways."""
+    torch.manual_seed(0)
+    cfg = LlavaConfig(vision_config={"model_type": TOWERS[tower], **TINY_TOWER, "image_size": 30},
+                      text_config=dict(TINY_TEXT["llama"]), image_token_id=IMAGE_TOKEN_ID,
+                      vision_feature_select_strategy=strategy)
+    hf = LlavaForConditionalGeneration(cfg).eval()
+    hf.save_pretrained(str(tmp_path / "llava"))
+    model = from_hf(tmp_path / "llava")
+    expected = 9 + (tower == "clip") - (strategy == "default")
+    assert model.encoder.grid() == (3, 3) and model.num_image_tokens() == expected
+    ids = image_batch_ids(model, [1, 2], length=40)
+    px = torch.randn(3, 3, 30, 30)
+    assert_same_logits(model, hf, ids, px)
+    to_hf(model, tmp_path / "back")
+    back = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "back"))
+    assert back.config.image_seq_length == expected
+    image_processor = json.loads((tmp_path / "back" / "preprocessor_config.json").read_text())
+    assert 30 in (image_processor.get("crop_size") or image_processor["size"]).values()
+    assert_same_logits(model, back, ids, px)
+
+
+def test_to_hf_warns_about_interpolated_position_embeddings(tmp_path):
+    model = vlm.build(tiny_cfg("siglip", "llama", interpolate_pos_encoding=True)).eval()
+    with pytest.warns(UserWarning, match="interpolate_pos_encoding=True has no LlavaConfig field"):
+        to_hf(model, tmp_path)
+    assert_same_logits(model, LlavaForConditionalGeneration.from_pretrained(str(tmp_path)), *inputs(model))
 
 
 # ------------------------------------------------------------------------------------------------------ export

@@ -1,3 +1,4 @@
+import importlib.util
 import json
 
 import pytest
@@ -13,6 +14,8 @@ from tests.conftest import TINY_TEXT, image_batch_ids, tiny_cfg
 @pytest.mark.parametrize("family", sorted(TINY_TEXT))
 def test_any_causal_lm_family(family, seed):
     model = vlm.build(tiny_cfg("siglip", family)).eval()
+    assert type(model.llm) is HFCausalLM  # one wrapper for every family, no per-family subclass
+    assert model.llm.attn_implementation == "sdpa"  # the default
     ids = image_batch_ids(model, [1, 2], length=48)
     px = torch.randn(3, 3, 32, 32)
     out = model(ids, px, labels=ids)
@@ -46,6 +49,24 @@ def test_count_mismatch_states_both_numbers(seed):
         model(ids, torch.randn(1, 3, 32, 32))
     with pytest.raises(ValueError, match="no pixel_values"):
         model(ids)
+
+
+@pytest.mark.parametrize("shape,match", [((3, 32, 32), r"got rank 3 shape \(3, 32, 32\)"),
+                                         ((1, 4, 32, 32), r"3 channels at dim 1.*got 4 channels"),
+                                         ((1, 3, 48, 48), r"6x6 patch grid.*native 4x4 grid"),
+                                         ((1, 3, 4, 4), "smaller than one 8x8 patch")])
+def test_bad_pixel_values_through_the_model(shape, match, seed):
+    model = vlm.build(tiny_cfg("clip", "llama"))
+    ids = image_batch_ids(model, [1])
+    with pytest.raises(ValueError, match=match):
+        model(ids, torch.randn(*shape))
+
+
+def test_num_image_tokens_rejects_sizes_the_encoder_cannot_take():
+    model = vlm.build(tiny_cfg("siglip", "llama"))
+    assert model.num_image_tokens((39, 33)) == model.num_image_tokens() == 16  # the patch conv floors
+    with pytest.raises(ValueError, match=r"image size \(48, 32\) gives a 6x4 patch grid"):
+        model.num_image_tokens((48, 32))
 
 
 def test_text_only_batch(seed):
@@ -89,7 +110,7 @@ def test_save_load_identical(tmp_path, encoder, text, seed):
 
 def test_build_reserves_fresh_image_token():
     model = vlm.build(tiny_cfg())
-    assert model.image_token_id == 128 and model.llm.vocab_size == 129
+    assert model.image_token_id == model.config.image_token_id == 128 and model.llm.vocab_size == 129
 
 
 def test_load_errors(tmp_path):
@@ -97,8 +118,13 @@ def test_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a directory"):
         vlm.load(tmp_path / "nope")
     model.save_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"is missing config.json \(expected config.json and "
+                                                r"model.safetensors written by VLM.save_pretrained\)"):
+        vlm.load(tmp_path)
+    model.save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="missing model.safetensors"):
+    with pytest.raises(FileNotFoundError, match="is missing model.safetensors"):
         vlm.load(tmp_path)
     model.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
@@ -126,8 +152,20 @@ def test_generate_with_cache_equals_greedy_without_cache(text, seed):
     model = vlm.build(tiny_cfg("siglip", text)).eval()
     ids = image_batch_ids(model, [1, 1], length=24)
     px = torch.randn(2, 3, 32, 32)
+    steps = []  # what each LM call received: the prompt once, then one new token per step with the cache
+    lm_forward = model.llm.model.forward
+
+    def spy(*args, **kwargs):
+        x = kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs.get("input_ids")
+        cache = kwargs.get("past_key_values")
+        steps.append((x.shape[1], cache is not None and cache.get_seq_length() > 0))
+        return lm_forward(*args, **kwargs)
+
+    model.llm.model.forward = spy
     gen = model.generate(ids, px, max_new_tokens=8, min_new_tokens=8)
+    del model.llm.model.forward
     assert gen.shape == (2, 8)
+    assert steps == [(24, False)] + [(1, True)] * 7
     assert torch.equal(gen, greedy_without_cache(model, ids, px, 8))
 
 
@@ -200,6 +238,27 @@ def test_attention_implementations_agree(seed):
         with pytest.raises(RuntimeError, match="needs CUDA"):
             llms.build({"name": "hf_causal_lm", "config": TINY_TEXT["llama"],
                         "attn_implementation": "flash_attention_2"})
+    elif importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(RuntimeError, match=r"needs the flash-attn package: pip install -e '.\[flash\]'"):
+            llms.build({"name": "hf_causal_lm", "config": TINY_TEXT["llama"],
+                        "attn_implementation": "flash_attention_2"})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None,
+                    reason="flash_attention_2 needs CUDA and the flash extra")
+def test_flash_attention_2_matches_sdpa_on_cuda(seed):
+    models = {}
+    for attn in ("sdpa", "flash_attention_2"):
+        cfg = tiny_cfg("clip", "llama")
+        cfg["llm"].update(attn_implementation=attn, dtype="bfloat16")
+        cfg["encoder"]["dtype"] = "bfloat16"
+        models[attn] = vlm.build(cfg).eval()
+    models["flash_attention_2"].load_state_dict(models["sdpa"].state_dict())
+    ids = image_batch_ids(models["sdpa"], [1, 1]).cuda()
+    px = torch.randn(2, 3, 32, 32).cuda()
+    logits = {k: m.cuda()(ids, px).logits.float() for k, m in models.items()}
+    assert models["flash_attention_2"].llm.attn_implementation == "flash_attention_2"
+    assert (logits["sdpa"] - logits["flash_attention_2"]).abs().max() <= 5e-2
 
 
 def test_gradient_checkpointing_same_grads(seed):
@@ -228,8 +287,14 @@ def test_pretrained_llm_directory(tmp_path, seed):
     assert isinstance(lm, HFCausalLM)
     ids = torch.randint(0, 128, (1, 9))
     assert (lm(input_ids=ids).logits - ref(input_ids=ids).logits).abs().max() == 0
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match=r"hf_causal_lm: pretrained directory .*x' does not exist"):
         llms.build({"name": "hf_causal_lm", "pretrained": str(tmp_path / "x")})
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"hf_causal_lm: no weights in .*expected one of model.safetensors"):
+        llms.build({"name": "hf_causal_lm", "pretrained": str(tmp_path)})
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"hf_causal_lm: no config.json in pretrained directory"):
+        llms.build({"name": "hf_causal_lm", "pretrained": str(tmp_path)})
     with pytest.raises(ValueError, match="exactly one"):
         llms.build({"name": "hf_causal_lm"})
     with pytest.raises(KeyError, match="model_type"):

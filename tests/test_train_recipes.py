@@ -78,14 +78,12 @@ def test_llava15_policies_on_meta(llava):
     assert trainable == count(model.connector) + count(model.llm)
 
 
-@pytest.mark.xfail(raises=ValueError, strict=True,
-                   reason="VisionEncoder.grid requires H % patch == 0, but SigLIP So400m/14 takes 384 px and its "
-                          "stride-14 patch conv floors to 27 x 27 (core issue; remove this marker once fixed)")
 def test_scratch_siglip_qwen_image_tokens():
     mc, _ = inline("scratch_siglip_qwen", SIGLIP_SO400M, QWEN2_0_5B)
     with torch.device("meta"):
         model = vlm.build(mc)
-    assert model.num_image_tokens() == 729  # floor(384 / 14)^2, SigLIP has no CLS token
+    # the stride-14 patch conv floors: floor(384 / 14)^2 = 27 x 27, SigLIP has no CLS token
+    assert model.encoder.grid() == (27, 27) and model.num_image_tokens() == 729
 
 
 def test_scratch_siglip_qwen_dimensions_and_lora():

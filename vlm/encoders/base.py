@@ -22,6 +22,8 @@ class VisionEncoder(nn.Module):
     Subclasses set ``hidden_size`` (channels ``C`` of the output, after concatenating feature layers),
     ``patch_size``, ``image_size`` (default square input side), ``has_cls``, ``image_mean`` / ``image_std``,
     ``select`` and implement ``encode(pixel_values) -> (N, T_all, C)`` returning tokens *before* selection.
+    ``grid(image_size)`` floors ``H / patch_size`` and ``W / patch_size`` as a patch convolution does; the sizes a
+    tower accepts are its ``check_image_size`` rule (default: multiples of the patch size).
 
     ``select``: ``patch`` drops the CLS token only when the backbone has one; ``all`` keeps every token;
     ``llava_default`` always drops token 0 (LLaVA's "default" strategy; on a tower without CLS such as SigLIP this
@@ -36,12 +38,42 @@ class VisionEncoder(nn.Module):
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     select: str = "patch"
 
+    @property
+    def component_name(self) -> str:
+        """The registry name (``clip``, ``siglip``, ...) for error messages."""
+        return getattr(self, "registry_name", type(self).__name__)
+
     def grid(self, image_size: int | tuple[int, int] | None = None) -> tuple[int, int]:
-        """Patch grid ``(h, w)`` for an input of ``image_size`` (``(H, W)`` or a square side)."""
+        """Patch grid ``(h, w)`` the backbone produces for an input of ``image_size`` (``(H, W)`` or a square side;
+        default: the encoder's ``image_size``).
+
+        ``h = H // patch_size`` and ``w = W // patch_size``: a patch embedding is a convolution with
+        ``stride = kernel = patch_size``, which floors (e.g. SigLIP So400m/14 at 384 px -> 27 x 27). Which sizes a
+        tower accepts is its ``check_image_size`` rule; a size it cannot take raises ``ValueError`` naming the size
+        and what was expected. Every size must hold at least one patch.
+        """
         h, w = as_pair(self.image_size if image_size is None else image_size)
-        if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"image size {(h, w)} is not divisible by the patch size {self.patch_size}")
-        return (h // self.patch_size, w // self.patch_size)
+        p = self.patch_size
+        if h < p or w < p:
+            raise ValueError(f"{self.component_name} encoder: image size {(h, w)} is smaller than one {p}x{p} patch; "
+                             f"expected H and W >= {p} (the encoder's image_size is {self.image_size})")
+        grid = (h // p, w // p)
+        self.check_image_size((h, w), grid)
+        return grid
+
+    def check_image_size(self, size: tuple[int, int], grid: tuple[int, int]) -> None:
+        """Raise ``ValueError`` if the backbone cannot take an input of ``size = (H, W)`` (floored patch ``grid``).
+
+        Default rule: ``H`` and ``W`` must be multiples of ``patch_size`` (towers that patchify by reshaping, or whose
+        strides vary by architecture). Towers whose patch convolution floors override this (see ``HFVisionEncoder``).
+        """
+        p = self.patch_size
+        if size[0] % p or size[1] % p:
+            down = (grid[0] * p, grid[1] * p)
+            up = (-(-size[0] // p) * p, -(-size[1] // p) * p)
+            raise ValueError(f"{self.component_name} encoder: image size {size} is not divisible by the patch size "
+                             f"{p}; expected H and W multiples of {p}: resize the image to e.g. {down[0]}x{down[1]} "
+                             f"or {up[0]}x{up[1]}")
 
     def num_tokens(self, image_size: int | tuple[int, int] | None = None) -> int:
         """Number of output tokens ``T`` for one image of ``image_size``."""
@@ -54,12 +86,14 @@ class VisionEncoder(nn.Module):
         return self.select == "llava_default" or (self.select == "patch" and self.has_cls)
 
     def check_pixels(self, pixel_values: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``pixel_values`` is ``(N, 3, H, W)`` with a size the backbone takes."""
+        name = self.component_name
         if pixel_values.ndim != 4:
-            raise ValueError(f"pixel_values must have shape (N, 3, H, W); got rank {pixel_values.ndim} "
-                             f"shape {tuple(pixel_values.shape)}")
+            raise ValueError(f"{name} encoder: pixel_values must have shape (N, 3, H, W); got rank "
+                             f"{pixel_values.ndim} shape {tuple(pixel_values.shape)}")
         if pixel_values.shape[1] != 3:
-            raise ValueError(f"pixel_values must have 3 channels at dim 1, shape (N, 3, H, W); got "
-                             f"{tuple(pixel_values.shape)}")
+            raise ValueError(f"{name} encoder: pixel_values must have 3 channels at dim 1, shape (N, 3, H, W); got "
+                             f"{pixel_values.shape[1]} channels, shape {tuple(pixel_values.shape)}")
         self.grid(tuple(pixel_values.shape[-2:]))
 
     def apply_select(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -17,3 +17,5 @@ class CLIPEncoder(HFVisionEncoder):
     has_cls = True
     image_mean = OPENAI_CLIP_MEAN
     image_std = OPENAI_CLIP_STD
+    # CLIPVisionEmbeddings raises on any input other than image_size x image_size unless interpolating
+    native_size_only = True

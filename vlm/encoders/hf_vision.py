@@ -9,6 +9,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
 from vlm.encoders.base import SELECT_STRATEGIES, VisionEncoder
+from vlm.pretrained import check_pretrained_dir
 
 FeatureLayer = int | list[int]
 # keys of a saved transformers config that describe the file, not the architecture
@@ -41,17 +42,29 @@ def read_normalization(path: Path) -> tuple[tuple[float, ...], tuple[float, ...]
 class HFVisionEncoder(VisionEncoder):
     """A transformers vision model whose ``hidden_states`` give the features.
 
-    Subclasses set ``model_class``, ``config_class``, ``has_cls``, default ``image_mean``/``image_std`` and
-    ``config_overrides`` (applied when building from dimensions).
+    Subclasses set ``model_class``, ``config_class``, ``has_cls``, default ``image_mean``/``image_std``,
+    ``config_overrides`` (applied when building from dimensions or from a ``pretrained`` directory) and the image-size
+    rule (``fixed_position_grid``, ``native_size_only``).
 
     Build from exactly one of: ``pretrained`` (a local directory holding a transformers vision model, or a full
     CLIP/SigLIP model whose vision part is used), ``config`` (a transformers config dict), or dimensions
     (``hidden_size``, ``num_layers``, ``num_heads``, ``intermediate_size``, ``image_size``, ``patch_size``).
+
+    Image sizes (CLIP, SigLIP): the patch convolution floors, so ``grid((H, W)) = (H // p, W // p)`` (SigLIP
+    So400m/14 at 384 px -> 27 x 27). The learned position embeddings cover the native grid
+    ``image_size // patch_size`` only, so without ``interpolate_pos_encoding`` a size must give that grid (CLIP: be
+    exactly ``image_size``, transformers' own check). With ``interpolate_pos_encoding=True`` other grids work, the
+    position embeddings being resized by transformers; such sizes must be multiples of the patch size (a partial
+    patch would be cut off silently while the resized embeddings claim to span the image).
     """
 
     model_class: type[PreTrainedModel]
     config_class: type[PretrainedConfig]
     config_overrides: dict[str, Any] = {}
+    # learned position embeddings for one grid (``image_size // patch_size``); False: the tower resizes them itself
+    fixed_position_grid: bool = True
+    # without interpolation the tower rejects any input other than image_size x image_size (transformers' CLIP)
+    native_size_only: bool = False
 
     def __init__(
         self,
@@ -71,20 +84,24 @@ class HFVisionEncoder(VisionEncoder):
         image_std: list[float] | None = None,
         attn_implementation: str = "sdpa",
         dtype: str | None = None,
+        interpolate_pos_encoding: bool = False,
     ) -> None:
         super().__init__()
+        name = self.component_name
         if pretrained is not None and config is not None:
-            raise ValueError("give either 'pretrained' or 'config', not both")
+            raise ValueError(f"{name} encoder: give either 'pretrained' or 'config', not both")
         if select not in SELECT_STRATEGIES:
-            raise ValueError(f"select={select!r}; expected one of {SELECT_STRATEGIES}")
+            raise ValueError(f"{name} encoder: select={select!r}; expected one of {SELECT_STRATEGIES}")
+        if interpolate_pos_encoding and not self.fixed_position_grid:
+            raise ValueError(f"{name} encoder: interpolate_pos_encoding does not apply: this tower resizes its "
+                             f"position embeddings for every input size; leave it False")
         norm = None
         if pretrained is not None:
-            path = Path(pretrained)
-            if not (path / "config.json").is_file():
-                raise FileNotFoundError(f"{self.registry_name} encoder: no config.json in pretrained directory "
-                                        f"{str(path)!r}; expected a transformers model saved with save_pretrained")
+            path = check_pretrained_dir(pretrained, f"{name} encoder")
+            # overrides (e.g. no SigLIP pooling head) hold for real checkpoints too; their weights are then ignored
             self.model = self.model_class.from_pretrained(
-                str(path), attn_implementation=attn_implementation, dtype=resolve_dtype(dtype) or torch.float32)
+                str(path), attn_implementation=attn_implementation, dtype=resolve_dtype(dtype) or torch.float32,
+                local_files_only=True, **self.config_overrides)
             norm = read_normalization(path)
         else:
             if config is not None:
@@ -108,8 +125,10 @@ class HFVisionEncoder(VisionEncoder):
         self.feature_layer: FeatureLayer = feature_layer if isinstance(feature_layer, int) else layers
         self.layers = layers
         self.select = select
+        self.interpolate_pos_encoding = bool(interpolate_pos_encoding)
         self.patch_size = cfg.patch_size
         self.image_size = self.config_image_size(cfg)
+        self.grid()  # the native size itself must be one the tower takes (e.g. at least one patch)
         self.hidden_size = cfg.hidden_size * len(layers)
         if norm is not None:
             self.image_mean, self.image_std = norm
@@ -133,10 +152,38 @@ class HFVisionEncoder(VisionEncoder):
     def hf_config(self) -> PretrainedConfig:
         return self.model.config
 
+    def native_grid(self) -> tuple[int, int]:
+        """The patch grid the position embeddings were made for: ``image_size // patch_size`` per side."""
+        n = self.image_size // self.patch_size
+        return (n, n)
+
+    def check_image_size(self, size: tuple[int, int], grid: tuple[int, int]) -> None:
+        """The rule in the class docstring: the native grid (CLIP: the exact native size) always; another grid only
+        with ``interpolate_pos_encoding`` and ``H``, ``W`` multiples of the patch size."""
+        if not self.fixed_position_grid:
+            return super().check_image_size(size, grid)
+        native, p, s = self.native_grid(), self.patch_size, self.image_size
+        if self.interpolate_pos_encoding:
+            if grid != native:
+                super().check_image_size(size, grid)
+            return
+        accepted = (f"exactly {s}x{s} (transformers' {self.model_class.__name__} takes no other size)"
+                    if self.native_size_only else
+                    f"H and W in {native[0] * p}..{native[0] * p + p - 1} (the patch convolution floors)")
+        fix = f"resize the image to {s}x{s}, or build the encoder with interpolate_pos_encoding=True"
+        if grid != native:
+            raise ValueError(f"{self.component_name} encoder: image size {size} gives a {grid[0]}x{grid[1]} patch "
+                             f"grid, but the tower's position embeddings cover its native {native[0]}x{native[1]} "
+                             f"grid (image_size {s}, patch_size {p}); expected {accepted}: {fix}")
+        if self.native_size_only and size != (s, s):
+            raise ValueError(f"{self.component_name} encoder: image size {size} is not the tower's native size; "
+                             f"expected {accepted}: {fix}")
+
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``(N, 3, H, W) -> (N, T_all, C)``: the selected hidden states, concatenated on channels."""
         dtype = next(self.model.parameters()).dtype
-        out = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True, return_dict=True)
+        extra = {"interpolate_pos_encoding": True} if self.interpolate_pos_encoding else {}
+        out = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True, return_dict=True, **extra)
         states = [out.hidden_states[i] for i in self.layers]
         return states[0] if len(states) == 1 else torch.cat(states, dim=-1)
 
@@ -150,4 +197,5 @@ class HFVisionEncoder(VisionEncoder):
             "image_std": list(self.image_std),
             "attn_implementation": self.model.config._attn_implementation or "sdpa",
             "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+            "interpolate_pos_encoding": self.interpolate_pos_encoding,
         }

@@ -2,7 +2,8 @@
 
 The tower takes pre-patchified pixels ``(N, h*w, 3*p*p)`` with a patch mask and per-image ``spatial_shapes``; this
 wrapper patchifies ``(N, 3, H, W)`` the way transformers' Siglip2 image processor does, so any ``H, W`` divisible by
-the patch size works (position embeddings are resized by the model). No CLS token.
+the patch size works (position embeddings are resized by the model). Patchifying is a reshape, not a flooring
+convolution, so ``H`` and ``W`` must be multiples of the patch size (the base ``check_image_size`` rule). No CLS token.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ class Siglip2Encoder(HFVisionEncoder):
     image_mean = (0.5, 0.5, 0.5)
     image_std = (0.5, 0.5, 0.5)
     config_overrides = {"vision_use_head": False}
+    fixed_position_grid = False  # position embeddings are resized to every input's grid
 
     @staticmethod
     def dims_config(**dims: int) -> dict[str, int]:

@@ -27,10 +27,11 @@ from torch import nn
 from vlm import connectors, encoders, llm as llms
 from vlm.encoders.hf_vision import HFVisionEncoder, resolve_dtype
 from vlm.interop.mapping import (ACT_FROM_HF, ACT_TO_HF, ENCODER_MODEL_TYPES, SELECT_FROM_LLAVA, SELECT_TO_LLAVA,
-                                 UNUSED_VISION_MODULES, VISION_MODEL_TYPES, WEIGHT_FILES)
+                                 UNUSED_VISION_MODULES, VISION_MODEL_TYPES)
 from vlm.interop.processor import read_normalization, save_processor
 from vlm.llm.hf_causal_lm import HFCausalLM
 from vlm.model import VLM
+from vlm.pretrained import check_weights
 
 CONFIG_FILE = "config.json"
 LLAVA_MODEL_TYPE = "llava"
@@ -98,22 +99,6 @@ def read_llava_config(path: str | os.PathLike, who: str = "from_hf") -> dict[str
     return cfg
 
 
-def check_weights(path: Path, who: str = "from_hf") -> Path:
-    """The weights file (or shard index) ``from_pretrained`` will read; every shard an index names must exist."""
-    found = [path / name for name in WEIGHT_FILES if (path / name).is_file()]
-    if not found:
-        raise FileNotFoundError(f"{who}: no weights in {str(path)!r}: expected one of {', '.join(WEIGHT_FILES)} "
-                                f"(config.json is there but the weights file is missing)")
-    weights = found[0]
-    if weights.name.endswith(".index.json"):
-        index = json.loads(weights.read_text())
-        shards = sorted(set(index.get("weight_map", {}).values()))
-        missing = [s for s in shards if not (path / s).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{who}: {str(weights)!r} names shard(s) missing from {str(path)!r}: {missing}")
-    return weights
-
-
 def _load_llava(path: Path, dtype: torch.dtype) -> nn.Module:
     """``LlavaForConditionalGeneration.from_pretrained`` (local files, ``weights_only``), strict: any missing weight
     is an error, except in vision-tower modules LLaVA never uses (``UNUSED_VISION_MODULES``)."""
@@ -164,7 +149,7 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
     if (strategy, has_cls) not in SELECT_FROM_LLAVA:
         raise ValueError(f"from_hf: vision_feature_select_strategy={strategy!r}; expected 'default' or 'full'")
     torch_dtype = resolve_dtype(dtype) or torch.float32
-    check_weights(path)
+    check_weights(path, "from_hf")
 
     hf = _load_llava(path, torch_dtype)
     tied = _is_tied(hf)
@@ -298,6 +283,10 @@ def to_hf(model: VLM, path: str | os.PathLike, *, dtype: str | torch.dtype | Non
 
     config = llava_config(model)
     enc, conn, lm = model.encoder, model.connector, model.llm
+    if getattr(enc, "interpolate_pos_encoding", False):
+        warnings.warn("to_hf: the encoder's interpolate_pos_encoding=True has no LlavaConfig field; the exported "
+                      f"model takes only the native {enc.image_size}x{enc.image_size} images (its image processor "
+                      "resizes to that size), where its logits are identical", stacklevel=2)
     torch_dtype = resolve_dtype(dtype) or next(lm.parameters()).dtype
     out = Path(path)
     hf = LlavaForConditionalGeneration._from_config(config, dtype=torch_dtype)

@@ -1,6 +1,9 @@
 """The correspondence tables between transformers LLaVA and vlm components (data, not branches)."""
 from __future__ import annotations
 
+# weight files a transformers directory may hold, in the order from_pretrained prefers them
+from vlm.pretrained import WEIGHT_FILES  # noqa: F401  (re-exported)
+
 # LLaVA ``vision_config.model_type`` -> our encoder registry name (each a transformers vision model we wrap as-is)
 VISION_MODEL_TYPES: dict[str, str] = {
     "clip_vision_model": "clip",
@@ -40,10 +43,6 @@ SELECT_FROM_LLAVA: dict[tuple[str, bool], str] = {
 }
 # Export: whether our ``select`` drops token 0 (``VisionEncoder.drops_first``) -> LLaVA strategy.
 SELECT_TO_LLAVA: dict[bool, str] = {True: "default", False: "full"}
-
-# Weight files a transformers directory may hold, in the order from_pretrained prefers them.
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
 
 # Vision-tower submodules LLaVA never runs (it reads hidden states): a checkpoint may omit them, and import always
 # leaves them out of our encoder. Prefix inside the tower -> the vision_config change that removes the module.

@@ -6,7 +6,6 @@ the image-placeholder positions, and the model is called with ``inputs_embeds``.
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from vlm.encoders.hf_vision import resolve_dtype
 from vlm.llm.registry import LLMS
+from vlm.pretrained import check_pretrained_dir
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
@@ -48,11 +48,10 @@ class HFCausalLM(nn.Module):
                              "(a dict with 'model_type')")
         torch_dtype = resolve_dtype(dtype)
         if pretrained is not None:
-            if not (Path(pretrained) / "config.json").is_file():
-                raise FileNotFoundError(f"hf_causal_lm: no config.json in pretrained directory {pretrained!r}")
+            path = check_pretrained_dir(pretrained, "hf_causal_lm")
             self.model = AutoModelForCausalLM.from_pretrained(
-                pretrained, attn_implementation=attn_implementation, dtype=torch_dtype or torch.float32,
-                trust_remote_code=trust_remote_code)
+                str(path), attn_implementation=attn_implementation, dtype=torch_dtype or torch.float32,
+                trust_remote_code=trust_remote_code, local_files_only=True)
         else:
             self.model = AutoModelForCausalLM.from_config(
                 make_config(config), attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
