@@ -136,6 +136,25 @@ def test_from_hf_projector_options_and_dtype(tmp_path):
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
 
 
+def test_from_hf_trusts_the_directory_config_keys(tmp_path):
+    """Keys transformers does not know (e.g. written by an older version) in a LLaVA config.json do not stop from_hf;
+    the components then carry strict_config=False so the vlm.load round trip accepts them too."""
+    hf = save_llava(tmp_path / "llava", tower="clip", text="llama")
+    cfg = json.loads((tmp_path / "llava" / "config.json").read_text())
+    cfg["text_config"]["torchscript"] = False
+    cfg["vision_config"]["pruned_heads"] = {}
+    (tmp_path / "llava" / "config.json").write_text(json.dumps(cfg))
+    model = from_hf(tmp_path / "llava")
+    assert_same_logits(model, hf, *inputs(model))
+    exported = model.config.to_dict()
+    assert exported["llm"]["strict_config"] is False and exported["encoder"]["strict_config"] is False
+    model.save_pretrained(tmp_path / "ours")
+    assert_same_vlm(model, vlm.load(tmp_path / "ours"), *inputs(model))
+    save_llava(tmp_path / "clean", tower="clip", text="llama")
+    clean = from_hf(tmp_path / "clean")
+    assert "strict_config" not in clean.config.to_dict()["llm"]
+
+
 @pytest.mark.parametrize("head_saved", [True, False])
 def test_from_hf_image_token_id_key_and_siglip_head(tmp_path, head_saved):
     """Configs may spell ``image_token_id`` (transformers writes ``image_token_index``); SigLIP's pooling head, which

@@ -8,7 +8,7 @@ import vlm
 from vlm import llm as llms
 from vlm.llm.hf_causal_lm import HFCausalLM
 from vlm.llm.masks import positions_from_segments
-from tests.conftest import TINY_TEXT, image_batch_ids, tiny_cfg
+from tests.conftest import TINY_TEXT, TINY_VISION, image_batch_ids, tiny_cfg
 
 
 @pytest.mark.parametrize("family", sorted(TINY_TEXT))
@@ -357,3 +357,103 @@ def test_loss_weightings(seed):
     torch.testing.assert_close(packed, (per_sample[0] + per_sample[1]) / 2, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="loss_weighting"):
         model(ids, labels=labels, loss_weighting="mean")
+
+
+# ------------------------------------------------------------------------- unknown keys in a transformers config dict
+def test_llm_config_typo_is_named_with_a_suggestion():
+    cfg = {**TINY_TEXT["qwen2"], "num_hiden_layers": 3}
+    with pytest.raises(TypeError, match=r"hf_causal_lm config: unknown config key\(s\) for model_type='qwen2': "
+                                        r"'num_hiden_layers' \(did you mean 'num_hidden_layers'") as e:
+        llms.build({"name": "hf_causal_lm", "config": cfg})
+    assert "strict_config: false" in str(e.value) and "Qwen2Config" in str(e.value)
+    # attribute_map aliases are keys too: GPT-2 takes hidden_size (-> n_embd), but not n_embed
+    llms.build({"name": "hf_causal_lm", "config": {**TINY_TEXT["gpt2"], "hidden_size": 32}})
+    with pytest.raises(TypeError, match=r"model_type='gpt2': 'n_embed' \(did you mean 'n_embd'"):
+        llms.build({"name": "hf_causal_lm", "config": {**TINY_TEXT["gpt2"], "n_embed": 32}})
+    with pytest.raises(TypeError, match=r"'rope_thetta' \(did you mean 'rope_theta'.*'zzz' \(no close match\)"):
+        llms.build({"name": "hf_causal_lm", "config": {**TINY_TEXT["llama"], "zzz": 1, "rope_thetta": 1e4}})
+    # through vlm.build too
+    bad = tiny_cfg()
+    bad["llm"]["config"]["intermediate_sise"] = 64
+    with pytest.raises(TypeError, match="'intermediate_sise' \\(did you mean 'intermediate_size'"):
+        vlm.build(bad)
+    with pytest.raises(ValueError, match=r"unknown model_type='lama'; did you mean 'llama'"):
+        llms.build({"name": "hf_causal_lm", "config": {**TINY_TEXT["llama"], "model_type": "lama"}})
+
+
+def test_llm_config_generic_keys_accepted():
+    """Generic PretrainedConfig kwargs and legacy keys transformers converts (rope_theta) are not typos."""
+    cfg = {**TINY_TEXT["qwen2"], "rope_theta": 10000.0, "initializer_range": 0.01, "bos_token_id": 1,
+           "eos_token_id": 2, "pad_token_id": 0, "torch_dtype": "float32", "max_position_embeddings": 64,
+           "layer_types": ["full_attention"] * 2, "tie_word_embeddings": False, "transformers_version": "5.0.0",
+           "architectures": ["Qwen2ForCausalLM"], "_name_or_path": "x", "use_cache": True}
+    lm = llms.build({"name": "hf_causal_lm", "config": cfg})
+    assert lm.text_config.initializer_range == 0.01 and lm.text_config.max_position_embeddings == 64
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3", "gemma", "gpt2"])
+def test_saved_transformers_configs_pass_the_key_check(tmp_path, family):
+    """The full ``to_dict()`` of a default config, and the config.json ``save_pretrained`` writes for a tiny model,
+    hold only accepted keys, and the latter rebuilds the same architecture."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from vlm.hf_config import check_config_keys, unknown_config_keys
+    from vlm.llm.hf_causal_lm import make_config
+
+    cls = type(AutoConfig.for_model(family))
+    full = cls().to_dict()
+    assert unknown_config_keys(cls, full) == []
+    check_config_keys(cls, full, "test", family)
+    make_config(full)
+    ref = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_TEXT[family]))
+    ref.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert unknown_config_keys(cls, saved) == []
+    lm = llms.build({"name": "hf_causal_lm", "config": saved})
+    assert sum(p.numel() for p in lm.parameters()) == sum(p.numel() for p in ref.parameters())
+    # and what export_config writes into a vlm config.json
+    assert unknown_config_keys(cls, lm.export_config()["config"]) == []
+
+
+def test_vlm_save_load_round_trip_passes_the_key_check(tmp_path):
+    model = vlm.build(tiny_cfg("siglip", "qwen3"))
+    model.llm.enable_gradient_checkpointing()
+    model.save_pretrained(tmp_path)
+    again = vlm.load(tmp_path)
+    assert again.llm.text_config.num_hidden_layers == 2
+    assert "strict_config" not in json.loads((tmp_path / "config.json").read_text())["llm"]
+
+
+def test_strict_config_false_escape_hatch(tmp_path):
+    cfg = {**TINY_TEXT["llama"], "my_exotic_knob": 7}
+    with pytest.raises(TypeError, match="my_exotic_knob"):
+        llms.build({"name": "hf_causal_lm", "config": cfg})
+    lm = llms.build({"name": "hf_causal_lm", "config": cfg, "strict_config": False})
+    assert lm.text_config.my_exotic_knob == 7
+    exported = lm.export_config()
+    assert exported["strict_config"] is False  # a rebuild from the export accepts the key again
+    llms.build(exported)
+    full = tiny_cfg()
+    full["llm"]["config"]["my_exotic_knob"] = 7
+    full["llm"]["strict_config"] = False
+    model = vlm.build(full)
+    model.save_pretrained(tmp_path)
+    assert vlm.load(tmp_path).llm.text_config.my_exotic_knob == 7
+
+
+def test_encoder_config_dict_keys_checked():
+    from vlm import encoders
+
+    enc = encoders.build(TINY_VISION["siglip"])
+    exported = enc.export_config()
+    assert "strict_config" not in exported
+    encoders.build(exported)  # the full to_dict() of the tower's config passes
+    for name in ("clip", "siglip", "siglip2"):
+        e = encoders.build({**TINY_VISION["siglip"], "name": name})
+        encoders.build(e.export_config())
+    bad = {**exported, "config": {**exported["config"], "patch_sze": 8}}
+    with pytest.raises(TypeError, match=r"siglip encoder config: unknown config key\(s\) for "
+                                        r"model_type='siglip_vision_model': 'patch_sze' \(did you mean 'patch_size'"):
+        encoders.build(bad)
+    ok = encoders.build({**bad, "strict_config": False})
+    assert ok.hf_config.patch_sze == 8 and ok.export_config()["strict_config"] is False

@@ -9,6 +9,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
 from vlm.encoders.base import SELECT_STRATEGIES, VisionEncoder
+from vlm.hf_config import check_config_keys
 from vlm.pretrained import check_pretrained_dir
 
 FeatureLayer = int | list[int]
@@ -49,6 +50,8 @@ class HFVisionEncoder(VisionEncoder):
     Build from exactly one of: ``pretrained`` (a local directory holding a transformers vision model, or a full
     CLIP/SigLIP model whose vision part is used), ``config`` (a transformers config dict), or dimensions
     (``hidden_size``, ``num_layers``, ``num_heads``, ``intermediate_size``, ``image_size``, ``patch_size``).
+    A ``config`` key that ``config_class`` does not accept is a ``TypeError`` naming it and the closest accepted keys
+    (transformers would ignore it silently); ``strict_config=False`` skips that check.
 
     Image sizes (CLIP, SigLIP): the patch convolution floors, so ``grid((H, W)) = (H // p, W // p)`` (SigLIP
     So400m/14 at 384 px -> 27 x 27). The learned position embeddings cover the native grid
@@ -85,6 +88,7 @@ class HFVisionEncoder(VisionEncoder):
         attn_implementation: str = "sdpa",
         dtype: str | None = None,
         interpolate_pos_encoding: bool = False,
+        strict_config: bool = True,
     ) -> None:
         super().__init__()
         name = self.component_name
@@ -105,6 +109,8 @@ class HFVisionEncoder(VisionEncoder):
             norm = read_normalization(path)
         else:
             if config is not None:
+                if strict_config:
+                    check_config_keys(self.config_class, config, f"{name} encoder config")
                 cfg = self.config_class(**{k: v for k, v in config.items() if k not in CONFIG_META_KEYS})
             else:
                 cfg = self.config_class(**self.dims_config(
@@ -126,6 +132,7 @@ class HFVisionEncoder(VisionEncoder):
         self.layers = layers
         self.select = select
         self.interpolate_pos_encoding = bool(interpolate_pos_encoding)
+        self.strict_config = bool(strict_config)
         self.patch_size = cfg.patch_size
         self.image_size = self.config_image_size(cfg)
         self.grid()  # the native size itself must be one the tower takes (e.g. at least one patch)
@@ -188,7 +195,7 @@ class HFVisionEncoder(VisionEncoder):
         return states[0] if len(states) == 1 else torch.cat(states, dim=-1)
 
     def export_config(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "name": self.registry_name,
             "config": self.model.config.to_dict(),
             "feature_layer": self.feature_layer,
@@ -199,3 +206,6 @@ class HFVisionEncoder(VisionEncoder):
             "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
             "interpolate_pos_encoding": self.interpolate_pos_encoding,
         }
+        if not self.strict_config:  # built from a dict with exotic keys: the rebuilt tower must accept them too
+            out["strict_config"] = False
+        return out

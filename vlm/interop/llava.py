@@ -26,6 +26,7 @@ from torch import nn
 
 from vlm import connectors, encoders, llm as llms
 from vlm.encoders.hf_vision import HFVisionEncoder, resolve_dtype
+from vlm.hf_config import unknown_config_keys
 from vlm.interop.mapping import (ACT_FROM_HF, ACT_TO_HF, ENCODER_MODEL_TYPES, SELECT_FROM_LLAVA, SELECT_TO_LLAVA,
                                  UNUSED_VISION_MODULES, VISION_MODEL_TYPES)
 from vlm.interop.processor import read_normalization, save_processor
@@ -169,12 +170,19 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
     norm = read_normalization(path)
     if norm is not None:
         enc_cfg["image_mean"], enc_cfg["image_std"] = norm
+    # the directory's config.json is trusted: keys a newer transformers dropped do not stop the import (the built
+    # components then export strict_config=False, so vlm.load of the result accepts them too)
+    if unknown_config_keys(type(config.vision_config), vision_cfg):
+        enc_cfg["strict_config"] = False
     encoder = encoders.build(enc_cfg)
 
     text_cfg = _arch_config(config.text_config)
     text_cfg["tie_word_embeddings"] = tied  # what LLaVA actually does (its top-level flag can override the text one)
-    lm = llms.build({"name": "hf_causal_lm", "config": text_cfg, "attn_implementation": attn_implementation,
-                     "dtype": _dtype_name(torch_dtype)})
+    lm_cfg: dict[str, Any] = {"name": "hf_causal_lm", "config": text_cfg, "attn_implementation": attn_implementation,
+                              "dtype": _dtype_name(torch_dtype)}
+    if unknown_config_keys(type(config.text_config), text_cfg):
+        lm_cfg["strict_config"] = False
+    lm = llms.build(lm_cfg)
     connector = connectors.build({"name": "mlp", "depth": 2, "act": ACT_FROM_HF[act],
                                   "bias": bool(config.multimodal_projector_bias)},
                                  in_dim=encoder.hidden_size, out_dim=lm.hidden_size).to(torch_dtype)

@@ -13,6 +13,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from vlm.encoders.hf_vision import resolve_dtype
+from vlm.hf_config import check_config_keys, config_class_for
 from vlm.llm.registry import LLMS
 from vlm.pretrained import check_pretrained_dir
 
@@ -36,11 +37,16 @@ class HFCausalLM(nn.Module):
 
     Build from ``pretrained`` (a local directory) or ``config`` (a dict with ``model_type`` plus that family's config
     keys, random init). ``trust_remote_code`` stays off unless the user opts in.
+
+    A ``config`` key the family's transformers config class does not accept (a typo such as ``num_hiden_layers``,
+    which transformers would silently ignore) is a ``TypeError`` naming it and the closest accepted keys;
+    ``strict_config=False`` skips that check for exotic keys. A ``pretrained`` directory's own ``config.json`` is
+    trusted and not checked.
     """
 
     def __init__(self, pretrained: str | None = None, config: dict[str, Any] | None = None,
                  attn_implementation: str = "sdpa", gradient_checkpointing: bool = False,
-                 dtype: str | None = None, trust_remote_code: bool = False) -> None:
+                 dtype: str | None = None, trust_remote_code: bool = False, strict_config: bool = True) -> None:
         super().__init__()
         check_attn_implementation(attn_implementation)
         if (pretrained is None) == (config is None):
@@ -54,10 +60,12 @@ class HFCausalLM(nn.Module):
                 trust_remote_code=trust_remote_code, local_files_only=True)
         else:
             self.model = AutoModelForCausalLM.from_config(
-                make_config(config), attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+                make_config(config, strict=strict_config), attn_implementation=attn_implementation,
+                trust_remote_code=trust_remote_code)
             if torch_dtype is not None:
                 self.model.to(torch_dtype)
         self.trust_remote_code = trust_remote_code
+        self.strict_config = bool(strict_config)
         if gradient_checkpointing:
             self.enable_gradient_checkpointing()
 
@@ -116,17 +124,24 @@ class HFCausalLM(nn.Module):
     def export_config(self) -> dict[str, Any]:
         cfg = self.model.config.to_dict()
         dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
-        return {"name": "hf_causal_lm", "config": cfg, "attn_implementation": self.attn_implementation,
-                "trust_remote_code": self.trust_remote_code, "dtype": dtype}
+        out: dict[str, Any] = {"name": "hf_causal_lm", "config": cfg, "attn_implementation": self.attn_implementation,
+                               "trust_remote_code": self.trust_remote_code, "dtype": dtype}
+        if not self.strict_config:  # built from a dict with exotic keys: the rebuilt model must accept them too
+            out["strict_config"] = False
+        return out
 
 
-def make_config(config: dict[str, Any]) -> PretrainedConfig:
-    """A transformers config from a dict naming ``model_type``."""
+def make_config(config: dict[str, Any], strict: bool = True) -> PretrainedConfig:
+    """A transformers config from a dict naming ``model_type``. ``strict``: refuse keys the config class does not
+    accept (``vlm.hf_config.check_config_keys``)."""
     config = dict(config)
     if "model_type" not in config:
         raise KeyError(f"hf_causal_lm config needs 'model_type' (e.g. llama, qwen2, gemma, gpt2); got keys "
                        f"{sorted(config)}")
     model_type = config.pop("model_type")
+    config_class = config_class_for(model_type, "hf_causal_lm config")
+    if strict:
+        check_config_keys(config_class, config, "hf_causal_lm config", model_type=model_type)
     for k in ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype"):
         config.pop(k, None)
     return AutoConfig.for_model(model_type, **config)
