@@ -130,7 +130,7 @@ def load_tokenizer(path_or_name: str | os.PathLike, *, trust_remote_code: bool =
 
     ``"byte"`` / ``"byte:chatml"`` / ``"byte:llama3"`` build :func:`byte_tokenizer`. Anything else goes to
     ``AutoTokenizer.from_pretrained(..., local_files_only=True)`` (a local directory or an already-cached hub name);
-    remote code runs only with ``trust_remote_code=True``.
+    remote code runs only when the caller opts in (the ``trust_remote_code`` flag, off by default).
     """
     from transformers import AutoTokenizer
 
