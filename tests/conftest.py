@@ -55,3 +55,19 @@ def image_batch_ids(model, n_images_per_row: list[int], length: int = 48, seed: 
 def seed():
     torch.manual_seed(0)
     return 0
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """A folder of real image files (``data_fixtures.write_images``) shared by a test module."""
+    from data_fixtures import write_images
+
+    return write_images(tmp_path_factory.mktemp("imgs"))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The file-free byte-level tokenizer (a module may override it)."""
+    from vlm.data.tokenizer import byte_tokenizer
+
+    return byte_tokenizer()

@@ -12,13 +12,12 @@ from collections import Counter
 
 import pytest
 import torch
-from data_fixtures import processor, write_images
+from data_fixtures import processor
 from PIL import Image
 
 from vlm.data.collate import PadCollator
 from vlm.data.dataset import BadSamples, SampleDataset
 from vlm.data.readers import SampleError
-from vlm.data.tokenizer import byte_tokenizer
 
 FORMATS = ("llava", "qwen_vl", "query_response", "messages")
 URL = "https://example.com/x.png"
@@ -87,16 +86,6 @@ def all_cases(fmt: str) -> list[tuple[str, dict, str, str, str | None]]:
             out.append((name, rec, reason, problem, file))
     out += [(name, rec, reason, problem, None) for name, (rec, reason, problem) in structural(fmt).items()]
     return out
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return write_images(tmp_path_factory.mktemp("imgs"))
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return byte_tokenizer()
 
 
 def good(fmt: str, rid: str) -> dict:

@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 import torch
-from data_fixtures import processor, write_images
+from data_fixtures import processor
 from PIL import Image
 
 from vlm.data.dataset import SampleDataset, read_samples
@@ -15,17 +15,6 @@ from vlm.data.errors import DataError
 from vlm.data.readers import READERS, SampleError, detect_format, load_records, make_reader
 from vlm.data.readers.records import JsonlRecords
 from vlm.data.sample import ImageRef, Message
-from vlm.data.tokenizer import byte_tokenizer
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return write_images(tmp_path_factory.mktemp("imgs"))
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return byte_tokenizer()
 
 
 def llava(id="x", image="a.png", q="<image>\nWhat colour?", a="Red."):

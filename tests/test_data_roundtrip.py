@@ -12,12 +12,11 @@ import json
 from pathlib import Path
 
 import pytest
-from data_fixtures import K, mean_color, processor, trained_text, write_images
+from data_fixtures import K, mean_color, processor, trained_text
 
 from vlm.data.dataset import SampleDataset
 from vlm.data.images import load_image
 from vlm.data.sample import ImageRef
-from vlm.data.tokenizer import byte_tokenizer
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 COLOR = {"a.png": RED, "b.png": GREEN, "c.jpg": BLUE}
@@ -70,16 +69,6 @@ CASES = {
          ([("user", [I0, "Q"]), ("assistant", ["Green."])], ["b.png"], "Green.<|im_end|>")]),
 }
 SOURCES = ["json", "jsonl", "datasets_json", "datasets_jsonl", "parquet", "save_to_disk", "save_to_disk_dict"]
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return write_images(tmp_path_factory.mktemp("imgs"))
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return byte_tokenizer()
 
 
 def write_source(kind: str, records: list[dict], d: Path) -> tuple[Path, dict]:
