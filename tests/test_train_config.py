@@ -17,11 +17,12 @@ def test_recipes_dir_found_and_env_override(tmp_path, monkeypatch):
         recipes_dir()
 
 
-def test_default_recipe_is_tiny_with_two_stages():
+def test_default_recipe_is_tiny_with_three_stages():
     cfg = compose()
     assert cfg.name == "tiny"
-    assert list(cfg.stages) == ["pretrain", "sft"]
-    assert cfg.stage.pretrain.template == "plain"
+    assert list(cfg.stages) == ["align", "pretrain", "sft"]
+    assert cfg.stage.align.objective.name == "siglip" and cfg.stage.align.policy.encoder == "full"
+    assert cfg.stage.pretrain.template == "plain" and cfg.stage.pretrain.policy.encoder == "frozen"
     assert cfg.tokenizer.name == "byte_bpe" and cfg.trainer.threads == 1
 
 

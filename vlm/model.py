@@ -64,6 +64,18 @@ class VLM(nn.Module):
         self.image_token_id, self.image_token = image_token_id, image_token
         self.tokenizer: Any = None
         self.loss_weighting = "token"  # see vlm.loss: token | sample | square
+        self.objective_head: nn.Module | None = None  # a stage's non-LM objective (vlm.objectives); never saved
+
+    def train(self, mode: bool = True) -> "VLM":
+        """``nn.Module.train``, except that a part (encoder, connector, LLM) with no trainable parameter stays in
+        eval mode: a frozen tower is *fixed*, its BatchNorm statistics and dropout included."""
+        super().train(mode)
+        if mode:
+            for part in (self.encoder, self.connector, self.llm):
+                params = list(part.parameters())
+                if params and not any(p.requires_grad for p in params):
+                    part.eval()
+        return self
 
     # -- what the processor asks ------------------------------------------------------------------------------
     @property
@@ -113,7 +125,8 @@ class VLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
-                loss_weighting: str | None = None, **lm_kwargs: Any) -> CausalLMOutputWithPast:
+                loss_weighting: str | None = None, objective: bool = False,
+                **lm_kwargs: Any) -> CausalLMOutputWithPast:
         """Returns ``.logits (B, L, V)`` and ``.loss`` (next-token shift, labels != -100) when labels are given.
 
         ``loss_weighting`` (default ``self.loss_weighting``): ``token`` = mean over target tokens (the LM's own loss;
@@ -122,7 +135,14 @@ class VLM(nn.Module):
 
         ``segment_ids (B, L)`` marks packed samples (0 = padding): attention stays within each segment, positions
         restart per segment, and a segment's first token is never a target of the previous segment.
+
+        ``objective=True``: the attached ``objective_head`` computes the loss instead (``vlm.objectives``).
         """
+        if objective:
+            if self.objective_head is None:
+                raise ValueError("forward(objective=True) needs an objective head (model.objective_head is None)")
+            return self.objective_head(self, input_ids=input_ids, pixel_values=pixel_values, labels=labels,
+                                       attention_mask=attention_mask, segment_ids=segment_ids)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (B, L); got shape {tuple(input_ids.shape)}")
         embeds = self.embed_inputs(input_ids, pixel_values)

@@ -90,6 +90,7 @@ def check(cfg: DictConfig | dict[str, Any]) -> DictConfig:
                 raise ConfigError(f"stage.{name}.module_lr.{module}={lr} is negative")
         if st.global_batch_size < 1 or st.micro_batch_size < 1:
             raise ConfigError(f"stage.{name}: batch sizes must be >= 1")
+        check_objective(name, st, out.trainer.strategy)
     for module in MODULES:
         if "name" not in out[module]:
             raise ConfigError(f"`{module}` has no `name` (pick an option: {module}=<one of {list_options(module)}>)")
@@ -97,6 +98,35 @@ def check(cfg: DictConfig | dict[str, Any]) -> DictConfig:
         out.eval.enabled = False
     OmegaConf.set_struct(out, True)
     return out
+
+
+def check_objective(name: str, st: DictConfig, strategy: str) -> None:
+    """``stage.<name>.objective``: a registered objective whose options fit, on a strategy and batching it supports."""
+    from vlm.objectives import LM, OBJECTIVES
+
+    obj = st.objective
+    if not isinstance(obj, DictConfig) or "name" not in obj:
+        raise ConfigError(f"stage.{name}.objective must be a mapping with a `name` ({LM} or one of "
+                          f"{OBJECTIVES.names()}); got {obj!r}")
+    if obj.name == LM:
+        if len(obj) > 1:
+            raise ConfigError(f"stage.{name}.objective: `{LM}` takes no options; got {sorted(set(obj) - {'name'})}")
+        return
+    if obj.name not in OBJECTIVES:
+        raise ConfigError(f"stage.{name}.objective.name={obj.name!r} is unknown; known: {[LM] + OBJECTIVES.names()}")
+    from vlm.registry import check_kwargs
+
+    opts = {k: v for k, v in obj.items() if k != "name"}
+    try:
+        check_kwargs(OBJECTIVES.get(obj.name), {**opts, "model": None}, f"stage.{name}.objective {obj.name!r}")
+    except TypeError as e:
+        raise ConfigError(str(e)) from e
+    if strategy == "fsdp":
+        raise ConfigError(f"stage.{name}.objective={obj.name!r} runs on one process or with trainer.strategy=ddp, "
+                          f"not fsdp (its head is attached to the model for the stage only)")
+    if st.packing:
+        raise ConfigError(f"stage.{name}.objective={obj.name!r} contrasts whole samples: set "
+                          f"stage.{name}.packing=false")
 
 
 def model_config(cfg: DictConfig) -> dict[str, Any]:

@@ -55,8 +55,17 @@ def merge_lora_state(state: dict[str, torch.Tensor], live: nn.Module) -> dict[st
 
 
 def trained_names(live: nn.Module) -> set[str]:
-    """Plain names of the tensors this stage changes (trainable parameters; a LoRA pair changes its base weight)."""
-    return {plain_name(n) for n, p in unwrap(live).named_parameters() if p.requires_grad}
+    """Plain names of the tensors this stage changes: trainable parameters (a LoRA pair changes its base weight) and
+    the persistent buffers of every module that trains a parameter of its own (BatchNorm running statistics: without
+    them a later stage that freezes the module would see features normalized by fresh statistics)."""
+    model = unwrap(live)
+    names = {plain_name(n) for n, p in model.named_parameters() if p.requires_grad}
+    for prefix, module in model.named_modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            for b, _ in module.named_buffers(recurse=False):
+                if b not in module._non_persistent_buffers_set:
+                    names.add(plain_name(f"{prefix}.{b}" if prefix else b))
+    return names
 
 
 def write_stage_weights(path: Path, merged: dict[str, torch.Tensor], names: set[str]) -> None:

@@ -122,9 +122,11 @@ class StageLoop:
     global_step_offset: int = 0
     scaler: Any = None
     params: list[nn.Parameter] = field(default_factory=list)
+    objective: bool = False     # a non-LM objective (stage.objective): the model's objective head computes the loss
 
     def __post_init__(self) -> None:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.objective = self.stage.objective.name != "lm"
         fp16 = self.precision == torch.float16 and self.strategy.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
 
@@ -152,7 +154,10 @@ class StageLoop:
             batch = to_device(batch, s.device)
             with s.no_sync(self.wrapped, sync=i == len(micro) - 1):
                 with self.autocast():
-                    if weighting == "token":  # the LM's own loss: sum over tokens / targets of the whole step
+                    if self.objective:  # vlm.objectives: a mean over this micro-batch; averaged over the step
+                        out = self.wrapped(**batch, objective=True)
+                        out.loss = out.loss / (len(micro) * s.world_size)
+                    elif weighting == "token":  # the LM's own loss: sum over tokens / targets of the whole step
                         out = self.wrapped(**batch, loss_weighting="token", num_items_in_batch=max(n_targets, 1))
                     else:  # vlm.loss: weighted mean over this micro-batch, rescaled to the step's total weight
                         out = self.wrapped(**batch, loss_weighting=weighting)

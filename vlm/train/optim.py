@@ -40,10 +40,12 @@ def param_groups(model: nn.Module, stage: Any) -> list[dict[str, Any]]:
     or ``stage.lr``), ``weight_decay`` (``stage.weight_decay`` or 0) and ``param_names``. Empty groups are dropped.
     """
     groups = []
-    for module_name in MODULES:
-        module = getattr(model, module_name)
+    parts = [(m, getattr(model, m)) for m in MODULES]
+    if getattr(model, "objective_head", None) is not None:  # a stage-only objective head trains at stage.lr
+        parts.append(("objective_head", model.objective_head))
+    for module_name, module in parts:
         exempt = no_decay_names(module)
-        lr = stage.module_lr[module_name]
+        lr = stage.module_lr[module_name] if module_name in MODULES else None
         lr = float(stage.lr if lr is None else lr)
         buckets: dict[str, tuple[list[str], list[nn.Parameter]]] = {"decay": ([], []), "no_decay": ([], [])}
         for name, p in module.named_parameters():

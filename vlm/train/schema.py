@@ -70,6 +70,7 @@ class StageConfig:
     micro_batch_size: int = 32
     max_grad_norm: Optional[float] = 1.0
     loss_weighting: str = "token"            # token | sample | square (vlm.loss): how answers of different lengths weigh
+    objective: Any = field(default_factory=lambda: {"name": "lm"})  # lm | siglip (vlm.objectives) + its options
     max_length: Optional[int] = 2048
     packing: bool = False
     eval_every: Optional[int] = None

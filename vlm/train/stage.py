@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 
+from vlm.objectives import LM, build as build_objective
 from vlm.train.build import build_model, describe_mismatch, fingerprint, seed_everything
 from vlm.train.checkpoint import CheckpointManager
 from vlm.train.config import ConfigError
@@ -99,6 +100,9 @@ class StageRunner:
             except ValueError as e:
                 raise ConfigError(f"cannot start stage {self.name!r} from {f}: {e}") from e
         apply_policies(model, self.stage)
+        objective = _plain(self.stage.objective)
+        if objective["name"] != LM:  # a stage-only head (e.g. siglip's text tower): trained, checkpointed, not exported
+            model.objective_head = build_objective(objective, model=model)
         return model
 
     def run(self) -> StageResult:
@@ -186,6 +190,7 @@ class StageRunner:
     def export(self, t: "Training") -> None:
         """The cumulative weights delta (LoRA merged) and, after the last stage, ``final/``."""
         s = self.strategy
+        t.model.objective_head = None  # the objective's head lives for this stage only
         full = s.model_state_dict(t.wrapped, trainable_only=False)
         if s.is_main:
             merged = merge_lora_state(full, t.model)
