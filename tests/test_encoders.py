@@ -262,3 +262,26 @@ def test_siglip2_matches_transformers_processor_path(tmp_path):
     small = encoders.build({"name": "siglip2", "image_size": 32, "patch_size": 8, "hidden_size": 32,
                             "num_layers": 1, "num_heads": 4})
     assert small(torch.randn(1, 3, 32, 32)).shape == (1, 16, 32)
+
+
+def test_timm_sincos_position_codes():
+    from vlm.encoders.timm_tower import sincos_2d
+
+    pe = sincos_2d(3, 4, 18)  # q = 4 frequencies per sin/cos half, 2 channels of zero padding
+    assert pe.shape == (12, 18) and torch.equal(pe[:, 16:], torch.zeros(12, 2))
+    f = 10000.0 ** (-torch.arange(4) / 4)
+    r, c = 2, 1
+    want = torch.cat([torch.sin(r * f), torch.cos(r * f), torch.sin(c * f), torch.cos(c * f)])
+    torch.testing.assert_close(pe[r * 4 + c, :16], want)
+    assert len({tuple(row.tolist()) for row in pe}) == 12  # every cell has its own code
+    spec = {"name": "timm", "model_name": "resnet10t", "image_size": 32, "feature_layer": 3,
+            "model_kwargs": {"channels": [8, 16, 32, 64], "stem_width": 8}}
+    plain = encoders.build(spec).eval()
+    coded = encoders.build({**spec, "pos_embed": "sincos2d", "pos_scale": 0.5}).eval()
+    coded.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(coded(x) - plain(x), 0.5 * sincos_2d(2, 2, 32).expand(2, -1, -1))
+    again = encoders.build(coded.export_config())
+    assert again.pos_embed == "sincos2d" and again.pos_scale == 0.5
+    with pytest.raises(ValueError, match="pos_embed='learned'; expected null or 'sincos2d'"):
+        encoders.build({**spec, "pos_embed": "learned"})

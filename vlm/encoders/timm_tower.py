@@ -3,6 +3,10 @@
 CNNs (ResNet, ConvNeXt, ...) and ViTs alike return ``(N, C, h, w)`` feature maps at the requested ``feature_layer``
 (timm's ``out_indices``; negative counts from the last stage/block); they become ``(N, h*w, C)`` tokens, row-major.
 Prefix tokens (CLS, registers) are not part of timm's feature maps, so ``select`` has nothing to drop.
+
+A CNN's tokens carry little of *where* they are (only what zero padding leaks at the borders); a ViT's carry its
+position embeddings. ``pos_embed="sincos2d"`` adds fixed 2D sine-cosine position codes (MAE / DETR style, no
+parameters) times ``pos_scale`` to every token, so a frozen CNN tower still tells the LLM which cell a token is.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ class TimmEncoder(VisionEncoder):
     def __init__(self, model_name: str, image_size: int = 224, pretrained: str | None = None,
                  feature_layer: int | list[int] = -1, select: str = "patch", freeze: bool = False,
                  model_kwargs: dict[str, Any] | None = None, image_mean: list[float] | None = None,
-                 image_std: list[float] | None = None) -> None:
+                 image_std: list[float] | None = None, pos_embed: str | None = None, pos_scale: float = 1.0) -> None:
         super().__init__()
         import timm
 
@@ -50,6 +54,9 @@ class TimmEncoder(VisionEncoder):
         data_cfg = timm.data.resolve_data_config({}, model=self.model)
         self.model_name, self.model_kwargs, self.feature_layer = model_name, dict(model_kwargs or {}), feature_layer
         self.select = select
+        if pos_embed not in (None, "sincos2d"):
+            raise ValueError(f"timm encoder pos_embed={pos_embed!r}; expected null or 'sincos2d'")
+        self.pos_embed, self.pos_scale = pos_embed, float(pos_scale)
         self.patch_size = int(reductions[0])
         self.image_size = image_size
         self.hidden_size = int(sum(self.model.feature_info.channels()))
@@ -63,12 +70,35 @@ class TimmEncoder(VisionEncoder):
         """``(N, 3, H, W) -> (N, h*w, C)``."""
         maps = self.model(pixel_values.to(next(self.model.parameters()).dtype))
         fmap = maps[0] if len(maps) == 1 else torch.cat(maps, dim=1)
-        return fmap.flatten(2).transpose(1, 2)
+        tokens = fmap.flatten(2).transpose(1, 2)
+        if self.pos_embed is not None:
+            h, w = fmap.shape[-2:]
+            tokens = tokens + self.pos_scale * sincos_2d(h, w, tokens.shape[-1]).to(tokens)
+        return tokens
 
     def export_config(self) -> dict[str, Any]:
         return {"name": "timm", "model_name": self.model_name, "image_size": self.image_size,
                 "feature_layer": self.feature_layer, "select": self.select, "model_kwargs": self.model_kwargs,
-                "image_mean": list(self.image_mean), "image_std": list(self.image_std)}
+                "image_mean": list(self.image_mean), "image_std": list(self.image_std),
+                "pos_embed": self.pos_embed, "pos_scale": self.pos_scale}
+
+
+def sincos_2d(h: int, w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """``(h*w, dim)`` fixed 2D position codes, row-major: the first half of the channels encode the row, the second
+    the column, each as ``[sin(p * f_k), cos(p * f_k)]`` with ``f_k = temperature ** (-k / (dim // 4))``; channels
+    past ``4 * (dim // 4)`` stay zero."""
+    q = dim // 4
+    if q == 0:
+        raise ValueError(f"sincos_2d needs dim >= 4; got {dim}")
+    freqs = temperature ** (-torch.arange(q, dtype=torch.float32) / q)
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                                indexing="ij")
+    parts = []
+    for p in (rows.reshape(-1), cols.reshape(-1)):
+        angles = p[:, None] * freqs[None]
+        parts += [angles.sin(), angles.cos()]
+    out = torch.cat(parts, dim=1)
+    return torch.nn.functional.pad(out, (0, dim - out.shape[1]))
 
 
 def _create(timm_module: Any, model_name: str, kwargs: dict[str, Any]) -> torch.nn.Module:
