@@ -85,3 +85,22 @@ def test_pixel_shuffle_in_a_vlm():
     ids = image_batch_ids(model, [1, 2])
     out = model(ids, torch.randn(3, 3, 32, 32), labels=ids)
     assert torch.isfinite(out.loss)
+
+
+def test_linear_connector_learned_position_embedding():
+    plain = connectors.build({"name": "linear"}, in_dim=6, out_dim=4)
+    posed = connectors.build({"name": "linear", "pos_embed": 9}, in_dim=6, out_dim=4)
+    posed.proj.load_state_dict(plain.proj.state_dict())
+    x = torch.randn(2, 9, 6)
+    torch.testing.assert_close(posed(x, (3, 3)), plain(x, (3, 3)))  # zero-initialized: starts as the projection
+    with torch.no_grad():
+        posed.pos.copy_(torch.arange(36.0).reshape(9, 4))
+    torch.testing.assert_close(posed(x, (3, 3)) - plain(x, (3, 3)), torch.arange(36.0).reshape(1, 9, 4).expand(2, -1, -1))
+    posed(x, (3, 3)).sum().backward()
+    assert posed.pos.grad is not None and torch.equal(posed.pos.grad, torch.full((9, 4), 2.0))
+    with pytest.raises(ValueError, match="sized for 9 tokens per image; got 16"):
+        posed(torch.randn(1, 16, 6), (4, 4))
+    again = connectors.build(posed.export_config(), in_dim=6, out_dim=4)
+    assert again.pos.shape == (9, 4)
+    with pytest.raises(ValueError, match="pos_embed=-1"):
+        connectors.build({"name": "linear", "pos_embed": -1}, in_dim=6, out_dim=4)

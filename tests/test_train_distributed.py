@@ -85,3 +85,17 @@ def check_fsdp_outputs_load_on_one_process(out: Path, single: Path) -> None:
     assert set(optim["state"]) == set(weights) - {"llm.model.lm_head.weight"}
     assert all(not hasattr(t, "device_mesh") for st in optim["state"].values() for t in st.values()
                if isinstance(t, torch.Tensor))
+
+
+@pytest.mark.slow
+def test_align_objective_under_ddp_matches_one_process(tmp_path):
+    """The siglip objective's head is attached before DDP wraps the model: its gradients are averaged like the
+    encoder's, and with the same micro-batches (negatives are per micro-batch) the losses match one process."""
+    args = ["recipe=micro", "stage=[align,sft]", "stages=[align]", "stage.align.max_steps=5",
+            "stage.align.global_batch_size=8", "stage.align.micro_batch_size=2", "eval.enabled=false"]
+    run(compose(overrides=args + [f"output_dir={tmp_path / 'one'}"]))
+    proc = torchrun(args + ["trainer.strategy=ddp", f"output_dir={tmp_path / 'ddp'}"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ref, got = losses(tmp_path / "one", "align"), losses(tmp_path / "ddp", "align")
+    assert len(got) == len(ref) == 5
+    assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-5, (ref, got)
