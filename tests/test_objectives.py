@@ -115,30 +115,17 @@ def test_objective_config_errors(override, match):
         compose("micro", ALIGN + [override])
 
 
-def test_frozen_batchnorm_tower_stays_fixed_in_training_mode():
+def bn_model():
+    """A micro recipe stage config and a tiny VLM whose tower is a BatchNorm CNN (timm resnet10t, narrow)."""
     from conftest import tiny_cfg
 
-    cfg = compose("micro")
     spec = tiny_cfg()
     spec["encoder"] = {"name": "timm", "model_name": "resnet10t", "image_size": 32, "feature_layer": 3,
                        "model_kwargs": {"channels": [8, 16, 32, 64], "stem_width": 8}}
-    model = vlm.build(spec)
-    bns = [m for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert bns
-    apply_policies(model, _with_policy(cfg, "frozen"))
-    model.train()
-    assert not model.encoder.training and model.llm.training
-    before = bns[0].running_mean.clone()
-    model.image_features(torch.randn(4, 3, 32, 32))
-    assert torch.equal(bns[0].running_mean, before)
-    apply_policies(model, _with_policy(cfg, "full"))
-    model.train()
-    assert model.encoder.training
-    model.image_features(torch.randn(4, 3, 32, 32))
-    assert not torch.equal(bns[0].running_mean, before)
+    return compose("micro"), vlm.build(spec)
 
 
-def _with_policy(cfg, encoder_policy):
+def with_policy(cfg, encoder_policy):
     from omegaconf import OmegaConf
 
     st = OmegaConf.to_container(cfg.stage.sft, resolve=True)
@@ -146,18 +133,30 @@ def _with_policy(cfg, encoder_policy):
     return OmegaConf.create(st)
 
 
+def test_frozen_batchnorm_tower_stays_fixed_in_training_mode():
+    cfg, model = bn_model()
+    bns = [m for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns
+    apply_policies(model, with_policy(cfg, "frozen"))
+    model.train()
+    assert not model.encoder.training and model.llm.training
+    before = bns[0].running_mean.clone()
+    model.image_features(torch.randn(4, 3, 32, 32))
+    assert torch.equal(bns[0].running_mean, before)
+    apply_policies(model, with_policy(cfg, "full"))
+    model.train()
+    assert model.encoder.training
+    model.image_features(torch.randn(4, 3, 32, 32))
+    assert not torch.equal(bns[0].running_mean, before)
+
+
 def test_stage_weights_carry_batchnorm_statistics_of_trained_modules():
-    from conftest import tiny_cfg
     from vlm.train.export import trained_names
 
-    cfg = compose("micro")
-    spec = tiny_cfg()
-    spec["encoder"] = {"name": "timm", "model_name": "resnet10t", "image_size": 32, "feature_layer": 3,
-                       "model_kwargs": {"channels": [8, 16, 32, 64], "stem_width": 8}}
-    model = vlm.build(spec)
-    apply_policies(model, _with_policy(cfg, "full"))
+    cfg, model = bn_model()
+    apply_policies(model, with_policy(cfg, "full"))
     names = trained_names(model)
     assert {"encoder.model.bn1.running_mean", "encoder.model.bn1.running_var",
             "encoder.model.bn1.num_batches_tracked"} <= names
-    apply_policies(model, _with_policy(cfg, "frozen"))
+    apply_policies(model, with_policy(cfg, "frozen"))
     assert not any(n.startswith("encoder.") for n in trained_names(model))
