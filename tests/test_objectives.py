@@ -16,8 +16,9 @@ from vlm.train.policy import apply_policies
 
 from test_train_checkpoint import crash_at
 
-ALIGN = ["stage=[align,sft]", "stages=[align,sft]", "stage.align.global_batch_size=8", "stage.align.micro_batch_size=4",
-         "stage.align.max_steps=4", "stage.align.save_every=2", "stage.sft.max_steps=2", "eval.enabled=false"]
+ALIGN = ["stage=[align,sft]", "stages=[align,sft]", "stage.align.global_batch_size=8",
+         "stage.align.micro_batch_size=4", "stage.align.max_steps=4", "stage.align.save_every=2",
+         "stage.sft.max_steps=2", "eval.enabled=false"]
 
 
 def micro_model(overrides=()):
