@@ -103,6 +103,7 @@ def check(cfg: DictConfig | dict[str, Any]) -> DictConfig:
 def check_objective(name: str, st: DictConfig, strategy: str) -> None:
     """``stage.<name>.objective``: a registered objective whose options fit, on a strategy and batching it supports."""
     from vlm.objectives import LM, OBJECTIVES
+    from vlm.registry import check_kwargs
 
     obj = st.objective
     if not isinstance(obj, DictConfig) or "name" not in obj:
@@ -114,8 +115,6 @@ def check_objective(name: str, st: DictConfig, strategy: str) -> None:
         return
     if obj.name not in OBJECTIVES:
         raise ConfigError(f"stage.{name}.objective.name={obj.name!r} is unknown; known: {[LM] + OBJECTIVES.names()}")
-    from vlm.registry import check_kwargs
-
     opts = {k: v for k, v in obj.items() if k != "name"}
     try:
         check_kwargs(OBJECTIVES.get(obj.name), {**opts, "model": None}, f"stage.{name}.objective {obj.name!r}")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlm.objectives import LM
 from vlm.train.distributed import Strategy
 
 IGNORE_INDEX = -100
@@ -126,7 +127,7 @@ class StageLoop:
 
     def __post_init__(self) -> None:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.objective = self.stage.objective.name != "lm"
+        self.objective = self.stage.objective.name != LM
         fp16 = self.precision == torch.float16 and self.strategy.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
 
