@@ -40,13 +40,15 @@ def test_errors():
 
 
 def internvl_pixel_shuffle(x, scale_factor=0.5):
-    """InternVL-Chat-V1-5 ``InternVLChatModel.pixel_shuffle`` (ps_version v2), copied verbatim as the reference."""
-    n, w, h, c = x.size()
-    x = x.view(n, w, int(h * scale_factor), int(c / scale_factor))
-    x = x.permute(0, 2, 1, 3).contiguous()
-    x = x.view(n, int(h * scale_factor), int(w * scale_factor), int(c / (scale_factor * scale_factor)))
-    x = x.permute(0, 2, 1, 3).contiguous()
-    return x
+    """transformers' ``InternVLModel.pixel_shuffle`` (InternVL's ps_version v2) on ``(N, h, w, C)``, as the oracle."""
+    from transformers import InternVLConfig, InternVLModel
+
+    cfg = InternVLConfig(vision_config={"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+                                        "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+                         text_config={"model_type": "qwen2", "hidden_size": 16, "intermediate_size": 32,
+                                      "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                      "vocab_size": 64})
+    return InternVLModel(cfg).pixel_shuffle(x, scale_factor)
 
 
 def test_pixel_shuffle_mlp_matches_internvl():

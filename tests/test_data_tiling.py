@@ -12,7 +12,8 @@ from PIL import Image
 from vlm.data.tiling import (anyres_layout, anyres_tiles, best_resolution, candidate_grids, dynamic_tiles,
                              pinpoints_from_grids, tile_grid)
 
-REF = Path("/work/shared/reference/tiling.json")
+# reference vectors from InternVL's and LLaVA-NeXT's own code, in the shared/ folder beside the checkout
+REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "tiling.json"
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 
@@ -136,79 +137,42 @@ def test_pinpoints_from_grids():
     assert len(pins) == 6 and [384, 384] in pins and [768, 1152] in pins
 
 
-# ------------------------------------------------------------------------------- InternVL's own code, verbatim
-def _internvl_find_closest_aspect_ratio(aspect_ratio, target_ratios, width, height, image_size):
-    best_ratio_diff = float('inf')
-    best_ratio = (1, 1)
-    area = width * height
-    for ratio in target_ratios:
-        target_aspect_ratio = ratio[0] / ratio[1]
-        ratio_diff = abs(aspect_ratio - target_aspect_ratio)
-        if ratio_diff < best_ratio_diff:
-            best_ratio_diff = ratio_diff
-            best_ratio = ratio
-        elif ratio_diff == best_ratio_diff:  # noqa: SIM102 (verbatim)
-            if area > 0.5 * image_size * image_size * ratio[0] * ratio[1]:
-                best_ratio = ratio
-    return best_ratio
+# ------------------------------------------------------------------- transformers' InternVL tiling as the oracle
+# transformers' InternVL processor tiles with the GotOcr2 image processor (``crop_to_patches``): the same rule as
+# InternVL's ``dynamic_preprocess`` (closest grid aspect, ties to the larger grid while the image area exceeds half
+# the tiles' area, thumbnail last). Those dependency functions are the oracle; ../shared/reference/tiling.json
+# (above) holds vectors produced by InternVL's own code.
 
 
-def _internvl_dynamic_preprocess(image, min_num=1, max_num=12, image_size=448, use_thumbnail=False):
-    orig_width, orig_height = image.size
-    aspect_ratio = orig_width / orig_height
-    target_ratios = set(  # noqa: C401 (verbatim)
-        (i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1) if
-        i * j <= max_num and i * j >= min_num)
-    target_ratios = sorted(target_ratios, key=lambda x: x[0] * x[1])
-    target_aspect_ratio = _internvl_find_closest_aspect_ratio(
-        aspect_ratio, target_ratios, orig_width, orig_height, image_size)
-    target_width = image_size * target_aspect_ratio[0]
-    target_height = image_size * target_aspect_ratio[1]
-    blocks = target_aspect_ratio[0] * target_aspect_ratio[1]
-    resized_img = image.resize((target_width, target_height))
-    processed_images = []
-    for i in range(blocks):
-        box = (
-            (i % (target_width // image_size)) * image_size,
-            (i // (target_width // image_size)) * image_size,
-            ((i % (target_width // image_size)) + 1) * image_size,
-            ((i // (target_width // image_size)) + 1) * image_size
-        )
-        split_img = resized_img.crop(box)
-        processed_images.append(split_img)
-    assert len(processed_images) == blocks
-    if use_thumbnail and len(processed_images) != 1:
-        thumbnail_img = image.resize((image_size, image_size))
-        processed_images.append(thumbnail_img)
-    return processed_images, target_aspect_ratio
+def test_tile_grid_matches_transformers_on_many_sizes_and_ties():
+    """The grid choice equals transformers' ``get_optimal_tiled_canvas`` on a lattice of aspect ratios that hits the
+    exact-tie rule many times, at small and large areas, and on random sizes."""
+    from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
 
-
-def test_tile_grid_matches_internvl_code_on_many_sizes_and_ties():
-    """InternVL's ``dynamic_preprocess`` grid choice (copied verbatim above) on a lattice of aspect ratios that hits
-    the exact-tie rule many times, at small and large areas, and on random sizes."""
     sizes = [(w * k, h * k) for w in range(1, 13) for h in range(1, 13) for k in (7, 50, 224, 448, 1000)]
     rng = random.Random(0)
     sizes += [(rng.randint(1, 4000), rng.randint(1, 4000)) for _ in range(500)]
     ties = 0
     for w, h in sizes:
         for lo, hi, s in ((1, 12, 448), (1, 6, 448), (2, 9, 336), (1, 4, 32)):
-            ratios = candidate_grids(lo, hi)
-            diffs = sorted(abs(w / h - i / j) for i, j in ratios)
+            diffs = sorted(abs(w / h - i / j) for i, j in candidate_grids(lo, hi))
             ties += diffs[0] == diffs[1]
-            target_ratios = {(i, j) for n in range(lo, hi + 1) for i in range(1, n + 1) for j in range(1, n + 1)
-                             if lo <= i * j <= hi}  # InternVL's set, sorted by tile count as InternVL does
-            want = _internvl_find_closest_aspect_ratio(w / h, sorted(target_ratios, key=lambda x: x[0] * x[1]), w, h, s)
-            assert tile_grid(w, h, min_tiles=lo, max_tiles=hi, tile_size=s) == want, (w, h, lo, hi, s)
+            want = get_optimal_tiled_canvas((h, w), (s, s), lo, hi)  # (height, width) in, (cols, rows) out
+            assert tile_grid(w, h, min_tiles=lo, max_tiles=hi, tile_size=s) == tuple(want), (w, h, lo, hi, s)
     assert ties > 100  # the tie rule was exercised
 
 
 @pytest.mark.parametrize("size,max_tiles", [((90, 40), 6), ((33, 100), 12), ((64, 64), 4), ((200, 30), 8),
-                                            ((48, 32), 2)])
-def test_dynamic_tiles_pixel_equal_to_internvl(size, max_tiles):
+                                            ((48, 32), 2), ((640, 480), 12)])
+def test_dynamic_tiles_pixel_equal_to_transformers(size, max_tiles):
+    from transformers.image_utils import SizeDict
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
     img = _img(*size, seed=3)
-    want, grid = _internvl_dynamic_preprocess(img, 1, max_tiles, 16, use_thumbnail=True)
+    ref = GotOcr2ImageProcessorPil()
+    want = ref.crop_image_to_patches(np.asarray(img), min_patches=1, max_patches=max_tiles, use_thumbnail=True,
+                                     patch_size=SizeDict(height=16, width=16), resample=ref.resample)  # (S, S, 3) each
     got = dynamic_tiles(img, min_tiles=1, max_tiles=max_tiles, tile_size=16, thumbnail=True)
-    assert tile_grid(*size, max_tiles=max_tiles, tile_size=16) == grid
     assert len(got) == len(want)
     for a, b in zip(got, want):
         assert np.array_equal(np.asarray(a), np.asarray(b))

@@ -149,23 +149,24 @@ def greedy_without_cache(model, ids, px, steps):
 
 @pytest.mark.parametrize("text", ["llama", "gpt2"])
 def test_generate_with_cache_equals_greedy_without_cache(text, seed):
+    """Cached generation equals step-by-step greedy decoding without a cache, and really uses the cache.
+
+    Checked through public API only (a forward hook on the LM's input embeddings and the cache ``generate`` returns),
+    never through the private argument names transformers passes between its own methods."""
     model = vlm.build(tiny_cfg("siglip", text)).eval()
     ids = image_batch_ids(model, [1, 1], length=24)
     px = torch.randn(2, 3, 32, 32)
-    steps = []  # what each LM call received: the prompt once, then one new token per step with the cache
-    lm_forward = model.llm.model.forward
-
-    def spy(*args, **kwargs):
-        x = kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs.get("input_ids")
-        cache = kwargs.get("past_key_values")
-        steps.append((x.shape[1], cache is not None and cache.get_seq_length() > 0))
-        return lm_forward(*args, **kwargs)
-
-    model.llm.model.forward = spy
-    gen = model.generate(ids, px, max_new_tokens=8, min_new_tokens=8)
-    del model.llm.model.forward
+    embedded = []  # positions embedded per call: the prompt once (by us), then one new token per step
+    hook = model.llm.model.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: embedded.append(out.shape[1]))
+    try:
+        out = model.generate(ids, px, max_new_tokens=8, min_new_tokens=8, return_dict_in_generate=True)
+    finally:
+        hook.remove()
+    gen = out.sequences
     assert gen.shape == (2, 8)
-    assert steps == [(24, False)] + [(1, True)] * 7
+    assert embedded == [24] + [1] * 7
+    assert out.past_key_values.get_seq_length() == 24 + 7  # the prompt and every generated token but the last
     assert torch.equal(gen, greedy_without_cache(model, ids, px, 8))
 
 
