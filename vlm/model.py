@@ -32,6 +32,11 @@ IGNORE_INDEX = -100
 BUILD_KEYS = ("encoder", "connector", "llm", "image_token", "image_token_id")
 
 
+def param_dtype(module: nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype of ``module``'s first floating-point parameter (``default`` when it has none)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), default)
+
+
 @dataclass
 class VLMConfig:
     """What ``config.json`` holds: each component's rebuildable config plus the image-token convention."""
@@ -107,8 +112,10 @@ class VLM(nn.Module):
         grid = self.encoder.grid(tuple(pixel_values.shape[-2:])) if pixel_values.ndim == 4 else (0, 0)
         trainable = any(p.requires_grad for p in self.encoder.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
-            feats = self.encoder(pixel_values)
-        return self.connector(feats, grid)
+            feats = self.encoder(pixel_values.to(param_dtype(self.encoder, pixel_values.dtype)))
+        # each part may have its own dtype: features enter the connector in its dtype (the LLM side is cast by
+        # ``inject``); under autocast the matmuls still run in the autocast dtype
+        return self.connector(feats.to(param_dtype(self.connector, feats.dtype)), grid)
 
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """``input_ids (B, L)`` (+ images) -> ``inputs_embeds (B, L, D)`` with image features injected."""
@@ -209,8 +216,9 @@ def build(cfg: Any, tokenizer: Any = None) -> VLM:
             raise KeyError(f"vlm.build: missing {key!r} config (a mapping with 'name')")
     encoder = encoders.build(cfg["encoder"])
     lm = llms.build(cfg["llm"])
-    connector = connectors.build(cfg["connector"], in_dim=encoder.hidden_size, out_dim=lm.hidden_size)
-    connector.to(next(lm.parameters()).dtype)  # the connector computes in the LLM's dtype
+    # the connector computes in its own ``dtype`` when configured, else in the LLM's
+    connector = connectors.build(cfg["connector"], default_dtype=param_dtype(lm), in_dim=encoder.hidden_size,
+                                 out_dim=lm.hidden_size)
     image_token = cfg.get("image_token", "<image>")
     image_token_id = cfg.get("image_token_id")
     if tokenizer is not None:
@@ -234,7 +242,7 @@ def from_config(config: dict[str, Any]) -> VLM:
     """Rebuild the architecture described by a saved ``config.json`` (random weights)."""
     encoder = encoders.build(config["encoder"])
     lm = llms.build(config["llm"])
-    connector = connectors.build(config["connector"]).to(next(lm.parameters()).dtype)
+    connector = connectors.build(config["connector"], default_dtype=param_dtype(lm))  # older configs: no dtype
     return VLM(encoder, connector, lm, image_token_id=config["image_token_id"],
                image_token=config.get("image_token", "<image>"))
 
