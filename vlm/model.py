@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from vlm import connectors, encoders, llm as llms
 from vlm.connectors.base import Connector
 from vlm.encoders.base import VisionEncoder, as_pair
+from vlm.generation import generation_settings
 from vlm.llm.hf_causal_lm import HFCausalLM
 from vlm.llm.masks import positions_from_segments, segment_mask, segment_starts
 from vlm.loss import LOSS_WEIGHTINGS, lm_loss
@@ -32,6 +34,11 @@ IGNORE_INDEX = -100
 BUILD_KEYS = ("encoder", "connector", "llm", "image_token", "image_token_id")
 
 
+def param_dtype(module: nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype of ``module``'s first floating-point parameter (``default`` when it has none)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), default)
+
+
 @dataclass
 class VLMConfig:
     """What ``config.json`` holds: each component's rebuildable config plus the image-token convention."""
@@ -42,6 +49,7 @@ class VLMConfig:
     image_token_id: int
     image_token: str = "<image>"
     extra: dict[str, Any] = field(default_factory=dict)
+    generation: dict[str, Any] = field(default_factory=dict)  # vlm.generation: eos (list), pad, bos ids
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}
@@ -63,6 +71,8 @@ class VLM(nn.Module):
         self.encoder, self.connector, self.llm = encoder, connector, llm
         self.image_token_id, self.image_token = image_token_id, image_token
         self.tokenizer: Any = None
+        # eos (tokenizer eos + the chat template's end of turn), pad, bos ids: generate's defaults, saved and exported
+        self.generation: dict[str, Any] = {}
         self.loss_weighting = "token"  # see vlm.loss: token | sample | square
         self.objective_head: nn.Module | None = None  # a stage's non-LM objective (vlm.objectives); never saved
 
@@ -82,7 +92,25 @@ class VLM(nn.Module):
     def config(self) -> VLMConfig:
         return VLMConfig(encoder=self.encoder.export_config(), connector=self.connector.export_config(),
                          llm=self.llm.export_config(), image_token_id=self.image_token_id,
-                         image_token=self.image_token)
+                         image_token=self.image_token, generation=dict(self.generation))
+
+    def set_template(self, template: Any) -> None:
+        """Serve with chat ``template`` (a name, config or ``Template``): its end-of-turn token joins the stop ids
+        in ``self.generation``, and ``self.tokenizer.chat_template`` becomes its Jinja equivalent, so a saved or
+        exported directory builds the same prompts and stops at the same token as vlm. Changes ``self.tokenizer``
+        in place (give the model its own copy first when the tokenizer is shared)."""
+        from vlm.data.templates import build_template
+
+        if self.tokenizer is None:
+            raise ValueError("set_template needs model.tokenizer (the template's tokens are looked up in it)")
+        template = build_template(template)
+        self.generation = generation_settings(self.tokenizer, template)
+        jinja = template.as_jinja(self.tokenizer, self.image_token)
+        if jinja is None:
+            warnings.warn(f"template {template!r} has no Jinja equivalent; the tokenizer keeps its own chat "
+                          f"template", stacklevel=2)
+        else:
+            self.tokenizer.chat_template = jinja
 
     @property
     def image_size(self) -> int:
@@ -107,8 +135,10 @@ class VLM(nn.Module):
         grid = self.encoder.grid(tuple(pixel_values.shape[-2:])) if pixel_values.ndim == 4 else (0, 0)
         trainable = any(p.requires_grad for p in self.encoder.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
-            feats = self.encoder(pixel_values)
-        return self.connector(feats, grid)
+            feats = self.encoder(pixel_values.to(param_dtype(self.encoder, pixel_values.dtype)))
+        # each part may have its own dtype: features enter the connector in its dtype (the LLM side is cast by
+        # ``inject``); under autocast the matmuls still run in the autocast dtype
+        return self.connector(feats.to(param_dtype(self.connector, feats.dtype)), grid)
 
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """``input_ids (B, L)`` (+ images) -> ``inputs_embeds (B, L, D)`` with image features injected."""
@@ -166,15 +196,18 @@ class VLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, **generate_kwargs: Any) -> torch.Tensor:
-        """Greedy by default, with the KV cache. ``input_ids`` left-padded ``(B, L)``; returns new tokens ``(B, T)``."""
+        """Greedy by default, with the KV cache. ``input_ids`` left-padded ``(B, L)``; returns new tokens ``(B, T)``.
+
+        Stops at any id of ``self.generation["eos_token_id"]`` (the tokenizer's eos and the chat template's end of
+        turn; ``set_template``) and pads with its ``pad_token_id``, unless given here."""
         embeds = self.embed_inputs(input_ids, pixel_values)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         generate_kwargs.setdefault("do_sample", False)
-        if self.tokenizer is not None:
-            generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-            if self.tokenizer.eos_token_id is not None:
-                generate_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
+        settings = self.generation or generation_settings(self.tokenizer)
+        for key in ("eos_token_id", "pad_token_id"):
+            if key in settings:
+                generate_kwargs.setdefault(key, settings[key])
         return self.llm.model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
     # -- persistence -----------------------------------------------------------------------------------------
@@ -209,8 +242,9 @@ def build(cfg: Any, tokenizer: Any = None) -> VLM:
             raise KeyError(f"vlm.build: missing {key!r} config (a mapping with 'name')")
     encoder = encoders.build(cfg["encoder"])
     lm = llms.build(cfg["llm"])
-    connector = connectors.build(cfg["connector"], in_dim=encoder.hidden_size, out_dim=lm.hidden_size)
-    connector.to(next(lm.parameters()).dtype)  # the connector computes in the LLM's dtype
+    # the connector computes in its own ``dtype`` when configured, else in the LLM's
+    connector = connectors.build(cfg["connector"], default_dtype=param_dtype(lm), in_dim=encoder.hidden_size,
+                                 out_dim=lm.hidden_size)
     image_token = cfg.get("image_token", "<image>")
     image_token_id = cfg.get("image_token_id")
     if tokenizer is not None:
@@ -227,6 +261,7 @@ def build(cfg: Any, tokenizer: Any = None) -> VLM:
         lm.resize_token_embeddings(lm.vocab_size + 1)
     model = VLM(encoder, connector, lm, image_token_id=image_token_id, image_token=image_token)
     model.tokenizer = tokenizer
+    model.generation = generation_settings(tokenizer)
     return model
 
 
@@ -234,9 +269,11 @@ def from_config(config: dict[str, Any]) -> VLM:
     """Rebuild the architecture described by a saved ``config.json`` (random weights)."""
     encoder = encoders.build(config["encoder"])
     lm = llms.build(config["llm"])
-    connector = connectors.build(config["connector"]).to(next(lm.parameters()).dtype)
-    return VLM(encoder, connector, lm, image_token_id=config["image_token_id"],
-               image_token=config.get("image_token", "<image>"))
+    connector = connectors.build(config["connector"], default_dtype=param_dtype(lm))  # older configs: no dtype
+    model = VLM(encoder, connector, lm, image_token_id=config["image_token_id"],
+                image_token=config.get("image_token", "<image>"))
+    model.generation = dict(config.get("generation") or {})
+    return model
 
 
 def load(directory: str | os.PathLike, *, tokenizer: bool = True, device: str | torch.device | None = None) -> VLM:
@@ -267,4 +304,6 @@ def load(directory: str | os.PathLike, *, tokenizer: bool = True, device: str | 
         from transformers import AutoTokenizer
 
         model.tokenizer = AutoTokenizer.from_pretrained(str(path))
+    # directories written before generation settings were saved: the tokenizer's
+    model.generation = dict(config.get("generation") or generation_settings(model.tokenizer))
     return model

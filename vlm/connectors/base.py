@@ -31,7 +31,12 @@ class Connector(nn.Module):
             raise ValueError(f"{type(self).__name__} expects (N, T, {self.in_dim}); got {tuple(x.shape)}")
 
     def export_config(self) -> dict[str, Any]:
-        return {"name": self.registry_name, "in_dim": self.in_dim, "out_dim": self.out_dim, **self.options}
+        """The config that rebuilds this connector (its parameter ``dtype`` included when it has parameters)."""
+        out = {"name": self.registry_name, "in_dim": self.in_dim, "out_dim": self.out_dim, **self.options}
+        param = next(self.parameters(), None)
+        if param is not None:
+            out["dtype"] = str(param.dtype).removeprefix("torch.")
+        return out
 
     def record_options(self, frame_locals: dict[str, Any]) -> None:
         """Store the constructor's keyword arguments (except dims) for ``export_config``."""

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from vlm.encoders.base import VisionEncoder
+from vlm.encoders.hf_vision import resolve_dtype
 from vlm.encoders.registry import ENCODERS
 
 
@@ -30,7 +31,8 @@ class TimmEncoder(VisionEncoder):
     def __init__(self, model_name: str, image_size: int = 224, pretrained: str | None = None,
                  feature_layer: int | list[int] = -1, select: str = "patch", freeze: bool = False,
                  model_kwargs: dict[str, Any] | None = None, image_mean: list[float] | None = None,
-                 image_std: list[float] | None = None, pos_embed: str | None = None, pos_scale: float = 1.0) -> None:
+                 image_std: list[float] | None = None, pos_embed: str | None = None, pos_scale: float = 1.0,
+                 dtype: str | None = None) -> None:
         super().__init__()
         import timm
 
@@ -63,6 +65,8 @@ class TimmEncoder(VisionEncoder):
         self.image_mean = tuple(image_mean or data_cfg["mean"])
         self.image_std = tuple(image_std or data_cfg["std"])
         self.grid(image_size)
+        if dtype is not None:
+            self.model.to(resolve_dtype(dtype))
         if freeze:
             self.requires_grad_(False)
 
@@ -80,7 +84,8 @@ class TimmEncoder(VisionEncoder):
         return {"name": "timm", "model_name": self.model_name, "image_size": self.image_size,
                 "feature_layer": self.feature_layer, "select": self.select, "model_kwargs": self.model_kwargs,
                 "image_mean": list(self.image_mean), "image_std": list(self.image_std),
-                "pos_embed": self.pos_embed, "pos_scale": self.pos_scale}
+                "pos_embed": self.pos_embed, "pos_scale": self.pos_scale,
+                "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch.")}
 
 
 def sincos_2d(h: int, w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:

@@ -26,6 +26,7 @@ from torch import nn
 
 from vlm import connectors, encoders, llm as llms
 from vlm.encoders.hf_vision import HFVisionEncoder, resolve_dtype
+from vlm.generation import GENERATION_KEYS, generation_settings, read_settings
 from vlm.hf_config import unknown_config_keys
 from vlm.interop.mapping import (ACT_FROM_HF, ACT_TO_HF, ENCODER_MODEL_TYPES, SELECT_FROM_LLAVA, SELECT_TO_LLAVA,
                                  UNUSED_VISION_MODULES, VISION_MODEL_TYPES)
@@ -35,6 +36,7 @@ from vlm.model import VLM
 from vlm.pretrained import check_weights
 
 CONFIG_FILE = "config.json"
+GENERATION_FILE = "generation_config.json"
 LLAVA_MODEL_TYPE = "llava"
 # keys of a saved transformers config that describe the file, not the architecture
 FILE_KEYS = ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype")
@@ -207,7 +209,25 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
         image_token = tok.convert_ids_to_tokens(image_token_id) or image_token
     model = VLM(encoder, connector, lm, image_token_id=image_token_id, image_token=image_token)
     model.tokenizer = tok
+    model.generation = read_generation(path, config, tok)
     return model.eval()
+
+
+def read_generation(path: Path, config: Any, tokenizer: Any) -> dict[str, Any]:
+    """The directory's generation settings: ``generation_config.json``, else the text config's ids, else the
+    tokenizer's (``vlm.generation``); a source's missing keys are filled from the next one."""
+    sources = []
+    if (path / GENERATION_FILE).is_file():
+        try:
+            sources.append(read_settings(json.loads((path / GENERATION_FILE).read_text())))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"from_hf: {str(path / GENERATION_FILE)!r} is not valid JSON ({e})") from e
+    sources += [read_settings(config.text_config), generation_settings(tokenizer)]
+    out: dict[str, Any] = {}
+    for settings in sources:
+        for key, value in settings.items():
+            out.setdefault(key, value)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------- export
@@ -251,6 +271,13 @@ def llava_problems(model: VLM) -> list[str]:
     return problems
 
 
+def export_generation(model: VLM) -> dict[str, Any]:
+    """The generation settings an export carries: ``model.generation`` (else the tokenizer's), every key present
+    (``None`` where unknown, overriding the LLM config's own ids, which need not match the tokenizer)."""
+    settings = model.generation or generation_settings(model.tokenizer)
+    return {key: settings.get(key) for key in GENERATION_KEYS}
+
+
 def _has_parameter(module: nn.Module, name: str) -> bool:
     try:
         module.get_parameter(name)
@@ -272,6 +299,7 @@ def llava_config(model: VLM) -> Any:
     text_cfg = _arch_config(lm.text_config)
     text_cfg["vocab_size"] = lm.vocab_size
     text_cfg["tie_word_embeddings"] = tied
+    text_cfg.update(export_generation(model))  # where serving engines read eos / pad / bos
     return LlavaConfig(
         vision_config=vision_cfg, text_config=text_cfg, image_token_id=model.image_token_id,
         vision_feature_layer=enc.feature_layer, vision_feature_select_strategy=SELECT_TO_LLAVA[enc.drops_first],
@@ -309,6 +337,8 @@ def to_hf(model: VLM, path: str | os.PathLike, *, dtype: str | torch.dtype | Non
     if _is_tied(lm.model) != _is_tied(hf):
         raise RuntimeError(f"to_hf: embedding tying differs after export (vlm tied={_is_tied(lm.model)}, "
                            f"LLaVA tied={_is_tied(hf)})")
+    for key, value in export_generation(model).items():  # generation_config.json: what generate() uses
+        setattr(hf.generation_config, key, value)
     out.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(str(out), safe_serialization=True)
     del hf

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlm.generation import stop_ids
 from vlm.train.distributed import Strategy
 
 
@@ -23,16 +24,6 @@ def exact_match(predictions: Sequence[str], samples: Sequence[Any]) -> dict[str,
 
     hits = [norm(p) == norm(s.messages[-1].text()) for p, s in zip(predictions, samples)]
     return {"exact_match": sum(hits) / max(1, len(hits)), "exact_match/n": len(hits)}
-
-
-def stop_ids(tokenizer: Any, processor: Any) -> list[int]:
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    eot = processor.template.end_of_turn(tokenizer)
-    if eot:
-        enc = tokenizer(eot, add_special_tokens=False)["input_ids"]
-        if len(enc) == 1 and enc[0] not in ids:
-            ids.append(enc[0])
-    return ids
 
 
 def decode(tokenizer: Any, rows: torch.Tensor, stops: Sequence[int]) -> list[str]:
@@ -50,7 +41,7 @@ def generate_predictions(model: nn.Module, processor: Any, collator: Any, sample
                          max_new_tokens: int, device: torch.device, precision: torch.dtype,
                          lockstep: bool = False) -> list[str]:
     tokenizer = processor.tokenizer
-    stops = stop_ids(tokenizer, processor)
+    stops = stop_ids(tokenizer, processor.template)
     preds: list[str] = []
     for i in range(0, len(samples), batch_size):
         items = [processor(s, add_generation_prompt=True) for s in samples[i:i + batch_size]]

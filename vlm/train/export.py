@@ -7,6 +7,7 @@ from a full (unsharded) state dict gathered on rank 0, so single-process, DDP an
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +126,12 @@ def plain_model(live: nn.Module, merged: dict[str, torch.Tensor], tokenizer: Any
     return plain
 
 
-def export_final(directory: Path, live: nn.Module, merged: dict[str, torch.Tensor], tokenizer: Any) -> Path:
-    """Write a ``vlm.load``-able directory from the merged full state dict."""
-    plain = plain_model(live, merged, tokenizer)
+def export_final(directory: Path, live: nn.Module, merged: dict[str, torch.Tensor], tokenizer: Any,
+                 template: Any = None) -> Path:
+    """Write a ``vlm.load``-able directory from the merged full state dict. With the stage's chat ``template``, the
+    directory's tokenizer carries it as its Jinja chat template and its end of turn is a saved stop id
+    (``VLM.set_template``), so ``vlm.load`` and an export of the directory answer as the run's evaluation did."""
+    plain = plain_model(live, merged, copy.deepcopy(tokenizer) if tokenizer is not None else None)
+    if template is not None and tokenizer is not None:
+        plain.set_template(template)
     return plain.save_pretrained(directory)

@@ -80,6 +80,17 @@ class Template:
         """Strings this template emits that must each be a single token of the tokenizer."""
         return [t for t in (self.image_start, self.image_end) if t]
 
+    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>") -> str | None:
+        """This template as a Jinja chat template (what ``tokenizer.chat_template`` and transformers' processors
+        render): the text of :meth:`render` with each image slot written ``image_start + image_token + image_end``.
+        Messages' ``content`` may be a string or a list of ``{"type": "text" | "image"}`` parts. ``None`` when the
+        template has no Jinja equivalent."""
+        return None
+
+    def image_text(self, image_token: str) -> str:
+        """What one image slot is in rendered text: ``image_start + image_token + image_end``."""
+        return f"{self.image_start or ''}{image_token}{self.image_end or ''}"
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({args})"

@@ -5,6 +5,7 @@ from typing import Any
 
 from vlm.data.sample import Message, Sample
 from vlm.data.templates.base import TEMPLATES, ImageSlot, Segment, Template, Text, content, merge
+from vlm.data.templates.jinja import content_macro, jinja_literal as q
 
 
 class RoleTemplate(Template):
@@ -43,6 +44,31 @@ class RoleTemplate(Template):
 
     def special_tokens(self, tokenizer: Any = None) -> list[str]:
         return [self.eot, *(t for t in (self.bos,) if t), *super().special_tokens(tokenizer)]
+
+    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>") -> str:
+        """The same format as Jinja (assistant content + end of turn inside ``{% generation %}``)."""
+        pre, _, post = self.header.partition("{role}")
+
+        def header(role: str) -> str:
+            return f"{q(pre)} + {role} + {q(post)}"
+
+        turn_end = f"{q(self.eot)}"
+        out = [content_macro(self.image_text(image_token))]
+        if self.bos:
+            out.append(f"{{{{- {q(self.bos)} -}}}}")
+        if self.default_system is not None:
+            out.append("{%- if messages | length == 0 or messages[0]['role'] != 'system' -%}"
+                       f"{{{{- {header(q('system'))} + {q(self.default_system)} + {turn_end} + {q(self.separator)} -}}}}"
+                       "{%- endif -%}")
+        out.append("{%- for m in messages -%}"
+                   f"{{{{- {header('m.role')} -}}}}"
+                   "{%- if m.role == 'assistant' -%}"
+                   f"{{% generation %}}{{{{- content(m.content) + {turn_end} -}}}}{{% endgeneration %}}"
+                   f"{{%- else -%}}{{{{- content(m.content) + {turn_end} -}}}}{{%- endif -%}}"
+                   f"{{{{- {q(self.separator)} -}}}}"
+                   "{%- endfor -%}"
+                   f"{{%- if add_generation_prompt -%}}{{{{- {header(q('assistant'))} -}}}}{{%- endif -%}}")
+        return "".join(out)
 
 
 @TEMPLATES.register("chatml")
@@ -103,6 +129,17 @@ class Plain(Template):
 
     def special_tokens(self, tokenizer: Any = None) -> list[str]:
         return [self.end_of_turn(tokenizer), *super().special_tokens(tokenizer)]
+
+    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>") -> str:
+        """The same format as Jinja: images (+ user text with ``keep_user_text``), caption + end token."""
+        bos = f"{{{{- {q(tokenizer.bos_token)} -}}}}" if self.add_bos and tokenizer.bos_token else ""
+        image = self.image_text(image_token)
+        user = "content" if self.keep_user_text else "images"
+        return (content_macro(image) + content_macro(image, keep_text=False, name="images") + bos +
+                "{%- for m in messages -%}{%- if m.role == 'assistant' -%}{% generation %}"
+                f"{{{{- content(m.content) + {q(self.end_of_turn(tokenizer))} -}}}}{{% endgeneration %}}"
+                f"{{{{- {q(self.separator)} -}}}}"
+                f"{{%- elif m.role == 'user' -%}}{{{{- {user}(m.content) -}}}}{{%- endif -%}}{{%- endfor -%}}")
 
 
 __all__ = ["ChatML", "ImageSlot", "Llama3", "Plain", "RoleTemplate"]

@@ -22,11 +22,27 @@ instead; whatever the template writes around it (``<|vision_start|>``) stays as 
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from typing import Any
 
 from vlm.data.sample import ImageRef, Sample
 from vlm.data.templates.base import TEMPLATES, ImageSlot, Segment, Template, Text, merge
+
+def jinja_literal(text: str) -> str:
+    """``text`` as a Jinja string literal (escapes decoded by Jinja's lexer give back exactly ``text``)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def content_macro(image_text: str, keep_text: bool = True, name: str = "content") -> str:
+    """A Jinja macro ``name(c)`` (default ``content(c)``): a string content as is, a list content as its parts in order (``image`` parts
+    as ``image_text``, ``text`` parts as their text; only the images when ``keep_text`` is false)."""
+    text = "{{- p['text'] -}}" if keep_text else ""
+    plain = "{{- c -}}" if keep_text else ""
+    return ("{%- macro " + name + "(c) -%}{%- if c is string -%}" + plain + "{%- else -%}{%- for p in c -%}"
+            "{%- if p['type'] == 'image' -%}{{- " + jinja_literal(image_text) + " -}}"
+            "{%- elif p['type'] == 'text' -%}" + text + "{%- endif -%}{%- endfor -%}{%- endif -%}{%- endmacro -%}")
+
 
 SENTINEL = "\ue000"  # a private-use character: never in real text, survives Jinja filters like trim
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -143,3 +159,10 @@ class TokenizerTemplate(Template):
     def special_tokens(self, tokenizer: Any = None) -> list[str]:
         ph = [] if self.image_placeholder == SENTINEL else [self.image_placeholder]
         return ph + super().special_tokens(tokenizer)
+
+    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>") -> str | None:
+        """The Jinja template this template renders with; ``None`` with image markers (added around image slots
+        outside the Jinja template, so it alone does not reproduce them)."""
+        if self.image_start or self.image_end:
+            return None
+        return self._template(tokenizer)
