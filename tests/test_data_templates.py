@@ -167,11 +167,135 @@ def test_render_segments_directly():
 
 
 def test_template_registry():
-    assert set(TEMPLATES.names()) >= {"auto", "chatml", "llama3", "plain", "tokenizer"}
+    assert set(TEMPLATES.names()) >= {"auto", "chatml", "llama3", "plain", "tokenizer", "vicuna_v1"}
     with pytest.raises(KeyError, match="unknown template 'chat'; known templates: auto, chatml"):
         build_template("chat")
     with pytest.raises(TypeError, match="unknown argument"):
         build_template({"name": "chatml", "bogus": 1})
+
+
+# ---------------------------------------------------------------------------------------------------- vicuna_v1
+LLAVA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                "helpful, detailed, and polite answers to the user's questions.")
+# LLaVA-1.5: images moved to the start of their message + "\n", user turns end with " ", replies with "</s>"
+VICUNA = [("<|bos|>Be brief. USER: ", 0), ("IMG", K), ("\nWhat is this? ASSISTANT:", 0), (" A red square.</s>", 1),
+          ("USER: ", 0), ("IMG", K), ("\nAnd this one ? ASSISTANT:", 0), (" A green bar.</s>", 1)]
+VICUNA_TRAINED = " A red square.</s> A green bar.</s>"
+
+
+def text_of(segments) -> str:
+    return "".join(s.text if isinstance(s, Text) else "<image>" for s in segments)
+
+
+def test_vicuna_v1_renders_llava_format():
+    tok = byte_tokenizer("vicuna_v1")
+    tpl = build_template("vicuna_v1")
+    assert text_of(tpl.render(conversation(), tok)) == (
+        "<|bos|>Be brief. USER: <image>\nWhat is this? ASSISTANT: A red square.</s>"
+        "USER: <image>\nAnd this one ? ASSISTANT: A green bar.</s>")
+    assert text_of(tpl.render(conversation(system=False), tok)) == (
+        "<|bos|>A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions. USER: <image>\nWhat is this? ASSISTANT: A red "
+        "square.</s>USER: <image>\nAnd this one ? ASSISTANT: A green bar.</s>")
+    assert tpl.end_of_turn(tok) == "</s>" == tok.eos_token
+    assert tpl.special_tokens(tok) == ["</s>", "<|bos|>"]
+    # images stay where the data put them with images_first=False; text-only messages are never stripped
+    kept = build_template({"name": "vicuna_v1", "images_first": False, "add_bos": False})
+    assert text_of(kept.render(conversation(), tok)) == (
+        "Be brief. USER: <image>\nWhat is this? ASSISTANT: A red square.</s>"
+        "USER: And this one <image>? ASSISTANT: A green bar.</s>")
+    spaced = Sample([Message("user", ["  hi  "]), Message("assistant", [" yo "])])
+    assert text_of(kept.render(spaced, tok)) == LLAVA_SYSTEM + " USER:   hi   ASSISTANT:  yo </s>"
+
+
+def test_vicuna_v1_label_mask_token_by_token():
+    """Trained: each reply (with the space after ``ASSISTANT:``) and its ``</s>``; bos, system, headers, user text
+    and image tokens are masked."""
+    tok = byte_tokenizer("vicuna_v1")
+    item = processor(tok, "vicuna_v1")(conversation())
+    check(tok, item, VICUNA, VICUNA_TRAINED)
+    eos = tok.convert_tokens_to_ids("</s>")
+    ids, labels = item["input_ids"].tolist(), item["labels"].tolist()
+    assert ids[0] == tok.bos_token_id and labels[0] == -100
+    assert [i for i, t in enumerate(ids) if t == eos] == [i for i, t in enumerate(labels) if t == eos] and \
+        ids[-1] == eos == labels[-1]
+
+
+def test_vicuna_v1_generation_prompt_and_system_override():
+    tok = byte_tokenizer("vicuna_v1")
+    item = processor(tok, "vicuna_v1")(conversation(), add_generation_prompt=True)
+    assert item["meta"]["target"] == "A green bar."
+    assert tok.decode(item["input_ids"]).endswith("USER: " + "<image>" * K + "\nAnd this one ? ASSISTANT:")
+    assert (item["labels"] == -100).all()
+    proc = processor(tok, {"name": "vicuna_v1", "default_system": "Answer briefly."})
+    text = tok.decode(proc(conversation(system=False))["input_ids"])
+    assert text.startswith("<|bos|>Answer briefly. USER: " + "<image>" * K + "\nWhat is this? ASSISTANT: A red")
+    assert tok.decode(proc(conversation())["input_ids"]).startswith("<|bos|>Be brief. USER: ")  # the sample's wins
+    bare = processor(tok, {"name": "vicuna_v1", "default_system": None, "add_bos": False})(conversation(system=False))
+    check(tok, bare, [("USER: ", 0), *VICUNA[1:]], VICUNA_TRAINED)
+
+
+@pytest.mark.parametrize("method", ["generation", "prefix"])
+@pytest.mark.parametrize("system", [True, False])
+@pytest.mark.parametrize("agp", [False, True])
+def test_vicuna_v1_jinja_renders_the_same(method, system, agp):
+    """The exported Jinja (``CHAT_TEMPLATES["vicuna_v1"]``) gives the same segments: text, trained spans, images."""
+    tok = byte_tokenizer("vicuna_v1")
+    jinja = build_template({"name": "tokenizer", "method": method, "content_format": "list",
+                            "image_placeholder": "<image>"})
+    assert jinja.resolved_method(tok) == method
+    sample = conversation(system)
+    if agp:
+        sample.messages.pop()
+    assert jinja.render(sample, tok, agp) == build_template("vicuna_v1").render(sample, tok, agp)
+    if not agp:
+        check(tok, processor(tok, jinja)(conversation(system)), VICUNA if system else
+              [("<|bos|>" + LLAVA_SYSTEM + " USER: ", 0), *VICUNA[1:]], VICUNA_TRAINED)
+
+
+def test_vicuna_v1_jinja_string_content_and_export(tmp_path):
+    """String content with ``<image>`` is rearranged like LLaVA does; the template survives save/load."""
+    tok = byte_tokenizer("vicuna_v1")
+    tok.save_pretrained(tmp_path)
+    back = load_tokenizer(tmp_path)
+    msgs = [{"role": "user", "content": "What is <image>? "}, {"role": "assistant", "content": "A cat."},
+            {"role": "user", "content": "Thanks"}]
+    want = ("<|bos|>" + LLAVA_SYSTEM + " USER: <image>\nWhat is ? ASSISTANT: A cat.</s>USER: Thanks ASSISTANT:")
+    assert back.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == want
+    sample = Sample([Message("user", ["What is ", ImageRef(0), "? "]), Message("assistant", ["A cat."]),
+                     Message("user", ["Thanks"])], [RED])
+    assert text_of(build_template("vicuna_v1").render(sample, back, True)) == want
+    assert len(back) == len(tok) == 256 + len(SPECIAL_TOKENS) + 1 and back.eos_token == "</s>"
+
+
+def test_recipe_templates_are_registered():
+    """Every ``template:`` in recipes/**/*.yaml, and every stage template of every composed recipe, is registered."""
+    import yaml
+
+    from vlm.train.config import compose, list_options, recipes_dir
+
+    def templates(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "template":
+                    yield v if isinstance(v, str) else v["name"]
+                else:
+                    yield from templates(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from templates(v)
+
+    found = {path.relative_to(recipes_dir()).as_posix(): set(templates(yaml.safe_load(path.read_text())))
+             for path in recipes_dir().rglob("*.yaml")}
+    assert "vicuna_v1" in found["stage/sft.yaml"] and "vicuna_v1" in found["recipe/llava15.yaml"]
+    unknown = {f: names - set(TEMPLATES.names()) for f, names in found.items() if names - set(TEMPLATES.names())}
+    assert not unknown, f"recipes name unregistered templates: {unknown}"
+    for recipe in list_options("recipe"):
+        cfg = compose(recipe)
+        for stage in cfg.stages:
+            build_template(dict(cfg.stage[stage].template) if not isinstance(cfg.stage[stage].template, str)
+                           else cfg.stage[stage].template)
+    assert compose("llava15").stage.sft.template == "vicuna_v1"
 
 
 # ------------------------------------------------------------------------------------------------------ tokenizer

@@ -2,16 +2,20 @@
 
 ``byte_tokenizer()`` builds a ``transformers`` fast tokenizer in code with the ``tokenizers`` library: ids 0..255 are
 the raw bytes (so any text round-trips, id == byte value), followed by a handful of special tokens. It carries a Jinja
-chat template (``chatml`` or ``llama3``, with ``{% generation %}`` blocks so ``return_assistant_tokens_mask`` works)
-and round-trips through ``save_pretrained`` / ``AutoTokenizer.from_pretrained``.
+chat template (``chatml``, ``llama3`` or ``vicuna_v1``, with ``{% generation %}`` blocks so
+``return_assistant_tokens_mask`` works) and round-trips through ``save_pretrained`` /
+``AutoTokenizer.from_pretrained``.
 """
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+from vlm.data.templates.vicuna import VICUNA_SYSTEM
 
 #: Special tokens of the byte tokenizer, in id order after the 256 bytes (ids 256..).
 SPECIAL_TOKENS: tuple[str, ...] = (
@@ -44,8 +48,35 @@ CHAT_TEMPLATES: dict[str, str] = {
         "{%- else -%}{{- content(m['content']) + '<|eot_id|>' -}}{%- endif -%}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"),
+    # LLaVA-1.5 (the `vicuna_v1` template): a message's images first, each followed by "\n", then its text stripped
+    "vicuna_v1": (
+        "{%- macro vicuna_content(c) -%}{%- if c is string -%}{%- set n = c.count('<image>') -%}"
+        "{%- if n -%}{{- '<image>\\n' * n + c.replace('<image>', '') | trim -}}{%- else -%}{{- c -}}{%- endif -%}"
+        "{%- else -%}{%- set ns = namespace(text='', n=0) -%}{%- for p in c -%}"
+        "{%- if p['type'] == 'image' -%}{%- set ns.n = ns.n + 1 -%}"
+        "{%- elif p['type'] == 'text' -%}{%- set ns.text = ns.text + p['text'] -%}{%- endif -%}{%- endfor -%}"
+        "{%- if ns.n -%}{{- '<image>\\n' * ns.n + ns.text | trim -}}{%- else -%}{{- ns.text -}}{%- endif -%}"
+        "{%- endif -%}{%- endmacro -%}"
+        "{%- if bos_token is defined and bos_token -%}{{- bos_token -}}{%- endif -%}"
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set system = vicuna_content(messages[0]['content']) -%}{%- set turns = messages[1:] -%}"
+        "{%- else -%}{%- set system = " + json.dumps(VICUNA_SYSTEM) + " -%}{%- set turns = messages -%}{%- endif -%}"
+        "{%- if system -%}{{- system + ' ' -}}{%- endif -%}"
+        "{%- for m in turns -%}"
+        "{%- if m['role'] == 'assistant' -%}"
+        "{{- 'ASSISTANT:' -}}{% generation %}{{- ' ' + vicuna_content(m['content']) + '</s>' -}}{% endgeneration %}"
+        "{%- else -%}{{- 'USER: ' + vicuna_content(m['content']) + ' ' -}}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"),
 }
-_EOS = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}
+_EOS = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "vicuna_v1": "</s>"}
+#: Tokens a built-in chat template writes beyond :data:`SPECIAL_TOKENS` (appended after them, ids unchanged).
+_TEMPLATE_TOKENS: dict[str, tuple[str, ...]] = {"vicuna_v1": ("</s>",)}
+
+
+def _special_tokens(chat_template: str, extra_tokens: Sequence[str]) -> list[str]:
+    """:data:`SPECIAL_TOKENS`, then the chat template's own tokens, then ``extra_tokens`` (no repeats)."""
+    return list(dict.fromkeys([*SPECIAL_TOKENS, *_TEMPLATE_TOKENS.get(chat_template, ()), *extra_tokens]))
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -66,13 +97,17 @@ def byte_tokenizer(chat_template: str = "chatml", extra_tokens: Sequence[str] = 
     """A byte-level ``PreTrainedTokenizerFast`` (``TokenizersBackend`` in transformers 5) built without files.
 
     Args:
-        chat_template: ``"chatml"`` or ``"llama3"`` (built-in Jinja templates), or a raw Jinja string.
+        chat_template: ``"chatml"``, ``"llama3"`` or ``"vicuna_v1"`` (built-in Jinja templates, each rendering
+            exactly what the template of that name renders; ``vicuna_v1`` adds the special token ``</s>``), or a raw
+            Jinja string.
         extra_tokens: more special tokens to append (e.g. ``"<IMG_CONTEXT>"``).
         generation_tags: keep the ``{% generation %}`` markers in the built-in templates (``False`` gives a template
             without them, to exercise the prefix-diff path of the ``tokenizer`` template).
-        eos_token: defaults to the template's end-of-turn token (``<|im_end|>`` / ``<|eot_id|>``), else ``<|eos|>``.
+        eos_token: defaults to the template's end-of-turn token (``<|im_end|>`` / ``<|eot_id|>`` / ``</s>``), else
+            ``<|eos|>``.
 
-    Vocabulary: 256 bytes (id == byte value), then :data:`SPECIAL_TOKENS`, then ``extra_tokens`` (< 300 in total).
+    Vocabulary: 256 bytes (id == byte value), then :data:`SPECIAL_TOKENS`, then the template's own tokens, then
+    ``extra_tokens`` (< 300 in total).
     """
     from transformers import PreTrainedTokenizerFast
 
@@ -80,7 +115,7 @@ def byte_tokenizer(chat_template: str = "chatml", extra_tokens: Sequence[str] = 
     tok = Tokenizer(models.BPE(vocab={b2u[b]: b for b in range(256)}, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    specials = list(dict.fromkeys([*SPECIAL_TOKENS, *extra_tokens]))
+    specials = _special_tokens(chat_template, extra_tokens)
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     template = CHAT_TEMPLATES.get(chat_template, chat_template)
     if not generation_tags:
@@ -106,7 +141,7 @@ def byte_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512, chat_templat
     from tokenizers import trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = list(dict.fromkeys([*SPECIAL_TOKENS, *extra_tokens]))
+    specials = _special_tokens(chat_template, extra_tokens)
     tok = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
@@ -128,9 +163,9 @@ def byte_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512, chat_templat
 def load_tokenizer(path_or_name: str | os.PathLike, *, trust_remote_code: bool = False, **kwargs: Any) -> Any:
     """Load a tokenizer from a local directory (never the network).
 
-    ``"byte"`` / ``"byte:chatml"`` / ``"byte:llama3"`` build :func:`byte_tokenizer`. Anything else goes to
-    ``AutoTokenizer.from_pretrained(..., local_files_only=True)`` (a local directory or an already-cached hub name);
-    remote code runs only when the caller opts in (the ``trust_remote_code`` flag, off by default).
+    ``"byte"`` / ``"byte:chatml"`` / ``"byte:llama3"`` / ``"byte:vicuna_v1"`` build :func:`byte_tokenizer`. Anything
+    else goes to ``AutoTokenizer.from_pretrained(..., local_files_only=True)`` (a local directory or an already-cached
+    hub name); remote code runs only when the caller opts in (the ``trust_remote_code`` flag, off by default).
     """
     from transformers import AutoTokenizer
 
