@@ -21,6 +21,8 @@ SPECS = [
     {"name": "plain", "keep_user_text": True, "separator": "\n", "add_bos": True},
     {"name": "plain", "eos": "<|eot_id|>", "image_start": "<img>", "image_end": "</img>"},
     "tokenizer", "auto", {"name": "auto", "fallback": "llama3"},
+    "vicuna_v1", {"name": "vicuna_v1", "images_first": False, "default_system": None, "add_bos": False},
+    {"name": "vicuna_v1", "image_start": "<img>", "image_end": "</img>", "eos": "<|eot_id|>"},
 ]
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from vlm.data.templates.vicuna import VICUNA_SYSTEM
+from vlm.data.templates.vicuna import VicunaV1
 
 #: Special tokens of the byte tokenizer, in id order after the 256 bytes (ids 256..).
 SPECIAL_TOKENS: tuple[str, ...] = (
@@ -48,26 +48,7 @@ CHAT_TEMPLATES: dict[str, str] = {
         "{%- else -%}{{- content(m['content']) + '<|eot_id|>' -}}{%- endif -%}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"),
-    # LLaVA-1.5 (the `vicuna_v1` template): a message's images first, each followed by "\n", then its text stripped
-    "vicuna_v1": (
-        "{%- macro vicuna_content(c) -%}{%- if c is string -%}{%- set n = c.count('<image>') -%}"
-        "{%- if n -%}{{- '<image>\\n' * n + c.replace('<image>', '') | trim -}}{%- else -%}{{- c -}}{%- endif -%}"
-        "{%- else -%}{%- set ns = namespace(text='', n=0) -%}{%- for p in c -%}"
-        "{%- if p['type'] == 'image' -%}{%- set ns.n = ns.n + 1 -%}"
-        "{%- elif p['type'] == 'text' -%}{%- set ns.text = ns.text + p['text'] -%}{%- endif -%}{%- endfor -%}"
-        "{%- if ns.n -%}{{- '<image>\\n' * ns.n + ns.text | trim -}}{%- else -%}{{- ns.text -}}{%- endif -%}"
-        "{%- endif -%}{%- endmacro -%}"
-        "{%- if bos_token is defined and bos_token -%}{{- bos_token -}}{%- endif -%}"
-        "{%- if messages and messages[0]['role'] == 'system' -%}"
-        "{%- set system = vicuna_content(messages[0]['content']) -%}{%- set turns = messages[1:] -%}"
-        "{%- else -%}{%- set system = " + json.dumps(VICUNA_SYSTEM) + " -%}{%- set turns = messages -%}{%- endif -%}"
-        "{%- if system -%}{{- system + ' ' -}}{%- endif -%}"
-        "{%- for m in turns -%}"
-        "{%- if m['role'] == 'assistant' -%}"
-        "{{- 'ASSISTANT:' -}}{% generation %}{{- ' ' + vicuna_content(m['content']) + '</s>' -}}{% endgeneration %}"
-        "{%- else -%}{{- 'USER: ' + vicuna_content(m['content']) + ' ' -}}{%- endif -%}"
-        "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"),
+    "vicuna_v1": VicunaV1().as_jinja(),  # LLaVA-1.5: the template class owns its Jinja form
 }
 _EOS = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "vicuna_v1": "</s>"}
 #: Tokens a built-in chat template writes beyond :data:`SPECIAL_TOKENS` (appended after them, ids unchanged).

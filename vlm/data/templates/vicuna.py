@@ -18,7 +18,7 @@ Tokenization: the processor tokenizes without adding special tokens, so ``bos`` 
 by default, as LLaVA's Llama tokenizer adds it; tokenizers without a ``bos_token`` get none). ``</s>`` is written
 literally, as LLaVA does; for Llama/Vicuna it is the tokenizer's ``eos_token``, the generation stop.
 
-The same format as a Jinja chat template (for exported tokenizers): ``vlm.data.tokenizer.CHAT_TEMPLATES["vicuna_v1"]``.
+The same format as a Jinja chat template (for exported tokenizers): :meth:`VicunaV1.as_jinja`.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from typing import Any
 
 from vlm.data.sample import ImageRef, Message, Sample
 from vlm.data.templates.base import TEMPLATES, ImageSlot, Segment, Template, Text, content, merge
+from vlm.data.templates.jinja import jinja_literal as q
 
 #: LLaVA's ``conv_vicuna_v1`` system prompt (what LLaVA-1.5 trains and evaluates with: ``--version v1``,
 #: ``--conv-mode vicuna_v1``). LLaVA's ``conv_llava_v1`` says "human" instead of "user"; pass it as ``default_system``.
@@ -92,6 +93,38 @@ class VicunaV1(Template):
 
     def end_of_turn(self, tokenizer: Any = None) -> str:
         return self.eos
+
+    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>") -> str:
+        """The same layout as Jinja (the trained reply inside ``{% generation %}``); string content may hold
+        ``image_token`` placeholders, list content ``{"type": "image"}`` parts. ``bos_token`` comes from the
+        tokenizer rendering it (transformers passes its special tokens), as :meth:`render` takes it from the tokenizer."""
+        img, tok = q(self.image_text(image_token) + "\n"), q(image_token)
+        parts = ("{%- if n -%}{{- " + img + " * n + text | trim -}}{%- else -%}{{- text -}}{%- endif -%}"
+                 if self.images_first else "{{- raw -}}")
+        system = q(self.default_system or "")
+        return (
+            "{%- macro vicuna_content(c) -%}{%- if c is string -%}"
+            "{%- set n = c.count(" + tok + ") -%}{%- set text = c.replace(" + tok + ", '') -%}"
+            "{%- set raw = c.replace(" + tok + ", " + q(self.image_text(image_token)) + ") -%}" + parts +
+            "{%- else -%}{%- set ns = namespace(text='', raw='', n=0) -%}{%- for p in c -%}"
+            "{%- if p['type'] == 'image' -%}{%- set ns.n = ns.n + 1 -%}"
+            "{%- set ns.raw = ns.raw + " + q(self.image_text(image_token)) + " -%}"
+            "{%- elif p['type'] == 'text' -%}{%- set ns.text = ns.text + p['text'] -%}"
+            "{%- set ns.raw = ns.raw + p['text'] -%}{%- endif -%}{%- endfor -%}"
+            "{%- set n = ns.n -%}{%- set text = ns.text -%}{%- set raw = ns.raw -%}" + parts +
+            "{%- endif -%}{%- endmacro -%}"
+            + ("{%- if bos_token is defined and bos_token -%}{{- bos_token -}}{%- endif -%}" if self.add_bos else "")
+            + "{%- if messages and messages[0]['role'] == 'system' -%}"
+            "{%- set system = vicuna_content(messages[0]['content']) -%}{%- set turns = messages[1:] -%}"
+            "{%- else -%}{%- set system = " + system + " -%}{%- set turns = messages -%}{%- endif -%}"
+            "{%- if system -%}{{- system + ' ' -}}{%- endif -%}"
+            "{%- for m in turns -%}"
+            "{%- if m['role'] == 'assistant' -%}"
+            "{{- 'ASSISTANT:' -}}{% generation %}{{- ' ' + vicuna_content(m['content']) + " + q(self.eos) + " -}}"
+            "{% endgeneration %}"
+            "{%- else -%}{{- 'USER: ' + vicuna_content(m['content']) + ' ' -}}{%- endif -%}"
+            "{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}")
 
     def special_tokens(self, tokenizer: Any = None) -> list[str]:
         bos = self._bos(tokenizer)
