@@ -1,7 +1,8 @@
 """Train/serve tokenization parity: the processor's ids for a conversation equal the tokenizer's ids for the whole
-rendered prompt (image placeholders expanded, as ``LlavaProcessor`` does), for byte-level BPE, Metaspace BPE
-(Llama-2 style), Unigram (T5 style) and WordPiece tokenizers built in code; labels = transformers'
-``return_assistant_tokens_mask`` on the same prompt. Also: generation prompts are never cut."""
+rendered prompt (image placeholders expanded, as ``LlavaProcessor`` does), for byte, byte-level BPE (with and without
+a prefix space), Metaspace BPE (Llama-2 style), legacy Llama-2 normalizer BPE, Unigram (T5 style) and WordPiece
+tokenizers built in code; labels = transformers' ``return_assistant_tokens_mask`` on the same prompt (image blocks
+excepted). Also: generation prompts are never cut."""
 from __future__ import annotations
 
 import random
@@ -25,9 +26,11 @@ CORPUS = [" ".join(random.Random(i).choices(WORDS, k=8)) for i in range(300)] + 
     ["What is this? a red circle and a blue square.", "user\nWhat colour is it?", "assistant\nblue"] * 20
 
 
-def fast(tok: Tokenizer, unk: str | None = None) -> PreTrainedTokenizerFast:
-    """Wrap a ``tokenizers.Tokenizer`` holding :data:`SPECIAL_TOKENS` like ``byte_tokenizer`` does."""
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
+def fast(tok: Tokenizer, unk: str | None = None, strip: bool = False) -> PreTrainedTokenizerFast:
+    """Wrap a ``tokenizers.Tokenizer`` holding :data:`SPECIAL_TOKENS` like ``byte_tokenizer`` does (``strip``: the
+    special tokens swallow the whitespace around them, as some tokenizers' do)."""
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False, lstrip=strip, rstrip=strip)
+                            for s in SPECIAL_TOKENS])
     extra = {"unk_token": unk} if unk else {}
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>",
                                    eos_token="<|eos|>", **extra,
@@ -44,6 +47,29 @@ def llama2_bpe() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
     return fast(tok, "<unk>")
+
+
+def llama2_legacy() -> PreTrainedTokenizerFast:
+    """BPE with the older Llama-2 normalizer (``Prepend('▁')`` + spaces -> '▁', no pre-tokenizer) and special tokens
+    that strip the whitespace around them."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")  # merges within words
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>"],
+                                                        show_progress=False))
+    tok.pre_tokenizer = None
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Strip(" ", 1, 0)])
+    return fast(tok, "<unk>", strip=True)
+
+
+def roberta_bpe() -> PreTrainedTokenizerFast:
+    """Byte-level BPE with ``add_prefix_space=True`` (RoBERTa / GPT-2 with a prefix space)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return fast(tok)
 
 
 def t5_unigram() -> PreTrainedTokenizerFast:
@@ -69,7 +95,8 @@ def bert_wordpiece() -> PreTrainedTokenizerFast:
 
 
 TOKENIZERS = {"byte": byte_tokenizer, "byte_bpe": lambda: byte_bpe_tokenizer(CORPUS, vocab_size=400),
-              "llama2_bpe": llama2_bpe, "t5_unigram": t5_unigram, "bert_wordpiece": bert_wordpiece}
+              "llama2_bpe": llama2_bpe, "llama2_legacy": llama2_legacy, "roberta_bpe": roberta_bpe,
+              "t5_unigram": t5_unigram, "bert_wordpiece": bert_wordpiece}
 
 
 @pytest.fixture(scope="module", params=sorted(TOKENIZERS))
@@ -136,6 +163,7 @@ def test_processor_ids_equal_whole_prompt_ids(tok, template):
     """Property test: 30 random conversations per tokenizer kind and template, training and generation prompts."""
     tok.chat_template = CHAT_TEMPLATES["chatml"]  # for the 'tokenizer' template
     proc = processor(tok, OURS.get(template, template), k=K)
+    image_ids = torch.tensor(tok.convert_tokens_to_ids(["<image>", "<img>", "</img>"]))
     rng = random.Random(template)
     for seed in range(30):
         sample, hf = random_conversation(rng, seed)
@@ -144,7 +172,8 @@ def test_processor_ids_equal_whole_prompt_ids(tok, template):
         item = proc(sample)
         ids = ref["input_ids"]
         assert item["input_ids"].tolist() == ids, (template, seed, tok.convert_ids_to_tokens(ids))
-        mask = torch.tensor(ref["assistant_masks"], dtype=torch.bool)
+        # image blocks are never trained, even where a stripping special token swallowed a trained character
+        mask = torch.tensor(ref["assistant_masks"], dtype=torch.bool) & ~torch.isin(torch.tensor(ids), image_ids)
         assert item["labels"].tolist() == torch.where(mask, torch.tensor(ids), -100).tolist(), (template, seed)
         if template == "plain":
             continue  # plain has no generation prompt
@@ -185,6 +214,17 @@ def test_straddling_token_is_trained():
     ab, y, eos = vocab["ab"], vocab["y"], tok.convert_tokens_to_ids("<|eos|>")
     assert item["input_ids"].tolist() == [vocab["x"], ab, y, eos]
     assert item["labels"].tolist() == [-100, ab, y, eos]
+
+
+def test_image_tokens_are_never_trained_even_when_they_swallow_a_trained_space():
+    tok = llama2_legacy()  # special tokens strip the whitespace around them
+    s = Sample([Message("user", [ImageRef(0)]), Message("assistant", [" a red circle"])], [Image.new("RGB", (8, 8))])
+    item = processor(tok, "plain", k=K)(s)
+    ids = item["input_ids"].tolist()
+    assert ids == tok(IMAGE + " a red circle<|eos|>", add_special_tokens=False)["input_ids"]
+    offsets = tok(IMAGE + " a red circle<|eos|>", add_special_tokens=False, return_offsets_mapping=True)
+    assert offsets["offset_mapping"][K - 1][1] > len(IMAGE)  # the last image token took in the caption's space
+    assert item["labels"].tolist()[:K] == [-100] * K and item["labels"].tolist()[K:] == ids[K:]
 
 
 class NoOffsets:

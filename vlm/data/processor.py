@@ -9,7 +9,7 @@ Tokenization: the rendered prompt (text segments joined, each image slot written
 ``image_token`` once per feature, as ``LlavaProcessor`` expands ``<image>``) is tokenized **once**
 (``add_special_tokens=False``), so the ids equal what a serving engine gets for the same prompt. Character offsets
 then give the labels: a token is trained when any of its characters lies in trainable text (the rule of
-transformers' ``return_assistant_tokens_mask``). Tokenizers without offsets (not ``is_fast``) fall back to tokenizing
+transformers' ``return_assistant_tokens_mask``) and none in an image block. Tokenizers without offsets (not ``is_fast``) fall back to tokenizing
 piece by piece, with a warning. See docs/data.md, "Tokenization".
 """
 from __future__ import annotations
@@ -263,7 +263,9 @@ class Processor:
             raise SampleError(f"the text contains the image token {self.image_token!r} itself ({n_found - n_expected} "
                               f"extra); it would be fed image features", reason="image_token_in_text",
                               sample_id=sample.id)
-        trained = _overlaps(starts, ends, [p for p in pieces if p.trainable])
+        # image blocks are never trained, even when a special token that strips whitespace (``rstrip=True``) took in
+        # a trained character next to it
+        trained = _overlaps(starts, ends, [p for p in pieces if p.trainable]) & ~_overlaps(starts, ends, blocks)
         labels = torch.where(trained, input_ids, IGNORE_INDEX)
         # position just after the last image block: truncation must not cut before it
         last = _overlaps(starts, ends, blocks[-1:]).nonzero()
