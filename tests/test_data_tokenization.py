@@ -11,7 +11,7 @@ import pytest
 import torch
 from data_fixtures import processor
 from PIL import Image
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from vlm.data.processor import SampleDropped
@@ -63,10 +63,11 @@ def llama2_legacy() -> PreTrainedTokenizerFast:
 
 
 def roberta_bpe() -> PreTrainedTokenizerFast:
-    """Byte-level BPE with ``add_prefix_space=True`` (RoBERTa / GPT-2 with a prefix space)."""
+    """Byte-level BPE with ``add_prefix_space=True`` and offsets trimmed of whitespace (RoBERTa)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=True)
     tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, show_progress=False,
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return fast(tok)
