@@ -1,19 +1,25 @@
 """Processor: a ``Sample`` -> model-ready tensors (template, tokenization, image tensors, placeholder expansion, labels).
 
-Each image (all its tiles, thumbnail/base image included, contiguous) becomes
-``[image_start] + [image_token_id] * sum(num_image_tokens((H, W)) over its tiles) + [image_end]``; images appear in
+Each image (all its tiles, thumbnail/base image included, contiguous) becomes the text
+``image_start + image_token * sum(num_image_tokens((H, W)) over its tiles) + image_end``; images appear in
 ``pixel_values`` in the order their tokens appear. Labels are the ids on trainable template text (assistant content +
 end-of-turn) and -100 everywhere else (role headers, user/system text, markers, image tokens, padding).
 
-Text segments are tokenized one by one (``add_special_tokens=False``), so segment boundaries are token boundaries.
+Tokenization: the rendered prompt (text segments joined, each image slot written out as its markers and
+``image_token`` once per feature, as ``LlavaProcessor`` expands ``<image>``) is tokenized **once**
+(``add_special_tokens=False``), so the ids equal what a serving engine gets for the same prompt. Character offsets
+then give the labels: a token is trained when any of its characters lies in trainable text (the rule of
+transformers' ``return_assistant_tokens_mask``) and none in an image block. Tokenizers without offsets (not ``is_fast``) fall back to tokenizing
+piece by piece, with a warning. See docs/data.md, "Tokenization".
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import warnings
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -23,6 +29,16 @@ from vlm.data.sample import Sample
 from vlm.data.templates import ImageSlot, Template, Text, build_template
 
 IGNORE_INDEX = -100
+
+
+class Piece(NamedTuple):
+    """A character range ``[start, end)`` of the rendered prompt: template text (``trainable`` or not) or an image
+    block (``image_tokens`` placeholders between its markers; ``None`` for text)."""
+
+    start: int
+    end: int
+    trainable: bool = False
+    image_tokens: int | None = None
 
 
 class SampleDropped(SampleError):
@@ -79,8 +95,12 @@ class Processor:
         self.image_token_id = self._single_id(image_token, "image_token")
         for tok in self.template.special_tokens(tokenizer):
             self._single_id(tok, f"template {self.template.name!r} token")
-        self._start = self._encode(self.template.image_start)
-        self._end = self._encode(self.template.image_end)
+        # character offsets let the whole prompt be tokenized in one call (fast tokenizers have them)
+        self._offsets = bool(getattr(tokenizer, "is_fast", False))
+        if not self._offsets:
+            warnings.warn(f"{type(tokenizer).__name__} gives no character offsets (not a fast tokenizer): prompts are "
+                          f"tokenized piece by piece, so ids can differ from tokenizing the whole prompt at once "
+                          f"(what serving does); use a fast tokenizer", stacklevel=2)
         self.dropped: Counter[str] = Counter()
         self._ip_takes_max_tiles = image_processor is not None and _accepts(image_processor, "max_tiles")
 
@@ -155,6 +175,47 @@ class Processor:
                                 reason="tile_budget", sample_id=sample.id)
         return tiles, infos
 
+    # ------------------------------------------------------------------------------------------- tokenize
+    def _layout(self, segments: list[Any], tiles: list[torch.Tensor], add_generation_prompt: bool
+                ) -> tuple[str, list[Piece]]:
+        """The prompt as one string and its pieces. Each image slot is written as ``image_start``, ``image_token``
+        repeated ``tiles x num_image_tokens((H, W))`` times, ``image_end`` (what ``LlavaProcessor`` puts in the
+        text before it tokenizes); nothing is trainable under ``add_generation_prompt``."""
+        parts: list[str] = []
+        pieces: list[Piece] = []
+        pos = 0
+        image_iter = iter(tiles)
+        markers = (self.template.image_start or "", self.template.image_end or "")
+        for seg in segments:
+            if isinstance(seg, Text):
+                piece_text, train, n = seg.text, seg.trainable and not add_generation_prompt, None
+            else:
+                t = next(image_iter)
+                n = t.shape[0] * int(self.num_image_tokens(tuple(t.shape[-2:])))
+                piece_text, train = markers[0] + self.image_token * n + markers[1], False
+            parts.append(piece_text)
+            pieces.append(Piece(pos, pos + len(piece_text), train, n))
+            pos += len(piece_text)
+        return "".join(parts), pieces
+
+    def _tokenize(self, text: str, pieces: list[Piece]) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """``(ids, starts, ends)``: the ids of ``text`` and each token's character range ``[start, end)`` (L,).
+
+        One call on the whole text when the tokenizer gives offsets; otherwise piece by piece, each token spanning
+        its whole piece."""
+        if self._offsets:
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+        else:
+            ids, offsets = [], []
+            for p in pieces:
+                piece = self._encode(text[p.start:p.end])
+                ids += piece
+                offsets += [(p.start, p.end)] * len(piece)
+        starts = torch.tensor([o[0] for o in offsets], dtype=torch.long)
+        ends = torch.tensor([o[1] for o in offsets], dtype=torch.long)
+        return ids, starts, ends
+
     # ----------------------------------------------------------------------------------------------- call
     def __call__(self, sample: Sample, add_generation_prompt: bool = False, *,
                  allow_urls: bool | None = None) -> dict[str, Any]:
@@ -192,41 +253,31 @@ class Processor:
                      for i, src in enumerate(sample.images)}
             segments = rewrite_segment_boxes(segments, dict(zip(order, infos)), rewrite=self.rewrite_boxes,
                                              check=self.check_boxes, files=files)
-        texts = [s.text for s in segments if isinstance(s, Text)]
-        text_ids = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
-        image_iter = iter(tiles)
-        ids: list[int] = []
-        lengths: list[int] = []
-        trainable: list[bool] = []
-        image_end = 0  # position just after the last image block: truncation must not cut before it
-        for seg in segments:
-            if isinstance(seg, Text):
-                piece = next(text_ids)
-                train = seg.trainable and not add_generation_prompt
-            else:
-                t = next(image_iter)
-                n = t.shape[0] * int(self.num_image_tokens(tuple(t.shape[-2:])))
-                piece = self._start + [self.image_token_id] * n + self._end
-                train = False
-            ids += piece
-            lengths.append(len(piece))
-            trainable.append(train)
-            if isinstance(seg, ImageSlot):
-                image_end = len(ids)
+        text, pieces = self._layout(segments, tiles, add_generation_prompt)
+        ids, starts, ends = self._tokenize(text, pieces)
         input_ids = torch.tensor(ids, dtype=torch.long)
-        n_expected = sum(n for n, seg in zip(lengths, segments) if isinstance(seg, ImageSlot)) \
-            - len(order) * (len(self._start) + len(self._end))
+        blocks = [p for p in pieces if p.image_tokens is not None]
+        n_expected = sum(p.image_tokens for p in blocks)
         n_found = int((input_ids == self.image_token_id).sum())
         if n_found != n_expected:
             raise SampleError(f"the text contains the image token {self.image_token!r} itself ({n_found - n_expected} "
                               f"extra); it would be fed image features", reason="image_token_in_text",
                               sample_id=sample.id)
-        mask = torch.repeat_interleave(torch.tensor(trainable), torch.tensor(lengths, dtype=torch.long))
-        labels = torch.where(mask, input_ids, IGNORE_INDEX)
+        # image blocks are never trained, even when a special token that strips whitespace (``rstrip=True``) took in
+        # a trained character next to it
+        trained = _overlaps(starts, ends, [p for p in pieces if p.trainable]) & ~_overlaps(starts, ends, blocks)
+        labels = torch.where(trained, input_ids, IGNORE_INDEX)
+        # position just after the last image block: truncation must not cut before it
+        last = _overlaps(starts, ends, blocks[-1:]).nonzero()
+        image_end = int(last[-1]) + 1 if len(last) else 0
         truncated = False
         if self.max_length is not None and len(ids) > self.max_length:
+            cls = SampleDropped if self.truncation == "drop" else SampleError
+            if add_generation_prompt:
+                raise cls(f"the generation prompt has {len(ids)} tokens, more than max_length={self.max_length}; a "
+                          f"generation prompt is never cut (the model would continue the cut text instead of "
+                          f"answering)", reason="too_long", sample_id=sample.id)
             if image_end > self.max_length:
-                cls = SampleDropped if self.truncation == "drop" else SampleError
                 raise cls(f"{len(ids)} tokens exceed max_length={self.max_length} and truncating would cut an image "
                           f"(image tokens end at {image_end})", reason="too_long", sample_id=sample.id)
             input_ids, labels, truncated = input_ids[:self.max_length], labels[:self.max_length], True
@@ -286,6 +337,17 @@ def rewrite_segment_boxes(segments: list[Any], infos: dict[int, Any], *, rewrite
                               f"{getattr(e, 'problem', e)}", reason="box", file=file) from None
         out.append(dataclasses.replace(seg, text=text))
     return out
+
+
+def _overlaps(starts: torch.Tensor, ends: torch.Tensor, pieces: list[Piece]) -> torch.Tensor:
+    """(L,) bool: which tokens (character ranges ``[starts, ends)``, (L,)) share a character with any piece.
+
+    The rule of transformers' ``return_assistant_tokens_mask``: ``start < piece.end and end > piece.start``, so a
+    token straddling a piece boundary counts as inside (an empty-range token only strictly inside)."""
+    mask = torch.zeros(starts.shape, dtype=torch.bool)
+    for p in pieces:
+        mask |= (starts < p.end) & (ends > p.start)
+    return mask
 
 
 def _has_box(text: str) -> bool:

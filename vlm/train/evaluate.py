@@ -4,6 +4,10 @@ A dataset with an ``evaluate(predictions, samples) -> {metric: value}`` method (
 subtype, grounding Acc@IoU0.5 and mean IoU, caption F1, ``all``) scores itself; other datasets get exact match against
 the final assistant reply. Processes split the samples and gather the predictions; under FSDP every rank generates
 the same number of tokens (no early stop) so the sharded forward passes stay in lockstep.
+
+A prompt the processor drops (``SampleDropped``: longer than ``max_length`` -- generation prompts are never cut --
+or over the tile budget) is not answered: it is left out of the scores and counted in ``eval_dropped`` (its record
+says why).
 """
 from __future__ import annotations
 
@@ -36,16 +40,42 @@ def decode(tokenizer: Any, rows: torch.Tensor, stops: Sequence[int]) -> list[str
     return out
 
 
+def _prompt(processor: Any, sample: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """``(item, None)``, or ``(None, why)`` when the processor drops the sample's generation prompt."""
+    from vlm.data.processor import SampleDropped
+
+    try:
+        return processor(sample, add_generation_prompt=True), None
+    except SampleDropped as e:
+        return None, f"{e.reason}: {e}"
+
+
+def _filler(processor: Any) -> dict[str, Any]:
+    """A text-only generation prompt with an empty question: generated (and discarded) under lockstep when every
+    prompt of a batch was dropped, so that this rank still runs the sharded forward passes the others run."""
+    from vlm.data.sample import Message, Sample
+
+    return processor(Sample([Message("user", [""])], id="<filler>"), add_generation_prompt=True)
+
+
 @torch.no_grad()
 def generate_predictions(model: nn.Module, processor: Any, collator: Any, samples: Sequence[Any], batch_size: int,
                          max_new_tokens: int, device: torch.device, precision: torch.dtype,
-                         lockstep: bool = False) -> list[str]:
+                         lockstep: bool = False) -> tuple[list[str | None], list[str | None]]:
+    """``(predictions, dropped)`` per sample: the decoded answer, or ``None`` with the reason in ``dropped`` when the
+    processor dropped the prompt (it is never generated from)."""
     tokenizer = processor.tokenizer
     stops = stop_ids(tokenizer, processor.template)
-    preds: list[str] = []
+    preds: list[str | None] = []
+    dropped: list[str | None] = []
     for i in range(0, len(samples), batch_size):
-        items = [processor(s, add_generation_prompt=True) for s in samples[i:i + batch_size]]
-        batch = collator(items)
+        prompts = [_prompt(processor, s) for s in samples[i:i + batch_size]]
+        dropped += [why for _, why in prompts]
+        items = [item for item, _ in prompts if item is not None]
+        if not items and not lockstep:
+            preds += [None] * len(prompts)
+            continue
+        batch = collator(items or [_filler(processor)])
         batch.pop("meta", None)
         kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id,
                   "eos_token_id": None if lockstep else stops}
@@ -55,14 +85,18 @@ def generate_predictions(model: nn.Module, processor: Any, collator: Any, sample
             new = model.generate(batch["input_ids"].to(device),
                                  pixel_values=batch["pixel_values"].to(device) if "pixel_values" in batch else None,
                                  attention_mask=batch["attention_mask"].to(device), **kwargs)
-        preds += decode(tokenizer, new, stops)
-    return preds
+        answers = iter(decode(tokenizer, new, stops))
+        preds += [next(answers) if item is not None else None for item, _ in prompts]
+    return preds, dropped
 
 
 def evaluate(wrapped: nn.Module, strategy: Strategy, processor: Any, samples: Any, *, batch_size: int,
              max_new_tokens: int, precision: torch.dtype, limit: int | None = None,
              lockstep: bool = False) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Metrics (on every rank) and, on rank 0, one record per sample (id, task, prediction, target)."""
+    """Metrics (on every rank) and, on rank 0, one record per sample (id, task, prediction, target).
+
+    Samples whose prompt the processor drops are not scored; ``metrics["eval_dropped"]`` (present when > 0) counts
+    them and their records carry ``prediction: None`` and ``dropped`` (the reason)."""
     from vlm.data.collate import PadCollator
 
     n = len(samples) if limit is None else min(limit, len(samples))
@@ -74,28 +108,34 @@ def evaluate(wrapped: nn.Module, strategy: Strategy, processor: Any, samples: An
     was_training = wrapped.training
     wrapped.eval()
     with strategy.inference(wrapped) as model:
-        preds = generate_predictions(model, processor, collator, [samples[i] for i in mine], batch_size,
-                                     max_new_tokens, strategy.device, precision, lockstep)
+        preds, dropped = generate_predictions(model, processor, collator, [samples[i] for i in mine], batch_size,
+                                              max_new_tokens, strategy.device, precision, lockstep)
     wrapped.train(was_training)
-    gathered = strategy.all_gather_object(list(zip(mine, preds)))
-    by_index: dict[int, str] = {}
+    gathered = strategy.all_gather_object(list(zip(mine, preds, dropped)))
+    by_index: dict[int, tuple[str | None, str | None]] = {}
     for part in gathered:
-        for i, p in part:
-            by_index.setdefault(i, p)
+        for i, p, why in part:
+            by_index.setdefault(i, (p, why))
     order = sorted(by_index)[:n]
-    subset = [samples[i] for i in order]
-    predictions = [by_index[i] for i in order]
+    scored = [i for i in order if by_index[i][1] is None]
+    subset = [samples[i] for i in scored]
+    predictions = [by_index[i][0] for i in scored]
     scorer = getattr(samples, "evaluate", None)
-    metrics = dict(scorer(predictions, subset) if scorer else exact_match(predictions, subset))
+    metrics = dict(scorer(predictions, subset) if scorer else exact_match(predictions, subset)) if scored else {}
+    if len(scored) < len(order):  # only when some were dropped: the usual metrics stay as they were
+        metrics["eval_dropped"] = len(order) - len(scored)
     metrics["eval_seconds"] = time.perf_counter() - t0
-    records = [{"id": s.id, "task": s.meta.get("task"), "prediction": p,
-                "target": s.messages[-1].text() if s.messages else None} for s, p in zip(subset, predictions)]
+    records = []
+    for i in order:
+        s, (p, why) = samples[i], by_index[i]
+        records.append({"id": s.id, "task": s.meta.get("task"), "prediction": p,
+                        "target": s.messages[-1].text() if s.messages else None, **({"dropped": why} if why else {})})
     return metrics, records
 
 
 def format_table(metrics: dict[str, float]) -> str:
     """A markdown table: one row per task/metric with its sample count."""
-    rows = [k for k in metrics if not k.endswith("/n") and k != "eval_seconds"]
+    rows = [k for k in metrics if not k.endswith("/n") and k not in ("eval_seconds", "eval_dropped")]
     order = {"all": 2, "vqa": 1, "multi_image": 1}
     rows.sort(key=lambda k: (order.get(k, 0), k))
     label = {"grounding": "grounding (Acc@IoU0.5)", "grounding/iou": "grounding (mean IoU)",
@@ -105,5 +145,8 @@ def format_table(metrics: dict[str, float]) -> str:
         n = metrics.get(f"{k}/n", metrics.get(f"{k.split('/')[0]}/n", ""))
         n = int(n) if isinstance(n, float) and n.is_integer() else n
         lines.append(f"| {label.get(k, k)} | {metrics[k]:.3f} | {n} |")
+    if metrics.get("eval_dropped"):
+        lines.append(f"\n{int(metrics['eval_dropped'])} sample(s) not evaluated: the processor dropped their prompt "
+                     f"(longer than max_length, or over the tile budget); see `dropped` in the records")
     return "\n".join(lines)
 

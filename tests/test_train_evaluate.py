@@ -1,0 +1,64 @@
+"""Evaluation never answers a cut prompt: prompts the processor drops are counted and reported, not generated from."""
+from __future__ import annotations
+
+import pytest
+import torch
+from data_fixtures import processor
+from PIL import Image
+from torch import nn
+
+from vlm.data.sample import ImageRef, Message, Sample
+from vlm.data.tokenizer import byte_tokenizer
+from vlm.train.distributed import Strategy
+from vlm.train.evaluate import evaluate, format_table
+
+HEADER = "<|im_start|>assistant\n"
+
+
+class Echo(nn.Module):
+    """Answers 'blue' to every prompt and records the prompts it was given (decoded, padding removed)."""
+
+    def __init__(self, tok):
+        super().__init__()
+        self.tok, self.prompts = tok, []
+
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, **kw):
+        for row, mask in zip(input_ids, attention_mask):
+            self.prompts.append(self.tok.decode(row[mask.bool()]))
+        answer = self.tok("blue", add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+        return torch.tensor([answer] * input_ids.shape[0])
+
+
+def sample(i: int, question: str, answer: str = "blue") -> Sample:
+    return Sample([Message("user", [ImageRef(0), question]), Message("assistant", [answer])],
+                  [Image.new("RGB", (8, 8))], id=f"s{i}")
+
+
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_dropped_prompts_are_counted_not_answered(lockstep):
+    tok = byte_tokenizer()
+    proc = processor(tok, "chatml", k=2, max_length=40)
+    long_q = "Which shape is closest to the top left corner of the picture, and what colour is it? " * 3
+    samples = [sample(0, long_q), sample(1, "Colour?"), sample(2, long_q), sample(3, long_q, "red"),
+               sample(4, "Shape?", "red")]
+    model = Echo(tok)
+    metrics, records = evaluate(model, Strategy(None), proc, samples, batch_size=1 if lockstep else 2,
+                                max_new_tokens=3, precision=torch.float32, lockstep=lockstep)
+    assert metrics["exact_match"] == 0.5 and metrics["exact_match/n"] == 2  # s1 right, s4 wrong; 3 not scored
+    assert metrics["eval_dropped"] == 3
+    assert [r["prediction"] for r in records] == [None, "blue", None, None, "blue"]
+    assert [r.get("dropped", "").split(":")[0] for r in records] == ["too_long", "", "too_long", "too_long", ""]
+    assert all(p.endswith(HEADER) for p in model.prompts)  # no prompt lost its end
+    answered = [p for p in model.prompts if "?" in p]
+    assert len(answered) == 2 and all(long_q not in p for p in answered)
+    # lockstep (FSDP): a batch of dropped prompts still runs generate, on an empty filler prompt, discarded
+    assert len(model.prompts) == (5 if lockstep else 2)
+    assert "3 sample(s) not evaluated" in format_table(metrics)
+
+
+def test_nothing_dropped_keeps_the_usual_metrics():
+    tok = byte_tokenizer()
+    metrics, records = evaluate(Echo(tok), Strategy(None), processor(tok, "chatml", k=2, max_length=64),
+                                [sample(0, "Colour?")], batch_size=4, max_new_tokens=3, precision=torch.float32)
+    assert "eval_dropped" not in metrics and metrics["exact_match"] == 1.0 and "dropped" not in records[0]
+    assert "not evaluated" not in format_table(metrics)
