@@ -196,9 +196,19 @@ def llava_cfg(tmp_path, path, images, out="run", **spec):
     return cfg
 
 
-def test_skipped_samples_counted_once_and_reported(tmp_path, capsys):
+def test_skipped_samples_counted_once_and_reported(tmp_path, monkeypatch, capsys):
     path, images = llava_data(tmp_path, missing=(7, 8, 120))  # two adjacent: 7 is skipped again asking for 8
-    res = run(llava_cfg(tmp_path, path, images))
+    cfg = llava_cfg(tmp_path, path, images)
+    cfg.stage.sft.save_every = 2
+    crash_at(monkeypatch, 4)  # interrupted in the last step: the counts of steps 1-2 come back from the checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    monkeypatch.undo()
+    state = json.loads((tmp_path / "run" / "sft" / "checkpoints" / "step_000002" / "trainer_state.json").read_text())
+    assert len(state["skipped_samples"]["samples"]) >= 1  # so the final count needs the checkpoint's
+    cfg.resume = "auto"
+    capsys.readouterr()
+    res = run(cfg)
     want = {"total": 3, "by_reason": {"missing_image": 3}, "num_samples": 200}
     got = res.stages[0].skipped_samples
     assert {k: got[k] for k in want} == want and len(got["examples"]) == 3

@@ -44,7 +44,7 @@ class StageResult:
     resumed_from: str | None = None
     eval: dict[str, float] = field(default_factory=dict)
     skipped: bool = False
-    skipped_samples: dict[str, Any] = field(default_factory=dict)  # bad samples: total, by_reason, examples, of
+    skipped_samples: dict[str, Any] = field(default_factory=dict)  # total, by_reason, examples, num_samples
 
     @property
     def final_loss(self) -> float | None:
