@@ -83,6 +83,14 @@ def test_failed_before_training_is_recorded_and_not_resumed(tmp_path, monkeypatc
     res = run(recipe="micro", overrides=FAST + ["stage.sft.max_steps=1", "resume=auto"])
     assert res.run_dir.resolve() != failed.resolve() and run_info(res.run_dir)["state"] == "finished"
     assert res.stages[0].resumed_from is None
+    # naming it explicitly is refused with its state; resume=auto with it as output_dir starts it afresh
+    with pytest.raises(ConfigError, match=r"no checkpoint to continue from \(state failed: TypeError: .*no_such"):
+        run(recipe="micro", overrides=FAST + [f"resume={failed}"])
+    again = run(recipe="micro", overrides=FAST + ["stage.sft.max_steps=1", "resume=auto", f"output_dir={failed}"])
+    info = run_info(failed)
+    assert again.run_dir == failed and again.stages[0].resumed_from is None
+    assert [a["state"] for a in info["attempts"]] == ["failed", "finished"] and info["attempts"][1]["restarted"]
+    assert "error" not in info and [r["attempt"] for r in read_metrics(failed / "metrics.jsonl")] == [1, 1]
 
 
 # ---------------------------------------------------------------------------------------- which config, and state
@@ -159,6 +167,9 @@ def test_metrics_readers_drop_abandoned_steps(tmp_path):
         + [{"stage": "b", "step": s, "loss": 4.0, "attempt": 2} for s in (3, 4)] \
         + [{"stage": "b", "step": 4, "eval": {"all": 0.5}, "attempt": 2}]
     path = tmp_path / "metrics.jsonl"
+    restarted = [{"stage": "a", "step": 1, "loss": 9.0, "attempt": 0}, {"restarted": True, "attempt": 1}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in restarted + rows[:2]))
+    assert read_metrics(path) == rows[:2]  # a start afresh in the same directory drops everything before it
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     seen = read_metrics(path)
     assert [(r["stage"], r["step"], r.get("loss"), r["attempt"]) for r in seen if "loss" in r] == [

@@ -105,6 +105,12 @@ class RunLogger:
         if self.is_main:
             self._write({"stage": stage, "step": step, "resumed": True, "attempt": self.attempt})
 
+    def mark_restart(self) -> None:
+        """Record (in ``metrics.jsonl`` only) that the run starts again from scratch in the same directory: every
+        earlier row belongs to an abandoned attempt."""
+        if self.is_main:
+            self._write({"restarted": True, "attempt": self.attempt})
+
     def summary(self, values: dict[str, Any]) -> None:
         if self.is_main:
             self.backend.summary(values)
@@ -125,10 +131,13 @@ def read_metrics(path: Path, all_attempts: bool = False) -> list[dict[str, Any]]
 def current_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows as the run's history: a resume marker (``{"stage", "step", "resumed": true}``) drops the earlier rows of
     its stage after its step (written before an interruption, then redone); of rows with the same stage, step and
-    kind (``loss`` / ``eval`` / other) the last is kept. Markers themselves are left out; file order is kept."""
+    kind (``loss`` / ``eval`` / other) the last is kept. A restart marker (``{"restarted": true}``) drops every
+    earlier row. Markers themselves are left out; file order is kept."""
     kept: list[dict[str, Any]] = []
     for r in rows:
-        if r.get("resumed") is True:
+        if r.get("restarted") is True:
+            kept = []
+        elif r.get("resumed") is True:
             kept = [x for x in kept if x.get("stage") != r.get("stage") or x.get("step", 0) <= r.get("step", 0)]
         else:
             kept.append(r)

@@ -98,7 +98,8 @@ def find_resumable(name: str) -> Path | None:
 
 
 def resolve_run_dir(cfg: DictConfig) -> tuple[Path, bool]:
-    """``(run dir, resuming)`` from ``output_dir`` and ``resume``."""
+    """``(run dir, resuming)`` from ``output_dir`` and ``resume``. Only a run with a checkpoint (or a finished stage)
+    is resumed: ``resume=auto`` starts one without afresh, ``resume=DIR`` refuses it."""
     if cfg.resume not in (None, "auto"):
         p = Path(cfg.resume)
         if p.name.startswith("step_") and p.parent.name == "checkpoints":
@@ -107,11 +108,16 @@ def resolve_run_dir(cfg: DictConfig) -> tuple[Path, bool]:
             raise ConfigError(f"resume={cfg.resume!r}: not a run directory (no config.yaml)")
         if cfg.output_dir and Path(cfg.output_dir).resolve() != p.resolve():
             raise ConfigError(f"resume={cfg.resume!r} and output_dir={cfg.output_dir!r} name different runs")
+        if not has_checkpoint(p):
+            state = _run_info(p).get("state", "unknown")
+            error = _run_info(p).get("error")
+            raise ConfigError(f"resume={cfg.resume!r}: the run has no checkpoint to continue from (state {state}"
+                              + (f": {error}" if error else "") + "); start it again without resume")
         return p, True
     if cfg.resume == "auto":
         if cfg.output_dir:
             p = Path(cfg.output_dir)
-            return p, (p / "config.yaml").is_file()
+            return p, (p / "config.yaml").is_file() and has_checkpoint(p)
         found = find_resumable(cfg.name)
         return (found, True) if found else (default_run_dir(cfg.name), False)
     p = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg.name)
@@ -239,18 +245,21 @@ def write_run_info(cfg: DictConfig, run_dir: Path, resuming: bool, world_size: i
                    overrides: list[str] | None = None, resume: Resume | None = None) -> int:
     """``config.yaml`` (the config this attempt runs with) and ``run.json``: state ``started``, the overrides that
     compose the config (cumulative over resumes), git commit, seeds, command line, versions, and an ``attempts``
-    entry (first run or resume: its overrides and changes). Returns the attempt number (0 for a fresh run)."""
+    entry (first run, resume, or a start afresh in a directory without a checkpoint: its overrides and changes).
+    Returns the attempt number (0 for a new directory)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    info = _run_info(run_dir) if resuming else {}
+    info = _run_info(run_dir)
     now = datetime.now().isoformat()
     attempt = {"started": now, "argv": sys.argv, "git": git_info(), "world_size": world_size, "state": "started"}
-    if not info:
+    if not resuming:
+        earlier = info.get("attempts", [])
         info = {"name": cfg.name, "git": attempt["git"], "seed": cfg.seed,
                 "stage_seeds": {n: {"model": cfg.seed, "data": data_seed(cfg.seed, n)} for n in cfg.stages},
                 "argv": sys.argv, "world_size": world_size, "started": now, "overrides": list(overrides or []),
                 "versions": {"python": platform.python_version(), "torch": torch.__version__,
                              "transformers": _version("transformers"), "peft": _version("peft")},
-                "attempts": [{**attempt, "overrides": list(overrides or [])}]}
+                "attempts": earlier + [{**attempt, "overrides": list(overrides or []),
+                                        **({"restarted": True} if earlier else {})}]}
     else:
         attempts = info.setdefault("attempts", [{"started": info.get("started")}])  # runs from before attempts
         extra = list(resume.overrides or []) if resume else []
@@ -352,6 +361,8 @@ def _run(cfg: DictConfig, strategy: Any, t0: float, overrides: list[str] | None,
     state.run_dir = run_dir if strategy.is_main else None
     strategy.barrier()
     log = RunLogger(run_dir, cfg, strategy.is_main, attempt=attempt)
+    if attempt and not resuming:
+        log.mark_restart()
     log.info(f"[vlm.train] recipe {cfg.name!r}: stages {list(cfg.stages)} -> {run_dir}"
              + (f" (resuming, attempt {attempt})" if resuming else ""))
     if resume is not None:
