@@ -2,10 +2,11 @@
 
 ``SampleDataset`` converts a row only when it is asked for, so with a ``DataLoader`` the reading, image decoding and
 tiling happen in the workers. Bad samples raise a ``SampleError`` naming the data file, the index/id, the image file
-and the problem; with ``skip_bad=True`` they are skipped instead (the next index is tried), counted by reason in
-``dataset.bad`` and listed in the returned item's ``meta["skipped"]`` (so a training loop can aggregate counts over
+and the problem; with ``skip_bad=True`` they are skipped instead (the next index is tried), counted once each by
+reason in ``dataset.bad`` and listed in the returned item's ``meta["skipped"]`` (so a training loop can aggregate counts over
 DataLoader workers: collators merge them into ``batch["meta"]["skipped"]``). Samples the processor drops by policy
-(too long to truncate, over the tile budget) are always skipped and counted.
+(too long to truncate, over the tile budget) are always skipped and counted. ``max_bad_fraction`` stops the
+reading with a ``TooManyBadSamples`` error once more than that fraction of the samples is known to be bad.
 """
 from __future__ import annotations
 
@@ -26,32 +27,65 @@ from vlm.data.sample import Sample
 log = logging.getLogger(__name__)
 
 
+class TooManyBadSamples(DataError):
+    """More of a dataset is bad than ``max_bad_fraction`` allows, or every sample tried in a row was bad."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+
+    def __reduce__(self):  # picklable across DataLoader workers
+        return (type(self), (self.problem,))
+
+
 class BadSamples:
-    """Counts skipped samples by reason and keeps the first ``keep`` messages as examples."""
+    """Skipped samples, each counted once (by index; a sample skipped again in a later epoch or by another request is
+    not counted twice), by reason, with the first ``keep`` messages as examples."""
 
     def __init__(self, keep: int = 5) -> None:
-        self.counts: Counter[str] = Counter()
+        self.reasons: dict[Any, str] = {}   # sample key (index, else the message) -> reason
         self.examples: list[str] = []
         self.keep = keep
 
+    def _record(self, key: Any, reason: str, message: str) -> None:
+        if key in self.reasons:
+            return
+        self.reasons[key] = reason
+        if len(self.examples) < self.keep and message:
+            self.examples.append(message)
+
     def add(self, err: BaseException) -> dict[str, Any]:
-        reason = reason_of(err)
-        self.counts[reason] += 1
-        if len(self.examples) < self.keep:
-            self.examples.append(str(err))
-        return {"index": getattr(err, "index", None), "id": getattr(err, "sample_id", None), "reason": reason,
-                "message": str(err)}
+        """Count ``err``'s sample; returns the ``meta["skipped"]`` entry ``{index, id, reason, message}``."""
+        entry = {"index": getattr(err, "index", None), "id": getattr(err, "sample_id", None),
+                 "reason": reason_of(err), "message": str(err)}
+        self.update([entry])
+        return entry
 
     def update(self, skipped: Sequence[Mapping[str, Any]]) -> None:
         """Merge ``batch["meta"]["skipped"]`` entries (e.g. counts made in DataLoader workers)."""
         for s in skipped:
-            self.counts[s["reason"]] += 1
-            if len(self.examples) < self.keep:
-                self.examples.append(s.get("message", ""))
+            index = s.get("index")
+            self._record(index if index is not None else s.get("message", ""), s["reason"], s.get("message", ""))
+
+    def state(self) -> dict[str, Any]:
+        """JSON-able state (``merge`` it into another ``BadSamples``: across processes or after a resume)."""
+        return {"samples": [[k, r] for k, r in self.reasons.items()], "examples": list(self.examples)}
+
+    def merge(self, state: Mapping[str, Any]) -> None:
+        for key, reason in state.get("samples", []):
+            self._record(key, reason, "")
+        self.examples = (self.examples + [e for e in state.get("examples", []) if e not in self.examples])[:self.keep]
+
+    @property
+    def counts(self) -> Counter[str]:
+        return Counter(self.reasons.values())
 
     @property
     def total(self) -> int:
-        return sum(self.counts.values())
+        return len(self.reasons)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"total", "by_reason", "examples"}`` (what ``result.json`` and ``metrics.jsonl`` record)."""
+        return {"total": self.total, "by_reason": dict(self.counts.most_common()), "examples": list(self.examples)}
 
     def summary(self) -> str:
         if not self.total:
@@ -59,6 +93,16 @@ class BadSamples:
         by = ", ".join(f"{r}: {n}" for r, n in self.counts.most_common())
         ex = "".join(f"\n  e.g. {e}" for e in self.examples)
         return f"skipped {self.total} bad sample(s) ({by}){ex}"
+
+    def check(self, num_samples: int, max_fraction: float | None, where: str, option: str = "max_bad_fraction") -> None:
+        """Raise ``TooManyBadSamples`` when more than ``max_fraction`` of ``num_samples`` are known to be bad (the
+        count is a lower bound of the truth, so this never fires early)."""
+        if max_fraction is None or self.total <= max_fraction * num_samples:
+            return
+        raise TooManyBadSamples(
+            f"{where}: {self.total} of its {num_samples} samples are bad ({self.total / num_samples:.1%} found so "
+            f"far), more than {option}={max_fraction:g} allows ({int(max_fraction * num_samples)}); "
+            f"{self.summary()}\nFix the data, or raise {option} (1.0 skips any number of bad samples).")
 
 
 class SampleDataset(Dataset):
@@ -72,6 +116,9 @@ class SampleDataset(Dataset):
         image_folder: root for relative image paths.
         allow_urls: accept ``http(s)`` images (reader) and fetch them (processor).
         skip_bad: skip bad samples (counted in :attr:`bad`) instead of raising.
+        max_bad_fraction: raise ``TooManyBadSamples`` once more than this fraction of the samples is known to be bad
+            (skipped for any reason); ``None``: no limit.
+        max_skip: at most this many bad samples in a row are skipped for one request (then ``TooManyBadSamples``).
         add_generation_prompt: process for generation (evaluation): the final assistant reply becomes
             ``meta["target"]``.
         split, backend: passed to ``load_records``. ``reader_options``: more reader arguments (``check_files``, ...).
@@ -80,7 +127,7 @@ class SampleDataset(Dataset):
     def __init__(self, source: Any, format: str = "auto", *, processor: Processor | None = None,
                  image_folder: str | os.PathLike | None = None, allow_urls: bool = False, skip_bad: bool = False,
                  add_generation_prompt: bool = False, split: str = "train", backend: str = "auto",
-                 max_skip: int = 1000, **reader_options: Any) -> None:
+                 max_skip: int = 1000, max_bad_fraction: float | None = None, **reader_options: Any) -> None:
         self.records = load_records(source, split=split, backend=backend)
         if len(self.records) == 0:
             raise ValueError(f"no records in {source!r}")
@@ -95,6 +142,10 @@ class SampleDataset(Dataset):
                                           source=self.source_name, **reader_options)
         self.processor, self.allow_urls, self.skip_bad = processor, allow_urls, skip_bad
         self.add_generation_prompt, self.max_skip = add_generation_prompt, max_skip
+        if max_bad_fraction is not None and not 0 <= max_bad_fraction <= 1:
+            raise ValueError(f"max_bad_fraction={max_bad_fraction!r}; expected a fraction in [0, 1] or None")
+        self.max_bad_fraction = max_bad_fraction
+        self.config_key: str | None = None  # where the dataset is configured (e.g. ``data.sft``), named in errors
         self.bad = BadSamples()
 
     def __len__(self) -> int:
@@ -112,7 +163,8 @@ class SampleDataset(Dataset):
 
     def __getitem__(self, index: int) -> Any:
         skipped: list[dict[str, Any]] = []
-        for k in range(min(self.max_skip, len(self)) + 1):
+        tries = min(self.max_skip, len(self))
+        for k in range(tries):
             i = (index + k) % len(self)
             try:
                 item = self._item(i)
@@ -126,9 +178,19 @@ class SampleDataset(Dataset):
                 meta = item.meta if isinstance(item, Sample) else item["meta"]
                 if skipped:
                     meta["skipped"] = skipped
+                    self.check_bad()
                 return item
-        raise RuntimeError(f"{self.source_name or 'dataset'}: {len(skipped)} consecutive bad samples from index "
-                           f"{index}; {self.bad.summary()}")
+        name = self.source_name or "dataset"
+        if tries == len(self):
+            raise TooManyBadSamples(f"{name}: all {len(self)} samples are bad; {self.bad.summary()}")
+        raise TooManyBadSamples(f"{name}: the {tries} samples from index {index} on are all bad (max_skip={tries}); "
+                                f"{self.bad.summary()}")
+
+    def check_bad(self) -> None:
+        """Raise ``TooManyBadSamples`` when more than ``max_bad_fraction`` of the samples are known to be bad."""
+        prefix = f"{self.config_key}." if self.config_key else ""
+        self.bad.check(len(self), self.max_bad_fraction, self.source_name or "dataset",
+                       option=f"{prefix}max_bad_fraction")
 
     def __iter__(self) -> Iterator[Any]:
         """Every good item once (bad ones skipped per policy); logs the bad-sample summary at the end."""
@@ -137,10 +199,12 @@ class SampleDataset(Dataset):
                 yield self._item(i)
             except SampleDropped as e:
                 self.bad.add(e)
+                self.check_bad()
             except DataError as e:
                 if not self.skip_bad:
                     raise
                 self.bad.add(e)
+                self.check_bad()
         if self.bad.total:
             log.warning("%s: %s", self.source_name or "dataset", self.bad.summary())
 

@@ -6,6 +6,7 @@ Examples::
     python -m vlm.train recipe=llava15 trainer=fsdp            # (torchrun --nproc_per_node 8 -m vlm.train ...)
     python -m vlm.train stages=[sft] init_from=runs/tiny/X/pretrain
     python -m vlm.train resume=auto                            # continue the newest unfinished run of the recipe
+                                                               # (its saved config; overrides given apply on top)
     python -m vlm.train -m connector=mlp,linear seed=0,1       # sweep -> runs/<recipe>/sweep-*/summary.md
     python -m vlm.train --cfg job                              # print the composed config and exit
 """
@@ -27,6 +28,7 @@ def _main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from vlm.data.errors import DataError
     from vlm.train.run import run
 
     hc = HydraConfig.get()
@@ -34,8 +36,8 @@ def _main(cfg: DictConfig) -> float | None:
         cfg = check(cfg)
         if hc.mode == RunMode.MULTIRUN and cfg.output_dir is None:
             cfg.output_dir = hc.runtime.output_dir
-        result = run(cfg)
-    except ConfigError as e:
+        result = run(cfg, overrides=list(hc.overrides.task))  # recorded; a resume applies them to the saved config
+    except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if result.run_dir.is_dir() and int(os.environ.get("RANK", 0)) == 0:

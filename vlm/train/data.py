@@ -22,6 +22,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from vlm.registry import Registry, to_dict
 
 DATASETS: Registry[Any] = Registry("dataset")
+#: default ``max_bad_fraction`` of file datasets: a run stops once more than 5% of its samples are known to be bad
+MAX_BAD_FRACTION = 0.05
 
 
 class Processed(Dataset):
@@ -47,7 +49,7 @@ def shapes(processor: Any = None, add_generation_prompt: bool = False, **options
 
 
 def _records(path: str, format: str, processor: Any, add_generation_prompt: bool, image_root: str | None,
-             skip_bad: bool, **reader_options: Any) -> Dataset:
+             skip_bad: bool, max_bad_fraction: float | None, **reader_options: Any) -> Dataset:
     from vlm.data.dataset import SampleDataset
 
     if not Path(path).exists():
@@ -56,21 +58,26 @@ def _records(path: str, format: str, processor: Any, add_generation_prompt: bool
     if image_root is not None and not Path(image_root).is_dir():
         raise FileNotFoundError(f"image_root {image_root!r} is not a directory")
     return SampleDataset(path, format, processor=processor, image_folder=image_root, skip_bad=skip_bad,
-                         add_generation_prompt=add_generation_prompt, **reader_options)
+                         max_bad_fraction=max_bad_fraction, add_generation_prompt=add_generation_prompt,
+                         **reader_options)
 
 
 @DATASETS.register("records")
 def records(path: str, format: str = "auto", processor: Any = None, add_generation_prompt: bool = False,
-            image_root: str | None = None, skip_bad: bool = True, **reader_options: Any) -> Dataset:
+            image_root: str | None = None, skip_bad: bool = True, max_bad_fraction: float | None = MAX_BAD_FRACTION,
+            **reader_options: Any) -> Dataset:
     """A json / jsonl / parquet file or ``save_to_disk`` directory in any reader format (``vlm.data.readers``)."""
-    return _records(path, format, processor, add_generation_prompt, image_root, skip_bad, **reader_options)
+    return _records(path, format, processor, add_generation_prompt, image_root, skip_bad, max_bad_fraction,
+                    **reader_options)
 
 
 @DATASETS.register("llava_json")
 def llava_json(path: str, processor: Any = None, add_generation_prompt: bool = False, image_root: str | None = None,
-               skip_bad: bool = True, **reader_options: Any) -> Dataset:
+               skip_bad: bool = True, max_bad_fraction: float | None = MAX_BAD_FRACTION,
+               **reader_options: Any) -> Dataset:
     """LLaVA's conversation json (``{"image": ..., "conversations": [{"from": "human", ...}]}``)."""
-    return _records(path, "llava", processor, add_generation_prompt, image_root, skip_bad, **reader_options)
+    return _records(path, "llava", processor, add_generation_prompt, image_root, skip_bad, max_bad_fraction,
+                    **reader_options)
 
 
 def build_dataset(spec: Any, processor: Any = None, add_generation_prompt: bool = False) -> Dataset:

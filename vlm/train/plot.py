@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from vlm.train.loggers import read_metrics
 
@@ -14,6 +15,26 @@ def smooth(values: list[float], alpha: float = 0.1) -> list[float]:
     return out
 
 
+class Curve(NamedTuple):
+    offset: int          # steps of the stages before this one
+    x: list[int]         # step over all stages
+    loss: list[float]
+    lr: list[float]      # largest learning rate of the param groups
+
+
+def curves(rows: list[dict[str, Any]]) -> dict[str, Curve]:
+    """``{stage: Curve}`` from training-step rows, in stage order, sorted by step."""
+    steps = [r for r in rows if "loss" in r]
+    out, offset = {}, 0
+    for st in dict.fromkeys(r["stage"] for r in steps):
+        rs = sorted((r for r in steps if r["stage"] == st), key=lambda r: r["step"])
+        x = [offset + r["step"] for r in rs]
+        lr = [max(r["lr"].values()) if isinstance(r.get("lr"), dict) and r["lr"] else 0.0 for r in rs]
+        out[st] = Curve(offset, x, [float(r["loss"]) for r in rs], lr)
+        offset = max(x)
+    return out
+
+
 def plot_metrics(metrics_file: Path, out: Path) -> Path | None:
     """Write ``out`` (PNG, matplotlib Agg) from ``metrics.jsonl``; ``None`` when there is nothing to plot."""
     import matplotlib
@@ -21,25 +42,17 @@ def plot_metrics(metrics_file: Path, out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(metrics_file)
-    steps = [r for r in rows if "loss" in r]
+    rows = read_metrics(metrics_file)  # one row per step: abandoned steps of interrupted attempts left out
     evals = [r for r in rows if "eval" in r]
-    if not steps:
+    lines = curves(rows)
+    if not lines:
         return None
-    stages = list(dict.fromkeys(r["stage"] for r in steps))
     fig, axes = plt.subplots(1, 3 if evals else 2, figsize=(15 if evals else 10, 4))
-    offset = 0
-    offsets = {}
-    for st in stages:
-        rs = [r for r in steps if r["stage"] == st]
-        offsets[st] = offset
-        x = [offset + r["step"] for r in rs]
-        y = [float(r["loss"]) for r in rs]
-        (line,) = axes[0].plot(x, smooth(y), label=st)
-        axes[0].plot(x, y, alpha=0.25, color=line.get_color())
-        lr = [max(r["lr"].values()) if isinstance(r.get("lr"), dict) and r["lr"] else 0.0 for r in rs]
-        axes[1].plot(x, lr, label=st, color=line.get_color())
-        offset = max(x)
+    offsets = {st: c.offset for st, c in lines.items()}
+    for st, c in lines.items():
+        (line,) = axes[0].plot(c.x, smooth(c.loss), label=st)
+        axes[0].plot(c.x, c.loss, alpha=0.25, color=line.get_color())
+        axes[1].plot(c.x, c.lr, label=st, color=line.get_color())
     axes[0].set(title="training loss", xlabel="step (all stages)", ylabel="loss", yscale="log")
     axes[0].legend()
     axes[1].set(title="learning rate (largest group)", xlabel="step (all stages)")

@@ -2,7 +2,9 @@
 
 Run directory (``output_dir``, default ``runs/<name>/<timestamp>``):
 
-    config.yaml        the resolved config            run.json       git commit, seeds, world size, versions
+    config.yaml        the resolved config (of the latest attempt)
+    run.json           state (started | failed + error | interrupted | finished), overrides, git commit, seeds,
+                       world size, versions, and one entry per attempt (the first run, then each resume)
     metrics.jsonl      one row per step / eval        <stage>/       checkpoints/, weights.safetensors, DONE.json
     final/             vlm.load-able model (LoRA merged)               eval.json, predictions.jsonl, plot.png
     result.json        final losses, eval metrics, timings (what sweep summaries read)
@@ -76,16 +78,28 @@ def default_run_dir(name: str) -> Path:
     return path
 
 
+RUN_STATES = ("started", "failed", "interrupted", "finished")
+#: data spec keys that do not change which samples a step trains on (a resume may change them)
+ORDER_FREE_KEYS = ("path", "image_root", "max_bad_fraction")
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether a run directory holds something to continue from: a stage checkpoint or a finished stage."""
+    return any(run_dir.glob("*/checkpoints/step_*")) or any(run_dir.glob("*/DONE.json"))
+
+
 def find_resumable(name: str) -> Path | None:
-    """The newest ``runs/<name>/*`` run that has not finished."""
+    """The newest ``runs/<name>/*`` run that has not finished and has a checkpoint (a run that failed before its
+    first checkpoint has nothing to continue from)."""
     root = Path("runs") / name
-    runs = sorted((p for p in root.glob("*") if (p / "config.yaml").is_file() and not (p / "result.json").is_file()),
-                  key=lambda p: p.stat().st_mtime)
+    runs = sorted((p for p in root.glob("*") if (p / "config.yaml").is_file() and not (p / "result.json").is_file()
+                   and has_checkpoint(p)), key=lambda p: p.stat().st_mtime)
     return runs[-1] if runs else None
 
 
 def resolve_run_dir(cfg: DictConfig) -> tuple[Path, bool]:
-    """``(run dir, resuming)`` from ``output_dir`` and ``resume``."""
+    """``(run dir, resuming)`` from ``output_dir`` and ``resume``. Only a run with a checkpoint (or a finished stage)
+    is resumed: ``resume=auto`` starts one without afresh, ``resume=DIR`` refuses it."""
     if cfg.resume not in (None, "auto"):
         p = Path(cfg.resume)
         if p.name.startswith("step_") and p.parent.name == "checkpoints":
@@ -94,11 +108,16 @@ def resolve_run_dir(cfg: DictConfig) -> tuple[Path, bool]:
             raise ConfigError(f"resume={cfg.resume!r}: not a run directory (no config.yaml)")
         if cfg.output_dir and Path(cfg.output_dir).resolve() != p.resolve():
             raise ConfigError(f"resume={cfg.resume!r} and output_dir={cfg.output_dir!r} name different runs")
+        if not has_checkpoint(p):
+            state = _run_info(p).get("state", "unknown")
+            error = _run_info(p).get("error")
+            raise ConfigError(f"resume={cfg.resume!r}: the run has no checkpoint to continue from (state {state}"
+                              + (f": {error}" if error else "") + "); start it again without resume")
         return p, True
     if cfg.resume == "auto":
         if cfg.output_dir:
             p = Path(cfg.output_dir)
-            return p, (p / "config.yaml").is_file()
+            return p, (p / "config.yaml").is_file() and has_checkpoint(p)
         found = find_resumable(cfg.name)
         return (found, True) if found else (default_run_dir(cfg.name), False)
     p = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg.name)
@@ -138,7 +157,8 @@ def preflight(cfg: DictConfig, device: torch.device) -> None:
 
 
 def check_same_model(cfg: DictConfig, run_dir: Path) -> None:
-    """A run may only be resumed by the same architecture (encoder, connector, LLM, tokenizer)."""
+    """A run may only be resumed by the same architecture (encoder, connector, LLM, tokenizer) and the same data
+    order (seed, and each stage's data and global batch size)."""
     saved_cfg = OmegaConf.load(run_dir / "config.yaml")
     old_fp, old = config_fingerprint(saved_cfg)
     new_fp, new = config_fingerprint(cfg)
@@ -146,22 +166,124 @@ def check_same_model(cfg: DictConfig, run_dir: Path) -> None:
         changes = describe_config_change(old, new)
         raise ConfigError(f"cannot resume {run_dir}: it was written by a different model (config fingerprint "
                           f"{old_fp} vs {new_fp}): " + "; ".join(changes[:6]))
+    old, new = data_order(saved_cfg), data_order(cfg)
+    changes = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(set(old) & set(new)) if old[k] != new[k]]
+    if changes:
+        raise ConfigError(f"cannot resume {run_dir} with a different data order: " + "; ".join(changes[:6]))
 
 
-def write_run_info(cfg: DictConfig, run_dir: Path, resuming: bool, world_size: int) -> None:
-    """``config.yaml`` (fresh runs) and ``run.json``: git commit, seeds, command line, versions; resumes appended."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
-    if not resuming:
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        info = {"name": cfg.name, "git": git_info(), "seed": cfg.seed,
-                "stage_seeds": {n: {"model": cfg.seed, "data": data_seed(cfg.seed, n)} for n in cfg.stages},
-                "argv": sys.argv, "world_size": world_size, "started": datetime.now().isoformat(),
-                "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                             "transformers": _version("transformers"), "peft": _version("peft")}}
+def data_order(cfg: DictConfig) -> dict[str, Any]:
+    """The flat ``{key: value}`` settings that decide which samples each step of each stage trains on."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    out: dict[str, Any] = {"seed": plain.get("seed")}
+    for name in plain.get("stages") or []:
+        st = (plain.get("stage") or {}).get(name) or {}
+        key = st.get("data")
+        out |= {f"stage.{name}.data": key, f"stage.{name}.global_batch_size": st.get("global_batch_size")}
+        spec = (plain.get("data") or {}).get(key) or {}
+        out |= {f"data.{key}.{k}": v for k, v in spec.items() if k not in ORDER_FREE_KEYS}
+    return out
+
+
+@dataclass
+class Resume:
+    """How a run is continued: its directory, the overrides given with the resume and the resulting changes."""
+
+    run_dir: Path
+    overrides: list[str] | None     # applied on top of the saved config (None: the config was given whole)
+    changes: list[str]              # ``key: old -> new`` against the saved config
+
+
+def resume_config(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> tuple[DictConfig, Resume]:
+    """The config to continue ``run_dir`` with: its saved ``config.yaml`` with ``overrides`` (the command line of the
+    resume, ``resume=``/``output_dir=`` aside) applied on top. The overrides' effect is what they change when added
+    to the run's recorded overrides (``run.json``), so group options (``trainer=ddp``) work too. With
+    ``overrides=None`` (a composed config passed to :func:`run`) ``cfg`` is used as given."""
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    if overrides is None:
+        new = cfg
     else:
-        info.setdefault("resumed", []).append({"at": datetime.now().isoformat(), "git": git_info(),
-                                               "world_size": world_size})
+        recorded = _run_info(run_dir).get("overrides", [])
+        overrides = [o for o in overrides if _override_key(o) not in ("resume", "output_dir") and o not in recorded]
+        merged = OmegaConf.to_container(saved)
+        if overrides:
+            base, top = (OmegaConf.to_container(compose(None, list(recorded) + extra, validate=False), resolve=True)
+                         for extra in ([], overrides))
+            merged = _apply_changes(merged, base, top)
+        new = OmegaConf.create(merged)
+        new.resume, new.output_dir = cfg.resume, str(run_dir)
+        new = check(new)
+    old, now = OmegaConf.to_container(saved, resolve=True), OmegaConf.to_container(new, resolve=True)
+    changes = [c for c in describe_config_change(old, now) if _override_key(c.split(":")[0]) not in
+               ("resume", "output_dir")]
+    return new, Resume(run_dir, overrides, changes)
+
+
+def _override_key(o: str) -> str:
+    return o.lstrip("+~").partition("=")[0].strip()
+
+
+def _apply_changes(target: dict[str, Any], base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``target`` with what differs between ``base`` and ``top`` (keys added, removed, changed) applied."""
+    out = dict(target)
+    for k in set(base) | set(top):
+        if k not in top:
+            out.pop(k, None)
+        elif isinstance(top[k], dict) and isinstance(base.get(k), dict) and isinstance(out.get(k), dict):
+            out[k] = _apply_changes(out[k], base[k], top[k])
+        elif k not in base or base[k] != top[k]:
+            out[k] = top[k]
+    return out
+
+
+def _run_info(run_dir: Path) -> dict[str, Any]:
+    f = run_dir / "run.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def write_run_info(cfg: DictConfig, run_dir: Path, resuming: bool, world_size: int,
+                   overrides: list[str] | None = None, resume: Resume | None = None) -> int:
+    """``config.yaml`` (the config this attempt runs with) and ``run.json``: state ``started``, the overrides that
+    compose the config (cumulative over resumes), git commit, seeds, command line, versions, and an ``attempts``
+    entry (first run, resume, or a start afresh in a directory without a checkpoint: its overrides and changes).
+    Returns the attempt number (0 for a new directory)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    info = _run_info(run_dir)
+    now = datetime.now().isoformat()
+    attempt = {"started": now, "argv": sys.argv, "git": git_info(), "world_size": world_size, "state": "started"}
+    if not resuming:
+        earlier = info.get("attempts", [])
+        info = {"name": cfg.name, "git": attempt["git"], "seed": cfg.seed,
+                "stage_seeds": {n: {"model": cfg.seed, "data": data_seed(cfg.seed, n)} for n in cfg.stages},
+                "argv": sys.argv, "world_size": world_size, "started": now, "overrides": list(overrides or []),
+                "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                             "transformers": _version("transformers"), "peft": _version("peft")},
+                "attempts": earlier + [{**attempt, "overrides": list(overrides or []),
+                                        **({"restarted": True} if earlier else {})}]}
+    else:
+        attempts = info.setdefault("attempts", [{"started": info.get("started")}])  # runs from before attempts
+        extra = list(resume.overrides or []) if resume else []
+        info["overrides"] = list(info.get("overrides", [])) + extra
+        attempts.append({**attempt, "resumed": True, "overrides": extra, "changes": resume.changes if resume else []})
+    info["state"] = "started"
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    (run_dir / "run.json").write_text(json.dumps(info, indent=1))
+    return len(info["attempts"]) - 1
+
+
+def set_run_state(run_dir: Path, state: str, error: BaseException | None = None) -> None:
+    """Record ``state`` (one of ``RUN_STATES``) in ``run.json``, for the run and its latest attempt, with the error
+    (``"<type>: <message>"``) of a failed or interrupted run."""
+    info = _run_info(run_dir)
+    if not info:
+        return
+    rec = {"state": state, "ended": datetime.now().isoformat()}
+    if error is not None:
+        rec["error"] = f"{type(error).__name__}: {error}"
+    info.pop("error", None)
+    info.update(rec)
+    if info.get("attempts"):
+        info["attempts"][-1].update(rec)
     (run_dir / "run.json").write_text(json.dumps(info, indent=1))
 
 
@@ -175,19 +297,56 @@ def plot_run(run_dir: Path) -> Path | None:
         return None
 
 
-def run(cfg: DictConfig | None = None, *, recipe: str | None = None, overrides: list[str] | tuple = ()) -> RunResult:
-    """Train every stage of ``cfg`` (or of ``compose(recipe, overrides)``) and return where everything went."""
-    cfg = compose(recipe, overrides) if cfg is None else check(cfg)  # (re)checked: notebooks may edit it
+def run(cfg: DictConfig | None = None, *, recipe: str | None = None,
+        overrides: list[str] | tuple | None = None) -> RunResult:
+    """Train every stage of ``cfg`` (or of ``compose(recipe, overrides)``) and return where everything went.
+
+    ``overrides`` are recorded in ``run.json``; given with ``cfg``, they are the ones ``cfg`` was composed with (the
+    command line). Resuming (``resume=auto|DIR``) continues with the run's saved config plus these overrides on top;
+    a ``cfg`` without ``overrides`` is used as given. Either way the changes against the saved config are listed.
+    """
+    if cfg is None:
+        overrides = ([f"recipe={recipe}"] if recipe else []) + list(overrides or [])
+        cfg = compose(None, overrides)
+    else:
+        cfg = check(cfg)  # (re)checked: notebooks may edit it
+        overrides = None if overrides is None else list(overrides)
+    resume = None
+    if cfg.resume is not None:
+        run_dir, resuming = resolve_run_dir(cfg)
+        if resuming:
+            cfg, resume = resume_config(cfg, run_dir, overrides)
     t0 = time.perf_counter()
     strategy = build_strategy(cfg.trainer)
     strategy.setup()
+    state = RunState()
     try:
-        return _run(cfg, strategy, t0)
+        result = _run(cfg, strategy, t0, overrides, resume, state)
+        state.set("finished")
+        return result
+    except (KeyboardInterrupt, SystemExit) as e:
+        state.set("interrupted", e)
+        raise
+    except BaseException as e:
+        state.set("failed", e)
+        raise
     finally:
         strategy.teardown()
 
 
-def _run(cfg: DictConfig, strategy: Any, t0: float) -> RunResult:
+@dataclass
+class RunState:
+    """Where a run's state is recorded once its directory exists (main process only)."""
+
+    run_dir: Path | None = None
+
+    def set(self, state: str, error: BaseException | None = None) -> None:
+        if self.run_dir is not None:
+            set_run_state(self.run_dir, state, error)
+
+
+def _run(cfg: DictConfig, strategy: Any, t0: float, overrides: list[str] | None, resume: Resume | None,
+         state: RunState) -> RunResult:
     if cfg.trainer.threads:
         torch.set_num_threads(int(cfg.trainer.threads))
     if strategy.device.type == "cuda" and cfg.trainer.tf32:
@@ -197,12 +356,20 @@ def _run(cfg: DictConfig, strategy: Any, t0: float) -> RunResult:
     run_dir, resuming = strategy.broadcast_object(resolve_run_dir(cfg) if strategy.is_main else None)
     if resuming:
         check_same_model(cfg, run_dir)
-    if strategy.is_main:
-        write_run_info(cfg, run_dir, resuming, strategy.world_size)
+    attempt = write_run_info(cfg, run_dir, resuming, strategy.world_size, overrides, resume) \
+        if strategy.is_main else 0
+    state.run_dir = run_dir if strategy.is_main else None
     strategy.barrier()
-    log = RunLogger(run_dir, cfg, strategy.is_main)
+    log = RunLogger(run_dir, cfg, strategy.is_main, attempt=attempt)
+    if attempt and not resuming:
+        log.mark_restart()
     log.info(f"[vlm.train] recipe {cfg.name!r}: stages {list(cfg.stages)} -> {run_dir}"
-             + (" (resuming)" if resuming else ""))
+             + (f" (resuming, attempt {attempt})" if resuming else ""))
+    if resume is not None:
+        given = "its saved config" + (f" + overrides {resume.overrides}" if resume.overrides else "") \
+            if resume.overrides is not None else "the config given"
+        log.info(f"[vlm.train] resuming with {given}; changes against the saved config: "
+                 + ("; ".join(resume.changes) if resume.changes else "none"))
     tokenizer = build_tokenizer(cfg, [cfg.stage[n].template for n in cfg.stages])
     eval_samples = None
     if cfg.eval.enabled and cfg.eval.data is not None:

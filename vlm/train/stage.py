@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 
+from vlm.data.dataset import BadSamples
 from vlm.objectives import LM, build as build_objective
 from vlm.train.build import build_model, describe_mismatch, fingerprint, seed_everything
 from vlm.train.checkpoint import CheckpointManager
@@ -42,6 +44,7 @@ class StageResult:
     resumed_from: str | None = None
     eval: dict[str, float] = field(default_factory=dict)
     skipped: bool = False
+    skipped_samples: dict[str, Any] = field(default_factory=dict)  # total, by_reason, examples, num_samples
 
     @property
     def final_loss(self) -> float | None:
@@ -74,6 +77,7 @@ class StageRunner:
     global_step_offset: int = 0
     expected_base: dict[str, Any] | None = None   # fingerprint of the freshly built model recorded by the run
     base: dict[str, Any] = field(default_factory=dict)
+    bad: BadSamples = field(default_factory=BadSamples)  # samples the data skipped (this process; see all_bad)
 
     @property
     def stage(self) -> DictConfig:
@@ -111,7 +115,10 @@ class StageRunner:
             self.dir.mkdir(parents=True, exist_ok=True)
         t = self.setup()
         start, state, resumed_from = self.resume_from_checkpoint(t)
-        loader = make_loader(t.dataset, t.collator, t.plan, start, t.total, self.cfg.trainer.num_workers)
+        if self.resume:
+            self.log.mark_resume(self.name, start)
+        loader = SkipCounting(make_loader(t.dataset, t.collator, t.plan, start, t.total,
+                                          self.cfg.trainer.num_workers), self.bad, lambda: self.check_bad(t))
         loop = StageLoop(name=self.name, stage=st, trainer=self.cfg.trainer, strategy=s, model=t.model,
                          wrapped=t.wrapped, optimizer=t.optimizer, scheduler=t.scheduler, loader=loader,
                          total_steps=t.total, accumulation=t.plan.accumulation, precision=t.precision, log=self.log,
@@ -122,14 +129,16 @@ class StageRunner:
         state = loop.run(start, state)
         if start < t.total or resumed_from is None:
             self.save(t, t.total, state)
-        result = StageResult(self.name, t.total, state.losses, 0.0, str(self.dir / STAGE_WEIGHTS), resumed_from)
+        result = StageResult(self.name, t.total, state.losses, 0.0, str(self.dir / STAGE_WEIGHTS), resumed_from,
+                             skipped_samples=self.report_bad(t))
         self.export(t)
         if self.is_last and self.eval_samples is not None and self.cfg.eval.enabled:
             result.eval = self.final_eval(t)
         result.seconds = time.perf_counter() - t0
         if s.is_main:
             (self.dir / DONE).write_text(json.dumps({"steps": t.total, "final_loss": result.final_loss,
-                                                     "seconds": result.seconds, "eval": result.eval}, indent=1))
+                                                     "seconds": result.seconds, "eval": result.eval,
+                                                     "skipped_samples": result.skipped_samples}, indent=1))
         s.barrier()
         return result
 
@@ -155,6 +164,8 @@ class StageRunner:
         processor = Processor.for_model(model, self.tokenizer, template=_plain(st.template),
                                         max_length=st.max_length)
         dataset = build_dataset(self.cfg.data[st.data], processor)
+        if hasattr(dataset, "config_key"):
+            dataset.config_key = f"data.{st.data}"  # named in its errors
         plan = BatchPlan(len(dataset), st.global_batch_size, st.micro_batch_size, s.rank, s.world_size,
                          seed=data_seed(self.cfg.seed, self.name))
         total = plan.total_steps(st.epochs, st.max_steps)
@@ -177,6 +188,7 @@ class StageRunner:
                               f"(fingerprint {saved.get('fingerprint')} vs {t.fingerprint}): "
                               f"{describe_mismatch(saved.get('param_shapes', {}), t.param_shapes)}")
         saved = t.ckpt.load(latest, t.wrapped, t.optimizer, t.scheduler)
+        self.bad.merge(saved.get("skipped_samples", {}))
         start = int(saved["step"])
         self.log.info(f"[{self.name}] resumed from {latest} at step {start}/{t.total}")
         return start, LoopState(losses=list(saved.get("losses", []))), str(latest)
@@ -185,7 +197,31 @@ class StageRunner:
         t.ckpt.save(step, t.wrapped, t.optimizer, t.scheduler,
                     {"stage": self.name, "fingerprint": t.fingerprint, "param_shapes": t.param_shapes,
                      "total_steps": t.total, "epoch": t.plan.epoch_of(step),
-                     "data": {"step": step, "seed": t.plan.seed, "num_samples": t.plan.n}, "losses": state.losses})
+                     "data": {"step": step, "seed": t.plan.seed, "num_samples": t.plan.n}, "losses": state.losses,
+                     "skipped_samples": self.all_bad().state()})
+
+    # ------------------------------------------------------------------------------------------ bad samples
+    def all_bad(self) -> BadSamples:
+        """Collective: the samples skipped on every process (each counted once)."""
+        out = BadSamples()
+        for state in self.strategy.all_gather_object(self.bad.state()):
+            out.merge(state)
+        return out
+
+    def check_bad(self, t: "Training") -> None:
+        """Stop (``TooManyBadSamples``) once more of this stage's data is known to be bad than it allows."""
+        self.bad.check(len(t.dataset), getattr(t.dataset, "max_bad_fraction", None), f"data.{self.stage.data}",
+                       option=f"data.{self.stage.data}.max_bad_fraction")
+
+    def report_bad(self, t: "Training") -> dict[str, Any]:
+        """Collective: print and log (``metrics.jsonl``) the samples this stage skipped; returns the record."""
+        bad = self.all_bad()
+        record = {**bad.to_dict(), "num_samples": len(t.dataset)}
+        if bad.total or hasattr(t.dataset, "bad"):
+            self.log.info(f"[{self.name}] data.{self.stage.data} ({len(t.dataset)} samples): {bad.summary()}")
+        self.log.log({"stage": self.name, "step": t.total, "skipped_samples": record},
+                     self.global_step_offset + t.total)
+        return record
 
     def export(self, t: "Training") -> None:
         """The cumulative weights delta (LoRA merged) and, after the last stage, ``final/``."""
@@ -237,7 +273,30 @@ class Training:
 def skipped_result(name: str, stage_dir: Path) -> StageResult:
     done = stage_done(stage_dir) or {}
     return StageResult(name, int(done.get("steps", 0)), [], float(done.get("seconds", 0.0)),
-                       str(stage_dir / STAGE_WEIGHTS), eval=done.get("eval", {}), skipped=True)
+                       str(stage_dir / STAGE_WEIGHTS), eval=done.get("eval", {}), skipped=True,
+                       skipped_samples=done.get("skipped_samples", {}))
+
+
+class SkipCounting:
+    """Iterates ``loader``, counting the samples each batch's ``meta["skipped"]`` lists (made in DataLoader workers)
+    into ``bad`` and calling ``check`` after each batch that skipped any; other attributes are the loader's."""
+
+    def __init__(self, loader: Any, bad: BadSamples, check: Any) -> None:
+        self.loader, self.bad, self.check = loader, bad, check
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            skipped = (batch.get("meta") or {}).get("skipped") if isinstance(batch, dict) else None
+            if skipped:
+                self.bad.update(skipped)
+                self.check()
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
 
 
 def make_collator(tokenizer: Any, stage: DictConfig) -> Any:
