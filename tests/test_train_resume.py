@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from vlm.train import ConfigError, compose
 from vlm.train.data import BatchPlan, make_loader
-from vlm.train.interrupt import Interrupted, resume_command
+from vlm.train.interrupt import STOP, Interrupted, resume_command, stop_on_sigterm
 from vlm.train.rng import derive_seed, isolated
 
 # LoRA (dropout 0.05, the stage default) in both stages, 2 data workers, periodic evaluation between checkpoints.
@@ -138,6 +138,16 @@ def test_resume_command_and_message(tmp_path):
     err = Interrupted("INT").with_run(tmp_path, ["pretrain", "sft"])
     assert err.exit_code == 130 and err.message.startswith("interrupted by Ctrl-C")
     assert err.message.endswith(str(tmp_path / "sft" / "checkpoints" / "step_000004"))
+
+
+def test_sigterm_is_a_request_and_a_second_one_stops_at_once():
+    previous = signal.getsignal(signal.SIGTERM)
+    with stop_on_sigterm():
+        signal.raise_signal(signal.SIGTERM)
+        assert STOP.requested  # the loop checkpoints at the end of the step, then stops
+        with pytest.raises(Interrupted, match="second SIGTERM"):
+            signal.raise_signal(signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is previous and not STOP.requested
 
 
 @pytest.mark.parametrize("bad", ["trainer.kill_at=sft", "trainer.kill_at=nostage:3", "trainer.kill_at=sft:x",

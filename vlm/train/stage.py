@@ -23,9 +23,9 @@ from vlm.train.config import ConfigError
 from vlm.train.data import BatchPlan, build_dataset, data_seed, make_loader
 from vlm.train.distributed import Strategy, resolve_precision
 from vlm.train.evaluate import evaluate
-from vlm.train.interrupt import kill_point
 from vlm.train.export import STAGE_WEIGHTS, export_final, load_weights, merge_lora_state, trained_names, \
     write_stage_weights
+from vlm.train.interrupt import kill_point
 from vlm.train.loop import LoopState, StageLoop
 from vlm.train.optim import build_optimizer, build_scheduler
 from vlm.train.policy import apply_policies, trainable_summary
