@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from vlm.train import ConfigError, compose
 from vlm.train.data import BatchPlan, make_loader
-from vlm.train.interrupt import STOP, Interrupted, resume_command, stop_on_sigterm
+from vlm.train.interrupt import STOP, Interrupted, kill_point, resume_command, stop_on_sigterm
 from vlm.train.rng import derive_seed, isolated
 
 # LoRA (dropout 0.05, the stage default) in both stages, 2 data workers, periodic evaluation between checkpoints.
@@ -128,7 +128,7 @@ def test_resume_command_and_message(tmp_path):
     cmd = resume_command(["recipe=micro", "stage.sft.lr=1e-3", f"output_dir={tmp_path}", "trainer.kill_at=sft:2",
                           "trainer.kill_signal=TERM", "data.sft.path=/a b.json"], tmp_path)
     assert shlex.split(cmd) == ["python", "-m", "vlm.train", "recipe=micro", "stage.sft.lr=1e-3",
-                                "data.sft.path=/a b.json", f"resume={tmp_path}"]
+                                "data.sft.path=/a b.json", f"output_dir={tmp_path}", "resume=auto"]
     (tmp_path / "pretrain").mkdir()
     (tmp_path / "pretrain" / "DONE.json").write_text("{}")
     (tmp_path / "sft" / "checkpoints" / "step_000004").mkdir(parents=True)
@@ -148,6 +148,17 @@ def test_sigterm_is_a_request_and_a_second_one_stops_at_once():
         with pytest.raises(Interrupted, match="second SIGTERM"):
             signal.raise_signal(signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) is previous and not STOP.requested
+
+
+def test_kill_at_fires_once_per_run_directory(tmp_path):
+    trainer = compose("micro", ["trainer.kill_at=sft:3", "trainer.kill_signal=INT"]).trainer
+    kill_point(trainer, "sft", 2, tmp_path)
+    kill_point(trainer, "pretrain", 3, tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        kill_point(trainer, "sft", 3, tmp_path)
+    kill_point(trainer, "sft", 3, tmp_path)  # a resume passing the point again (config still holding kill_at)
+    with pytest.raises(KeyboardInterrupt):
+        kill_point(trainer, "sft", 3, tmp_path, rank=1)  # each process fires once
 
 
 @pytest.mark.parametrize("bad", ["trainer.kill_at=sft", "trainer.kill_at=nostage:3", "trainer.kill_at=sft:x",
@@ -214,7 +225,8 @@ def test_sigterm_checkpoints_then_exits_and_ctrl_c_prints_the_resume_command(ref
     assert re.findall(r"\[sft\] step (\d)/6 loss", ctrl_c.stdout) == ["4", "5"]  # right after the SIGTERM checkpoint
     command = next(line.split("resume with: ", 1)[1] for line in ctrl_c.stderr.splitlines() if "resume with: " in line)
     argv = shlex.split(command)
-    assert argv[:3] == ["python", "-m", "vlm.train"] and argv[-1] == f"resume={out}"
+    assert argv[:3] == ["python", "-m", "vlm.train"] and argv[-2:] == [f"output_dir={out}", "resume=auto"]
+    assert not any(a.startswith("trainer.kill") for a in argv)
     done = train(out, argv=[sys.executable] + argv[1:])
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_as(reference, seen + rows(out), out)

@@ -10,8 +10,8 @@
 ``trainer.kill_at: <stage>:<step>`` (or ``<stage>:end``) with ``trainer.kill_signal: KILL | TERM | INT`` makes the
 run send itself that signal right after step ``<step>`` of ``<stage>`` (after its metrics row and any checkpoint;
 step 0: after the stage's setup, before its first step; ``end``: after the stage finished, ``DONE.json`` written).
-It is meant for testing preemption handling (yours or ours) deterministically; it fires only when the run passes
-that point, so resuming past it does not fire again.
+It is meant for testing preemption handling (yours or ours) deterministically; it fires once per run directory
+(a marker file records it), so a resumed run passes the point even when its config still holds ``kill_at``.
 """
 from __future__ import annotations
 
@@ -76,13 +76,14 @@ def last_checkpoint(run_dir: Path, stages: Sequence[str]) -> str | None:
 
 
 def resume_command(overrides: Sequence[str], run_dir: Path, world_size: int = 1) -> str:
-    """``python -m vlm.train <overrides> resume=<run_dir>``: the command line overrides of the interrupted run, its
-    own ``output_dir``/``resume`` replaced by the run directory and ``trainer.kill_at``/``kill_signal`` (a test
-    instrument, not part of the run) dropped; ``torchrun ...`` when it ran on several processes."""
+    """``python -m vlm.train <overrides> output_dir=<run_dir> resume=auto``: the command line overrides of the
+    interrupted run, its own ``output_dir``/``resume`` replaced by its run directory and ``trainer.kill_at`` /
+    ``kill_signal`` (a test instrument, not part of the run) dropped; ``torchrun ...`` when it ran on several
+    processes. ``resume=auto`` continues from the last checkpoint, or starts the run afresh if it has none."""
     dropped = ("output_dir", "resume", "trainer.kill_at", "trainer.kill_signal")
     kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in dropped]
     launcher = "python" if world_size <= 1 else "torchrun <the same torchrun options>"
-    return f"{launcher} -m vlm.train " + shlex.join([*kept, f"resume={run_dir}"])
+    return f"{launcher} -m vlm.train " + shlex.join([*kept, f"output_dir={run_dir}", "resume=auto"])
 
 
 class _StopRequest:
@@ -128,7 +129,14 @@ def check_kill_at(trainer: Any, stages: Sequence[str]) -> str | None:
     return None
 
 
-def kill_point(trainer: Any, stage: str, point: int | str) -> None:
-    """Send ``trainer.kill_signal`` to this process if ``trainer.kill_at`` names ``<stage>:<point>``."""
-    if trainer.kill_at is not None and str(trainer.kill_at) == f"{stage}:{point}":
-        signal.raise_signal(getattr(signal, f"SIG{trainer.kill_signal}"))
+def kill_point(trainer: Any, stage: str, point: int | str, run_dir: Path, rank: int = 0) -> None:
+    """Send ``trainer.kill_signal`` to this process if ``trainer.kill_at`` names ``<stage>:<point>``, once per run
+    directory and process (a marker file ``.kill_at-<stage>-<point>-rank<r>`` is written first), so a resume whose
+    config still holds ``kill_at`` passes the point."""
+    if trainer.kill_at is None or str(trainer.kill_at) != f"{stage}:{point}":
+        return
+    marker = Path(run_dir) / f".kill_at-{stage}-{point}-rank{rank}"
+    if marker.exists():
+        return
+    marker.write_text(trainer.kill_signal)
+    signal.raise_signal(getattr(signal, f"SIG{trainer.kill_signal}"))

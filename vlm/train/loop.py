@@ -127,6 +127,7 @@ class StageLoop:
     params: list[nn.Parameter] = field(default_factory=list)
     objective: bool = False     # a non-LM objective (stage.objective): the model's objective head computes the loss
     rng: dict[str, Any] | None = None  # the model's RNG state to continue from (a resumed checkpoint's)
+    run_dir: str = "."          # where trainer.kill_at records that it fired
 
     def __post_init__(self) -> None:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -203,7 +204,7 @@ class StageLoop:
         if self.rng is not None:  # after everything else that might draw: the next draw is the next step's dropout
             set_rng_state(self.rng)
         if start_step == 0:
-            kill_point(self.trainer, self.name, 0)
+            kill_point(self.trainer, self.name, 0, self.run_dir, self.strategy.rank)
         self.stop_if_requested(start_step, state, saved=True)
         ema_tps = None
         for step in range(start_step, self.total_steps):
@@ -248,7 +249,7 @@ class StageLoop:
             saved = bool(self.stage.save_every) and done % self.stage.save_every == 0 and done != self.total_steps
             if saved:
                 self.save(done, state)
-            kill_point(self.trainer, self.name, done)
+            kill_point(self.trainer, self.name, done, self.run_dir, self.strategy.rank)
             self.stop_if_requested(done, state, saved)
         if bar is not None:
             bar.close()

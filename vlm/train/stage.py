@@ -120,7 +120,8 @@ class StageRunner:
                          save=lambda step, ls: self.save(t, step, ls),
                          evaluate=(lambda step: self.evaluate(t, self.cfg.eval.periodic_limit, step)[0])
                          if self.eval_samples is not None else None,
-                         global_step_offset=self.global_step_offset, rng=rng)
+                         global_step_offset=self.global_step_offset, rng=rng,
+                         run_dir=str(self.run_dir))
         state = loop.run(start, state)
         if start < t.total or resumed_from is None:
             self.save(t, t.total, state)
@@ -133,7 +134,7 @@ class StageRunner:
             (self.dir / DONE).write_text(json.dumps({"steps": t.total, "final_loss": result.final_loss,
                                                      "seconds": result.seconds, "eval": result.eval}, indent=1))
         s.barrier()
-        kill_point(self.cfg.trainer, self.name, "end")
+        kill_point(self.cfg.trainer, self.name, "end", self.run_dir, s.rank)
         return result
 
     # ------------------------------------------------------------------------------------------------ parts
