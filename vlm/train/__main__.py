@@ -40,9 +40,26 @@ def _main(cfg: DictConfig) -> float | None:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM after its checkpoint: no traceback, how to resume
+        sys.exit(interrupted(e, list(hc.overrides.task)))
     if result.run_dir.is_dir() and int(os.environ.get("RANK", 0)) == 0:
         (result.run_dir / "overrides.json").write_text(json.dumps(list(hc.overrides.task)))
     return result.eval.get("all")
+
+
+def interrupted(err: KeyboardInterrupt, overrides: list[str]) -> int:
+    """Print (rank 0) where an interrupted run stopped and the command that resumes it; return the exit code."""
+    from vlm.train.interrupt import Interrupted, resume_command
+
+    if not isinstance(err, Interrupted):
+        err = Interrupted("INT", "before the run directory was set up")
+    if int(os.environ.get("RANK", 0)) == 0:
+        lines = [f"[vlm.train] {err.message}"]
+        if err.run_dir is not None:
+            world = int(os.environ.get("WORLD_SIZE", 1))
+            lines.append(f"[vlm.train] resume with: {resume_command(overrides, err.run_dir, world)}")
+        print("\n".join(lines), file=sys.stderr, flush=True)
+    return err.exit_code
 
 
 def main() -> None:

@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlm.train.distributed import Strategy
+from vlm.train.rng import rng_state, set_rng_state
 
 STEP_RE = re.compile(r"^step_(\d+)$")
 WEIGHTS = "model.safetensors"
@@ -56,29 +55,6 @@ def save_tensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str,
         out[k] = v.clone().contiguous() if ptr in seen or not v.is_contiguous() else v
         seen.add(ptr)
     save_file(out, str(path), metadata=metadata or {"format": "pt"})
-
-
-def rng_state() -> dict[str, Any]:
-    py = random.getstate()
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(),
-             "python": {"version": py[0], "state": torch.tensor(py[1], dtype=torch.int64), "gauss": py[2]},
-             "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                       "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class CheckpointManager:
@@ -120,8 +96,11 @@ class CheckpointManager:
         s.barrier()
         return final
 
-    def load(self, path: Path, wrapped: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
-        """Restore model weights, optimizer, scheduler and this rank's RNG; returns ``trainer_state.json``."""
+    def load(self, path: Path, wrapped: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+             restore_rng: bool = True) -> dict[str, Any]:
+        """Restore model weights, optimizer, scheduler and (``restore_rng``) this rank's RNG; returns
+        ``trainer_state.json``. The training loop restores the RNG itself (:meth:`read_rng`), after everything else
+        that might draw."""
         s = self.strategy
         state = json.loads((path / STATE).read_text())
         weights = load_file(str(path / WEIGHTS)) if s.is_main else {}
@@ -130,11 +109,16 @@ class CheckpointManager:
         optim = torch.load(path / "optimizer.pt", weights_only=True) if s.is_main else {}
         s.load_optimizer_state_dict(wrapped, optimizer, optim)
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        rng_file = path / f"rng_rank{s.rank}.pt"
-        if not rng_file.is_file():  # resumed with more processes than wrote it
-            rng_file = path / "rng_rank0.pt"
-        set_rng_state(torch.load(rng_file, weights_only=True))
+        if restore_rng:
+            set_rng_state(self.read_rng(path))
         return state
+
+    def read_rng(self, path: Path) -> dict[str, Any]:
+        """This rank's RNG state saved in checkpoint ``path`` (rank 0's when resumed with more processes)."""
+        rng_file = path / f"rng_rank{self.strategy.rank}.pt"
+        if not rng_file.is_file():
+            rng_file = path / "rng_rank0.pt"
+        return torch.load(rng_file, weights_only=True)
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from vlm.train.interrupt import check_kill_at
 from vlm.train.schema import MODULES, RunConfig
 
 RECIPES_ENV = "VLM_RECIPES"
@@ -94,6 +95,8 @@ def check(cfg: DictConfig | dict[str, Any]) -> DictConfig:
     for module in MODULES:
         if "name" not in out[module]:
             raise ConfigError(f"`{module}` has no `name` (pick an option: {module}=<one of {list_options(module)}>)")
+    if (bad := check_kill_at(out.trainer, stages)) is not None:
+        raise ConfigError(bad)
     if out.eval.enabled and out.eval.data is not None and out.data.get(out.eval.data) is None:
         out.eval.enabled = False
     OmegaConf.set_struct(out, True)

@@ -5,11 +5,16 @@ size: 20000, tasks: {vqa: 4, grounding: 2}}`` or ``{name: llava_json, path: data
 image_root: data/}``. The batch plan maps an optimizer step to the sample indices of that step (a seeded permutation
 per epoch, sliced into equal per-rank shares, then micro-batches), so the data position is just the step number: a
 resumed run and a run with a different number of processes see exactly the same global batches.
+
+Each item is processed with the global RNGs seeded from ``(data seed, epoch, index)`` (:class:`SeededItems`), so
+randomness in processing (augmentation) is a function of the sample and its epoch too: the same with 0 or N workers,
+after a resume, and independent of the model's own random stream (see :mod:`vlm.train.rng`).
 """
 from __future__ import annotations
 
 import math
 import os
+import signal
 import zlib
 from collections.abc import Iterator
 from functools import lru_cache
@@ -20,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vlm.registry import Registry, to_dict
+from vlm.train.rng import derive_seed, isolated
 
 DATASETS: Registry[Any] = Registry("dataset")
 #: default ``max_bad_fraction`` of file datasets: a run stops once more than 5% of its samples are known to be bad
@@ -142,22 +148,50 @@ class BatchPlan:
         return step / self.steps_per_epoch
 
 
-class PlanSampler(Sampler[list[int]]):
-    """Yields this rank's micro-batches for steps ``start..stop-1`` in order (a DataLoader ``batch_sampler``)."""
+class PlanSampler(Sampler[list[tuple[int, int]]]):
+    """Yields this rank's micro-batches for steps ``start..stop-1`` in order (a DataLoader ``batch_sampler``), each as
+    a list of ``(epoch, sample index)`` keys for :class:`SeededItems`."""
 
     def __init__(self, plan: BatchPlan, start: int, stop: int) -> None:
         self.plan, self.start, self.stop = plan, start, stop
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for step in range(self.start, self.stop):
-            yield from self.plan.micro_batches(step)
+            epoch = step // self.plan.steps_per_epoch
+            for micro in self.plan.micro_batches(step):
+                yield [(epoch, i) for i in micro]
 
     def __len__(self) -> int:
         return (self.stop - self.start) * self.plan.accumulation
 
 
+class SeededItems(Dataset):
+    """``items[(epoch, index)]`` is ``dataset[index]`` computed inside ``vlm.train.rng.isolated(derive_seed(seed,
+    epoch, index))``: whatever the item's processing draws from torch / python / numpy (random augmentation) is fixed
+    by the sample and its epoch, and the caller's (the model's) random streams are left untouched."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        with isolated(derive_seed("item", self.seed, epoch, index)):
+            return self.dataset[index]
+
+
+def _worker_init(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM to the main process: it checkpoints, then stops them."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset: Dataset, collator: Any, plan: BatchPlan, start: int, stop: int,
                 num_workers: int = 0) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=PlanSampler(plan, start, stop), collate_fn=collator,
-                      num_workers=num_workers, persistent_workers=False,
-                      prefetch_factor=4 if num_workers else None)
+    """This rank's micro-batches of steps ``start..stop-1``. The loader has its own generator (seeded from the plan's
+    seed), so creating an iterator and starting workers draws nothing from the global (model) RNG."""
+    return DataLoader(SeededItems(dataset, plan.seed), batch_sampler=PlanSampler(plan, start, stop),
+                      collate_fn=collator, num_workers=num_workers, persistent_workers=False,
+                      prefetch_factor=4 if num_workers else None, worker_init_fn=_worker_init if num_workers else None,
+                      generator=torch.Generator().manual_seed(derive_seed("loader", plan.seed, start)))

@@ -19,6 +19,8 @@ from torch import nn
 
 from vlm.objectives import LM
 from vlm.train.distributed import Strategy
+from vlm.train.interrupt import STOP, Interrupted, kill_point
+from vlm.train.rng import set_rng_state
 
 IGNORE_INDEX = -100
 
@@ -124,6 +126,8 @@ class StageLoop:
     scaler: Any = None
     params: list[nn.Parameter] = field(default_factory=list)
     objective: bool = False     # a non-LM objective (stage.objective): the model's objective head computes the loss
+    rng: dict[str, Any] | None = None  # the model's RNG state to continue from (a resumed checkpoint's)
+    run_dir: str = "."          # where trainer.kill_at records that it fired
 
     def __post_init__(self) -> None:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -197,6 +201,11 @@ class StageLoop:
             bar = tqdm(total=self.total_steps, initial=start_step, desc=self.name, unit="step", dynamic_ncols=True,
                        file=sys.stderr, leave=True)
         it = iter(self.loader)
+        if self.rng is not None:  # after everything else that might draw: the next draw is the next step's dropout
+            set_rng_state(self.rng)
+        if start_step == 0:
+            kill_point(self.trainer, self.name, 0, self.run_dir, self.strategy.rank)
+        self.stop_if_requested(start_step, state, saved=True)
         ema_tps = None
         for step in range(start_step, self.total_steps):
             micro = [next(it) for _ in range(self.accumulation)]
@@ -237,8 +246,19 @@ class StageLoop:
                     bar.write(line)
                 else:
                     self.log.info(line)
-            if self.stage.save_every and done % self.stage.save_every == 0 and done != self.total_steps:
+            saved = bool(self.stage.save_every) and done % self.stage.save_every == 0 and done != self.total_steps
+            if saved:
                 self.save(done, state)
+            kill_point(self.trainer, self.name, done, self.run_dir, self.strategy.rank)
+            self.stop_if_requested(done, state, saved)
         if bar is not None:
             bar.close()
         return state
+
+    def stop_if_requested(self, done: int, state: LoopState, saved: bool) -> None:
+        """After SIGTERM on any process (``vlm.train.interrupt``): checkpoint step ``done`` unless ``saved``, stop."""
+        if not self.strategy.all_reduce(torch.tensor([float(STOP.requested)]), op="max").item():
+            return
+        if not saved:
+            self.save(done, state)
+        raise Interrupted("TERM", f"in stage {self.name!r} after step {done}/{self.total_steps}")

@@ -32,6 +32,7 @@ from vlm.train.data import build_dataset, check_data_spec, data_seed
 from vlm.train.distributed import build_strategy
 from vlm.train.evaluate import format_table
 from vlm.train.export import STAGE_WEIGHTS, resolve_weights
+from vlm.train.interrupt import stop_on_sigterm, with_run
 from vlm.train.loggers import RunLogger
 from vlm.train.optim import OPTIMIZERS, SCHEDULES
 from vlm.train.policy import check_policies
@@ -321,7 +322,8 @@ def run(cfg: DictConfig | None = None, *, recipe: str | None = None,
     strategy.setup()
     state = RunState()
     try:
-        result = _run(cfg, strategy, t0, overrides, resume, state)
+        with stop_on_sigterm():  # SIGTERM: checkpoint, then stop (vlm.train.interrupt)
+            result = _run(cfg, strategy, t0, overrides, resume, state)
         state.set("finished")
         return result
     except (KeyboardInterrupt, SystemExit) as e:
@@ -411,6 +413,8 @@ def _run(cfg: DictConfig, strategy: Any, t0: float, overrides: list[str] | None,
             (run_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=1))
             log.summary({"seconds": result.seconds, **{f"eval/{k}": v for k, v in result.eval.items()}})
             report(result, log)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: say where the last checkpoint is
+        raise with_run(e, run_dir, list(cfg.stages)) from e
     finally:
         log.close()
     return result

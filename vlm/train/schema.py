@@ -104,6 +104,8 @@ class TrainerConfig:
     progress: bool = True
     keep_last: int = 2
     save_full: bool = False
+    kill_at: Optional[str] = None       # testing preemption: "<stage>:<step>" | "<stage>:end" (vlm.train.interrupt)
+    kill_signal: str = "KILL"           # KILL | TERM | INT: what kill_at sends this process
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
 

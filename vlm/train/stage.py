@@ -27,9 +27,11 @@ from vlm.train.distributed import Strategy, resolve_precision
 from vlm.train.evaluate import evaluate
 from vlm.train.export import STAGE_WEIGHTS, export_final, load_weights, merge_lora_state, trained_names, \
     write_stage_weights
+from vlm.train.interrupt import kill_point
 from vlm.train.loop import LoopState, StageLoop
 from vlm.train.optim import build_optimizer, build_scheduler
 from vlm.train.policy import apply_policies, trainable_summary
+from vlm.train.rng import derive_seed, isolated
 
 DONE = "DONE.json"
 
@@ -114,7 +116,7 @@ class StageRunner:
         if s.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
         t = self.setup()
-        start, state, resumed_from = self.resume_from_checkpoint(t)
+        start, state, resumed_from, rng = self.resume_from_checkpoint(t)
         if self.resume:
             self.log.mark_resume(self.name, start)
         loader = SkipCounting(make_loader(t.dataset, t.collator, t.plan, start, t.total,
@@ -123,9 +125,10 @@ class StageRunner:
                          wrapped=t.wrapped, optimizer=t.optimizer, scheduler=t.scheduler, loader=loader,
                          total_steps=t.total, accumulation=t.plan.accumulation, precision=t.precision, log=self.log,
                          save=lambda step, ls: self.save(t, step, ls),
-                         evaluate=(lambda step: self.evaluate(t, self.cfg.eval.periodic_limit)[0])
+                         evaluate=(lambda step: self.evaluate(t, self.cfg.eval.periodic_limit, step)[0])
                          if self.eval_samples is not None else None,
-                         global_step_offset=self.global_step_offset)
+                         global_step_offset=self.global_step_offset, rng=rng,
+                         run_dir=str(self.run_dir))
         state = loop.run(start, state)
         if start < t.total or resumed_from is None:
             self.save(t, t.total, state)
@@ -140,6 +143,7 @@ class StageRunner:
                                                      "seconds": result.seconds, "eval": result.eval,
                                                      "skipped_samples": result.skipped_samples}, indent=1))
         s.barrier()
+        kill_point(self.cfg.trainer, self.name, "end", self.run_dir, s.rank)
         return result
 
     # ------------------------------------------------------------------------------------------------ parts
@@ -177,21 +181,22 @@ class StageRunner:
         return Training(model, wrapped, optimizer, scheduler, processor, dataset, make_collator(self.tokenizer, st),
                         plan, total, precision, ckpt, fp, shapes)
 
-    def resume_from_checkpoint(self, t: "Training") -> tuple[int, LoopState, str | None]:
-        """``(start step, loop state, checkpoint)``: the latest checkpoint of this stage when resuming."""
+    def resume_from_checkpoint(self, t: "Training") -> tuple[int, LoopState, str | None, dict[str, Any] | None]:
+        """``(start step, loop state, checkpoint, model RNG state)``: the latest checkpoint of this stage when
+        resuming. The RNG state is restored by the loop, right before its first step."""
         latest = t.ckpt.latest() if self.resume else None
         if latest is None:
-            return 0, LoopState(), None
+            return 0, LoopState(), None, None
         saved = json.loads((latest / "trainer_state.json").read_text())
         if saved.get("fingerprint") != t.fingerprint:
             raise ConfigError(f"cannot resume from {latest}: it was written by a different model or policy "
                               f"(fingerprint {saved.get('fingerprint')} vs {t.fingerprint}): "
                               f"{describe_mismatch(saved.get('param_shapes', {}), t.param_shapes)}")
-        saved = t.ckpt.load(latest, t.wrapped, t.optimizer, t.scheduler)
+        saved = t.ckpt.load(latest, t.wrapped, t.optimizer, t.scheduler, restore_rng=False)
         self.bad.merge(saved.get("skipped_samples", {}))
         start = int(saved["step"])
         self.log.info(f"[{self.name}] resumed from {latest} at step {start}/{t.total}")
-        return start, LoopState(losses=list(saved.get("losses", []))), str(latest)
+        return start, LoopState(losses=list(saved.get("losses", []))), str(latest), t.ckpt.read_rng(latest)
 
     def save(self, t: "Training", step: int, state: LoopState) -> None:
         t.ckpt.save(step, t.wrapped, t.optimizer, t.scheduler,
@@ -235,13 +240,16 @@ class StageRunner:
                 export_final(self.run_dir / "final", t.model, merged, self.tokenizer, t.processor.template)
         s.barrier()
 
-    def evaluate(self, t: "Training", limit: int | None) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        return evaluate(t.wrapped, self.strategy, t.processor, self.eval_samples, batch_size=self.cfg.eval.batch_size,
-                        max_new_tokens=self.cfg.eval.max_new_tokens, precision=t.precision, limit=limit,
-                        lockstep=self.cfg.trainer.strategy == "fsdp")
+    def evaluate(self, t: "Training", limit: int | None, step: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Generation-based evaluation after ``step``, with its own random stream (seeded by seed, stage, step):
+        whatever it draws is reproducible and leaves the model's training stream untouched."""
+        with isolated(derive_seed("eval", self.cfg.seed, self.name, step), self.strategy.device):
+            return evaluate(t.wrapped, self.strategy, t.processor, self.eval_samples,
+                            batch_size=self.cfg.eval.batch_size, max_new_tokens=self.cfg.eval.max_new_tokens,
+                            precision=t.precision, limit=limit, lockstep=self.cfg.trainer.strategy == "fsdp")
 
     def final_eval(self, t: "Training") -> dict[str, float]:
-        metrics, records = self.evaluate(t, self.cfg.eval.limit)
+        metrics, records = self.evaluate(t, self.cfg.eval.limit, t.total)
         if self.strategy.is_main:
             (self.run_dir / "eval.json").write_text(json.dumps({"metrics": metrics, "stage": self.name}, indent=1))
             with (self.run_dir / "predictions.jsonl").open("w") as f:
