@@ -103,7 +103,9 @@ def test_resume_takes_the_saved_config_plus_overrides(tmp_path, monkeypatch, cap
         run(recipe="micro", overrides=first)
     monkeypatch.undo()
     info = run_info(out)
-    assert info["state"] == "interrupted" and "simulated interrupt" in info["error"]
+    # the interrupt is recorded with where to resume from (vlm.train.interrupt turns a Ctrl-C into that message)
+    assert info["state"] == "interrupted" and "interrupted by Ctrl-C; last checkpoint:" in info["error"]
+    assert info["error"].endswith("step_000002")
     assert info["overrides"] == ["recipe=micro"] + first
 
     # what a bare `python -m vlm.train recipe=micro resume=auto output_dir=...` passes, plus one setting on top
