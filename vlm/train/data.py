@@ -78,15 +78,6 @@ def build_dataset(spec: Any, processor: Any = None, add_generation_prompt: bool 
     return DATASETS.build(spec, processor=processor, add_generation_prompt=add_generation_prompt)
 
 
-def check_data_spec(spec: Any) -> None:
-    """Fail early on an unknown dataset name or a path that does not exist."""
-    spec = to_dict(spec)
-    DATASETS.get(spec.get("name", "<missing name>"))
-    for key in ("path", "image_root"):
-        if spec.get(key) is not None and not os.path.exists(spec[key]):
-            raise FileNotFoundError(f"data {spec['name']}: {key}={spec[key]!r} does not exist")
-
-
 def data_seed(seed: int, stage: str) -> int:
     """The data-order seed of a stage: depends on its name (not its position), so a stage run alone sees the same
     batches as in a chained run."""
