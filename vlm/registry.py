@@ -86,11 +86,18 @@ class Registry(Generic[T]):
 
 
 def accepted_kwargs(factory: Callable[..., Any]) -> list[str] | None:
-    """The keyword arguments ``factory`` takes, in order; ``None`` when it takes any (``**kwargs``)."""
+    """The keyword arguments ``factory`` takes, in order; ``None`` when it takes any (``**kwargs``).
+
+    A factory that passes its ``**kwargs`` on to one callable states it as ``factory.forwards_to = callable``:
+    its accepted arguments are then its own plus that callable's."""
     params = inspect.signature(factory).parameters
+    own = [n for n, p in params.items() if n != "self" and p.kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                                                         inspect.Parameter.VAR_KEYWORD)]
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return None
-    return [n for n, p in params.items() if n != "self" and p.kind is not inspect.Parameter.VAR_POSITIONAL]
+        target = getattr(factory, "forwards_to", None)
+        forwarded = accepted_kwargs(target) if target is not None else None
+        return None if forwarded is None else own + [n for n in forwarded if n not in own]
+    return own
 
 
 def check_kwargs(factory: Callable[..., Any], kwargs: Mapping[str, Any], what: str) -> None:

@@ -71,7 +71,7 @@ def precheck(argv: Sequence[str]) -> None:
     from hydra._internal.utils import get_args_parser
 
     from vlm.train.config import compose
-    from vlm.train.config_check import check_files
+    from vlm.train.config_check import check_runnable
 
     args, _ = get_args_parser().parse_known_args(list(argv))
     if (args.help or args.hydra_help or args.info or args.shell_completion or args.config_path or args.config_name
@@ -81,7 +81,7 @@ def precheck(argv: Sequence[str]) -> None:
         for overrides in job_overrides(args.overrides, args.multirun):
             cfg = compose(overrides=overrides)
             if not args.cfg:  # `--cfg job` only prints the config: its files need not exist yet
-                check_files(cfg)
+                check_runnable(cfg)
     except ConfigError as e:
         fail(e)
 

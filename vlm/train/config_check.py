@@ -2,10 +2,11 @@
 option, raised before anything is built or written.
 
 - ``explain(exc, overrides, ...)`` turns a Hydra composition error or an OmegaConf schema error into that form;
-- ``check_components(cfg)`` checks component names and arguments (``encoder``, ``connector``, ``llm``,
-  ``tokenizer``, ``data.*``) and each stage's named parts (template, optimizer, scheduler, policies, loss weighting)
-  against their registries, without building anything;
-- ``check_files(cfg)`` checks that the data and ``init_from`` paths a run reads exist.
+- ``check_components(cfg)`` (part of ``config.check``) checks component names and arguments (``encoder``,
+  ``connector``, ``llm``, ``tokenizer``, ``data.*``, strategy, precision, logger) against their registries, without
+  building anything;
+- ``check_runnable(cfg)`` (before a run) checks each stage's named parts (template, optimizer, scheduler, policies,
+  loss weighting) and that the data and ``init_from`` paths the run reads exist.
 """
 from __future__ import annotations
 
@@ -176,13 +177,9 @@ def used_data_keys(cfg: DictConfig) -> list[str]:
 
 
 def check_components(cfg: DictConfig) -> None:
-    """Every named part of the run is registered and gets only arguments it takes (nothing is built)."""
-    from vlm.data.templates import TEMPLATES
-    from vlm.loss import LOSS_WEIGHTINGS
+    """Every component of the run is registered and gets only arguments it takes (nothing is built)."""
     from vlm.train.distributed import DTYPES, STRATEGIES
     from vlm.train.loggers import BACKENDS
-    from vlm.train.optim import OPTIMIZERS, SCHEDULES
-    from vlm.train.policy import POLICIES
 
     for key, value, options, what in (
             ("trainer.strategy", cfg.trainer.strategy, STRATEGIES.names(), "strategy"),
@@ -195,6 +192,15 @@ def check_components(cfg: DictConfig) -> None:
         check_component(group, cfg[group], *regs[group])
     for key in used_data_keys(cfg):
         check_component(f"data.{key}", cfg.data[key], *regs["data"])
+
+
+def check_stage_parts(cfg: DictConfig) -> None:
+    """Each stage's template, optimizer, scheduler, policies and loss weighting are registered."""
+    from vlm.data.templates import TEMPLATES
+    from vlm.loss import LOSS_WEIGHTINGS
+    from vlm.train.optim import OPTIMIZERS, SCHEDULES
+    from vlm.train.policy import POLICIES
+
     for name in cfg.stages:
         st, pre = cfg.stage[name], f"stage.{name}"
         template = st.template if isinstance(st.template, str) else st.template.get("name")
@@ -208,6 +214,13 @@ def check_components(cfg: DictConfig) -> None:
                 raise unknown_choice(f"{pre}.policy.{module}", st.policy[module], "policy", POLICIES.names())
         if st.loss_weighting not in LOSS_WEIGHTINGS:
             raise unknown_choice(f"{pre}.loss_weighting", st.loss_weighting, "loss weighting", LOSS_WEIGHTINGS)
+
+
+def check_runnable(cfg: DictConfig) -> None:
+    """What a run needs beyond a composable config: registered stage parts (``check_stage_parts``) and the files
+    it reads (``check_files``). ``python -m vlm.train`` calls it for every job before starting; ``run`` again."""
+    check_stage_parts(cfg)
+    check_files(cfg)
 
 
 def check_files(cfg: DictConfig) -> None:

@@ -9,7 +9,6 @@ resumed run and a run with a different number of processes see exactly the same 
 from __future__ import annotations
 
 import math
-import os
 import zlib
 from collections.abc import Iterator
 from functools import lru_cache
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from vlm.data.shapes import ShapesDataset
 from vlm.registry import Registry, to_dict
 
 DATASETS: Registry[Any] = Registry("dataset")
@@ -44,6 +44,9 @@ def shapes(processor: Any = None, add_generation_prompt: bool = False, **options
 
     samples = build_shapes(**options)
     return samples if processor is None else Processed(samples, processor, add_generation_prompt)
+
+
+shapes.forwards_to = ShapesDataset  # type: ignore[attr-defined]  (its options are checked before a run starts)
 
 
 def _records(path: str, format: str, processor: Any, add_generation_prompt: bool, image_root: str | None,

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vlm.train.build import build_tokenizer, config_fingerprint, describe_config_change
 from vlm.train.config import ConfigError, check, compose, to_yaml
-from vlm.train.config_check import check_files
+from vlm.train.config_check import check_runnable
 from vlm.train.data import build_dataset, data_seed
 from vlm.train.distributed import build_strategy
 from vlm.train.evaluate import format_table
@@ -109,7 +109,7 @@ def resolve_run_dir(cfg: DictConfig) -> tuple[Path, bool]:
 
 def preflight(cfg: DictConfig, device: torch.device) -> None:
     """Everything that can be checked before a model is built (names and arguments: ``check``, already done)."""
-    check_files(cfg)
+    check_runnable(cfg)
     for name in cfg.stages:
         try:
             check_policies(cfg.stage[name], device)
