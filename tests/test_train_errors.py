@@ -169,7 +169,7 @@ def test_debug_shows_the_traceback(how, tmp_path, monkeypatch, capsys):
         argv.append("--debug")
     else:
         monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
-    status, exc = run_cli(argv, monkeypatch)
+    _, exc = run_cli(argv, monkeypatch)
     assert isinstance(exc, ConfigError) and "did you mean 'mlp'" in str(exc)
     assert not any(tmp_path.iterdir())
 

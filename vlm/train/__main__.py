@@ -123,7 +123,7 @@ def _main(cfg: DictConfig) -> float | None:
             raise
         # one failed job must not end the sweep: record it, the summary lists it, the sweep exits with status 1
         record_failure(Path(hc.runtime.output_dir), hc.overrides.task, e)
-        print(f"error: job {hc.job.num} ({hc.job.override_dirname}) failed: {type(e).__name__}: {e}"
+        print(f"error: job {hc.job.num} failed ({hc.runtime.output_dir}/{JOB_ERROR_FILE}): {type(e).__name__}: {e}"
               + ("" if isinstance(e, ConfigError) else f"\n{traceback.format_exc()}"), file=sys.stderr)
         return None
     if result.run_dir.is_dir():

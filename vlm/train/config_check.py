@@ -63,7 +63,7 @@ def _node_keys(cfg: Any, path: Sequence[str]) -> list[str]:
         node = node[part]
     if not isinstance(node, DictConfig):
         return []
-    keys = [str(k) for k in node.keys()]
+    keys = [str(k) for k in node]
     reg = _registry_at(path)
     if reg is not None and isinstance(node.get("name"), str) and node.name in reg[0]:
         keys += accepted_kwargs(reg[0].get(node.name)) or []
@@ -108,10 +108,9 @@ def explain(exc: BaseException, overrides: Sequence[str] = (), raw: Any = None,
 def _value_at(cfg: Any, path: Sequence[str]) -> Any:
     node = cfg
     for part in path:
-        try:
-            node = node[part]
-        except Exception:
+        if not isinstance(node, DictConfig) or part not in node:
             return None
+        node = node[part]
     return node
 
 
@@ -239,4 +238,4 @@ def check_files(cfg: DictConfig) -> None:
 
 def raw_without_hydra(cfg: Any) -> DictConfig:
     raw = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
-    return OmegaConf.masked_copy(raw, [k for k in raw.keys() if k != "hydra"]) if "hydra" in raw else raw
+    return OmegaConf.masked_copy(raw, [k for k in raw if k != "hydra"]) if "hydra" in raw else raw

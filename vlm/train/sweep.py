@@ -57,7 +57,8 @@ def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def _job_num(name: str) -> int | None:
-    """The job number a Hydra sweep subdirectory starts with (``3-connector=mlp`` -> 3); None for other folders."""
+    """The job number a Hydra sweep subdirectory is named by or starts with (``3``, ``3-connector=mlp`` -> 3); None
+    for other folders."""
     head = name.split("-", 1)[0]
     return int(head) if head.isdigit() else None
 
@@ -108,7 +109,7 @@ def summarize_sweep(sweep_dir: str | Path) -> Path:
     rows = job_rows(sweep_dir)
     (sweep_dir / "summary.csv").write_text(to_csv(rows))
     md = sweep_dir / "summary.md"
-    md.write_text(f"# Sweep {sweep_dir}\n\n{status_line(rows)}. Job N's run directory is `N-<overrides>/` here; "
+    md.write_text(f"# Sweep {sweep_dir}\n\n{status_line(rows)}. Job N's run directory is `N/` here; "
                   f"errors in full: summary.csv or `<job>/error.json`.\n\n" + to_markdown(rows))
     return md
 
