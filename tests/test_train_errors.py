@@ -149,7 +149,7 @@ def run_cli(argv, monkeypatch):
 def test_config_mistake_is_one_line_before_anything_is_written(argv, fragments, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("VLM_DATA", raising=False)
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # (restored afterwards: --debug sets it to 1 in this process)
     status, exc = run_cli([*argv, "output_dir=out"], monkeypatch)
     err = capsys.readouterr().err
     assert exc is None and status == 2, err
@@ -163,7 +163,7 @@ def test_config_mistake_is_one_line_before_anything_is_written(argv, fragments, 
 @pytest.mark.parametrize("how", ["--debug", "HYDRA_FULL_ERROR=1"])
 def test_debug_shows_the_traceback(how, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # (restored afterwards: --debug sets it to 1 in this process)
     argv = ["connector=mpl"]
     if how == "--debug":
         argv.append("--debug")
