@@ -157,14 +157,20 @@ def check_component(key: str, spec: Any, registry: Registry[Any], provided: Sequ
     name = spec.pop("name")
     if name not in registry:
         raise unknown_choice(f"{key}.name", name, registry.family, registry.names())
-    accepted = accepted_kwargs(registry.get(name))
-    if accepted is None:
-        return
-    accepted = [a for a in accepted if a not in provided]
-    for arg in spec:
-        if arg not in accepted:
-            raise ConfigError(f"{key}.{arg}={spec[arg]!r}: {registry.family} {name!r} takes no argument {arg!r}; "
-                              f"expected one of {accepted} ({did_you_mean(arg, accepted)})")
+    factory = registry.get(name)
+    accepted = accepted_kwargs(factory)
+    if accepted is not None:
+        accepted = [a for a in accepted if a not in provided]
+        for arg in spec:
+            if arg not in accepted:
+                raise ConfigError(f"{key}.{arg}={spec[arg]!r}: {registry.family} {name!r} takes no argument {arg!r}; "
+                                  f"expected one of {accepted} ({did_you_mean(arg, accepted)})")
+    checker = getattr(factory, "check_options", None)  # a component's own check of nested options (no build)
+    if checker is not None:
+        try:
+            checker(**spec)
+        except (TypeError, ValueError, KeyError) as e:
+            raise ConfigError(f"{key}: {_first_line(str(e.args[0] if e.args else e))}") from e
 
 
 def used_data_keys(cfg: DictConfig) -> list[str]:
