@@ -28,11 +28,12 @@ def test_lookup_is_exact_not_substring():
 
 
 def test_unknown_argument_is_named():
-    with pytest.raises(TypeError, match=r"unknown argument\(s\) \['depht'\]"):
+    with pytest.raises(TypeError, match=r"unknown argument\(s\) 'depht' \(did you mean 'depth'\?\)"):
         connectors.build({"name": "mlp", "depht": 2}, in_dim=4, out_dim=4)
     with pytest.raises(TypeError, match="feature_layr"):
         encoders.build({"name": "clip", "feature_layr": -2})
-    with pytest.raises(TypeError, match=r"llm 'hf_causal_lm': unknown argument\(s\) \['confg'\]; accepted: .*'config'"):
+    with pytest.raises(TypeError, match=r"llm 'hf_causal_lm': unknown argument\(s\) 'confg' \(did you mean 'config'\?\); "
+                                        r"accepted: .*'config'"):
         llm.build({"name": "hf_causal_lm", "confg": {"model_type": "llama"}})
     with pytest.raises(KeyError, match="'name'"):
         encoders.build({"image_size": 32})

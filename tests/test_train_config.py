@@ -92,3 +92,10 @@ def test_pretrained_paths_default_under_vlm_models(monkeypatch):
     assert cfg.tokenizer.path == "/weights/vicuna-7b-v1.5"
     monkeypatch.delenv("VLM_MODELS")
     assert Path(compose("llava15").llm.pretrained) == Path("models/vicuna-7b-v1.5")
+
+
+def test_switching_a_component_drops_the_recipes_options_for_it():
+    """The tiny recipe's connector options (pos_embed) belong to its connector choice, not to the recipe."""
+    assert dict(compose("tiny").connector) == {"name": "linear", "pos_embed": 9}
+    for option, expected in (("mlp", {"name": "mlp", "depth": 2, "act": "gelu"}), ("linear", {"name": "linear"})):
+        assert dict(compose("tiny", [f"connector={option}"]).connector) == expected

@@ -20,11 +20,12 @@ trusted. ``strict_config: false`` on the component skips it for exotic keys.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from vlm.registry import close_matches, did_you_mean
 
 # kwargs ``PretrainedConfig`` handles for every model type (popped in its ``__init__``/``__post_init__`` or set as
 # generic attributes), plus the bookkeeping keys ``save_pretrained`` writes
@@ -114,11 +115,7 @@ def check_config_keys(config_class: type, config: Mapping[str, Any], what: str, 
         return
     accepted = accepted_config_keys(config_class)
     model_type = model_type or getattr(config_class, "model_type", "") or config_class.__name__
-    hints = []
-    for key in unknown:
-        close = difflib.get_close_matches(key, sorted(accepted), n=3, cutoff=0.6)
-        hints.append(f"{key!r} (did you mean {' or '.join(repr(c) for c in close)}?)" if close
-                     else f"{key!r} (no close match)")
+    hints = [f"{key!r} ({did_you_mean(key, sorted(accepted))})" for key in unknown]
     raise TypeError(
         f"{what}: unknown config key(s) for model_type={model_type!r}: {', '.join(hints)}. transformers would ignore "
         f"them silently. Expected keys of transformers.{config_class.__name__}: {own_config_keys(config_class)}, or a "
@@ -132,7 +129,7 @@ def config_class_for(model_type: str, what: str) -> type:
 
     if model_type not in CONFIG_MAPPING:
         known = sorted(CONFIG_MAPPING.keys())
-        close = difflib.get_close_matches(str(model_type), known, n=3, cutoff=0.6)
+        close = close_matches(model_type, known)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(f"{what}: unknown model_type={model_type!r}{hint} (expected a transformers model type, "
                          f"e.g. llama, qwen2, qwen3, gemma, gpt2)")

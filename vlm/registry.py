@@ -5,11 +5,23 @@ keyword arguments. Lookup is exact: no prefix or substring matching, so names ca
 """
 from __future__ import annotations
 
+import difflib
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+
+
+def close_matches(word: Any, options: Iterable[Any], n: int = 3) -> list[str]:
+    """The ``n`` entries of ``options`` closest to ``word`` (``difflib``, similarity >= 0.6), best first."""
+    return difflib.get_close_matches(str(word), [str(o) for o in options], n=n, cutoff=0.6)
+
+
+def did_you_mean(word: Any, options: Iterable[Any]) -> str:
+    """``"did you mean 'a' or 'b'?"`` for the options closest to ``word``, or ``"no close match"``."""
+    close = close_matches(word, options)
+    return f"did you mean {' or '.join(repr(c) for c in close)}?" if close else "no close match"
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -54,7 +66,8 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> Callable[..., T]:
         if name not in self._entries:
-            raise KeyError(f"unknown {self.family} {name!r}; known {self.family}s: {', '.join(self.names()) or '(none)'}")
+            raise KeyError(f"unknown {self.family} {name!r} ({did_you_mean(name, self.names())}); known "
+                           f"{self.family}s: {', '.join(self.names()) or '(none)'}")
         return self._entries[name]
 
     def build(self, cfg: Any, **extra: Any) -> T:
@@ -72,16 +85,31 @@ class Registry(Generic[T]):
         return factory(**kwargs)
 
 
+def accepted_kwargs(factory: Callable[..., Any]) -> list[str] | None:
+    """The keyword arguments ``factory`` takes, in order; ``None`` when it takes any (``**kwargs``).
+
+    A factory that passes its ``**kwargs`` on to one callable states it as ``factory.forwards_to = callable``:
+    its accepted arguments are then its own plus that callable's."""
+    params = inspect.signature(factory).parameters
+    own = [n for n, p in params.items() if n != "self" and p.kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                                                         inspect.Parameter.VAR_KEYWORD)]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        target = getattr(factory, "forwards_to", None)
+        forwarded = accepted_kwargs(target) if target is not None else None
+        return None if forwarded is None else own + [n for n in forwarded if n not in own]
+    return own
+
+
 def check_kwargs(factory: Callable[..., Any], kwargs: Mapping[str, Any], what: str) -> None:
     """Raise ``TypeError`` naming unknown keys and the accepted ones, before calling ``factory``."""
-    sig = inspect.signature(factory)
-    params = sig.parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    params = inspect.signature(factory).parameters
+    accepted = accepted_kwargs(factory)
+    if accepted is None:
         return
-    accepted = [n for n, p in params.items() if n != "self" and p.kind is not inspect.Parameter.VAR_POSITIONAL]
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise TypeError(f"{what}: unknown argument(s) {unknown}; accepted: {accepted}")
+        hints = ", ".join(f"{k!r} ({did_you_mean(k, accepted)})" for k in unknown)
+        raise TypeError(f"{what}: unknown argument(s) {hints}; accepted: {accepted}")
     missing = [n for n, p in params.items()
                if n != "self" and p.default is inspect.Parameter.empty and n not in kwargs
                and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]

@@ -44,6 +44,14 @@ class HFCausalLM(nn.Module):
     trusted and not checked.
     """
 
+    @staticmethod
+    def check_options(config: dict[str, Any] | None = None, pretrained: str | None = None, strict_config: bool = True,
+                      **_: Any) -> None:
+        """Check a ``config`` dict's keys against its transformers config class without building the model (what
+        ``vlm.train`` runs before anything is built). Raises ``TypeError`` / ``ValueError`` / ``KeyError``."""
+        if config is not None and pretrained is None and strict_config:
+            make_config(config, strict=True)
+
     def __init__(self, pretrained: str | None = None, config: dict[str, Any] | None = None,
                  attn_implementation: str = "sdpa", gradient_checkpointing: bool = False,
                  dtype: str | None = None, trust_remote_code: bool = False, strict_config: bool = True) -> None:

@@ -9,12 +9,21 @@ Examples::
                                                                # (its saved config; overrides given apply on top)
     python -m vlm.train -m connector=mlp,linear seed=0,1       # sweep -> runs/<recipe>/sweep-*/summary.md
     python -m vlm.train --cfg job                              # print the composed config and exit
+
+A config mistake is one line on stderr (``error: key=value: ...``, exit status 2), found before anything is built
+or written: every job of a sweep is composed and checked first. ``--debug`` (or ``HYDRA_FULL_ERROR=1``) shows the
+traceback instead. In a sweep, a job that fails is recorded (``<job>/error.json``, a row of the summary) and the
+other jobs still run; the sweep then exits with status 1.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -22,6 +31,75 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from vlm.train.config import PRIMARY_CONFIG, ConfigError, check, recipes_dir  # noqa: E402
+
+DEBUG_FLAG = "--debug"
+FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
+CONFIG_ERROR_STATUS = 2
+JOB_ERROR_FILE = "error.json"
+
+
+def debugging() -> bool:
+    """``--debug`` or ``HYDRA_FULL_ERROR=1``: show tracebacks instead of one-line errors."""
+    return os.environ.get(FULL_ERROR_ENV) == "1"
+
+
+def fail(e: Exception) -> None:
+    """A config or data mistake: one line on stderr and exit status 2 (the traceback with ``--debug`` / ``HYDRA_FULL_ERROR=1``)."""
+    if debugging():
+        raise e
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(CONFIG_ERROR_STATUS)
+
+
+def job_overrides(overrides: Sequence[str], multirun: bool) -> list[list[str]]:
+    """The overrides of every job the command line asks for: one job, or the sweep's combinations under ``-m``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    from vlm.train.config_check import explain
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except OverrideParseException as e:
+        raise explain(e, overrides) from e
+    axes = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if multirun and o.is_sweep_override()
+            else [o.input_line] for o in parsed]
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+def precheck(argv: Sequence[str]) -> None:
+    """Compose and check every job of the command line (schema, components, files) before Hydra starts anything."""
+    from hydra._internal.utils import get_args_parser
+
+    from vlm.train.config import compose
+    from vlm.train.config_check import check_runnable
+
+    args, _ = get_args_parser().parse_known_args(list(argv))
+    if (args.help or args.hydra_help or args.info or args.shell_completion or args.config_path or args.config_name
+            or args.config_dir or args.experimental_rerun):
+        return  # Hydra's own modes, or another config source: nothing to run here
+    try:
+        for overrides in job_overrides(args.overrides, args.multirun):
+            cfg = compose(overrides=overrides)
+            if not args.cfg:  # `--cfg job` only prints the config: its files need not exist yet
+                check_runnable(cfg)
+    except ConfigError as e:
+        fail(e)
+
+
+def write_overrides(run_dir: Path, overrides: Sequence[str]) -> None:
+    """``<run>/overrides.json``: the command line's overrides (a sweep summary's columns)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "overrides.json").write_text(json.dumps(list(overrides)))
+
+
+def record_failure(job_dir: Path, overrides: Sequence[str], e: BaseException) -> None:
+    """``<job>/error.json`` (one-line error, type, traceback) and ``overrides.json``: the sweep summary's row."""
+    write_overrides(job_dir, overrides)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    (job_dir / JOB_ERROR_FILE).write_text(json.dumps({
+        "error": f"{type(e).__name__}: {first}", "traceback": traceback.format_exc()}, indent=1))
 
 
 def _main(cfg: DictConfig) -> float | None:
@@ -32,18 +110,28 @@ def _main(cfg: DictConfig) -> float | None:
     from vlm.train.run import run
 
     hc = HydraConfig.get()
+    sweeping = hc.mode == RunMode.MULTIRUN
     try:
         cfg = check(cfg)
-        if hc.mode == RunMode.MULTIRUN and cfg.output_dir is None:
-            cfg.output_dir = hc.runtime.output_dir
+        if sweeping:  # (its config was checked before the sweep started)
+            if cfg.output_dir is None:
+                cfg.output_dir = hc.runtime.output_dir
+            write_overrides(Path(cfg.output_dir), hc.overrides.task)  # a killed job still has its summary row
         result = run(cfg, overrides=list(hc.overrides.task))  # recorded; a resume applies them to the saved config
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM after its checkpoint: no traceback, how to resume
         sys.exit(interrupted(e, list(hc.overrides.task)))
-    if result.run_dir.is_dir() and int(os.environ.get("RANK", 0)) == 0:
-        (result.run_dir / "overrides.json").write_text(json.dumps(list(hc.overrides.task)))
+    except Exception as e:
+        if not sweeping or debugging():
+            if isinstance(e, (ConfigError, DataError)):
+                fail(e)
+            raise
+        # one failed job must not end the sweep: record it, the summary lists it, the sweep exits with status 1
+        record_failure(Path(hc.runtime.output_dir), hc.overrides.task, e)
+        print(f"error: job {hc.job.num} failed ({hc.runtime.output_dir}/{JOB_ERROR_FILE}): {type(e).__name__}: {e}"
+              + ("" if isinstance(e, (ConfigError, DataError)) else f"\n{traceback.format_exc()}"), file=sys.stderr)
+        return None
+    if result.run_dir.is_dir():
+        write_overrides(result.run_dir, hc.overrides.task)
     return result.eval.get("all")
 
 
@@ -63,11 +151,14 @@ def interrupted(err: KeyboardInterrupt, overrides: list[str]) -> int:
 
 
 def main() -> None:
+    if DEBUG_FLAG in sys.argv[1:]:
+        sys.argv = [a for a in sys.argv if a != DEBUG_FLAG]
+        os.environ[FULL_ERROR_ENV] = "1"
     try:
         config_path = str(recipes_dir())
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(e)
+    precheck(sys.argv[1:])
     hydra.main(config_path=config_path, config_name=PRIMARY_CONFIG, version_base=None)(_main)()
 
 

@@ -14,14 +14,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vlm.train.interrupt import check_kill_at
+from vlm.registry import did_you_mean
+from vlm.train.config_check import ConfigError, check_components, explain, raw_without_hydra, unknown_choice
 from vlm.train.schema import MODULES, RunConfig
 
 RECIPES_ENV = "VLM_RECIPES"
 PRIMARY_CONFIG = "config"
-
-
-class ConfigError(ValueError):
-    """A recipe that cannot run: unknown key or option, wrong type, missing file. Raised before training starts."""
 
 
 def recipes_dir() -> Path:
@@ -53,52 +51,74 @@ def compose(recipe: str | None = None, overrides: Sequence[str] = (), *, validat
     from hydra.errors import HydraException
 
     overrides = ([f"recipe={recipe}"] if recipe else []) + list(overrides)
-    if GlobalHydra.instance().is_initialized():  # e.g. called from inside a Hydra app
-        GlobalHydra.instance().clear()
-    try:
+
+    def _compose(overrides: list[str]) -> DictConfig:
+        if GlobalHydra.instance().is_initialized():  # e.g. called from inside a Hydra app
+            GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
-            cfg = hydra_compose(PRIMARY_CONFIG, overrides=overrides)
+            return hydra_compose(PRIMARY_CONFIG, overrides=overrides)
+
+    def without(override: str) -> DictConfig | None:
+        try:
+            return _compose([o for o in overrides if o != override])
+        except (HydraException, OmegaConfBaseException):
+            return None
+
+    try:
+        cfg = _compose(overrides)
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(f"cannot compose recipe with overrides {overrides}: {e}") from e
-    return check(cfg) if validate else cfg
+        raise explain(e, overrides, compose_without=without) from e
+    return check(cfg, overrides) if validate else cfg
 
 
-def check(cfg: DictConfig | dict[str, Any]) -> DictConfig:
-    """Merge onto the schema (filling defaults, rejecting unknown keys / wrong types) and check cross-references.
+def check(cfg: DictConfig | dict[str, Any], overrides: Sequence[str] = ()) -> DictConfig:
+    """Merge onto the schema (filling defaults, rejecting unknown keys / wrong types), check cross-references and
+    the components' names and arguments (``check_components``). ``overrides`` (those the config was composed with)
+    only make error messages quote the value as given.
 
     Returns a struct-mode config: setting a key that does not exist raises.
     """
-    raw = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
-    raw = OmegaConf.masked_copy(raw, [k for k in raw.keys() if k != "hydra"]) if "hydra" in raw else raw
+    raw = raw_without_hydra(cfg)
     try:
         out = OmegaConf.merge(OmegaConf.structured(RunConfig), raw)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"invalid config: {e}") from e
+        raise explain(e, overrides, raw=raw) from e
     stages = list(out.stages)
     if not stages:
-        raise ConfigError("`stages` is empty: nothing to train")
+        raise ConfigError("stages=[]: nothing to train; expected a list of configured stages, e.g. "
+                          f"{list(out.stage)}")
     for name in stages:
         if name not in out.stage:
-            raise ConfigError(f"stages lists {name!r} but no such stage is configured; known: {list(out.stage)} "
-                              f"(options in recipes/stage/: {list_options('stage')})")
+            known = sorted(set(out.stage) | set(list_options("stage")))
+            raise ConfigError(f"stages={stages}: {name!r} is not a configured stage; expected names from "
+                              f"{list(out.stage)} (or add one with stage=[...] from recipes/stage/: "
+                              f"{list_options('stage')}) ({did_you_mean(name, known)})")
         st = out.stage[name]
         if st.data not in out.data or out.data[st.data] is None:
-            raise ConfigError(f"stage {name!r} trains on data.{st.data}, which is not configured; data keys: "
-                              f"{[k for k in out.data if out.data[k] is not None]}")
+            configured = [k for k in out.data if out.data[k] is not None]
+            raise ConfigError(f"stage.{name}.data={st.data!r}: no such data set is configured; expected one of "
+                              f"{configured} ({did_you_mean(st.data, configured)})")
         for module in MODULES:
             lr = st.module_lr[module]
             if lr is not None and lr < 0:
-                raise ConfigError(f"stage.{name}.module_lr.{module}={lr} is negative")
-        if st.global_batch_size < 1 or st.micro_batch_size < 1:
-            raise ConfigError(f"stage.{name}: batch sizes must be >= 1")
+                raise ConfigError(f"stage.{name}.module_lr.{module}={lr}: negative; expected a learning rate >= 0 "
+                              f"or null (use stage.{name}.lr)")
+        for key in ("global_batch_size", "micro_batch_size"):
+            if st[key] < 1:
+                raise ConfigError(f"stage.{name}.{key}={st[key]}: expected a batch size >= 1")
         check_objective(name, st, out.trainer.strategy)
     for module in MODULES:
         if "name" not in out[module]:
             raise ConfigError(f"`{module}` has no `name` (pick an option: {module}=<one of {list_options(module)}>)")
     if (bad := check_kill_at(out.trainer, stages)) is not None:
         raise ConfigError(bad)
-    if out.eval.enabled and out.eval.data is not None and out.data.get(out.eval.data) is None:
-        out.eval.enabled = False
+    if out.eval.enabled and out.eval.data is not None:
+        if out.eval.data not in out.data:
+            raise ConfigError(f"eval.data={out.eval.data!r}: no such data set is configured; expected one of "
+                              f"{list(out.data)} or null ({did_you_mean(out.eval.data, list(out.data))})")
+        if out.data[out.eval.data] is None:  # a recipe without an evaluation set (data.eval: null)
+            out.eval.enabled = False
+    check_components(out)
     OmegaConf.set_struct(out, True)
     return out
 
@@ -117,7 +137,7 @@ def check_objective(name: str, st: DictConfig, strategy: str) -> None:
             raise ConfigError(f"stage.{name}.objective: `{LM}` takes no options; got {sorted(set(obj) - {'name'})}")
         return
     if obj.name not in OBJECTIVES:
-        raise ConfigError(f"stage.{name}.objective.name={obj.name!r} is unknown; known: {[LM] + OBJECTIVES.names()}")
+        raise unknown_choice(f"stage.{name}.objective.name", obj.name, "objective", [LM] + OBJECTIVES.names())
     opts = {k: v for k, v in obj.items() if k != "name"}
     try:
         check_kwargs(OBJECTIVES.get(obj.name), {**opts, "model": None}, f"stage.{name}.objective {obj.name!r}")

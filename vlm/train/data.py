@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from vlm.data.shapes import ShapesDataset
 from vlm.registry import Registry, to_dict
 from vlm.train.rng import derive_seed, isolated
 
@@ -52,6 +53,9 @@ def shapes(processor: Any = None, add_generation_prompt: bool = False, **options
 
     samples = build_shapes(**options)
     return samples if processor is None else Processed(samples, processor, add_generation_prompt)
+
+
+shapes.forwards_to = ShapesDataset  # type: ignore[attr-defined]  (its options are checked before a run starts)
 
 
 def _records(path: str, format: str, processor: Any, add_generation_prompt: bool, image_root: str | None,
@@ -89,15 +93,6 @@ def llava_json(path: str, processor: Any = None, add_generation_prompt: bool = F
 def build_dataset(spec: Any, processor: Any = None, add_generation_prompt: bool = False) -> Dataset:
     spec = to_dict(spec)
     return DATASETS.build(spec, processor=processor, add_generation_prompt=add_generation_prompt)
-
-
-def check_data_spec(spec: Any) -> None:
-    """Fail early on an unknown dataset name or a path that does not exist."""
-    spec = to_dict(spec)
-    DATASETS.get(spec.get("name", "<missing name>"))
-    for key in ("path", "image_root"):
-        if spec.get(key) is not None and not os.path.exists(spec[key]):
-            raise FileNotFoundError(f"data {spec['name']}: {key}={spec[key]!r} does not exist")
 
 
 def data_seed(seed: int, stage: str) -> int:

@@ -25,16 +25,15 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vlm.loss import LOSS_WEIGHTINGS
 from vlm.train.build import build_tokenizer, config_fingerprint, describe_config_change
 from vlm.train.config import ConfigError, check, compose, to_yaml
-from vlm.train.data import build_dataset, check_data_spec, data_seed
+from vlm.train.config_check import check_runnable
+from vlm.train.data import build_dataset, data_seed
 from vlm.train.distributed import build_strategy
 from vlm.train.evaluate import format_table
 from vlm.train.export import STAGE_WEIGHTS, resolve_weights
 from vlm.train.interrupt import stop_on_sigterm, with_run
 from vlm.train.loggers import RunLogger
-from vlm.train.optim import OPTIMIZERS, SCHEDULES
 from vlm.train.policy import check_policies
 from vlm.train.stage import StageResult, StageRunner, skipped_result, stage_done, weight_names
 
@@ -129,30 +128,13 @@ def resolve_run_dir(cfg: DictConfig) -> tuple[Path, bool]:
 
 
 def preflight(cfg: DictConfig, device: torch.device) -> None:
-    """Everything that can be checked before a model is built."""
-    from vlm.data.templates import TEMPLATES
-
-    from vlm import connectors, encoders, llm
-
-    for key, reg in (("encoder", encoders.ENCODERS), ("connector", connectors.CONNECTORS), ("llm", llm.LLMS)):
-        if cfg[key].name not in reg:
-            raise ConfigError(f"{key}.name={cfg[key].name!r}: {reg.family} not registered; known: "
-                              f"{reg.names()}")
+    """Everything that can be checked before a model is built (names and arguments: ``check``, already done)."""
+    check_runnable(cfg)
     for name in cfg.stages:
-        st = cfg.stage[name]
         try:
-            check_policies(st, device)
-            if st.loss_weighting not in LOSS_WEIGHTINGS:
-                raise ValueError(f"loss_weighting={st.loss_weighting!r}; expected one of {LOSS_WEIGHTINGS}")
-            OPTIMIZERS.get(st.optimizer)
-            SCHEDULES.get(st.scheduler)
-            template = st.template if isinstance(st.template, str) else st.template.name
-            TEMPLATES.get(template)
-            check_data_spec(cfg.data[st.data])
-        except (KeyError, ValueError, FileNotFoundError) as e:
-            raise ConfigError(f"stage {name!r}: {e.args[0] if e.args else e}") from e
-    if cfg.eval.enabled and cfg.eval.data is not None:
-        check_data_spec(cfg.data[cfg.eval.data])
+            check_policies(cfg.stage[name], device)
+        except (KeyError, ValueError, RuntimeError) as e:  # unknown name, qlora without CUDA, ...
+            raise ConfigError(f"stage.{name}.policy: {e.args[0] if e.args else e}") from e
     if cfg.init_from is not None:
         resolve_weights(Path(cfg.init_from))
 

@@ -1,10 +1,15 @@
 """Sweep summaries: one row per job of a ``-m`` (multirun) sweep, written as ``summary.md`` and ``summary.csv`` in
-the sweep directory by a Hydra callback when the sweep ends (or by ``summarize_sweep(dir)`` at any time)."""
+the sweep directory by a Hydra callback when the sweep ends (or by ``summarize_sweep(dir)`` at any time).
+
+A job is ``done`` (its ``result.json``), ``failed`` (its ``error.json``, written by ``python -m vlm.train`` when the
+job raised; the row holds the error) or ``unfinished`` (neither: running, or killed). Both files are always
+written, whatever the jobs' fates."""
 from __future__ import annotations
 
 import csv
 import io
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,37 +17,50 @@ SUMMARY_METRICS = ("all", "vqa_color", "vqa_shape", "vqa_count", "vqa_position",
                    "caption", "referring")
 
 
+STATUS_DONE, STATUS_FAILED, STATUS_UNFINISHED = "done", "failed", "unfinished"
+MD_ERROR_CHARS = 160   # an error is cut to this many characters in summary.md (the csv holds it whole)
+
+
 def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One dict per finished job: its overrides (those that vary across the sweep), final loss per stage,
-    evaluation metrics, time and directory."""
+    """One dict per job directory: ``job`` (its number), the overrides that vary across the sweep, ``status``, final
+    loss per stage, evaluation metrics, minutes, ``error`` (failed jobs) and ``dir`` (the job's directory name)."""
     rows, override_keys = [], set()
-    for result_file in sorted(Path(sweep_dir).glob("*/result.json"), key=lambda p: _job_num(p.parent.name)):
-        job = result_file.parent
-        result = json.loads(result_file.read_text())
+    jobs = [p for p in Path(sweep_dir).iterdir() if p.is_dir() and _job_num(p.name) is not None]
+    for job in sorted(jobs, key=lambda p: _job_num(p.name)):
         overrides = json.loads((job / "overrides.json").read_text()) if (job / "overrides.json").is_file() else []
-        row: dict[str, Any] = {"job": job.name}
+        row: dict[str, Any] = {"job": _job_num(job.name)}
         for o in overrides:
             key, _, value = o.lstrip("+~").partition("=")
             row[key] = value
             override_keys.add(key)
-        for st in result.get("stages", []):
-            row[f"{st['name']} loss"] = st.get("final_loss")
-        ev = result.get("eval") or {}
-        for k in SUMMARY_METRICS:
-            if k in ev:
-                row[k] = ev[k]
-        row["minutes"] = result.get("seconds", 0.0) / 60
-        row["run_dir"] = result.get("run_dir", str(job))
+        if (job / "result.json").is_file():
+            result = json.loads((job / "result.json").read_text())
+            row["status"] = STATUS_DONE
+            for st in result.get("stages", []):
+                row[f"{st['name']} loss"] = st.get("final_loss")
+            ev = result.get("eval") or {}
+            for k in SUMMARY_METRICS:
+                if k in ev:
+                    row[k] = ev[k]
+            row["minutes"] = result.get("seconds", 0.0) / 60
+        elif (job / "error.json").is_file():
+            row["status"] = STATUS_FAILED
+            row["error"] = json.loads((job / "error.json").read_text()).get("error", "")
+        else:
+            row["status"] = STATUS_UNFINISHED
+        row["dir"] = job.name
         rows.append(row)
     if len(rows) > 1:  # overrides shared by every job are the sweep's setting, not a column of the table
-        same = {k for k in override_keys if len({r.get(k) for r in rows}) == 1}
+        same = {k for k in override_keys if len({r[k] for r in rows if k in r}) == 1}
         rows = [{k: v for k, v in r.items() if k not in same} for r in rows]
     return rows
 
 
-def _job_num(name: str) -> int:
+def _job_num(name: str) -> int | None:
+    """The job number a Hydra sweep subdirectory is named by or starts with (``3``, ``3-connector=mlp`` -> 3); None
+    for other folders."""
     head = name.split("-", 1)[0]
-    return int(head) if head.isdigit() else 10**9
+    return int(head) if head.isdigit() else None
 
 
 def _fmt(v: Any) -> str:
@@ -51,17 +69,32 @@ def _fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
+def _md_cell(v: Any) -> str:
+    text = _fmt(v).replace("|", "\\|").replace("\n", " ")
+    return text if len(text) <= MD_ERROR_CHARS else text[:MD_ERROR_CHARS - 1] + "…"
+
+
+def columns(rows: list[dict[str, Any]]) -> list[str]:
+    """``job``, the overrides, ``status``, losses and metrics (first-seen order), ``minutes``, ``error``, ``dir``."""
+    seen = list(dict.fromkeys(k for r in rows for k in r))
+    tail = ["minutes", "error", "dir"]
+    head = [c for c in seen if c != "job" and seen.index(c) < seen.index("status")] if "status" in seen else []
+    middle = [c for c in seen if c not in ("job", "status", *head, *tail)]
+    return [c for c in ["job", *head, "status", *middle, *tail] if c in seen]
+
+
 def to_markdown(rows: list[dict[str, Any]]) -> str:
+    """The table without the ``dir`` column (the job number and the override columns name the job)."""
     if not rows:
-        return "(no finished jobs)\n"
-    cols = list(dict.fromkeys(k for r in rows for k in r))
+        return "(no jobs)\n"
+    cols = [c for c in columns(rows) if c != "dir"]
     lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(_md_cell(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
-    cols = list(dict.fromkeys(k for r in rows for k in r))
+    cols = columns(rows) or ["job", "status"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols)
     w.writeheader()
@@ -76,8 +109,15 @@ def summarize_sweep(sweep_dir: str | Path) -> Path:
     rows = job_rows(sweep_dir)
     (sweep_dir / "summary.csv").write_text(to_csv(rows))
     md = sweep_dir / "summary.md"
-    md.write_text(f"# Sweep {sweep_dir}\n\n{len(rows)} finished job(s).\n\n" + to_markdown(rows))
+    md.write_text(f"# Sweep {sweep_dir}\n\n{status_line(rows)}. Job N's run directory is `N/` here; "
+                  f"errors in full: summary.csv or `<job>/error.json`.\n\n" + to_markdown(rows))
     return md
+
+
+def status_line(rows: list[dict[str, Any]]) -> str:
+    """``4 job(s): 3 done, 1 failed``."""
+    counts = {s: sum(r.get("status") == s for r in rows) for s in (STATUS_DONE, STATUS_FAILED, STATUS_UNFINISHED)}
+    return f"{len(rows)} job(s): " + ", ".join(f"{n} {s}" for s, n in counts.items() if n or s == STATUS_DONE)
 
 
 try:
@@ -90,7 +130,13 @@ class SweepSummary(Callback):  # type: ignore[misc]
     """Hydra callback (configured in ``recipes/config.yaml``): summarize the sweep when it ends."""
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        """Write and print the summary; exit with status 1 when a job did not finish."""
         sweep_dir = Path(config.hydra.sweep.dir)
-        if sweep_dir.is_dir():
-            md = summarize_sweep(sweep_dir)
-            print(f"\n{md.read_text()}\nsweep summary: {md} and {md.with_suffix('.csv')}", flush=True)
+        if not sweep_dir.is_dir():
+            return
+        md = summarize_sweep(sweep_dir)
+        print(f"\n{md.read_text()}\nsweep summary: {md} and {md.with_suffix('.csv')}", flush=True)
+        rows = job_rows(sweep_dir)
+        if any(r["status"] != STATUS_DONE for r in rows):
+            print(f"error: sweep {sweep_dir}: {status_line(rows)}", file=sys.stderr, flush=True)
+            sys.exit(1)

@@ -1,0 +1,247 @@
+"""Config mistakes as one-line ``ConfigError`` s: the key, the value, what was expected and the closest valid key or
+option, raised before anything is built or written.
+
+- ``explain(exc, overrides, ...)`` turns a Hydra composition error or an OmegaConf schema error into that form;
+- ``check_components(cfg)`` (part of ``config.check``) checks component names and arguments (``encoder``,
+  ``connector``, ``llm``, ``tokenizer``, ``data.*``, strategy, precision, logger) against their registries, without
+  building anything;
+- ``check_runnable(cfg)`` (before a run) checks each stage's named parts (template, optimizer, scheduler, policies,
+  loss weighting) and that the data and ``init_from`` paths the run reads exist.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from vlm.registry import Registry, accepted_kwargs, did_you_mean, to_dict
+from vlm.train.schema import MODULES, RunConfig
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot run: unknown key or option, wrong type, missing file. Raised before training starts."""
+
+
+def unknown_choice(key: str, value: Any, what: str, options: Iterable[Any]) -> ConfigError:
+    """``key=value: unknown <what>; expected one of [...] (did you mean ...?)``."""
+    options = sorted(str(o) for o in options)
+    return ConfigError(f"{key}={value!r}: unknown {what}; expected one of {options} ({did_you_mean(value, options)})")
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text
+
+
+# ---------------------------------------------------------------------------------------------------- schema keys
+def schema_keys(path: Sequence[str]) -> list[str]:
+    """The keys the schema allows under ``path`` (``["stage", "sft"]`` -> StageConfig's fields); [] if open."""
+    tp: Any = RunConfig
+    for part in path:
+        if dataclasses.is_dataclass(tp):
+            hints = typing.get_type_hints(tp)
+            if part not in hints:
+                return []
+            tp = hints[part]
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        else:
+            return []
+    return [f.name for f in dataclasses.fields(tp)] if dataclasses.is_dataclass(tp) else []
+
+
+def _node_keys(cfg: Any, path: Sequence[str]) -> list[str]:
+    """Keys of the mapping at ``path`` in ``cfg``, plus the accepted arguments of the component it names."""
+    node = cfg
+    for part in path:
+        if not isinstance(node, DictConfig) or part not in node:
+            return []
+        node = node[part]
+    if not isinstance(node, DictConfig):
+        return []
+    keys = [str(k) for k in node]
+    reg = _registry_at(path)
+    if reg is not None and isinstance(node.get("name"), str) and node.name in reg[0]:
+        keys += accepted_kwargs(reg[0].get(node.name)) or []
+    return keys
+
+
+def unknown_key(setting: str, full_key: str, candidates: Iterable[str]) -> ConfigError:
+    """``setting`` (``key=value`` as given) names ``full_key``, which does not exist; ``candidates``: keys that do."""
+    parent, _, key = full_key.rpartition(".")
+    where = parent or "the top level"
+    candidates = sorted(set(candidates) - {key})
+    return ConfigError(f"{setting}: unknown key; expected a key of {where} ({did_you_mean(key, candidates)})")
+
+
+# --------------------------------------------------------------------------------------------- Hydra / OmegaConf
+def explain(exc: BaseException, overrides: Sequence[str] = (), raw: Any = None,
+            compose_without: Callable[[str], Any] | None = None) -> ConfigError:
+    """One line for a composition (Hydra) or schema-merge (OmegaConf) error.
+
+    ``raw`` is the composed config the schema refused (for the offending value); ``compose_without(override)``
+    composes without one override (for the keys that exist where an unknown key was set).
+    """
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    if isinstance(exc, MissingConfigException):
+        return _missing_option(exc, overrides)
+    if isinstance(exc, OverrideParseException):
+        return ConfigError(f"cannot parse the overrides {list(overrides)}: {_first_line(str(exc))}")
+    cause = exc if isinstance(exc, OmegaConfBaseException) else exc.__cause__
+    full_key = getattr(cause, "full_key", None)
+    if isinstance(cause, OmegaConfBaseException) and full_key:
+        path = full_key.split(".")
+        given = [o for o in overrides if o.lstrip("+~").partition("=")[0] == full_key]
+        setting = given[-1].lstrip("+~") if given else f"{full_key}={_value_at(raw, path)!r}"
+        if isinstance(cause, (KeyError, AttributeError)):  # ConfigKeyError / ConfigAttributeError: no such key
+            base = compose_without(given[-1]) if given and compose_without else raw
+            return unknown_key(setting, full_key, schema_keys(path[:-1]) + _node_keys(base, path[:-1]))
+        return ConfigError(f"{setting}: {_first_line(getattr(cause, 'msg', str(cause)))}")
+    return ConfigError(f"cannot compose the recipe with overrides {list(overrides)}: {_first_line(str(exc))}")
+
+
+def _value_at(cfg: Any, path: Sequence[str]) -> Any:
+    node = cfg
+    for part in path:
+        if not isinstance(node, DictConfig) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _missing_option(exc: Any, overrides: Sequence[str]) -> ConfigError:
+    from vlm.train.config import list_options
+
+    missing = str(getattr(exc, "missing_cfg_file", "") or "")
+    group, _, option = missing.rpartition("/")
+    if not group:
+        return ConfigError(_first_line(str(exc)))
+    given = [o for o in overrides if o.lstrip("+~").partition("=")[0] in (group, f"/{group}")]
+    key = f"{group}={given[-1].partition('=')[2]}" if given else group
+    options = list_options(group)
+    return ConfigError(f"{key}: no option {option!r} in recipes/{group}/; expected one of {options} "
+                       f"({did_you_mean(option, options)})")
+
+
+# ------------------------------------------------------------------------------------------------ registry checks
+def _registries() -> dict[str, tuple[Registry[Any], tuple[str, ...]]]:
+    """Config group -> (registry, arguments the composer passes itself)."""
+    from vlm import connectors, encoders, llm
+    from vlm.train.build import TOKENIZERS
+    from vlm.train.data import DATASETS
+
+    return {"encoder": (encoders.ENCODERS, ()), "connector": (connectors.CONNECTORS, ("in_dim", "out_dim")),
+            "llm": (llm.LLMS, ()), "tokenizer": (TOKENIZERS, ("data",)),
+            "data": (DATASETS, ("processor", "add_generation_prompt"))}
+
+
+def _registry_at(path: Sequence[str]) -> tuple[Registry[Any], tuple[str, ...]] | None:
+    regs = _registries()
+    if len(path) == 1 and path[0] in regs and path[0] != "data":
+        return regs[path[0]]
+    if len(path) == 2 and path[0] == "data":
+        return regs["data"]
+    return None
+
+
+def check_component(key: str, spec: Any, registry: Registry[Any], provided: Sequence[str] = ()) -> None:
+    """``spec`` (``name`` + arguments) names a registered component and passes only arguments it takes."""
+    spec = to_dict(spec) if spec is not None else {}
+    if "name" not in spec:
+        raise ConfigError(f"{key}: no `name`; expected one of {registry.names()}")
+    name = spec.pop("name")
+    if name not in registry:
+        raise unknown_choice(f"{key}.name", name, registry.family, registry.names())
+    factory = registry.get(name)
+    accepted = accepted_kwargs(factory)
+    if accepted is not None:
+        accepted = [a for a in accepted if a not in provided]
+        for arg in spec:
+            if arg not in accepted:
+                raise ConfigError(f"{key}.{arg}={spec[arg]!r}: {registry.family} {name!r} takes no argument {arg!r}; "
+                                  f"expected one of {accepted} ({did_you_mean(arg, accepted)})")
+    checker = getattr(factory, "check_options", None)  # a component's own check of nested options (no build)
+    if checker is not None:
+        try:
+            checker(**spec)
+        except (TypeError, ValueError, KeyError) as e:
+            raise ConfigError(f"{key}: {_first_line(str(e.args[0] if e.args else e))}") from e
+
+
+def used_data_keys(cfg: DictConfig) -> list[str]:
+    """The ``data`` keys the run reads: each stage's training set, then the evaluation set."""
+    keys = list(dict.fromkeys(cfg.stage[n].data for n in cfg.stages))
+    if cfg.eval.enabled and cfg.eval.data is not None:
+        keys.append(cfg.eval.data)
+    return list(dict.fromkeys(keys))
+
+
+def check_components(cfg: DictConfig) -> None:
+    """Every component of the run is registered and gets only arguments it takes (nothing is built)."""
+    from vlm.train.distributed import DTYPES, STRATEGIES
+    from vlm.train.loggers import BACKENDS
+
+    for key, value, options, what in (
+            ("trainer.strategy", cfg.trainer.strategy, STRATEGIES.names(), "strategy"),
+            ("trainer.precision", cfg.trainer.precision, ["auto", *DTYPES], "precision"),
+            ("logger.name", cfg.logger.name, BACKENDS.names(), "logger")):
+        if value not in options:
+            raise unknown_choice(key, value, what, options)
+    regs = _registries()
+    for group in (*MODULES, "tokenizer"):
+        check_component(group, cfg[group], *regs[group])
+    for key in used_data_keys(cfg):
+        check_component(f"data.{key}", cfg.data[key], *regs["data"])
+
+
+def check_stage_parts(cfg: DictConfig) -> None:
+    """Each stage's template, optimizer, scheduler, policies and loss weighting are registered."""
+    from vlm.data.templates import TEMPLATES
+    from vlm.loss import LOSS_WEIGHTINGS
+    from vlm.train.optim import OPTIMIZERS, SCHEDULES
+    from vlm.train.policy import POLICIES
+
+    for name in cfg.stages:
+        st, pre = cfg.stage[name], f"stage.{name}"
+        template = st.template if isinstance(st.template, str) else st.template.get("name")
+        for key, value, reg in ((f"{pre}.template", template, TEMPLATES), (f"{pre}.optimizer", st.optimizer,
+                                                                           OPTIMIZERS),
+                                (f"{pre}.scheduler", st.scheduler, SCHEDULES)):
+            if value not in reg:
+                raise unknown_choice(key, value, reg.family, reg.names())
+        for module in MODULES:
+            if st.policy[module] not in POLICIES:
+                raise unknown_choice(f"{pre}.policy.{module}", st.policy[module], "policy", POLICIES.names())
+        if st.loss_weighting not in LOSS_WEIGHTINGS:
+            raise unknown_choice(f"{pre}.loss_weighting", st.loss_weighting, "loss weighting", LOSS_WEIGHTINGS)
+
+
+def check_runnable(cfg: DictConfig) -> None:
+    """What a run needs beyond a composable config: registered stage parts (``check_stage_parts``) and the files
+    it reads (``check_files``). ``python -m vlm.train`` calls it for every job before starting; ``run`` again."""
+    check_stage_parts(cfg)
+    check_files(cfg)
+
+
+def check_files(cfg: DictConfig) -> None:
+    """The data files/folders and ``init_from`` the run reads exist."""
+    for key in used_data_keys(cfg):
+        spec = cfg.data[key]
+        for field in ("path", "image_root"):
+            value = spec.get(field)
+            if value is not None and not Path(value).exists():
+                raise ConfigError(f"data.{key}.{field}={value!r}: does not exist; expected an existing "
+                                  f"{'file' if field == 'path' else 'folder'} (set it, or $VLM_DATA)")
+    if cfg.init_from is not None and not Path(cfg.init_from).exists():
+        raise ConfigError(f"init_from={cfg.init_from!r}: does not exist; expected a run, stage or final/ directory "
+                          f"or a .safetensors file")
+
+
+def raw_without_hydra(cfg: Any) -> DictConfig:
+    raw = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    return OmegaConf.masked_copy(raw, [k for k in raw if k != "hydra"]) if "hydra" in raw else raw
