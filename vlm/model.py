@@ -32,6 +32,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 IGNORE_INDEX = -100
 BUILD_KEYS = ("encoder", "connector", "llm", "image_token", "image_token_id")
+# how images were preprocessed when nothing recorded it (``vlm.data.images.ImageProcessor``'s default)
+DEFAULT_IMAGE_PREPROCESSING = {"resize_mode": "resize"}
 
 
 def param_dtype(module: nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
@@ -50,6 +52,8 @@ class VLMConfig:
     image_token: str = "<image>"
     extra: dict[str, Any] = field(default_factory=dict)
     generation: dict[str, Any] = field(default_factory=dict)  # vlm.generation: eos (list), pad, bos ids
+    # ImageProcessor settings the model was trained with: resize_mode (resize | pad | crop), pad_color (pad only)
+    image_preprocessing: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_IMAGE_PREPROCESSING))
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}
@@ -73,6 +77,8 @@ class VLM(nn.Module):
         self.tokenizer: Any = None
         # eos (tokenizer eos + the chat template's end of turn), pad, bos ids: generate's defaults, saved and exported
         self.generation: dict[str, Any] = {}
+        # how its images are preprocessed (``resize_mode``, ``pad_color``): Processor.for_model's default, exported
+        self.image_preprocessing: dict[str, Any] = dict(DEFAULT_IMAGE_PREPROCESSING)
         self.loss_weighting = "token"  # see vlm.loss: token | sample | square
         self.objective_head: nn.Module | None = None  # a stage's non-LM objective (vlm.objectives); never saved
 
@@ -92,7 +98,8 @@ class VLM(nn.Module):
     def config(self) -> VLMConfig:
         return VLMConfig(encoder=self.encoder.export_config(), connector=self.connector.export_config(),
                          llm=self.llm.export_config(), image_token_id=self.image_token_id,
-                         image_token=self.image_token, generation=dict(self.generation))
+                         image_token=self.image_token, generation=dict(self.generation),
+                         image_preprocessing=dict(self.image_preprocessing))
 
     def set_template(self, template: Any) -> None:
         """Serve with chat ``template`` (a name, config or ``Template``): its end-of-turn token joins the stop ids
@@ -273,6 +280,8 @@ def from_config(config: dict[str, Any]) -> VLM:
     model = VLM(encoder, connector, lm, image_token_id=config["image_token_id"],
                 image_token=config.get("image_token", "<image>"))
     model.generation = dict(config.get("generation") or {})
+    # configs written before the preprocessing was recorded: ImageProcessor's default
+    model.image_preprocessing = dict(config.get("image_preprocessing") or DEFAULT_IMAGE_PREPROCESSING)
     return model
 
 

@@ -117,16 +117,21 @@ class Processor:
 
     @classmethod
     def for_model(cls, model: Any, tokenizer: Any, template: str | dict | Template = "chatml", *,
-                  resize_mode: str = "resize", tiling: dict | None = None, pad_color: Any = None,
+                  resize_mode: str | None = None, tiling: dict | None = None, pad_color: Any = None,
                   **options: Any) -> Processor:
         """A processor matching ``model`` (duck-typed: ``num_image_tokens((H, W))``, ``image_size``,
         ``image_mean``, ``image_std``, ``config.image_token`` / ``config.image_token_id``).
 
-        ``resize_mode``/``tiling``/``pad_color`` configure the ``ImageProcessor``; other ``options`` go to
-        :class:`Processor` (``max_length``, ``truncation``, ``max_tiles_per_sample``, ...).
+        ``resize_mode``/``tiling``/``pad_color`` configure the ``ImageProcessor``; ``resize_mode`` and
+        ``pad_color`` default to the model's record of how it was trained (``model.image_preprocessing``; else
+        ``resize`` and the ``ImageProcessor`` default). Other ``options`` go to :class:`Processor` (``max_length``,
+        ``truncation``, ``max_tiles_per_sample``, ...).
         """
         from vlm.data.images import ImageProcessor
 
+        record = getattr(model, "image_preprocessing", None) or {}
+        resize_mode = resize_mode or record.get("resize_mode", "resize")
+        pad_color = pad_color if pad_color is not None else record.get("pad_color")
         image_options = {"resize_mode": resize_mode, "tiling": tiling}
         if pad_color is not None:
             image_options["pad_color"] = pad_color

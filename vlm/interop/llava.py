@@ -30,7 +30,8 @@ from vlm.generation import GENERATION_KEYS, generation_settings, read_settings
 from vlm.hf_config import unknown_config_keys
 from vlm.interop.mapping import (ACT_FROM_HF, ACT_TO_HF, ENCODER_MODEL_TYPES, SELECT_FROM_LLAVA, SELECT_TO_LLAVA,
                                  UNUSED_VISION_MODULES, VISION_MODEL_TYPES)
-from vlm.interop.processor import read_normalization, save_processor
+from vlm.interop.processor import (read_image_processor_config, read_normalization, read_preprocessing,
+                                   save_processor)
 from vlm.llm.hf_causal_lm import HFCausalLM
 from vlm.model import VLM
 from vlm.pretrained import check_weights
@@ -128,7 +129,9 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
 
     ``dtype``: parameter dtype of the result (default float32, like ``vlm.load``). The tokenizer in the directory,
     if any, is attached as ``model.tokenizer`` (``tokenizer=False`` skips it). Image mean/std come from the
-    directory's image-processor config when present, else the encoder family's defaults.
+    directory's image-processor config when present, else the encoder family's defaults; so does the image
+    geometry (``model.image_preprocessing``: ``resize`` / ``crop`` / ``pad``, see ``processor.read_preprocessing``;
+    ``resize`` without a config).
     """
     path = Path(path)
     raw = read_llava_config(path)
@@ -169,7 +172,8 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
         "name": enc_name, "config": vision_cfg, "feature_layer": config.vision_feature_layer,
         "select": SELECT_FROM_LLAVA[(strategy, has_cls)], "attn_implementation": attn_implementation,
         "dtype": _dtype_name(torch_dtype)}
-    norm = read_normalization(path)
+    image_processor, image_processor_file = read_image_processor_config(path) or (None, path)
+    norm = read_normalization(image_processor)
     if norm is not None:
         enc_cfg["image_mean"], enc_cfg["image_std"] = norm
     # the directory's config.json is trusted: keys a newer transformers dropped do not stop the import (the built
@@ -210,6 +214,9 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
     model = VLM(encoder, connector, lm, image_token_id=image_token_id, image_token=image_token)
     model.tokenizer = tok
     model.generation = read_generation(path, config, tok)
+    # geometry of the directory's image processor (resize / crop / pad), so for_model preprocesses as its source did
+    model.image_preprocessing = read_preprocessing(image_processor, int(config.vision_config.image_size),
+                                                   str(image_processor_file))
     return model.eval()
 
 
@@ -312,7 +319,8 @@ def to_hf(model: VLM, path: str | os.PathLike, *, dtype: str | torch.dtype | Non
     """Write ``model`` as a transformers ``LlavaForConditionalGeneration`` directory (safetensors) and return it.
 
     ``dtype``: dtype of the written weights (default: the LLM's). With ``processor`` (default) also writes the image
-    processor, the tokenizer (if ``model.tokenizer``) and the ``LlavaProcessor`` config (when the tokenizer encodes
+    processor (the pixels vlm computes for ``model.image_preprocessing``), the tokenizer (if ``model.tokenizer``) and
+    the ``LlavaProcessor`` config (when the tokenizer encodes
     the image token as the single ``image_token_id``; otherwise it warns and skips just that file).
     """
     from transformers import LlavaForConditionalGeneration

@@ -4,6 +4,9 @@ Written in the long-standing llava-hf layout, which transformers 4.x and 5.x bot
 ``preprocessor_config.json`` (the image processor), tokenizer files, and a flat ``processor_config.json``
 (``processor_class``, ``patch_size``, ``vision_feature_select_strategy``, ``num_additional_image_tokens``,
 ``image_token``).
+
+The image processor follows the model's record of its preprocessing (``VLM.image_preprocessing``), not the encoder
+family: its PIL backend gives vlm's pixels exactly (transformers' torchvision backend rounds bicubic differently).
 """
 from __future__ import annotations
 
@@ -13,34 +16,62 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from transformers import CLIPImageProcessor, SiglipImageProcessor
+import transformers
+from transformers import CLIPImageProcessor, LlavaImageProcessor
+from transformers.image_utils import PILImageResampling
 
-from vlm.encoders.base import VisionEncoder
+from vlm.model import DEFAULT_IMAGE_PREPROCESSING
 
 PROCESSOR_CONFIG = "processor_config.json"
 IMAGE_PROCESSOR_CONFIG = "preprocessor_config.json"
+BICUBIC = int(PILImageResampling.BICUBIC)
 
 
-def clip_image_processor(encoder: VisionEncoder) -> CLIPImageProcessor:
-    """Resize the shortest edge to ``image_size`` (bicubic) then center-crop the square, as CLIP / LLaVA-1.5 do."""
-    s = int(encoder.image_size)
-    return CLIPImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s}, do_center_crop=True,
-                              image_mean=list(encoder.image_mean), image_std=list(encoder.image_std),
-                              do_convert_rgb=True)
+def _squash(size: int, **common: Any) -> Any:
+    """``resize``: squash to ``size x size``, no crop (``crop_size`` only states the output size)."""
+    square = {"height": size, "width": size}
+    return CLIPImageProcessor(size=square, crop_size=square, do_center_crop=False, **common)
 
 
-def siglip_image_processor(encoder: VisionEncoder) -> SiglipImageProcessor:
-    """Resize to ``image_size`` x ``image_size`` (bicubic, no crop), as SigLIP does."""
-    s = int(encoder.image_size)
-    return SiglipImageProcessor(size={"height": s, "width": s}, image_mean=list(encoder.image_mean),
-                                image_std=list(encoder.image_std), do_convert_rgb=True)
+def _crop(size: int, **common: Any) -> Any:
+    """``crop``: shortest edge to ``size`` (long side floored), then a centred ``size x size`` crop (CLIP)."""
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                              do_center_crop=True, **common)
 
 
-# our encoder registry name -> the family's transformers image processor
-IMAGE_PROCESSORS: dict[str, Callable[[VisionEncoder], Any]] = {
-    "clip": clip_image_processor,
-    "siglip": siglip_image_processor,
-}
+def _pad(size: int, **common: Any) -> Any:
+    """``pad``: pad to a centred square filled with ``int(255 * image_mean)``, then resize (LLaVA's
+    ``expand2square``, ``LlavaImageProcessor(do_pad=True)``)."""
+    square = {"height": size, "width": size}
+    return LlavaImageProcessor(do_pad=True, size=square, crop_size=square, do_center_crop=False, **common)
+
+
+# vlm ImageProcessor resize_mode -> the transformers image processor computing the same pixels (PIL backend)
+HF_IMAGE_PROCESSORS: dict[str, Callable[..., Any]] = {"resize": _squash, "crop": _crop, "pad": _pad}
+
+
+def hf_image_processor(model: Any) -> Any:
+    """The transformers image processor giving the pixels vlm's ``Processor.for_model(model, ...)`` gives: geometry
+    from ``model.image_preprocessing`` (``resize_mode``, ``pad_color``), size and mean/std from the encoder. Warns
+    when a ``pad_color`` differs from LLaVA's fixed ``int(255 * image_mean)`` (the padding then differs)."""
+    encoder = model.encoder
+    record = getattr(model, "image_preprocessing", None) or DEFAULT_IMAGE_PREPROCESSING
+    mode = record.get("resize_mode", DEFAULT_IMAGE_PREPROCESSING["resize_mode"])
+    if mode not in HF_IMAGE_PROCESSORS:
+        raise ValueError(f"to_hf: model.image_preprocessing has resize_mode={mode!r}; expected one of "
+                         f"{sorted(HF_IMAGE_PROCESSORS)}")
+    size = encoder.image_size
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    mean = [float(m) for m in encoder.image_mean]
+    pad_color = record.get("pad_color")
+    llava_color = [int(m * 255) for m in mean]
+    if mode == "pad" and pad_color is not None and [int(c) for c in pad_color] != llava_color:
+        warnings.warn(f"to_hf: the model pads images with pad_color={list(pad_color)}, but LlavaImageProcessor "
+                      f"always pads with int(255 * image_mean) = {llava_color}; the exported processor's padding "
+                      f"differs from vlm's (retrain with the default pad_color for exact parity)", stacklevel=3)
+    return HF_IMAGE_PROCESSORS[mode](size, image_mean=mean, image_std=[float(s) for s in encoder.image_std],
+                                     resample=BICUBIC, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                                     do_convert_rgb=True)
 
 
 def processor_problem(tokenizer: Any, image_token: str, image_token_id: int) -> str | None:
@@ -63,7 +94,7 @@ def save_processor(model: Any, path: Path, *, strategy: str) -> bool:
     """Write the image processor, the tokenizer (if ``model.tokenizer``) and, when the tokenizer allows it, the
     ``LlavaProcessor`` config. Returns whether the full processor was written; warns saying why when it was not."""
     encoder = model.encoder
-    image_processor = IMAGE_PROCESSORS[encoder.registry_name](encoder)
+    image_processor = hf_image_processor(model)
     image_processor.save_pretrained(str(path))
     tokenizer = model.tokenizer
     if tokenizer is None:
@@ -93,15 +124,76 @@ def save_processor(model: Any, path: Path, *, strategy: str) -> bool:
     return True
 
 
-def read_normalization(path: Path) -> tuple[list[float], list[float]] | None:
-    """``(image_mean, image_std)`` from the directory's image-processor config (flat file or a v5 nested
-    ``processor_config.json``), or ``None``."""
+def read_image_processor_config(path: Path) -> tuple[dict[str, Any], Path] | None:
+    """``(config, file)``: the directory's image-processor config (flat ``preprocessor_config.json``, else the
+    ``image_processor`` entry of a v5 nested ``processor_config.json``), or ``None``."""
     for name, key in ((IMAGE_PROCESSOR_CONFIG, None), (PROCESSOR_CONFIG, "image_processor")):
         f = path / name
         if not f.is_file():
             continue
-        d = json.loads(f.read_text())
-        d = d.get(key, {}) if key else d
-        if isinstance(d, dict) and "image_mean" in d and "image_std" in d:
-            return list(d["image_mean"]), list(d["image_std"])
+        try:
+            d = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"from_hf: {str(f)!r} is not valid JSON ({e})") from e
+        d = d.get(key) if key and isinstance(d, dict) else d
+        if isinstance(d, dict) and d:
+            return d, f
     return None
+
+
+def read_normalization(config: dict[str, Any] | None) -> tuple[list[float], list[float]] | None:
+    """``(image_mean, image_std)`` of an image-processor config, or ``None``."""
+    if config and "image_mean" in config and "image_std" in config:
+        return list(config["image_mean"]), list(config["image_std"])
+    return None
+
+
+def _square(d: Any) -> int | None:
+    """``n`` for a ``{"height": n, "width": n}`` size (or a bare int), else ``None``."""
+    if isinstance(d, int):
+        return d
+    if isinstance(d, dict) and d.get("height") is not None and d.get("height") == d.get("width"):
+        return int(d["height"])
+    return None
+
+
+def read_preprocessing(config: dict[str, Any] | None, image_size: int, where: str) -> dict[str, Any]:
+    """The ``image_preprocessing`` record (``resize_mode``) whose vlm pixels equal those of the transformers
+    image-processor ``config`` for a ``image_size`` encoder: ``do_pad`` on a processor that pads to a square
+    (``pad_to_square``, LLaVA) -> ``pad``; shortest edge + center crop -> ``crop``; a square ``height``/``width``
+    resize -> ``resize``. Unset keys take the class defaults. Warns (naming ``where``) when vlm's processor can
+    only approximate it (other sizes, a non-bicubic resample, no resize) and records the closest mode."""
+    if not config:
+        return dict(DEFAULT_IMAGE_PREPROCESSING)
+    name = str(config.get("image_processor_type") or "")
+    cls = getattr(transformers, name, None) if name.isidentifier() else None
+
+    def get(key: str) -> Any:
+        return config[key] if key in config else getattr(cls, key, None)
+
+    size, crop_size = get("size"), get("crop_size")
+    shortest = size.get("shortest_edge") if isinstance(size, dict) else size if isinstance(size, int) else None
+    crops = bool(get("do_center_crop"))
+    problems = []
+    if get("do_pad") and hasattr(cls, "pad_to_square"):
+        mode, out = "pad", [shortest if shortest is not None else _square(size)]
+    elif crops and shortest is not None:
+        mode, out = "crop", [shortest]
+    else:
+        mode, out = "resize", [_square(size)]
+        if shortest is not None:
+            problems.append(f"size={size} keeps the aspect ratio without a crop (non-square pixels)")
+    if crops:
+        out.append(_square(crop_size))
+    if any(o != image_size for o in out):
+        problems.append(f"size={size}, crop_size={crop_size if crops else None} differ from the encoder's "
+                        f"{image_size} x {image_size}")
+    resample = get("resample")
+    if resample is not None and int(resample) != BICUBIC:
+        problems.append(f"resample={resample} is not bicubic ({BICUBIC})")
+    if get("do_resize") is False:
+        problems.append("do_resize=False")
+    if problems:
+        warnings.warn(f"from_hf: vlm's image processor approximates {where} with resize_mode={mode!r}: "
+                      + "; ".join(problems), stacklevel=3)
+    return {"resize_mode": mode}

@@ -126,12 +126,28 @@ def plain_model(live: nn.Module, merged: dict[str, torch.Tensor], tokenizer: Any
     return plain
 
 
+def image_preprocessing(image_processor: Any) -> dict[str, Any] | None:
+    """The ``VLM.image_preprocessing`` record of an ``ImageProcessor``'s geometry (``resize_mode``, plus
+    ``pad_color`` under ``pad``); ``None`` for a processor that does not state a ``resize_mode``."""
+    mode = getattr(image_processor, "resize_mode", None)
+    if mode is None:
+        return None
+    record: dict[str, Any] = {"resize_mode": mode}
+    if mode == "pad":
+        record["pad_color"] = [int(c) for c in image_processor.pad_color]
+    return record
+
+
 def export_final(directory: Path, live: nn.Module, merged: dict[str, torch.Tensor], tokenizer: Any,
-                 template: Any = None) -> Path:
+                 template: Any = None, image_processor: Any = None) -> Path:
     """Write a ``vlm.load``-able directory from the merged full state dict. With the stage's chat ``template``, the
     directory's tokenizer carries it as its Jinja chat template and its end of turn is a saved stop id
-    (``VLM.set_template``), so ``vlm.load`` and an export of the directory answer as the run's evaluation did."""
+    (``VLM.set_template``); with the stage's ``image_processor``, its geometry is recorded
+    (``VLM.image_preprocessing``). So ``vlm.load`` and an export of the directory answer as the run's evaluation did."""
     plain = plain_model(live, merged, copy.deepcopy(tokenizer) if tokenizer is not None else None)
     if template is not None and tokenizer is not None:
         plain.set_template(template)
+    record = image_preprocessing(image_processor)
+    if record is not None:
+        plain.image_preprocessing = record
     return plain.save_pretrained(directory)

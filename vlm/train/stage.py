@@ -237,7 +237,8 @@ class StageRunner:
             merged = merge_lora_state(full, t.model)
             write_stage_weights(self.dir / STAGE_WEIGHTS, merged, self.carried | trained_names(t.model))
             if self.is_last:
-                export_final(self.run_dir / "final", t.model, merged, self.tokenizer, t.processor.template)
+                export_final(self.run_dir / "final", t.model, merged, self.tokenizer, t.processor.template,
+                             t.processor.image_processor)
         s.barrier()
 
     def evaluate(self, t: "Training", limit: int | None, step: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
