@@ -323,7 +323,7 @@ def to_hf(model: VLM, path: str | os.PathLike, *, dtype: str | torch.dtype | Non
     the ``LlavaProcessor`` config (when the tokenizer encodes
     the image token as the single ``image_token_id``; otherwise it warns and skips just that file).
     """
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
 
     config = llava_config(model)
     enc, conn, lm = model.encoder, model.connector, model.llm
@@ -333,7 +333,8 @@ def to_hf(model: VLM, path: str | os.PathLike, *, dtype: str | torch.dtype | Non
                       "resizes to that size), where its logits are identical", stacklevel=2)
     torch_dtype = resolve_dtype(dtype) or next(lm.parameters()).dtype
     out = Path(path)
-    hf = LlavaForConditionalGeneration._from_config(config, dtype=torch_dtype)
+    hf = AutoModelForImageTextToText.from_config(config, dtype=torch_dtype)  # public API; LlavaConfig -> Llava model
+    assert isinstance(hf, LlavaForConditionalGeneration), type(hf)
     with torch.no_grad():
         _copy_state(hf.model.vision_tower, enc.model.state_dict(), "to_hf: vision tower")
         state = conn.state_dict()
