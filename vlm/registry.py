@@ -41,8 +41,10 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 class Registry(Generic[T]):
     """Maps exact names to component classes or factory functions of one family."""
 
-    def __init__(self, family: str) -> None:
-        self.family = family
+    def __init__(self, family: str, common_args: tuple[str, ...] = ()) -> None:
+        """``common_args``: arguments the family's own ``build`` takes for every member (e.g. a connector's
+        ``dtype``), accepted by config checks beside each member's own."""
+        self.family, self.common_args = family, tuple(common_args)
         self._entries: dict[str, Callable[..., T]] = {}
 
     def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:

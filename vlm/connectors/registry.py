@@ -1,3 +1,3 @@
 from vlm.registry import Registry
 
-CONNECTORS: Registry = Registry("connector")
+CONNECTORS: Registry = Registry("connector", common_args=("dtype",))  # dtype: see vlm.connectors.build

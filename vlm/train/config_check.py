@@ -160,7 +160,7 @@ def check_component(key: str, spec: Any, registry: Registry[Any], provided: Sequ
     factory = registry.get(name)
     accepted = accepted_kwargs(factory)
     if accepted is not None:
-        accepted = [a for a in accepted if a not in provided]
+        accepted = [a for a in accepted if a not in provided] + list(registry.common_args)
         for arg in spec:
             if arg not in accepted:
                 raise ConfigError(f"{key}.{arg}={spec[arg]!r}: {registry.family} {name!r} takes no argument {arg!r}; "
