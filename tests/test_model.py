@@ -335,8 +335,10 @@ def test_dtype_round_trips(tmp_path):
 
 def test_loss_weightings(seed):
     from vlm.loss import lm_loss
+    from vlm.objectives import build as build_objective
 
     model = vlm.build(tiny_cfg()).eval()
+    objective = {w: build_objective({"name": "lm"}, model=model, loss_weighting=w) for w in ("token", "sample")}
     ids = torch.randint(0, 100, (2, 12))
     labels = torch.full_like(ids, -100)
     labels[0, 10:] = ids[0, 10:]        # a 2-token answer
@@ -345,8 +347,9 @@ def test_loss_weightings(seed):
     logits = out.logits
     token = lm_loss(logits, labels, "token")
     torch.testing.assert_close(token, out.loss)  # same as transformers' own loss
+    torch.testing.assert_close(objective["token"](model, {"input_ids": ids, "labels": labels}).loss, out.loss)
     per_sample = [lm_loss(logits[i:i + 1], labels[i:i + 1]) for i in range(2)]
-    torch.testing.assert_close(model(ids, labels=labels, loss_weighting="sample").loss,
+    torch.testing.assert_close(objective["sample"](model, {"input_ids": ids, "labels": labels}).loss,
                                (per_sample[0] + per_sample[1]) / 2)
     sq = (per_sample[0] * 2 ** 0.5 + per_sample[1] * 8 ** 0.5) / (2 ** 0.5 + 8 ** 0.5)
     torch.testing.assert_close(lm_loss(logits, labels, "square"), sq)
@@ -354,10 +357,13 @@ def test_loss_weightings(seed):
     row = torch.cat([ids[0], ids[1]])[None]
     seg = torch.tensor([[1] * 12 + [2] * 12])
     packed_labels = torch.cat([labels[0], labels[1]])[None]
-    packed = model(row, labels=packed_labels, segment_ids=seg, loss_weighting="sample").loss
+    packed = objective["sample"](model, {"input_ids": row, "labels": packed_labels, "segment_ids": seg}).loss
     torch.testing.assert_close(packed, (per_sample[0] + per_sample[1]) / 2, atol=1e-4, rtol=1e-4)
-    with pytest.raises(ValueError, match="loss_weighting"):
-        model(ids, labels=labels, loss_weighting="mean")
+    # the model's own loss on a packed row: the token mean, a segment's first token not a target of the previous
+    torch.testing.assert_close(model(row, labels=packed_labels, segment_ids=seg).loss,
+                               (per_sample[0] * 2 + per_sample[1] * 8) / 10, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="loss weighting 'mean'"):
+        build_objective({"name": "lm"}, model=model, loss_weighting="mean")
 
 
 # ------------------------------------------------------------------------- unknown keys in a transformers config dict

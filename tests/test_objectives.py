@@ -30,7 +30,6 @@ def micro_model(overrides=()):
 def test_siglip_loss_matches_the_papers_formula():
     _, model = micro_model()
     head = build_objective({"name": "siglip", "dim": 16, "scale": 7.0, "bias": -3.0}, model=model)
-    model.objective_head = head
     torch.manual_seed(0)
     b, L = 5, 9
     ids = torch.randint(0, 200, (b, L))
@@ -38,7 +37,7 @@ def test_siglip_loss_matches_the_papers_formula():
     for i in range(b):  # ragged targets, some repeated tokens
         labels[i, 2:3 + i] = ids[i, 2:3 + i]
     pixels = torch.randn(b, 3, 32, 32)
-    out = model(ids, pixels, labels=labels, objective=True)
+    out = head(model, {"input_ids": ids, "pixel_values": pixels, "labels": labels})
     # the formula, written out per pair: -1/|B| sum_i sum_j log sigmoid(z_ij (t x_i . y_j + b))
     feats = model.encoder(pixels).mean(1)
     x = torch.nn.functional.normalize(head.image_proj(feats), dim=-1)
@@ -61,17 +60,16 @@ def test_siglip_loss_matches_the_papers_formula():
 
 def test_siglip_rejects_samples_without_text_or_with_several_images():
     _, model = micro_model()
-    model.objective_head = build_objective({"name": "siglip"}, model=model)
+    head = build_objective({"name": "siglip"}, model=model)
     ids = torch.randint(0, 200, (2, 6))
     labels = ids.clone()
     labels[1] = -100
     with pytest.raises(ValueError, match=r"sample\(s\) \[1\].*no target text"):
-        model(ids, torch.randn(2, 3, 32, 32), labels=labels, objective=True)
+        head(model, {"input_ids": ids, "pixel_values": torch.randn(2, 3, 32, 32), "labels": labels})
     with pytest.raises(ValueError, match="exactly one image per sample"):
-        model(ids, torch.randn(4, 3, 32, 32), labels=ids, objective=True)
-    model.objective_head = None
-    with pytest.raises(ValueError, match="objective head"):
-        model(ids, torch.randn(2, 3, 32, 32), labels=ids, objective=True)
+        head(model, {"input_ids": ids, "pixel_values": torch.randn(4, 3, 32, 32), "labels": ids})
+    with pytest.raises(ValueError, match="needs labels"):
+        head(model, {"input_ids": ids, "labels": ids})
 
 
 def test_align_stage_trains_the_encoder_only_and_exports_no_head(tmp_path):
@@ -88,7 +86,7 @@ def test_align_stage_trains_the_encoder_only_and_exports_no_head(tmp_path):
              - fresh.state_dict()["encoder.model.embeddings.patch_embedding.weight"]).abs().max()
     assert moved > 1e-4
     final = vlm.load(res.final_dir)
-    assert final.objective_head is None and not any("objective" in k for k in final.state_dict())
+    assert not any("objective" in k for k in final.state_dict())
 
 
 @pytest.mark.slow
@@ -161,3 +159,63 @@ def test_stage_weights_carry_batchnorm_statistics_of_trained_modules():
             "encoder.model.bn1.num_batches_tracked"} <= names
     apply_policies(model, with_policy(cfg, "frozen"))
     assert not any(n.startswith("encoder.") for n in trained_names(model))
+
+
+# ------------------------------------------------------------------------------------ the Objective interface
+@pytest.mark.parametrize("weighting", ["token", "sample", "square"])
+def test_lm_shares_sum_to_the_whole_batch_loss(weighting):
+    """Split a batch into micro-batches: the shares (weight / total) add up to the loss of the whole batch."""
+    from vlm.loss import lm_loss
+
+    _, model = micro_model()
+    model.eval()
+    obj = build_objective({"name": "lm"}, model=model, loss_weighting=weighting)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 200, (4, 10))
+    labels = torch.full_like(ids, -100)
+    for i, start in enumerate([8, 5, 2, 6]):
+        labels[i, start:] = ids[i, start:]
+    whole = lm_loss(model(ids).logits, labels, weighting)
+    parts = [{"input_ids": ids[i:i + 2], "labels": labels[i:i + 2]} for i in (0, 2)]
+    weights = [obj.weight(b) for b in parts]
+    shares = sum(obj(model, b, weight=w, total=sum(weights)).loss for b, w in zip(parts, weights))
+    torch.testing.assert_close(shares, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_train_module_checkpoints_read_like_the_model():
+    """The stage trains TrainModule(model, objective); its checkpoint names are the model's own, the objective's
+    parameters under objective_head. (never a model name), and map back."""
+    from vlm.objectives import TrainModule
+
+    _, model = micro_model()
+    module = TrainModule(model, build_objective({"name": "siglip", "dim": 8}, model=model))
+    names = [module.checkpoint_key(k) for k in module.state_dict()]
+    assert set(names) - {n for n in names if n.startswith("objective_head.")} == set(model.state_dict())
+    assert {n for n in names if n.startswith("objective_head.")} == \
+        {f"objective_head.{k}" for k in module.objective.state_dict()}
+    assert all(module.module_key(module.checkpoint_key(k)) == k for k in module.state_dict())
+    assert set(module.model_state(module.state_dict())) == set(model.state_dict())
+
+
+def test_objective_capabilities_decide_the_config_checks():
+    """A new objective states what it supports; the config check reads the attributes, not names."""
+    from vlm.objectives import OBJECTIVES, Objective
+
+    @OBJECTIVES.register("test_whole_rows")
+    class WholeRows(Objective):
+        supports_packing = False
+
+        def __init__(self, model=None, k: int = 1):
+            super().__init__()
+
+        def forward(self, model, batch, weight=None, total=None):
+            raise NotImplementedError
+
+    try:
+        with pytest.raises(ConfigError, match="packing=false"):
+            compose("micro", ["+stage.sft.objective={name:test_whole_rows}", "stage.sft.packing=true"])
+        compose("micro", ["+stage.sft.objective={name:test_whole_rows,k:2}", "trainer.strategy=fsdp"])  # shardable
+        with pytest.raises(ConfigError, match="unknown argument"):
+            compose("micro", ["+stage.sft.objective={name:test_whole_rows,j:2}"])
+    finally:
+        OBJECTIVES._entries.pop("test_whole_rows")

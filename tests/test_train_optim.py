@@ -77,3 +77,28 @@ def test_schedule_shapes():
     assert lr_multiplier(50, total, warm, "constant") == 1.0
     vals = [lr_multiplier(s, total, warm, "cosine") for s in range(warm, total)]
     assert all(a >= b for a, b in zip(vals, vals[1:]))
+
+
+def test_norm_layers_are_found_by_type_not_name():
+    """torch's norms are norms by type; a module merely *named* like one is not (its 2-D weight decays); a
+    family's own norm class joins by register_norm."""
+    from vlm.train.optim import NORM_TYPES, is_norm, no_decay_names, register_norm
+
+    class NormalizedProjection(torch.nn.Linear):  # a name containing "norm", but a projection
+        pass
+
+    class GridNorm(torch.nn.Module):  # a norm with a 2-D affine weight
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(4, 4))
+
+    for norm in (torch.nn.LayerNorm(4), torch.nn.GroupNorm(2, 4), torch.nn.BatchNorm2d(4), torch.nn.RMSNorm(4)):
+        assert is_norm(norm)
+    assert not is_norm(NormalizedProjection(4, 4))
+    assert no_decay_names(NormalizedProjection(4, 4)) == {"bias"}
+    assert no_decay_names(GridNorm()) == set()
+    try:
+        register_norm(GridNorm)
+        assert no_decay_names(GridNorm()) == {"weight"}
+    finally:
+        NORM_TYPES.remove(GridNorm)

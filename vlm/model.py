@@ -22,15 +22,14 @@ from vlm.connectors.base import Connector
 from vlm.encoders.base import VisionEncoder, as_pair
 from vlm.generation import generation_settings
 from vlm.llm.hf_causal_lm import HFCausalLM
-from vlm.llm.masks import positions_from_segments, segment_mask, segment_starts
-from vlm.loss import LOSS_WEIGHTINGS, lm_loss
+from vlm.llm.masks import positions_from_segments, segment_mask
+from vlm.loss import mask_segment_starts
 from vlm.registry import to_dict
 
 FORMAT = "vlm"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-IGNORE_INDEX = -100
 BUILD_KEYS = ("encoder", "connector", "llm", "image_token", "image_token_id")
 # how images were preprocessed when nothing recorded it (``vlm.data.images.ImageProcessor``'s default)
 DEFAULT_IMAGE_PREPROCESSING = {"resize_mode": "resize"}
@@ -79,8 +78,6 @@ class VLM(nn.Module):
         self.generation: dict[str, Any] = {}
         # how its images are preprocessed (``resize_mode``, ``pad_color``): Processor.for_model's default, exported
         self.image_preprocessing: dict[str, Any] = dict(DEFAULT_IMAGE_PREPROCESSING)
-        self.loss_weighting = "token"  # see vlm.loss: token | sample | square
-        self.objective_head: nn.Module | None = None  # a stage's non-LM objective (vlm.objectives); never saved
 
     def train(self, mode: bool = True) -> "VLM":
         """``nn.Module.train``, except that a part (encoder, connector, LLM) with no trainable parameter stays in
@@ -162,24 +159,14 @@ class VLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
-                loss_weighting: str | None = None, objective: bool = False,
                 **lm_kwargs: Any) -> CausalLMOutputWithPast:
-        """Returns ``.logits (B, L, V)`` and ``.loss`` (next-token shift, labels != -100) when labels are given.
-
-        ``loss_weighting`` (default ``self.loss_weighting``): ``token`` = mean over target tokens (the LM's own loss;
-        honours ``num_items_in_batch``), ``sample`` / ``square`` = per-sample weights ``1/n`` / ``1/sqrt(n)``
-        (see ``vlm.loss``).
+        """Returns ``.logits (B, L, V)`` and, when labels are given, ``.loss``: the mean next-token loss over the
+        target tokens (labels != -100), the LM's own (transformers') loss, which honours ``num_items_in_batch``.
+        Other weightings and the stage's losses are training objectives (``vlm.objectives``).
 
         ``segment_ids (B, L)`` marks packed samples (0 = padding): attention stays within each segment, positions
         restart per segment, and a segment's first token is never a target of the previous segment.
-
-        ``objective=True``: the attached ``objective_head`` computes the loss instead (``vlm.objectives``).
         """
-        if objective:
-            if self.objective_head is None:
-                raise ValueError("forward(objective=True) needs an objective head (model.objective_head is None)")
-            return self.objective_head(self, input_ids=input_ids, pixel_values=pixel_values, labels=labels,
-                                       attention_mask=attention_mask, segment_ids=segment_ids)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (B, L); got shape {tuple(input_ids.shape)}")
         embeds = self.embed_inputs(input_ids, pixel_values)
@@ -188,17 +175,9 @@ class VLM(nn.Module):
                 position_ids = positions_from_segments(segment_ids)
             attention_mask = segment_mask(segment_ids, self.llm.attn_implementation, embeds.dtype)
             if labels is not None:
-                labels = labels.masked_fill(segment_starts(segment_ids), IGNORE_INDEX)
-        weighting = loss_weighting or self.loss_weighting
-        if weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(f"loss_weighting={weighting!r}; expected one of {LOSS_WEIGHTINGS}")
-        if labels is None or weighting == "token":
-            return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                            labels=labels, **lm_kwargs)
-        lm_kwargs.pop("num_items_in_batch", None)
-        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **lm_kwargs)
-        out.loss = lm_loss(out.logits, labels, weighting, segment_ids)
-        return out
+                labels = mask_segment_starts(labels, segment_ids)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                        labels=labels, **lm_kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,

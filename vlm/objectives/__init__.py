@@ -1,26 +1,27 @@
-"""Training objectives other than next-token prediction (``stage.<name>.objective``).
+"""Training objectives (``stage.<name>.objective``): ``objective(model, batch) -> loss (+ metrics)``.
 
-An objective is an ``nn.Module`` built per stage by ``OBJECTIVES.build(cfg, model=vlm)``. It may own parameters a
-stage needs only for that objective (e.g. a text tower): the stage attaches it as ``model.objective_head`` for the
-stage's lifetime (so optimizer, checkpoints and DDP see it) and never exports it. ``VLM.forward(..., objective=True)``
-returns ``objective_head(model, **batch)``: an output with ``.loss``.
-
-``lm`` (next-token prediction) is the default and needs no head: it is the model's own forward.
+``lm`` (next-token prediction, the default; ``stage.<name>.loss_weighting`` applies) and ``siglip`` (contrastive
+alignment of the vision tower) are registered in ``OBJECTIVES``; see ``vlm.objectives.base`` for the interface, the
+step normalization and the capabilities an objective states. The stage builds one with ``build(cfg, **context)``
+and trains ``TrainModule(model, objective)``.
 """
 from typing import Any
 
-from torch import nn
-
+from vlm.objectives.base import Objective, ObjectiveOutput, TrainModule
 from vlm.registry import Registry
 
-OBJECTIVES: Registry[nn.Module] = Registry("objective")
+OBJECTIVES: Registry[Objective] = Registry("objective")
 LM = "lm"
 
-from vlm.objectives import siglip  # noqa: E402,F401  (registration)
+from vlm.objectives import lm, siglip  # noqa: E402,F401  (registration)
 
 
-def build(cfg: Any, **extra: Any) -> nn.Module:
-    return OBJECTIVES.build(cfg, **extra)
+def build(cfg: Any, **context: Any) -> Objective:
+    """Build objective ``cfg`` (``name`` + options); of ``context`` (what the stage knows: ``model``,
+    ``loss_weighting``), each passes only the arguments in its ``stage_args``."""
+    name = cfg["name"] if isinstance(cfg, dict) else cfg.name
+    wanted = OBJECTIVES.get(name).stage_args
+    return OBJECTIVES.build(cfg, **{k: v for k, v in context.items() if k in wanted})
 
 
-__all__ = ["LM", "OBJECTIVES", "build"]
+__all__ = ["LM", "OBJECTIVES", "Objective", "ObjectiveOutput", "TrainModule", "build"]

@@ -13,33 +13,32 @@ captions that differ in one attribute; with that tower the tiny recipe's stem di
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.utils import ModelOutput
 
+from vlm.loss import IGNORE_INDEX
 from vlm.objectives import OBJECTIVES
-
-IGNORE_INDEX = -100
-
-
-@dataclass
-class ObjectiveOutput(ModelOutput):
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None       # (B, B) image-text logits
+from vlm.objectives.base import Objective, ObjectiveOutput
 
 
 @OBJECTIVES.register("siglip")
-class SigLIP(nn.Module):
+class SigLIP(Objective):
     """Sigmoid contrastive loss between pooled image features and a bag-of-tokens text embedding.
 
     ``dim``: the shared embedding width. ``scale``/``bias``: the logit temperature ``t`` and bias ``b`` (SigLIP's
     initial values 10 and -10), learned when ``learnable`` (``t`` as ``log t``). ``model``: the VLM (its encoder's
     width and the vocabulary size size the towers).
+
+    A micro-batch's loss is its mean over image-text pairs; the step's loss is the mean over micro-batches (the
+    negatives of a sample are the other samples of its micro-batch). Whole samples only (no packing); not sharded
+    under FSDP (its towers are small and live for the stage only).
     """
+
+    supports_packing = False
+    shardable = False
 
     def __init__(self, model: nn.Module, dim: int = 128, scale: float = 10.0, bias: float = -10.0,
                  learnable: bool = True) -> None:
@@ -70,9 +69,11 @@ class SigLIP(nn.Module):
         emb = self.text_embed(labels.clamp(min=0)) * mask[..., None]
         return F.normalize(emb.sum(1) / mask.sum(1, keepdim=True), dim=-1)
 
-    def forward(self, model: nn.Module, *, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-                labels: torch.Tensor | None, **_: Any) -> ObjectiveOutput:
-        """``input_ids``/``labels (B, L)``, ``pixel_values (B, 3, H, W)``: one image per sample."""
+    def forward(self, model: nn.Module, batch: dict[str, Any], weight: float | None = None,
+                total: float | None = None) -> ObjectiveOutput:
+        """``batch``: ``input_ids``/``labels (B, L)``, ``pixel_values (B, 3, H, W)``: one image per sample.
+        ``logits`` of the output: the ``(B, B)`` image-text logits."""
+        input_ids, pixel_values, labels = batch["input_ids"], batch.get("pixel_values"), batch.get("labels")
         if labels is None or pixel_values is None:
             raise ValueError("objective 'siglip' needs labels (the text) and pixel_values (the images)")
         if pixel_values.ndim != 4 or pixel_values.shape[0] != input_ids.shape[0]:
@@ -82,4 +83,4 @@ class SigLIP(nn.Module):
         logits = zi @ zt.T * self.log_scale.exp() + self.bias
         sign = 2 * torch.eye(len(logits), device=logits.device, dtype=logits.dtype) - 1
         loss = -F.logsigmoid(sign * logits).sum() / len(logits)
-        return ObjectiveOutput(loss=loss, logits=logits)
+        return ObjectiveOutput(loss=self.share(loss, weight, total), logits=logits)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -118,9 +118,10 @@ def build_model(cfg: DictConfig, tokenizer: Any, *, gradient_checkpointing: bool
     return model
 
 
-def fingerprint(model: nn.Module) -> tuple[str, dict[str, list[int]]]:
-    """A hash of the model's parameter names, shapes and trainability (what a checkpoint must match)."""
-    shapes = {n: [*p.shape, int(p.requires_grad)] for n, p in model.named_parameters()}
+def fingerprint(model: nn.Module, name: Callable[[str], str] | None = None) -> tuple[str, dict[str, list[int]]]:
+    """A hash of the model's parameter names (as ``name`` maps them, e.g. to checkpoint names), shapes and
+    trainability (what a checkpoint must match)."""
+    shapes = {(name(n) if name else n): [*p.shape, int(p.requires_grad)] for n, p in model.named_parameters()}
     digest = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
     return digest, shapes
 

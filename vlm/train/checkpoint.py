@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vlm.objectives.base import TrainModule
 from vlm.train.distributed import Strategy
 from vlm.train.rng import rng_state, set_rng_state
 
@@ -70,8 +71,9 @@ class CheckpointManager:
              state: dict[str, Any]) -> Path:
         """Collective: every rank calls it. Returns the checkpoint directory."""
         s = self.strategy
-        weights = s.model_state_dict(wrapped, trainable_only=not self.save_full)
-        optim = s.optimizer_state_dict(wrapped, optimizer)
+        to_ckpt = key_map(wrapped, outward=True)
+        weights = rename(s.model_state_dict(wrapped, trainable_only=not self.save_full), to_ckpt)
+        optim = rename_optimizer(s.optimizer_state_dict(wrapped, optimizer), to_ckpt)
         final = self.root / f"step_{step:06d}"
         tmp = self.root / f".tmp-step_{step:06d}"
         if s.is_main:
@@ -103,10 +105,12 @@ class CheckpointManager:
         that might draw."""
         s = self.strategy
         state = json.loads((path / STATE).read_text())
-        weights = load_file(str(path / WEIGHTS)) if s.is_main else {}
+        to_module = key_map(wrapped, outward=False)
+        weights = rename(load_file(str(path / WEIGHTS)), to_module) if s.is_main else {}
         check_keys(weights, wrapped, str(path / WEIGHTS))
         s.load_model_state_dict(wrapped, weights)
-        optim = torch.load(path / "optimizer.pt", weights_only=True) if s.is_main else {}
+        optim = rename_optimizer(torch.load(path / "optimizer.pt", weights_only=True), to_module) \
+            if s.is_main else {}
         s.load_optimizer_state_dict(wrapped, optimizer, optim)
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         if restore_rng:
@@ -123,6 +127,26 @@ class CheckpointManager:
 
 def unwrap(module: nn.Module) -> nn.Module:
     return getattr(module, "module", module)
+
+
+def key_map(wrapped: nn.Module, outward: bool) -> Any:
+    """Parameter name -> checkpoint name (``outward``) or back, for a wrapped ``TrainModule``; else identity."""
+    module = unwrap(wrapped)
+    if not isinstance(module, TrainModule):
+        return None
+    return module.checkpoint_key if outward else module.module_key
+
+
+def rename(state: dict[str, Any], key: Any) -> dict[str, Any]:
+    return state if key is None else {key(k): v for k, v in state.items()}
+
+
+def rename_optimizer(state: dict[str, Any], key: Any) -> dict[str, Any]:
+    """A full optimizer state dict (``state`` and ``param_groups`` keyed by parameter name) with names mapped."""
+    if key is None or not state:
+        return state
+    groups = [{**g, "params": [key(p) for p in g["params"]]} for g in state.get("param_groups", [])]
+    return {**state, "state": rename(state.get("state", {}), key), "param_groups": groups}
 
 
 def check_keys(weights: dict[str, torch.Tensor], model: nn.Module, source: str) -> None:

@@ -125,29 +125,29 @@ def check(cfg: DictConfig | dict[str, Any], overrides: Sequence[str] = ()) -> Di
 
 def check_objective(name: str, st: DictConfig, strategy: str) -> None:
     """``stage.<name>.objective``: a registered objective whose options fit, on a strategy and batching it supports."""
-    from vlm.objectives import LM, OBJECTIVES
-    from vlm.registry import check_kwargs
+    from vlm.objectives import OBJECTIVES
+    from vlm.registry import accepted_kwargs, check_kwargs
+    from vlm.train.distributed import STRATEGIES
 
     obj = st.objective
     if not isinstance(obj, DictConfig) or "name" not in obj:
-        raise ConfigError(f"stage.{name}.objective must be a mapping with a `name` ({LM} or one of "
+        raise ConfigError(f"stage.{name}.objective must be a mapping with a `name` (one of "
                           f"{OBJECTIVES.names()}); got {obj!r}")
-    if obj.name == LM:
-        if len(obj) > 1:
-            raise ConfigError(f"stage.{name}.objective: `{LM}` takes no options; got {sorted(set(obj) - {'name'})}")
-        return
     if obj.name not in OBJECTIVES:
-        raise unknown_choice(f"stage.{name}.objective.name", obj.name, "objective", [LM] + OBJECTIVES.names())
+        raise unknown_choice(f"stage.{name}.objective.name", obj.name, "objective", OBJECTIVES.names())
+    cls = OBJECTIVES.get(obj.name)
     opts = {k: v for k, v in obj.items() if k != "name"}
+    if opts and not set(accepted_kwargs(cls) or ["*"]) - set(cls.stage_args):
+        raise ConfigError(f"stage.{name}.objective: `{obj.name}` takes no options; got {sorted(opts)}")
     try:
-        check_kwargs(OBJECTIVES.get(obj.name), {**opts, "model": None}, f"stage.{name}.objective {obj.name!r}")
+        check_kwargs(cls, {**opts, **{k: None for k in cls.stage_args}}, f"stage.{name}.objective {obj.name!r}")
     except TypeError as e:
         raise ConfigError(str(e)) from e
-    if strategy == "fsdp":
+    if strategy in STRATEGIES and STRATEGIES.get(strategy).shards_parameters and not cls.shardable:
         raise ConfigError(f"stage.{name}.objective={obj.name!r} runs on one process or with trainer.strategy=ddp, "
-                          f"not fsdp (its head is attached to the model for the stage only)")
-    if st.packing:
-        raise ConfigError(f"stage.{name}.objective={obj.name!r} contrasts whole samples: set "
+                          f"not {strategy} (its parameters are not sharded)")
+    if st.packing and not cls.supports_packing:
+        raise ConfigError(f"stage.{name}.objective={obj.name!r} needs one whole sample per row (no packing): set "
                           f"stage.{name}.packing=false")
 
 

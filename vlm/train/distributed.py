@@ -52,9 +52,17 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
 
 
 class Strategy:
-    """Single process. Subclasses add the process group and the wrapper."""
+    """Single process. Subclasses add the process group and the wrapper.
+
+    Capabilities (class attributes): ``distributed`` (a process group), ``shards_parameters`` (``wrap`` shards the
+    parameters and places each shard on the device itself; every component trained must allow it, e.g.
+    ``Objective.shardable``), ``collective_forward`` (every forward is a collective: all ranks run the same number
+    of forward passes, so generation runs in lockstep).
+    """
 
     distributed = False
+    shards_parameters = False
+    collective_forward = False
 
     def __init__(self, trainer_cfg: Any) -> None:
         self.cfg = trainer_cfg
@@ -78,8 +86,9 @@ class Strategy:
         return self.rank == 0
 
     # -- model -----------------------------------------------------------------------------------------------
-    def wrap(self, model: nn.Module, precision: torch.dtype) -> nn.Module:
-        return model
+    def wrap(self, module: nn.Module, precision: torch.dtype) -> nn.Module:
+        """``module``: a ``vlm.objectives.TrainModule`` (the model and the stage's objective)."""
+        return module
 
     def no_sync(self, wrapped: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
         """Context for one micro-batch's backward: gradients are synchronized only when ``sync``."""
@@ -178,11 +187,11 @@ class DistributedStrategy(Strategy):
 
 @STRATEGIES.register("ddp")
 class DDPStrategy(DistributedStrategy):
-    def wrap(self, model: nn.Module, precision: torch.dtype) -> nn.Module:
+    def wrap(self, module: nn.Module, precision: torch.dtype) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DDP(model, device_ids=ids, find_unused_parameters=bool(self.cfg.ddp.find_unused_parameters))
+        return DDP(module, device_ids=ids, find_unused_parameters=bool(self.cfg.ddp.find_unused_parameters))
 
     def no_sync(self, wrapped: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if sync else wrapped.no_sync()
@@ -190,9 +199,12 @@ class DDPStrategy(DistributedStrategy):
 
 @STRATEGIES.register("fsdp")
 class FSDPStrategy(DistributedStrategy):
-    """FSDP2: ``fully_shard`` each LLM decoder layer (and vision-tower layer), then the root VLM."""
+    """FSDP2: ``fully_shard`` each LLM decoder layer (and vision-tower layer), then the root (model + objective)."""
 
-    def wrap(self, model: nn.Module, precision: torch.dtype) -> nn.Module:
+    shards_parameters = True
+    collective_forward = True
+
+    def wrap(self, module: nn.Module, precision: torch.dtype) -> nn.Module:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         fcfg = self.cfg.fsdp
@@ -200,14 +212,15 @@ class FSDPStrategy(DistributedStrategy):
         mp = MixedPrecisionPolicy(param_dtype=None if param_dtype == torch.float32 else param_dtype,
                                   reduce_dtype=DTYPES[fcfg.reduce_dtype])
         kw = {"reshard_after_forward": bool(fcfg.reshard_after_forward), "mp_policy": mp}
+        model = module.model
         stacks = [layer_stack(model.llm.model)[1]]
         if fcfg.shard_encoder:
             stacks.append(layer_stack(model.encoder)[1])
         for stack in stacks:
             for layer in stack:
                 fully_shard(layer, **kw)
-        fully_shard(model, **kw)
-        return model
+        fully_shard(module, **kw)
+        return module
 
     def no_sync(self, wrapped: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
         wrapped.set_requires_gradient_sync(sync)

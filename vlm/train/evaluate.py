@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from vlm.generation import stop_ids
+from vlm.metrics import count_key, score_keys
+from vlm.objectives import TrainModule
 from vlm.train.distributed import Strategy
 
 
@@ -27,7 +29,7 @@ def exact_match(predictions: Sequence[str], samples: Sequence[Any]) -> dict[str,
         return " ".join(str(t).lower().strip().rstrip(".").split())
 
     hits = [norm(p) == norm(s.messages[-1].text()) for p, s in zip(predictions, samples)]
-    return {"exact_match": sum(hits) / max(1, len(hits)), "exact_match/n": len(hits)}
+    return {"exact_match": sum(hits) / max(1, len(hits)), count_key("exact_match"): len(hits)}
 
 
 def decode(tokenizer: Any, rows: torch.Tensor, stops: Sequence[int]) -> list[str]:
@@ -107,7 +109,8 @@ def evaluate(wrapped: nn.Module, strategy: Strategy, processor: Any, samples: An
     t0 = time.perf_counter()
     was_training = wrapped.training
     wrapped.eval()
-    with strategy.inference(wrapped) as model:
+    with strategy.inference(wrapped) as module:
+        model = module.model if isinstance(module, TrainModule) else module  # a stage's: generate with its model
         preds, dropped = generate_predictions(model, processor, collator, [samples[i] for i in mine], batch_size,
                                               max_new_tokens, strategy.device, precision, lockstep)
     wrapped.train(was_training)
@@ -135,14 +138,14 @@ def evaluate(wrapped: nn.Module, strategy: Strategy, processor: Any, samples: An
 
 def format_table(metrics: dict[str, float]) -> str:
     """A markdown table: one row per task/metric with its sample count."""
-    rows = [k for k in metrics if not k.endswith("/n") and k not in ("eval_seconds", "eval_dropped")]
+    rows = score_keys(metrics)
     order = {"all": 2, "vqa": 1, "multi_image": 1}
     rows.sort(key=lambda k: (order.get(k, 0), k))
     label = {"grounding": "grounding (Acc@IoU0.5)", "grounding/iou": "grounding (mean IoU)",
              "caption": "caption (colour-shape F1)", "all": "overall (mean over samples)"}
     lines = ["| task | score | n |", "| --- | ---: | ---: |"]
     for k in rows:
-        n = metrics.get(f"{k}/n", metrics.get(f"{k.split('/')[0]}/n", ""))
+        n = metrics.get(count_key(k), metrics.get(count_key(k.split('/')[0]), ""))
         n = int(n) if isinstance(n, float) and n.is_integer() else n
         lines.append(f"| {label.get(k, k)} | {metrics[k]:.3f} | {n} |")
     if metrics.get("eval_dropped"):

@@ -1,9 +1,11 @@
 """The training loop of one stage: gradient accumulation, AMP, clipping, schedule, eval/save hooks, progress bar.
 
-Loss normalization: each micro-batch's loss is ``sum of token losses / N`` where ``N`` is the number of target
-tokens in the *whole* optimizer step (all micro-batches, all processes), passed to the model as
-``num_items_in_batch``. Summed over micro-batches (and averaged over processes by DDP/FSDP, hence the ``* world``),
-the gradient is that of the mean token loss of the global batch: independent of how it is split.
+Loss normalization: the stage's objective (``vlm.objectives``) gives each micro-batch a ``weight`` (for ``lm`` under
+``token`` weighting: its target tokens); the loop sums them over the *whole* optimizer step (all micro-batches, all
+processes) and the objective returns each micro-batch's share of the step loss (``lm``/``token``: sum of token
+losses / the step's target count, passed to the model as ``num_items_in_batch``). Summed over micro-batches (and
+averaged over processes by DDP/FSDP, hence the ``* world``), the gradient is that of the global batch's loss:
+independent of how it is split.
 """
 from __future__ import annotations
 
@@ -17,12 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlm.objectives import LM
+from vlm.loss import shifted_targets
+from vlm.metrics import score_keys
+from vlm.objectives import Objective
 from vlm.train.distributed import Strategy
 from vlm.train.interrupt import STOP, Interrupted, kill_point
 from vlm.train.rng import set_rng_state
 
-IGNORE_INDEX = -100
+OOM_ERRORS: tuple[type[BaseException], ...] = (torch.OutOfMemoryError, MemoryError)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -33,37 +37,9 @@ class BatchTooLargeError(RuntimeError):
     """Out of memory on the first step."""
 
 
-def targets(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(valid (B, L-1) bool, groups (B, L-1) long)``: which shifted labels are targets (segment starts excluded, as
-    the model does) and which sample (row, or segment of a packed row) each belongs to."""
-    labels = batch["labels"]
-    groups = torch.ones_like(labels)
-    if "segment_ids" in batch:
-        seg = batch["segment_ids"]
-        start = torch.ones_like(seg, dtype=torch.bool)
-        start[:, 1:] = seg[:, 1:] != seg[:, :-1]
-        labels = labels.masked_fill(start, IGNORE_INDEX)
-        groups = seg
-    return labels[:, 1:] != IGNORE_INDEX, groups[:, 1:].long()
-
-
-def loss_weight(batch: dict[str, Any], weighting: str) -> float:
-    """The total weight ``vlm.loss`` gives a batch's targets: the number of target tokens (``token``), of samples
-    with a target (``sample``) or the sum of their square roots (``square``). The loop normalizes every micro-batch's
-    loss by the total over the whole optimizer step, so the weighting is exact under accumulation and DDP/FSDP."""
-    valid, groups = targets(batch)
-    if weighting == "token":
-        return float(valid.sum())
-    n_groups = int(groups.max()) + 1 if groups.numel() else 1
-    flat = (groups + torch.arange(groups.shape[0])[:, None] * n_groups).reshape(-1)
-    counts = torch.zeros(groups.shape[0] * n_groups).index_add_(0, flat, valid.reshape(-1).float())
-    counts = counts[counts > 0]
-    return float(counts.numel() if weighting == "sample" else counts.sqrt().sum())
-
-
 def count_targets(batch: dict[str, Any]) -> int:
     """Target tokens of a batch as the model counts them: labels shifted by one, segment starts ignored."""
-    return int(targets(batch)[0].sum())
+    return int(shifted_targets(batch["labels"], batch.get("segment_ids"))[0].sum())
 
 
 def flat_ids(meta: dict[str, Any]) -> list[Any]:
@@ -79,10 +55,10 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def is_oom(err: BaseException) -> bool:
-    if isinstance(err, torch.OutOfMemoryError):
-        return True
-    msg = str(err).lower()
-    return isinstance(err, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+    """An allocation failure by type: ``torch.OutOfMemoryError`` (CUDA/accelerators; ``torch.cuda.OutOfMemoryError``
+    is the same class) or Python's ``MemoryError``. torch's CPU allocator raises a plain ``RuntimeError``, which is
+    left as it is (its message names the allocation)."""
+    return isinstance(err, OOM_ERRORS)
 
 
 @dataclass
@@ -111,8 +87,8 @@ class StageLoop:
     stage: Any
     trainer: Any
     strategy: Strategy
-    model: nn.Module            # unwrapped
-    wrapped: nn.Module          # what forward is called on (DDP / FSDP / the model)
+    model: nn.Module            # unwrapped: the TrainModule (model + objective)
+    wrapped: nn.Module          # what forward is called on (DDP / FSDP / the TrainModule)
     optimizer: torch.optim.Optimizer
     scheduler: Any
     loader: Any
@@ -125,13 +101,11 @@ class StageLoop:
     global_step_offset: int = 0
     scaler: Any = None
     params: list[nn.Parameter] = field(default_factory=list)
-    objective: bool = False     # a non-LM objective (stage.objective): the model's objective head computes the loss
     rng: dict[str, Any] | None = None  # the model's RNG state to continue from (a resumed checkpoint's)
     run_dir: str = "."          # where trainer.kill_at records that it fired
 
     def __post_init__(self) -> None:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.objective = self.stage.objective.name != LM
         fp16 = self.precision == torch.float16 and self.strategy.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
 
@@ -145,28 +119,21 @@ class StageLoop:
         s, t0 = self.strategy, time.perf_counter()
         self.wrapped.train()
         metas = [b.pop("meta", {}) for b in micro]
-        weighting = self.stage.loss_weighting
-        weights = [loss_weight(b, weighting) for b in micro]
+        objective: Objective = self.model.objective
+        weights = [objective.weight(b) for b in micro]
         local = torch.tensor([sum(count_targets(b) for b in micro),
                               sum(int(b["attention_mask"].sum()) for b in micro),
                               sum(b["input_ids"].shape[0] for b in micro), sum(weights)], dtype=torch.float64)
         total = s.all_reduce(local)
         n_targets, n_tokens, n_samples = (int(x) for x in total[:3])
-        total_weight = max(float(total[3]), 1e-12)
+        total_weight = float(total[3])
         loss_sum = torch.zeros((), dtype=torch.float64, device=s.device)
         bad_ids: list[Any] = []
         for i, batch in enumerate(micro):
             batch = to_device(batch, s.device)
             with s.no_sync(self.wrapped, sync=i == len(micro) - 1):
-                with self.autocast():
-                    if self.objective:  # vlm.objectives: a mean over this micro-batch; averaged over the step
-                        out = self.wrapped(**batch, objective=True)
-                        out.loss = out.loss / (len(micro) * s.world_size)
-                    elif weighting == "token":  # the LM's own loss: sum over tokens / targets of the whole step
-                        out = self.wrapped(**batch, loss_weighting="token", num_items_in_batch=max(n_targets, 1))
-                    else:  # vlm.loss: weighted mean over this micro-batch, rescaled to the step's total weight
-                        out = self.wrapped(**batch, loss_weighting=weighting)
-                        out.loss = out.loss * (weights[i] / total_weight)
+                with self.autocast():  # this micro-batch's share of the step's loss (vlm.objectives.base)
+                    out = self.wrapped(batch, weight=weights[i], total=total_weight)
                 loss = out.loss * s.world_size
                 if not bool(torch.isfinite(loss.detach())):
                     bad_ids += flat_ids(metas[i]) or ["<no ids>"]
@@ -241,7 +208,7 @@ class StageLoop:
                 state.last_eval = metrics
                 self.log.log({"stage": self.name, "step": done, "eval": metrics}, self.global_step_offset + done)
                 line = f"[{self.name}] step {done} eval: " + ", ".join(
-                    f"{k} {v:.3f}" for k, v in metrics.items() if "/n" not in k and k != "eval_seconds")
+                    f"{k} {metrics[k]:.3f}" for k in score_keys(metrics))
                 if bar is not None:
                     bar.write(line)
                 else:

@@ -16,9 +16,24 @@ OPTIMIZERS: Registry[torch.optim.Optimizer] = Registry("optimizer")
 SCHEDULES: Registry[Callable[..., float]] = Registry("scheduler")
 
 
+# Normalization layers whose parameters are exempt from weight decay. torch's norm classes share no base class, nor
+# do the families' own (transformers' ``*RMSNorm``, timm's ``LayerNorm2d``...), so this is a registry: a family whose
+# norm has a multi-dimensional affine parameter adds its class with ``register_norm``. A norm's 1-D scale and shift
+# need no entry: every parameter with fewer than 2 dimensions is exempt anyway (``no_decay_names``), which is what
+# covers every RMSNorm-style class by what it holds rather than by its name.
+NORM_TYPES: list[type[nn.Module]] = [nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm,
+                                     nn.modules.batchnorm._NormBase]
+
+
+def register_norm(cls: type[nn.Module]) -> type[nn.Module]:
+    """Add a normalization class to ``NORM_TYPES`` (usable as a class decorator)."""
+    if cls not in NORM_TYPES:
+        NORM_TYPES.append(cls)
+    return cls
+
+
 def is_norm(module: nn.Module) -> bool:
-    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)) or \
-        "norm" in type(module).__name__.lower()
+    return isinstance(module, tuple(NORM_TYPES))
 
 
 def no_decay_names(module: nn.Module) -> set[str]:
@@ -33,16 +48,18 @@ def no_decay_names(module: nn.Module) -> set[str]:
     return out
 
 
-def param_groups(model: nn.Module, stage: Any) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, stage: Any, objective: nn.Module | None = None) -> list[dict[str, Any]]:
     """One group per (module, decay / no-decay) holding that module's trainable parameters.
 
     Each group carries ``name`` (``"llm.decay"``, ``"connector.no_decay"``, ...), ``lr`` (``stage.module_lr.<module>``
     or ``stage.lr``), ``weight_decay`` (``stage.weight_decay`` or 0) and ``param_names``. Empty groups are dropped.
+    The stage's ``objective`` (its own parameters, if any) trains at ``stage.lr`` in groups ``objective_head.*`` (the
+    name its parameters have in checkpoints).
     """
     groups = []
     parts = [(m, getattr(model, m)) for m in MODULES]
-    if getattr(model, "objective_head", None) is not None:  # a stage-only objective head trains at stage.lr
-        parts.append(("objective_head", model.objective_head))
+    if objective is not None:
+        parts.append(("objective_head", objective))
     for module_name, module in parts:
         exempt = no_decay_names(module)
         lr = stage.module_lr[module_name] if module_name in MODULES else None
@@ -73,8 +90,9 @@ def sgd(groups: list[dict[str, Any]], stage: Any, device: torch.device) -> torch
     return torch.optim.SGD(groups, lr=float(stage.lr), momentum=float(stage.betas[0]))
 
 
-def build_optimizer(model: nn.Module, stage: Any, device: torch.device) -> torch.optim.Optimizer:
-    groups = param_groups(model, stage)
+def build_optimizer(model: nn.Module, stage: Any, device: torch.device,
+                    objective: nn.Module | None = None) -> torch.optim.Optimizer:
+    groups = param_groups(model, stage, objective)
     optimizer = OPTIMIZERS.get(stage.optimizer)(
         [{k: v for k, v in g.items() if k != "param_names"} for g in groups], stage, device)
     optimizer.param_names = [g["param_names"] for g in groups]  # type: ignore[attr-defined]

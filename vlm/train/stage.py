@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 
 from vlm.data.dataset import BadSamples
-from vlm.objectives import LM, build as build_objective
+from vlm.objectives import Objective, TrainModule, build as build_objective
 from vlm.train.build import build_model, describe_mismatch, fingerprint, seed_everything
 from vlm.train.checkpoint import CheckpointManager
 from vlm.train.config import ConfigError
@@ -106,10 +106,13 @@ class StageRunner:
             except ValueError as e:
                 raise ConfigError(f"cannot start stage {self.name!r} from {f}: {e}") from e
         apply_policies(model, self.stage)
-        objective = _plain(self.stage.objective)
-        if objective["name"] != LM:  # a stage-only head (e.g. siglip's text tower): trained, checkpointed, not exported
-            model.objective_head = build_objective(objective, model=model)
         return model
+
+    def objective(self, model: torch.nn.Module) -> Objective:
+        """The stage's objective (``stage.<name>.objective``); its own parameters (siglip's text tower) are trained
+        and checkpointed with the stage, never exported."""
+        return build_objective(_plain(self.stage.objective), model=model,
+                               loss_weighting=str(self.stage.loss_weighting))
 
     def run(self) -> StageResult:
         s, st, t0 = self.strategy, self.stage, time.perf_counter()
@@ -121,7 +124,7 @@ class StageRunner:
             self.log.mark_resume(self.name, start)
         loader = SkipCounting(make_loader(t.dataset, t.collator, t.plan, start, t.total,
                                           self.cfg.trainer.num_workers), self.bad, lambda: self.check_bad(t))
-        loop = StageLoop(name=self.name, stage=st, trainer=self.cfg.trainer, strategy=s, model=t.model,
+        loop = StageLoop(name=self.name, stage=st, trainer=self.cfg.trainer, strategy=s, model=t.module,
                          wrapped=t.wrapped, optimizer=t.optimizer, scheduler=t.scheduler, loader=loader,
                          total_steps=t.total, accumulation=t.plan.accumulation, precision=t.precision, log=self.log,
                          save=lambda step, ls: self.save(t, step, ls),
@@ -151,17 +154,18 @@ class StageRunner:
         """Model (policies applied, wrapped), optimizer, data, batch plan, scheduler, checkpoint manager."""
         s, st = self.strategy, self.stage
         model = self.build()
-        fp, shapes = fingerprint(model)
+        module = TrainModule(model, self.objective(model))
+        fp, shapes = fingerprint(module, module.checkpoint_key)  # what a checkpoint must match
         summary = trainable_summary(model)
         self.log.info(f"[{self.name}] policies {dict(st.policy)}; trainable " + ", ".join(
             f"{m} {v['trainable'] / 1e6:.2f}M/{v['total'] / 1e6:.2f}M" for m, v in summary.items()))
         precision = resolve_precision(self.cfg.trainer.precision, s.device)
-        if self.cfg.trainer.strategy != "fsdp":  # fully_shard moves each shard to the device itself
-            model.to(s.device)
-        wrapped = s.wrap(model, precision)
+        if not s.shards_parameters:  # a sharding strategy places each shard on the device itself
+            module.to(s.device)
+        wrapped = s.wrap(module, precision)
         if self.cfg.trainer.compile:
             compile_layers(model)
-        optimizer = build_optimizer(model, st, s.device)
+        optimizer = build_optimizer(model, st, s.device, objective=module.objective)
 
         from vlm.data.processor import Processor
 
@@ -178,7 +182,7 @@ class StageRunner:
         self.log.info(f"[{self.name}] {len(dataset)} samples, {total} steps of {st.global_batch_size} "
                       f"({plan.accumulation} x {st.micro_batch_size} per process x {s.world_size} processes), "
                       f"precision {str(precision).replace('torch.', '')}, device {s.device}")
-        return Training(model, wrapped, optimizer, scheduler, processor, dataset, make_collator(self.tokenizer, st),
+        return Training(model, module, wrapped, optimizer, scheduler, processor, dataset, make_collator(self.tokenizer, st),
                         plan, total, precision, ckpt, fp, shapes)
 
     def resume_from_checkpoint(self, t: "Training") -> tuple[int, LoopState, str | None, dict[str, Any] | None]:
@@ -231,8 +235,7 @@ class StageRunner:
     def export(self, t: "Training") -> None:
         """The cumulative weights delta (LoRA merged) and, after the last stage, ``final/``."""
         s = self.strategy
-        t.model.objective_head = None  # the objective's head lives for this stage only
-        full = s.model_state_dict(t.wrapped, trainable_only=False)
+        full = t.module.model_state(s.model_state_dict(t.wrapped, trainable_only=False))  # no objective parts
         if s.is_main:
             merged = merge_lora_state(full, t.model)
             write_stage_weights(self.dir / STAGE_WEIGHTS, merged, self.carried | trained_names(t.model))
@@ -247,7 +250,7 @@ class StageRunner:
         with isolated(derive_seed("eval", self.cfg.seed, self.name, step), self.strategy.device):
             return evaluate(t.wrapped, self.strategy, t.processor, self.eval_samples,
                             batch_size=self.cfg.eval.batch_size, max_new_tokens=self.cfg.eval.max_new_tokens,
-                            precision=t.precision, limit=limit, lockstep=self.cfg.trainer.strategy == "fsdp")
+                            precision=t.precision, limit=limit, lockstep=self.strategy.collective_forward)
 
     def final_eval(self, t: "Training") -> dict[str, float]:
         metrics, records = self.evaluate(t, self.cfg.eval.limit, t.total)
@@ -264,8 +267,9 @@ class StageRunner:
 class Training:
     """The objects one stage trains with."""
 
-    model: torch.nn.Module
-    wrapped: torch.nn.Module
+    model: torch.nn.Module          # the VLM
+    module: TrainModule             # model + objective (what the loop trains)
+    wrapped: torch.nn.Module        # the module as the strategy wrapped it
     optimizer: torch.optim.Optimizer
     scheduler: Any
     processor: Any

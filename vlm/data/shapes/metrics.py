@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 from vlm.data import boxes
 from vlm.data.shapes.scene import COLORS, SHAPES
+from vlm.metrics import count_key
 
 _NUMBERS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7",
             "eight": "8", "nine": "9", "ten": "10"}
@@ -111,7 +112,7 @@ def evaluate(predictions: Sequence[str | Sequence[str]], samples: Sequence[Any])
     out: dict[str, float] = {}
     for task, vals in sorted(per.items()):
         out[task] = sum(vals) / len(vals)
-        out[f"{task}/n"] = len(vals)
+        out[count_key(task)] = len(vals)
     for group, members in GROUPS.items():
         vals = [v for m in members for v in per.get(m, [])]
         if vals:
