@@ -1,16 +1,14 @@
 """Build a run's tokenizer and model from its config.
 
-Tokenizers come from ``TOKENIZERS`` (``byte``: the file-free byte-level tokenizer; ``hf``: a local transformers
-tokenizer directory). Each can add ``extra_tokens`` and ``number_tokens: N`` (the integers ``0..N-1`` as single
-tokens, e.g. 1000 for Qwen-VL style ``[0, 1000)`` box coordinates, so a coordinate is one prediction instead of
-three digits). Special tokens the stages' templates emit are added too; ``vlm.build`` then grows the embeddings.
+The tokenizer comes from ``vlm.data.tokenizer.TOKENIZERS`` (``tokenizer.name``); special tokens the stages'
+templates emit are added too; ``vlm.build`` then grows the embeddings.
 """
 from __future__ import annotations
 
 import hashlib
 import inspect
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -18,70 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import vlm
-from vlm.registry import Registry, to_dict
+from vlm.data.tokenizer import TOKENIZERS
+from vlm.registry import to_dict
 from vlm.train.config import model_config
-
-TOKENIZERS: Registry[Any] = Registry("tokenizer")
-
-
-def _add_tokens(tok: Any, extra_tokens: Sequence[str], number_tokens: int) -> Any:
-    from tokenizers import AddedToken
-
-    if extra_tokens:
-        tok.add_special_tokens({"additional_special_tokens": list(extra_tokens)},
-                               replace_extra_special_tokens=False)
-    if number_tokens:
-        # plain (non-special) added tokens: matched longest-first before the model's own splitting, kept on decode
-        tok.add_tokens([AddedToken(str(i), single_word=False, normalized=False, special=False)
-                        for i in range(int(number_tokens))])
-    return tok
-
-
-@TOKENIZERS.register("byte")
-def byte(chat_template: str = "chatml", extra_tokens: Sequence[str] = (), number_tokens: int = 0) -> Any:
-    """``vlm.data.tokenizer.byte_tokenizer`` (ids 0..255 are bytes) plus optional tokens."""
-    from vlm.data.tokenizer import byte_tokenizer
-
-    return _add_tokens(byte_tokenizer(chat_template), extra_tokens, number_tokens)
-
-
-@TOKENIZERS.register("hf")
-def hf(path: str, extra_tokens: Sequence[str] = (), number_tokens: int = 0, pad_token: str | None = None,
-       trust_remote_code: bool = False) -> Any:
-    """A local tokenizer directory (``AutoTokenizer``, never the network). ``pad_token``: set one if missing
-    (LLaVA uses ``<unk>`` for LLaMA/Vicuna); without one the eos token pads."""
-    from vlm.data.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    if pad_token is not None:
-        tok.pad_token = pad_token
-    elif tok.pad_token is None:
-        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
-    return _add_tokens(tok, extra_tokens, number_tokens)
-
-
-@TOKENIZERS.register("byte_bpe")
-def byte_bpe(vocab_size: int = 512, corpus: Sequence[str] = ("pretrain", "sft"), corpus_samples: int = 2000,
-             split_digits: bool = True, chat_template: str = "chatml", extra_tokens: Sequence[str] = (),
-             number_tokens: int = 0, data: Any = None) -> Any:
-    """``vlm.data.tokenizer.byte_bpe_tokenizer`` trained (deterministically) on the message texts of the first
-    ``corpus_samples`` samples of each ``data`` key in ``corpus``: every byte stays representable, frequent strings
-    of the corpus become single tokens (much shorter sequences for a tiny model), digits stay single tokens."""
-    from vlm.data.tokenizer import byte_bpe_tokenizer
-    from vlm.train.data import build_dataset
-
-    if data is None:
-        raise ValueError("tokenizer byte_bpe needs the run's data config to train on")
-    texts: list[str] = []
-    for key in corpus:
-        if key not in data or data[key] is None:
-            raise ValueError(f"tokenizer.corpus names data.{key}, which is not configured; data keys: {list(data)}")
-        ds = build_dataset(data[key])
-        for i in range(min(int(corpus_samples), len(ds))):
-            texts += [f"{m.role}\n{m.text()}" for m in ds[i].messages]
-    tok = byte_bpe_tokenizer(texts, vocab_size=int(vocab_size), chat_template=chat_template,
-                             split_digits=split_digits)
-    return _add_tokens(tok, extra_tokens, number_tokens)
 
 
 def build_tokenizer(cfg: DictConfig, templates: Iterable[Any] = ()) -> Any:

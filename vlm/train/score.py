@@ -21,7 +21,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     import vlm
     from vlm.data.processor import Processor
-    from vlm.train.data import build_dataset
+    from vlm.data.datasets import build_dataset
     from vlm.train.distributed import Strategy
     from vlm.train.evaluate import evaluate, format_table
     from vlm.train.schema import TrainerConfig

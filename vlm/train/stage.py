@@ -18,11 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 
 from vlm.data.dataset import BadSamples
+from vlm.data.datasets import build_dataset
 from vlm.objectives import LM, build as build_objective
+from vlm.train.batch_plan import BatchPlan, data_seed, make_loader
 from vlm.train.build import build_model, describe_mismatch, fingerprint, seed_everything
 from vlm.train.checkpoint import CheckpointManager
 from vlm.train.config import ConfigError
-from vlm.train.data import BatchPlan, build_dataset, data_seed, make_loader
 from vlm.train.distributed import Strategy, resolve_precision
 from vlm.train.evaluate import evaluate
 from vlm.train.export import STAGE_WEIGHTS, export_final, load_weights, merge_lora_state, trained_names, \
