@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from vlm.labels import IGNORE_INDEX
 LOSS_WEIGHTINGS = ("token", "sample", "square")
 
 

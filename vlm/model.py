@@ -28,9 +28,8 @@ from vlm.registry import to_dict
 
 FORMAT = "vlm"
 FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-IGNORE_INDEX = -100
+from vlm.labels import IGNORE_INDEX  # noqa: E402
+from vlm.pretrained import CONFIG_FILE, WEIGHTS_FILE  # noqa: E402
 BUILD_KEYS = ("encoder", "connector", "llm", "image_token", "image_token_id")
 
 

@@ -27,8 +27,7 @@ from vlm.data.errors import DataError
 from vlm.data.readers.base import SampleError, locate
 from vlm.data.sample import Sample
 from vlm.data.templates import ImageSlot, Template, Text, build_template
-
-IGNORE_INDEX = -100
+from vlm.labels import IGNORE_INDEX
 
 
 class Piece(NamedTuple):

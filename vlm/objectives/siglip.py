@@ -23,7 +23,7 @@ from transformers.utils import ModelOutput
 
 from vlm.objectives import OBJECTIVES
 
-IGNORE_INDEX = -100
+from vlm.labels import IGNORE_INDEX
 
 
 @dataclass

@@ -22,7 +22,7 @@ from vlm.train.distributed import Strategy
 from vlm.train.interrupt import STOP, Interrupted, kill_point
 from vlm.train.rng import set_rng_state
 
-IGNORE_INDEX = -100
+from vlm.labels import IGNORE_INDEX
 
 
 class NonFiniteLossError(RuntimeError):
