@@ -30,16 +30,13 @@ from vlm.generation import GENERATION_KEYS, generation_settings, read_settings
 from vlm.hf_config import unknown_config_keys
 from vlm.interop.mapping import (ACT_FROM_HF, ACT_TO_HF, ENCODER_MODEL_TYPES, SELECT_FROM_LLAVA, SELECT_TO_LLAVA,
                                  UNUSED_VISION_MODULES, VISION_MODEL_TYPES)
-from vlm.interop.processor import read_normalization, save_processor
+from vlm.interop.processor import save_processor
 from vlm.llm.hf_causal_lm import HFCausalLM
 from vlm.model import VLM
-from vlm.pretrained import check_weights
+from vlm.pretrained import CONFIG_FILE, FILE_KEYS, check_weights, read_config, read_normalization
 
-CONFIG_FILE = "config.json"
 GENERATION_FILE = "generation_config.json"
 LLAVA_MODEL_TYPE = "llava"
-# keys of a saved transformers config that describe the file, not the architecture
-FILE_KEYS = ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype")
 # our ``mlp`` connector's linear layers -> LLaVA projector submodules
 PROJECTOR_LAYERS = {"layers.0": "linear_1", "layers.2": "linear_2"}
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
@@ -81,21 +78,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def read_llava_config(path: str | os.PathLike, who: str = "from_hf") -> dict[str, Any]:
     """The ``config.json`` of a LLaVA directory, or an error naming the file and what was expected."""
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{who}: {str(path)!r} is not a directory; expected a transformers "
-                                f"LlavaForConditionalGeneration directory (config.json + model.safetensors)")
     cfg_file = path / CONFIG_FILE
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{who}: {str(cfg_file)!r} does not exist; expected the config.json of a transformers "
-                                f"LlavaForConditionalGeneration (model_type 'llava') saved with save_pretrained")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{who}: {str(cfg_file)!r} is not valid JSON ({e})") from e
-    model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
+    cfg = read_config(path, who, "the config.json of a transformers LlavaForConditionalGeneration (model_type "
+                                 "'llava') saved with save_pretrained")
+    model_type = cfg.get("model_type")
     if model_type != LLAVA_MODEL_TYPE:
-        hint = " (it is a vlm directory: use vlm.load, or to_hf to export it)" if isinstance(cfg, dict) and \
-            cfg.get("format") == "vlm" else ""
+        hint = " (it is a vlm directory: use vlm.load, or to_hf to export it)" if cfg.get("format") == "vlm" else ""
         raise ValueError(f"{who}: {str(cfg_file)!r} has model_type={model_type!r}; expected 'llava' "
                          f"(LlavaForConditionalGeneration){hint}. Variants such as llava_next / llava_onevision "
                          f"(image tiling) are not supported")

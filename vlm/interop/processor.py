@@ -16,9 +16,7 @@ from typing import Any
 from transformers import CLIPImageProcessor, SiglipImageProcessor
 
 from vlm.encoders.base import VisionEncoder
-
-PROCESSOR_CONFIG = "processor_config.json"
-IMAGE_PROCESSOR_CONFIG = "preprocessor_config.json"
+from vlm.pretrained import IMAGE_PROCESSOR_CONFIG, PROCESSOR_CONFIG
 
 
 def clip_image_processor(encoder: VisionEncoder) -> CLIPImageProcessor:
@@ -91,17 +89,3 @@ def save_processor(model: Any, path: Path, *, strategy: str) -> bool:
     }
     (path / PROCESSOR_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return True
-
-
-def read_normalization(path: Path) -> tuple[list[float], list[float]] | None:
-    """``(image_mean, image_std)`` from the directory's image-processor config (flat file or a v5 nested
-    ``processor_config.json``), or ``None``."""
-    for name, key in ((IMAGE_PROCESSOR_CONFIG, None), (PROCESSOR_CONFIG, "image_processor")):
-        f = path / name
-        if not f.is_file():
-            continue
-        d = json.loads(f.read_text())
-        d = d.get(key, {}) if key else d
-        if isinstance(d, dict) and "image_mean" in d and "image_std" in d:
-            return list(d["image_mean"]), list(d["image_std"])
-    return None

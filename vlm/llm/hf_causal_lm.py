@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from vlm.encoders.hf_vision import resolve_dtype
 from vlm.hf_config import check_config_keys, config_class_for
 from vlm.llm.registry import LLMS
-from vlm.pretrained import check_pretrained_dir
+from vlm.pretrained import FILE_KEYS, check_pretrained_dir
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
@@ -150,6 +150,6 @@ def make_config(config: dict[str, Any], strict: bool = True) -> PretrainedConfig
     config_class = config_class_for(model_type, "hf_causal_lm config")
     if strict:
         check_config_keys(config_class, config, "hf_causal_lm config", model_type=model_type)
-    for k in ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype"):
+    for k in FILE_KEYS:
         config.pop(k, None)
     return AutoConfig.for_model(model_type, **config)
