@@ -12,12 +12,12 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 import vlm
 from vlm.data.tokenizer import TOKENIZERS
-from vlm.registry import to_dict
+from vlm.registry import plain
 from vlm.train.config import model_config
 
 
@@ -30,8 +30,7 @@ def build_tokenizer(cfg: DictConfig, templates: Iterable[Any] = ()) -> Any:
     tok = TOKENIZERS.build(cfg.tokenizer, **extra)
     missing: list[str] = []
     for spec in templates:
-        spec = OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else spec
-        for t in build_template(spec).special_tokens(tok):
+        for t in build_template(plain(spec)).special_tokens(tok):
             if t not in tok.get_vocab() and t not in missing:
                 missing.append(t)
     if missing:
@@ -76,8 +75,8 @@ def config_fingerprint(cfg: Any) -> tuple[str, dict[str, Any]]:
             return [strip(v) for v in x]
         return x
 
-    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    model = strip({k: plain.get(k) for k in MODEL_KEYS})
+    resolved = plain(cfg)
+    model = strip({k: resolved.get(k) for k in MODEL_KEYS})
     return hashlib.sha256(json.dumps(model, sort_keys=True, default=str).encode()).hexdigest()[:16], model
 
 
@@ -104,14 +103,6 @@ def describe_mismatch(saved: dict[str, list[int]], current: dict[str, list[int]]
     if differ:
         parts.append("shape/trainable differ: " + ", ".join(f"{k} {saved[k]} vs {current[k]}" for k in differ[:limit]))
     return "; ".join(parts) or "same parameters"
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def component_config(cfg: DictConfig, key: str) -> dict[str, Any]:
-    return to_dict(cfg[key])
 
 
 def seed_everything(seed: int) -> None:

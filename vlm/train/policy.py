@@ -190,10 +190,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def has_lora(model: nn.Module) -> bool:
-    return any("lora_" in n for n, _ in model.named_parameters())
-
-
 def trainable_summary(model: nn.Module) -> dict[str, dict[str, int]]:
     """``{module: {"trainable": n, "total": n}}`` for the encoder, connector and LLM."""
     out = {}

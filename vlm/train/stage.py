@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from safetensors import safe_open
 
 from vlm.data.dataset import BadSamples
 from vlm.data.datasets import build_dataset
 from vlm.objectives import LM, build as build_objective
+from vlm.registry import plain
 from vlm.train.batch_plan import BatchPlan, data_seed, make_loader
 from vlm.train.build import build_model, describe_mismatch, fingerprint, seed_everything
 from vlm.train.checkpoint import CheckpointManager
@@ -107,7 +108,7 @@ class StageRunner:
             except ValueError as e:
                 raise ConfigError(f"cannot start stage {self.name!r} from {f}: {e}") from e
         apply_policies(model, self.stage)
-        objective = _plain(self.stage.objective)
+        objective = plain(self.stage.objective)
         if objective["name"] != LM:  # a stage-only head (e.g. siglip's text tower): trained, checkpointed, not exported
             model.objective_head = build_objective(objective, model=model)
         return model
@@ -166,7 +167,7 @@ class StageRunner:
 
         from vlm.data.processor import Processor
 
-        processor = Processor.for_model(model, self.tokenizer, template=_plain(st.template),
+        processor = Processor.for_model(model, self.tokenizer, template=plain(st.template),
                                         max_length=st.max_length)
         dataset = build_dataset(self.cfg.data[st.data], processor)
         if hasattr(dataset, "config_key"):
@@ -327,5 +328,3 @@ def compile_layers(model: torch.nn.Module) -> None:
             layer.compile()
 
 
-def _plain(spec: Any) -> Any:
-    return OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else spec
