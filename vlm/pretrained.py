@@ -87,3 +87,17 @@ def read_normalization(path: Path) -> tuple[list[float], list[float]] | None:
         if isinstance(d, dict) and "image_mean" in d and "image_std" in d:
             return list(d["image_mean"]), list(d["image_std"])
     return None
+
+
+def enable_gradient_checkpointing(model: Any) -> bool:
+    """Make a transformers ``PreTrainedModel`` recompute its layers' activations in the backward pass
+    (non-reentrant). Returns ``False`` (and changes nothing) when the model does not support it."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        return False
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5 name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return True

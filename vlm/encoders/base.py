@@ -100,6 +100,15 @@ class VisionEncoder(nn.Module):
         """``(N, T_all, C) -> (N, T, C)`` according to ``select``."""
         return tokens[:, 1:] if self.drops_first else tokens
 
+    def blocks(self) -> nn.ModuleList | None:
+        """The tower's stack of transformer blocks in order (the output of block ``k`` is hidden state ``k + 1``, the
+        index ``feature_layer`` counts in), or ``None`` when the tower has no such stack (a CNN)."""
+        return None
+
+    def enable_gradient_checkpointing(self) -> bool:
+        """Recompute the tower's activations in the backward pass; ``False`` (nothing changed) when it cannot."""
+        return False
+
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from vlm.encoders.base import SELECT_STRATEGIES, VisionEncoder
 from vlm.hf_config import check_config_keys
-from vlm.pretrained import FILE_KEYS, check_pretrained_dir, read_normalization
+from vlm.pretrained import FILE_KEYS, check_pretrained_dir, enable_gradient_checkpointing, read_normalization
 
 FeatureLayer = int | list[int]
 # keys of a saved transformers config that describe the file, not the architecture
@@ -171,6 +172,14 @@ class HFVisionEncoder(VisionEncoder):
         if self.native_size_only and size != (s, s):
             raise ValueError(f"{self.component_name} encoder: image size {size} is not the tower's native size; "
                              f"expected {accepted}: {fix}")
+
+    def blocks(self) -> nn.ModuleList:
+        """The transformer layers of the tower (``encoder.layers`` of transformers' CLIP / SigLIP / SigLIP2 vision
+        models)."""
+        return self.model.encoder.layers
+
+    def enable_gradient_checkpointing(self) -> bool:
+        return enable_gradient_checkpointing(self.model)
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``(N, 3, H, W) -> (N, T_all, C)``: the selected hidden states, concatenated on channels."""

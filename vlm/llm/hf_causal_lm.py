@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from vlm.encoders.hf_vision import resolve_dtype
 from vlm.hf_config import check_config_keys, config_class_for
 from vlm.llm.registry import LLMS
-from vlm.pretrained import FILE_KEYS, check_pretrained_dir
+from vlm.pretrained import FILE_KEYS, check_pretrained_dir, enable_gradient_checkpointing
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
@@ -77,13 +77,10 @@ class HFCausalLM(nn.Module):
         if gradient_checkpointing:
             self.enable_gradient_checkpointing()
 
-    def enable_gradient_checkpointing(self) -> None:
-        """Recompute decoder-layer activations in the backward pass (non-reentrant)."""
-        enable = getattr(self.model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:  # transformers < 5.x name
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    def enable_gradient_checkpointing(self) -> bool:
+        """Recompute decoder-layer activations in the backward pass (non-reentrant); ``False`` when the model does
+        not support it."""
+        return enable_gradient_checkpointing(self.model)
 
     @property
     def hf_config(self) -> PretrainedConfig:

@@ -44,13 +44,8 @@ def build_model(cfg: DictConfig, tokenizer: Any, *, gradient_checkpointing: bool
     if gradient_checkpointing:
         model_cfg["llm"]["gradient_checkpointing"] = True
     model = vlm.build(model_cfg, tokenizer)
-    tower = getattr(model.encoder, "model", None)
-    if gradient_checkpointing and getattr(tower, "supports_gradient_checkpointing", False):
-        kwargs = {"use_reentrant": False}
-        if hasattr(tower, "activation_checkpointing_enable"):  # transformers >= 5 name
-            tower.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if gradient_checkpointing:
+        model.encoder.enable_gradient_checkpointing()  # towers that cannot (timm CNNs) keep their activations
     return model
 
 

@@ -208,23 +208,20 @@ def freeze_unused_encoder_layers(model: nn.Module) -> list[str]:
     """
     encoder = model.encoder
     layers_used = getattr(encoder, "layers", None)
-    host = getattr(encoder, "model", None)
-    n = getattr(getattr(host, "config", None), "num_hidden_layers", None)
-    if layers_used is None or n is None:
+    stack = encoder.blocks()
+    if layers_used is None or stack is None:
         return []
+    n = len(stack)
     depth = max(i if i >= 0 else n + 1 + i for i in layers_used)  # hidden_states[k] = output of block k-1
-    _, stack = layer_stack(host)
-    if len(stack) != n:
-        return []
     unused = {id(p) for layer in list(stack)[depth:] for p in layer.parameters()}
     last = {id(p) for p in stack[-1].parameters()}
     frozen, after = [], False
-    for name, p in host.named_parameters():
+    for name, p in encoder.named_parameters():
         if id(p) in last:
             after = True
         elif after:
             unused.add(id(p))
         if id(p) in unused and p.requires_grad:
             p.requires_grad_(False)
-            frozen.append(f"encoder.model.{name}")
+            frozen.append(f"encoder.{name}")
     return frozen
