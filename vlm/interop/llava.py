@@ -37,8 +37,6 @@ from vlm.pretrained import CONFIG_FILE, FILE_KEYS, check_weights, read_config, r
 
 GENERATION_FILE = "generation_config.json"
 LLAVA_MODEL_TYPE = "llava"
-# our ``mlp`` connector's linear layers -> LLaVA projector submodules
-PROJECTOR_LAYERS = {"layers.0": "linear_1", "layers.2": "linear_2"}
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 VISION_PREFIX = "model.vision_tower."
 LM_PREFIX = "model.language_model."
@@ -180,7 +178,7 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
     with torch.no_grad():
         _copy_state(encoder.model, tower, "from_hf: vision tower")
         proj = hf.model.multi_modal_projector
-        _copy_state(connector, {f"{ours}.{k}": v for ours, theirs in PROJECTOR_LAYERS.items()
+        _copy_state(connector, {f"{ours}.{k}": v for ours, theirs in connector.llava_projector_layers.items()
                                 for k, v in getattr(proj, theirs).state_dict().items()}, "from_hf: projector")
         _copy_state(lm.model.base_model, hf.model.language_model.state_dict(), "from_hf: language model")
         _copy_state(lm.model.get_output_embeddings(), hf.lm_head.state_dict(), "from_hf: lm_head")
@@ -227,23 +225,10 @@ def llava_problems(model: VLM) -> list[str]:
     if not isinstance(enc, HFVisionEncoder) or enc_name not in ENCODER_MODEL_TYPES:
         problems.append(f"the encoder is {enc_name!r}; LLaVA's vision tower is a transformers CLIP or SigLIP vision "
                         f"model (our encoders: {sorted(ENCODER_MODEL_TYPES)})")
-    conn_name = getattr(conn, "registry_name", type(conn).__name__)
-    opts = getattr(conn, "options", {})
-    if conn_name != "mlp":
-        problems.append(f"the connector is {conn_name!r}; LLaVA's projector is linear_1 -> act -> linear_2, i.e. "
-                        f"our 'mlp' connector with depth=2 (no pooling, no norm)")
-    else:
-        if opts.get("depth") != 2:
-            problems.append(f"the mlp connector has depth={opts.get('depth')}; LLaVA's projector has exactly 2 "
-                            f"linear layers (depth=2)")
-        if opts.get("norm"):
-            problems.append("the mlp connector has norm=True; LLaVA's projector has no input LayerNorm")
-        if opts.get("hidden_dim") not in (None, conn.out_dim):
-            problems.append(f"the mlp connector has hidden_dim={opts.get('hidden_dim')}; LLaVA's projector's hidden "
-                            f"size is the LLM hidden size ({conn.out_dim})")
-        if opts.get("act") not in ACT_TO_HF:
-            problems.append(f"the mlp connector act={opts.get('act')!r} has no LLaVA equivalent; supported: "
-                            f"{sorted(ACT_TO_HF)}")
+    problems += conn.llava_projector_problems()
+    act = getattr(conn, "options", {}).get("act")
+    if conn.llava_projector_layers is not None and act not in ACT_TO_HF:
+        problems.append(f"the connector act={act!r} has no LLaVA equivalent; supported: {sorted(ACT_TO_HF)}")
     if not isinstance(lm, HFCausalLM):
         problems.append(f"the LLM is {type(lm).__name__}; LLaVA needs a transformers causal LM (hf_causal_lm)")
     elif _is_tied(lm.model):
@@ -317,7 +302,7 @@ def to_hf(model: VLM, path: str | os.PathLike, *, dtype: str | torch.dtype | Non
     with torch.no_grad():
         _copy_state(hf.model.vision_tower, enc.model.state_dict(), "to_hf: vision tower")
         state = conn.state_dict()
-        proj = {f"{theirs}.{k.removeprefix(ours + '.')}": v for ours, theirs in PROJECTOR_LAYERS.items()
+        proj = {f"{theirs}.{k.removeprefix(ours + '.')}": v for ours, theirs in conn.llava_projector_layers.items()
                 for k, v in state.items() if k.startswith(ours + ".")}
         _copy_state(hf.model.multi_modal_projector, proj, "to_hf: projector")
         _copy_state(hf.model.language_model, lm.model.base_model.state_dict(), "to_hf: language model")
