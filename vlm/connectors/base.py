@@ -18,6 +18,8 @@ class Connector(nn.Module):
     in_dim: int
     out_dim: int
     options: dict[str, Any]
+    #: LoRA adapters go into a component's inner transformers model; a connector has none: train it whole ('full')
+    supports_lora: bool = False
     #: where LLaVA's projector layers live in this connector (``{our submodule: "linear_1" | "linear_2"}``) when it
     #: has LLaVA's ``linear_1 -> act -> linear_2`` projector layout; ``None``: it has not (no LLaVA export/import)
     llava_projector_layers: dict[str, str] | None = None

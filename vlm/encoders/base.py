@@ -37,6 +37,8 @@ class VisionEncoder(nn.Module):
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     select: str = "patch"
+    #: the LoRA policies inject adapters into the tower's inner model (``self.model``)
+    supports_lora: bool = True
 
     @property
     def component_name(self) -> str:

@@ -52,6 +52,9 @@ class HFCausalLM(nn.Module):
         if config is not None and pretrained is None and strict_config:
             make_config(config, strict=True)
 
+    #: the LoRA policies inject adapters into the wrapped transformers model (``self.model``)
+    supports_lora = True
+
     def __init__(self, pretrained: str | None = None, config: dict[str, Any] | None = None,
                  attn_implementation: str = "sdpa", gradient_checkpointing: bool = False,
                  dtype: str | None = None, trust_remote_code: bool = False, strict_config: bool = True) -> None:

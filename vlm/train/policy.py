@@ -99,15 +99,31 @@ def lora_config(stage: Any) -> Any:
                       target_modules=targets, use_rslora=bool(lora.use_rslora), bias="none")
 
 
+def component_family(module_name: str) -> type[nn.Module]:
+    """The base class every component at ``model.<module_name>`` derives from (what the family can do)."""
+    from vlm.connectors.base import Connector
+    from vlm.encoders.base import VisionEncoder
+    from vlm.llm.hf_causal_lm import HFCausalLM
+
+    return {"encoder": VisionEncoder, "connector": Connector, "llm": HFCausalLM}[module_name]
+
+
+def _no_lora(module_name: str) -> ValueError:
+    return ValueError(f"policy 'lora' needs a component that holds a transformers model (the encoder or the LLM); "
+                      f"the {module_name} does not support LoRA: train the {module_name} with 'full'")
+
+
 @POLICIES.register("lora")
 class Lora(Policy):
     def check(self, module_name: str, stage: Any, device: torch.device) -> None:
-        if module_name == "connector":
-            raise ValueError("policy 'lora' is for the encoder or the LLM; train the connector with 'full'")
+        if not component_family(module_name).supports_lora:
+            raise _no_lora(module_name)
 
     def apply(self, module: nn.Module, module_name: str, stage: Any) -> None:
         from peft import inject_adapter_in_model
 
+        if not getattr(module, "supports_lora", False):
+            raise _no_lora(module_name)
         module.requires_grad_(False)
         host = lora_host(module)
         try:
