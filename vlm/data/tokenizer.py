@@ -147,6 +147,10 @@ def byte_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512, chat_templat
     return fast
 
 
+#: tokenizers built in code, named by a ``"<kind>"`` or ``"<kind>:<chat template>"`` spec (``load_tokenizer``)
+BUILT_IN_TOKENIZERS = {"byte": byte_tokenizer}
+
+
 def load_tokenizer(path_or_name: str | os.PathLike, *, trust_remote_code: bool = False, **kwargs: Any) -> Any:
     """Load a tokenizer from a local directory (never the network).
 
@@ -157,8 +161,10 @@ def load_tokenizer(path_or_name: str | os.PathLike, *, trust_remote_code: bool =
     from transformers import AutoTokenizer
 
     name = os.fspath(path_or_name)
-    if name == "byte" or name.startswith("byte:"):
-        return byte_tokenizer(name.split(":", 1)[1] if ":" in name else "chatml", **kwargs)
+    kind, sep, chat_template = name.partition(":")
+    built_in = BUILT_IN_TOKENIZERS.get(kind)
+    if built_in is not None:
+        return built_in(chat_template if sep else "chatml", **kwargs)
     try:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, local_files_only=True,
                                              **kwargs)
