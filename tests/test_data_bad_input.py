@@ -147,3 +147,52 @@ def test_skip_mode_counts_every_bad_input_and_reports_at_the_end(fmt, root, tok,
     for batch in loader:
         total.update(batch["meta"]["skipped"])
     assert batch["meta"]["ids"] == ["g0", "g1"] and total.counts == want
+
+
+@pytest.mark.parametrize("raised,cls,reason", [
+    (FileNotFoundError(2, "No such file or directory"), "MissingImage", "missing_image"),
+    (IsADirectoryError(21, "Is a directory"), "MissingImage", "missing_image"),
+    (PermissionError(13, "Permission denied"), "UnreadableImage", "unreadable_image"),
+    (OSError("image file is truncated"), "CorruptImage", "corrupt_image"),
+])
+def test_image_errors_carry_their_reason_by_type(tmp_path, monkeypatch, raised, cls, reason):
+    """What opening an image raises is classified by its type (not its message), the reason survives pickling (the
+    trip from a DataLoader worker) and ``locate`` (the trip into a ``SampleError``)."""
+    import pickle
+
+    from PIL import UnidentifiedImageError
+
+    from vlm.data import errors, images
+    from vlm.data.readers import reason_of
+    from vlm.data.readers.base import locate
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+
+    def fail(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(images.Image, "open", fail)
+    with pytest.raises(errors.DataError) as ei:
+        images.load_image(tmp_path / "ok.png", sample_id="s1")
+    err = ei.value
+    assert type(err) is getattr(errors, cls) and err.reason == reason == reason_of(err)
+    assert "cannot read image" in str(err) and "ok.png" in str(err)
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is type(err) and back.reason == reason and str(back) == str(err)
+    located = locate(err, index=3, source="data.json")
+    assert isinstance(located, SampleError) and located.reason == reason and "sample #3" in str(located)
+    assert errors.open_error(UnidentifiedImageError("x")) is errors.CorruptImage
+
+
+def test_image_errors_raised_where_detected(tmp_path):
+    from vlm.data import errors, images
+
+    Image.new("RGB", (1, 1)).save(tmp_path / "tiny.png")
+    (tmp_path / "dir.png").mkdir()
+    cases = [(tmp_path / "nope.png", errors.MissingImage), (tmp_path / "dir.png", errors.MissingImage),
+             (tmp_path / "tiny.png", errors.TinyImage), (URL, errors.URLRefused),
+             ("data:image/png,abc", errors.CorruptImage)]
+    for source, cls in cases:
+        with pytest.raises(cls):
+            images.load_image(source)
+    assert errors.DataError("x").reason == "invalid" and errors.DataError("x", reason="box").reason == "box"
