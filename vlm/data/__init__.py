@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 from vlm.data.collate import PackCollator, PackedDataset, PadCollator, concat_items, greedy_pack, padding_stats
-from vlm.data.dataset import BadSamples, SampleDataset, TooManyBadSamples, read_samples
+from vlm.data.dataset import BadSamples, ProcessedDataset, SampleDataset, TooManyBadSamples, read_samples
 from vlm.data.errors import DataError
 from vlm.data.processor import IGNORE_INDEX, Processor, SampleDropped
 from vlm.data.readers import READERS, Reader, SampleError, detect_format, load_records, make_reader
@@ -43,6 +43,7 @@ __all__ = [
     "PackCollator",
     "PackedDataset",
     "PadCollator",
+    "ProcessedDataset",
     "Processor",
     "Reader",
     "Sample",

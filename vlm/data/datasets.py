@@ -11,6 +11,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from vlm.data.dataset import ProcessedDataset, SampleDataset
 from vlm.data.shapes import ShapesDataset
 from vlm.registry import Registry, to_dict
 
@@ -19,17 +20,9 @@ DATASETS: Registry[Any] = Registry("dataset")
 MAX_BAD_FRACTION = 0.05
 
 
-class Processed(Dataset):
-    """``processor(dataset[i])`` lazily (in DataLoader workers when there are any)."""
-
-    def __init__(self, samples: Any, processor: Any, add_generation_prompt: bool = False) -> None:
-        self.samples, self.processor, self.add_generation_prompt = samples, processor, add_generation_prompt
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.processor(self.samples[index], self.add_generation_prompt)
+def processed(samples: Dataset, processor: Any, add_generation_prompt: bool) -> Dataset:
+    """``samples`` itself without a processor, else ``ProcessedDataset(samples, processor, add_generation_prompt)``."""
+    return samples if processor is None else ProcessedDataset(samples, processor, add_generation_prompt)
 
 
 @DATASETS.register("shapes")
@@ -37,8 +30,7 @@ def shapes(processor: Any = None, add_generation_prompt: bool = False, **options
     """The built-in procedurally generated ``shapes`` dataset (``vlm.data.shapes.ShapesDataset`` options)."""
     from vlm.data.shapes import build_shapes
 
-    samples = build_shapes(**options)
-    return samples if processor is None else Processed(samples, processor, add_generation_prompt)
+    return processed(build_shapes(**options), processor, add_generation_prompt)
 
 
 shapes.forwards_to = ShapesDataset  # type: ignore[attr-defined]  (its options are checked before a run starts)
@@ -46,16 +38,14 @@ shapes.forwards_to = ShapesDataset  # type: ignore[attr-defined]  (its options a
 
 def _records(path: str, format: str, processor: Any, add_generation_prompt: bool, image_root: str | None,
              skip_bad: bool, max_bad_fraction: float | None, **reader_options: Any) -> Dataset:
-    from vlm.data.dataset import SampleDataset
-
     if not Path(path).exists():
         raise FileNotFoundError(f"data file {path!r} does not exist (set the data path, e.g. "
                                 f"data.sft.path=/path/to/file.json, or VLM_DATA for the recipe defaults)")
     if image_root is not None and not Path(image_root).is_dir():
         raise FileNotFoundError(f"image_root {image_root!r} is not a directory")
-    return SampleDataset(path, format, processor=processor, image_folder=image_root, skip_bad=skip_bad,
-                         max_bad_fraction=max_bad_fraction, add_generation_prompt=add_generation_prompt,
-                         **reader_options)
+    samples = SampleDataset(path, format, image_folder=image_root, skip_bad=skip_bad,
+                            max_bad_fraction=max_bad_fraction, **reader_options)
+    return processed(samples, processor, add_generation_prompt)
 
 
 @DATASETS.register("records")
