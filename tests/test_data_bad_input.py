@@ -16,7 +16,7 @@ from data_fixtures import processor
 from PIL import Image
 
 from vlm.data.collate import PadCollator
-from vlm.data.dataset import BadSamples, SampleDataset
+from vlm.data.dataset import BadSamples, ProcessedDataset, SampleDataset
 from vlm.data.readers import SampleError
 
 FORMATS = ("llava", "qwen_vl", "query_response", "messages")
@@ -99,7 +99,7 @@ def test_each_bad_input_names_file_sample_image_and_problem(fmt, root, tok, tmp_
     for name, rec, reason, problem, file in cases:
         path = tmp_path / f"{fmt}.json"
         path.write_text(json.dumps([good(fmt, "ok"), rec]))
-        ds = SampleDataset(path, fmt, image_folder=root, processor=processor(tok))
+        ds = ProcessedDataset(SampleDataset(path, fmt, image_folder=root), processor(tok))
         assert ds[0]["meta"]["id"] == "ok"
         with pytest.raises(SampleError, match=problem) as ei:
             ds[1]
@@ -116,7 +116,7 @@ def test_zero_size_in_memory_image_is_named(tok):
                                                                 {"type": "text", "text": "Q"}]},
                                    {"role": "assistant", "content": "A"}]}
     with pytest.raises(SampleError, match=r"sample #0 \(id 'z'\).*degenerate image of 0x5") as ei:
-        SampleDataset([rec], processor=processor(tok))[0]
+        ProcessedDataset(SampleDataset([rec]), processor(tok))[0]
     assert ei.value.reason == "tiny_image"
 
 
@@ -127,7 +127,7 @@ def test_skip_mode_counts_every_bad_input_and_reports_at_the_end(fmt, root, tok,
         + [good(fmt, "g1")]
     path = tmp_path / f"{fmt}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    ds = SampleDataset(path, fmt, image_folder=root, processor=processor(tok), skip_bad=True)
+    ds = ProcessedDataset(SampleDataset(path, fmt, image_folder=root, skip_bad=True), processor(tok))
     with caplog.at_level(logging.WARNING, logger="vlm.data.dataset"):
         items = list(ds)
     assert [it["meta"]["id"] for it in items] == ["g0", "g1"]
@@ -140,10 +140,87 @@ def test_skip_mode_counts_every_bad_input_and_reports_at_the_end(fmt, root, tok,
     logged = [r.getMessage() for r in caplog.records]
     assert any(m.startswith(f"{path}: skipped {len(cases)} bad sample(s)") for m in logged), logged
     # map-style access (DataLoader): skips travel in batch["meta"]["skipped"] and aggregate in the main process
-    fresh = SampleDataset(path, fmt, image_folder=root, processor=processor(tok), skip_bad=True)
+    fresh = ProcessedDataset(SampleDataset(path, fmt, image_folder=root, skip_bad=True), processor(tok))
     loader = torch.utils.data.DataLoader(fresh, batch_size=2, collate_fn=PadCollator(tok.pad_token_id),
                                          sampler=[0, 1])  # index 1 is bad: skipped forward to the next good one
     total = BadSamples()
     for batch in loader:
         total.update(batch["meta"]["skipped"])
     assert batch["meta"]["ids"] == ["g0", "g1"] and total.counts == want
+
+
+@pytest.mark.parametrize("raised,cls,reason", [
+    (FileNotFoundError(2, "No such file or directory"), "MissingImage", "missing_image"),
+    (IsADirectoryError(21, "Is a directory"), "MissingImage", "missing_image"),
+    (PermissionError(13, "Permission denied"), "UnreadableImage", "unreadable_image"),
+    (OSError("image file is truncated"), "CorruptImage", "corrupt_image"),
+])
+def test_image_errors_carry_their_reason_by_type(tmp_path, monkeypatch, raised, cls, reason):
+    """What opening an image raises is classified by its type (not its message), the reason survives pickling (the
+    trip from a DataLoader worker) and ``locate`` (the trip into a ``SampleError``)."""
+    import pickle
+
+    from PIL import UnidentifiedImageError
+
+    from vlm.data import errors, images
+    from vlm.data.readers import reason_of
+    from vlm.data.readers.base import locate
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+
+    def fail(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(images.Image, "open", fail)
+    with pytest.raises(errors.DataError) as ei:
+        images.load_image(tmp_path / "ok.png", sample_id="s1")
+    err = ei.value
+    assert type(err) is getattr(errors, cls) and err.reason == reason == reason_of(err)
+    assert "cannot read image" in str(err) and "ok.png" in str(err)
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is type(err) and back.reason == reason and str(back) == str(err)
+    located = locate(err, index=3, source="data.json")
+    assert isinstance(located, SampleError) and located.reason == reason and "sample #3" in str(located)
+    assert errors.open_error(UnidentifiedImageError("x")) is errors.CorruptImage
+
+
+def test_image_errors_raised_where_detected(tmp_path):
+    from vlm.data import errors, images
+
+    Image.new("RGB", (1, 1)).save(tmp_path / "tiny.png")
+    (tmp_path / "dir.png").mkdir()
+    cases = [(tmp_path / "nope.png", errors.MissingImage), (tmp_path / "dir.png", errors.MissingImage),
+             (tmp_path / "tiny.png", errors.TinyImage), (URL, errors.URLRefused),
+             ("data:image/png,abc", errors.CorruptImage)]
+    for source, cls in cases:
+        with pytest.raises(cls):
+            images.load_image(source)
+    assert errors.DataError("x").reason == "invalid" and errors.DataError("x", reason="box").reason == "box"
+
+
+def test_processed_dataset_over_any_samples_and_its_policy(root, tok, tmp_path):
+    """One wrapper processes a plain dataset of Samples (shapes) exactly like calling the processor, and over a
+    SampleDataset shares its skip policy, counts and config key (also in a copy, as DataLoader workers get it)."""
+    import copy
+
+    from vlm.data.datasets import build_dataset
+    from vlm.data.shapes import build_shapes
+
+    proc = processor(tok)
+    shapes = build_shapes(split="train", size=4, tasks={"vqa": 1.0}, image_size=32, seed=0)
+    ds = build_dataset({"name": "shapes", "split": "train", "size": 4, "tasks": {"vqa": 1.0}, "image_size": 32,
+                        "seed": 0}, processor=proc)
+    assert isinstance(ds, ProcessedDataset) and len(ds) == 4 and not hasattr(ds, "config_key")
+    for i in range(4):
+        want, got = proc(shapes[i]), ds[i]
+        assert torch.equal(want["input_ids"], got["input_ids"]) and torch.equal(want["labels"], got["labels"])
+        assert torch.equal(want["pixel_values"], got["pixel_values"])
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([good("llava", "g0"), {**all_cases("llava")[0][1], "id": "b"}, good("llava", "g1")]))
+    samples = SampleDataset(path, "llava", image_folder=root, skip_bad=True, max_bad_fraction=0.5)
+    wrapped = ProcessedDataset(samples, proc)
+    wrapped.config_key = "data.sft"
+    assert samples.config_key == wrapped.config_key == "data.sft" and wrapped.max_bad_fraction == 0.5
+    back = copy.deepcopy(wrapped)  # the reconstruction path of pickling (this fixture's processor holds a lambda)
+    assert back[1]["meta"]["id"] == "g1" and back.bad.total == 1 and back.config_key == "data.sft"
+    assert wrapped[1]["meta"]["skipped"][0]["id"] == "b" and wrapped.bad is samples.bad and samples.bad.total == 1

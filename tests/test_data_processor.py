@@ -8,7 +8,7 @@ import torch
 from data_fixtures import image_processor, mean_color, processor, trained_text
 from PIL import Image
 
-from vlm.data.dataset import SampleDataset
+from vlm.data.dataset import ProcessedDataset, SampleDataset
 from vlm.data.processor import Processor, SampleDropped
 from vlm.data.readers import SampleError
 from vlm.data.sample import ImageRef, Message, Sample
@@ -125,7 +125,7 @@ def test_truncation_cuts_text_but_never_images(tok):
 def test_dataset_always_skips_dropped_samples(tok):
     recs = [{"id": str(i), "image": RED, "query": "q" * (200 if i == 1 else 1) + "<image>", "response": "r"}
             for i in range(3)] + [{"id": "3", "query": "q" * 200, "response": "r"}]
-    ds = SampleDataset(recs, processor=processor(tok, max_length=100))  # skip_bad=False: still skipped
+    ds = ProcessedDataset(SampleDataset(recs), processor(tok, max_length=100))  # skip_bad=False: still skipped
     assert ds[1]["meta"]["id"] == "2" and dict(ds.bad.counts) == {"too_long": 1}
     assert ds[1]["meta"]["skipped"][0]["reason"] == "too_long"
     assert ds[3]["meta"]["id"] == "0" and ds.bad.counts["no_labels"] == 1  # text cut, no answer left

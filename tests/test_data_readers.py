@@ -10,7 +10,7 @@ import torch
 from data_fixtures import processor
 from PIL import Image
 
-from vlm.data.dataset import SampleDataset, read_samples
+from vlm.data.dataset import ProcessedDataset, SampleDataset, read_samples
 from vlm.data.errors import DataError
 from vlm.data.readers import READERS, SampleError, detect_format, load_records, make_reader
 from vlm.data.readers.records import JsonlRecords
@@ -171,7 +171,8 @@ def test_bad_records_raise_named_errors(root, rec, reason, text):
 @pytest.mark.parametrize("name,reason", [("corrupt.jpg", "corrupt_image"), ("empty.png", "corrupt_image"),
                                          ("tiny.png", "tiny_image"), ("thin.png", "tiny_image")])
 def test_bad_image_files_named_by_processor(root, tok, name, reason):
-    ds = SampleDataset([llava(id="ok"), llava(id="bad", image=name)], image_folder=root, processor=processor(tok))
+    samples = SampleDataset([llava(id="ok"), llava(id="bad", image=name)], image_folder=root)
+    ds = ProcessedDataset(samples, processor(tok))
     assert ds[0]["input_ids"].numel() > 0
     with pytest.raises(SampleError) as ei:
         ds[1]
@@ -182,16 +183,16 @@ def test_bad_image_files_named_by_processor(root, tok, name, reason):
 def test_skip_bad_counts_by_reason_and_reports(root, tok):
     recs = [llava(id="0"), llava(id="1", image="corrupt.jpg"), llava(id="2", image="missing.png"),
             llava(id="3", image="tiny.png"), llava(id="4", image=["a.png", "b.png"]), llava(id="5")]
-    ds = SampleDataset(recs, image_folder=root, processor=processor(tok), skip_bad=True)
+    ds = ProcessedDataset(SampleDataset(recs, image_folder=root, skip_bad=True), processor(tok))
     item = ds[1]  # 1..4 are bad: skipped to 5
     assert item["meta"]["id"] == "5"
     assert [s["reason"] for s in item["meta"]["skipped"]] == ["corrupt_image", "missing_image", "tiny_image",
                                                               "image_count"]
     assert dict(ds.bad.counts) == {"corrupt_image": 1, "missing_image": 1, "tiny_image": 1, "image_count": 1}
     assert "skipped 4 bad sample(s)" in ds.report() and "corrupt.jpg" in ds.report()
-    fresh = SampleDataset(recs, image_folder=root, processor=processor(tok), skip_bad=True)
+    fresh = ProcessedDataset(SampleDataset(recs, image_folder=root, skip_bad=True), processor(tok))
     assert [it["meta"]["id"] for it in fresh] == ["0", "5"] and fresh.bad.total == 4
-    strict = SampleDataset(recs, image_folder=root, processor=processor(tok))
+    strict = ProcessedDataset(SampleDataset(recs, image_folder=root), processor(tok))
     with pytest.raises(DataError):
         list(strict)
 
@@ -219,7 +220,7 @@ def test_urls_refused_unless_allowed(root, tok, monkeypatch):
     from vlm.data import images
 
     monkeypatch.setattr(images.urllib.request, "urlopen", fake_urlopen)
-    ds = SampleDataset([rec], processor=processor(tok), allow_urls=True)
+    ds = ProcessedDataset(SampleDataset([rec], allow_urls=True), processor(tok))
     item = ds[0]
     assert item["pixel_values"].shape == (1, 3, 16, 16)
     assert calls and calls[0][0] == "https://example.com/cat.png" and calls[0][1] is not None
@@ -258,7 +259,7 @@ def test_hf_datasets_parquet_save_to_disk_and_image_column(root, tmp_path, tok):
                                "response": datasets.Value("string")})
     hf = datasets.Dataset.from_dict({"image": [img, img], "query": ["Q1", "Q2"], "response": ["A1", "A2"]},
                                     features=feats)
-    sd = SampleDataset(hf, processor=processor(tok))
+    sd = ProcessedDataset(SampleDataset(hf), processor(tok))
     loader = torch.utils.data.DataLoader(sd, batch_size=None, num_workers=1)
     items = list(loader)
     assert [it["meta"]["id"] for it in items] == [0, 1] and items[0]["pixel_values"].shape == (1, 3, 16, 16)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from data_fixtures import K, mean_color, processor, trained_text
 
-from vlm.data.dataset import SampleDataset
+from vlm.data.dataset import ProcessedDataset, SampleDataset
 from vlm.data.images import load_image
 from vlm.data.sample import ImageRef
 
@@ -108,7 +108,7 @@ def test_reader_roundtrip_through_every_source(fmt, source, root, tok, tmp_path)
         return load_image(src, **kw)
 
     proc = processor(tok, image_loader=counting_loader)
-    ds = SampleDataset(path, image_folder=root, processor=proc, **options)
+    ds = ProcessedDataset(SampleDataset(path, image_folder=root, **options), proc)
     assert ds.format == fmt and len(ds) == len(records)
     if source.startswith(("datasets", "parquet", "save_to_disk")):
         import datasets

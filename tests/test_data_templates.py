@@ -314,6 +314,9 @@ def test_byte_tokenizer_vocab_and_roundtrip(tmp_path):
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     assert back.apply_chat_template(msgs, tokenize=False) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
     assert len(load_tokenizer("byte:llama3")) == 256 + len(SPECIAL_TOKENS)
+    assert load_tokenizer("byte").eos_token == "<|im_end|>" and load_tokenizer("byte:llama3").eos_token == "<|eot_id|>"
+    with pytest.raises(OSError, match="'bytes:llama3': not a local tokenizer directory"):  # specs match exactly
+        load_tokenizer("bytes:llama3")
     with pytest.raises(OSError, match="not a local tokenizer directory"):
         load_tokenizer(tmp_path / "missing")
 

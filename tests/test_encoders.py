@@ -285,3 +285,47 @@ def test_timm_sincos_position_codes():
     assert again.pos_embed == "sincos2d" and again.pos_scale == 0.5
     with pytest.raises(ValueError, match="pos_embed='learned'; expected null or 'sincos2d'"):
         encoders.build({**spec, "pos_embed": "learned"})
+
+
+def blocks_of(enc):
+    return [list(block.parameters()) for block in enc.blocks()]
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_blocks_are_the_hidden_state_layers_and_checkpointing_keeps_outputs(name):
+    """``blocks()[k]`` maps hidden state ``k`` to ``k + 1``; gradient checkpointing changes no output or gradient."""
+    enc = encoders.build({**TINY_VISION[name], "feature_layer": -1}).eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = enc.model(pixel_values=x, output_hidden_states=True)
+    blocks = enc.blocks()
+    assert len(blocks) == TINY_VISION[name]["num_layers"] == len(out.hidden_states) - 1
+    # freezing what feature_layer=-2 never uses: the last block and the post-layernorm after it, nothing else
+    from types import SimpleNamespace
+
+    from vlm.train.policy import freeze_unused_encoder_layers
+
+    shallow = encoders.build({**TINY_VISION[name], "feature_layer": -2})
+    frozen = freeze_unused_encoder_layers(SimpleNamespace(encoder=shallow))
+    last = {f"encoder.{n}" for n, p in shallow.named_parameters() if any(p is q for q in blocks_of(shallow)[-1])}
+    assert last and last <= set(frozen) and all("post_layernorm" in n for n in set(frozen) - last)
+    assert any("post_layernorm" in n for n in frozen)
+    assert all(p.requires_grad == (f"encoder.{n}" not in frozen) for n, p in shallow.named_parameters())
+    plain = encoders.build({**TINY_VISION[name], "feature_layer": -1})
+    plain.load_state_dict(enc.state_dict())
+    assert enc.enable_gradient_checkpointing() is True
+    enc.train(), plain.train()
+    grads = []
+    for m in (plain, enc):
+        m.zero_grad()
+        y = m(x)
+        y.square().mean().backward()
+        grads.append((y.detach(), m.blocks()[0].mlp.fc1.weight.grad.clone()))
+    assert any(getattr(mod, "gradient_checkpointing", False) for mod in enc.model.modules())
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+
+
+def test_timm_tower_has_no_blocks_and_cannot_checkpoint():
+    enc = encoders.build({"name": "timm", "model_name": "resnet10t", "image_size": 32, "feature_layer": 3})
+    assert enc.blocks() is None
+    assert enc.enable_gradient_checkpointing() is False

@@ -421,3 +421,28 @@ def test_cli_subprocess(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "vlm -> transformers LLaVA" in proc.stdout
     assert_same_logits(model, LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "hf")), *inputs(model))
+
+
+def test_to_hf_asks_the_connector_for_the_projector_layout_not_its_name(tmp_path):
+    """A connector of another name that states LLaVA's projector layout exports; one that does not is refused."""
+    from vlm.connectors.base import Connector
+    from vlm.connectors.mlp import MLPConnector
+
+    class Projector(MLPConnector):  # not registered: its name says nothing about its layout
+        registry_name = "my_projector"
+
+    model = vlm.build(tiny_cfg("clip", "llama"))
+    conn = Projector(model.connector.in_dim, model.connector.out_dim)
+    conn.load_state_dict(model.connector.state_dict())
+    model.connector = conn
+    to_hf(model, tmp_path / "ok")
+    ids, px = inputs(model)
+    assert_same_logits(model, LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "ok")), ids, px)
+
+    class Plain(Connector):
+        registry_name = "plain"
+
+    assert Plain.llava_projector_layers is None
+    model.connector = Plain()
+    with pytest.raises(ValueError, match=r"connector is 'plain'; LLaVA's projector is linear_1 -> act -> linear_2"):
+        to_hf(model, tmp_path / "no")

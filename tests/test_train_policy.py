@@ -138,3 +138,17 @@ def test_merge_lora_gives_the_same_function():
     merge_lora(model)
     assert not any("lora_" in n for n, _ in model.named_parameters())
     torch.testing.assert_close(model(ids).logits, before, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_asks_the_component_whether_it_supports_lora():
+    """The check comes from the component family's capability, not from the module's name; a built component that
+    does not state ``supports_lora`` is refused when the policy is applied too."""
+    from vlm.connectors.base import Connector
+    from vlm.train.policy import Lora, component_family
+
+    assert [m for m in ("encoder", "connector", "llm") if component_family(m).supports_lora] == ["encoder", "llm"]
+    cfg = compose("micro", ["stage.sft.policy.connector=lora"])
+    with pytest.raises(ValueError, match="the connector does not support LoRA: train the connector with 'full'"):
+        check_policies(cfg.stage.sft, torch.device("cpu"))
+    with pytest.raises(ValueError, match="the llm does not support LoRA"):
+        Lora().apply(Connector(), "llm", cfg.stage.sft)

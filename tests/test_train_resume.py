@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from vlm.train import ConfigError, compose
-from vlm.train.data import BatchPlan, make_loader
+from vlm.train.batch_plan import BatchPlan, make_loader
 from vlm.train.interrupt import STOP, Interrupted, kill_point, resume_command, stop_on_sigterm
 from vlm.train.rng import derive_seed, isolated
 

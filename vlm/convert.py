@@ -8,7 +8,6 @@ exported to transformers LLaVA; ``{"model_type": "llava", ...}`` is imported as 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -19,16 +18,9 @@ EXPECTED = ("a vlm directory (config.json with format 'vlm', from VLM.save_pretr
 
 def read_config(src: Path) -> dict:
     """``SRC/config.json`` as a dict; errors name the file and what was expected."""
-    cfg_file = src / "config.json"
-    if not src.is_dir():
-        raise FileNotFoundError(f"{str(src)!r} is not a directory; expected {EXPECTED}")
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{str(cfg_file)!r} does not exist; expected {EXPECTED}")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{str(cfg_file)!r} is not valid JSON ({e})") from e
-    return cfg if isinstance(cfg, dict) else {}
+    from vlm.pretrained import read_config as read
+
+    return read(src, "convert", EXPECTED)
 
 
 def detect_direction(src: Path) -> str:

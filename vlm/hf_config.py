@@ -25,14 +25,14 @@ import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from vlm.pretrained import FILE_KEYS
 from vlm.registry import close_matches, did_you_mean
 
 # kwargs ``PretrainedConfig`` handles for every model type (popped in its ``__init__``/``__post_init__`` or set as
 # generic attributes), plus the bookkeeping keys ``save_pretrained`` writes
 GENERIC_CONFIG_KEYS = frozenset({
     # bookkeeping written by save_pretrained / to_dict
-    "model_type", "architectures", "transformers_version", "_name_or_path", "name_or_path", "_commit_hash",
-    "dtype", "torch_dtype",
+    *FILE_KEYS, "model_type", "name_or_path", "_commit_hash",
     # generic model kwargs
     "tie_word_embeddings", "initializer_range", "max_position_embeddings", "layer_types", "use_cache",
     "bos_token_id", "pad_token_id", "eos_token_id", "sep_token_id", "decoder_start_token_id",

@@ -14,10 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vlm.labels import IGNORE_INDEX
 from vlm.llm.masks import segment_starts
 from vlm.registry import Registry
-
-IGNORE_INDEX = -100
 
 
 class Weighting:

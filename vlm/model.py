@@ -28,8 +28,7 @@ from vlm.registry import to_dict
 
 FORMAT = "vlm"
 FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
+from vlm.pretrained import CONFIG_FILE, WEIGHTS_FILE  # noqa: E402
 BUILD_KEYS = ("encoder", "connector", "llm", "image_token", "image_token_id")
 # how images were preprocessed when nothing recorded it (``vlm.data.images.ImageProcessor``'s default)
 DEFAULT_IMAGE_PREPROCESSING = {"resize_mode": "resize"}

@@ -1,4 +1,5 @@
-"""Checks on a local transformers directory before ``from_pretrained`` reads it.
+"""Local transformers-style directories: their file names, checks before ``from_pretrained`` reads one, and readers
+of the JSON files they hold.
 
 Each failure names the directory or file, what is wrong, and what was expected, instead of transformers' generic
 "no file named ..." error (and nothing is ever fetched from a hub).
@@ -8,11 +9,18 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 CONFIG_FILE = "config.json"
+#: the single-file safetensors weights of a directory (what ``VLM.save_pretrained`` and transformers write)
+WEIGHTS_FILE = "model.safetensors"
 # Weight files a transformers directory may hold, in the order ``from_pretrained`` prefers them.
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = (WEIGHTS_FILE, "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+#: image-processor settings (``image_mean`` / ``image_std``): the flat file, and the v5 processor file that nests them
+IMAGE_PROCESSOR_CONFIG = "preprocessor_config.json"
+PROCESSOR_CONFIG = "processor_config.json"
+#: keys ``save_pretrained`` writes into a config that describe the file, not the architecture
+FILE_KEYS = ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype")
 
 
 def check_weights(path: Path, who: str) -> Path:
@@ -47,3 +55,66 @@ def check_pretrained_dir(path: str | os.PathLike, who: str) -> Path:
         raise FileNotFoundError(f"{who}: no {CONFIG_FILE} in pretrained directory {str(path)!r}; expected {expected}")
     check_weights(path, who)
     return path
+
+
+def read_config(path: Path, who: str, expected: str) -> dict[str, Any]:
+    """``path/config.json`` as a dict. Errors (``FileNotFoundError`` for a missing directory or file, ``ValueError``
+    for invalid JSON or a non-object) name ``who``, the path and ``expected`` (what the directory should be)."""
+    cfg_file = path / CONFIG_FILE
+    if not path.is_dir():
+        raise FileNotFoundError(f"{who}: {str(path)!r} is not a directory; expected {expected}")
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{who}: {str(cfg_file)!r} does not exist; expected {expected}")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{who}: {str(cfg_file)!r} is not valid JSON ({e})") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{who}: {str(cfg_file)!r} holds a JSON {type(cfg).__name__}; expected an object "
+                         f"({expected})")
+    return cfg
+
+
+def read_image_processor_config(path: Path) -> tuple[dict[str, Any], Path] | None:
+    """``(config, file)``: the directory's image-processor config (flat ``preprocessor_config.json``, else the
+    ``image_processor`` entry of a v5 nested ``processor_config.json``), or ``None``."""
+    for name, key in ((IMAGE_PROCESSOR_CONFIG, None), (PROCESSOR_CONFIG, "image_processor")):
+        f = path / name
+        if not f.is_file():
+            continue
+        try:
+            d = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"from_hf: {str(f)!r} is not valid JSON ({e})") from e
+        d = d.get(key) if key and isinstance(d, dict) else d
+        if isinstance(d, dict) and d:
+            return d, f
+    return None
+
+
+def normalization(config: dict[str, Any] | None) -> tuple[list[float], list[float]] | None:
+    """``(image_mean, image_std)`` of an image-processor config, or ``None``."""
+    if config and "image_mean" in config and "image_std" in config:
+        return list(config["image_mean"]), list(config["image_std"])
+    return None
+
+
+def read_normalization(path: Path) -> tuple[list[float], list[float]] | None:
+    """``(image_mean, image_std)`` from the directory's image-processor config (see
+    :func:`read_image_processor_config`), or ``None`` when it has none."""
+    found = read_image_processor_config(path)
+    return normalization(found[0]) if found else None
+
+
+def enable_gradient_checkpointing(model: Any) -> bool:
+    """Make a transformers ``PreTrainedModel`` recompute its layers' activations in the backward pass
+    (non-reentrant). Returns ``False`` (and changes nothing) when the model does not support it."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        return False
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5 name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return True

@@ -24,15 +24,19 @@ def did_you_mean(word: Any, options: Iterable[Any]) -> str:
     return f"did you mean {' or '.join(repr(c) for c in close)}?" if close else "no close match"
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """A plain ``dict`` copy of a mapping or OmegaConf node (interpolations resolved)."""
+def plain(value: Any) -> Any:
+    """``value`` as plain Python data: an OmegaConf node becomes its ``dict`` / ``list`` (interpolations resolved);
+    anything else is returned as is."""
     try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+        from omegaconf import Container, OmegaConf
     except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
+        return value
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, Container) else value
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain ``dict`` copy of a mapping or OmegaConf node (interpolations resolved); ``TypeError`` otherwise."""
+    cfg = plain(cfg)
     if not isinstance(cfg, Mapping):
         raise TypeError(f"expected a mapping with a 'name' key, got {type(cfg).__name__}: {cfg!r}")
     return dict(cfg)

@@ -18,6 +18,17 @@ class Connector(nn.Module):
     in_dim: int
     out_dim: int
     options: dict[str, Any]
+    #: LoRA adapters go into a component's inner transformers model; a connector has none: train it whole ('full')
+    supports_lora: bool = False
+    #: where LLaVA's projector layers live in this connector (``{our submodule: "linear_1" | "linear_2"}``) when it
+    #: has LLaVA's ``linear_1 -> act -> linear_2`` projector layout; ``None``: it has not (no LLaVA export/import)
+    llava_projector_layers: dict[str, str] | None = None
+
+    def llava_projector_problems(self) -> list[str]:
+        """Why this connector's weights are not a LLaVA projector (empty when they are); used by the LLaVA export."""
+        name = getattr(self, "registry_name", type(self).__name__)
+        return [f"the connector is {name!r}; LLaVA's projector is linear_1 -> act -> linear_2, i.e. our 'mlp' "
+                f"connector with depth=2 (no pooling, no norm)"]
 
     def num_tokens(self, num_input_tokens: int, grid: tuple[int, int]) -> int:
         """``K``: how many LLM tokens one image of ``num_input_tokens`` encoder tokens (patch ``grid``) becomes."""

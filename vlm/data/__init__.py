@@ -1,8 +1,8 @@
 """Data pipeline: records -> ``Sample`` -> ``Processor`` -> collators (see docs/data.md).
 
-Readers (``vlm.data.readers``), templates (``vlm.data.templates``), tokenizers, the processor, collators and
-datasets are imported eagerly; image handling (``vlm.data.images``, ``tiling``, ``boxes``) and the ``shapes``
-dataset load on first access of their names.
+Readers (``vlm.data.readers``), templates (``vlm.data.templates``), tokenizers (``TOKENIZERS``), the processor,
+collators and datasets are imported eagerly; image handling (``vlm.data.images``, ``tiling``, ``boxes``), the
+``shapes`` dataset and the named training datasets (``DATASETS``, ``vlm.data.datasets``) load on first access.
 """
 from __future__ import annotations
 
@@ -10,15 +10,16 @@ import importlib
 from typing import Any
 
 from vlm.data.collate import PackCollator, PackedDataset, PadCollator, concat_items, greedy_pack, padding_stats
-from vlm.data.dataset import BadSamples, SampleDataset, TooManyBadSamples, read_samples
+from vlm.data.dataset import BadSamples, ProcessedDataset, SampleDataset, TooManyBadSamples, read_samples
 from vlm.data.errors import DataError
 from vlm.data.processor import IGNORE_INDEX, Processor, SampleDropped
 from vlm.data.readers import READERS, Reader, SampleError, detect_format, load_records, make_reader
 from vlm.data.sample import ImageRef, Message, Sample
 from vlm.data.templates import TEMPLATES, Template, build_template
-from vlm.data.tokenizer import byte_tokenizer, load_tokenizer
+from vlm.data.tokenizer import TOKENIZERS, byte_tokenizer, load_tokenizer
 
-_LAZY = {"ImageProcessor": "vlm.data.images", "load_image": "vlm.data.images", "ImageInfo": "vlm.data.images"}
+_LAZY = {"ImageProcessor": "vlm.data.images", "load_image": "vlm.data.images", "ImageInfo": "vlm.data.images",
+         "DATASETS": "vlm.data.datasets", "build_dataset": "vlm.data.datasets"}
 
 
 def __getattr__(name: str) -> Any:
@@ -28,9 +29,11 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "DATASETS",
     "IGNORE_INDEX",
     "READERS",
     "TEMPLATES",
+    "TOKENIZERS",
     "BadSamples",
     "DataError",
     "ImageInfo",
@@ -40,6 +43,7 @@ __all__ = [
     "PackCollator",
     "PackedDataset",
     "PadCollator",
+    "ProcessedDataset",
     "Processor",
     "Reader",
     "Sample",
@@ -49,6 +53,7 @@ __all__ = [
     "Template",
     "TooManyBadSamples",
     "build_template",
+    "build_dataset",
     "byte_tokenizer",
     "concat_items",
     "detect_format",

@@ -12,9 +12,13 @@ Two conventions, one box tuple ``(x1, y1, x2, y2)`` (top-left, bottom-right; ``x
 1000 px per side (``to_pixels(from_pixels(b, w, h), w, h) == b`` for integer pixel boxes) and is clamped to
 ``[0, 999]``. Malformed boxes raise ``DataError`` naming the problem (``strict=False`` skips them instead, for parsing
 model predictions).
+
+``rewrite_segment_boxes`` (used by the processor) checks the boxes of a rendered conversation and makes them follow
+each image's resize / pad / crop / tiling.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -258,6 +262,59 @@ def check_text_boxes(text: str, *, width: float | None = None, height: float | N
 
 
 # ------------------------------------------------------------------------------------------------------ measurements
+def has_box(text: str) -> bool:
+    """Whether ``text`` holds a box in any convention (a JSON ``bbox_2d`` or a Qwen-VL box tag of any style)."""
+    return "bbox_2d" in text or any(tags[2] in text for tags in STYLES.values())
+
+
+def rewrite_segment_boxes(segments: list[Any], infos: dict[int, Any], *, rewrite: bool = True, check: bool = True,
+                          files: dict[int, str | None] | None = None) -> list[Any]:
+    """Check the boxes in the text and make them follow their image's geometric transform.
+
+    A box refers to the closest image rendered before it (the first image for text that precedes every image).
+    ``check``: every box must be well formed; Qwen-VL boxes (``<box>`` and Qwen2's ``<|box_start|>``) ints in
+    ``[0, 1000)``; absolute JSON boxes inside the original image. ``rewrite``: JSON boxes (``"bbox_2d": [...]``)
+    are mapped into the processed image's pixel frame (``ImageInfo.transform_box``: resize scales them, pad shifts
+    them, crop clips them, tiling maps them into the global view); Qwen-VL boxes are rewritten only when the
+    normalized frame changes (pad, crop). Any problem raises ``SampleError`` (reason ``box``) naming the image
+    (``files[index]``) and the box. Images whose processor reports no geometry leave the text as it is.
+    """
+    from vlm.data.readers.base import SampleError
+    from vlm.data.templates.base import ImageSlot
+
+    first = next((s.index for s in segments if isinstance(s, ImageSlot)), None)
+    index = first
+    out = []
+    for seg in segments:
+        if isinstance(seg, ImageSlot):
+            index = seg.index
+            out.append(seg)
+            continue
+        info = infos.get(index) if index is not None else None
+        text = seg.text
+        if info is None or not hasattr(info, "transform_box") or not has_box(text):
+            out.append(seg)
+            continue
+        try:
+            if check:
+                w, h = info.original_size
+                check_text_boxes(text, width=w, height=h)
+            if rewrite:
+                if "bbox_2d" in text:
+                    text = rewrite_json_boxes(text, lambda b, i=info: i.transform_box(b, as_int=True))
+                if info.changes_normalized_frame:
+                    for style, (_, _, open_tag, _) in STYLES.items():
+                        if open_tag in text:
+                            text = rewrite_qwen_boxes(text, info.transform_norm_box, style=style)
+        except DataError as e:
+            file = (files or {}).get(index)
+            size = "x".join(str(v) for v in info.original_size)
+            raise SampleError(f"bad box in the text referring to image #{index} ({size}): "
+                              f"{getattr(e, 'problem', e)}", reason="box", file=file) from None
+        out.append(dataclasses.replace(seg, text=text))
+    return out
+
+
 def iou(a: Sequence[float], b: Sequence[float]) -> float:
     """Intersection over union of two ``(x1, y1, x2, y2)`` boxes in the same frame (0 when the union is empty)."""
     iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))

@@ -20,7 +20,8 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import IterableDataset, get_worker_info
 
-IGNORE_INDEX = -100
+from vlm.labels import IGNORE_INDEX
+
 #: Padding value of each per-token key (``input_ids`` is padded with the collator's ``pad_token_id``).
 PAD_VALUES = {"labels": IGNORE_INDEX, "attention_mask": 0, "position_ids": 0, "segment_ids": 0}
 

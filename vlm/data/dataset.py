@@ -1,7 +1,9 @@
-"""Datasets: records -> ``Sample`` (reader) -> processed tensors (processor), lazily in ``__getitem__``.
+"""Datasets: records -> ``Sample`` (reader, ``SampleDataset``) -> processed tensors (processor, ``ProcessedDataset``),
+lazily in ``__getitem__``.
 
-``SampleDataset`` converts a row only when it is asked for, so with a ``DataLoader`` the reading, image decoding and
-tiling happen in the workers. Bad samples raise a ``SampleError`` naming the data file, the index/id, the image file
+``SampleDataset`` converts a row only when it is asked for, and ``ProcessedDataset`` processes any dataset of
+``Sample``s (a ``SampleDataset``, the ``shapes`` generator) the same way, so with a ``DataLoader`` the reading, image
+decoding and tiling happen in the workers. Bad samples raise a ``SampleError`` naming the data file, the index/id, the image file
 and the problem; with ``skip_bad=True`` they are skipped instead (the next index is tried), counted once each by
 reason in ``dataset.bad`` and listed in the returned item's ``meta["skipped"]`` (so a training loop can aggregate counts over
 DataLoader workers: collators merge them into ``batch["meta"]["skipped"]``). Samples the processor drops by policy
@@ -13,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from torch.utils.data import Dataset
@@ -112,21 +114,17 @@ class SampleDataset(Dataset):
         source: data file (``.json``/``.jsonl``/``.parquet``), ``save_to_disk`` directory, list of records or HF
             ``Dataset`` (see :func:`vlm.data.readers.load_records`).
         format: a registered reader name, or ``"auto"`` (detected from the first record).
-        processor: when given, items are processed dicts; otherwise ``Sample``s.
         image_folder: root for relative image paths.
-        allow_urls: accept ``http(s)`` images (reader) and fetch them (processor).
+        allow_urls: accept ``http(s)`` images (reader) and let a ``ProcessedDataset`` over it fetch them.
         skip_bad: skip bad samples (counted in :attr:`bad`) instead of raising.
         max_bad_fraction: raise ``TooManyBadSamples`` once more than this fraction of the samples is known to be bad
             (skipped for any reason); ``None``: no limit.
         max_skip: at most this many bad samples in a row are skipped for one request (then ``TooManyBadSamples``).
-        add_generation_prompt: process for generation (evaluation): the final assistant reply becomes
-            ``meta["target"]``.
         split, backend: passed to ``load_records``. ``reader_options``: more reader arguments (``check_files``, ...).
     """
 
-    def __init__(self, source: Any, format: str = "auto", *, processor: Processor | None = None,
-                 image_folder: str | os.PathLike | None = None, allow_urls: bool = False, skip_bad: bool = False,
-                 add_generation_prompt: bool = False, split: str = "train", backend: str = "auto",
+    def __init__(self, source: Any, format: str = "auto", *, image_folder: str | os.PathLike | None = None,
+                 allow_urls: bool = False, skip_bad: bool = False, split: str = "train", backend: str = "auto",
                  max_skip: int = 1000, max_bad_fraction: float | None = None, **reader_options: Any) -> None:
         self.records = load_records(source, split=split, backend=backend)
         if len(self.records) == 0:
@@ -140,8 +138,7 @@ class SampleDataset(Dataset):
         self.format = format
         self.reader: Reader = make_reader(format, image_folder=image_folder, allow_urls=allow_urls,
                                           source=self.source_name, **reader_options)
-        self.processor, self.allow_urls, self.skip_bad = processor, allow_urls, skip_bad
-        self.add_generation_prompt, self.max_skip = add_generation_prompt, max_skip
+        self.allow_urls, self.skip_bad, self.max_skip = allow_urls, skip_bad, max_skip
         if max_bad_fraction is not None and not 0 <= max_bad_fraction <= 1:
             raise ValueError(f"max_bad_fraction={max_bad_fraction!r}; expected a fraction in [0, 1] or None")
         self.max_bad_fraction = max_bad_fraction
@@ -155,19 +152,20 @@ class SampleDataset(Dataset):
         """The validated ``Sample`` at ``index`` (raises ``SampleError``; no skipping)."""
         return self.reader.convert(self.records[index], index=index)
 
-    def _item(self, index: int) -> Any:
-        sample = self.sample(index)
-        if self.processor is None:
-            return sample
-        return self.processor(sample, self.add_generation_prompt, allow_urls=self.allow_urls or None)
-
     def __getitem__(self, index: int) -> Any:
+        return self.first_good(index)
+
+    def first_good(self, index: int, transform: Callable[[Sample], Any] | None = None) -> Any:
+        """``transform(sample(i))`` (default: the ``Sample``) for the first ``i = index, index + 1, ...`` (wrapping)
+        that is good under this dataset's policy: ``SampleDropped`` (from ``transform``) is always skipped, other
+        ``DataError``s only with ``skip_bad``; skipped samples are counted in :attr:`bad` and listed in the item's
+        ``meta["skipped"]``."""
         skipped: list[dict[str, Any]] = []
         tries = min(self.max_skip, len(self))
         for k in range(tries):
             i = (index + k) % len(self)
             try:
-                item = self._item(i)
+                item = self.sample(i) if transform is None else transform(self.sample(i))
             except SampleDropped as e:
                 skipped.append(self.bad.add(e))
             except DataError as e:
@@ -193,10 +191,15 @@ class SampleDataset(Dataset):
                        option=f"{prefix}max_bad_fraction")
 
     def __iter__(self) -> Iterator[Any]:
-        """Every good item once (bad ones skipped per policy); logs the bad-sample summary at the end."""
+        return self.iterate()
+
+    def iterate(self, transform: Callable[[Sample], Any] | None = None) -> Iterator[Any]:
+        """Every good item (``transform(sample)``, default the ``Sample``) once, bad ones skipped per policy; logs
+        the bad-sample summary at the end."""
         for i in range(len(self)):
             try:
-                yield self._item(i)
+                sample = self.sample(i)
+                yield sample if transform is None else transform(sample)
             except SampleDropped as e:
                 self.bad.add(e)
                 self.check_bad()
@@ -211,6 +214,54 @@ class SampleDataset(Dataset):
     def report(self) -> str:
         """A one-paragraph summary of skipped samples (counts by reason plus examples)."""
         return self.bad.summary()
+
+
+class ProcessedDataset(Dataset):
+    """``processor(samples[i], add_generation_prompt)`` lazily (in DataLoader workers when there are any), for any
+    dataset of ``Sample``s.
+
+    Over a :class:`SampleDataset` the processing runs under that dataset's bad-sample policy: samples the processor
+    drops (``SampleDropped``) or rejects (``DataError``, with ``skip_bad``) are skipped to the next index and counted in
+    ``samples.bad``; its ``bad``, ``max_bad_fraction``, ``check_bad``, ``report`` and ``config_key`` are this
+    dataset's too. ``add_generation_prompt``: process for generation (evaluation): the final assistant reply becomes
+    ``meta["target"]``.
+    """
+
+    def __init__(self, samples: Any, processor: Processor, add_generation_prompt: bool = False) -> None:
+        self.samples, self.processor, self.add_generation_prompt = samples, processor, add_generation_prompt
+        self.allow_urls = getattr(samples, "allow_urls", False)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def process(self, sample: Sample) -> dict[str, Any]:
+        """One sample's processed item (``input_ids``, ``labels``, ``pixel_values``, ``meta``; see ``Processor``)."""
+        return self.processor(sample, self.add_generation_prompt, allow_urls=self.allow_urls or None)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if isinstance(self.samples, SampleDataset):
+            return self.samples.first_good(index, self.process)
+        return self.process(self.samples[index])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if isinstance(self.samples, SampleDataset):
+            return self.samples.iterate(self.process)
+        return (self.process(self.samples[i]) for i in range(len(self)))
+
+    @property
+    def config_key(self) -> str | None:
+        """Where the dataset is configured (``data.sft``), named in its errors; the wrapped dataset's."""
+        return self.samples.config_key
+
+    @config_key.setter
+    def config_key(self, key: str | None) -> None:
+        self.samples.config_key = key
+
+    def __getattr__(self, name: str) -> Any:
+        """The wrapped dataset's attributes (``bad``, ``max_bad_fraction``, ``check_bad``, ``report``, ...)."""
+        if name == "samples":  # not set yet (unpickling)
+            raise AttributeError(name)
+        return getattr(self.samples, name)
 
 
 def read_samples(source: Any, format: str = "auto", **options: Any) -> Iterator[Sample]:

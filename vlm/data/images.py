@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from vlm.data.errors import DataError
+from vlm.data.errors import CorruptImage, DataError, MissingImage, TinyImage, URLRefused, open_error
 from vlm.data.tiling import BICUBIC, anyres_layout, anyres_tiles, dynamic_tiles, tile_grid
 
 RGB = tuple[int, int, int]
@@ -112,11 +112,11 @@ def load_image(source: Any, *, root: str | os.PathLike | None = None, allow_urls
                 file = s[:40] + ("..." if len(s) > 40 else "")
                 header, _, payload = s.partition(",")
                 if ";base64" not in header:
-                    raise DataError("only base64 data URIs are supported", sample_id=sample_id, file=file)
+                    raise CorruptImage("only base64 data URIs are supported", sample_id=sample_id, file=file)
                 img = Image.open(io.BytesIO(base64.b64decode(payload)))
             elif _is_url(s):
                 if not allow_urls:
-                    raise DataError("image URLs are disabled; enable fetching (allow_urls=True) or download the "
+                    raise URLRefused("image URLs are disabled; enable fetching (allow_urls=True) or download the "
                                     "images and point the reader's image root at them", sample_id=sample_id, file=s)
                 with urllib.request.urlopen(s, timeout=timeout) as r:  # noqa: S310 (explicitly enabled)
                     img = Image.open(io.BytesIO(r.read()))
@@ -127,7 +127,7 @@ def load_image(source: Any, *, root: str | os.PathLike | None = None, allow_urls
                 file = str(path)
                 if not path.is_file():
                     what = "is a directory, not a file" if path.is_dir() else "no such file"
-                    raise DataError(what, sample_id=sample_id, file=file)
+                    raise MissingImage(what, sample_id=sample_id, file=file)
                 img = Image.open(path)
         else:
             raise DataError(f"unsupported image source of type {type(source).__name__}", sample_id=sample_id)
@@ -136,11 +136,11 @@ def load_image(source: Any, *, root: str | os.PathLike | None = None, allow_urls
     except DataError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot read image: {type(e).__name__}: {e}", sample_id=sample_id, file=file) from e
+        raise open_error(e)(f"cannot read image: {type(e).__name__}: {e}", sample_id=sample_id, file=file) from e
     if rgb is source:
         rgb = rgb.copy()
     if rgb.width < min_side or rgb.height < min_side:
-        raise DataError(f"degenerate image of {rgb.width}x{rgb.height} pixels (each side must be >= {min_side})",
+        raise TinyImage(f"degenerate image of {rgb.width}x{rgb.height} pixels (each side must be >= {min_side})",
                         sample_id=sample_id, file=file)
     return rgb
 

@@ -27,8 +27,7 @@ from vlm.data.errors import DataError
 from vlm.data.readers.base import SampleError, locate
 from vlm.data.sample import Sample
 from vlm.data.templates import ImageSlot, Template, Text, build_template
-
-IGNORE_INDEX = -100
+from vlm.labels import IGNORE_INDEX
 
 
 class Piece(NamedTuple):
@@ -67,7 +66,7 @@ class Processor:
         image_loader: ``load_image``-compatible callable (default ``vlm.data.images.load_image``).
         require_labels: training samples (no generation prompt) without any trainable token raise ``no_labels``.
         rewrite_boxes: rewrite grounding boxes in the text to follow each image's resize/pad/crop/tiling (see
-            :func:`rewrite_segment_boxes`).
+            :func:`vlm.data.boxes.rewrite_segment_boxes`).
         check_boxes: validate the boxes in the text of samples with images: a malformed box, a Qwen-VL box outside
             ``[0, 1000)`` or an absolute JSON box outside its image raises a ``SampleError`` (reason ``box``) naming
             the sample, the image file and the problem.
@@ -256,6 +255,8 @@ class Processor:
         if (self.rewrite_boxes or self.check_boxes) and infos:
             files = {i: src if isinstance(src, str) and not src.startswith("data:") else None
                      for i, src in enumerate(sample.images)}
+            from vlm.data.boxes import rewrite_segment_boxes
+
             segments = rewrite_segment_boxes(segments, dict(zip(order, infos)), rewrite=self.rewrite_boxes,
                                              check=self.check_boxes, files=files)
         text, pieces = self._layout(segments, tiles, add_generation_prompt)
@@ -297,53 +298,6 @@ class Processor:
                 "pixel_values": torch.cat(tiles) if tiles else None, "meta": meta}
 
 
-def rewrite_segment_boxes(segments: list[Any], infos: dict[int, Any], *, rewrite: bool = True, check: bool = True,
-                          files: dict[int, str | None] | None = None) -> list[Any]:
-    """Check the boxes in the text and make them follow their image's geometric transform.
-
-    A box refers to the closest image rendered before it (the first image for text that precedes every image).
-    ``check``: every box must be well formed; Qwen-VL boxes (``<box>`` and Qwen2's ``<|box_start|>``) ints in
-    ``[0, 1000)``; absolute JSON boxes inside the original image. ``rewrite``: JSON boxes (``"bbox_2d": [...]``)
-    are mapped into the processed image's pixel frame (``ImageInfo.transform_box``: resize scales them, pad shifts
-    them, crop clips them, tiling maps them into the global view); Qwen-VL boxes are rewritten only when the
-    normalized frame changes (pad, crop). Any problem raises ``SampleError`` (reason ``box``) naming the image
-    (``files[index]``) and the box. Images whose processor reports no geometry leave the text as it is.
-    """
-    from vlm.data import boxes
-
-    first = next((s.index for s in segments if isinstance(s, ImageSlot)), None)
-    index = first
-    out = []
-    for seg in segments:
-        if isinstance(seg, ImageSlot):
-            index = seg.index
-            out.append(seg)
-            continue
-        info = infos.get(index) if index is not None else None
-        text = seg.text
-        if info is None or not hasattr(info, "transform_box") or not _has_box(text):
-            out.append(seg)
-            continue
-        try:
-            if check:
-                w, h = info.original_size
-                boxes.check_text_boxes(text, width=w, height=h)
-            if rewrite:
-                if "bbox_2d" in text:
-                    text = boxes.rewrite_json_boxes(text, lambda b, i=info: i.transform_box(b, as_int=True))
-                if info.changes_normalized_frame:
-                    for style, (_, _, open_tag, _) in boxes.STYLES.items():
-                        if open_tag in text:
-                            text = boxes.rewrite_qwen_boxes(text, info.transform_norm_box, style=style)
-        except DataError as e:
-            file = (files or {}).get(index)
-            size = "x".join(str(v) for v in info.original_size)
-            raise SampleError(f"bad box in the text referring to image #{index} ({size}): "
-                              f"{getattr(e, 'problem', e)}", reason="box", file=file) from None
-        out.append(dataclasses.replace(seg, text=text))
-    return out
-
-
 def _overlaps(starts: torch.Tensor, ends: torch.Tensor, pieces: list[Piece]) -> torch.Tensor:
     """(L,) bool: which tokens (character ranges ``[starts, ends)``, (L,)) share a character with any piece.
 
@@ -353,12 +307,6 @@ def _overlaps(starts: torch.Tensor, ends: torch.Tensor, pieces: list[Piece]) -> 
     for p in pieces:
         mask |= (starts < p.end) & (ends > p.start)
     return mask
-
-
-def _has_box(text: str) -> bool:
-    from vlm.data.boxes import STYLES
-
-    return "bbox_2d" in text or any(tags[2] in text for tags in STYLES.values())
 
 
 class TokenCount:

@@ -53,9 +53,7 @@ class Sample:
         """Check roles, ordering and image references; raise ``DataError`` (a ``ValueError``) naming the sample and
         the problem (its ``reason`` attribute says which check failed)."""
         def fail(problem: str, reason: str) -> DataError:
-            err = DataError(problem, sample_id=self.id)
-            err.reason = reason  # type: ignore[attr-defined]  (counted by cause when bad samples are skipped)
-            return err
+            return DataError(problem, sample_id=self.id, reason=reason)  # counted by cause when samples are skipped
 
         if not self.messages:
             raise fail("empty conversation", "empty")

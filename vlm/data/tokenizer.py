@@ -5,10 +5,14 @@ the raw bytes (so any text round-trips, id == byte value), followed by a handful
 chat template (``chatml``, ``llama3`` or ``vicuna_v1``, with ``{% generation %}`` blocks so
 ``return_assistant_tokens_mask`` works) and round-trips through ``save_pretrained`` /
 ``AutoTokenizer.from_pretrained``.
+
+``TOKENIZERS`` names the tokenizers a run config can ask for (``byte``: the file-free byte-level tokenizer; ``hf``: a
+local transformers tokenizer directory; ``byte_bpe``: byte-level BPE trained on the run's data). Each can add
+``extra_tokens`` and ``number_tokens: N`` (the integers ``0..N-1`` as single tokens, e.g. 1000 for Qwen-VL style
+``[0, 1000)`` box coordinates, so a coordinate is one prediction instead of three digits).
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -16,6 +20,7 @@ from typing import Any
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from vlm.data.templates.vicuna import VicunaV1
+from vlm.registry import Registry
 
 #: Special tokens of the byte tokenizer, in id order after the 256 bytes (ids 256..).
 SPECIAL_TOKENS: tuple[str, ...] = (
@@ -141,6 +146,10 @@ def byte_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512, chat_templat
     return fast
 
 
+#: tokenizers built in code, named by a ``"<kind>"`` or ``"<kind>:<chat template>"`` spec (``load_tokenizer``)
+BUILT_IN_TOKENIZERS = {"byte": byte_tokenizer}
+
+
 def load_tokenizer(path_or_name: str | os.PathLike, *, trust_remote_code: bool = False, **kwargs: Any) -> Any:
     """Load a tokenizer from a local directory (never the network).
 
@@ -151,11 +160,72 @@ def load_tokenizer(path_or_name: str | os.PathLike, *, trust_remote_code: bool =
     from transformers import AutoTokenizer
 
     name = os.fspath(path_or_name)
-    if name == "byte" or name.startswith("byte:"):
-        return byte_tokenizer(name.split(":", 1)[1] if ":" in name else "chatml", **kwargs)
+    kind, sep, chat_template = name.partition(":")
+    built_in = BUILT_IN_TOKENIZERS.get(kind)
+    if built_in is not None:
+        return built_in(chat_template if sep else "chatml", **kwargs)
     try:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, local_files_only=True,
                                              **kwargs)
     except OSError as e:
         raise OSError(f"cannot load a tokenizer from {name!r}: not a local tokenizer directory (and not cached; "
                       f"the network is never used). Pass a directory written by save_pretrained, or 'byte'.") from e
+
+
+TOKENIZERS: Registry[Any] = Registry("tokenizer")
+"""Tokenizers by name (``tokenizer.name`` of a run): ``byte``, ``hf``, ``byte_bpe``."""
+
+
+def _add_tokens(tok: Any, extra_tokens: Sequence[str], number_tokens: int) -> Any:
+    from tokenizers import AddedToken
+
+    if extra_tokens:
+        tok.add_special_tokens({"additional_special_tokens": list(extra_tokens)},
+                               replace_extra_special_tokens=False)
+    if number_tokens:
+        # plain (non-special) added tokens: matched longest-first before the model's own splitting, kept on decode
+        tok.add_tokens([AddedToken(str(i), single_word=False, normalized=False, special=False)
+                        for i in range(int(number_tokens))])
+    return tok
+
+
+@TOKENIZERS.register("byte")
+def byte(chat_template: str = "chatml", extra_tokens: Sequence[str] = (), number_tokens: int = 0) -> Any:
+    """``vlm.data.tokenizer.byte_tokenizer`` (ids 0..255 are bytes) plus optional tokens."""
+    return _add_tokens(byte_tokenizer(chat_template), extra_tokens, number_tokens)
+
+
+@TOKENIZERS.register("hf")
+def hf(path: str, extra_tokens: Sequence[str] = (), number_tokens: int = 0, pad_token: str | None = None,
+       trust_remote_code: bool = False) -> Any:
+    """A local tokenizer directory (``AutoTokenizer``, never the network). ``pad_token``: set one if missing
+    (LLaVA uses ``<unk>`` for LLaMA/Vicuna); without one the eos token pads."""
+    tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    if pad_token is not None:
+        tok.pad_token = pad_token
+    elif tok.pad_token is None:
+        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+    return _add_tokens(tok, extra_tokens, number_tokens)
+
+
+@TOKENIZERS.register("byte_bpe")
+def byte_bpe(vocab_size: int = 512, corpus: Sequence[str] = ("pretrain", "sft"), corpus_samples: int = 2000,
+             split_digits: bool = True, chat_template: str = "chatml", extra_tokens: Sequence[str] = (),
+             number_tokens: int = 0, data: Any = None) -> Any:
+    """``vlm.data.tokenizer.byte_bpe_tokenizer`` trained (deterministically) on the message texts of the first
+    ``corpus_samples`` samples of each ``data`` key in ``corpus``: every byte stays representable, frequent strings
+    of the corpus become single tokens (much shorter sequences for a tiny model), digits stay single tokens."""
+    from vlm.data.datasets import build_dataset
+
+    if data is None:
+        raise ValueError("tokenizer byte_bpe needs the run's data config to train on")
+    texts: list[str] = []
+    for key in corpus:
+        if key not in data or data[key] is None:
+            raise ValueError(f"tokenizer.corpus names data.{key}, which is not configured; data keys: {list(data)}")
+        ds = build_dataset(data[key])
+        for i in range(min(int(corpus_samples), len(ds))):
+            texts += [f"{m.role}\n{m.text()}" for m in ds[i].messages]
+    tok = byte_bpe_tokenizer(texts, vocab_size=int(vocab_size), chat_template=chat_template,
+                             split_digits=split_digits)
+    return _add_tokens(tok, extra_tokens, number_tokens)

@@ -37,6 +37,8 @@ class VisionEncoder(nn.Module):
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     select: str = "patch"
+    #: the LoRA policies inject adapters into the tower's inner model (``self.model``)
+    supports_lora: bool = True
 
     @property
     def component_name(self) -> str:
@@ -99,6 +101,15 @@ class VisionEncoder(nn.Module):
     def apply_select(self, tokens: torch.Tensor) -> torch.Tensor:
         """``(N, T_all, C) -> (N, T, C)`` according to ``select``."""
         return tokens[:, 1:] if self.drops_first else tokens
+
+    def blocks(self) -> nn.ModuleList | None:
+        """The tower's stack of transformer blocks in order (the output of block ``k`` is hidden state ``k + 1``, the
+        index ``feature_layer`` counts in), or ``None`` when the tower has no such stack (a CNN)."""
+        return None
+
+    def enable_gradient_checkpointing(self) -> bool:
+        """Recompute the tower's activations in the backward pass; ``False`` (nothing changed) when it cannot."""
+        return False
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

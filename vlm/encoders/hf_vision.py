@@ -1,20 +1,18 @@
 """Shared machinery for towers backed by a transformers vision model (CLIP, SigLIP, ...)."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from vlm.encoders.base import SELECT_STRATEGIES, VisionEncoder
 from vlm.hf_config import check_config_keys
-from vlm.pretrained import check_pretrained_dir
+from vlm.pretrained import FILE_KEYS, check_pretrained_dir, enable_gradient_checkpointing, read_normalization
 
 FeatureLayer = int | list[int]
 # keys of a saved transformers config that describe the file, not the architecture
-CONFIG_META_KEYS = ("model_type", "architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -27,17 +25,6 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if not isinstance(value, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}; expected e.g. 'float32', 'bfloat16', 'float16'")
     return value
-
-
-def read_normalization(path: Path) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-    """``(mean, std)`` from a ``preprocessor_config.json`` next to the weights, if there is one."""
-    f = path / "preprocessor_config.json"
-    if not f.is_file():
-        return None
-    d = json.loads(f.read_text())
-    if "image_mean" in d and "image_std" in d:
-        return tuple(d["image_mean"]), tuple(d["image_std"])
-    return None
 
 
 class HFVisionEncoder(VisionEncoder):
@@ -111,7 +98,7 @@ class HFVisionEncoder(VisionEncoder):
             if config is not None:
                 if strict_config:
                     check_config_keys(self.config_class, config, f"{name} encoder config")
-                cfg = self.config_class(**{k: v for k, v in config.items() if k not in CONFIG_META_KEYS})
+                cfg = self.config_class(**{k: v for k, v in config.items() if k != "model_type" and k not in FILE_KEYS})
             else:
                 cfg = self.config_class(**self.dims_config(
                     hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
@@ -138,7 +125,7 @@ class HFVisionEncoder(VisionEncoder):
         self.grid()  # the native size itself must be one the tower takes (e.g. at least one patch)
         self.hidden_size = cfg.hidden_size * len(layers)
         if norm is not None:
-            self.image_mean, self.image_std = norm
+            self.image_mean, self.image_std = tuple(norm[0]), tuple(norm[1])
         if image_mean is not None:
             self.image_mean = tuple(image_mean)
         if image_std is not None:
@@ -185,6 +172,14 @@ class HFVisionEncoder(VisionEncoder):
         if self.native_size_only and size != (s, s):
             raise ValueError(f"{self.component_name} encoder: image size {size} is not the tower's native size; "
                              f"expected {accepted}: {fix}")
+
+    def blocks(self) -> nn.ModuleList:
+        """The transformer layers of the tower (``encoder.layers`` of transformers' CLIP / SigLIP / SigLIP2 vision
+        models)."""
+        return self.model.encoder.layers
+
+    def enable_gradient_checkpointing(self) -> bool:
+        return enable_gradient_checkpointing(self.model)
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``(N, 3, H, W) -> (N, T_all, C)``: the selected hidden states, concatenated on channels."""

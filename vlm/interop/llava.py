@@ -30,19 +30,14 @@ from vlm.generation import GENERATION_KEYS, generation_settings, read_settings
 from vlm.hf_config import unknown_config_keys
 from vlm.interop.mapping import (ACT_FROM_HF, ACT_TO_HF, ENCODER_MODEL_TYPES, SELECT_FROM_LLAVA, SELECT_TO_LLAVA,
                                  UNUSED_VISION_MODULES, VISION_MODEL_TYPES)
-from vlm.interop.processor import (read_image_processor_config, read_normalization, read_preprocessing,
-                                   save_processor)
+from vlm.interop.processor import read_preprocessing, save_processor
 from vlm.llm.hf_causal_lm import HFCausalLM
 from vlm.model import VLM
-from vlm.pretrained import check_weights
+from vlm.pretrained import (CONFIG_FILE, FILE_KEYS, check_weights, normalization, read_config,
+                            read_image_processor_config)
 
-CONFIG_FILE = "config.json"
 GENERATION_FILE = "generation_config.json"
 LLAVA_MODEL_TYPE = "llava"
-# keys of a saved transformers config that describe the file, not the architecture
-FILE_KEYS = ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype")
-# our ``mlp`` connector's linear layers -> LLaVA projector submodules
-PROJECTOR_LAYERS = {"layers.0": "linear_1", "layers.2": "linear_2"}
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 VISION_PREFIX = "model.vision_tower."
 LM_PREFIX = "model.language_model."
@@ -82,21 +77,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def read_llava_config(path: str | os.PathLike, who: str = "from_hf") -> dict[str, Any]:
     """The ``config.json`` of a LLaVA directory, or an error naming the file and what was expected."""
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{who}: {str(path)!r} is not a directory; expected a transformers "
-                                f"LlavaForConditionalGeneration directory (config.json + model.safetensors)")
     cfg_file = path / CONFIG_FILE
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{who}: {str(cfg_file)!r} does not exist; expected the config.json of a transformers "
-                                f"LlavaForConditionalGeneration (model_type 'llava') saved with save_pretrained")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{who}: {str(cfg_file)!r} is not valid JSON ({e})") from e
-    model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
+    cfg = read_config(path, who, "the config.json of a transformers LlavaForConditionalGeneration (model_type "
+                                 "'llava') saved with save_pretrained")
+    model_type = cfg.get("model_type")
     if model_type != LLAVA_MODEL_TYPE:
-        hint = " (it is a vlm directory: use vlm.load, or to_hf to export it)" if isinstance(cfg, dict) and \
-            cfg.get("format") == "vlm" else ""
+        hint = " (it is a vlm directory: use vlm.load, or to_hf to export it)" if cfg.get("format") == "vlm" else ""
         raise ValueError(f"{who}: {str(cfg_file)!r} has model_type={model_type!r}; expected 'llava' "
                          f"(LlavaForConditionalGeneration){hint}. Variants such as llava_next / llava_onevision "
                          f"(image tiling) are not supported")
@@ -173,7 +159,7 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
         "select": SELECT_FROM_LLAVA[(strategy, has_cls)], "attn_implementation": attn_implementation,
         "dtype": _dtype_name(torch_dtype)}
     image_processor, image_processor_file = read_image_processor_config(path) or (None, path)
-    norm = read_normalization(image_processor)
+    norm = normalization(image_processor)
     if norm is not None:
         enc_cfg["image_mean"], enc_cfg["image_std"] = norm
     # the directory's config.json is trusted: keys a newer transformers dropped do not stop the import (the built
@@ -196,7 +182,7 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
     with torch.no_grad():
         _copy_state(encoder.model, tower, "from_hf: vision tower")
         proj = hf.model.multi_modal_projector
-        _copy_state(connector, {f"{ours}.{k}": v for ours, theirs in PROJECTOR_LAYERS.items()
+        _copy_state(connector, {f"{ours}.{k}": v for ours, theirs in connector.llava_projector_layers.items()
                                 for k, v in getattr(proj, theirs).state_dict().items()}, "from_hf: projector")
         _copy_state(lm.model.base_model, hf.model.language_model.state_dict(), "from_hf: language model")
         _copy_state(lm.model.get_output_embeddings(), hf.lm_head.state_dict(), "from_hf: lm_head")
@@ -246,23 +232,10 @@ def llava_problems(model: VLM) -> list[str]:
     if not isinstance(enc, HFVisionEncoder) or enc_name not in ENCODER_MODEL_TYPES:
         problems.append(f"the encoder is {enc_name!r}; LLaVA's vision tower is a transformers CLIP or SigLIP vision "
                         f"model (our encoders: {sorted(ENCODER_MODEL_TYPES)})")
-    conn_name = getattr(conn, "registry_name", type(conn).__name__)
-    opts = getattr(conn, "options", {})
-    if conn_name != "mlp":
-        problems.append(f"the connector is {conn_name!r}; LLaVA's projector is linear_1 -> act -> linear_2, i.e. "
-                        f"our 'mlp' connector with depth=2 (no pooling, no norm)")
-    else:
-        if opts.get("depth") != 2:
-            problems.append(f"the mlp connector has depth={opts.get('depth')}; LLaVA's projector has exactly 2 "
-                            f"linear layers (depth=2)")
-        if opts.get("norm"):
-            problems.append("the mlp connector has norm=True; LLaVA's projector has no input LayerNorm")
-        if opts.get("hidden_dim") not in (None, conn.out_dim):
-            problems.append(f"the mlp connector has hidden_dim={opts.get('hidden_dim')}; LLaVA's projector's hidden "
-                            f"size is the LLM hidden size ({conn.out_dim})")
-        if opts.get("act") not in ACT_TO_HF:
-            problems.append(f"the mlp connector act={opts.get('act')!r} has no LLaVA equivalent; supported: "
-                            f"{sorted(ACT_TO_HF)}")
+    problems += conn.llava_projector_problems()
+    act = getattr(conn, "options", {}).get("act")
+    if conn.llava_projector_layers is not None and act not in ACT_TO_HF:
+        problems.append(f"the connector act={act!r} has no LLaVA equivalent; supported: {sorted(ACT_TO_HF)}")
     if not isinstance(lm, HFCausalLM):
         problems.append(f"the LLM is {type(lm).__name__}; LLaVA needs a transformers causal LM (hf_causal_lm)")
     elif _is_tied(lm.model):
@@ -338,7 +311,7 @@ def to_hf(model: VLM, path: str | os.PathLike, *, dtype: str | torch.dtype | Non
     with torch.no_grad():
         _copy_state(hf.model.vision_tower, enc.model.state_dict(), "to_hf: vision tower")
         state = conn.state_dict()
-        proj = {f"{theirs}.{k.removeprefix(ours + '.')}": v for ours, theirs in PROJECTOR_LAYERS.items()
+        proj = {f"{theirs}.{k.removeprefix(ours + '.')}": v for ours, theirs in conn.llava_projector_layers.items()
                 for k, v in state.items() if k.startswith(ours + ".")}
         _copy_state(hf.model.multi_modal_projector, proj, "to_hf: projector")
         _copy_state(hf.model.language_model, lm.model.base_model.state_dict(), "to_hf: language model")

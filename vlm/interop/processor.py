@@ -21,9 +21,8 @@ from transformers import CLIPImageProcessor, LlavaImageProcessor
 from transformers.image_utils import PILImageResampling
 
 from vlm.model import DEFAULT_IMAGE_PREPROCESSING
+from vlm.pretrained import IMAGE_PROCESSOR_CONFIG, PROCESSOR_CONFIG
 
-PROCESSOR_CONFIG = "processor_config.json"
-IMAGE_PROCESSOR_CONFIG = "preprocessor_config.json"
 BICUBIC = int(PILImageResampling.BICUBIC)
 
 
@@ -122,30 +121,6 @@ def save_processor(model: Any, path: Path, *, strategy: str) -> bool:
     }
     (path / PROCESSOR_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return True
-
-
-def read_image_processor_config(path: Path) -> tuple[dict[str, Any], Path] | None:
-    """``(config, file)``: the directory's image-processor config (flat ``preprocessor_config.json``, else the
-    ``image_processor`` entry of a v5 nested ``processor_config.json``), or ``None``."""
-    for name, key in ((IMAGE_PROCESSOR_CONFIG, None), (PROCESSOR_CONFIG, "image_processor")):
-        f = path / name
-        if not f.is_file():
-            continue
-        try:
-            d = json.loads(f.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"from_hf: {str(f)!r} is not valid JSON ({e})") from e
-        d = d.get(key) if key and isinstance(d, dict) else d
-        if isinstance(d, dict) and d:
-            return d, f
-    return None
-
-
-def read_normalization(config: dict[str, Any] | None) -> tuple[list[float], list[float]] | None:
-    """``(image_mean, image_std)`` of an image-processor config, or ``None``."""
-    if config and "image_mean" in config and "image_std" in config:
-        return list(config["image_mean"]), list(config["image_std"])
-    return None
 
 
 def _square(d: Any) -> int | None:

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from vlm.encoders.hf_vision import resolve_dtype
 from vlm.hf_config import check_config_keys, config_class_for
 from vlm.llm.registry import LLMS
-from vlm.pretrained import check_pretrained_dir
+from vlm.pretrained import FILE_KEYS, check_pretrained_dir, enable_gradient_checkpointing
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
@@ -52,6 +52,9 @@ class HFCausalLM(nn.Module):
         if config is not None and pretrained is None and strict_config:
             make_config(config, strict=True)
 
+    #: the LoRA policies inject adapters into the wrapped transformers model (``self.model``)
+    supports_lora = True
+
     def __init__(self, pretrained: str | None = None, config: dict[str, Any] | None = None,
                  attn_implementation: str = "sdpa", gradient_checkpointing: bool = False,
                  dtype: str | None = None, trust_remote_code: bool = False, strict_config: bool = True) -> None:
@@ -77,13 +80,10 @@ class HFCausalLM(nn.Module):
         if gradient_checkpointing:
             self.enable_gradient_checkpointing()
 
-    def enable_gradient_checkpointing(self) -> None:
-        """Recompute decoder-layer activations in the backward pass (non-reentrant)."""
-        enable = getattr(self.model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:  # transformers < 5.x name
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    def enable_gradient_checkpointing(self) -> bool:
+        """Recompute decoder-layer activations in the backward pass (non-reentrant); ``False`` when the model does
+        not support it."""
+        return enable_gradient_checkpointing(self.model)
 
     @property
     def hf_config(self) -> PretrainedConfig:
@@ -150,6 +150,6 @@ def make_config(config: dict[str, Any], strict: bool = True) -> PretrainedConfig
     config_class = config_class_for(model_type, "hf_causal_lm config")
     if strict:
         check_config_keys(config_class, config, "hf_causal_lm config", model_type=model_type)
-    for k in ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype"):
+    for k in FILE_KEYS:
         config.pop(k, None)
     return AutoConfig.for_model(model_type, **config)

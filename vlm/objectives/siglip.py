@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm.loss import IGNORE_INDEX
 from vlm.objectives import OBJECTIVES
+from vlm.labels import IGNORE_INDEX
 from vlm.objectives.base import Objective, ObjectiveOutput
 
 

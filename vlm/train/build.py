@@ -1,87 +1,24 @@
 """Build a run's tokenizer and model from its config.
 
-Tokenizers come from ``TOKENIZERS`` (``byte``: the file-free byte-level tokenizer; ``hf``: a local transformers
-tokenizer directory). Each can add ``extra_tokens`` and ``number_tokens: N`` (the integers ``0..N-1`` as single
-tokens, e.g. 1000 for Qwen-VL style ``[0, 1000)`` box coordinates, so a coordinate is one prediction instead of
-three digits). Special tokens the stages' templates emit are added too; ``vlm.build`` then grows the embeddings.
+The tokenizer comes from ``vlm.data.tokenizer.TOKENIZERS`` (``tokenizer.name``); special tokens the stages'
+templates emit are added too; ``vlm.build`` then grows the embeddings.
 """
 from __future__ import annotations
 
 import hashlib
 import inspect
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 import vlm
-from vlm.registry import Registry, to_dict
+from vlm.data.tokenizer import TOKENIZERS
+from vlm.registry import plain
 from vlm.train.config import model_config
-
-TOKENIZERS: Registry[Any] = Registry("tokenizer")
-
-
-def _add_tokens(tok: Any, extra_tokens: Sequence[str], number_tokens: int) -> Any:
-    from tokenizers import AddedToken
-
-    if extra_tokens:
-        tok.add_special_tokens({"additional_special_tokens": list(extra_tokens)},
-                               replace_extra_special_tokens=False)
-    if number_tokens:
-        # plain (non-special) added tokens: matched longest-first before the model's own splitting, kept on decode
-        tok.add_tokens([AddedToken(str(i), single_word=False, normalized=False, special=False)
-                        for i in range(int(number_tokens))])
-    return tok
-
-
-@TOKENIZERS.register("byte")
-def byte(chat_template: str = "chatml", extra_tokens: Sequence[str] = (), number_tokens: int = 0) -> Any:
-    """``vlm.data.tokenizer.byte_tokenizer`` (ids 0..255 are bytes) plus optional tokens."""
-    from vlm.data.tokenizer import byte_tokenizer
-
-    return _add_tokens(byte_tokenizer(chat_template), extra_tokens, number_tokens)
-
-
-@TOKENIZERS.register("hf")
-def hf(path: str, extra_tokens: Sequence[str] = (), number_tokens: int = 0, pad_token: str | None = None,
-       trust_remote_code: bool = False) -> Any:
-    """A local tokenizer directory (``AutoTokenizer``, never the network). ``pad_token``: set one if missing
-    (LLaVA uses ``<unk>`` for LLaMA/Vicuna); without one the eos token pads."""
-    from vlm.data.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    if pad_token is not None:
-        tok.pad_token = pad_token
-    elif tok.pad_token is None:
-        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
-    return _add_tokens(tok, extra_tokens, number_tokens)
-
-
-@TOKENIZERS.register("byte_bpe")
-def byte_bpe(vocab_size: int = 512, corpus: Sequence[str] = ("pretrain", "sft"), corpus_samples: int = 2000,
-             split_digits: bool = True, chat_template: str = "chatml", extra_tokens: Sequence[str] = (),
-             number_tokens: int = 0, data: Any = None) -> Any:
-    """``vlm.data.tokenizer.byte_bpe_tokenizer`` trained (deterministically) on the message texts of the first
-    ``corpus_samples`` samples of each ``data`` key in ``corpus``: every byte stays representable, frequent strings
-    of the corpus become single tokens (much shorter sequences for a tiny model), digits stay single tokens."""
-    from vlm.data.tokenizer import byte_bpe_tokenizer
-    from vlm.train.data import build_dataset
-
-    if data is None:
-        raise ValueError("tokenizer byte_bpe needs the run's data config to train on")
-    texts: list[str] = []
-    for key in corpus:
-        if key not in data or data[key] is None:
-            raise ValueError(f"tokenizer.corpus names data.{key}, which is not configured; data keys: {list(data)}")
-        ds = build_dataset(data[key])
-        for i in range(min(int(corpus_samples), len(ds))):
-            texts += [f"{m.role}\n{m.text()}" for m in ds[i].messages]
-    tok = byte_bpe_tokenizer(texts, vocab_size=int(vocab_size), chat_template=chat_template,
-                             split_digits=split_digits)
-    return _add_tokens(tok, extra_tokens, number_tokens)
 
 
 def build_tokenizer(cfg: DictConfig, templates: Iterable[Any] = ()) -> Any:
@@ -93,8 +30,7 @@ def build_tokenizer(cfg: DictConfig, templates: Iterable[Any] = ()) -> Any:
     tok = TOKENIZERS.build(cfg.tokenizer, **extra)
     missing: list[str] = []
     for spec in templates:
-        spec = OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else spec
-        for t in build_template(spec).special_tokens(tok):
+        for t in build_template(plain(spec)).special_tokens(tok):
             if t not in tok.get_vocab() and t not in missing:
                 missing.append(t)
     if missing:
@@ -108,13 +44,8 @@ def build_model(cfg: DictConfig, tokenizer: Any, *, gradient_checkpointing: bool
     if gradient_checkpointing:
         model_cfg["llm"]["gradient_checkpointing"] = True
     model = vlm.build(model_cfg, tokenizer)
-    tower = getattr(model.encoder, "model", None)
-    if gradient_checkpointing and getattr(tower, "supports_gradient_checkpointing", False):
-        kwargs = {"use_reentrant": False}
-        if hasattr(tower, "activation_checkpointing_enable"):  # transformers >= 5 name
-            tower.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if gradient_checkpointing:
+        model.encoder.enable_gradient_checkpointing()  # towers that cannot (timm CNNs) keep their activations
     return model
 
 
@@ -140,8 +71,8 @@ def config_fingerprint(cfg: Any) -> tuple[str, dict[str, Any]]:
             return [strip(v) for v in x]
         return x
 
-    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    model = strip({k: plain.get(k) for k in MODEL_KEYS})
+    resolved = plain(cfg)
+    model = strip({k: resolved.get(k) for k in MODEL_KEYS})
     return hashlib.sha256(json.dumps(model, sort_keys=True, default=str).encode()).hexdigest()[:16], model
 
 
@@ -168,14 +99,6 @@ def describe_mismatch(saved: dict[str, list[int]], current: dict[str, list[int]]
     if differ:
         parts.append("shape/trainable differ: " + ", ".join(f"{k} {saved[k]} vs {current[k]}" for k in differ[:limit]))
     return "; ".join(parts) or "same parameters"
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def component_config(cfg: DictConfig, key: str) -> dict[str, Any]:
-    return to_dict(cfg[key])
 
 
 def seed_everything(seed: int) -> None:

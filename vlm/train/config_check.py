@@ -132,8 +132,8 @@ def _missing_option(exc: Any, overrides: Sequence[str]) -> ConfigError:
 def _registries() -> dict[str, tuple[Registry[Any], tuple[str, ...]]]:
     """Config group -> (registry, arguments the composer passes itself)."""
     from vlm import connectors, encoders, llm
-    from vlm.train.build import TOKENIZERS
-    from vlm.train.data import DATASETS
+    from vlm.data.datasets import DATASETS
+    from vlm.data.tokenizer import TOKENIZERS
 
     return {"encoder": (encoders.ENCODERS, ()), "connector": (connectors.CONNECTORS, ("in_dim", "out_dim")),
             "llm": (llm.LLMS, ()), "tokenizer": (TOKENIZERS, ("data",)),

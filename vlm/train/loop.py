@@ -26,6 +26,7 @@ from vlm.train.distributed import Strategy
 from vlm.train.interrupt import STOP, Interrupted, kill_point
 from vlm.train.rng import set_rng_state
 
+
 OOM_ERRORS: tuple[type[BaseException], ...] = (torch.OutOfMemoryError, MemoryError)
 
 

@@ -99,15 +99,31 @@ def lora_config(stage: Any) -> Any:
                       target_modules=targets, use_rslora=bool(lora.use_rslora), bias="none")
 
 
+def component_family(module_name: str) -> type[nn.Module]:
+    """The base class every component at ``model.<module_name>`` derives from (what the family can do)."""
+    from vlm.connectors.base import Connector
+    from vlm.encoders.base import VisionEncoder
+    from vlm.llm.hf_causal_lm import HFCausalLM
+
+    return {"encoder": VisionEncoder, "connector": Connector, "llm": HFCausalLM}[module_name]
+
+
+def _no_lora(module_name: str) -> ValueError:
+    return ValueError(f"policy 'lora' needs a component that holds a transformers model (the encoder or the LLM); "
+                      f"the {module_name} does not support LoRA: train the {module_name} with 'full'")
+
+
 @POLICIES.register("lora")
 class Lora(Policy):
     def check(self, module_name: str, stage: Any, device: torch.device) -> None:
-        if module_name == "connector":
-            raise ValueError("policy 'lora' is for the encoder or the LLM; train the connector with 'full'")
+        if not component_family(module_name).supports_lora:
+            raise _no_lora(module_name)
 
     def apply(self, module: nn.Module, module_name: str, stage: Any) -> None:
         from peft import inject_adapter_in_model
 
+        if not getattr(module, "supports_lora", False):
+            raise _no_lora(module_name)
         module.requires_grad_(False)
         host = lora_host(module)
         try:
@@ -190,10 +206,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def has_lora(model: nn.Module) -> bool:
-    return any("lora_" in n for n, _ in model.named_parameters())
-
-
 def trainable_summary(model: nn.Module) -> dict[str, dict[str, int]]:
     """``{module: {"trainable": n, "total": n}}`` for the encoder, connector and LLM."""
     out = {}
@@ -212,23 +224,20 @@ def freeze_unused_encoder_layers(model: nn.Module) -> list[str]:
     """
     encoder = model.encoder
     layers_used = getattr(encoder, "layers", None)
-    host = getattr(encoder, "model", None)
-    n = getattr(getattr(host, "config", None), "num_hidden_layers", None)
-    if layers_used is None or n is None:
+    stack = encoder.blocks()
+    if layers_used is None or stack is None:
         return []
+    n = len(stack)
     depth = max(i if i >= 0 else n + 1 + i for i in layers_used)  # hidden_states[k] = output of block k-1
-    _, stack = layer_stack(host)
-    if len(stack) != n:
-        return []
     unused = {id(p) for layer in list(stack)[depth:] for p in layer.parameters()}
     last = {id(p) for p in stack[-1].parameters()}
     frozen, after = [], False
-    for name, p in host.named_parameters():
+    for name, p in encoder.named_parameters():
         if id(p) in last:
             after = True
         elif after:
             unused.add(id(p))
         if id(p) in unused and p.requires_grad:
             p.requires_grad_(False)
-            frozen.append(f"encoder.model.{name}")
+            frozen.append(f"encoder.{name}")
     return frozen

@@ -25,10 +25,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from vlm.data.datasets import build_dataset
+from vlm.train.batch_plan import data_seed
 from vlm.train.build import build_tokenizer, config_fingerprint, describe_config_change
 from vlm.train.config import ConfigError, check, compose, to_yaml
 from vlm.train.config_check import check_runnable
-from vlm.train.data import build_dataset, data_seed
 from vlm.train.distributed import build_strategy
 from vlm.train.evaluate import format_table
 from vlm.train.export import STAGE_WEIGHTS, resolve_weights

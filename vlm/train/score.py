@@ -20,8 +20,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     from omegaconf import OmegaConf
 
     import vlm
+    from vlm.data.datasets import build_dataset
     from vlm.data.processor import Processor
-    from vlm.train.data import build_dataset
+    from vlm.registry import to_dict
     from vlm.train.distributed import Strategy
     from vlm.train.evaluate import evaluate, format_table
     from vlm.train.schema import TrainerConfig
@@ -42,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     run_cfg = OmegaConf.load(path / "config.yaml") if (path / "config.yaml").is_file() else None
     model = vlm.load(path / "final" if (path / "final").is_dir() else path)
     template = a.template or (run_cfg.stage[run_cfg.stages[-1]].template if run_cfg is not None else "chatml")
-    spec = OmegaConf.to_container(run_cfg.data[run_cfg.eval.data], resolve=True) \
+    spec = to_dict(run_cfg.data[run_cfg.eval.data]) \
         if run_cfg is not None and run_cfg.eval.data else {"name": "shapes", "image_size": model.image_size}
     spec.update(split=a.split, size=a.size)
     samples = build_dataset(spec)

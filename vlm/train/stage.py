@@ -14,15 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from safetensors import safe_open
 
 from vlm.data.dataset import BadSamples
+from vlm.data.datasets import build_dataset
 from vlm.objectives import Objective, TrainModule, build as build_objective
+from vlm.registry import plain
+from vlm.train.batch_plan import BatchPlan, data_seed, make_loader
 from vlm.train.build import build_model, describe_mismatch, fingerprint, seed_everything
 from vlm.train.checkpoint import CheckpointManager
 from vlm.train.config import ConfigError
-from vlm.train.data import BatchPlan, build_dataset, data_seed, make_loader
 from vlm.train.distributed import Strategy, resolve_precision
 from vlm.train.evaluate import evaluate
 from vlm.train.export import STAGE_WEIGHTS, export_final, load_weights, merge_lora_state, trained_names, \
@@ -111,7 +113,7 @@ class StageRunner:
     def objective(self, model: torch.nn.Module) -> Objective:
         """The stage's objective (``stage.<name>.objective``); its own parameters (siglip's text tower) are trained
         and checkpointed with the stage, never exported."""
-        return build_objective(_plain(self.stage.objective), model=model,
+        return build_objective(plain(self.stage.objective), model=model,
                                loss_weighting=str(self.stage.loss_weighting))
 
     def run(self) -> StageResult:
@@ -169,7 +171,7 @@ class StageRunner:
 
         from vlm.data.processor import Processor
 
-        processor = Processor.for_model(model, self.tokenizer, template=_plain(st.template),
+        processor = Processor.for_model(model, self.tokenizer, template=plain(st.template),
                                         max_length=st.max_length)
         dataset = build_dataset(self.cfg.data[st.data], processor)
         if hasattr(dataset, "config_key"):
@@ -331,5 +333,3 @@ def compile_layers(model: torch.nn.Module) -> None:
             layer.compile()
 
 
-def _plain(spec: Any) -> Any:
-    return OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else spec

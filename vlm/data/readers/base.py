@@ -25,24 +25,19 @@ ROLE_ALIASES: dict[str, str] = {
 }
 URL_RE = re.compile(r"^https?://", re.IGNORECASE)
 
-#: How a ``DataError`` without a ``reason`` (raised by ``vlm.data.images``) is classified, first match wins.
-_REASON_PATTERNS = (("no such file", "missing_image"), ("is a directory", "missing_image"),
-                    ("degenerate image", "tiny_image"), ("URLs are disabled", "url"),
-                    ("cannot read image", "corrupt_image"), ("data URI", "corrupt_image"))
-
 
 class SampleError(DataError):
     """A ``DataError`` that also knows *where* (data file ``source``, record ``index``) and *why* (``reason``).
 
     ``reason`` is a short key used to count skipped samples by cause: ``missing_image``, ``corrupt_image``,
-    ``tiny_image``, ``url``, ``image_count``, ``role``, ``role_order``, ``empty``, ``format``, ``too_long``,
+    ``unreadable_image``, ``tiny_image``, ``url``, ``image_count``, ``role``, ``role_order``, ``empty``, ``format``, ``too_long``,
     ``no_labels``, ... The message reads ``<source>: sample #<index> (id <id>): image '<file>': <problem>``.
     """
 
-    def __init__(self, problem: str, *, reason: str = "invalid", index: int | None = None, sample_id: Any = None,
+    def __init__(self, problem: str, *, reason: str | None = None, index: int | None = None, sample_id: Any = None,
                  file: str | os.PathLike | None = None, source: str | None = None) -> None:
-        super().__init__(problem, sample_id=sample_id, file=file)
-        self.reason, self.index, self.source = reason, index, source
+        super().__init__(problem, sample_id=sample_id, file=file, reason=reason)
+        self.index, self.source = index, source
         where = [] if source is None else [str(source)]
         who = [] if index is None else [f"sample #{index}"]
         if sample_id is not None and sample_id != index:
@@ -60,12 +55,8 @@ def _rebuild(cls: type, problem: str, reason: str, index: Any, sample_id: Any, f
 
 
 def reason_of(err: BaseException) -> str:
-    """The cause key of a data error (its ``reason``, else inferred from the message of an images.py error)."""
-    reason = getattr(err, "reason", None)
-    if reason:
-        return reason
-    text = str(getattr(err, "problem", err))
-    return next((r for pat, r in _REASON_PATTERNS if pat in text), "invalid")
+    """The cause key of an error: a ``DataError``'s ``reason`` (stated by its class or given), else ``invalid``."""
+    return getattr(err, "reason", None) or "invalid"
 
 
 def locate(err: DataError, *, index: int | None = None, sample_id: Any = None,

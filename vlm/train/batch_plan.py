@@ -1,10 +1,9 @@
-"""Training data: dataset specs -> datasets of processed items, and a deterministic step-indexed batch plan.
+"""A deterministic step-indexed batch plan: which samples each rank trains on at each optimizer step.
 
-A data spec is a mapping with ``name`` (a ``DATASETS`` entry) plus its options, e.g. ``{name: shapes, split: train,
-size: 20000, tasks: {vqa: 4, grounding: 2}}`` or ``{name: llava_json, path: data/llava_v1_5_mix665k.json,
-image_root: data/}``. The batch plan maps an optimizer step to the sample indices of that step (a seeded permutation
-per epoch, sliced into equal per-rank shares, then micro-batches), so the data position is just the step number: a
-resumed run and a run with a different number of processes see exactly the same global batches.
+The batch plan maps an optimizer step to the sample indices of that step (a seeded permutation per epoch, sliced into
+equal per-rank shares, then micro-batches), so the data position is just the step number: a resumed run and a run
+with a different number of processes see exactly the same global batches. The datasets themselves come from
+``vlm.data.datasets`` (``DATASETS``).
 
 Each item is processed with the global RNGs seeded from ``(data seed, epoch, index)`` (:class:`SeededItems`), so
 randomness in processing (augmentation) is a function of the sample and its epoch too: the same with 0 or N workers,
@@ -13,86 +12,16 @@ after a resume, and independent of the model's own random stream (see :mod:`vlm.
 from __future__ import annotations
 
 import math
-import os
 import signal
 import zlib
 from collections.abc import Iterator
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vlm.data.shapes import ShapesDataset
-from vlm.registry import Registry, to_dict
 from vlm.train.rng import derive_seed, isolated
-
-DATASETS: Registry[Any] = Registry("dataset")
-#: default ``max_bad_fraction`` of file datasets: a run stops once more than 5% of its samples are known to be bad
-MAX_BAD_FRACTION = 0.05
-
-
-class Processed(Dataset):
-    """``processor(dataset[i])`` lazily (in DataLoader workers when there are any)."""
-
-    def __init__(self, samples: Any, processor: Any, add_generation_prompt: bool = False) -> None:
-        self.samples, self.processor, self.add_generation_prompt = samples, processor, add_generation_prompt
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.processor(self.samples[index], self.add_generation_prompt)
-
-
-@DATASETS.register("shapes")
-def shapes(processor: Any = None, add_generation_prompt: bool = False, **options: Any) -> Dataset:
-    """The built-in procedurally generated ``shapes`` dataset (``vlm.data.shapes.ShapesDataset`` options)."""
-    from vlm.data.shapes import build_shapes
-
-    samples = build_shapes(**options)
-    return samples if processor is None else Processed(samples, processor, add_generation_prompt)
-
-
-shapes.forwards_to = ShapesDataset  # type: ignore[attr-defined]  (its options are checked before a run starts)
-
-
-def _records(path: str, format: str, processor: Any, add_generation_prompt: bool, image_root: str | None,
-             skip_bad: bool, max_bad_fraction: float | None, **reader_options: Any) -> Dataset:
-    from vlm.data.dataset import SampleDataset
-
-    if not Path(path).exists():
-        raise FileNotFoundError(f"data file {path!r} does not exist (set the data path, e.g. "
-                                f"data.sft.path=/path/to/file.json, or VLM_DATA for the recipe defaults)")
-    if image_root is not None and not Path(image_root).is_dir():
-        raise FileNotFoundError(f"image_root {image_root!r} is not a directory")
-    return SampleDataset(path, format, processor=processor, image_folder=image_root, skip_bad=skip_bad,
-                         max_bad_fraction=max_bad_fraction, add_generation_prompt=add_generation_prompt,
-                         **reader_options)
-
-
-@DATASETS.register("records")
-def records(path: str, format: str = "auto", processor: Any = None, add_generation_prompt: bool = False,
-            image_root: str | None = None, skip_bad: bool = True, max_bad_fraction: float | None = MAX_BAD_FRACTION,
-            **reader_options: Any) -> Dataset:
-    """A json / jsonl / parquet file or ``save_to_disk`` directory in any reader format (``vlm.data.readers``)."""
-    return _records(path, format, processor, add_generation_prompt, image_root, skip_bad, max_bad_fraction,
-                    **reader_options)
-
-
-@DATASETS.register("llava_json")
-def llava_json(path: str, processor: Any = None, add_generation_prompt: bool = False, image_root: str | None = None,
-               skip_bad: bool = True, max_bad_fraction: float | None = MAX_BAD_FRACTION,
-               **reader_options: Any) -> Dataset:
-    """LLaVA's conversation json (``{"image": ..., "conversations": [{"from": "human", ...}]}``)."""
-    return _records(path, "llava", processor, add_generation_prompt, image_root, skip_bad, max_bad_fraction,
-                    **reader_options)
-
-
-def build_dataset(spec: Any, processor: Any = None, add_generation_prompt: bool = False) -> Dataset:
-    spec = to_dict(spec)
-    return DATASETS.build(spec, processor=processor, add_generation_prompt=add_generation_prompt)
 
 
 def data_seed(seed: int, stage: str) -> int:

@@ -1,0 +1,71 @@
+"""Training datasets by name: a data spec -> a dataset of ``Sample``s, or of processed items.
+
+A data spec is a mapping with ``name`` (a ``DATASETS`` entry) plus its options, e.g. ``{name: shapes, split: train,
+size: 20000, tasks: {vqa: 4, grounding: 2}}`` or ``{name: llava_json, path: data/llava_v1_5_mix665k.json,
+image_root: data/}``. With a ``processor`` the dataset yields processed items (tensors), lazily in ``__getitem__``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from vlm.data.dataset import ProcessedDataset, SampleDataset
+from vlm.data.shapes import ShapesDataset
+from vlm.registry import Registry, to_dict
+
+DATASETS: Registry[Any] = Registry("dataset")
+#: default ``max_bad_fraction`` of file datasets: a run stops once more than 5% of its samples are known to be bad
+MAX_BAD_FRACTION = 0.05
+
+
+def processed(samples: Dataset, processor: Any, add_generation_prompt: bool) -> Dataset:
+    """``samples`` itself without a processor, else ``ProcessedDataset(samples, processor, add_generation_prompt)``."""
+    return samples if processor is None else ProcessedDataset(samples, processor, add_generation_prompt)
+
+
+@DATASETS.register("shapes")
+def shapes(processor: Any = None, add_generation_prompt: bool = False, **options: Any) -> Dataset:
+    """The built-in procedurally generated ``shapes`` dataset (``vlm.data.shapes.ShapesDataset`` options)."""
+    from vlm.data.shapes import build_shapes
+
+    return processed(build_shapes(**options), processor, add_generation_prompt)
+
+
+shapes.forwards_to = ShapesDataset  # type: ignore[attr-defined]  (its options are checked before a run starts)
+
+
+def _records(path: str, format: str, processor: Any, add_generation_prompt: bool, image_root: str | None,
+             skip_bad: bool, max_bad_fraction: float | None, **reader_options: Any) -> Dataset:
+    if not Path(path).exists():
+        raise FileNotFoundError(f"data file {path!r} does not exist (set the data path, e.g. "
+                                f"data.sft.path=/path/to/file.json, or VLM_DATA for the recipe defaults)")
+    if image_root is not None and not Path(image_root).is_dir():
+        raise FileNotFoundError(f"image_root {image_root!r} is not a directory")
+    samples = SampleDataset(path, format, image_folder=image_root, skip_bad=skip_bad,
+                            max_bad_fraction=max_bad_fraction, **reader_options)
+    return processed(samples, processor, add_generation_prompt)
+
+
+@DATASETS.register("records")
+def records(path: str, format: str = "auto", processor: Any = None, add_generation_prompt: bool = False,
+            image_root: str | None = None, skip_bad: bool = True, max_bad_fraction: float | None = MAX_BAD_FRACTION,
+            **reader_options: Any) -> Dataset:
+    """A json / jsonl / parquet file or ``save_to_disk`` directory in any reader format (``vlm.data.readers``)."""
+    return _records(path, format, processor, add_generation_prompt, image_root, skip_bad, max_bad_fraction,
+                    **reader_options)
+
+
+@DATASETS.register("llava_json")
+def llava_json(path: str, processor: Any = None, add_generation_prompt: bool = False, image_root: str | None = None,
+               skip_bad: bool = True, max_bad_fraction: float | None = MAX_BAD_FRACTION,
+               **reader_options: Any) -> Dataset:
+    """LLaVA's conversation json (``{"image": ..., "conversations": [{"from": "human", ...}]}``)."""
+    return _records(path, "llava", processor, add_generation_prompt, image_root, skip_bad, max_bad_fraction,
+                    **reader_options)
+
+
+def build_dataset(spec: Any, processor: Any = None, add_generation_prompt: bool = False) -> Dataset:
+    spec = to_dict(spec)
+    return DATASETS.build(spec, processor=processor, add_generation_prompt=add_generation_prompt)
