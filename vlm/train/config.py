@@ -106,6 +106,9 @@ def check(cfg: DictConfig | dict[str, Any], overrides: Sequence[str] = ()) -> Di
         for key in ("global_batch_size", "micro_batch_size"):
             if st[key] < 1:
                 raise ConfigError(f"stage.{name}.{key}={st[key]}: expected a batch size >= 1")
+        if st.packing and st.max_length is None:
+            raise ConfigError(f"stage.{name}.packing=true: needs stage.{name}.max_length (the packed row length); "
+                              f"got null")
         check_objective(name, st, out.trainer.strategy)
     for module in MODULES:
         if "name" not in out[module]:

@@ -81,6 +81,19 @@ def records(path: str, format: str = "auto", processor: Any = None, add_generati
                     **reader_options)
 
 
+def check_records(format: str = "auto", **_: Any) -> None:
+    """``records``' options before anything is read: ``format`` is ``auto`` or a registered reader."""
+    from vlm.data.readers import READERS
+    from vlm.registry import did_you_mean
+
+    if format != "auto" and format not in READERS:
+        raise ValueError(f"format={format!r}: unknown reader; expected 'auto' or one of {READERS.names()} "
+                         f"({did_you_mean(format, READERS.names())})")
+
+
+records.check_options = check_records  # type: ignore[attr-defined]  (run by the config check)
+
+
 @DATASETS.register("llava_json")
 def llava_json(path: str, processor: Any = None, add_generation_prompt: bool = False, image_root: str | None = None,
                skip_bad: bool = True, max_bad_fraction: float | None = MAX_BAD_FRACTION,

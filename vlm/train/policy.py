@@ -26,8 +26,10 @@ from vlm.train.schema import MODULES
 class Policy:
     """A training policy for one module. ``check`` runs before the model is built; ``apply`` after."""
 
-    def check(self, module_name: str, stage: Any, device: torch.device) -> None:
-        """Raise a clear error if this policy cannot run on ``device`` for ``module_name``."""
+    def check(self, module_name: str, stage: Any, device: torch.device | None = None) -> None:
+        """Raise a clear error (``ValueError`` / ``RuntimeError``) if this policy cannot run for ``module_name``.
+        ``device=None`` (when a config is composed): the config alone; with the run's ``device``: what it needs
+        there too."""
 
     def apply(self, module: nn.Module, module_name: str, stage: Any) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -101,7 +103,7 @@ def lora_config(stage: Any) -> Any:
 
 @POLICIES.register("lora")
 class Lora(Policy):
-    def check(self, module_name: str, stage: Any, device: torch.device) -> None:
+    def check(self, module_name: str, stage: Any, device: torch.device | None = None) -> None:
         if module_name == "connector":
             raise ValueError("policy 'lora' is for the encoder or the LLM; train the connector with 'full'")
 
@@ -121,8 +123,10 @@ class Lora(Policy):
 
 @POLICIES.register("qlora")
 class QLora(Lora):
-    def check(self, module_name: str, stage: Any, device: torch.device) -> None:
+    def check(self, module_name: str, stage: Any, device: torch.device | None = None) -> None:
         super().check(module_name, stage, device)
+        if device is None:
+            return
         if device.type != "cuda":
             raise RuntimeError(f"policy 'qlora' ({module_name}) needs a CUDA device (bitsandbytes 4-bit); this run "
                                f"is on {device.type}. Use policy 'lora' here, or run on a GPU.")
@@ -154,22 +158,27 @@ def quantize_4bit(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16)
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, q.cuda())
 
 
-def check_policies(stage: Any, device: torch.device) -> None:
-    """Validate a stage's policies before anything is built (unknown names, qlora on CPU, ...)."""
+def check_policies(stage: Any, device: torch.device | None = None) -> None:
+    """Validate a stage's policies before anything is built: unknown names and the config (``device=None``, at
+    compose time), or what they need on the run's ``device`` (qlora: CUDA). Raises ``ValueError`` /
+    ``RuntimeError`` starting with ``policy.<module>=<name>``."""
     for module_name in MODULES:
-        name = stage.policy[module_name]
+        name = getattr(stage.policy, module_name)
         try:
             policy = POLICIES.get(name)
         except KeyError as e:
-            raise ValueError(f"stage policy.{module_name}: {e.args[0]}") from None
-        policy().check(module_name, stage, device)
+            raise ValueError(f"policy.{module_name}={name!r}: {e.args[0]}") from None
+        try:
+            policy().check(module_name, stage, device)
+        except (ValueError, RuntimeError) as e:
+            raise type(e)(f"policy.{module_name}={name!r}: {e}") from e
 
 
 def apply_policies(model: nn.Module, stage: Any) -> dict[str, str]:
     """Set ``requires_grad`` (and inject adapters) on ``model.encoder/connector/llm`` per ``stage.policy``."""
     applied = {}
     for module_name in MODULES:
-        name = stage.policy[module_name]
+        name = getattr(stage.policy, module_name)
         POLICIES.get(name)().apply(getattr(model, module_name), module_name, stage)
         applied[module_name] = name
     freeze_unused_encoder_layers(model)

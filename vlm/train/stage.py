@@ -310,9 +310,7 @@ class SkipCounting:
 def make_collator(tokenizer: Any, stage: DictConfig) -> Any:
     from vlm.data.collate import PackCollator, PadCollator
 
-    if stage.packing:
-        if stage.max_length is None:
-            raise ConfigError("packing needs stage.<name>.max_length (the packed row length)")
+    if stage.packing:  # (config.check: packing has a max_length)
         return PackCollator(tokenizer.pad_token_id, int(stage.max_length))
     return PadCollator(tokenizer.pad_token_id, padding_side="right")
 
