@@ -71,9 +71,18 @@ def test_find_resumable_needs_a_checkpoint(tmp_path, monkeypatch):
 
 
 def test_failed_before_training_is_recorded_and_not_resumed(tmp_path, monkeypatch):
+    import vlm.train.stage as stage_mod
+
     monkeypatch.chdir(tmp_path)
-    with pytest.raises((ConfigError, TypeError)):  # the connector rejects the option when the model is built
-        run(recipe="micro", overrides=FAST + ["+connector.no_such_option=1"])
+    # config mistakes stop before the run directory exists (tests/test_train_checks.py); a failure building the
+    # model comes after it
+    def build_fails(*a, **k):
+        raise TypeError("connector 'mlp': unknown argument(s) 'no_such_option'")
+
+    with monkeypatch.context() as m:
+        m.setattr(stage_mod, "build_model", build_fails)
+        with pytest.raises(TypeError):
+            run(recipe="micro", overrides=FAST)
     (failed,) = (tmp_path / "runs" / "micro").iterdir()
     info = run_info(failed)
     assert info["state"] == "failed" and "no_such_option" in info["error"]

@@ -242,10 +242,11 @@ def check_stage_parts(cfg: DictConfig) -> None:
 def check_stage_policies(cfg: DictConfig, name: str, device: Any = None) -> None:
     """``policy.check_policies`` of stage ``name`` as a ``ConfigError``: the config alone (``device=None``), or what
     the policies need on the run's ``device``."""
+    from vlm.train.config import stage_config
     from vlm.train.policy import check_policies
 
     try:
-        check_policies(cfg.stage[name], device)
+        check_policies(stage_config(cfg, name), device)
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"stage.{name}.{_first_line(str(e))}") from e
 

@@ -21,6 +21,7 @@ from vlm.objectives import LM
 from vlm.train.distributed import Strategy
 from vlm.train.interrupt import STOP, Interrupted, kill_point
 from vlm.train.rng import set_rng_state
+from vlm.train.schema import StageConfig, TrainerConfig
 
 IGNORE_INDEX = -100
 
@@ -108,8 +109,8 @@ class StageLoop:
     """Everything one stage's loop needs; built by :mod:`vlm.train.stage`."""
 
     name: str
-    stage: Any
-    trainer: Any
+    stage: StageConfig
+    trainer: TrainerConfig
     strategy: Strategy
     model: nn.Module            # unwrapped
     wrapped: nn.Module          # what forward is called on (DDP / FSDP / the model)
@@ -131,7 +132,7 @@ class StageLoop:
 
     def __post_init__(self) -> None:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.objective = self.stage.objective.name != LM
+        self.objective = self.stage.objective["name"] != LM
         fp16 = self.precision == torch.float16 and self.strategy.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
 

@@ -20,18 +20,18 @@ import torch
 from torch import nn
 
 from vlm.registry import Registry
-from vlm.train.schema import MODULES
+from vlm.train.schema import MODULES, StageConfig
 
 
 class Policy:
     """A training policy for one module. ``check`` runs before the model is built; ``apply`` after."""
 
-    def check(self, module_name: str, stage: Any, device: torch.device | None = None) -> None:
+    def check(self, module_name: str, stage: StageConfig, device: torch.device | None = None) -> None:
         """Raise a clear error (``ValueError`` / ``RuntimeError``) if this policy cannot run for ``module_name``.
         ``device=None`` (when a config is composed): the config alone; with the run's ``device``: what it needs
         there too."""
 
-    def apply(self, module: nn.Module, module_name: str, stage: Any) -> None:  # pragma: no cover - abstract
+    def apply(self, module: nn.Module, module_name: str, stage: StageConfig) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
@@ -40,13 +40,13 @@ POLICIES: Registry[Policy] = Registry("policy")
 
 @POLICIES.register("frozen")
 class Frozen(Policy):
-    def apply(self, module: nn.Module, module_name: str, stage: Any) -> None:
+    def apply(self, module: nn.Module, module_name: str, stage: StageConfig) -> None:
         module.requires_grad_(False)
 
 
 @POLICIES.register("full")
 class Full(Policy):
-    def apply(self, module: nn.Module, module_name: str, stage: Any) -> None:
+    def apply(self, module: nn.Module, module_name: str, stage: StageConfig) -> None:
         module.requires_grad_(True)
 
 
@@ -64,8 +64,8 @@ def layer_stack(module: nn.Module) -> tuple[str, nn.ModuleList | nn.Sequential]:
 
 @POLICIES.register("partial")
 class Partial(Policy):
-    def apply(self, module: nn.Module, module_name: str, stage: Any) -> None:
-        start = int(stage.partial_from[module_name])
+    def apply(self, module: nn.Module, module_name: str, stage: StageConfig) -> None:
+        start = int(getattr(stage.partial_from, module_name))
         name, layers = layer_stack(module)
         n = len(layers)
         first = start + n if start < 0 else start
@@ -90,7 +90,7 @@ def lora_host(module: nn.Module) -> nn.Module:
     return getattr(module, "model", module)
 
 
-def lora_config(stage: Any) -> Any:
+def lora_config(stage: StageConfig) -> Any:
     from peft import LoraConfig
 
     lora = stage.lora
@@ -103,11 +103,11 @@ def lora_config(stage: Any) -> Any:
 
 @POLICIES.register("lora")
 class Lora(Policy):
-    def check(self, module_name: str, stage: Any, device: torch.device | None = None) -> None:
+    def check(self, module_name: str, stage: StageConfig, device: torch.device | None = None) -> None:
         if module_name == "connector":
             raise ValueError("policy 'lora' is for the encoder or the LLM; train the connector with 'full'")
 
-    def apply(self, module: nn.Module, module_name: str, stage: Any) -> None:
+    def apply(self, module: nn.Module, module_name: str, stage: StageConfig) -> None:
         from peft import inject_adapter_in_model
 
         module.requires_grad_(False)
@@ -123,7 +123,7 @@ class Lora(Policy):
 
 @POLICIES.register("qlora")
 class QLora(Lora):
-    def check(self, module_name: str, stage: Any, device: torch.device | None = None) -> None:
+    def check(self, module_name: str, stage: StageConfig, device: torch.device | None = None) -> None:
         super().check(module_name, stage, device)
         if device is None:
             return
@@ -133,7 +133,7 @@ class QLora(Lora):
         if importlib.util.find_spec("bitsandbytes") is None:
             raise RuntimeError("policy 'qlora' needs bitsandbytes: pip install -e '.[qlora]'")
 
-    def apply(self, module: nn.Module, module_name: str, stage: Any) -> None:
+    def apply(self, module: nn.Module, module_name: str, stage: StageConfig) -> None:
         quantize_4bit(lora_host(module))
         super().apply(module, module_name, stage)
 
@@ -158,7 +158,7 @@ def quantize_4bit(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16)
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, q.cuda())
 
 
-def check_policies(stage: Any, device: torch.device | None = None) -> None:
+def check_policies(stage: StageConfig, device: torch.device | None = None) -> None:
     """Validate a stage's policies before anything is built: unknown names and the config (``device=None``, at
     compose time), or what they need on the run's ``device`` (qlora: CUDA). Raises ``ValueError`` /
     ``RuntimeError`` starting with ``policy.<module>=<name>``."""
@@ -174,7 +174,7 @@ def check_policies(stage: Any, device: torch.device | None = None) -> None:
             raise type(e)(f"policy.{module_name}={name!r}: {e}") from e
 
 
-def apply_policies(model: nn.Module, stage: Any) -> dict[str, str]:
+def apply_policies(model: nn.Module, stage: StageConfig) -> dict[str, str]:
     """Set ``requires_grad`` (and inject adapters) on ``model.encoder/connector/llm`` per ``stage.policy``."""
     applied = {}
     for module_name in MODULES:
