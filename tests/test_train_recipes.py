@@ -1,13 +1,17 @@
-"""The shipped large recipes build at real dimensions on the meta device (nothing downloaded); parameter counts
-match the published models."""
+"""Every shipped recipe composes, passes every check that runs before training and builds on the meta device at
+its real dimensions (nothing downloaded); parameter counts match the published models."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
 import vlm
-from vlm.train import compose
+from vlm.train import compose, list_options
+from vlm.train.build import build_model, build_tokenizer
 from vlm.train.config import model_config
+from vlm.train.config_check import check_runnable, used_data_keys
 from vlm.train.policy import apply_policies
 
 CLIP_L14_336 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
@@ -107,3 +111,68 @@ def test_scratch_siglip_qwen_dimensions_and_lora():
 
     groups = {g["name"]: g["lr"] for g in param_groups(model, sft)}
     assert groups["connector.decay"] == pytest.approx(1e-4) and groups["llm.decay"] == pytest.approx(3e-5)
+
+
+# the architecture of each model directory a recipe's `pretrained:` names (its config.json, written out here)
+ARCHITECTURES = {"clip-vit-large-patch14-336": CLIP_L14_336, "vicuna-7b-v1.5": VICUNA_7B,
+                 "siglip-so400m-patch14-384": SIGLIP_SO400M, "Qwen2-0.5B-Instruct": QWEN2_0_5B}
+# parameter counts of the recipes built from published models (image token on the last id: no new embedding row)
+PUBLISHED_PARAMS = {"llava15": 303_507_456 + (1024 * 4096 + 4096 + 4096 * 4096 + 4096) + 6_738_415_616,  # ~7.06B
+                    "scratch_siglip_qwen": 412_987_248 + (1152 * 896 + 896 + 896 * 896 + 896) + 494_032_768}
+
+
+def create_data_files(cfg) -> None:
+    """Empty stand-ins at the data paths the run reads (the pre-training check tests that they exist)."""
+    for key in used_data_keys(cfg):
+        spec = cfg.data[key]
+        if spec.get("path") is not None:
+            Path(spec.path).parent.mkdir(parents=True, exist_ok=True)
+            Path(spec.path).touch()
+        if spec.get("image_root") is not None:
+            Path(spec.image_root).mkdir(parents=True, exist_ok=True)
+
+
+def meta_model_config(cfg):
+    """``(vlm.build config, tokenizer or None)`` building the run's model at its real size on the meta device.
+
+    Components loaded from ``pretrained`` directories get their architecture from ``ARCHITECTURES``; a file-free
+    tokenizer is built as in a run, and the LLM's vocabulary is set to its final length (transformers cannot resize
+    embeddings on meta)."""
+    mc = model_config(cfg)
+    for module in ("encoder", "llm"):
+        pretrained = mc[module].pop("pretrained", None)
+        if pretrained is not None:
+            arch = ARCHITECTURES.get(Path(pretrained).name)
+            assert arch is not None, f"add the architecture of {pretrained!r} to ARCHITECTURES"
+            mc[module]["config"] = dict(arch)
+    if cfg.tokenizer.get("path") is not None:  # a tokenizer directory (next to the weights): not here
+        mc["image_token_id"] = mc["llm"]["config"]["vocab_size"] - 1
+        return mc, None
+    tok = build_tokenizer(cfg, [cfg.stage[n].template for n in cfg.stages])
+    tok.add_tokens(["<image>"], special_tokens=True)
+    mc["llm"]["config"]["vocab_size"] = max(len(tok), mc["llm"]["config"]["vocab_size"])
+    return mc, tok
+
+
+@pytest.mark.parametrize("recipe", list_options("recipe"))
+def test_every_recipe_checks_and_builds_on_meta(recipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLM_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("VLM_MODELS", str(tmp_path / "models"))
+    cfg = compose(recipe)                       # schema + every name (config.check)
+    create_data_files(cfg)
+    check_runnable(cfg, torch.device("cpu"))    # files and devices: the rest of what runs before training
+    mc, tok = meta_model_config(cfg)
+    with torch.device("meta"):
+        model = vlm.build(mc, tok)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    n = count(model)
+    if recipe in PUBLISHED_PARAMS:
+        assert n == PUBLISHED_PARAMS[recipe]
+    if tok is not None:  # small enough to build for real: the same parameters as the run's model
+        real = build_model(cfg, tok)
+        assert n == count(real) and [(k, v.shape) for k, v in model.state_dict().items()] == \
+            [(k, v.shape) for k, v in real.state_dict().items()]
+    with torch.device("meta"):
+        for name in cfg.stages:  # every stage's policies apply to the built model
+            apply_policies(model, cfg.stage[name])
+            assert any(p.requires_grad for p in model.parameters()), name

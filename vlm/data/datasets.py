@@ -6,6 +6,8 @@ image_root: data/}``. With a ``processor`` the dataset yields processed items (t
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,33 @@ def records(path: str, format: str = "auto", processor: Any = None, add_generati
                     **reader_options)
 
 
+def check_records(format: str = "auto", **options: Any) -> None:
+    """A file dataset's options before anything is read: ``format`` is ``auto`` or a registered reader, and every
+    other option is the dataset's, ``SampleDataset``'s or the reader's (with ``auto``: any reader's)."""
+    from vlm.data.dataset import SampleDataset
+    from vlm.data.readers import READERS
+    from vlm.registry import did_you_mean
+
+    if format != "auto" and format not in READERS:
+        raise ValueError(f"format={format!r}: unknown reader; expected 'auto' or one of {READERS.names()} "
+                         f"({did_you_mean(format, READERS.names())})")
+    def named(f: Any) -> set[str]:  # the arguments ``f`` names (its ``**options`` are checked here)
+        return {n for n, p in inspect.signature(f).parameters.items()
+                if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)}
+
+    allowed = named(records) | named(SampleDataset)
+    for reader in (READERS.names() if format == "auto" else [format]):
+        allowed |= named(READERS.get(reader))
+    allowed -= {"source", "processor", "add_generation_prompt", "image_folder"}
+    for key, value in options.items():
+        if key not in allowed:
+            raise ValueError(f"{key}={value!r}: not an option of this data set or the {format!r} reader; expected "
+                             f"one of {sorted(allowed)} ({did_you_mean(key, sorted(allowed))})")
+
+
+records.check_options = check_records  # type: ignore[attr-defined]  (run by the config check)
+
+
 @DATASETS.register("llava_json")
 def llava_json(path: str, processor: Any = None, add_generation_prompt: bool = False, image_root: str | None = None,
                skip_bad: bool = True, max_bad_fraction: float | None = MAX_BAD_FRACTION,
@@ -64,6 +93,9 @@ def llava_json(path: str, processor: Any = None, add_generation_prompt: bool = F
     """LLaVA's conversation json (``{"image": ..., "conversations": [{"from": "human", ...}]}``)."""
     return _records(path, "llava", processor, add_generation_prompt, image_root, skip_bad, max_bad_fraction,
                     **reader_options)
+
+
+llava_json.check_options = functools.partial(check_records, "llava")  # type: ignore[attr-defined]
 
 
 def build_dataset(spec: Any, processor: Any = None, add_generation_prompt: bool = False) -> Dataset:

@@ -217,15 +217,28 @@ def byte_bpe(vocab_size: int = 512, corpus: Sequence[str] = ("pretrain", "sft"),
     of the corpus become single tokens (much shorter sequences for a tiny model), digits stay single tokens."""
     from vlm.data.datasets import build_dataset
 
-    if data is None:
-        raise ValueError("tokenizer byte_bpe needs the run's data config to train on")
+    check_corpus(corpus, data)
     texts: list[str] = []
     for key in corpus:
-        if key not in data or data[key] is None:
-            raise ValueError(f"tokenizer.corpus names data.{key}, which is not configured; data keys: {list(data)}")
         ds = build_dataset(data[key])
         for i in range(min(int(corpus_samples), len(ds))):
             texts += [f"{m.role}\n{m.text()}" for m in ds[i].messages]
     tok = byte_bpe_tokenizer(texts, vocab_size=int(vocab_size), chat_template=chat_template,
                              split_digits=split_digits)
     return _add_tokens(tok, extra_tokens, number_tokens)
+
+
+def check_corpus(corpus: Sequence[str] = ("pretrain", "sft"), data: Any = None, **_: Any) -> None:
+    """``byte_bpe``'s ``corpus`` names configured ``data`` keys (run by the config check, and before training)."""
+    from vlm.registry import did_you_mean
+
+    if data is None:
+        raise ValueError("tokenizer byte_bpe needs the run's data config to train on")
+    configured = [k for k in data if data[k] is not None]
+    for key in corpus:
+        if key not in configured:
+            raise ValueError(f"corpus={list(corpus)}: names data.{key}, which is not configured; "
+                             f"expected keys of data {configured} ({did_you_mean(key, configured)})")
+
+
+byte_bpe.check_options = check_corpus  # type: ignore[attr-defined]

@@ -11,6 +11,8 @@ after a resume, and independent of the model's own random stream (see :mod:`vlm.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import signal
 import zlib

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -16,8 +16,9 @@ from omegaconf.errors import OmegaConfBaseException
 from vlm.train.interrupt import check_kill_at
 from vlm.registry import did_you_mean
 from vlm.train.config_check import ConfigError, check_components, explain, raw_without_hydra, unknown_choice
-from vlm.train.schema import MODULES, RunConfig
+from vlm.train.schema import MODULES, RunConfig, StageConfig, TrainerConfig
 
+T = TypeVar("T")
 RECIPES_ENV = "VLM_RECIPES"
 PRIMARY_CONFIG = "config"
 
@@ -106,6 +107,9 @@ def check(cfg: DictConfig | dict[str, Any], overrides: Sequence[str] = ()) -> Di
         for key in ("global_batch_size", "micro_batch_size"):
             if st[key] < 1:
                 raise ConfigError(f"stage.{name}.{key}={st[key]}: expected a batch size >= 1")
+        if st.packing and st.max_length is None:
+            raise ConfigError(f"stage.{name}.packing=true: needs stage.{name}.max_length (the packed row length); "
+                              f"got null")
         check_objective(name, st, out.trainer.strategy)
     for module in MODULES:
         if "name" not in out[module]:
@@ -149,6 +153,25 @@ def check_objective(name: str, st: DictConfig, strategy: str) -> None:
     if st.packing and not cls.supports_packing:
         raise ConfigError(f"stage.{name}.objective={obj.name!r} needs one whole sample per row (no packing): set "
                           f"stage.{name}.packing=false")
+
+
+def typed(node: Any, schema: type[T]) -> T:
+    """A config node as an instance of its schema dataclass (``StageConfig``, ``TrainerConfig``, ...): attribute
+    access that static checkers verify. Open fields (``Any``: a stage's ``template``, ``objective``) become plain
+    dicts / strings."""
+    if isinstance(node, schema):
+        return node
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+
+
+def stage_config(cfg: DictConfig, name: str) -> StageConfig:
+    """Stage ``name`` of a checked config, typed."""
+    return typed(cfg.stage[name], StageConfig)
+
+
+def trainer_config(cfg: DictConfig) -> TrainerConfig:
+    """``trainer`` of a checked config, typed."""
+    return typed(cfg.trainer, TrainerConfig)
 
 
 def model_config(cfg: DictConfig) -> dict[str, Any]:

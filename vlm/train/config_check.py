@@ -2,11 +2,13 @@
 option, raised before anything is built or written.
 
 - ``explain(exc, overrides, ...)`` turns a Hydra composition error or an OmegaConf schema error into that form;
-- ``check_components(cfg)`` (part of ``config.check``) checks component names and arguments (``encoder``,
-  ``connector``, ``llm``, ``tokenizer``, ``data.*``, strategy, precision, logger) against their registries, without
-  building anything;
-- ``check_runnable(cfg)`` (before a run) checks each stage's named parts (template, optimizer, scheduler, policies,
-  loss weighting) and that the data and ``init_from`` paths the run reads exist.
+- ``check_components(cfg)`` (part of ``config.check``, i.e. at compose time) is the one pass over every name a config
+  refers to, against the registries, without building or reading anything: strategy, precision, logger; ``encoder``,
+  ``connector``, ``llm``, ``tokenizer`` and the data sets the run reads (names, arguments, each component's own
+  ``check_options``); each stage's template, optimizer, scheduler, loss weighting and policies (``check_stage_parts``;
+  the objective: ``config.check_objective``);
+- ``check_runnable(cfg, device)`` (before a run) checks only what needs the machine: that the data and ``init_from``
+  paths exist, and what the policies need on ``device`` (qlora: CUDA).
 """
 from __future__ import annotations
 
@@ -96,9 +98,13 @@ def explain(exc: BaseException, overrides: Sequence[str] = (), raw: Any = None,
     full_key = getattr(cause, "full_key", None)
     if isinstance(cause, OmegaConfBaseException) and full_key:
         path = full_key.split(".")
-        given = [o for o in overrides if o.lstrip("+~").partition("=")[0] == full_key]
+        keys = [o.lstrip("+~").partition("=")[0] for o in overrides]
+        given = [o for o, k in zip(overrides, keys) if k == full_key or k.startswith(f"{full_key}.")]
         setting = given[-1].lstrip("+~") if given else f"{full_key}={_value_at(raw, path)!r}"
         if isinstance(cause, (KeyError, AttributeError)):  # ConfigKeyError / ConfigAttributeError: no such key
+            if given and path[-1] in schema_keys(path[:-1]):  # a schema key the recipe leaves at its default
+                return ConfigError(f"{setting}: {full_key} is not set by the recipe (the schema default applies); "
+                                   f"expected +{setting} to set it")
             base = compose_without(given[-1]) if given and compose_without else raw
             return unknown_key(setting, full_key, schema_keys(path[:-1]) + _node_keys(base, path[:-1]))
         return ConfigError(f"{setting}: {_first_line(getattr(cause, 'msg', str(cause)))}")
@@ -149,14 +155,18 @@ def _registry_at(path: Sequence[str]) -> tuple[Registry[Any], tuple[str, ...]] |
     return None
 
 
-def check_component(key: str, spec: Any, registry: Registry[Any], provided: Sequence[str] = ()) -> None:
-    """``spec`` (``name`` + arguments) names a registered component and passes only arguments it takes."""
-    spec = to_dict(spec) if spec is not None else {}
+def check_component(key: str, spec: Any, registry: Registry[Any], provided: Sequence[str] = (),
+                    context: dict[str, Any] | None = None) -> None:
+    """``spec`` (``name`` + arguments, or a bare name) names a registered component and passes only arguments it
+    takes; then the component's own ``check_options`` (if it states one) checks the options without building
+    anything. ``context``: run-level values (e.g. ``data``) handed to ``check_options`` when it takes them."""
+    bare = isinstance(spec, str)
+    spec = {"name": spec} if bare else (to_dict(spec) if spec is not None else {})
     if "name" not in spec:
         raise ConfigError(f"{key}: no `name`; expected one of {registry.names()}")
     name = spec.pop("name")
     if name not in registry:
-        raise unknown_choice(f"{key}.name", name, registry.family, registry.names())
+        raise unknown_choice(key if bare else f"{key}.name", name, registry.family, registry.names())
     factory = registry.get(name)
     accepted = accepted_kwargs(factory)
     if accepted is not None:
@@ -167,8 +177,10 @@ def check_component(key: str, spec: Any, registry: Registry[Any], provided: Sequ
                                   f"expected one of {accepted} ({did_you_mean(arg, accepted)})")
     checker = getattr(factory, "check_options", None)  # a component's own check of nested options (no build)
     if checker is not None:
+        wanted = accepted_kwargs(checker)
+        extra = {k: v for k, v in (context or {}).items() if wanted is None or k in wanted}
         try:
-            checker(**spec)
+            checker(**spec, **extra)
         except (TypeError, ValueError, KeyError) as e:
             raise ConfigError(f"{key}: {_first_line(str(e.args[0] if e.args else e))}") from e
 
@@ -182,7 +194,9 @@ def used_data_keys(cfg: DictConfig) -> list[str]:
 
 
 def check_components(cfg: DictConfig) -> None:
-    """Every component of the run is registered and gets only arguments it takes (nothing is built)."""
+    """The one pass over every name the run refers to (part of ``config.check``; nothing is built, nothing read
+    from disk): strategy, precision, logger; ``encoder``, ``connector``, ``llm``, ``tokenizer`` and the data sets
+    the run reads (names and arguments, ``check_options``); each stage's parts (``check_stage_parts``)."""
     from vlm.train.distributed import DTYPES, STRATEGIES
     from vlm.train.loggers import BACKENDS
 
@@ -193,14 +207,18 @@ def check_components(cfg: DictConfig) -> None:
         if value not in options:
             raise unknown_choice(key, value, what, options)
     regs = _registries()
-    for group in (*MODULES, "tokenizer"):
+    for group in MODULES:
         check_component(group, cfg[group], *regs[group])
+    check_component("tokenizer", cfg.tokenizer, *regs["tokenizer"], context={"data": to_dict(cfg.data)})
     for key in used_data_keys(cfg):
         check_component(f"data.{key}", cfg.data[key], *regs["data"])
+    check_stage_parts(cfg)
 
 
 def check_stage_parts(cfg: DictConfig) -> None:
-    """Each stage's template, optimizer, scheduler, policies and loss weighting are registered."""
+    """Each stage's template (name and options), optimizer, scheduler, loss weighting and policies (names, and
+    each policy's device-free ``check``: e.g. no ``lora`` on the connector). The objective is checked by
+    ``config.check_objective``."""
     from vlm.data.templates import TEMPLATES
     from vlm.loss import LOSS_WEIGHTINGS
     from vlm.train.optim import OPTIMIZERS, SCHEDULES
@@ -208,28 +226,46 @@ def check_stage_parts(cfg: DictConfig) -> None:
 
     for name in cfg.stages:
         st, pre = cfg.stage[name], f"stage.{name}"
-        template = st.template if isinstance(st.template, str) else st.template.get("name")
-        for key, value, reg in ((f"{pre}.template", template, TEMPLATES), (f"{pre}.optimizer", st.optimizer,
-                                                                           OPTIMIZERS),
+        check_component(f"{pre}.template", st.template, TEMPLATES)
+        for key, value, reg in ((f"{pre}.optimizer", st.optimizer, OPTIMIZERS),
                                 (f"{pre}.scheduler", st.scheduler, SCHEDULES)):
             if value not in reg:
                 raise unknown_choice(key, value, reg.family, reg.names())
+        if st.loss_weighting not in LOSS_WEIGHTINGS:
+            raise unknown_choice(f"{pre}.loss_weighting", st.loss_weighting, "loss weighting", LOSS_WEIGHTINGS)
         for module in MODULES:
             if st.policy[module] not in POLICIES:
                 raise unknown_choice(f"{pre}.policy.{module}", st.policy[module], "policy", POLICIES.names())
-        if st.loss_weighting not in LOSS_WEIGHTINGS:
-            raise unknown_choice(f"{pre}.loss_weighting", st.loss_weighting, "loss weighting", LOSS_WEIGHTINGS)
+        check_stage_policies(cfg, name)
 
 
-def check_runnable(cfg: DictConfig) -> None:
-    """What a run needs beyond a composable config: registered stage parts (``check_stage_parts``) and the files
-    it reads (``check_files``). ``python -m vlm.train`` calls it for every job before starting; ``run`` again."""
-    check_stage_parts(cfg)
+def check_stage_policies(cfg: DictConfig, name: str, device: Any = None) -> None:
+    """``policy.check_policies`` of stage ``name`` as a ``ConfigError``: the config alone (``device=None``), or what
+    the policies need on the run's ``device``."""
+    from vlm.train.config import stage_config
+    from vlm.train.policy import check_policies
+
+    try:
+        check_policies(stage_config(cfg, name), device)
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f"stage.{name}.{_first_line(str(e))}") from e
+
+
+def check_runnable(cfg: DictConfig, device: Any = None) -> None:
+    """What a run needs beyond a checked config (``config.check``: every name, before this): the files it reads
+    (``check_files``) and, given the ``device`` it runs on, what each stage's policies need there (qlora: CUDA,
+    bitsandbytes). ``python -m vlm.train`` calls it for every job before starting (no device yet); ``run`` with
+    its device."""
     check_files(cfg)
+    if device is not None:
+        for name in cfg.stages:
+            check_stage_policies(cfg, name, device)
 
 
 def check_files(cfg: DictConfig) -> None:
-    """The data files/folders and ``init_from`` the run reads exist."""
+    """The data files/folders and ``init_from`` the run reads exist (``init_from``: and hold weights)."""
+    from vlm.train.export import resolve_weights
+
     for key in used_data_keys(cfg):
         spec = cfg.data[key]
         for field in ("path", "image_root"):
@@ -237,9 +273,14 @@ def check_files(cfg: DictConfig) -> None:
             if value is not None and not Path(value).exists():
                 raise ConfigError(f"data.{key}.{field}={value!r}: does not exist; expected an existing "
                                   f"{'file' if field == 'path' else 'folder'} (set it, or $VLM_DATA)")
-    if cfg.init_from is not None and not Path(cfg.init_from).exists():
-        raise ConfigError(f"init_from={cfg.init_from!r}: does not exist; expected a run, stage or final/ directory "
-                          f"or a .safetensors file")
+    if cfg.init_from is not None:
+        if not Path(cfg.init_from).exists():
+            raise ConfigError(f"init_from={cfg.init_from!r}: does not exist; expected a run, stage or final/ "
+                              f"directory or a .safetensors file")
+        try:
+            resolve_weights(Path(cfg.init_from))
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"init_from={cfg.init_from!r}: {_first_line(str(e))}") from e
 
 
 def raw_without_hydra(cfg: Any) -> DictConfig:

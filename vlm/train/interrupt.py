@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from vlm.train.schema import TrainerConfig
+
 KILL_SIGNALS = ("KILL", "TERM", "INT")
 
 
@@ -116,7 +118,7 @@ def stop_on_sigterm() -> Iterator[None]:
         STOP.requested = False
 
 
-def check_kill_at(trainer: Any, stages: Sequence[str]) -> str | None:
+def check_kill_at(trainer: TrainerConfig, stages: Sequence[str]) -> str | None:
     """Why ``trainer.kill_at`` / ``trainer.kill_signal`` are invalid, or ``None``."""
     if trainer.kill_signal not in KILL_SIGNALS:
         return f"trainer.kill_signal={trainer.kill_signal!r}; expected one of {list(KILL_SIGNALS)}"
@@ -129,7 +131,7 @@ def check_kill_at(trainer: Any, stages: Sequence[str]) -> str | None:
     return None
 
 
-def kill_point(trainer: Any, stage: str, point: int | str, run_dir: Path, rank: int = 0) -> None:
+def kill_point(trainer: TrainerConfig, stage: str, point: int | str, run_dir: Path, rank: int = 0) -> None:
     """Send ``trainer.kill_signal`` to this process if ``trainer.kill_at`` names ``<stage>:<point>``, once per run
     directory and process (a marker file ``.kill_at-<stage>-<point>-rank<r>`` is written first), so a resume whose
     config still holds ``kill_at`` passes the point."""

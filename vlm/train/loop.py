@@ -25,6 +25,7 @@ from vlm.objectives import Objective
 from vlm.train.distributed import Strategy
 from vlm.train.interrupt import STOP, Interrupted, kill_point
 from vlm.train.rng import set_rng_state
+from vlm.train.schema import StageConfig, TrainerConfig
 
 
 OOM_ERRORS: tuple[type[BaseException], ...] = (torch.OutOfMemoryError, MemoryError)
@@ -85,8 +86,8 @@ class StageLoop:
     """Everything one stage's loop needs; built by :mod:`vlm.train.stage`."""
 
     name: str
-    stage: Any
-    trainer: Any
+    stage: StageConfig
+    trainer: TrainerConfig
     strategy: Strategy
     model: nn.Module            # unwrapped: the TrainModule (model + objective)
     wrapped: nn.Module          # what forward is called on (DDP / FSDP / the TrainModule)

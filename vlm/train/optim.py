@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from vlm.registry import Registry
-from vlm.train.schema import MODULES
+from vlm.train.schema import MODULES, StageConfig
 
 OPTIMIZERS: Registry[torch.optim.Optimizer] = Registry("optimizer")
 SCHEDULES: Registry[Callable[..., float]] = Registry("scheduler")
@@ -48,7 +48,7 @@ def no_decay_names(module: nn.Module) -> set[str]:
     return out
 
 
-def param_groups(model: nn.Module, stage: Any, objective: nn.Module | None = None) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, stage: StageConfig, objective: nn.Module | None = None) -> list[dict[str, Any]]:
     """One group per (module, decay / no-decay) holding that module's trainable parameters.
 
     Each group carries ``name`` (``"llm.decay"``, ``"connector.no_decay"``, ...), ``lr`` (``stage.module_lr.<module>``
@@ -62,7 +62,7 @@ def param_groups(model: nn.Module, stage: Any, objective: nn.Module | None = Non
         parts.append(("objective_head", objective))
     for module_name, module in parts:
         exempt = no_decay_names(module)
-        lr = stage.module_lr[module_name] if module_name in MODULES else None
+        lr = getattr(stage.module_lr, module_name) if module_name in MODULES else None
         lr = float(stage.lr if lr is None else lr)
         buckets: dict[str, tuple[list[str], list[nn.Parameter]]] = {"decay": ([], []), "no_decay": ([], [])}
         for name, p in module.named_parameters():
@@ -80,17 +80,17 @@ def param_groups(model: nn.Module, stage: Any, objective: nn.Module | None = Non
 
 
 @OPTIMIZERS.register("adamw")
-def adamw(groups: list[dict[str, Any]], stage: Any, device: torch.device) -> torch.optim.Optimizer:
+def adamw(groups: list[dict[str, Any]], stage: StageConfig, device: torch.device) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=float(stage.lr), betas=tuple(stage.betas), eps=float(stage.eps),
                              foreach=device.type == "cuda")
 
 
 @OPTIMIZERS.register("sgd")
-def sgd(groups: list[dict[str, Any]], stage: Any, device: torch.device) -> torch.optim.Optimizer:
+def sgd(groups: list[dict[str, Any]], stage: StageConfig, device: torch.device) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=float(stage.lr), momentum=float(stage.betas[0]))
 
 
-def build_optimizer(model: nn.Module, stage: Any, device: torch.device,
+def build_optimizer(model: nn.Module, stage: StageConfig, device: torch.device,
                     objective: nn.Module | None = None) -> torch.optim.Optimizer:
     groups = param_groups(model, stage, objective)
     optimizer = OPTIMIZERS.get(stage.optimizer)(
@@ -114,7 +114,7 @@ def constant(progress: float, min_ratio: float) -> float:
     return 1.0
 
 
-def warmup_steps(stage: Any, total_steps: int) -> int:
+def warmup_steps(stage: StageConfig, total_steps: int) -> int:
     if stage.warmup_steps is not None:
         return int(stage.warmup_steps)
     return int(math.ceil(float(stage.warmup_ratio) * total_steps))
@@ -129,7 +129,7 @@ def lr_multiplier(step: int, total_steps: int, warmup: int, schedule: str, min_r
     return SCHEDULES.get(schedule)(progress, min_ratio)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, stage: Any, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, stage: StageConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     SCHEDULES.get(stage.scheduler)  # fail early on an unknown name
     warm = warmup_steps(stage, total_steps)
     schedule, min_ratio = str(stage.scheduler), float(stage.min_lr_ratio)

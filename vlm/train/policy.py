@@ -20,16 +20,18 @@ import torch
 from torch import nn
 
 from vlm.registry import Registry
-from vlm.train.schema import MODULES
+from vlm.train.schema import MODULES, StageConfig
 
 
 class Policy:
     """A training policy for one module. ``check`` runs before the model is built; ``apply`` after."""
 
-    def check(self, module_name: str, stage: Any, device: torch.device) -> None:
-        """Raise a clear error if this policy cannot run on ``device`` for ``module_name``."""
+    def check(self, module_name: str, stage: StageConfig, device: torch.device | None = None) -> None:
+        """Raise a clear error (``ValueError`` / ``RuntimeError``) if this policy cannot run for ``module_name``.
+        ``device=None`` (when a config is composed): the config alone; with the run's ``device``: what it needs
+        there too."""
 
-    def apply(self, module: nn.Module, module_name: str, stage: Any) -> None:  # pragma: no cover - abstract
+    def apply(self, module: nn.Module, module_name: str, stage: StageConfig) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
@@ -38,13 +40,13 @@ POLICIES: Registry[Policy] = Registry("policy")
 
 @POLICIES.register("frozen")
 class Frozen(Policy):
-    def apply(self, module: nn.Module, module_name: str, stage: Any) -> None:
+    def apply(self, module: nn.Module, module_name: str, stage: StageConfig) -> None:
         module.requires_grad_(False)
 
 
 @POLICIES.register("full")
 class Full(Policy):
-    def apply(self, module: nn.Module, module_name: str, stage: Any) -> None:
+    def apply(self, module: nn.Module, module_name: str, stage: StageConfig) -> None:
         module.requires_grad_(True)
 
 
@@ -62,8 +64,8 @@ def layer_stack(module: nn.Module) -> tuple[str, nn.ModuleList | nn.Sequential]:
 
 @POLICIES.register("partial")
 class Partial(Policy):
-    def apply(self, module: nn.Module, module_name: str, stage: Any) -> None:
-        start = int(stage.partial_from[module_name])
+    def apply(self, module: nn.Module, module_name: str, stage: StageConfig) -> None:
+        start = int(getattr(stage.partial_from, module_name))
         name, layers = layer_stack(module)
         n = len(layers)
         first = start + n if start < 0 else start
@@ -88,7 +90,7 @@ def lora_host(module: nn.Module) -> nn.Module:
     return getattr(module, "model", module)
 
 
-def lora_config(stage: Any) -> Any:
+def lora_config(stage: StageConfig) -> Any:
     from peft import LoraConfig
 
     lora = stage.lora
@@ -115,11 +117,11 @@ def _no_lora(module_name: str) -> ValueError:
 
 @POLICIES.register("lora")
 class Lora(Policy):
-    def check(self, module_name: str, stage: Any, device: torch.device) -> None:
+    def check(self, module_name: str, stage: StageConfig, device: torch.device | None = None) -> None:
         if not component_family(module_name).supports_lora:
             raise _no_lora(module_name)
 
-    def apply(self, module: nn.Module, module_name: str, stage: Any) -> None:
+    def apply(self, module: nn.Module, module_name: str, stage: StageConfig) -> None:
         from peft import inject_adapter_in_model
 
         if not getattr(module, "supports_lora", False):
@@ -137,15 +139,17 @@ class Lora(Policy):
 
 @POLICIES.register("qlora")
 class QLora(Lora):
-    def check(self, module_name: str, stage: Any, device: torch.device) -> None:
+    def check(self, module_name: str, stage: StageConfig, device: torch.device | None = None) -> None:
         super().check(module_name, stage, device)
+        if device is None:
+            return
         if device.type != "cuda":
             raise RuntimeError(f"policy 'qlora' ({module_name}) needs a CUDA device (bitsandbytes 4-bit); this run "
                                f"is on {device.type}. Use policy 'lora' here, or run on a GPU.")
         if importlib.util.find_spec("bitsandbytes") is None:
             raise RuntimeError("policy 'qlora' needs bitsandbytes: pip install -e '.[qlora]'")
 
-    def apply(self, module: nn.Module, module_name: str, stage: Any) -> None:
+    def apply(self, module: nn.Module, module_name: str, stage: StageConfig) -> None:
         quantize_4bit(lora_host(module))
         super().apply(module, module_name, stage)
 
@@ -170,22 +174,27 @@ def quantize_4bit(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16)
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, q.cuda())
 
 
-def check_policies(stage: Any, device: torch.device) -> None:
-    """Validate a stage's policies before anything is built (unknown names, qlora on CPU, ...)."""
+def check_policies(stage: StageConfig, device: torch.device | None = None) -> None:
+    """Validate a stage's policies before anything is built: unknown names and the config (``device=None``, at
+    compose time), or what they need on the run's ``device`` (qlora: CUDA). Raises ``ValueError`` /
+    ``RuntimeError`` starting with ``policy.<module>=<name>``."""
     for module_name in MODULES:
-        name = stage.policy[module_name]
+        name = getattr(stage.policy, module_name)
         try:
             policy = POLICIES.get(name)
         except KeyError as e:
-            raise ValueError(f"stage policy.{module_name}: {e.args[0]}") from None
-        policy().check(module_name, stage, device)
+            raise ValueError(f"policy.{module_name}={name!r}: {e.args[0]}") from None
+        try:
+            policy().check(module_name, stage, device)
+        except (ValueError, RuntimeError) as e:
+            raise type(e)(f"policy.{module_name}={name!r}: {e}") from e
 
 
-def apply_policies(model: nn.Module, stage: Any) -> dict[str, str]:
+def apply_policies(model: nn.Module, stage: StageConfig) -> dict[str, str]:
     """Set ``requires_grad`` (and inject adapters) on ``model.encoder/connector/llm`` per ``stage.policy``."""
     applied = {}
     for module_name in MODULES:
-        name = stage.policy[module_name]
+        name = getattr(stage.policy, module_name)
         POLICIES.get(name)().apply(getattr(model, module_name), module_name, stage)
         applied[module_name] = name
     freeze_unused_encoder_layers(model)

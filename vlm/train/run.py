@@ -35,7 +35,6 @@ from vlm.train.evaluate import format_table
 from vlm.train.export import STAGE_WEIGHTS, resolve_weights
 from vlm.train.interrupt import stop_on_sigterm, with_run
 from vlm.train.loggers import RunLogger
-from vlm.train.policy import check_policies
 from vlm.train.stage import StageResult, StageRunner, skipped_result, stage_done, weight_names
 
 
@@ -126,18 +125,6 @@ def resolve_run_dir(cfg: DictConfig) -> tuple[Path, bool]:
         raise ConfigError(f"output_dir {str(p)!r} already holds a run with checkpoints; pass resume=auto to "
                           f"continue it, or choose another output_dir")
     return p, False
-
-
-def preflight(cfg: DictConfig, device: torch.device) -> None:
-    """Everything that can be checked before a model is built (names and arguments: ``check``, already done)."""
-    check_runnable(cfg)
-    for name in cfg.stages:
-        try:
-            check_policies(cfg.stage[name], device)
-        except (KeyError, ValueError, RuntimeError) as e:  # unknown name, qlora without CUDA, ...
-            raise ConfigError(f"stage.{name}.policy: {e.args[0] if e.args else e}") from e
-    if cfg.init_from is not None:
-        resolve_weights(Path(cfg.init_from))
 
 
 def check_same_model(cfg: DictConfig, run_dir: Path) -> None:
@@ -337,7 +324,7 @@ def _run(cfg: DictConfig, strategy: Any, t0: float, overrides: list[str] | None,
     if strategy.device.type == "cuda" and cfg.trainer.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    preflight(cfg, strategy.device)
+    check_runnable(cfg, strategy.device)  # files and devices; every name was checked by check()
     run_dir, resuming = strategy.broadcast_object(resolve_run_dir(cfg) if strategy.is_main else None)
     if resuming:
         check_same_model(cfg, run_dir)

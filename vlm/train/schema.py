@@ -1,7 +1,9 @@
 """The typed schema every composed recipe is checked against (unknown keys and wrong types are errors).
 
-Component configs (``encoder``, ``connector``, ``llm``, ``tokenizer``, ``data.*``) are open mappings here: their keys
-are checked by the component's own registry when it is built, which happens before the first training step.
+Component configs (``encoder``, ``connector``, ``llm``, ``tokenizer``, ``data.*``) and a stage's ``template`` and
+``objective`` are open mappings here: their names and keys are checked against the component's registry when the
+config is checked (``config_check.check_components``), before anything is built. Code that runs a stage reads it
+typed: ``config.stage_config(cfg, name)`` / ``config.trainer_config(cfg)``.
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from vlm.registry import plain
 from vlm.train.batch_plan import BatchPlan, data_seed, make_loader
 from vlm.train.build import build_model, describe_mismatch, fingerprint, seed_everything
 from vlm.train.checkpoint import CheckpointManager
-from vlm.train.config import ConfigError
+from vlm.train.config import ConfigError, stage_config, trainer_config
 from vlm.train.distributed import Strategy, resolve_precision
 from vlm.train.evaluate import evaluate
 from vlm.train.export import STAGE_WEIGHTS, export_final, load_weights, merge_lora_state, trained_names, \
@@ -34,6 +34,7 @@ from vlm.train.loop import LoopState, StageLoop
 from vlm.train.optim import build_optimizer, build_scheduler
 from vlm.train.policy import apply_policies, trainable_summary
 from vlm.train.rng import derive_seed, isolated
+from vlm.train.schema import StageConfig, TrainerConfig
 
 DONE = "DONE.json"
 
@@ -82,10 +83,12 @@ class StageRunner:
     expected_base: dict[str, Any] | None = None   # fingerprint of the freshly built model recorded by the run
     base: dict[str, Any] = field(default_factory=dict)
     bad: BadSamples = field(default_factory=BadSamples)  # samples the data skipped (this process; see all_bad)
+    stage: StageConfig = field(init=False)       # cfg.stage[name], typed
+    trainer: TrainerConfig = field(init=False)   # cfg.trainer, typed
 
-    @property
-    def stage(self) -> DictConfig:
-        return self.cfg.stage[self.name]
+    def __post_init__(self) -> None:
+        self.stage = stage_config(self.cfg, self.name)
+        self.trainer = trainer_config(self.cfg)
 
     @property
     def dir(self) -> Path:
@@ -94,7 +97,7 @@ class StageRunner:
     # ------------------------------------------------------------------------------------------------ setup
     def build(self) -> torch.nn.Module:
         seed_everything(self.cfg.seed)
-        model = build_model(self.cfg, self.tokenizer, gradient_checkpointing=self.cfg.trainer.gradient_checkpointing)
+        model = build_model(self.cfg, self.tokenizer, gradient_checkpointing=self.trainer.gradient_checkpointing)
         fp, shapes = fingerprint(model)
         want = self.expected_base
         if want and want.get("fingerprint") != fp:
@@ -125,8 +128,8 @@ class StageRunner:
         if self.resume:
             self.log.mark_resume(self.name, start)
         loader = SkipCounting(make_loader(t.dataset, t.collator, t.plan, start, t.total,
-                                          self.cfg.trainer.num_workers), self.bad, lambda: self.check_bad(t))
-        loop = StageLoop(name=self.name, stage=st, trainer=self.cfg.trainer, strategy=s, model=t.module,
+                                          self.trainer.num_workers), self.bad, lambda: self.check_bad(t))
+        loop = StageLoop(name=self.name, stage=st, trainer=self.trainer, strategy=s, model=t.module,
                          wrapped=t.wrapped, optimizer=t.optimizer, scheduler=t.scheduler, loader=loader,
                          total_steps=t.total, accumulation=t.plan.accumulation, precision=t.precision, log=self.log,
                          save=lambda step, ls: self.save(t, step, ls),
@@ -148,7 +151,7 @@ class StageRunner:
                                                      "seconds": result.seconds, "eval": result.eval,
                                                      "skipped_samples": result.skipped_samples}, indent=1))
         s.barrier()
-        kill_point(self.cfg.trainer, self.name, "end", self.run_dir, s.rank)
+        kill_point(self.trainer, self.name, "end", self.run_dir, s.rank)
         return result
 
     # ------------------------------------------------------------------------------------------------ parts
@@ -159,13 +162,13 @@ class StageRunner:
         module = TrainModule(model, self.objective(model))
         fp, shapes = fingerprint(module, module.checkpoint_key)  # what a checkpoint must match
         summary = trainable_summary(model)
-        self.log.info(f"[{self.name}] policies {dict(st.policy)}; trainable " + ", ".join(
+        self.log.info(f"[{self.name}] policies {vars(st.policy)}; trainable " + ", ".join(
             f"{m} {v['trainable'] / 1e6:.2f}M/{v['total'] / 1e6:.2f}M" for m, v in summary.items()))
-        precision = resolve_precision(self.cfg.trainer.precision, s.device)
+        precision = resolve_precision(self.trainer.precision, s.device)
         if not s.shards_parameters:  # a sharding strategy places each shard on the device itself
             module.to(s.device)
         wrapped = s.wrap(module, precision)
-        if self.cfg.trainer.compile:
+        if self.trainer.compile:
             compile_layers(model)
         optimizer = build_optimizer(model, st, s.device, objective=module.objective)
 
@@ -180,7 +183,7 @@ class StageRunner:
                          seed=data_seed(self.cfg.seed, self.name))
         total = plan.total_steps(st.epochs, st.max_steps)
         scheduler = build_scheduler(optimizer, st, total)
-        ckpt = CheckpointManager(self.dir / "checkpoints", s, self.cfg.trainer.keep_last, self.cfg.trainer.save_full)
+        ckpt = CheckpointManager(self.dir / "checkpoints", s, self.trainer.keep_last, self.trainer.save_full)
         self.log.info(f"[{self.name}] {len(dataset)} samples, {total} steps of {st.global_batch_size} "
                       f"({plan.accumulation} x {st.micro_batch_size} per process x {s.world_size} processes), "
                       f"precision {str(precision).replace('torch.', '')}, device {s.device}")
@@ -314,12 +317,10 @@ class SkipCounting:
         return getattr(self.loader, name)
 
 
-def make_collator(tokenizer: Any, stage: DictConfig) -> Any:
+def make_collator(tokenizer: Any, stage: StageConfig) -> Any:
     from vlm.data.collate import PackCollator, PadCollator
 
-    if stage.packing:
-        if stage.max_length is None:
-            raise ConfigError("packing needs stage.<name>.max_length (the packed row length)")
+    if stage.packing:  # (config.check: packing has a max_length)
         return PackCollator(tokenizer.pad_token_id, int(stage.max_length))
     return PadCollator(tokenizer.pad_token_id, padding_side="right")
 
