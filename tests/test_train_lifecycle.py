@@ -71,7 +71,6 @@ def test_find_resumable_needs_a_checkpoint(tmp_path, monkeypatch):
 
 
 def test_failed_before_training_is_recorded_and_not_resumed(tmp_path, monkeypatch):
-    import vlm.train.stage as stage_mod
 
     monkeypatch.chdir(tmp_path)
     # config mistakes are refused before a run directory exists (tests/test_train_errors.py); what fails after it is

@@ -11,8 +11,6 @@ after a resume, and independent of the model's own random stream (see :mod:`vlm.
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 import signal
 import zlib
