@@ -71,7 +71,6 @@ def test_find_resumable_needs_a_checkpoint(tmp_path, monkeypatch):
 
 
 def test_failed_before_training_is_recorded_and_not_resumed(tmp_path, monkeypatch):
-
     monkeypatch.chdir(tmp_path)
     # config mistakes are refused before a run directory exists (tests/test_train_errors.py); what fails after it is
     # made, before training, is a component failing while it is built (e.g. weights that do not fit): simulated here
