@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from vlm.train import ConfigError, compose
+from vlm.train.config import stage_config
 from vlm.train.build import build_model, build_tokenizer, seed_everything
 from vlm.train.policy import apply_policies, check_policies, layer_stack, merge_lora
 
@@ -148,8 +149,10 @@ def test_lora_asks_the_component_whether_it_supports_lora():
     from vlm.train.policy import Lora, component_family
 
     assert [m for m in ("encoder", "connector", "llm") if component_family(m).supports_lora] == ["encoder", "llm"]
-    cfg = compose("micro", ["stage.sft.policy.connector=lora"])
+    with pytest.raises(ConfigError, match="the connector does not support LoRA: train the connector with 'full'"):
+        compose("micro", ["stage.sft.policy.connector=lora"])  # refused when the config is composed
+    cfg = compose("micro", ["stage.sft.policy.connector=lora"], validate=False)
     with pytest.raises(ValueError, match="the connector does not support LoRA: train the connector with 'full'"):
-        check_policies(cfg.stage.sft, torch.device("cpu"))
+        check_policies(stage_config(cfg, "sft"), torch.device("cpu"))
     with pytest.raises(ValueError, match="the llm does not support LoRA"):
         Lora().apply(Connector(), "llm", cfg.stage.sft)
