@@ -14,12 +14,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vlm.train.interrupt import check_kill_at
+from vlm.train.own_data import register_resolvers
 from vlm.registry import did_you_mean
 from vlm.train.config_check import ConfigError, check_components, explain, raw_without_hydra, unknown_choice
 from vlm.train.schema import MODULES, RunConfig
 
 RECIPES_ENV = "VLM_RECIPES"
 PRIMARY_CONFIG = "config"
+register_resolvers()  # ${vlm.image_size:...}, ${vlm.cells:...}: settings that follow the data
 
 
 def recipes_dir() -> Path:
@@ -79,6 +81,9 @@ def check(cfg: DictConfig | dict[str, Any], overrides: Sequence[str] = ()) -> Di
     Returns a struct-mode config: setting a key that does not exist raises.
     """
     raw = raw_without_hydra(cfg)
+    if missing := missing_values(raw):
+        raise ConfigError(f"{missing[0]}=???: not set; expected a value on the command line ({missing[0]}=...)"
+                          + (f"; also not set: {missing[1:]}" if missing[1:] else ""))
     try:
         out = OmegaConf.merge(OmegaConf.structured(RunConfig), raw)
     except OmegaConfBaseException as e:
@@ -118,9 +123,36 @@ def check(cfg: DictConfig | dict[str, Any], overrides: Sequence[str] = ()) -> Di
                               f"{list(out.data)} or null ({did_you_mean(out.eval.data, list(out.data))})")
         if out.data[out.eval.data] is None:  # a recipe without an evaluation set (data.eval: null)
             out.eval.enabled = False
-    check_components(out)
+    try:
+        check_components(out)  # resolves the components' values: data-dependent ones read the data here
+    except OmegaConfBaseException as e:
+        raise unresolvable(e) from e
     OmegaConf.set_struct(out, True)
     return out
+
+
+def missing_values(cfg: Any, prefix: str = "") -> list[str]:
+    """The keys of ``cfg`` whose value is ``???`` (to be given on the command line), without resolving anything."""
+    out: list[str] = []
+    if isinstance(cfg, DictConfig):
+        for key in cfg.keys():
+            if OmegaConf.is_missing(cfg, key):
+                out.append(f"{prefix}{key}")
+            else:
+                out += missing_values(cfg._get_node(key), f"{prefix}{key}.")
+    return out
+
+
+def unresolvable(e: BaseException) -> ConfigError:
+    """A value that cannot be resolved: the ``ConfigError`` a resolver raised (``${vlm.image_size:...}`` on a
+    missing file), else the key and OmegaConf's first line."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, ConfigError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    message = str(getattr(e, "msg", e)).strip().splitlines()
+    return ConfigError(f"{getattr(e, 'full_key', None) or 'config'}: {message[0] if message else type(e).__name__}")
 
 
 def check_objective(name: str, st: DictConfig, strategy: str) -> None:
