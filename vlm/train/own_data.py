@@ -9,8 +9,9 @@ stage of a recipe at one file of any reader format (``vlm.data.readers``: LLaVA 
 - Caption stages (``pretrain``, ``align``: template ``plain``) read the same samples: ``plain`` keeps only the
   assistant text as the label (the user text is dropped), so the file's answers are the captions.
 - The resolvers ``${vlm.image_size:PATH,ROOT}`` (the longest image side of the file's first samples, in px) and
-  ``${vlm.cells:SIZE,STRIDE}`` (the tokens of a ``SIZE`` px image on a stride-``STRIDE`` grid) let a recipe size its
-  encoder input and per-token tables from the data (the ``tiny`` recipe does).
+  ``${vlm.cells:SIZE,STRIDE}`` (the tokens of a ``SIZE`` px image on a stride-``STRIDE`` grid) and
+  ``${vlm.multiple:SIZE,OF}`` (rounded up to a multiple) let a recipe size its encoder input and per-token tables
+  from the data (the ``tiny`` recipe does).
 """
 from __future__ import annotations
 
@@ -206,7 +207,13 @@ def cells(size: Any, stride: Any) -> int:
     return math.ceil(int(size) / int(stride)) ** 2
 
 
+def multiple(size: Any, of: Any) -> int:
+    """``${vlm.multiple:SIZE,OF}``: ``SIZE`` rounded up to a multiple of ``OF`` (an input a stride-``OF`` tower
+    takes whole)."""
+    return math.ceil(int(size) / int(of)) * int(of)
+
+
 def register_resolvers() -> None:
-    for name, fn in (("vlm.image_size", data_image_size), ("vlm.cells", cells)):
+    for name, fn in (("vlm.image_size", data_image_size), ("vlm.cells", cells), ("vlm.multiple", multiple)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
