@@ -209,3 +209,32 @@ def _env() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if k != "VLM_RECIPES"}
+
+
+def test_max_length_is_checked_against_the_data_naming_the_longest_sample(text_data, tmp_path):
+    records = json.loads((text_data / "train.json").read_text())
+    records[5]["conversations"][1]["value"] = "a much longer answer than any other " * 4
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(records))
+    base = ["data=files", f"data.train={path}", f"data.image_root={text_data}", "data.heldout=6"]
+    cfg = compose("micro", base + small_steps(["pretrain", "sft"]) + ["stage.pretrain.max_length=60",
+                                                                      f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError) as e:
+        run(cfg)
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and f"id {records[5]['id']!r}" in msg and "max_length=60" in msg
+    longest = int(msg.split(" tokens long")[0].rsplit(" ", 1)[1])
+    assert longest > 60 and f"expected max_length >= {longest}" in msg
+    # the longest is the one named: it fits exactly at that length, and nothing else is longer
+    from vlm.train.own_data import check_samples_fit
+
+    ok = compose("micro", base + [f"stage.pretrain.max_length={longest}"])
+    from vlm.data.processor import Processor
+    from vlm.train.build import build_model, build_tokenizer
+
+    tok = build_tokenizer(ok, ["plain"])
+    proc = Processor.for_model(build_model(ok, tok), tok, template="plain", max_length=longest)
+    assert check_samples_fit(build_dataset(ok.data.sft), proc) == longest
+    off = compose("micro", base + small_steps(["pretrain", "sft"]) + [
+        "stage.pretrain.max_length=60", "data.check_length=false", f"output_dir={tmp_path / 'off'}"])
+    assert run(off).stages  # cut or dropped per the processor's policy instead

@@ -109,7 +109,7 @@ def heldout_indices(num_samples: int, heldout: int, seed: int) -> list[int]:
 
 
 def files(train: str, eval: str | None = None, part: str = "train", heldout: int = 200, seed: int = 0,
-          format: str = "auto", image_root: str | None = None, processor: Any = None,
+          format: str = "auto", image_root: str | None = None, check_length: bool = True, processor: Any = None,
           add_generation_prompt: bool = False, skip_bad: bool = True, max_bad_fraction: float | None = 0.05,
           **reader_options: Any) -> SampleDataset:
     """The training (``part="train"``) or evaluation (``part="eval"``) samples of your own data files.
@@ -120,8 +120,11 @@ def files(train: str, eval: str | None = None, part: str = "train", heldout: int
         heldout: size of the held-out slice (only without ``eval``); ``seed``: its permutation's seed.
         format: a reader name or ``auto`` (detected from the first record).
         image_root: root of relative image paths; ``None``: each file's own folder.
+        check_length: with a ``processor`` (training), check that the longest sample fits its ``max_length``
+            (:func:`check_samples_fit`).
     Raises:
-        ValueError: an unknown ``part`` or a held-out slice that does not fit; FileNotFoundError: a missing file.
+        ValueError: an unknown ``part`` or a held-out slice that does not fit; FileNotFoundError: a missing file;
+        ConfigError: a training sample longer than ``max_length``.
     """
     if part not in PARTS:
         raise ValueError(f"files part={part!r}; expected one of {list(PARTS)}")
@@ -130,18 +133,53 @@ def files(train: str, eval: str | None = None, part: str = "train", heldout: int
     _existing(image_root, "data.image_root", "folder")
     source = eval if part == "eval" and eval is not None else train
     root = image_root if image_root is not None else os.path.dirname(os.path.abspath(source))
-    options = dict(format=format, processor=processor, image_folder=root, skip_bad=skip_bad,
-                   max_bad_fraction=max_bad_fraction, add_generation_prompt=add_generation_prompt, **reader_options)
-    full = _Part(source, None, **options)
-    if eval is not None:  # a file of its own: the whole of it
-        return full
-    held = heldout_indices(len(full), int(heldout), seed)
-    if part == "eval":
-        full.indices = held
-    else:
+    ds = _Part(source, None, format=format, processor=processor, image_folder=root, skip_bad=skip_bad,
+               max_bad_fraction=max_bad_fraction, add_generation_prompt=add_generation_prompt, **reader_options)
+    if eval is None:  # the training file: its held-out slice, or the rest
+        held = heldout_indices(len(ds), int(heldout), seed)
         keep = set(held)
-        full.indices = [i for i in range(len(full.records)) if i not in keep]
-    return full
+        ds.indices = held if part == "eval" else [i for i in range(len(ds.records)) if i not in keep]
+    if check_length and processor is not None and not add_generation_prompt:
+        check_samples_fit(ds, processor)
+    return ds
+
+
+def check_samples_fit(ds: _Part, processor: Any, candidates: int = 8) -> int:
+    """The token count of the longest sample of ``ds`` (untruncated); raises ``ConfigError`` naming it when it is
+    over ``processor.max_length`` (training would cut or drop it).
+
+    Every sample is read (no images decoded) and the ``candidates`` longest by text and by image count are processed
+    in full (images included, so their tokens are counted as the model sees them)."""
+    import copy
+
+    if processor.max_length is None or not len(ds):
+        return 0
+    sizes = []
+    for k in range(len(ds)):
+        try:
+            s = ds.sample(k)
+        except DataError:  # counted and skipped when training reaches it
+            continue
+        sizes.append((sum(len(m.text()) for m in s.messages), len(s.images), k))
+    picks = {k for _, _, k in sorted(sizes, reverse=True)[:candidates]}
+    picks |= {k for _, _, k in sorted(sizes, key=lambda x: (x[1], x[0]), reverse=True)[:candidates]}
+    full = copy.copy(processor)
+    full.max_length = None
+    longest, worst = 0, None
+    for k in sorted(picks):
+        try:
+            n = int(full(ds.sample(k))["input_ids"].numel())
+        except DataError:
+            continue
+        if n > longest:
+            longest, worst = n, ds.sample(k)
+    if longest > processor.max_length and worst is not None:
+        raise ConfigError(
+            f"data: sample #{worst.meta.get('index')} (id {worst.id!r}) of {ds.source_name} is {longest} tokens "
+            f"long, more than the stage's max_length={processor.max_length}; expected max_length >= {longest}: set "
+            f"stage.<stage>.max_length={longest} (or shorten the sample; data.check_length=false lets training "
+            f"cut or drop the long ones)")
+    return longest
 
 
 def check_files_options(train: str, eval: str | None = None, part: str = "train", heldout: int = 200,
