@@ -104,8 +104,9 @@ def is_exempt(cmd: DocCommand) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ tiny overrides
-def tiny_overrides(args: list[str], compose=None) -> list[str]:
-    """Overrides that shrink the job(s) of ``python -m vlm.train ARGS`` to seconds, keeping recipe and stages."""
+def tiny_overrides(args: list[str], compose=None, config_dir: str | None = None) -> list[str]:
+    """Overrides that shrink the job(s) of ``python -m vlm.train ARGS`` to seconds, keeping recipe and stages
+    (``config_dir``: a user recipes folder, as ``--config-dir`` in ``ARGS`` gives it)."""
     from hydra._internal.utils import get_args_parser
 
     from vlm.train.__main__ import job_overrides
@@ -118,7 +119,7 @@ def tiny_overrides(args: list[str], compose=None) -> list[str]:
     extra = ["trainer.num_workers=0", "trainer.progress=false", "eval.limit=4", f"eval.max_new_tokens={TINY_EVAL}",
              f"eval.batch_size={TINY_EVAL}"]
     for overrides in job_overrides(parsed.overrides, parsed.multirun):
-        cfg = (compose or default_compose)(overrides=overrides)
+        cfg = (compose or default_compose)(overrides=overrides, config_dir=parsed.config_dir or config_dir)
         for s in cfg.stages:
             extra += [f"stage.{s}.max_steps={TINY_STEPS}", f"stage.{s}.global_batch_size={TINY_BATCH}",
                       f"stage.{s}.micro_batch_size={TINY_BATCH // 2}", f"stage.{s}.eval_every=null",
@@ -210,7 +211,7 @@ class Runner:
 
         def compose(recipe=None, overrides=(), **kw):
             args = ([f"recipe={recipe}"] if recipe else []) + list(overrides)
-            return real(None, args + tiny_overrides(args, compose=real), **kw)
+            return real(None, args + tiny_overrides(args, compose=real, config_dir=kw.get("config_dir")), **kw)
 
         vlm.train.compose = config.compose = compose
         try:

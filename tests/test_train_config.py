@@ -13,7 +13,11 @@ def test_recipes_dir_found_and_env_override(tmp_path, monkeypatch):
     d = recipes_dir()
     assert (d / "config.yaml").is_file() and (d / "recipe" / "tiny.yaml").is_file()
     monkeypatch.setenv("VLM_RECIPES", str(tmp_path))
-    with pytest.raises(ConfigError, match="config.yaml"):
+    assert recipes_dir() == d  # a folder without config.yaml adds to the shipped recipes (tests/test_train_own_data.py)
+    (tmp_path / "config.yaml").write_text((d / "config.yaml").read_text())
+    assert recipes_dir() == tmp_path.resolve()  # a whole recipes folder replaces them
+    monkeypatch.setenv("VLM_RECIPES", str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="not a folder"):
         recipes_dir()
 
 

@@ -135,6 +135,8 @@ CONFIG_MISTAKES = {
                                ["stage.sft.lrr=", "key of stage.sft", "did you mean 'lr'"]),
     "unknown option in a sweep": (["-m", "connector=mlp,linaer"], ["connector=linaer", "'linear'"]),
     "missing init_from": (["init_from=nope/run"], ["init_from='nope/run'", "does not exist"]),
+    "own data without its file": (["data=files"], ["data.train=???", "not set", "data.train=..."]),
+    "own data file missing": (["data=files", "data.train=nope.json"], ["data.train='nope.json'", "does not exist"]),
 }
 
 

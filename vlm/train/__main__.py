@@ -30,7 +30,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from vlm.train.config import PRIMARY_CONFIG, ConfigError, check, recipes_dir  # noqa: E402
+from vlm.train.config import (PRIMARY_CONFIG, ConfigError, check, recipes_dir, search_path_override,  # noqa: E402
+                              user_recipe_dirs)
 
 DEBUG_FLAG = "--debug"
 FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
@@ -76,11 +77,11 @@ def precheck(argv: Sequence[str]) -> None:
 
     args, _ = get_args_parser().parse_known_args(list(argv))
     if (args.help or args.hydra_help or args.info or args.shell_completion or args.config_path or args.config_name
-            or args.config_dir or args.experimental_rerun):
+            or args.experimental_rerun):
         return  # Hydra's own modes, or another config source: nothing to run here
     try:
         for overrides in job_overrides(args.overrides, args.multirun):
-            cfg = compose(overrides=overrides)
+            cfg = compose(overrides=overrides, config_dir=args.config_dir)
             if not args.cfg:  # `--cfg job` only prints the config: its files need not exist yet
                 check_runnable(cfg)
     except ConfigError as e:
@@ -156,9 +157,12 @@ def main() -> None:
         os.environ[FULL_ERROR_ENV] = "1"
     try:
         config_path = str(recipes_dir())
+        search = search_path_override(user_recipe_dirs())  # $VLM_RECIPES adds to the recipes (--config-dir: Hydra)
     except ConfigError as e:
         fail(e)
     precheck(sys.argv[1:])
+    first = next((i for i, a in enumerate(sys.argv) if i and "=" in a and not a.startswith("-")), len(sys.argv))
+    sys.argv[first:first] = search  # next to the overrides: argparse takes them as one run of positionals
     hydra.main(config_path=config_path, config_name=PRIMARY_CONFIG, version_base=None)(_main)()
 
 

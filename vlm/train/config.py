@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vlm.train.interrupt import check_kill_at
+from vlm.train.own_data import register_resolvers
 from vlm.registry import did_you_mean
 from vlm.train.config_check import ConfigError, check_components, explain, raw_without_hydra, unknown_choice
 from vlm.train.schema import MODULES, RunConfig, StageConfig, TrainerConfig
@@ -21,16 +22,10 @@ from vlm.train.schema import MODULES, RunConfig, StageConfig, TrainerConfig
 T = TypeVar("T")
 RECIPES_ENV = "VLM_RECIPES"
 PRIMARY_CONFIG = "config"
+register_resolvers()  # ${vlm.image_size:...}, ${vlm.cells:...}: settings that follow the data
 
 
-def recipes_dir() -> Path:
-    """``$VLM_RECIPES`` if set, else the ``recipes/`` folder next to the ``vlm`` package (editable install)."""
-    env = os.environ.get(RECIPES_ENV)
-    if env:
-        path = Path(env).expanduser().resolve()
-        if not (path / f"{PRIMARY_CONFIG}.yaml").is_file():
-            raise ConfigError(f"${RECIPES_ENV}={env!r} has no {PRIMARY_CONFIG}.yaml")
-        return path
+def _shipped_recipes() -> Path:
     import vlm
 
     path = Path(vlm.__file__).resolve().parents[1] / "recipes"
@@ -40,24 +35,75 @@ def recipes_dir() -> Path:
     return path
 
 
+def _env_dirs() -> list[Path]:
+    env = os.environ.get(RECIPES_ENV, "")
+    out = []
+    for part in filter(None, env.split(os.pathsep)):
+        path = Path(part).expanduser().resolve()
+        if not path.is_dir():
+            raise ConfigError(f"${RECIPES_ENV}={env!r}: {str(path)!r} is not a folder; expected a folder of your own "
+                              f"recipes (recipe/<name>.yaml, data/<name>.yaml, ...)")
+        out.append(path)
+    return out
+
+
+def recipes_dir() -> Path:
+    """The primary recipes folder: the shipped ``recipes/`` (next to the ``vlm`` package, editable install), or a
+    ``$VLM_RECIPES`` folder that has its own ``config.yaml`` (a whole recipes folder, used instead)."""
+    whole = [p for p in _env_dirs() if (p / f"{PRIMARY_CONFIG}.yaml").is_file()]
+    return whole[0] if whole else _shipped_recipes()
+
+
+def user_recipe_dirs(config_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Folders whose options *add to* the primary ones (Hydra's config search path): the ``$VLM_RECIPES`` folders
+    (``os.pathsep``-separated) without a ``config.yaml``, and ``config_dir`` (``--config-dir``). A user recipe can
+    extend a shipped one (``defaults: [tiny]``). An option with the name of a shipped one is an error (which one
+    wins would depend on how the folder was given)."""
+    dirs = [p for p in _env_dirs() if not (p / f"{PRIMARY_CONFIG}.yaml").is_file()]
+    if config_dir is not None:
+        path = Path(config_dir).expanduser().resolve()
+        if not path.is_dir():
+            raise ConfigError(f"--config-dir={str(config_dir)!r}: not a folder; expected a folder of your own recipes")
+        dirs.append(path)
+    dirs = list(dict.fromkeys(dirs))
+    primary = recipes_dir()
+    for d in dirs:
+        for path in sorted(d.rglob("*.yaml")):
+            rel = path.relative_to(d)
+            if (primary / rel).is_file() and rel.as_posix() != f"{PRIMARY_CONFIG}.yaml":
+                raise ConfigError(f"{path}: {rel.as_posix()} is a shipped option ({primary / rel}); expected a new "
+                                  f"name (e.g. {rel.parent.as_posix()}/my_{rel.stem}.yaml with `defaults: "
+                                  f"[{rel.stem}]` to extend it)")
+    return dirs
+
+
+def search_path_override(dirs: Sequence[Path]) -> list[str]:
+    """``hydra.searchpath=[file://...]`` for ``dirs`` (none when empty)."""
+    return [f"hydra.searchpath=[{','.join(f'file://{d}' for d in dirs)}]"] if dirs else []
+
+
 def list_options(group: str) -> list[str]:
-    """The options of a config group (``recipe``, ``encoder``, ...), i.e. the YAML files in ``recipes/<group>/``."""
-    return sorted(p.stem for p in (recipes_dir() / group).glob("*.yaml"))
+    """The options of a config group (``recipe``, ``encoder``, ...): the YAML files in ``recipes/<group>/`` and in
+    the user recipe folders (``$VLM_RECIPES``)."""
+    return sorted({p.stem for d in (recipes_dir(), *user_recipe_dirs()) for p in (d / group).glob("*.yaml")})
 
 
-def compose(recipe: str | None = None, overrides: Sequence[str] = (), *, validate: bool = True) -> DictConfig:
-    """Compose ``recipes/config.yaml`` + ``recipe`` + command-line style ``overrides`` into a checked config."""
+def compose(recipe: str | None = None, overrides: Sequence[str] = (), *, validate: bool = True,
+            config_dir: str | os.PathLike | None = None) -> DictConfig:
+    """Compose ``recipes/config.yaml`` + ``recipe`` + command-line style ``overrides`` into a checked config.
+    Options come from the shipped recipes plus the user folders (``$VLM_RECIPES``, ``config_dir``)."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
     overrides = ([f"recipe={recipe}"] if recipe else []) + list(overrides)
+    search = search_path_override(user_recipe_dirs(config_dir))
 
     def _compose(overrides: list[str]) -> DictConfig:
         if GlobalHydra.instance().is_initialized():  # e.g. called from inside a Hydra app
             GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
-            return hydra_compose(PRIMARY_CONFIG, overrides=overrides)
+            return hydra_compose(PRIMARY_CONFIG, overrides=overrides + search)
 
     def without(override: str) -> DictConfig | None:
         try:
@@ -80,6 +126,9 @@ def check(cfg: DictConfig | dict[str, Any], overrides: Sequence[str] = ()) -> Di
     Returns a struct-mode config: setting a key that does not exist raises.
     """
     raw = raw_without_hydra(cfg)
+    if missing := missing_values(raw):
+        raise ConfigError(f"{missing[0]}=???: not set; expected a value on the command line ({missing[0]}=...)"
+                          + (f"; also not set: {missing[1:]}" if missing[1:] else ""))
     try:
         out = OmegaConf.merge(OmegaConf.structured(RunConfig), raw)
     except OmegaConfBaseException as e:
@@ -122,9 +171,36 @@ def check(cfg: DictConfig | dict[str, Any], overrides: Sequence[str] = ()) -> Di
                               f"{list(out.data)} or null ({did_you_mean(out.eval.data, list(out.data))})")
         if out.data[out.eval.data] is None:  # a recipe without an evaluation set (data.eval: null)
             out.eval.enabled = False
-    check_components(out)
+    try:
+        check_components(out)  # resolves the components' values: data-dependent ones read the data here
+    except OmegaConfBaseException as e:
+        raise unresolvable(e) from e
     OmegaConf.set_struct(out, True)
     return out
+
+
+def missing_values(cfg: Any, prefix: str = "") -> list[str]:
+    """The keys of ``cfg`` whose value is ``???`` (to be given on the command line), without resolving anything."""
+    out: list[str] = []
+    if isinstance(cfg, DictConfig):
+        for key in cfg.keys():
+            if OmegaConf.is_missing(cfg, key):
+                out.append(f"{prefix}{key}")
+            else:
+                out += missing_values(cfg._get_node(key), f"{prefix}{key}.")
+    return out
+
+
+def unresolvable(e: BaseException) -> ConfigError:
+    """A value that cannot be resolved: the ``ConfigError`` a resolver raised (``${vlm.image_size:...}`` on a
+    missing file), else the key and OmegaConf's first line."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, ConfigError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    message = str(getattr(e, "msg", e)).strip().splitlines()
+    return ConfigError(f"{getattr(e, 'full_key', None) or 'config'}: {message[0] if message else type(e).__name__}")
 
 
 def check_objective(name: str, st: DictConfig, strategy: str) -> None:

@@ -1,0 +1,257 @@
+"""Your own data for any recipe: the ``files`` dataset and the settings that follow the data.
+
+``recipes/data/files.yaml`` (``python -m vlm.train recipe=tiny data=files data.train=my/train.json``) points every
+stage of a recipe at one file of any reader format (``vlm.data.readers``: LLaVA json, messages, Qwen-VL, ...):
+
+- ``files`` with ``part: train`` is the training file, less a fixed held-out slice of ``heldout`` samples (a
+  permutation seeded by ``seed``) when no evaluation file is given; ``part: eval`` is the evaluation file, or that
+  held-out slice. Relative image paths resolve against ``image_root``, else against the data file's own folder.
+- Caption stages (``pretrain``, ``align``: template ``plain``) read the same samples: ``plain`` keeps only the
+  assistant text as the label (the user text is dropped), so the file's answers are the captions.
+- The resolvers ``${vlm.image_size:PATH,ROOT}`` (the longest image side of the file's first samples, in px) and
+  ``${vlm.cells:SIZE,STRIDE}`` (the tokens of a ``SIZE`` px image on a stride-``STRIDE`` grid) and
+  ``${vlm.multiple:SIZE,OF}`` (rounded up to a multiple) let a recipe size its encoder input and per-token tables
+  from the data (the ``tiny`` recipe does).
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from vlm.data.dataset import SampleDataset
+from vlm.data.errors import DataError
+from vlm.train.config_check import ConfigError
+
+PARTS = ("train", "eval")
+#: samples whose images are measured by ``${vlm.image_size:...}``
+IMAGE_SIZE_SAMPLES = 64
+
+
+class _Part(SampleDataset):
+    """A ``SampleDataset`` restricted to ``indices`` of its file (errors name the file's own sample index).
+
+    A record's optional ``task`` field is kept in ``sample.meta["task"]``: the evaluation scores each task."""
+
+    def __init__(self, source: str, indices: Sequence[int] | None, **options: Any) -> None:
+        super().__init__(source, **options)
+        self.indices = list(range(len(self.records))) if indices is None else list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def sample(self, index: int):  # type: ignore[override]
+        i = self.indices[index]
+        record = self.records[i]
+        sample = self.reader.convert(record, index=i)
+        if isinstance(record, Mapping) and record.get("task") is not None:
+            sample.meta.setdefault("task", str(record["task"]))
+        return sample
+
+    def evaluate(self, predictions: Sequence[str], samples: Sequence[Any]) -> dict[str, float]:
+        """Scores per task (``meta["task"]``, else ``answer`` / ``grounding``) and ``all`` (their sample mean).
+
+        A reference answer with a Qwen-VL box (``<box>(x1,y1),(x2,y2)</box>``, ``[0, 1000)``) scores Acc@IoU0.5 of
+        the first predicted box (``<task>/iou``: the mean IoU); any other answer scores exact match after
+        normalization (case, punctuation, articles, number words)."""
+        return score_answers(predictions, samples)
+
+
+def score_answers(predictions: Sequence[str], samples: Sequence[Any]) -> dict[str, float]:
+    """See :meth:`_Part.evaluate`."""
+    from vlm.data import boxes
+    from vlm.data.shapes.metrics import normalize_answer
+
+    scores: dict[str, list[float]] = {}
+    ious: dict[str, list[float]] = {}
+    for pred, sample in zip(predictions, samples):
+        target = sample.messages[-1].text()
+        ref = boxes.parse(target, strict=False)
+        task = sample.meta.get("task") or ("grounding" if ref else "answer")
+        if ref:
+            found = boxes.parse(pred or "", strict=False)
+            iou = boxes.iou(found[0][1], ref[0][1]) if found else 0.0  # IoU is the same in [0, 1000) and pixels
+            ious.setdefault(task, []).append(iou)
+            score = float(iou >= 0.5)
+        else:
+            score = float(normalize_answer(pred or "") == normalize_answer(target))
+        scores.setdefault(task, []).append(score)
+    out: dict[str, float] = {}
+    for task in sorted(scores):
+        out[task], out[f"{task}/n"] = sum(scores[task]) / len(scores[task]), len(scores[task])
+        if task in ious:
+            out[f"{task}/iou"] = sum(ious[task]) / len(ious[task])
+    every = [x for v in scores.values() for x in v]
+    out["all"], out["all/n"] = sum(every) / max(1, len(every)), len(every)
+    return out
+
+
+def _existing(path: str | None, key: str, what: str = "file") -> str | None:
+    if path is not None and not Path(path).exists():
+        raise FileNotFoundError(f"{key}={path!r}: does not exist; expected an existing {what}")
+    return path
+
+
+def heldout_indices(num_samples: int, heldout: int, seed: int) -> list[int]:
+    """The held-out slice of a file of ``num_samples``: ``heldout`` indices of a permutation seeded by ``seed``
+    (sorted); the same for the same file size, seed and ``heldout``."""
+    if not 0 < heldout < num_samples:
+        raise ValueError(f"data.heldout={heldout}: the training file has {num_samples} samples; expected a held-out "
+                         f"slice of 1..{num_samples - 1} samples (or give an evaluation file: data.eval=PATH)")
+    perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(int(seed)))
+    return sorted(perm[:heldout].tolist())
+
+
+def files(train: str, eval: str | None = None, part: str = "train", heldout: int = 200, seed: int = 0,
+          format: str = "auto", image_root: str | None = None, check_length: bool = True, processor: Any = None,
+          add_generation_prompt: bool = False, skip_bad: bool = True, max_bad_fraction: float | None = 0.05,
+          **reader_options: Any) -> SampleDataset:
+    """The training (``part="train"``) or evaluation (``part="eval"``) samples of your own data files.
+
+    Args:
+        train: the training file (``.json`` / ``.jsonl`` / ``.parquet`` / ``save_to_disk`` folder).
+        eval: the evaluation file; ``None``: ``heldout`` samples of ``train`` (left out of its training part).
+        heldout: size of the held-out slice (only without ``eval``); ``seed``: its permutation's seed.
+        format: a reader name or ``auto`` (detected from the first record).
+        image_root: root of relative image paths; ``None``: each file's own folder.
+        check_length: with a ``processor`` (training), check that the longest sample fits its ``max_length``
+            (:func:`check_samples_fit`).
+    Raises:
+        ValueError: an unknown ``part`` or a held-out slice that does not fit; FileNotFoundError: a missing file;
+        ConfigError: a training sample longer than ``max_length``.
+    """
+    if part not in PARTS:
+        raise ValueError(f"files part={part!r}; expected one of {list(PARTS)}")
+    _existing(train, "data.train")
+    _existing(eval, "data.eval")
+    _existing(image_root, "data.image_root", "folder")
+    source = eval if part == "eval" and eval is not None else train
+    root = image_root if image_root is not None else os.path.dirname(os.path.abspath(source))
+    ds = _Part(source, None, format=format, processor=processor, image_folder=root, skip_bad=skip_bad,
+               max_bad_fraction=max_bad_fraction, add_generation_prompt=add_generation_prompt, **reader_options)
+    if eval is None:  # the training file: its held-out slice, or the rest
+        held = heldout_indices(len(ds), int(heldout), seed)
+        keep = set(held)
+        ds.indices = held if part == "eval" else [i for i in range(len(ds.records)) if i not in keep]
+    if check_length and processor is not None and not add_generation_prompt:
+        check_samples_fit(ds, processor)
+    return ds
+
+
+def check_samples_fit(ds: _Part, processor: Any, candidates: int = 8) -> int:
+    """The token count of the longest sample of ``ds`` (untruncated); raises ``ConfigError`` naming it when it is
+    over ``processor.max_length`` (training would cut or drop it).
+
+    Every sample is read (no images decoded) and the ``candidates`` longest by text and by image count are processed
+    in full (images included, so their tokens are counted as the model sees them)."""
+    import copy
+
+    if processor.max_length is None or not len(ds):
+        return 0
+    sizes = []
+    for k in range(len(ds)):
+        try:
+            s = ds.sample(k)
+        except DataError:  # counted and skipped when training reaches it
+            continue
+        sizes.append((sum(len(m.text()) for m in s.messages), len(s.images), k))
+    picks = {k for _, _, k in sorted(sizes, reverse=True)[:candidates]}
+    picks |= {k for _, _, k in sorted(sizes, key=lambda x: (x[1], x[0]), reverse=True)[:candidates]}
+    full = copy.copy(processor)
+    full.max_length = None
+    longest, worst = 0, None
+    for k in sorted(picks):
+        try:
+            n = int(full(ds.sample(k))["input_ids"].numel())
+        except DataError:
+            continue
+        if n > longest:
+            longest, worst = n, ds.sample(k)
+    if longest > processor.max_length and worst is not None:
+        raise ConfigError(
+            f"data: sample #{worst.meta.get('index')} (id {worst.id!r}) of {ds.source_name} is {longest} tokens "
+            f"long, more than the stage's max_length={processor.max_length}; expected max_length >= {longest}: set "
+            f"stage.<stage>.max_length={longest} (or shorten the sample; data.check_length=false lets training "
+            f"cut or drop the long ones)")
+    return longest
+
+
+def check_files_options(train: str, eval: str | None = None, part: str = "train", heldout: int = 200,
+                        image_root: str | None = None, **_: Any) -> None:
+    """The files exist and the held-out slice fits the training file (``check_component``: before anything is
+    built; raises ``ValueError``)."""
+    from vlm.data.readers import load_records
+
+    try:
+        for path, key, what in ((train, "data.train", "file"), (eval, "data.eval", "file"),
+                                (image_root, "data.image_root", "folder")):
+            _existing(path, key, what)
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from e
+    if part not in PARTS:
+        raise ValueError(f"part={part!r}; expected one of {list(PARTS)}")
+    if eval is None:
+        heldout_indices(len(load_records(train)), int(heldout), 0)
+
+
+files.check_options = check_files_options  # type: ignore[attr-defined]
+
+
+@lru_cache(maxsize=8)
+def _image_size(path: str, image_root: str | None, mtime: float) -> int:
+    from PIL import Image
+
+    from vlm.data.images import load_image
+
+    ds = _Part(path, None, image_folder=image_root if image_root is not None else os.path.dirname(os.path.abspath(path)))
+    side = 0
+    for i in range(min(IMAGE_SIZE_SAMPLES, len(ds))):
+        for src in ds.sample(i).images:
+            if isinstance(src, (str, os.PathLike)):
+                with Image.open(src) as im:  # reads the header only
+                    w, h = im.size
+            else:
+                w, h = load_image(src).size
+            side = max(side, w, h)
+    if not side:
+        raise ValueError(f"data.train={path!r}: none of its first {IMAGE_SIZE_SAMPLES} samples has an image")
+    return side
+
+
+def data_image_size(path: Any, image_root: Any = None) -> int:
+    """``${vlm.image_size:PATH,ROOT}``: the longest image side (px) among the first 64 samples of ``PATH``."""
+    if path is None or not Path(str(path)).exists():
+        raise ConfigError(f"data.train={path!r}: does not exist; expected your training file (json, jsonl, parquet "
+                          f"or a save_to_disk folder)")
+    root = None if image_root in (None, "None") else str(image_root)
+    if root is not None and not Path(root).is_dir():
+        raise ConfigError(f"data.image_root={root!r}: not a folder; expected the folder your image paths are "
+                          f"relative to (or leave it unset: each data file's own folder)")
+    try:
+        return _image_size(str(path), root, os.path.getmtime(path))
+    except (DataError, OSError) as e:
+        raise ConfigError(f"data.image_size: cannot measure the images of data.train={path!r}: {e}") from e
+
+
+def cells(size: Any, stride: Any) -> int:
+    """``${vlm.cells:SIZE,STRIDE}``: tokens of a ``SIZE`` px square image on a stride-``STRIDE`` grid,
+    ``ceil(SIZE / STRIDE) ** 2`` (each stride-2 stage of a padded CNN rounds up)."""
+    return math.ceil(int(size) / int(stride)) ** 2
+
+
+def multiple(size: Any, of: Any) -> int:
+    """``${vlm.multiple:SIZE,OF}``: ``SIZE`` rounded up to a multiple of ``OF`` (an input a stride-``OF`` tower
+    takes whole)."""
+    return math.ceil(int(size) / int(of)) * int(of)
+
+
+def register_resolvers() -> None:
+    for name, fn in (("vlm.image_size", data_image_size), ("vlm.cells", cells), ("vlm.multiple", multiple)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
