@@ -119,9 +119,3 @@ def make_loader(dataset: Dataset, collator: Any, plan: BatchPlan, start: int, st
                       collate_fn=collator, num_workers=num_workers, persistent_workers=False,
                       prefetch_factor=4 if num_workers else None, worker_init_fn=_worker_init if num_workers else None,
                       generator=torch.Generator().manual_seed(derive_seed("loader", plan.seed, start)))
-
-
-# ---- your own data files (vlm/train/own_data.py; recipes/data/files.yaml) ----
-from vlm.train.own_data import files as _files  # noqa: E402
-
-DATASETS.register("files")(_files)

@@ -26,6 +26,7 @@ import torch
 from omegaconf import OmegaConf
 
 from vlm.data.dataset import SampleDataset
+from vlm.data.datasets import DATASETS
 from vlm.data.errors import DataError
 from vlm.train.config_check import ConfigError
 
@@ -108,6 +109,7 @@ def heldout_indices(num_samples: int, heldout: int, seed: int) -> list[int]:
     return sorted(perm[:heldout].tolist())
 
 
+@DATASETS.register("files")  # recipes/data/files.yaml
 def files(train: str, eval: str | None = None, part: str = "train", heldout: int = 200, seed: int = 0,
           format: str = "auto", image_root: str | None = None, check_length: bool = True, processor: Any = None,
           add_generation_prompt: bool = False, skip_bad: bool = True, max_bad_fraction: float | None = 0.05,
