@@ -13,7 +13,7 @@ from PIL import Image
 
 from vlm.data.synthetic_text import make_split
 from vlm.train import ConfigError, compose, list_options, run
-from vlm.train.data import build_dataset
+from vlm.data.datasets import build_dataset
 from vlm.train.own_data import heldout_indices, score_answers
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ import torch
 from omegaconf import OmegaConf
 
 from vlm.data.dataset import SampleDataset
-from vlm.data.datasets import DATASETS
+from vlm.data.datasets import DATASETS, processed
 from vlm.data.errors import DataError
 from vlm.train.config_check import ConfigError
 
@@ -113,7 +113,7 @@ def heldout_indices(num_samples: int, heldout: int, seed: int) -> list[int]:
 def files(train: str, eval: str | None = None, part: str = "train", heldout: int = 200, seed: int = 0,
           format: str = "auto", image_root: str | None = None, check_length: bool = True, processor: Any = None,
           add_generation_prompt: bool = False, skip_bad: bool = True, max_bad_fraction: float | None = 0.05,
-          **reader_options: Any) -> SampleDataset:
+          **reader_options: Any) -> Any:
     """The training (``part="train"``) or evaluation (``part="eval"``) samples of your own data files.
 
     Args:
@@ -135,15 +135,15 @@ def files(train: str, eval: str | None = None, part: str = "train", heldout: int
     _existing(image_root, "data.image_root", "folder")
     source = eval if part == "eval" and eval is not None else train
     root = image_root if image_root is not None else os.path.dirname(os.path.abspath(source))
-    ds = _Part(source, None, format=format, processor=processor, image_folder=root, skip_bad=skip_bad,
-               max_bad_fraction=max_bad_fraction, add_generation_prompt=add_generation_prompt, **reader_options)
+    ds = _Part(source, None, format=format, image_folder=root, skip_bad=skip_bad,
+               max_bad_fraction=max_bad_fraction, **reader_options)
     if eval is None:  # the training file: its held-out slice, or the rest
         held = heldout_indices(len(ds), int(heldout), seed)
         keep = set(held)
         ds.indices = held if part == "eval" else [i for i in range(len(ds.records)) if i not in keep]
     if check_length and processor is not None and not add_generation_prompt:
         check_samples_fit(ds, processor)
-    return ds
+    return processed(ds, processor, add_generation_prompt)
 
 
 def check_samples_fit(ds: _Part, processor: Any, candidates: int = 8) -> int:
