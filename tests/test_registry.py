@@ -51,3 +51,15 @@ def test_omegaconf_config_accepted():
 
     model = vlm.build(OmegaConf.create(tiny_cfg()))
     assert model.num_image_tokens() == 16
+
+
+def test_read_config_points_a_run_directory_to_its_final_model(tmp_path):
+    """``python -m vlm.convert RUN`` (the run, not its ``final/``): the error names where the model is."""
+    from vlm.pretrained import read_config
+
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"does not exist; expected a vlm directory \(a training run\? its "
+                                                r"model is '.*final'\)"):
+        read_config(tmp_path, "convert", "a vlm directory")
+    assert read_config(tmp_path / "final", "convert", "a vlm directory") == {}

@@ -87,6 +87,9 @@ def test_nan_loss_names_step_and_samples(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- the command line: one line per mistake
 # (command-line arguments, fragments the one-line error must hold: key=value, what was expected, the closest match)
 CONFIG_MISTAKES = {
+    "negative step count": (["stage.sft.max_steps=-1"], ["stage.sft.max_steps=-1", "expected a whole number >= 1",
+                                                         "leave it unset"]),
+    "zero batch size": (["stage.sft.micro_batch_size=0"], ["stage.sft.micro_batch_size=0", ">= 1"]),
     "top-level key typo": (["sed=1"], ["sed=1", "unknown key", "top level", "did you mean 'seed'"]),
     "stage key typo (+)": (["+stage.sft.max_step=10"], ["stage.sft.max_step=10", "key of stage.sft",
                                                         "did you mean 'max_steps'"]),

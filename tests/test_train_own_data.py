@@ -86,6 +86,16 @@ def test_images_resolve_against_the_files_folder_or_image_root(text_data, tmp_pa
         compose("tiny", ["data=files", f"data.train={moved / 'train.json'}", "data.heldout=6"])
 
 
+def test_image_size_is_measured_past_a_missing_image(text_data, tmp_path):
+    """One unreadable image does not stop the measurement (the data set's bad-sample policy handles that sample)."""
+    records = json.loads((text_data / "train.json").read_text())
+    records[0] = {**records[0], "image": "images/no_such_file.png"}
+    bad = text_data / "one_missing.json"
+    bad.write_text(json.dumps(records))
+    want = compose("tiny", files_overrides(text_data)).encoder.image_size
+    assert compose("tiny", ["data=files", f"data.train={bad}", "data.heldout=6"]).encoder.image_size == want
+
+
 def test_any_reader_format_is_detected(text_data, tmp_path):
     """A messages-format jsonl (OpenAI style) trains like the LLaVA json."""
     records = json.loads((text_data / "train.json").read_text())

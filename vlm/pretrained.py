@@ -64,7 +64,9 @@ def read_config(path: Path, who: str, expected: str) -> dict[str, Any]:
     if not path.is_dir():
         raise FileNotFoundError(f"{who}: {str(path)!r} is not a directory; expected {expected}")
     if not cfg_file.is_file():
-        raise FileNotFoundError(f"{who}: {str(cfg_file)!r} does not exist; expected {expected}")
+        final = path / "final"  # a training run's directory: its model is final/ (vlm.train.export)
+        hint = f" (a training run? its model is {str(final)!r})" if (final / CONFIG_FILE).is_file() else ""
+        raise FileNotFoundError(f"{who}: {str(cfg_file)!r} does not exist; expected {expected}{hint}")
     try:
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:

@@ -236,7 +236,27 @@ def check_stage_parts(cfg: DictConfig) -> None:
         for module in MODULES:
             if st.policy[module] not in POLICIES:
                 raise unknown_choice(f"{pre}.policy.{module}", st.policy[module], "policy", POLICIES.names())
+        check_stage_counts(st, pre)
         check_stage_policies(cfg, name)
+
+
+#: stage keys that count something: (key, smallest valid value, whether null is allowed)
+STAGE_COUNTS = (("max_steps", 1, True), ("global_batch_size", 1, False), ("micro_batch_size", 1, False),
+                ("save_every", 1, True), ("eval_every", 1, True), ("warmup_steps", 0, True))
+
+
+def check_stage_counts(st: Any, pre: str) -> None:
+    """Step and batch counts are whole numbers in range (``max_steps=-1`` would silently train nothing: leave it
+    unset to train ``epochs``); ``epochs`` is positive."""
+    for key, low, nullable in STAGE_COUNTS:
+        value = st.get(key)
+        if value is None and nullable:
+            continue
+        if value is None or int(value) < low:
+            unset = " or leave it unset" + (" (then `epochs` sets the length)" if key == "max_steps" else "")
+            raise ConfigError(f"{pre}.{key}={value!r}: expected a whole number >= {low}{unset if nullable else ''}")
+    if st.get("epochs") is not None and float(st.epochs) <= 0:
+        raise ConfigError(f"{pre}.epochs={st.epochs!r}: expected a positive number of epochs")
 
 
 def check_stage_policies(cfg: DictConfig, name: str, device: Any = None) -> None:

@@ -212,17 +212,23 @@ def _image_size(path: str, image_root: str | None, mtime: float) -> int:
     from vlm.data.images import load_image
 
     ds = _Part(path, None, image_folder=image_root if image_root is not None else os.path.dirname(os.path.abspath(path)))
-    side = 0
+    side, unreadable = 0, []
     for i in range(min(IMAGE_SIZE_SAMPLES, len(ds))):
-        for src in ds.sample(i).images:
-            if isinstance(src, (str, os.PathLike)):
-                with Image.open(src) as im:  # reads the header only
-                    w, h = im.size
-            else:
-                w, h = load_image(src).size
-            side = max(side, w, h)
+        try:
+            images = ds.sample(i).images
+            for src in images:
+                if isinstance(src, (str, os.PathLike)):
+                    with Image.open(src) as im:  # reads the header only
+                        w, h = im.size
+                else:
+                    w, h = load_image(src).size
+                side = max(side, w, h)
+        except (DataError, OSError) as e:  # a bad sample is the data sets' business (skip_bad, max_bad_fraction)
+            unreadable.append(f"sample {i}: {e}")
     if not side:
-        raise ValueError(f"data.train={path!r}: none of its first {IMAGE_SIZE_SAMPLES} samples has an image")
+        why = f" (unreadable: {'; '.join(unreadable[:3])})" if unreadable else ""
+        raise ValueError(f"data.train={path!r}: none of its first {IMAGE_SIZE_SAMPLES} samples has a readable "
+                         f"image{why}")
     return side
 
 
@@ -237,7 +243,7 @@ def data_image_size(path: Any, image_root: Any = None) -> int:
                           f"relative to (or leave it unset: each data file's own folder)")
     try:
         return _image_size(str(path), root, os.path.getmtime(path))
-    except (DataError, OSError) as e:
+    except (DataError, OSError, ValueError) as e:
         raise ConfigError(f"data.image_size: cannot measure the images of data.train={path!r}: {e}") from e
 
 

@@ -336,7 +336,7 @@ def _run(cfg: DictConfig, strategy: Any, t0: float, overrides: list[str] | None,
     if attempt and not resuming:
         log.mark_restart()
     log.info(f"[vlm.train] recipe {cfg.name!r}: stages {list(cfg.stages)} -> {run_dir}"
-             + (f" (resuming, attempt {attempt})" if resuming else ""))
+             + (f" (resuming: attempt no. {attempt + 1} of this run)" if resuming else ""))
     if resume is not None:
         given = "its saved config" + (f" + overrides {resume.overrides}" if resume.overrides else "") \
             if resume.overrides is not None else "the config given"
