@@ -1,4 +1,4 @@
-"""Next-token loss with a choice of how samples of different answer lengths are weighted (``LOSS_WEIGHTINGS``).
+"""Next-token loss with a choice of how samples of different answer lengths are weighted (registry ``WEIGHTINGS``).
 
 - ``token`` (LLaVA, transformers' default): every target token counts the same, so a 30-token grounding answer
   outweighs a 1-token VQA answer 30 to 1.
@@ -65,15 +65,13 @@ class SquareWeighting(Weighting):
         return float(counts.sqrt().sum())
 
 
-LOSS_WEIGHTINGS = tuple(WEIGHTINGS.names())
-
 
 def weighting_of(weighting: str | Weighting) -> Weighting:
     """A registered weighting by name (``ValueError`` naming the known ones), or ``weighting`` itself."""
     if isinstance(weighting, Weighting):
         return weighting
     if weighting not in WEIGHTINGS:
-        raise ValueError(f"loss weighting {weighting!r}; expected one of {LOSS_WEIGHTINGS}")
+        raise ValueError(f"loss weighting {weighting!r}; expected one of {WEIGHTINGS.names()}")
     return WEIGHTINGS.get(weighting)()
 
 

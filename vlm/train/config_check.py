@@ -220,7 +220,7 @@ def check_stage_parts(cfg: DictConfig) -> None:
     each policy's device-free ``check``: e.g. no ``lora`` on the connector). The objective is checked by
     ``config.check_objective``."""
     from vlm.data.templates import TEMPLATES
-    from vlm.loss import LOSS_WEIGHTINGS
+    from vlm.loss import WEIGHTINGS
     from vlm.train.optim import OPTIMIZERS, SCHEDULES
     from vlm.train.policy import POLICIES
 
@@ -231,8 +231,8 @@ def check_stage_parts(cfg: DictConfig) -> None:
                                 (f"{pre}.scheduler", st.scheduler, SCHEDULES)):
             if value not in reg:
                 raise unknown_choice(key, value, reg.family, reg.names())
-        if st.loss_weighting not in LOSS_WEIGHTINGS:
-            raise unknown_choice(f"{pre}.loss_weighting", st.loss_weighting, "loss weighting", LOSS_WEIGHTINGS)
+        if st.loss_weighting not in WEIGHTINGS:  # the registry, so a newly registered weighting is accepted
+            raise unknown_choice(f"{pre}.loss_weighting", st.loss_weighting, "loss weighting", WEIGHTINGS.names())
         for module in MODULES:
             if st.policy[module] not in POLICIES:
                 raise unknown_choice(f"{pre}.policy.{module}", st.policy[module], "policy", POLICIES.names())
