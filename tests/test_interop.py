@@ -340,14 +340,14 @@ def test_to_hf_rejects_tied_llm_without_embed_tokens(tmp_path):
 def test_from_hf_bad_inputs(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a directory"):
         from_hf(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match=r"config.json' does not exist; expected the config.json of a "
-                                                r"transformers LlavaForConditionalGeneration"):
+    with pytest.raises(FileNotFoundError, match=r"config.json' does not exist; expected a transformers directory "
+                                                r".*'llava': 'LlavaForConditionalGeneration'"):
         from_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ValueError, match=r"config.json' has model_type='llama'; expected 'llava'"):
+    with pytest.raises(ValueError, match=r"config.json'.*model_type 'llama' is not a format vlm converts; supported: .*'llava'"):
         from_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"format": "vlm"}))
-    with pytest.raises(ValueError, match=r"vlm directory: use vlm.load"):
+    with pytest.raises(ValueError, match=r"is a vlm directory \(format 'vlm'\); load it with vlm.load"):
         from_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava", "vision_feature_select_strategy": "x"}))
     with pytest.raises(ValueError, match=r"is not a valid LlavaConfig: .*vision_feature_select_strategy"):
@@ -382,13 +382,13 @@ def test_from_hf_incomplete_weights(tmp_path):
 def test_cli_both_directions_in_process(tmp_path, capsys):
     hf = save_llava(tmp_path / "llava", tower="siglip", text="qwen2", feature_layer=[-2, -1])
     assert convert.main([str(tmp_path / "llava"), str(tmp_path / "ours")]) == 0  # detected: import
-    assert "transformers LLaVA -> vlm" in capsys.readouterr().out
+    assert "transformers LlavaForConditionalGeneration -> vlm" in capsys.readouterr().out
     ours = vlm.load(tmp_path / "ours")
     assert json.loads((tmp_path / "ours" / "config.json").read_text())["format"] == "vlm"
     ids, px = inputs(ours)
     assert_same_logits(ours, hf, ids, px)
     assert convert.main([str(tmp_path / "ours"), str(tmp_path / "back")]) == 0  # detected: export
-    assert "vlm -> transformers LLaVA" in capsys.readouterr().out
+    assert "vlm -> transformers LlavaForConditionalGeneration" in capsys.readouterr().out
     assert_same_logits(ours, LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "back")), ids, px)
 
 
@@ -403,7 +403,7 @@ def test_cli_errors(tmp_path, capsys):
     assert convert.main([str(tmp_path / "llama"), str(tmp_path / "out")]) == 1
     assert "model_type='llama'; expected format 'vlm'" in capsys.readouterr().err
     assert convert.main([str(tmp_path / "llama"), str(tmp_path / "out"), "--to", "vlm"]) == 1
-    assert "expected 'llava'" in capsys.readouterr().err
+    assert "'llava'" in capsys.readouterr().err
     assert convert.main([str(tmp_path / "llama"), str(tmp_path / "out"), "--to", "hf"]) == 1
     assert "--to hf needs a vlm directory" in capsys.readouterr().err
     save_llava(tmp_path / "llava")
@@ -419,7 +419,7 @@ def test_cli_subprocess(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "vlm.convert", str(tmp_path / "ours"), str(tmp_path / "hf"),
                            "--to", "hf"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "vlm -> transformers LLaVA" in proc.stdout
+    assert "vlm -> transformers LlavaForConditionalGeneration" in proc.stdout
     assert_same_logits(model, LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "hf")), *inputs(model))
 
 

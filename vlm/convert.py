@@ -1,9 +1,10 @@
-"""Convert between a vlm directory and a transformers LLaVA directory.
+"""Convert between a vlm directory and a transformers directory (LLaVA, and every format in ``vlm.interop``).
 
-    python -m vlm.convert SRC DST [--to hf|vlm] [--dtype bfloat16] [--no-processor]
+    python -m vlm.convert SRC DST [--to hf|vlm] [--format llava] [--dtype bfloat16] [--no-processor]
 
 The direction comes from ``SRC/config.json``: ``{"format": "vlm", ...}`` (written by ``VLM.save_pretrained``) is
-exported to transformers LLaVA; ``{"model_type": "llava", ...}`` is imported as a vlm directory. ``--to`` forces it.
+exported to the first transformers format that can hold it (``--format`` names one); a ``model_type`` that
+``vlm.interop`` imports (``llava``, ...) is imported as a vlm directory. ``--to`` forces the direction.
 """
 from __future__ import annotations
 
@@ -11,16 +12,21 @@ import argparse
 import sys
 from pathlib import Path
 
-DIRECTIONS = {"hf": "vlm -> transformers LLaVA", "vlm": "transformers LLaVA -> vlm"}
-EXPECTED = ("a vlm directory (config.json with format 'vlm', from VLM.save_pretrained) or a transformers LLaVA "
-            "directory (config.json with model_type 'llava')")
+DIRECTIONS = {"hf": "vlm -> transformers", "vlm": "transformers -> vlm"}
+
+
+def _expected() -> str:
+    from vlm.interop import supported_model_types
+
+    return ("a vlm directory (config.json with format 'vlm', from VLM.save_pretrained) or a transformers directory "
+            f"(config.json with model_type one of {sorted(supported_model_types())})")
 
 
 def read_config(src: Path) -> dict:
     """``SRC/config.json`` as a dict; errors name the file and what was expected."""
     from vlm.pretrained import read_config as read
 
-    return read(src, "convert", EXPECTED)
+    return read(src, "convert", _expected())
 
 
 def detect_direction(src: Path) -> str:
@@ -28,15 +34,17 @@ def detect_direction(src: Path) -> str:
     cfg = read_config(src)
     if cfg.get("format") == "vlm":
         return "hf"
-    if cfg.get("model_type") == "llava":
+    from vlm.interop import supported_model_types
+
+    if cfg.get("model_type") in supported_model_types():
         return "vlm"
     raise ValueError(f"cannot tell what {str(src / 'config.json')!r} holds: format={cfg.get('format')!r}, "
-                     f"model_type={cfg.get('model_type')!r}; expected format 'vlm' (export to LLaVA) or model_type "
-                     f"'llava' (import); pass --to to force a direction")
+                     f"model_type={cfg.get('model_type')!r}; expected format 'vlm' (export) or a model_type vlm "
+                     f"imports ({sorted(supported_model_types())}); pass --to to force a direction")
 
 
 def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: str | None = None,
-            processor: bool = True) -> Path:
+            processor: bool = True, format: str | None = None) -> Path:
     """Convert ``src`` into ``dst`` (direction detected unless ``to`` is given) and return ``dst``."""
     import vlm
     from vlm.interop import from_hf, to_hf
@@ -54,32 +62,45 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
                              f"format={cfg.get('format')!r} (model_type={cfg.get('model_type')!r}); expected format "
                              f"'vlm' as written by VLM.save_pretrained")
         model = vlm.load(src)
-        return to_hf(model, dst, dtype=dtype, processor=processor)
+        return to_hf(model, dst, format=format, dtype=dtype, processor=processor)
     model = from_hf(src, dtype=dtype)
     return model.save_pretrained(dst)
+
+
+def describe(direction: str, hf_dir: Path) -> str:
+    """``"vlm -> transformers LlavaForConditionalGeneration"`` (or the reverse) for the transformers directory."""
+    from vlm.interop.formats import format_for_model_type
+
+    hf_class = format_for_model_type(read_config(hf_dir).get("model_type"), "convert").hf_class
+    return f"vlm -> transformers {hf_class}" if direction == "hf" else f"transformers {hf_class} -> vlm"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlm.convert", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", help="a vlm directory (VLM.save_pretrained) or a transformers LLaVA directory")
+    parser.add_argument("src", help="a vlm directory (VLM.save_pretrained) or a transformers directory vlm imports")
     parser.add_argument("dst", help="output directory (created if missing)")
     parser.add_argument("--to", choices=sorted(DIRECTIONS), default=None,
-                        help="force the direction: hf = write transformers LLaVA, vlm = write a vlm directory "
+                        help="force the direction: hf = write a transformers directory, vlm = write a vlm directory "
                              "(default: detected from SRC/config.json)")
     parser.add_argument("--dtype", default=None,
                         help="weights dtype of the output, e.g. float32, bfloat16 (default: export keeps the LLM's "
                              "dtype, import loads float32)")
     parser.add_argument("--no-processor", action="store_true",
                         help="export only: do not write the image processor / tokenizer / processor config")
+    parser.add_argument("--format", default=None,
+                        help="export only: the transformers format to write (a vlm.interop.FORMATS name, e.g. llava; "
+                             "default: the first that can hold the model)")
     args = parser.parse_args(argv)
     try:
         direction = args.to or detect_direction(Path(args.src))
-        out = convert(args.src, args.dst, to=direction, dtype=args.dtype, processor=not args.no_processor)
+        out = convert(args.src, args.dst, to=direction, dtype=args.dtype, processor=not args.no_processor,
+                      format=args.format)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"vlm.convert: error: {e}", file=sys.stderr)
         return 1
-    print(f"vlm.convert: {DIRECTIONS[direction]}: wrote {out}")
+    hf_dir = Path(args.src) if direction == "vlm" else out
+    print(f"vlm.convert: {describe(direction, hf_dir)}: wrote {out}")
     return 0
 
 

@@ -1,10 +1,48 @@
-"""Exact interop with other model formats.
+"""Exact interop with transformers model formats (``vlm.interop.formats``: one module per family).
 
-``from_hf(path)`` imports a local transformers ``LlavaForConditionalGeneration`` directory as a ``vlm.VLM``;
-``to_hf(model, path)`` exports a ``VLM`` (CLIP/SigLIP tower + ``mlp`` depth-2 connector + transformers causal LM) to a
-directory that ``LlavaForConditionalGeneration.from_pretrained`` (and LLaVA-serving engines) load. Both directions
-keep logits identical for identical ``input_ids`` / ``pixel_values``. CLI: ``python -m vlm.convert SRC DST``.
+``from_hf(path)`` imports a local transformers directory (today ``LlavaForConditionalGeneration``) as a ``vlm.VLM``,
+dispatching on its ``config.json``'s ``model_type``; ``to_hf(model, path)`` exports a ``VLM`` in the first format that
+can hold it (or ``format=NAME``), e.g. a CLIP/SigLIP tower + ``mlp`` depth-2 connector + transformers causal LM as
+LLaVA, a directory that transformers (and LLaVA-serving engines) load. Both directions keep logits identical for
+identical ``input_ids`` / ``pixel_values``. CLI: ``python -m vlm.convert SRC DST``.
 """
-from vlm.interop.llava import from_hf, to_hf
+from __future__ import annotations
 
-__all__ = ["from_hf", "to_hf"]
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlm.interop import llava  # noqa: F401  (registers the format)
+from vlm.interop.formats import FORMATS, HFFormat, format_for_model, format_for_model_type
+
+__all__ = ["FORMATS", "HFFormat", "from_hf", "supported_model_types", "to_hf"]
+
+
+def supported_model_types() -> dict[str, str]:
+    """``{config.json model_type: transformers class}`` of every format ``from_hf`` imports."""
+    return {FORMATS.get(n).model_type: FORMATS.get(n).hf_class for n in FORMATS.names()}
+
+
+def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, tokenizer: bool = True,
+            **kwargs: Any) -> Any:
+    """Import a local transformers directory as a ``vlm.VLM`` (eval mode); its format comes from ``config.json``'s
+    ``model_type``. Errors name the file, the ``model_type`` found and the supported ones."""
+    from vlm.pretrained import read_config
+
+    path = Path(path)
+    expected = f"a transformers directory saved with save_pretrained, model_type one of {supported_model_types()}"
+    cfg = read_config(path, "from_hf", expected)
+    if cfg.get("format") == "vlm":
+        raise ValueError(f"from_hf: {str(path / 'config.json')!r} is a vlm directory (format 'vlm'); load it with "
+                         f"vlm.load, or export it with to_hf")
+    fmt = format_for_model_type(cfg.get("model_type"), f"from_hf: {str(path / 'config.json')!r}")
+    return fmt.from_hf(path, dtype=dtype, tokenizer=tokenizer, **kwargs)
+
+
+def to_hf(model: Any, path: str | os.PathLike, *, format: str | None = None,
+          dtype: str | torch.dtype | None = None, processor: bool = True) -> Path:
+    """Write ``model`` as a transformers directory (safetensors) in ``format`` (a ``FORMATS`` name, default: the
+    first that can hold the model) and return the path. ``ValueError`` listing why when no format can."""
+    return format_for_model(model, format).to_hf(model, path, dtype=dtype, processor=processor)

@@ -28,6 +28,7 @@ from vlm import connectors, encoders, llm as llms
 from vlm.encoders.hf_vision import HFVisionEncoder, resolve_dtype
 from vlm.generation import GENERATION_KEYS, generation_settings, read_settings
 from vlm.hf_config import unknown_config_keys
+from vlm.interop.formats import FORMATS, HFFormat
 from vlm.interop.mapping import (ACT_FROM_HF, ACT_TO_HF, ENCODER_MODEL_TYPES, SELECT_FROM_LLAVA, SELECT_TO_LLAVA,
                                  UNUSED_VISION_MODULES, VISION_MODEL_TYPES)
 from vlm.interop.processor import read_preprocessing, save_processor
@@ -327,3 +328,14 @@ def to_hf(model: VLM, path: str | os.PathLike, *, dtype: str | torch.dtype | Non
     if processor:
         save_processor(model, out, strategy=config.vision_feature_select_strategy)
     return out
+
+
+@FORMATS.register("llava")
+class LlavaFormat(HFFormat):
+    """transformers ``LlavaForConditionalGeneration`` (LLaVA-1.5 layout)."""
+
+    model_type = LLAVA_MODEL_TYPE
+    hf_class = "LlavaForConditionalGeneration"
+    from_hf = staticmethod(from_hf)
+    to_hf = staticmethod(to_hf)
+    problems = staticmethod(llava_problems)

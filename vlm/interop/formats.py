@@ -1,0 +1,74 @@
+"""The transformers formats ``vlm`` imports and exports: one ``HFFormat`` per transformers model family.
+
+A format module (``vlm/interop/llava.py``, ...) registers itself with ``@FORMATS.register(name)`` on a class that
+states its ``model_type`` (what ``config.json`` says) and implements ``from_hf`` / ``to_hf`` / ``problems``.
+``vlm.interop.from_hf(path)`` reads ``config.json`` and dispatches on its ``model_type``; ``vlm.interop.to_hf(model,
+path)`` asks every format whether it can hold the model (``problems(model) == []``) and uses the first that can,
+or the one named with ``format=``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from vlm.registry import Registry
+
+
+class HFFormat:
+    """One transformers model family ``vlm`` converts to and from (exact: identical logits both ways)."""
+
+    #: ``config.json``'s ``model_type`` of this family's directories (e.g. ``"llava"``)
+    model_type: ClassVar[str]
+    #: the transformers class a directory of this format loads with (for messages and docs)
+    hf_class: ClassVar[str]
+
+    @staticmethod
+    def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, tokenizer: bool = True,
+                **kwargs: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @staticmethod
+    def to_hf(model: Any, path: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
+              processor: bool = True) -> Path:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @staticmethod
+    def problems(model: Any) -> list[str]:  # pragma: no cover - abstract
+        """Why ``model`` cannot be written in this format (empty when it can)."""
+        raise NotImplementedError
+
+
+FORMATS: Registry[HFFormat] = Registry("interop format")
+
+
+def format_for_model_type(model_type: Any, where: str) -> type[HFFormat]:
+    """The registered format whose ``model_type`` equals ``model_type``; ``ValueError`` naming those supported."""
+    for name in FORMATS.names():
+        fmt = FORMATS.get(name)
+        if fmt.model_type == model_type:
+            return fmt
+    supported = {FORMATS.get(n).model_type: FORMATS.get(n).hf_class for n in FORMATS.names()}
+    raise ValueError(f"{where}: model_type {model_type!r} is not a format vlm converts; supported: {supported}")
+
+
+def format_for_model(model: Any, name: str | None = None) -> type[HFFormat]:
+    """The format named ``name``, or the first registered one that can hold ``model``; ``ValueError`` listing every
+    format's problems otherwise."""
+    if name is not None:
+        fmt = FORMATS.get(name)
+        problems = fmt.problems(model)
+        if problems:
+            raise ValueError(f"to_hf: this model cannot be exported as {fmt.hf_class}: " + "; ".join(problems))
+        return fmt
+    reasons = {}
+    for n in FORMATS.names():
+        fmt = FORMATS.get(n)
+        problems = fmt.problems(model)
+        if not problems:
+            return fmt
+        reasons[n] = "; ".join(problems)
+    raise ValueError("to_hf: no transformers format can hold this model: "
+                     + " | ".join(f"{n}: {r}" for n, r in reasons.items()))
