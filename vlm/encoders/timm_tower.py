@@ -18,6 +18,7 @@ import torch
 from vlm.encoders.base import VisionEncoder
 from vlm.encoders.hf_vision import resolve_dtype
 from vlm.encoders.registry import ENCODERS
+from vlm.pos_embed import sincos_2d
 
 
 @ENCODERS.register("timm")
@@ -86,24 +87,6 @@ class TimmEncoder(VisionEncoder):
                 "image_mean": list(self.image_mean), "image_std": list(self.image_std),
                 "pos_embed": self.pos_embed, "pos_scale": self.pos_scale,
                 "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch.")}
-
-
-def sincos_2d(h: int, w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
-    """``(h*w, dim)`` fixed 2D position codes, row-major: the first half of the channels encode the row, the second
-    the column, each as ``[sin(p * f_k), cos(p * f_k)]`` with ``f_k = temperature ** (-k / (dim // 4))``; channels
-    past ``4 * (dim // 4)`` stay zero."""
-    q = dim // 4
-    if q == 0:
-        raise ValueError(f"sincos_2d needs dim >= 4; got {dim}")
-    freqs = temperature ** (-torch.arange(q, dtype=torch.float32) / q)
-    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
-                                indexing="ij")
-    parts = []
-    for p in (rows.reshape(-1), cols.reshape(-1)):
-        angles = p[:, None] * freqs[None]
-        parts += [angles.sin(), angles.cos()]
-    out = torch.cat(parts, dim=1)
-    return torch.nn.functional.pad(out, (0, dim - out.shape[1]))
 
 
 def _create(timm_module: Any, model_name: str, kwargs: dict[str, Any]) -> torch.nn.Module:
