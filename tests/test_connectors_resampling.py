@@ -245,7 +245,22 @@ def test_resampling_connector_in_a_vlm_any_image_size_and_save_load(connector, t
     torch.testing.assert_close(again(ids, pixels).logits, model(ids, pixels).logits)
 
 
+@pytest.mark.parametrize("cfg", [RESAMPLER, PERCEIVER])
+def test_bfloat16_parameters_follow_float32(cfg):
+    torch.manual_seed(0)
+    c32 = connectors.build(cfg, in_dim=12, out_dim=24)
+    c16 = connectors.build({**cfg, "dtype": "bfloat16"}, in_dim=12, out_dim=24)
+    c16.load_state_dict(c32.state_dict())
+    assert {p.dtype for p in c16.parameters()} == {torch.bfloat16}
+    x = torch.randn(2, 15, 12)
+    y16 = c16(x.bfloat16(), (3, 5))
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), c32(x, (3, 5)), atol=0.1, rtol=0.05)
+
+
 @pytest.mark.parametrize("overrides", [["connector=resampler", "connector.num_queries=4", "connector.num_heads=2"],
+                                       ["connector=resampler", "connector.num_queries=4", "connector.num_heads=2",
+                                        "stage.sft.policy.llm=lora", "stage.sft.lora.r=4", "stage.sft.lora.alpha=8"],
                                        ["connector=perceiver", "connector.num_latents=4", "connector.depth=1",
                                         "connector.heads=2", "connector.head_dim=8"]])
 def test_pretrain_and_sft_train_with_resampling_connectors(overrides, tmp_path):
