@@ -123,15 +123,18 @@ def reference_perceiver(c, x: torch.Tensor) -> torch.Tensor:
     lat = r.latents.expand(x.shape[0], -1, -1)
     for attn, ff in r.layers:
         h, d = attn.heads, attn.head_dim
-        media, ln = attn.norm_media(x), attn.norm_latents(lat)
+        media = F.layer_norm(x, (x.shape[-1],), attn.norm_media.weight, attn.norm_media.bias)
+        ln = F.layer_norm(lat, (lat.shape[-1],), attn.norm_latents.weight, attn.norm_latents.bias)
         q = ln @ attn.to_q.weight.T
         k, v = (torch.cat([media, ln], 1) @ attn.to_kv.weight.T).chunk(2, -1)
         split = lambda t: t.reshape(t.shape[0], t.shape[1], h, d).permute(0, 2, 1, 3)  # noqa: E731
         sim = torch.einsum("bhid,bhjd->bhij", split(q) * d ** -0.5, split(k))
         out = torch.einsum("bhij,bhjd->bhid", (sim - sim.amax(-1, keepdim=True)).softmax(-1), split(v))
         lat = lat + out.permute(0, 2, 1, 3).reshape(lat.shape[0], lat.shape[1], h * d) @ attn.to_out.weight.T
-        lat = lat + ff(lat)
-    return c.proj(r.norm(lat))
+        norm, up, down = ff[0], ff[1], ff[3]
+        hidden = F.layer_norm(lat, norm.normalized_shape, norm.weight, norm.bias) @ up.weight.T
+        lat = lat + F.gelu(hidden) @ down.weight.T
+    return F.layer_norm(lat, r.norm.normalized_shape, r.norm.weight, r.norm.bias) @ c.proj.weight.T + c.proj.bias
 
 
 @pytest.mark.parametrize("tokens,grid", [(16, (4, 4)), (17, (4, 4)), (15, (3, 5))])
