@@ -25,6 +25,12 @@ QWEN2_0_5B = {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 48
               "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
               "max_position_embeddings": 32768, "tie_word_embeddings": True}
 
+# Qwen-7B as a qwen2 model (Qwen-VL's LLM): MHA with q/k/v biases, SwiGLU 11008, untied embeddings
+QWEN_7B = {"model_type": "qwen2", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+           "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 151936,
+           "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+           "tie_word_embeddings": False}
+
 
 def inline(recipe: str, encoder: dict, llm: dict) -> tuple[dict, object]:
     """The recipe's model config with the downloaded weights replaced by their architecture."""
@@ -113,12 +119,21 @@ def test_scratch_siglip_qwen_dimensions_and_lora():
     assert groups["connector.decay"] == pytest.approx(1e-4) and groups["llm.decay"] == pytest.approx(3e-5)
 
 
-# the architecture of each model directory a recipe's `pretrained:` names (its config.json, written out here)
+# the architecture of each model directory a recipe's `pretrained:` names (its config.json, written out here);
+# {}: a weights file whose architecture the component config names itself (open_clip by model name)
 ARCHITECTURES = {"clip-vit-large-patch14-336": CLIP_L14_336, "vicuna-7b-v1.5": VICUNA_7B,
-                 "siglip-so400m-patch14-384": SIGLIP_SO400M, "Qwen2-0.5B-Instruct": QWEN2_0_5B}
+                 "siglip-so400m-patch14-384": SIGLIP_SO400M, "Qwen2-0.5B-Instruct": QWEN2_0_5B,
+                 "Qwen-7B-qwen2": QWEN_7B, "open_clip_pytorch_model.bin": {}}
+# Qwen-VL's parts: OpenCLIP ViT-bigG/14 at 448 px without its pooling head (1664 wide, 48 blocks, MLP 8192, 32 x 32
+# patches + CLS position embeddings), the resampler at 4096 wide, Qwen-7B
+BIGG_448 = (3 * 14 * 14 * 1664 + 1664 + 1025 * 1664 + 2 * 1664
+            + 48 * (4 * 1664 * 1664 + 2 * 1664 * 8192 + 8192 + 9 * 1664))
+QWENVL_RESAMPLER = 256 * 4096 + 1664 * 4096 + 4 * 4096 * 4096 + 4 * 4096 + 6 * 4096 + 4096 * 4096
+QWEN_7B_PARAMS = 7_721_324_544
 # parameter counts of the recipes built from published models (image token on the last id: no new embedding row)
 PUBLISHED_PARAMS = {"llava15": 303_507_456 + (1024 * 4096 + 4096 + 4096 * 4096 + 4096) + 6_738_415_616,  # ~7.06B
-                    "scratch_siglip_qwen": 412_987_248 + (1152 * 896 + 896 + 896 * 896 + 896) + 494_032_768}
+                    "scratch_siglip_qwen": 412_987_248 + (1152 * 896 + 896 + 896 * 896 + 896) + 494_032_768,
+                    "qwenvl": BIGG_448 + QWENVL_RESAMPLER + QWEN_7B_PARAMS}  # ~9.66B
 
 
 def create_data_files(cfg) -> None:
@@ -144,7 +159,8 @@ def meta_model_config(cfg):
         if pretrained is not None:
             arch = ARCHITECTURES.get(Path(pretrained).name)
             assert arch is not None, f"add the architecture of {pretrained!r} to ARCHITECTURES"
-            mc[module]["config"] = dict(arch)
+            if arch:
+                mc[module]["config"] = dict(arch)
     if cfg.tokenizer.get("path") is not None:  # a tokenizer directory (next to the weights): not here
         mc["image_token_id"] = mc["llm"]["config"]["vocab_size"] - 1
         return mc, None
@@ -176,3 +192,49 @@ def test_every_recipe_checks_and_builds_on_meta(recipe, tmp_path, monkeypatch):
         for name in cfg.stages:  # every stage's policies apply to the built model
             apply_policies(model, cfg.stage[name])
             assert any(p.requires_grad for p in model.parameters()), name
+
+
+@pytest.fixture(scope="module")
+def qwenvl():
+    cfg = compose("qwenvl")
+    mc, _ = meta_model_config(cfg)
+    with torch.device("meta"):
+        model = vlm.build(mc)
+    return model, cfg
+
+
+def test_qwenvl_recipe_dimensions(qwenvl):
+    model, cfg = qwenvl
+    assert cfg.encoder.name == "open_clip" and cfg.encoder.model_name == "ViT-bigG-14"
+    assert model.encoder.image_size == 448 and model.encoder.grid() == (32, 32) and model.encoder.hidden_size == 1664
+    assert model.encoder.num_tokens() == 1024  # CLS dropped
+    assert model.num_image_tokens() == model.num_image_tokens((448, 448)) == 256
+    c = model.connector
+    assert c.query.shape == (256, 4096) and c.attn.num_heads == 32 and c.kv_proj.weight.shape == (4096, 1664)
+    assert count(model.encoder) == BIGG_448 == 1_844_051_968  # Qwen-VL reports its ViT as 1.9B
+    assert count(model.connector) == QWENVL_RESAMPLER == 91_791_360  # the "VL adapter" (reported as 0.08B)
+    assert count(model.llm) == QWEN_7B_PARAMS  # Qwen-7B, reported as 7.7B
+    assert count(model) == pytest.approx(9.657e9, rel=1e-3)  # Qwen-VL: 9.6B
+    assert tuple(model.encoder.image_mean) == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+
+
+def test_qwenvl_stages_and_hyperparameters(qwenvl):
+    model, cfg = qwenvl
+    assert list(cfg.stages) == ["pretrain", "multitask", "sft"]
+    want = {"pretrain": (2e-4, 0.005, 500, 50000, 30720, 512), "multitask": (5e-5, 0.2, 400, 19000, 4096, 2048),
+            "sft": (1e-5, 0.1, 3000, 8000, 128, 2048)}
+    for name, (lr, min_ratio, warmup, steps, batch, length) in want.items():
+        st = cfg.stage[name]
+        assert (st.lr, st.warmup_steps, st.max_steps, st.global_batch_size, st.max_length) == \
+            (pytest.approx(lr), warmup, steps, batch, length)
+        assert st.lr * st.min_lr_ratio == pytest.approx({"pretrain": 1e-6, "multitask": 1e-5, "sft": 1e-6}[name])
+        assert list(st.betas) == [0.9, 0.98] and st.eps == pytest.approx(1e-6)
+        assert st.weight_decay == pytest.approx(0.05) and st.max_grad_norm == 1.0 and st.scheduler == "cosine"
+    trainable = {}
+    with torch.device("meta"):
+        for name in cfg.stages:
+            apply_policies(model, cfg.stage[name])
+            trainable[name] = {part for part in ("encoder", "connector", "llm")
+                               if any(p.requires_grad for p in getattr(model, part).parameters())}
+    assert trainable == {"pretrain": {"encoder", "connector"}, "multitask": {"encoder", "connector", "llm"},
+                         "sft": {"connector", "llm"}}
