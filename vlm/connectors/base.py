@@ -23,6 +23,10 @@ class Connector(nn.Module):
     #: where LLaVA's projector layers live in this connector (``{our submodule: "linear_1" | "linear_2"}``) when it
     #: has LLaVA's ``linear_1 -> act -> linear_2`` projector layout; ``None``: it has not (no LLaVA export/import)
     llava_projector_layers: dict[str, str] | None = None
+    #: a fusion connector (``xattn``): ``num_tokens`` is the ``<image>`` text tokens per image (1), ``forward``
+    #: gives the media its blocks attend to, ``install(llm)`` hooks the blocks into the LLM (``VLM`` calls it) and
+    #: ``media(features, input_ids, image_token_id, segment_ids)`` is the context ``VLM`` runs the LLM in
+    fuses_by_cross_attention: bool = False
 
     def llava_projector_problems(self) -> list[str]:
         """Why this connector's weights are not a LLaVA projector (empty when they are); used by the LLaVA export."""
