@@ -234,13 +234,37 @@ def test_bad_reducer_is_refused_at_compose_time(reducer, match):
         compose("micro", ["connector=xattn", f"+connector.reducer={reducer}".replace("'", "")])
 
 
-def test_pretrain_and_sft_smoke(tmp_path):
+def test_pretrain_and_sft_smoke_with_lora_under_fsdp(tmp_path):
+    """Pretrain (connector only) then SFT (blocks + LoRA on the LLM), under FSDP2 (a world of one: the decoder layers
+    are sharded units with the blocks' hooks on them), then the exported model loads and evaluation generated."""
     from vlm.train import compose, run
 
     res = run(compose("micro", ["connector=xattn", "connector.heads=2", "connector.head_dim=8",
-                                "stage.sft.policy.llm=lora", "eval.limit=4", f"output_dir={tmp_path}"]))
+                                "stage.pretrain.policy={encoder:frozen,connector:full,llm:frozen}",
+                                "stage.sft.policy.llm=lora", "trainer.strategy=fsdp", "eval.limit=4",
+                                f"output_dir={tmp_path}"]))
     assert set(res.losses) == {"pretrain", "sft"} and all(len(v) for v in res.losses.values())
     model = vlm.load(res.final_dir)
     assert model.num_image_tokens() == 1 and len(model.connector.blocks) == 2
     assert any(float(b.attn_gate.detach().abs()) > 0 for b in model.connector.blocks.values())  # the gates were trained
     assert res.eval  # evaluation generated through the blocks
+
+
+def test_dtype_and_gradient_checkpointing(seed):
+    model = xattn_model(dtype="bfloat16")
+    assert {p.dtype for p in model.connector.parameters()} == {torch.bfloat16}
+    ids = ids_with_images(model, [[2], [1, 8]])
+    px = torch.randn(3, 3, 32, 32)
+    assert model(ids, px).logits.isfinite().all()
+    ref = xattn_model()
+    open_gates(ref, 0.3)
+    ckpt = vlm.build(tiny_cfg("clip", "llama", XATTN))
+    ckpt.load_state_dict(ref.state_dict())
+    ckpt.llm.enable_gradient_checkpointing()
+    grads = []
+    for m in (ref, ckpt):
+        m.train()
+        m(ids, px, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in m.connector.named_parameters()})
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, atol=1e-5, rtol=1e-4, msg=n)
