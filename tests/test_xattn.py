@@ -231,7 +231,7 @@ def test_bad_reducer_is_refused_at_compose_time(reducer, match):
     from vlm.train import ConfigError, compose
 
     with pytest.raises(ConfigError, match=match):
-        compose("micro", ["connector=xattn", f"+connector.reducer={reducer}".replace("'", "")])
+        compose("micro", ["connector=xattn", f"connector.reducer={reducer}".replace("'", "")])
 
 
 def test_pretrain_and_sft_smoke_with_lora_under_fsdp(tmp_path):
