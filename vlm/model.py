@@ -5,9 +5,11 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,8 @@ class VLM(nn.Module):
             raise ValueError(f"image_token_id {image_token_id} is outside the LLM's embedding table "
                              f"(vocab size {llm.vocab_size}); add the token and resize the embeddings first")
         self.encoder, self.connector, self.llm = encoder, connector, llm
+        if connector.fuses_by_cross_attention:  # its blocks go into the LLM's decoder layers
+            connector.install(llm)
         self.image_token_id, self.image_token = image_token_id, image_token
         self.tokenizer: Any = None
         # eos (tokenizer eos + the chat template's end of turn), pad, bos ids: generate's defaults, saved and exported
@@ -128,7 +132,8 @@ class VLM(nn.Module):
         return tuple(self.encoder.image_std)
 
     def num_image_tokens(self, image_size: int | tuple[int, int] | None = None) -> int:
-        """How many placeholder ids one image (or tile) of ``image_size`` ``(H, W)`` becomes."""
+        """How many placeholder ids one image (or tile) of ``image_size`` ``(H, W)`` becomes (1 with a fusion
+        connector: the image reaches the LLM by cross-attention)."""
         size = as_pair(self.encoder.image_size if image_size is None else image_size)
         return self.connector.num_tokens(self.encoder.num_tokens(size), self.encoder.grid(size))
 
@@ -152,8 +157,22 @@ class VLM(nn.Module):
                 raise ValueError(f"input_ids hold {n} image tokens (id {self.image_token_id}) but no pixel_values "
                                  f"were given")
             return embeds
+        if self.connector.fuses_by_cross_attention:  # <image> stays a text token; see ``fusion``
+            return embeds
         feats = self.image_features(pixel_values)
         return self.llm.inject(embeds, input_ids, feats.reshape(-1, feats.shape[-1]), self.image_token_id)
+
+    @contextlib.contextmanager
+    def fusion(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+               segment_ids: torch.Tensor | None = None) -> Iterator[None]:
+        """The context to call the LLM in: with a fusion connector, its cross-attention blocks read these images'
+        features (one ``<image>`` token per image in ``input_ids``); with a token connector, nothing."""
+        if not self.connector.fuses_by_cross_attention:
+            yield
+            return
+        feats = self.image_features(pixel_values) if pixel_values is not None else None
+        with self.connector.media(feats, input_ids, self.image_token_id, segment_ids):
+            yield
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -175,8 +194,9 @@ class VLM(nn.Module):
             attention_mask = segment_mask(segment_ids, self.llm.attn_implementation, embeds.dtype)
             if labels is not None:
                 labels = mask_segment_starts(labels, segment_ids)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                        labels=labels, **lm_kwargs)
+        with self.fusion(input_ids, pixel_values, segment_ids):
+            return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                            labels=labels, **lm_kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
@@ -193,7 +213,8 @@ class VLM(nn.Module):
         for key in ("eos_token_id", "pad_token_id"):
             if key in settings:
                 generate_kwargs.setdefault(key, settings[key])
-        return self.llm.model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+        with self.fusion(input_ids, pixel_values):
+            return self.llm.model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
     # -- persistence -----------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> Path:

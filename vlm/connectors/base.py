@@ -32,6 +32,10 @@ class Connector(nn.Module):
     llava_projector_layers: dict[str, str] | None = None
     #: whether ``forward`` takes one grid per image (a list of ``(h, w)``, ``x`` padded); see the module docstring
     per_image_grids: bool = False
+    #: a fusion connector (``xattn``): ``num_tokens`` is the ``<image>`` text tokens per image (1), ``forward``
+    #: gives the media its blocks attend to, ``install(llm)`` hooks the blocks into the LLM (``VLM`` calls it) and
+    #: ``media(features, input_ids, image_token_id, segment_ids)`` is the context ``VLM`` runs the LLM in
+    fuses_by_cross_attention: bool = False
 
     def llava_projector_problems(self) -> list[str]:
         """Why this connector's weights are not a LLaVA projector (empty when they are); used by the LLaVA export."""

@@ -106,6 +106,21 @@ class HFCausalLM(nn.Module):
     def attn_implementation(self) -> str:
         return self.model.config._attn_implementation or "sdpa"
 
+    def decoder_layers(self) -> nn.ModuleList:
+        """The decoder layer stack (``model.layers``, GPT-2's ``transformer.h``, OPT's ``model.decoder.layers``, ...).
+
+        Found generically: the one ``ModuleList`` whose blocks are all of the classes the model states in
+        ``_no_split_modules`` (transformers' "never split this block across devices" list, i.e. its layer classes).
+        Raises ``ValueError`` when the model states none or the stack is ambiguous."""
+        classes = set(getattr(self.model, "_no_split_modules", None) or ())
+        stacks = [(name, m) for name, m in self.model.named_modules()
+                  if isinstance(m, nn.ModuleList) and len(m) and all(type(c).__name__ in classes for c in m)]
+        if len(stacks) != 1:
+            raise ValueError(f"{type(self.model).__name__}: cannot find its decoder layers: expected one ModuleList "
+                             f"of its _no_split_modules classes {sorted(classes)}; found "
+                             f"{[name for name, _ in stacks] or 'none'}")
+        return stacks[0][1]
+
     def resize_token_embeddings(self, n: int) -> None:
         self.model.resize_token_embeddings(n)
 

@@ -79,6 +79,7 @@ class LoopState:
 
     losses: list[float] = field(default_factory=list)
     last_eval: dict[str, float] = field(default_factory=dict)
+    step_seconds: list[float] = field(default_factory=list)  # this attempt's steps (not checkpointed)
 
 
 @dataclass
@@ -191,6 +192,7 @@ class StageLoop:
                         f"trainer.gradient_checkpointing=true also saves memory.") from e
                 raise
             state.losses.append(stats.loss)
+            state.step_seconds.append(stats.seconds)
             tps = stats.tokens / max(stats.seconds, 1e-9)
             ema_tps = tps if ema_tps is None else 0.9 * ema_tps + 0.1 * tps
             row = {"stage": self.name, "step": step + 1, "loss": stats.loss, "grad_norm": stats.grad_norm,
