@@ -159,16 +159,18 @@ def test_cached_equals_uncached_greedy_generation(seed):
     assert len(set(cached.flatten().tolist())) > 2                        # not a constant output
 
 
-@pytest.mark.parametrize("reducer", [{"name": "mlp", "depth": 2}, {"name": "linear", "out_dim": 24}])
-def test_save_load_round_trip_with_a_reducer(reducer, tmp_path, seed):
+@pytest.mark.parametrize("reducer,keys", [({"name": "mlp", "depth": 2}, 16), ({"name": "linear", "out_dim": 24}, 16),
+                                          ({"name": "perceiver", "num_latents": 5, "depth": 2, "heads": 2,
+                                            "head_dim": 8}, 5)])
+def test_save_load_round_trip_with_a_reducer(reducer, keys, tmp_path, seed):
     model = xattn_model(reducer=reducer)
     open_gates(model)
     assert model.connector.reducer is not None
-    assert model.connector.num_media_tokens(16, (4, 4)) == 16
+    assert model.connector.num_media_tokens(16, (4, 4)) == keys          # perceiver: 16 patch tokens -> 5 latents
     ids = ids_with_images(model, [[2], [1, 8]])
     px = torch.randn(3, 3, 32, 32)
     media = model.image_features(px)
-    assert media.shape == (3, 16, reducer.get("out_dim", 32))
+    assert media.shape == (3, keys, reducer.get("out_dim", 32))
     model.save_pretrained(tmp_path)
     loaded = vlm.load(tmp_path).eval()
     assert any(k.startswith("connector.blocks.1.to_kv") for k in loaded.state_dict())
