@@ -174,6 +174,19 @@ def test_to_hf_identical_logits_and_round_trips(tmp_path, text, frequency):
     assert_same_logits(model, Blip2ForConditionalGeneration.from_pretrained(str(tmp_path / "again")), *batch)
 
 
+def test_exported_greedy_generation_equals_ours(tmp_path):
+    """transformers' ``Blip2ForConditionalGeneration.generate`` on the export continues exactly as ``VLM.generate``
+    (KV cache on both sides)."""
+    model = tiny_blip2_vlm("llama")
+    to_hf(model, tmp_path)
+    hf = Blip2ForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+    ids, _, px = inputs(model, rows=(1, 1))
+    ours = model.generate(ids, px, max_new_tokens=6, min_new_tokens=6)
+    theirs = hf.generate(pixel_values=px, input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                         min_new_tokens=6, do_sample=False)
+    assert torch.equal(theirs[:, ids.shape[1]:], ours)
+
+
 def test_import_save_load_export_keeps_logits(tmp_path):
     """BLIP-2 -> vlm -> vlm.load -> BLIP-2: the same logits at every step."""
     hf = save_blip2(tmp_path / "hf", text="qwen2", frequency=1)

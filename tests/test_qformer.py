@@ -155,14 +155,47 @@ def test_qformer_in_a_vlm_with_another_encoder():
     assert all(p.grad is not None for p in model.connector.parameters())
 
 
-def test_pretrain_and_sft_with_the_qformer(tmp_path):
-    """``connector=qformer`` trains through pretrain and SFT of the micro recipe and its final model reloads."""
+QFORMER_MICRO = ["connector=qformer", "connector.num_queries=4", "connector.hidden_size=32", "connector.num_layers=2",
+                 "connector.num_heads=2"]
+
+
+def test_pretrain_and_lora_sft_with_the_qformer(tmp_path):
+    """``connector=qformer`` trains through BLIP-2-style pretrain (only the connector) and an SFT with LoRA on the
+    LLM; the final model reloads with the connector's weights changed by training."""
     from vlm.train import compose, run
 
-    overrides = ["connector=qformer", "connector.num_queries=4", "connector.hidden_size=32",
-                 "connector.num_layers=2", "connector.num_heads=2", "stage.pretrain.max_steps=2",
-                 "stage.sft.max_steps=2", "eval.enabled=false", f"output_dir={tmp_path}"]
+    overrides = QFORMER_MICRO + [
+        "stage.pretrain.policy={encoder: frozen, connector: full, llm: frozen}", "stage.pretrain.max_steps=2",
+        "stage.sft.policy.llm=lora", "stage.sft.max_steps=2", "eval.enabled=false", f"output_dir={tmp_path}"]
     result = run(compose("micro", overrides))
     assert all(torch.isfinite(torch.tensor(v)).all() for v in result.losses.values())
     model = vlm.load(result.final_dir)
     assert model.connector.registry_name == "qformer" and model.num_image_tokens() == 4
+    assert not any("lora" in k for k in model.state_dict())
+
+
+def test_bf16_qformer_follows_fp32():
+    c = connectors.build(SMALL, in_dim=8, out_dim=12).eval()
+    half = connectors.build({**SMALL, "dtype": "bfloat16"}, in_dim=8, out_dim=12).eval()
+    half.load_state_dict(c.state_dict())
+    x = torch.randn(2, 9, 8)
+    y = half(x.bfloat16(), (3, 3))
+    assert y.dtype == torch.bfloat16 and {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    torch.testing.assert_close(y.float(), c(x, (3, 3)), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(tmp_path):
+    """2-process DDP (gloo, CPU) with the qformer connector gives the single-process losses: every trainable
+    parameter gets a gradient (DDP would stop otherwise) and the batches split exactly."""
+    from tests.test_train_distributed import losses, torchrun
+    from vlm.train import compose, run
+
+    args = ["recipe=micro", "stages=[sft]", "stage.sft.max_steps=3", "stage.sft.global_batch_size=4",
+            "stage.sft.micro_batch_size=2", "eval.enabled=false", *QFORMER_MICRO]
+    run(compose(overrides=args + [f"output_dir={tmp_path / 'one'}"]))
+    proc = torchrun(args + ["trainer.strategy=ddp", f"output_dir={tmp_path / 'ddp'}"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ref, got = losses(tmp_path / "one"), losses(tmp_path / "ddp")
+    assert len(got) == len(ref) == 3
+    assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-5, (ref, got)
