@@ -142,6 +142,28 @@ def test_blip2_encoder_features():
     torch.testing.assert_close(again.eval()(px), tokens)
 
 
+def test_blip2_encoder_pretrained_directories(tmp_path):
+    """A saved ``Blip2VisionModel`` loads through ``pretrained:``; a full BLIP-2 directory (whose tower transformers'
+    ``Blip2VisionModel.from_pretrained`` does not find, leaving it random) is an error saying what to do."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    enc = encoders.build({"name": "blip2", "image_size": 32, "patch_size": 8, "hidden_size": 32, "num_layers": 2,
+                          "num_heads": 4, "select": "all"}).eval()
+    enc.model.save_pretrained(tmp_path / "tower")
+    again = encoders.build({"name": "blip2", "pretrained": str(tmp_path / "tower"), "select": "all"}).eval()
+    px = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(again(px), enc(px))
+    full = Blip2ForConditionalGeneration(Blip2Config(
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+                       "image_size": 32, "patch_size": 8},
+        qformer_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4},
+        text_config=dict(TINY_TEXT["llama"]), num_query_tokens=2, image_token_index=100))
+    full.save_pretrained(tmp_path / "full")
+    with pytest.raises(ValueError, match=r"blip2 encoder: .*full' holds no weights for .* Blip2VisionModel.*"
+                                         r"for a full BLIP-2 checkpoint save its tower first"):
+        encoders.build({"name": "blip2", "pretrained": str(tmp_path / "full")})
+
+
 def test_qformer_in_a_vlm_with_another_encoder():
     """Any tower: a SigLIP encoder's patch tokens (no CLS) feed 5 queries of a Qwen2-style LLM."""
     model = vlm.build({"encoder": dict(TINY_VISION["siglip"], interpolate_pos_encoding=True),

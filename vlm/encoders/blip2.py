@@ -26,6 +26,9 @@ class Blip2Encoder(HFVisionEncoder):
     has_cls = True
     image_mean = OPENAI_CLIP_MEAN
     image_std = OPENAI_CLIP_STD
+    # Blip2VisionModel.from_pretrained finds nothing in a full BLIP-2 directory (its tower is under vision_model.)
+    pretrained_hint = ("; for a full BLIP-2 checkpoint save its tower first: python -c \"from vlm.interop import "
+                       "from_hf; from_hf('BLIP2_DIR').encoder.model.save_pretrained('TOWER_DIR')\"")
 
     @staticmethod
     def dims_config(**dims: int) -> dict[str, int | float]:
