@@ -57,7 +57,8 @@ def make_blip2(text: str = "opt", frequency: int = 2, qformer_layers: int = 3,
     cfg = Blip2Config(vision_config=dict(TINY_TOWER),
                       qformer_config={"hidden_size": 32, "num_hidden_layers": qformer_layers, "num_attention_heads": 4,
                                       "intermediate_size": 48, "cross_attention_frequency": frequency},
-                      text_config=dict(TEXT[text]), num_query_tokens=NUM_QUERIES, image_token_index=IMAGE_TOKEN_ID, **kw)
+                      text_config=dict(TEXT[text]), num_query_tokens=NUM_QUERIES, image_token_index=IMAGE_TOKEN_ID,
+                      **kw)
     hf = Blip2ForConditionalGeneration(cfg).eval()
     randomize(hf)
     return hf
