@@ -21,6 +21,11 @@ VICUNA_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11
              "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 SIGLIP_SO400M = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
                  "num_attention_heads": 16, "image_size": 384, "patch_size": 14, "vision_use_head": False}
+EVA_VIT_G = {"hidden_size": 1408, "intermediate_size": 6144, "num_hidden_layers": 39, "num_attention_heads": 16,
+             "image_size": 224, "patch_size": 14, "layer_norm_eps": 1e-6, "qkv_bias": True}
+OPT_2_7B = {"model_type": "opt", "hidden_size": 2560, "ffn_dim": 10240, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "vocab_size": 50272, "max_position_embeddings": 2048,
+            "word_embed_proj_dim": 2560, "do_layer_norm_before": True, "tie_word_embeddings": True}
 QWEN2_0_5B = {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
               "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
               "max_position_embeddings": 32768, "tie_word_embeddings": True}
@@ -119,11 +124,67 @@ def test_scratch_siglip_qwen_dimensions_and_lora():
     assert groups["connector.decay"] == pytest.approx(1e-4) and groups["llm.decay"] == pytest.approx(3e-5)
 
 
+def eva_vit_g_params(h: int = 1408, ffn: int = 6144, layers: int = 39, patches: int = 256) -> int:
+    """Closed form: CLS + positions + patch conv, per layer fused qkv (+ q/k/v bias) / out proj / 2 MLP / 2 LN,
+    post_layernorm."""
+    per_layer = (h * 3 * h + 3 * h) + (h * h + h) + (h * ffn + ffn) + (ffn * h + h) + 4 * h
+    return h + (patches + 1) * h + (3 * 14 * 14 * h + h) + layers * per_layer + 2 * h
+
+
+def opt_params(d: int = 2560, ffn: int = 10240, layers: int = 32, vocab: int = 50272, positions: int = 2048) -> int:
+    """Closed form: tied token embeddings, learned positions (+2 offset rows), per layer q/k/v/o + 2 MLP + 2 LN,
+    final LN."""
+    return vocab * d + (positions + 2) * d + layers * (4 * (d * d + d) + (d * ffn + ffn) + (ffn * d + d) + 4 * d) \
+        + 2 * d
+
+
+@pytest.fixture(scope="module")
+def blip2():
+    mc, cfg = inline("blip2", EVA_VIT_G, OPT_2_7B)
+    with torch.device("meta"):
+        model = vlm.build(mc)
+    return model, cfg
+
+
+def test_blip2_recipe_dimensions(blip2):
+    """EVA ViT-g + Q-Former (32 queries) + OPT-2.7B at real size; the bridge has exactly transformers' BLIP-2
+    Q-Former + query tokens + language projection + the tower's post_layernorm (our connector's input_norm)."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+    model, cfg = blip2
+    assert cfg.encoder.select == "all" and cfg.connector.name == "qformer"
+    assert model.num_image_tokens() == 32 and model.encoder.num_tokens() == 257  # CLS + 16 x 16 patches
+    assert count(model.encoder) == eva_vit_g_params() == 985_952_256
+    assert count(model.llm) == opt_params() == 2_651_596_800  # OPT-2.7B
+    with torch.device("meta"):
+        hf = Blip2ForConditionalGeneration(Blip2Config(vision_config=EVA_VIT_G, text_config=OPT_2_7B,
+                                                       num_query_tokens=32, image_token_index=50271))
+    bridge = count(hf.qformer) + hf.query_tokens.numel() + count(hf.language_projection) \
+        + count(hf.vision_model.post_layernorm)
+    assert count(model.connector) == bridge == 107_133_696
+    # ours keeps the tower's own (unused, frozen) post_layernorm besides the connector's copy
+    assert count(model) == count(hf) + 2 * 1408 == 3_744_682_752
+
+
+def test_blip2_hyperparameters_and_policy(blip2):
+    model, cfg = blip2
+    assert list(cfg.stages) == ["pretrain"]
+    st = cfg.stage.pretrain
+    assert (st.lr, st.weight_decay, list(st.betas), st.warmup_steps, st.min_lr_ratio) == (1e-4, 0.05, [0.9, 0.98],
+                                                                                          2000, 0.5)
+    assert (st.max_steps, st.global_batch_size, st.scheduler, st.template) == (80000, 1920, "cosine", "plain")
+    assert cfg.connector.dropout == 0.1 and cfg.connector.cross_attention_frequency == 2
+    apply_policies(model, st)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == count(model.connector)  # ViT and LLM frozen: Q-Former + projection (+ input LayerNorm)
+
+
 # the architecture of each model directory a recipe's `pretrained:` names (its config.json, written out here);
 # {}: a weights file whose architecture the component config names itself (open_clip by model name)
 ARCHITECTURES = {"clip-vit-large-patch14-336": CLIP_L14_336, "vicuna-7b-v1.5": VICUNA_7B,
                  "siglip-so400m-patch14-384": SIGLIP_SO400M, "Qwen2-0.5B-Instruct": QWEN2_0_5B,
-                 "Qwen-7B-qwen2": QWEN_7B, "open_clip_pytorch_model.bin": {}}
+                 "Qwen-7B-qwen2": QWEN_7B, "open_clip_pytorch_model.bin": {},
+                 "blip2-eva-vit-g": EVA_VIT_G, "opt-2.7b": OPT_2_7B}
 # Qwen-VL's parts: OpenCLIP ViT-bigG/14 at 448 px without its pooling head (1664 wide, 48 blocks, MLP 8192, 32 x 32
 # patches + CLS position embeddings), the resampler at 4096 wide, Qwen-7B
 BIGG_448 = (3 * 14 * 14 * 1664 + 1664 + 1025 * 1664 + 2 * 1664
@@ -133,7 +194,8 @@ QWEN_7B_PARAMS = 7_721_324_544
 # parameter counts of the recipes built from published models (image token on the last id: no new embedding row)
 PUBLISHED_PARAMS = {"llava15": 303_507_456 + (1024 * 4096 + 4096 + 4096 * 4096 + 4096) + 6_738_415_616,  # ~7.06B
                     "scratch_siglip_qwen": 412_987_248 + (1152 * 896 + 896 + 896 * 896 + 896) + 494_032_768,
-                    "qwenvl": BIGG_448 + QWENVL_RESAMPLER + QWEN_7B_PARAMS}  # ~9.66B
+                    "qwenvl": BIGG_448 + QWENVL_RESAMPLER + QWEN_7B_PARAMS,  # ~9.66B
+                    "blip2": 985_952_256 + 107_133_696 + 2_651_596_800}  # ~3.74B
 
 
 def create_data_files(cfg) -> None:
