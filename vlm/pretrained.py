@@ -120,3 +120,19 @@ def enable_gradient_checkpointing(model: Any) -> bool:
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return True
+
+
+def read_weights(path: Path, who: str) -> dict[str, Any]:
+    """Every tensor of the directory's weights (see ``check_weights``): safetensors, or ``pytorch_model.bin`` through
+    ``torch.load(weights_only=True)``; a shard index reads all its shards."""
+    import torch
+    from safetensors.torch import load_file
+
+    weights = check_weights(path, who)
+    files = [weights]
+    if weights.name.endswith(".index.json"):
+        files = [path / s for s in sorted(set(json.loads(weights.read_text())["weight_map"].values()))]
+    state: dict[str, Any] = {}
+    for f in files:
+        state.update(load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, weights_only=True))
+    return state

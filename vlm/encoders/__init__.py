@@ -3,7 +3,7 @@ from typing import Any
 
 from vlm.encoders.base import VisionEncoder
 from vlm.encoders.registry import ENCODERS
-from vlm.encoders import clip, siglip, siglip2, timm_tower  # noqa: F401  (registration)
+from vlm.encoders import clip, internvit, siglip, siglip2, timm_tower  # noqa: F401  (registration)
 
 
 def build(cfg: Any) -> VisionEncoder:
