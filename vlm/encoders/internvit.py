@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from vlm.encoders.base import SELECT_STRATEGIES, VisionEncoder
 from vlm.encoders.hf_vision import resolve_dtype
 from vlm.encoders.registry import ENCODERS
-from vlm.pretrained import CONFIG_FILE, check_pretrained_dir, read_weights
+from vlm.pretrained import CONFIG_FILE, check_pretrained_dir, load_strict, read_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -232,7 +232,7 @@ class InternViTEncoder(VisionEncoder):
         self.dims = dims
         self.model = InternViT(**dims)
         if state is not None:
-            load_state(self.model, hf_to_ours(state), f"internvit encoder: {pretrained!r}")
+            load_strict(self.model, hf_to_ours(state), f"internvit encoder: {pretrained!r}")
         self.pretrained = pretrained
         self.feature_layer, self.select = feature_layer, select
         self.patch_size, self.image_size = int(dims["patch_size"]), int(dims["image_size"])
@@ -386,7 +386,7 @@ def _rename(key: str, table: dict[str, str]) -> str | None:
 
 def hf_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers ``InternVLVisionModel`` state dict -> ours. Keys without a counterpart keep their name (they are
-    then reported as unexpected by ``load_state``); ``embeddings.mask_token`` (masked image modelling) is dropped."""
+    then reported as unexpected by ``load_strict``); ``embeddings.mask_token`` (masked image modelling) is dropped."""
     return {(_rename(k, HF_KEYS) or k): v for k, v in state.items() if k != "embeddings.mask_token"}
 
 
@@ -408,19 +408,6 @@ def original_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         else:
             out[_rename(k, ORIGINAL_KEYS) or k] = v
     return out
-
-
-def load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """Strict load naming every missing / unexpected key and shape mismatch (``ValueError``)."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in sorted(set(own) & set(state))
-              if state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{where}: the weights do not match the internvit architecture of its config: "
-                         f"missing keys {missing}, unexpected keys {unexpected}, shape mismatches {shapes}")
-    model.load_state_dict(state, strict=True)
 
 
 VISION_PREFIXES = ("model.vision_tower.", "vision_tower.")

@@ -15,7 +15,6 @@ Only local directories are read; weights come from safetensors (or ``pytorch_mod
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -24,54 +23,38 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlm import connectors, encoders, llm as llms
+from vlm import connectors, encoders
+from vlm import llm as llms
 from vlm.encoders.hf_vision import HFVisionEncoder, resolve_dtype
-from vlm.generation import GENERATION_KEYS, generation_settings, read_settings
 from vlm.hf_config import unknown_config_keys
+from vlm.interop.common import arch_config as _arch_config
+from vlm.interop.common import (
+    copy_language_model,
+    export_generation,
+    lm_problems,
+    read_generation,
+    read_tokenizer,
+    text_config_for_export,
+)
+from vlm.interop.common import copy_state as _copy_state
+from vlm.interop.common import dtype_name as _dtype_name
+from vlm.interop.common import is_tied as _is_tied
 from vlm.interop.formats import FORMATS, HFFormat
-from vlm.interop.mapping import (ACT_FROM_HF, ACT_TO_HF, ENCODER_MODEL_TYPES, SELECT_FROM_LLAVA, SELECT_TO_LLAVA,
-                                 UNUSED_VISION_MODULES, VISION_MODEL_TYPES)
+from vlm.interop.mapping import (
+    ACT_FROM_HF,
+    ACT_TO_HF,
+    ENCODER_MODEL_TYPES,
+    SELECT_FROM_LLAVA,
+    SELECT_TO_LLAVA,
+    UNUSED_VISION_MODULES,
+    VISION_MODEL_TYPES,
+)
 from vlm.interop.processor import read_preprocessing, save_processor
-from vlm.llm.hf_causal_lm import HFCausalLM
 from vlm.model import VLM
-from vlm.pretrained import (CONFIG_FILE, FILE_KEYS, check_weights, normalization, read_config,
-                            read_image_processor_config)
+from vlm.pretrained import CONFIG_FILE, check_weights, normalization, read_config, read_image_processor_config
 
-GENERATION_FILE = "generation_config.json"
 LLAVA_MODEL_TYPE = "llava"
-TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 VISION_PREFIX = "model.vision_tower."
-LM_PREFIX = "model.language_model."
-
-
-# ----------------------------------------------------------------------------------------------------- helpers
-def _arch_config(config: Any) -> dict[str, Any]:
-    """A transformers (sub)config as a plain dict without file bookkeeping keys."""
-    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return {k: v for k, v in d.items() if k not in FILE_KEYS}
-
-
-def _copy_state(dst: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """``dst.load_state_dict(state)`` strictly; a mismatch names the component and the offending keys."""
-    own = dst.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(state))
-              if state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{what}: weights do not match the architecture: missing {missing[:8]}, unexpected "
-                         f"{unexpected[:8]}, shape mismatches {shapes[:8]}")
-    dst.load_state_dict(state, strict=True)
-
-
-def _is_tied(model: nn.Module) -> bool:
-    """Whether the output embeddings share storage with the input embeddings."""
-    out = model.get_output_embeddings()
-    return out is not None and out.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 # ----------------------------------------------------------------------------------------------------- reading
@@ -185,15 +168,10 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
         proj = hf.model.multi_modal_projector
         _copy_state(connector, {f"{ours}.{k}": v for ours, theirs in connector.llava_projector_layers.items()
                                 for k, v in getattr(proj, theirs).state_dict().items()}, "from_hf: projector")
-        _copy_state(lm.model.base_model, hf.model.language_model.state_dict(), "from_hf: language model")
-        _copy_state(lm.model.get_output_embeddings(), hf.lm_head.state_dict(), "from_hf: lm_head")
+        copy_language_model(lm, hf, to_hf=False)
     del hf
 
-    tok = None
-    if tokenizer and any((path / f).is_file() for f in TOKENIZER_FILES):
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    tok = read_tokenizer(path) if tokenizer else None
     image_token_id = int(config.image_token_id)
     image_token = "<image>"
     if tok is not None and image_token_id < len(tok):
@@ -205,23 +183,6 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
     model.image_preprocessing = read_preprocessing(image_processor, int(config.vision_config.image_size),
                                                    str(image_processor_file))
     return model.eval()
-
-
-def read_generation(path: Path, config: Any, tokenizer: Any) -> dict[str, Any]:
-    """The directory's generation settings: ``generation_config.json``, else the text config's ids, else the
-    tokenizer's (``vlm.generation``); a source's missing keys are filled from the next one."""
-    sources = []
-    if (path / GENERATION_FILE).is_file():
-        try:
-            sources.append(read_settings(json.loads((path / GENERATION_FILE).read_text())))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"from_hf: {str(path / GENERATION_FILE)!r} is not valid JSON ({e})") from e
-    sources += [read_settings(config.text_config), generation_settings(tokenizer)]
-    out: dict[str, Any] = {}
-    for settings in sources:
-        for key, value in settings.items():
-            out.setdefault(key, value)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------- export
@@ -237,34 +198,7 @@ def llava_problems(model: VLM) -> list[str]:
     act = getattr(conn, "options", {}).get("act")
     if conn.llava_projector_layers is not None and act not in ACT_TO_HF:
         problems.append(f"the connector act={act!r} has no LLaVA equivalent; supported: {sorted(ACT_TO_HF)}")
-    if not isinstance(lm, HFCausalLM):
-        problems.append(f"the LLM is {type(lm).__name__}; LLaVA needs a transformers causal LM (hf_causal_lm)")
-    elif _is_tied(lm.model):
-        from transformers import LlavaForConditionalGeneration
-
-        # transformers' LLaVA ties lm_head to a fixed parameter name of its language model (embed_tokens)
-        for source in LlavaForConditionalGeneration._tied_weights_keys.values():
-            name = source.removeprefix(LM_PREFIX)
-            if name != source and not _has_parameter(lm.model.base_model, name):
-                problems.append(f"the LLM ({lm.text_config.model_type}) ties its output embeddings, and transformers' "
-                                f"LLaVA ties lm_head to language_model.{name}, which this model does not have; "
-                                f"untie the embeddings (tie_word_embeddings=False) or use a Llama-style LLM")
-    return problems
-
-
-def export_generation(model: VLM) -> dict[str, Any]:
-    """The generation settings an export carries: ``model.generation`` (else the tokenizer's), every key present
-    (``None`` where unknown, overriding the LLM config's own ids, which need not match the tokenizer)."""
-    settings = model.generation or generation_settings(model.tokenizer)
-    return {key: settings.get(key) for key in GENERATION_KEYS}
-
-
-def _has_parameter(module: nn.Module, name: str) -> bool:
-    try:
-        module.get_parameter(name)
-    except AttributeError:
-        return False
-    return True
+    return problems + lm_problems(lm, "LLaVA", "LlavaForConditionalGeneration")
 
 
 def llava_config(model: VLM) -> Any:
@@ -277,10 +211,7 @@ def llava_config(model: VLM) -> Any:
     enc, conn, lm = model.encoder, model.connector, model.llm
     tied = _is_tied(lm.model)
     vision_cfg = _arch_config(enc.hf_config)
-    text_cfg = _arch_config(lm.text_config)
-    text_cfg["vocab_size"] = lm.vocab_size
-    text_cfg["tie_word_embeddings"] = tied
-    text_cfg.update(export_generation(model))  # where serving engines read eos / pad / bos
+    text_cfg = text_config_for_export(model)
     return LlavaConfig(
         vision_config=vision_cfg, text_config=text_cfg, image_token_id=model.image_token_id,
         vision_feature_layer=enc.feature_layer, vision_feature_select_strategy=SELECT_TO_LLAVA[enc.drops_first],
@@ -315,8 +246,7 @@ def to_hf(model: VLM, path: str | os.PathLike, *, dtype: str | torch.dtype | Non
         proj = {f"{theirs}.{k.removeprefix(ours + '.')}": v for ours, theirs in conn.llava_projector_layers.items()
                 for k, v in state.items() if k.startswith(ours + ".")}
         _copy_state(hf.model.multi_modal_projector, proj, "to_hf: projector")
-        _copy_state(hf.model.language_model, lm.model.base_model.state_dict(), "to_hf: language model")
-        _copy_state(hf.lm_head, lm.model.get_output_embeddings().state_dict(), "to_hf: lm_head")
+        copy_language_model(lm, hf, to_hf=True)
     if _is_tied(lm.model) != _is_tied(hf):
         raise RuntimeError(f"to_hf: embedding tying differs after export (vlm tied={_is_tied(lm.model)}, "
                            f"LLaVA tied={_is_tied(hf)})")
