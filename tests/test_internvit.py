@@ -5,9 +5,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import InternVLVisionConfig, InternVLVisionModel
 
+from tests.conftest import TINY_VISION
 from vlm import encoders
 from vlm.encoders.internvit import ORIGINAL_KEYS, hf_to_ours, original_to_ours, ours_to_hf
-from tests.conftest import TINY_VISION
 
 
 def random_tower(tmp_path, **overrides):
@@ -145,3 +145,34 @@ def test_weights_that_do_not_match_list_the_keys(tmp_path):
         encoders.build({"name": "internvit", "pretrained": str(tmp_path)})
     with pytest.raises(FileNotFoundError, match="does not exist"):
         encoders.build({"name": "internvit", "pretrained": str(tmp_path / "nowhere")})
+
+
+def test_tile_size_the_model_cannot_take_and_tile_budget_below_one():
+    import vlm
+    from tests.conftest import TINY_TEXT
+    from tests.test_interop import tiny_tokenizer
+    from vlm.data.images import ImageProcessor
+    from vlm.data.processor import Processor
+
+    llm = {"name": "hf_causal_lm", "config": dict(TINY_TEXT["llama"])}
+    # 40 px tiles of 8 px patches: a 5 x 5 grid, which a 2 x 2 pixel shuffle cannot fold
+    with pytest.raises(ValueError, match=r"vlm.build: the encoder's image \(tile\) size 40 x 40 does not fit the "
+                                         r"model: pixel_shuffle_mlp with scale 0.5 needs a patch grid divisible by 2; "
+                                         r"got 5x5"):
+        vlm.build({"encoder": {**TINY_VISION["internvit"], "image_size": 40}, "connector": {"name": "pixel_shuffle_mlp"},
+                   "llm": llm})
+    ip = ImageProcessor(32, (0.5,) * 3, (0.5,) * 3, tiling={"kind": "dynamic", "max_tiles": 4})
+    with pytest.raises(ValueError, match="max_tiles_per_sample=0: a tile budget must be at least 1 tile"):
+        Processor(tiny_tokenizer(), "plain", ip, 4, max_tiles_per_sample=0)
+    with pytest.raises(ValueError, match="dynamic tiling needs 1 <= min_tiles <= max_tiles"):
+        ImageProcessor(32, (0.5,) * 3, (0.5,) * 3, tiling={"kind": "dynamic", "max_tiles": 0})
+
+
+def test_tile_settings_are_checked_when_a_recipe_is_composed():
+    from vlm.train import compose
+    from vlm.train.config_check import ConfigError
+
+    with pytest.raises(ConfigError, match=r"stage.sft.max_tiles_per_sample=0: expected a whole number >= 1"):
+        compose("tiny_internvl", ["stage.sft.max_tiles_per_sample=0"])
+    with pytest.raises(ConfigError, match=r"stage.pretrain.tiling: dynamic tiling needs 1 <= min_tiles <= max_tiles"):
+        compose("tiny_internvl", ["stage.pretrain.tiling.max_tiles=0"])

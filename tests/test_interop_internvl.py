@@ -11,10 +11,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, AutoProcessor, InternVLConfig, InternVLForConditionalGeneration
 
 import vlm
-from vlm import convert
-from vlm.interop import from_hf, to_hf
 from tests.conftest import TINY_TEXT, TINY_VISION
 from tests.test_interop import tiny_tokenizer
+from vlm import convert
+from vlm.interop import from_hf, to_hf
 
 IMAGE_TOKEN_ID = 100
 TOKENS_PER_TILE = 4  # 32 px tiles, 8 px patches: a 4x4 grid, pixel-shuffled to 2x2

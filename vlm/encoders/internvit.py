@@ -162,7 +162,7 @@ class InternViT(nn.Module):
                  drop_path: float, final_norm: bool, act: str) -> None:
         super().__init__()
         self.embeddings = Embeddings(hidden_size, patch_size, image_size // patch_size)
-        rates = torch.linspace(0, drop_path, num_layers).tolist() if num_layers > 1 else [drop_path]
+        rates = [drop_path * i / (num_layers - 1) for i in range(num_layers)] if num_layers > 1 else [drop_path]
         self.layers = nn.ModuleList([
             Block(hidden_size, num_heads, intermediate_size, norm_type, norm_eps, qkv_bias, qk_norm, layer_scale,
                   rate, act) for rate in rates])
