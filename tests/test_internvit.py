@@ -7,7 +7,7 @@ from transformers import InternVLVisionConfig, InternVLVisionModel
 
 from tests.conftest import TINY_VISION
 from vlm import encoders
-from vlm.encoders.internvit import ORIGINAL_KEYS, hf_to_ours, original_to_ours, ours_to_hf
+from vlm.encoders.internvit import hf_to_ours, original_to_ours, ours_to_hf, ours_to_original
 
 
 def random_tower(tmp_path, **overrides):
@@ -55,27 +55,16 @@ def test_key_tables_round_trip(tmp_path):
     theirs = hf.state_dict()
     assert set(ours_to_hf(enc.model.state_dict())) == set(theirs)
     assert set(hf_to_ours(theirs)) == set(enc.model.state_dict())
-    # an original OpenGVLab checkpoint: fused qkv, class_embedding, ls1 ... (built here from our own tensors)
-    ours = enc.model.state_dict()
-    inverse = {v: k for k, v in ORIGINAL_KEYS.items()}
-    original = {}
-    for k, v in ours.items():
-        idx = k.split(".")[1] if k.startswith("layers.") else None
-        if ".attn.k_proj." in k or ".attn.v_proj." in k:
-            continue
-        if ".attn.q_proj." in k:
-            kind = k.rsplit(".", 1)[1]
-            original[f"encoder.layers.{idx}.attn.qkv.{kind}"] = torch.cat(
-                [ours[k.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")])
-        elif k.startswith("norm."):
-            continue
-        else:
-            template = k.replace(f"layers.{idx}.", "layers.{i}.") if idx is not None else k
-            original[inverse[template].replace("{i}", idx or "")] = v
+    # an original OpenGVLab checkpoint: fused qkv, class_embedding, ls1 ... (the final norm has no counterpart)
+    ours = {k: v for k, v in enc.model.state_dict().items() if not k.startswith("norm.")}
+    original = ours_to_original(ours)
+    assert "encoder.layers.0.attn.qkv.weight" in original and "embeddings.class_embedding" in original
+    assert original["encoder.layers.1.attn.qkv.weight"].shape == (96, 32) and "encoder.layers.2.ls2" in original
+    assert not any("q_proj" in k or "lambda" in k for k in original)
     back = original_to_ours(original)
-    assert set(back) == {k for k in ours if not k.startswith("norm.")}
-    for k, v in back.items():
-        torch.testing.assert_close(v, ours[k])
+    assert set(back) == set(ours) and all(torch.equal(back[k], ours[k]) for k in ours)
+    with pytest.raises(ValueError, match="'norm.weight' has no counterpart in the original InternViT"):
+        ours_to_original(enc.model.state_dict())
 
 
 def test_from_dimensions_options_and_training_step():

@@ -181,3 +181,60 @@ def test_exported_processor_gives_vlm_ids_pixels_and_reply(tmp_path):
     assert mine.tolist() == ref.tolist()
     back = from_hf(tmp_path)
     assert back.image_preprocessing == model.image_preprocessing and back.image_token == "<IMG_CONTEXT>"
+
+
+def save_original(path, model, tok, **overrides):
+    """``model`` written as an original OpenGVLab InternVL directory (``model_type: internvl_chat``: remote-code
+    config keys, ``vision_model.*`` with fused qkv, ``mlp1.*``, ``language_model.*``)."""
+    from vlm.encoders.internvit import ours_to_original
+
+    d = model.encoder.dims
+    vision = {"architectures": ["InternVisionModel"], "hidden_size": d["hidden_size"],
+              "num_hidden_layers": d["num_layers"], "num_attention_heads": d["num_heads"],
+              "intermediate_size": d["intermediate_size"], "image_size": d["image_size"],
+              "patch_size": d["patch_size"], "norm_type": d["norm_type"], "layer_norm_eps": d["norm_eps"],
+              "qkv_bias": d["qkv_bias"], "qk_normalization": d["qk_norm"], "initializer_factor": 0.1}
+    text = {**model.llm.text_config.to_dict(), "architectures": ["Qwen2ForCausalLM"]}
+    cfg = {"model_type": "internvl_chat", "vision_config": vision, "llm_config": text, "select_layer": -1,
+           "downsample_ratio": 0.5, "ps_version": "v2", "force_image_size": d["image_size"],
+           "dynamic_image_size": True, "use_thumbnail": True, "min_dynamic_patch": 1, "max_dynamic_patch": 6,
+           **overrides}
+    state = {f"vision_model.{k}": v for k, v in ours_to_original(model.encoder.model.state_dict()).items()}
+    state.update({f"mlp1.{k.removeprefix('layers.')}": v for k, v in model.connector.state_dict().items()})
+    state.update({f"language_model.{k}": v for k, v in model.llm.model.state_dict().items()})
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.clone().contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(cfg, default=str))
+    tok.save_pretrained(str(path))
+
+
+def test_original_opengvlab_checkpoint_imports_without_remote_code(tmp_path):
+    tok = internvl_tokenizer()
+    torch.manual_seed(0)
+    model = vlm.build({"encoder": {**TINY_VISION["internvit"], "norm_type": "rms_norm", "qk_norm": True,
+                                   "qkv_bias": False},
+                       "connector": {"name": "pixel_shuffle_mlp"},
+                       "llm": {"name": "hf_causal_lm", "config": copy.deepcopy(TINY_TEXT["qwen2"])},
+                       "image_token": "<IMG_CONTEXT>"}, tokenizer=tok).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    save_original(tmp_path / "orig", model, tok)
+    assert convert.main([str(tmp_path / "orig"), str(tmp_path / "ours")]) == 0  # detected: import
+    back = vlm.load(tmp_path / "ours").eval()
+    assert back.image_token == "<IMG_CONTEXT>" and back.image_token_id == model.image_token_id
+    assert back.image_preprocessing["tiling"] == {"kind": "dynamic", "min_tiles": 1, "max_tiles": 6,
+                                                  "thumbnail": True}
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 10, (2, 40), generator=g)  # below the added tokens (the image token among them)
+    ids[0, 2:22] = model.image_token_id
+    ids[1, 5:9] = model.image_token_id
+    pixels = torch.randn(6, 3, 32, 32, generator=g)
+    same_logits(model, back, ids, pixels)
+    save_original(tmp_path / "v1", model, tok, ps_version="v1")
+    with pytest.raises(ValueError, match="ps_version='v1'; pixel_shuffle_mlp is InternVL's 'v2' pixel shuffle"):
+        from_hf(tmp_path / "v1")
+    save_original(tmp_path / "lm2", model, tok, llm_config={"model_type": "internlm2",
+                                                           "architectures": ["InternLM2ForCausalLM"]})
+    with pytest.raises(ValueError, match="llm_config.model_type='internlm2'.*needs remote code"):
+        from_hf(tmp_path / "lm2")

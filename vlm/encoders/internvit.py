@@ -413,6 +413,26 @@ def original_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 VISION_PREFIXES = ("model.vision_tower.", "vision_tower.")
 
 
+def ours_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our tower's state dict -> original OpenGVLab names (``q_proj``/``k_proj``/``v_proj`` fused into ``attn.qkv``);
+    the inverse of ``original_to_ours``. The original has no final norm: ``norm.*`` raises ``ValueError``."""
+    inverse = {v: k for k, v in ORIGINAL_KEYS.items()}
+    fused = {v.replace("{p}", "q"): k for k, v in QKV_KEYS.items()}
+    out = {}
+    for k, v in state.items():
+        if ".attn.k_proj." in k or ".attn.v_proj." in k:
+            continue
+        qkv = _rename(k, fused)
+        if qkv is not None:
+            out[qkv] = torch.cat([state[k.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")])
+            continue
+        name = _rename(k, inverse)
+        if name is None:
+            raise ValueError(f"internvit: {k!r} has no counterpart in the original InternViT (final_norm=True?)")
+        out[name] = v
+    return out
+
+
 def read_pretrained(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(vision config dict, vision-tower state dict in transformers names)`` of a local ``InternVLVisionModel``
     directory, or of the vision tower of an ``InternVLForConditionalGeneration`` directory."""
