@@ -238,3 +238,53 @@ def test_original_opengvlab_checkpoint_imports_without_remote_code(tmp_path):
                                                            "architectures": ["InternLM2ForCausalLM"]})
     with pytest.raises(ValueError, match="llm_config.model_type='internlm2'.*needs remote code"):
         from_hf(tmp_path / "lm2")
+
+
+def test_tiled_multi_image_batches_train_and_generate(tmp_path):
+    """InternVL's tiling through vlm's own pipeline: a batch whose samples hold 1 and 2 images of different shapes
+    (so a different number of tiles per image, within a tile budget) trains, and generating it as a batch gives each
+    sample's own reply; transformers' InternVL from the export gives the same logits on the same batch."""
+    from PIL import Image
+
+    from vlm.data.collate import PadCollator
+    from vlm.data.processor import Processor
+    from vlm.data.sample import ImageRef, Message, Sample
+
+    tok = internvl_tokenizer()
+    template = {"name": "chatml", "image_start": "<img>", "image_end": "</img>"}
+    torch.manual_seed(0)
+    model = vlm.build({"encoder": TINY_VISION["internvit"], "connector": {"name": "pixel_shuffle_mlp"},
+                       "llm": {"name": "hf_causal_lm", "config": copy.deepcopy(TINY_TEXT["llama"])},
+                       "image_token": "<IMG_CONTEXT>"}, tokenizer=tok)
+    proc = Processor.for_model(model, tok, template, tiling={"kind": "dynamic", "max_tiles": 4},
+                               max_tiles_per_sample=6)
+    rng = np.random.default_rng(0)
+    img = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((40, 90), (70, 30), (64, 64))]
+    two = Sample([Message("user", [ImageRef(0), "a", ImageRef(1), "what is in this picture"]),
+                  Message("assistant", ["hello world"])], images=[img[0], img[1]])
+    one = Sample([Message("user", [ImageRef(0), "what is in this picture"]), Message("assistant", ["b c"])],
+                 images=[img[2]])
+    items = [proc(two), proc(one)]
+    assert items[0]["meta"]["tiles"] == [3, 3] and items[1]["meta"]["tiles"] == [5]  # the budget of 6 shared
+    batch = PadCollator(tok.pad_token_id)(items)
+    assert batch["pixel_values"].shape == (11, 3, 32, 32)
+    model.train()
+    loss = model(batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"],
+                 labels=batch["labels"]).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.encoder.blocks()[0].attn.q_proj.weight.grad.abs().sum() > 0
+    model.eval().set_template(template)
+    prompts = [proc(s, add_generation_prompt=True) for s in (two, one)]
+    left = PadCollator(tok.pad_token_id, "left")(prompts)
+    together = model.generate(left["input_ids"], left["pixel_values"], attention_mask=left["attention_mask"],
+                              max_new_tokens=6, min_new_tokens=6)
+    for row, p in enumerate(prompts):
+        alone = model.generate(p["input_ids"][None], p["pixel_values"], max_new_tokens=6, min_new_tokens=6)
+        assert together[row].tolist() == alone[0].tolist()
+    to_hf(model, tmp_path)
+    hf = InternVLForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+    with torch.no_grad():
+        a = hf(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+               attention_mask=batch["attention_mask"]).logits
+        b = model(batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"]).logits
+    assert (a - b).abs().max().item() <= 1e-4
