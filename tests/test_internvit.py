@@ -151,6 +151,9 @@ def test_tile_size_the_model_cannot_take_and_tile_budget_below_one():
         vlm.build({"encoder": {**TINY_VISION["internvit"], "image_size": 40}, "connector": {"name": "pixel_shuffle_mlp"},
                    "llm": llm})
     ip = ImageProcessor(32, (0.5,) * 3, (0.5,) * 3, tiling={"kind": "dynamic", "max_tiles": 4})
+    # a per-sample cap above the tiling's own maximum does not raise it: 4 tiles + thumbnail, not 6 + thumbnail
+    assert ip.num_images(200, 100) == ip.num_images(200, 100, max_tiles=6) == 3
+    assert ip.num_images(600, 100) == ip.num_images(600, 100, max_tiles=9) == 5  # (4, 1), not (6, 1)
     with pytest.raises(ValueError, match="max_tiles_per_sample=0: a tile budget must be at least 1 tile"):
         Processor(tiny_tokenizer(), "plain", ip, 4, max_tiles_per_sample=0)
     with pytest.raises(ValueError, match="dynamic tiling needs 1 <= min_tiles <= max_tiles"):
