@@ -7,7 +7,7 @@ from transformers import InternVLVisionConfig, InternVLVisionModel
 
 from tests.conftest import TINY_VISION
 from vlm import encoders
-from vlm.encoders.internvit import hf_to_ours, original_to_ours, ours_to_hf, ours_to_original
+from vlm.encoders.internvit_keys import hf_to_ours, original_to_ours, ours_to_hf, ours_to_original
 
 
 def random_tower(tmp_path, **overrides):

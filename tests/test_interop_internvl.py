@@ -186,7 +186,7 @@ def test_exported_processor_gives_vlm_ids_pixels_and_reply(tmp_path):
 def save_original(path, model, tok, **overrides):
     """``model`` written as an original OpenGVLab InternVL directory (``model_type: internvl_chat``: remote-code
     config keys, ``vision_model.*`` with fused qkv, ``mlp1.*``, ``language_model.*``)."""
-    from vlm.encoders.internvit import ours_to_original
+    from vlm.encoders.internvit_keys import ours_to_original
 
     d = model.encoder.dims
     vision = {"architectures": ["InternVisionModel"], "hidden_size": d["hidden_size"],

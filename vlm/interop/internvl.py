@@ -29,7 +29,8 @@ from vlm import connectors, encoders
 from vlm import llm as llms
 from vlm.connectors.pixel_shuffle_mlp import PixelShuffleMLP
 from vlm.encoders.hf_vision import resolve_dtype
-from vlm.encoders.internvit import InternViTEncoder, dims_from_hf, dims_to_hf, hf_to_ours, ours_to_hf
+from vlm.encoders.internvit import InternViTEncoder, dims_from_hf, dims_to_hf
+from vlm.encoders.internvit_keys import hf_to_ours, ours_to_hf
 from vlm.hf_config import unknown_config_keys
 from vlm.interop.common import (
     arch_config,

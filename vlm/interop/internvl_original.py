@@ -5,7 +5,7 @@ tensors are renamed.
 | original                                            | vlm                                                  |
 | --------------------------------------------------- | ---------------------------------------------------- |
 | ``vision_config`` (``InternVisionConfig``)          | ``internvit`` arguments                              |
-| ``vision_model.*`` (fused ``attn.qkv``, ``ls1``...) | ``encoder.model.*`` (``internvit.ORIGINAL_KEYS``)    |
+| ``vision_model.*`` (fused ``attn.qkv``, ``ls1``...) | ``encoder.model.*`` (``internvit_keys``)           |
 | ``select_layer``, ``downsample_ratio``              | ``encoder.feature_layer``, ``connector.scale``       |
 | ``mlp1.0`` / ``mlp1.1`` / ``mlp1.3``                | ``connector.layers.0`` / ``layers.1`` / ``layers.3`` |
 | ``language_model.*`` (``llm_config``)               | ``llm.model.*`` (a transformers causal LM)           |
@@ -24,9 +24,11 @@ from typing import Any
 
 import torch
 
-from vlm import connectors, encoders, llm as llms
+from vlm import connectors, encoders
+from vlm import llm as llms
 from vlm.encoders.hf_vision import resolve_dtype
-from vlm.encoders.internvit import IMAGENET_MEAN, IMAGENET_STD, original_to_ours
+from vlm.encoders.internvit import IMAGENET_MEAN, IMAGENET_STD
+from vlm.encoders.internvit_keys import original_to_ours
 from vlm.interop.common import dtype_name, read_tokenizer
 from vlm.interop.formats import FORMATS, HFFormat
 from vlm.model import VLM
