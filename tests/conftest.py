@@ -29,6 +29,8 @@ TINY_VISION = {
              "intermediate_size": 64},
     "siglip": {"name": "siglip", "image_size": 32, "patch_size": 8, "hidden_size": 32, "num_layers": 2,
                "num_heads": 4, "intermediate_size": 64},
+    "internvit": {"name": "internvit", "image_size": 32, "patch_size": 8, "hidden_size": 32, "num_layers": 2,
+                  "num_heads": 4, "intermediate_size": 64},
 }
 
 

@@ -191,11 +191,22 @@ BIGG_448 = (3 * 14 * 14 * 1664 + 1664 + 1025 * 1664 + 2 * 1664
             + 48 * (4 * 1664 * 1664 + 2 * 1664 * 8192 + 8192 + 9 * 1664))
 QWENVL_RESAMPLER = 256 * 4096 + 1664 * 4096 + 4 * 4096 * 4096 + 4 * 4096 + 6 * 4096 + 4096 * 4096
 QWEN_7B_PARAMS = 7_721_324_544
+# towers built from their own arguments (no transformers ``config``): the arguments a `pretrained:` directory gives
+INTERNVIT_300M = {"hidden_size": 1024, "num_layers": 24, "num_heads": 16, "intermediate_size": 4096, "image_size": 448,
+                  "patch_size": 14, "norm_type": "layer_norm", "qkv_bias": True, "qk_norm": False}
+INTERNVIT_6B = {"hidden_size": 3200, "num_layers": 45, "num_heads": 25, "intermediate_size": 12800, "image_size": 448,
+                "patch_size": 14, "norm_type": "rms_norm", "qkv_bias": False, "qk_norm": True}
+ARGUMENT_ARCHITECTURES = {"InternViT-300M-448px-hf": INTERNVIT_300M, "InternViT-6B-448px-V1-5-hf": INTERNVIT_6B}
+INTERNVIT_300M_PARAMS = 304_012_288
+INTERNLM2_1_8B_PARAMS = 1_889_146_880
 # parameter counts of the recipes built from published models (image token on the last id: no new embedding row)
 PUBLISHED_PARAMS = {"llava15": 303_507_456 + (1024 * 4096 + 4096 + 4096 * 4096 + 4096) + 6_738_415_616,  # ~7.06B
                     "scratch_siglip_qwen": 412_987_248 + (1152 * 896 + 896 + 896 * 896 + 896) + 494_032_768,
                     "qwenvl": BIGG_448 + QWENVL_RESAMPLER + QWEN_7B_PARAMS,  # ~9.66B
-                    "blip2": 985_952_256 + 107_133_696 + 2_651_596_800}  # ~3.74B
+                    "blip2": 985_952_256 + 107_133_696 + 2_651_596_800,  # ~3.74B
+                    # InternVL2-2B: InternViT-300M + LayerNorm(4096) -> 4096x2048 -> 2048x2048 + InternLM2-1.8B (~2.21B)
+                    "internvl2": INTERNVIT_300M_PARAMS + (2 * 4096 + 4096 * 2048 + 2048 + 2048 * 2048 + 2048)
+                    + INTERNLM2_1_8B_PARAMS}
 
 
 def create_data_files(cfg) -> None:
@@ -218,7 +229,9 @@ def meta_model_config(cfg):
     mc = model_config(cfg)
     for module in ("encoder", "llm"):
         pretrained = mc[module].pop("pretrained", None)
-        if pretrained is not None:
+        if pretrained is not None and Path(pretrained).name in ARGUMENT_ARCHITECTURES:
+            mc[module].update(ARGUMENT_ARCHITECTURES[Path(pretrained).name])
+        elif pretrained is not None:
             arch = ARCHITECTURES.get(Path(pretrained).name)
             assert arch is not None, f"add the architecture of {pretrained!r} to ARCHITECTURES"
             if arch:
@@ -300,3 +313,41 @@ def test_qwenvl_stages_and_hyperparameters(qwenvl):
                                if any(p.requires_grad for p in getattr(model, part).parameters())}
     assert trainable == {"pretrain": {"encoder", "connector"}, "multitask": {"encoder", "connector", "llm"},
                          "sft": {"connector", "llm"}}
+
+
+@pytest.mark.parametrize("encoder,dims", [("internvit_300m", INTERNVIT_300M), ("internvit_6b", INTERNVIT_6B)])
+def test_internvit_towers_have_transformers_parameter_counts(encoder, dims):
+    """Our InternViT at the published dimensions has exactly the parameters of transformers' InternVLVisionModel."""
+    from transformers import InternVLVisionConfig, InternVLVisionModel
+
+    from vlm.encoders.internvit import dims_to_hf
+
+    cfg = compose("internvl2", [f"encoder={encoder}"])
+    spec = {k: v for k, v in dict(cfg.encoder).items() if k != "pretrained"}
+    with torch.device("meta"):
+        ours = vlm.encoders.build({**spec, **dims})
+        theirs = InternVLVisionModel(InternVLVisionConfig(**dims_to_hf(ours.dims)))
+    assert count(ours) == count(theirs)
+    if encoder == "internvit_300m":
+        assert count(ours) == INTERNVIT_300M_PARAMS  # InternViT-300M-448px
+    else:
+        assert count(ours) == pytest.approx(5.54e9, rel=1e-2)  # InternViT-6B-448px-V1.5 (5.5B)
+
+
+def test_internvl2_recipe():
+    cfg = compose("internvl2")
+    pre, sft = cfg.stage.pretrain, cfg.stage.sft
+    assert (pre.lr, pre.weight_decay, sft.lr, sft.weight_decay, sft.global_batch_size) == (2e-4, 0.01, 4e-5, 0.01, 128)
+    assert dict(pre.policy) == {"encoder": "frozen", "connector": "full", "llm": "frozen"}
+    assert dict(sft.policy) == {"encoder": "full", "connector": "full", "llm": "full"}
+    for st in (pre, sft):
+        assert st.tiling.max_tiles == 12 and st.tiling.thumbnail and st.max_length == 4096
+        assert st.template.image_start == "<img>" and st.template.image_end == "</img>"
+    mc = model_config(cfg)
+    mc["encoder"].pop("pretrained")
+    mc["encoder"].update(INTERNVIT_300M)
+    mc["image_token_id"] = mc["llm"]["config"]["vocab_size"] - 1
+    with torch.device("meta"):
+        model = vlm.build(mc)
+    assert model.encoder.grid() == (32, 32) and model.num_image_tokens() == 256  # 1024 patches, pixel-shuffled
+    assert count(model.llm) == INTERNLM2_1_8B_PARAMS

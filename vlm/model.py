@@ -266,6 +266,11 @@ def build(cfg: Any, tokenizer: Any = None) -> VLM:
         image_token_id = lm.vocab_size
         lm.resize_token_embeddings(lm.vocab_size + 1)
     model = VLM(encoder, connector, lm, image_token_id=image_token_id, image_token=image_token)
+    try:  # every image (or tile) is encoder.image_size square: the parts must agree on its token count
+        model.num_image_tokens()
+    except ValueError as e:
+        raise ValueError(f"vlm.build: the encoder's image (tile) size {encoder.image_size} x {encoder.image_size} "
+                         f"does not fit the model: {e}") from e
     model.tokenizer = tokenizer
     model.generation = generation_settings(tokenizer)
     return model

@@ -18,6 +18,7 @@ from vlm.pretrained import FILE_KEYS
 
 GENERATION_FILE = "generation_config.json"
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+LM_PREFIX = "model.language_model."
 
 
 def arch_config(config: Any) -> dict[str, Any]:
@@ -73,6 +74,32 @@ def load_strict(hf_class: type, path: Path, dtype: torch.dtype, ignore_missing: 
         warnings.warn(f"from_hf: ignoring unexpected weights in {str(path)!r}: "
                       f"{sorted(info['unexpected_keys'])[:8]}", stacklevel=3)
     return hf.eval()
+
+
+def tying_problems(lm: Any, hf_class: Any, family: str) -> list[str]:
+    """Why a tied LLM cannot be written as ``hf_class``: its ``lm_head`` is tied to a fixed parameter name of the
+    language model (``embed_tokens``) that the LLM may not have."""
+    problems = []
+    if is_tied(lm.model):
+        for source in hf_class._tied_weights_keys.values():
+            name = source.removeprefix(LM_PREFIX)
+            if name != source and not has_parameter(lm.model.base_model, name):
+                problems.append(f"the LLM ({lm.text_config.model_type}) ties its output embeddings, and transformers' "
+                                f"{family} ties lm_head to language_model.{name}, which this model does not have; "
+                                f"untie the embeddings (tie_word_embeddings=False) or use a Llama-style LLM")
+    return problems
+
+
+def lm_problems(lm: Any, family: str, hf_class_name: str) -> list[str]:
+    """Why the LLM cannot be the language model of transformers' ``hf_class_name`` (``family`` names it in the
+    messages): it must be a transformers causal LM (``hf_causal_lm``) whose tying the class can express."""
+    from vlm.llm.hf_causal_lm import HFCausalLM
+
+    if not isinstance(lm, HFCausalLM):
+        return [f"the LLM is {type(lm).__name__}; {family} needs a transformers causal LM (hf_causal_lm)"]
+    import transformers
+
+    return tying_problems(lm, getattr(transformers, hf_class_name), family)
 
 
 def load_tokenizer(path: Path, wanted: bool = True) -> Any:
@@ -181,3 +208,13 @@ def assemble(path: Path, config: Any, encoder: Any, connector: Any, lm: Any, *, 
     model.image_preprocessing = read_preprocessing(image_processor, int(config.vision_config.image_size),
                                                    str(image_processor_file))
     return model.eval()
+
+
+def copy_language_model(lm: Any, hf: nn.Module, to_hf: bool) -> None:
+    """Copy the LLM's weights into (``to_hf``) or out of a transformers ``*ForConditionalGeneration`` ``hf`` whose
+    language model is ``hf.model.language_model`` and output layer ``hf.lm_head``."""
+    pairs = ((lm.model.base_model, hf.model.language_model, "language model"),
+             (lm.model.get_output_embeddings(), hf.lm_head, "lm_head"))
+    for ours, theirs, what in pairs:
+        src, dst = (ours, theirs) if to_hf else (theirs, ours)
+        copy_state(dst, src.state_dict(), f"{'to_hf' if to_hf else 'from_hf'}: {what}")

@@ -24,19 +24,17 @@ import torch
 
 from vlm import connectors, encoders
 from vlm.encoders.hf_vision import HFVisionEncoder, resolve_dtype
-from vlm.interop.common import (arch_config, assemble, copy_state, dtype_name, has_parameter, import_encoder,
-                                import_llm, is_tied, load_strict, save_hf, text_config_for_export)
+from vlm.interop.common import (arch_config, assemble, copy_state, dtype_name, import_encoder, import_llm, is_tied,
+                                lm_problems, load_strict, save_hf, text_config_for_export)
 from vlm.interop.formats import FORMATS, HFFormat
 from vlm.interop.mapping import (ACT_FROM_HF, ACT_TO_HF, ENCODER_MODEL_TYPES, SELECT_FROM_LLAVA, SELECT_TO_LLAVA,
                                  UNUSED_VISION_MODULES, VISION_MODEL_TYPES)
 from vlm.interop.processor import save_llava_processor
-from vlm.llm.hf_causal_lm import HFCausalLM
 from vlm.model import VLM
 from vlm.pretrained import CONFIG_FILE, check_weights, read_config
 
 LLAVA_MODEL_TYPE = "llava"
 VISION_PREFIX = "model.vision_tower."
-LM_PREFIX = "model.language_model."
 
 
 # ----------------------------------------------------------------------------------------------------- reading
@@ -140,19 +138,7 @@ def llava_problems(model: VLM) -> list[str]:
     act = getattr(conn, "options", {}).get("act")
     if conn.llava_projector_layers is not None and act not in ACT_TO_HF:
         problems.append(f"the connector act={act!r} has no LLaVA equivalent; supported: {sorted(ACT_TO_HF)}")
-    if not isinstance(lm, HFCausalLM):
-        problems.append(f"the LLM is {type(lm).__name__}; LLaVA needs a transformers causal LM (hf_causal_lm)")
-    elif is_tied(lm.model):
-        from transformers import LlavaForConditionalGeneration
-
-        # transformers' LLaVA ties lm_head to a fixed parameter name of its language model (embed_tokens)
-        for source in LlavaForConditionalGeneration._tied_weights_keys.values():
-            name = source.removeprefix(LM_PREFIX)
-            if name != source and not has_parameter(lm.model.base_model, name):
-                problems.append(f"the LLM ({lm.text_config.model_type}) ties its output embeddings, and transformers' "
-                                f"LLaVA ties lm_head to language_model.{name}, which this model does not have; "
-                                f"untie the embeddings (tie_word_embeddings=False) or use a Llama-style LLM")
-    return problems
+    return problems + lm_problems(lm, "LLaVA", "LlavaForConditionalGeneration")
 
 
 def llava_config(model: VLM) -> Any:

@@ -262,12 +262,27 @@ def check_stage_parts(cfg: DictConfig) -> None:
             if st.policy[module] not in POLICIES:
                 raise unknown_choice(f"{pre}.policy.{module}", st.policy[module], "policy", POLICIES.names())
         check_stage_counts(st, pre)
+        check_stage_tiling(st, pre)
         check_stage_policies(cfg, name)
+
+
+def check_stage_tiling(st: Any, pre: str) -> None:
+    """A stage's ``tiling`` (``ImageProcessor``'s: kind, keys, ``1 <= min_tiles <= max_tiles``)."""
+    from vlm.data.images import check_tiling
+    from vlm.registry import plain
+
+    if st.get("tiling") is None:
+        return
+    try:
+        check_tiling(plain(st.tiling))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{pre}.tiling: {e}") from e
 
 
 #: stage keys that count something: (key, smallest valid value, whether null is allowed)
 STAGE_COUNTS = (("max_steps", 1, True), ("global_batch_size", 1, False), ("micro_batch_size", 1, False),
-                ("save_every", 1, True), ("eval_every", 1, True), ("warmup_steps", 0, True))
+                ("save_every", 1, True), ("eval_every", 1, True), ("warmup_steps", 0, True),
+                ("max_tiles_per_sample", 1, True))
 
 
 def check_stage_counts(st: Any, pre: str) -> None:

@@ -74,6 +74,10 @@ class StageConfig:
     loss_weighting: str = "token"            # token | sample | square (vlm.loss): how answers of different lengths weigh
     objective: Any = field(default_factory=lambda: {"name": "lm"})  # lm | siglip (vlm.objectives) + its options
     max_length: Optional[int] = 2048
+    # high resolution: ImageProcessor tiling ({kind: dynamic, min_tiles, max_tiles, thumbnail} = InternVL's dynamic
+    # tiles; {kind: anyres, pinpoints} = LLaVA-NeXT) and the tile budget over all images of a sample
+    tiling: Optional[dict[str, Any]] = None
+    max_tiles_per_sample: Optional[int] = None
     packing: bool = False
     eval_every: Optional[int] = None
     save_every: Optional[int] = 500

@@ -188,7 +188,8 @@ class StageRunner:
         from vlm.data.processor import Processor
 
         processor = Processor.for_model(model, self.tokenizer, template=plain(st.template),
-                                        max_length=st.max_length)
+                                        max_length=st.max_length, tiling=plain(st.tiling),
+                                        max_tiles_per_sample=st.max_tiles_per_sample)
         dataset = build_dataset(self.cfg.data[st.data], processor)
         if hasattr(dataset, "config_key"):
             dataset.config_key = f"data.{st.data}"  # named in its errors
