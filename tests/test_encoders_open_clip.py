@@ -187,3 +187,21 @@ def test_open_clip_tower_in_a_vlm_trains(registered, tmp_path):
     again = vlm.load(tmp_path / "m")
     pixels = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(again(ids[:1], pixels).logits, model(ids[:1], pixels).logits)
+
+
+@pytest.mark.parametrize("config,adapted", [
+    (TINY_CONFIGS["vlm-test-ViT-T-8"], {"out_proj", "c_fc", "c_proj"}),  # in_proj_weight is not a Linear
+    (TINY_CONFIGS["vlm-test-timm-ViT"], {"qkv", "proj", "fc1", "fc2"}),
+])
+def test_lora_on_the_tower_adapts_its_linear_layers(config, adapted):
+    from tests.conftest import TINY_TEXT as TEXT
+    from vlm.train import compose
+    from vlm.train.policy import apply_policies
+
+    model = vlm.build({"encoder": {"name": "open_clip", "model_config": config, "feature_layer": 1},
+                       "connector": {"name": "resampler", "num_queries": 4, "num_heads": 2},
+                       "llm": {"name": "hf_causal_lm", "config": dict(TEXT["qwen2"])}})
+    apply_policies(model, compose("micro", ["stage.sft.policy.encoder=lora", "stage.sft.lora.r=4"]).stage.sft)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and n.startswith("encoder.")}
+    assert trained and all(".lora_" in n for n in trained)
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trained} == adapted
