@@ -18,11 +18,23 @@ TINY_ENCODERS = {
     "siglip2": {**TINY_VISION["siglip"], "name": "siglip2"},
     "timm": {"name": "timm", "model_name": "resnet10t", "image_size": 32, "feature_layer": 3,
              "model_kwargs": {"channels": [8, 16, 32, 32], "stem_width": 8}},
+    "open_clip": {"name": "open_clip", "model_config": {"embed_dim": 16, "vision_cfg": {
+        "image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8}}},
+    "blip2": {"name": "blip2", "image_size": 32, "patch_size": 8, "hidden_size": 32, "num_layers": 2, "num_heads": 4,
+              "intermediate_size": 64},
 }
-TINY_CONNECTORS = {"identity": {}, "linear": {}, "mlp": {"depth": 2}, "pixel_shuffle_mlp": {"scale": 0.5}}
+TINY_CONNECTORS = {"identity": {}, "linear": {}, "mlp": {"depth": 2}, "pixel_shuffle_mlp": {"scale": 0.5},
+                   "qformer": {"num_queries": 4, "hidden_size": 32, "num_layers": 2, "num_heads": 4,
+                               "intermediate_size": 48},
+                   "resampler": {"num_queries": 4, "num_heads": 2},
+                   "perceiver": {"num_latents": 4, "depth": 1, "heads": 2, "head_dim": 8},
+                   }
+# fusion connectors (``fuses_by_cross_attention``) start with closed tanh gates: no gradient reaches the encoder in
+# the first step by design (tests/test_xattn.py trains them); the matrix is over token connectors
+TOKEN_CONNECTORS = [n for n in CONNECTORS.names() if not CONNECTORS.get(n).fuses_by_cross_attention]
 
 
-@pytest.mark.parametrize("connector", CONNECTORS.names())
+@pytest.mark.parametrize("connector", TOKEN_CONNECTORS)
 @pytest.mark.parametrize("encoder", ENCODERS.names())
 def test_every_encoder_with_every_connector_trains_one_step(encoder, connector):
     assert encoder in TINY_ENCODERS, f"add a tiny config for the encoder {encoder!r} to TINY_ENCODERS"
