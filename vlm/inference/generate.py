@@ -17,12 +17,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.generation.streamers import BaseStreamer
 
-from vlm.train.evaluate import decode
 
 #: options ``generate_replies`` understands besides ``transformers.GenerationConfig`` keys passed through
 SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
+
+
+def decode(tokenizer: Any, rows: torch.Tensor, stops: Sequence[int]) -> list[str]:
+    """New tokens -> text, cut at the first stop/pad token (special tokens before it are kept: box tags may be)."""
+    out = []
+    cut = set(stops) | ({tokenizer.pad_token_id} if tokenizer.pad_token_id is not None else set())
+    for row in rows.tolist():
+        n = next((i for i, t in enumerate(row) if t in cut), len(row))
+        out.append(tokenizer.decode(row[:n], skip_special_tokens=False).strip())
+    return out
 
 
 @dataclass
@@ -119,8 +127,8 @@ def _reply(tokenizer: Any, row: torch.Tensor, stops: Sequence[int], stop: Sequen
     return Reply(text, finish, len(ids) if n is None else n)
 
 
-class ReplyStreamer(BaseStreamer):
-    """A ``transformers`` streamer for one prompt: collects new ids and serves the growing reply as text pieces
+class ReplyStreamer:
+    """A ``transformers`` streamer (its ``put``/``end`` protocol) for one prompt: collects new ids and serves the growing reply as text pieces
     through :meth:`pieces`. A piece is released once it can no longer change: text that could still be the start of
     a stop string, trailing whitespace (stripped from a finished reply) and incomplete characters are held back."""
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from vlm.generation import stop_ids
+from vlm.inference.generate import decode  # noqa: F401 (re-exported: training's decoding rule)
 from vlm.metrics import count_key, score_keys
 from vlm.objectives import TrainModule
 from vlm.train.distributed import Strategy
@@ -30,16 +31,6 @@ def exact_match(predictions: Sequence[str], samples: Sequence[Any]) -> dict[str,
 
     hits = [norm(p) == norm(s.messages[-1].text()) for p, s in zip(predictions, samples)]
     return {"exact_match": sum(hits) / max(1, len(hits)), count_key("exact_match"): len(hits)}
-
-
-def decode(tokenizer: Any, rows: torch.Tensor, stops: Sequence[int]) -> list[str]:
-    """New tokens -> text, cut at the first stop/pad token (special tokens before it are kept: box tags may be)."""
-    out = []
-    cut = set(stops) | ({tokenizer.pad_token_id} if tokenizer.pad_token_id is not None else set())
-    for row in rows.tolist():
-        n = next((i for i, t in enumerate(row) if t in cut), len(row))
-        out.append(tokenizer.decode(row[:n], skip_special_tokens=False).strip())
-    return out
 
 
 def _prompt(processor: Any, sample: Any) -> tuple[dict[str, Any] | None, str | None]:
