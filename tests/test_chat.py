@@ -1,7 +1,6 @@
 """model.chat / chat_batch / chat_stream and batched generation (vlm.inference)."""
 from __future__ import annotations
 
-import copy
 import warnings
 
 import numpy as np
@@ -9,12 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-import vlm
-from tests.conftest import tiny_cfg
+from tests.conftest import chat_model
 from vlm.data.collate import PadCollator
 from vlm.data.processor import Processor
 from vlm.data.sample import ImageRef, Message, Sample
-from vlm.data.tokenizer import byte_tokenizer
 from vlm.inference import generate_replies, processor_for
 from vlm.inference.chat import prompt_item
 from vlm.train.evaluate import generate_predictions
@@ -28,11 +25,7 @@ def picture(seed: int, size: int = 32) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    tok = byte_tokenizer("chatml")
-    m = vlm.build(tiny_cfg("clip", "llama"), tokenizer=copy.deepcopy(tok)).eval()
-    m.set_template("chatml")  # the tokenizer now carries chatml's Jinja: chat's "auto" template renders it
-    return m
+    return chat_model()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-
 #: options ``generate_replies`` understands besides ``transformers.GenerationConfig`` keys passed through
 SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
 
