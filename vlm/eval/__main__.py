@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     metrics, records = evaluate(model, strategy, processor, samples, batch_size=a.batch_size,
                                 max_new_tokens=a.max_new_tokens, precision=torch.float32, limit=a.limit,
                                 progress=True)
-    out = Path(a.out) if a.out else opened.directory / "eval" / data_name
+    out = Path(a.out) if a.out else Path(a.model_dir) / "eval" / data_name
     n = len(records)
     info = {"model": str(a.model_dir), "data": spec, "template": str(processor.template.name), "samples": n,
             "max_new_tokens": a.max_new_tokens}
