@@ -53,3 +53,18 @@ def test_two_turns_answer_as_model_chat(exported):
     ours = prompt_item(processor_for(model), history, None, q2)[0]
     assert ids == ours["input_ids"].tolist()  # the second-turn prompt, token for token
     assert got2 == r2
+
+
+def test_chat_cli_and_eval_open_the_exported_directory(exported, capsys):
+    """vlm.chat / vlm.eval take a transformers LLaVA directory as MODEL_DIR (imported on the fly)."""
+    from vlm.chat import main
+    from vlm.inference.load import open_model
+
+    model, out = exported
+    path = out / "picture.png"
+    picture(1).save(path)
+    opened = open_model(out)
+    assert opened.model.chat(str(path), "Hi?", max_new_tokens=NEW)[0] == model.chat(str(path), "Hi?",
+                                                                                      max_new_tokens=NEW)[0]
+    assert main([str(out), "--image", str(path), "--prompt", "Hi?", "--max-new-tokens", str(NEW)]) == 0
+    assert capsys.readouterr().out == model.chat(str(path), "Hi?", max_new_tokens=NEW)[0] + "\n"
