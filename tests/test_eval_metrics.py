@@ -97,3 +97,49 @@ def test_grounding_in_every_box_format(tmp_path):
     assert grounding_iou("nothing", ref, image_size=(200, 100)) == 0.0
     with pytest.raises(ValueError, match="metric"):
         sample_kind(_s("x", metric="bleu"))
+
+
+def cider_d_by_hand(cands: dict[str, str], refs: dict[str, list[str]], sigma: float = 6.0) -> float:
+    """CIDEr-D from its definition (Vedantam et al. 2015, the -D variant of the COCO caption server): per n = 1..4,
+    tf-idf n-gram vectors (idf = log(#images) - log(#images whose references hold the n-gram)), the clipped
+    similarity sum(min(c, r) * r) / (|c| |r|) times exp(-(len_c - len_r)^2 / (2 sigma^2)), averaged over references,
+    then over n, times 10."""
+    from collections import Counter
+
+    def grams(text, n):
+        w = text.split()
+        return Counter(tuple(w[i:i + n]) for i in range(len(w) - n + 1))
+
+    n_images = len(refs)
+    total = 0.0
+    for key, cand in cands.items():
+        per_n = []
+        for n in range(1, 5):
+            df = Counter(g for rs in refs.values() for g in set().union(*(grams(r, n) for r in rs)))
+
+            def vec(text, n=n, df=df):
+                return {g: tf * (math.log(n_images) - math.log(max(1.0, df[g]))) for g, tf in grams(text, n).items()}
+
+            c = vec(cand)
+            sims = []
+            for r_text in refs[key]:
+                r = vec(r_text)
+                dot = sum(min(v, r.get(g, 0.0)) * r.get(g, 0.0) for g, v in c.items())
+                norm = math.sqrt(sum(v * v for v in c.values())) * math.sqrt(sum(v * v for v in r.values()))
+                delta = len(cand.split()) - len(r_text.split())
+                sims.append((dot / norm if norm else 0.0) * math.exp(-delta ** 2 / (2 * sigma ** 2)))
+            per_n.append(sum(sims) / len(sims))
+        total += sum(per_n) / 4 * 10
+    return total / len(cands)
+
+
+def test_cider_d_equals_its_definition():
+    refs = {"1": ["a red circle on a black background", "one red circle"],
+            "2": ["two blue squares and a green cross", "blue squares next to a green cross"],
+            "3": ["a yellow triangle", "a small yellow triangle in the corner"]}
+    cands = {"1": "a red circle on the black background", "2": "a blue square and a green cross",
+             "3": "a yellow star in the corner"}
+    corpus, each = M.caption_scores(cands, refs)
+    assert corpus["cider"] == pytest.approx(cider_d_by_hand(cands, refs), abs=1e-6)
+    assert each["2"]["cider"] == pytest.approx(cider_d_by_hand({"2": cands["2"]}, refs), abs=1e-6)
+    assert 0 < corpus["cider"] < 10

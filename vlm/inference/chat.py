@@ -11,7 +11,6 @@ template, tokenization, image preprocessing and box rewriting as training and ev
 """
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -70,7 +69,7 @@ def prompt_item(processor: Any, history: Sequence[Message] | None, images: Image
                 sample_id: Any = "chat") -> tuple[dict[str, Any], list[Message]]:
     """``(processed generation prompt, history + the new user turn)``. Raises ``ValueError`` (a ``DataError`` names
     the image file for an image that cannot be opened) on bad input."""
-    messages = [*copy.copy(list(history or [])), user_turn(images, text)]
+    messages = [*(history or []), user_turn(images, text)]
     return processor(to_sample(messages, sample_id), add_generation_prompt=True), messages
 
 

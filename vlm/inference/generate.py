@@ -18,9 +18,6 @@ from typing import Any
 
 import torch
 
-#: options ``generate_replies`` understands besides ``transformers.GenerationConfig`` keys passed through
-SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
-
 
 def decode(tokenizer: Any, rows: torch.Tensor, stops: Sequence[int]) -> list[str]:
     """New tokens -> text, cut at the first stop/pad token (special tokens before it are kept: box tags may be)."""
@@ -42,7 +39,7 @@ class Reply:
     num_tokens: int
 
 
-def stop_ids(model: Any, override: Any = None) -> list[int]:
+def model_stop_ids(model: Any, override: Any = None) -> list[int]:
     """The ids that end a reply: ``override`` (an int or list) or the model's saved ``generation["eos_token_id"]``."""
     ids = override if override is not None else (getattr(model, "generation", None) or {}).get("eos_token_id", [])
     return [int(i) for i in ([ids] if isinstance(ids, int) else ids)]
@@ -105,7 +102,7 @@ def generate_replies(model: Any, items: Sequence[dict[str, Any]], tokenizer: Any
         return []
     opts = _options(model, tokenizer, stop, generate_kwargs)
     check_context(model, [int(it["input_ids"].numel()) for it in items], opts["max_new_tokens"])
-    stops = stop_ids(model, opts.pop("eos_token_id", None))
+    stops = model_stop_ids(model, opts.pop("eos_token_id", None))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
     batch = _batch(model, items, pad)
     new = model.generate(batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"],
@@ -183,7 +180,7 @@ def stream_reply(model: Any, item: dict[str, Any], tokenizer: Any, *, stop: Sequ
                  **generate_kwargs: Any) -> Iterator[str]:
     """Yield the reply to one processed prompt piece by piece as it is generated; ``"".join`` of the pieces equals
     ``generate_replies(model, [item], tokenizer, ...)[0].text`` for the same options."""
-    streamer = ReplyStreamer(tokenizer, stop_ids(model, generate_kwargs.get("eos_token_id")), stop)
+    streamer = ReplyStreamer(tokenizer, model_stop_ids(model, generate_kwargs.get("eos_token_id")), stop)
     error: list[BaseException] = []
 
     def run() -> None:
