@@ -195,6 +195,21 @@ class VLM(nn.Module):
                 generate_kwargs.setdefault(key, settings[key])
         return self.llm.model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
+    # -- persistence -----------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json``, ``model.safetensors`` and the tokenizer (if set). Files are replaced atomically."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp_weights = out / f".{WEIGHTS_FILE}.tmp"
+        save_model(self, str(tmp_weights), metadata={"format": "pt"})
+        tmp_cfg = out / f".{CONFIG_FILE}.tmp"
+        tmp_cfg.write_text(json.dumps(self.config.to_dict(), indent=2, default=str))
+        os.replace(tmp_weights, out / WEIGHTS_FILE)
+        os.replace(tmp_cfg, out / CONFIG_FILE)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(out))
+        return out
+
     # -- chat (vlm.inference.chat) ----------------------------------------------------------------------------
     def chat(self, images: Any, text: str, history: list | None = None, **kwargs: Any) -> tuple[str, list]:
         """``(reply, history)``; see :func:`vlm.inference.chat.chat`."""
@@ -214,21 +229,6 @@ class VLM(nn.Module):
         from vlm.inference.chat import chat_stream
 
         return chat_stream(self, images, text, history, **kwargs)
-
-    # -- persistence -----------------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json``, ``model.safetensors`` and the tokenizer (if set). Files are replaced atomically."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp_weights = out / f".{WEIGHTS_FILE}.tmp"
-        save_model(self, str(tmp_weights), metadata={"format": "pt"})
-        tmp_cfg = out / f".{CONFIG_FILE}.tmp"
-        tmp_cfg.write_text(json.dumps(self.config.to_dict(), indent=2, default=str))
-        os.replace(tmp_weights, out / WEIGHTS_FILE)
-        os.replace(tmp_cfg, out / CONFIG_FILE)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(str(out))
-        return out
 
 
 def build(cfg: Any, tokenizer: Any = None) -> VLM:
