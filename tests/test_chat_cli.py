@@ -41,13 +41,14 @@ def test_scripted_session(model_dir, files, tmp_path, capsys):
     save = tmp_path / "history.json"
     code, out = run(model_dir, [f"/image {bad}", f"/image {good}", "What is this?", "   ", "And now?",
                                 "x" * 3000, "/frobnicate", f"/save {save}", "/reset", "hello", "/quit", "never read"],
-                    tmp_path, capsys)
+                    tmp_path, capsys, "--stop", "never-here")
     assert code == 0
     assert "error:" in out and "broken.jpg" in out  # the unopenable image is named; the session goes on
     assert f"(image {good} added to the next turn)" in out
     assert out.count("assistant: ") == 3  # the two questions and "hello"; not the blank line nor the long prompt
     assert "empty prompt" in out and "context window" in out and "unknown command '/frobnicate'" in out and "(history cleared)" in out
     assert "never read" not in out
+    assert "note: no stop string ['never-here'] occurred within max_new_tokens=6" in out
     history = json.loads(save.read_text())
     assert [m["role"] for m in history] == ["user", "assistant"] * 2
     assert history[0]["content"][0] == {"type": "image", "image": str(good)}
