@@ -231,6 +231,26 @@ class VLM(nn.Module):
             self.tokenizer.save_pretrained(str(out))
         return out
 
+    # -- chat (vlm.inference.chat) ----------------------------------------------------------------------------
+    def chat(self, images: Any, text: str, history: list | None = None, **kwargs: Any) -> tuple[str, list]:
+        """``(reply, history)``; see :func:`vlm.inference.chat.chat`."""
+        from vlm.inference.chat import chat
+
+        return chat(self, images, text, history, **kwargs)
+
+    def chat_batch(self, images: list, texts: list[str], histories: list | None = None,
+                   **kwargs: Any) -> list[tuple[str, list]]:
+        """``[(reply, history), ...]`` for many conversations at once; see :func:`vlm.inference.chat.chat_batch`."""
+        from vlm.inference.chat import chat_batch
+
+        return chat_batch(self, images, texts, histories, **kwargs)
+
+    def chat_stream(self, images: Any, text: str, history: list | None = None, **kwargs: Any) -> Any:
+        """An iterator of reply pieces (then ``.reply``, ``.history``); see :func:`vlm.inference.chat.chat_stream`."""
+        from vlm.inference.chat import chat_stream
+
+        return chat_stream(self, images, text, history, **kwargs)
+
 
 def build(cfg: Any, tokenizer: Any = None) -> VLM:
     """Compose a ``VLM`` from ``{encoder: {...}, connector: {...}, llm: {...}}`` (+ optional ``image_token``).
