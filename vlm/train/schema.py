@@ -75,6 +75,7 @@ class StageConfig:
     objective: Any = field(default_factory=lambda: {"name": "lm"})  # lm | siglip (vlm.objectives) + its options
     max_length: Optional[int] = 2048
     packing: bool = False
+    cache_features: bool = False             # frozen encoder: its outputs cached on disk (vlm.encoders.cache)
     eval_every: Optional[int] = None
     save_every: Optional[int] = 500
 
@@ -102,6 +103,7 @@ class TrainerConfig:
     tf32: bool = True
     threads: Optional[int] = None
     num_workers: int = 0
+    feature_cache_dir: str = "cache/features"   # stage.<name>.cache_features: where (shared across runs)
     log_every: int = 10
     progress: bool = True
     keep_last: int = 2
