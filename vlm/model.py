@@ -81,6 +81,8 @@ class VLM(nn.Module):
         self.generation: dict[str, Any] = {}
         # how its images are preprocessed (``resize_mode``, ``pad_color``): Processor.for_model's default, exported
         self.image_preprocessing: dict[str, Any] = dict(DEFAULT_IMAGE_PREPROCESSING)
+        # a vlm.encoders.cache.FeatureCache: the frozen encoder's outputs read from disk (stage.cache_features)
+        self.feature_cache: Any = None
 
     def train(self, mode: bool = True) -> "VLM":
         """``nn.Module.train``, except that a part (encoder, connector, LLM) with no trainable parameter stays in
@@ -142,8 +144,12 @@ class VLM(nn.Module):
         """``(N, 3, H, W) -> (N, K, D)`` LLM-space image tokens."""
         grid = self.encoder.grid(tuple(pixel_values.shape[-2:])) if pixel_values.ndim == 4 else (0, 0)
         trainable = any(p.requires_grad for p in self.encoder.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
-            feats = self.encoder(pixel_values.to(param_dtype(self.encoder, pixel_values.dtype)))
+        pixels = pixel_values.to(param_dtype(self.encoder, pixel_values.dtype))
+        if self.feature_cache is not None and not trainable:
+            feats = self.feature_cache(self.encoder, pixels)
+        else:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+                feats = self.encoder(pixels)
         # each part may have its own dtype: features enter the connector in its dtype (the LLM side is cast by
         # ``inject``); under autocast the matmuls still run in the autocast dtype
         return self.connector(feats.to(param_dtype(self.connector, feats.dtype)), grid)
@@ -185,6 +191,17 @@ class VLM(nn.Module):
         ``segment_ids (B, L)`` marks packed samples (0 = padding): attention stays within each segment, positions
         restart per segment, and a segment's first token is never a target of the previous segment.
         """
+        lm_inputs = self.lm_inputs(input_ids, pixel_values, attention_mask, position_ids, segment_ids)
+        if labels is not None and segment_ids is not None:
+            labels = mask_segment_starts(labels, segment_ids)
+        with self.fusion(input_ids, pixel_values, segment_ids):
+            return self.llm(**lm_inputs, labels=labels, **lm_kwargs)
+
+    def lm_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                  attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                  segment_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+        """What the LM is called with: ``inputs_embeds (B, L, D)`` (images injected), the attention mask (the
+        packed 4D mask with ``segment_ids``) and ``position_ids`` (restarting per segment when packed)."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (B, L); got shape {tuple(input_ids.shape)}")
         embeds = self.embed_inputs(input_ids, pixel_values)
@@ -192,11 +209,27 @@ class VLM(nn.Module):
             if position_ids is None:
                 position_ids = positions_from_segments(segment_ids)
             attention_mask = segment_mask(segment_ids, self.llm.attn_implementation, embeds.dtype)
-            if labels is not None:
-                labels = mask_segment_starts(labels, segment_ids)
+        return {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids}
+
+    @property
+    def supports_label_only_head(self) -> bool:
+        """Whether ``hidden_states`` + ``output_head`` give exactly ``forward``'s logits (the LM says so)."""
+        return bool(getattr(self.llm, "supports_label_only_head", False))
+
+    @property
+    def output_head(self) -> nn.Module:
+        """The LM's output embeddings: ``(N, D) -> (N, V)``."""
+        return self.llm.output_head
+
+    def hidden_states(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                      attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                      segment_ids: torch.Tensor | None = None, **lm_kwargs: Any) -> torch.Tensor:
+        """``forward`` without the vocabulary projection: the LM's last hidden states ``(B, L, D)``, so a loss
+        can project only the positions it needs (``vlm.loss.label_only_lm_loss``). Needs
+        ``supports_label_only_head``."""
+        lm_inputs = self.lm_inputs(input_ids, pixel_values, attention_mask, position_ids, segment_ids)
         with self.fusion(input_ids, pixel_values, segment_ids):
-            return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                            labels=labels, **lm_kwargs)
+            return self.llm.hidden_states(**lm_inputs, **lm_kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,

@@ -79,6 +79,7 @@ class StageConfig:
     tiling: Optional[dict[str, Any]] = None
     max_tiles_per_sample: Optional[int] = None
     packing: bool = False
+    cache_features: bool = False             # frozen encoder: its outputs cached on disk (vlm.encoders.cache)
     eval_every: Optional[int] = None
     save_every: Optional[int] = 500
 
@@ -106,6 +107,7 @@ class TrainerConfig:
     tf32: bool = True
     threads: Optional[int] = None
     num_workers: int = 0
+    feature_cache_dir: str = "cache/features"   # stage.<name>.cache_features: where (shared across runs)
     log_every: int = 10
     progress: bool = True
     keep_last: int = 2

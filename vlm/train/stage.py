@@ -172,6 +172,10 @@ class StageRunner:
         """Model (policies applied, wrapped), optimizer, data, batch plan, scheduler, checkpoint manager."""
         s, st = self.strategy, self.stage
         model = self.build()
+        if st.cache_features:  # (config check: the encoder is frozen)
+            from vlm.encoders.cache import FeatureCache
+
+            model.feature_cache = FeatureCache(self.trainer.feature_cache_dir, model.encoder, rank=s.rank)
         module = TrainModule(model, self.objective(model))
         fp, shapes = fingerprint(module, module.checkpoint_key)  # what a checkpoint must match
         summary = trainable_summary(model)
@@ -222,6 +226,8 @@ class StageRunner:
         return start, LoopState(losses=list(saved.get("losses", []))), str(latest), t.ckpt.read_rng(latest)
 
     def save(self, t: "Training", step: int, state: LoopState) -> None:
+        if t.model.feature_cache is not None:
+            t.model.feature_cache.flush()
         t.ckpt.save(step, t.wrapped, t.optimizer, t.scheduler,
                     {"stage": self.name, "fingerprint": t.fingerprint, "param_shapes": t.param_shapes,
                      "total_steps": t.total, "epoch": t.plan.epoch_of(step),
