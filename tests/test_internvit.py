@@ -146,7 +146,7 @@ def test_tile_size_the_model_cannot_take_and_tile_budget_below_one():
     llm = {"name": "hf_causal_lm", "config": dict(TINY_TEXT["llama"])}
     # 40 px tiles of 8 px patches: a 5 x 5 grid, which a 2 x 2 pixel shuffle cannot fold
     with pytest.raises(ValueError, match=r"vlm.build: the encoder's image \(tile\) size 40 x 40 does not fit the "
-                                         r"model: pixel_shuffle_mlp with scale 0.5 needs a patch grid divisible by 2; "
+                                         r"model: pixel_shuffle_mlp with scale 0.5 needs a patch grid whose sides are divisible by 2; "
                                          r"got 5x5"):
         vlm.build({"encoder": {**TINY_VISION["internvit"], "image_size": 40}, "connector": {"name": "pixel_shuffle_mlp"},
                    "llm": llm})

@@ -63,23 +63,24 @@ def test_oom_on_first_step_suggests_accumulation(tmp_path, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(VLM, "forward", oom)
+    monkeypatch.setattr(VLM, "hidden_states", oom)  # the lm objective's label-only head calls this instead
     with pytest.raises(BatchTooLargeError, match=r"micro_batch_size=1.*global_batch_size=4.*accumulation"):
         run(compose("micro", ["stages=[sft]", f"output_dir={tmp_path}"]))
 
 
 def test_nan_loss_names_step_and_samples(tmp_path, monkeypatch):
-    real = VLM.forward
+    real = VLM.hidden_states  # what the lm objective's label-only head projects (VLM.forward is not called)
     calls = {"n": 0}
 
-    def forward(self, *a, **k):
+    def hidden_states(self, *a, **k):
         out = real(self, *a, **k)
         if self.training:
             calls["n"] += 1
             if calls["n"] == 3:  # step 2, first micro-batch (2 micro-batches per step)
-                out.loss = out.loss * float("nan")
+                out = out * float("nan")
         return out
 
-    monkeypatch.setattr(VLM, "forward", forward)
+    monkeypatch.setattr(VLM, "hidden_states", hidden_states)
     with pytest.raises(NonFiniteLossError, match=r"step 2.*shapes/train/\d+"):
         run(compose("micro", ["stages=[sft]", "eval.enabled=false", f"output_dir={tmp_path}"]))
 
