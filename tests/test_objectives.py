@@ -103,8 +103,9 @@ def test_siglip_rejects_samples_without_text_or_with_several_images():
         head(model, {"input_ids": ids, "labels": ids})
 
 
-def test_align_stage_trains_the_encoder_only_and_exports_no_head(tmp_path):
-    res = run(compose("micro", ALIGN + [f"output_dir={tmp_path}"]))
+@pytest.mark.parametrize("objective", ["siglip", "siglip_tokens"])
+def test_align_stage_trains_the_encoder_only_and_exports_no_head(objective, tmp_path):
+    res = run(compose("micro", ALIGN + [f"stage.align.objective.name={objective}", f"output_dir={tmp_path}"]))
     assert [s.name for s in res.stages] == ["align", "sft"]
     assert all(math.isfinite(x) for x in res.losses["align"]) and len(res.losses["align"]) == 4
     delta = load_file(str(tmp_path / "align" / "weights.safetensors"))
