@@ -29,6 +29,8 @@ TINY_VISION = {
              "intermediate_size": 64},
     "siglip": {"name": "siglip", "image_size": 32, "patch_size": 8, "hidden_size": 32, "num_layers": 2,
                "num_heads": 4, "intermediate_size": 64},
+    "internvit": {"name": "internvit", "image_size": 32, "patch_size": 8, "hidden_size": 32, "num_layers": 2,
+                  "num_heads": 4, "intermediate_size": 64},
 }
 
 
@@ -71,3 +73,15 @@ def tok():
     from vlm.data.tokenizer import byte_tokenizer
 
     return byte_tokenizer()
+
+
+def chat_model(seed: int = 0):
+    """A tiny random clip + llama ``VLM`` with the byte tokenizer, serving the ``chatml`` template (its tokenizer
+    carries chatml's Jinja, so chat's default template renders it), in eval mode."""
+    import vlm
+    from vlm.data.tokenizer import byte_tokenizer
+
+    torch.manual_seed(seed)
+    model = vlm.build(tiny_cfg("clip", "llama"), tokenizer=byte_tokenizer("chatml"))
+    model.set_template("chatml")
+    return model.eval()

@@ -44,7 +44,10 @@ FENCE = re.compile(r"^(?P<indent>\s*)```(?P<lang>[\w-]*)\s*$")
 INLINE = re.compile(r"`(python -m vlm\.[\w.]+ [^`]+)`")
 EXEMPT = ("pip install", "python3 -m venv", "bash .ci/run")
 RUN_PLACEHOLDER = re.compile(r"runs/(?P<recipe>\w+)/<run>")
-MODULE_ARGS = {"vlm.train.score": ["--size", "8", "--batch-size", "8", "--max-new-tokens", "4"]}
+MODULE_ARGS = {"vlm.train.score": ["--size", "8", "--batch-size", "8", "--max-new-tokens", "4"],
+               "vlm.eval": ["--limit", "4", "--batch-size", "4", "--max-new-tokens", "4", "--gallery", "2"],
+               "vlm.chat": ["--max-new-tokens", "4"],
+               "vlm.bench": ["--quick", "--repeats", "1", "--warmup", "0", "--memory-repeats", "1"]}
 TINY_STEPS, TINY_BATCH, TINY_DATA, TINY_EVAL = 2, 4, 16, 4
 
 

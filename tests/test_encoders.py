@@ -329,3 +329,49 @@ def test_timm_tower_has_no_blocks_and_cannot_checkpoint():
     enc = encoders.build({"name": "timm", "model_name": "resnet10t", "image_size": 32, "feature_layer": 3})
     assert enc.blocks() is None
     assert enc.enable_gradient_checkpointing() is False
+
+
+TIMM_VIT = {"name": "timm", "model_name": "vit_tiny_patch16_224", "image_size": 32,
+            "model_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "reg_tokens": 2}}
+
+
+@pytest.mark.parametrize("layer", [-1, 0, [-2, -1]])
+def test_timm_prefix_tokens_come_from_the_model(layer):
+    """CLS + registers: the model's own num_prefix_tokens; select='all' puts them first, 'patch' drops them."""
+    torch.manual_seed(0)
+    enc = encoders.build({**TIMM_VIT, "feature_layer": layer, "select": "all"}).eval()
+    assert enc.has_cls and enc.num_register_tokens == 2 and enc.num_prefix_tokens == 3
+    inner = enc.model.model
+    assert inner.num_prefix_tokens == 3
+    x = torch.randn(2, 3, 32, 32)
+    outs = inner.forward_intermediates(x, indices=[layer] if isinstance(layer, int) else layer,
+                                       return_prefix_tokens=True, output_fmt="NLC", intermediates_only=True)
+    want = torch.cat([torch.cat([prefix, patches], dim=1) for patches, prefix in outs], dim=-1)
+    y = enc(x)
+    assert y.shape == (2, 3 + 16, enc.hidden_size) and enc.num_tokens() == 19
+    assert (y - want).abs().max() <= 1e-5
+    patch = encoders.build({**TIMM_VIT, "feature_layer": layer}).eval()
+    patch.load_state_dict(enc.state_dict())
+    assert patch.num_tokens() == 16 and torch.equal(patch(x), y[:, 3:])
+    no_cls = encoders.build({**TIMM_VIT, "model_kwargs": {**TIMM_VIT["model_kwargs"], "class_token": False,
+                                                          "global_pool": "avg"}, "select": "all"})
+    assert not no_cls.has_cls and no_cls.num_prefix_tokens == 2 and no_cls(x).shape[1] == 18
+
+
+def test_timm_dynamic_image_size():
+    torch.manual_seed(0)
+    fixed = encoders.build(TIMM_VIT).eval()
+    dyn = encoders.build({**TIMM_VIT, "dynamic_img_size": True}).eval()
+    dyn.load_state_dict(fixed.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    assert (dyn(x) - fixed(x)).abs().max() <= 1e-6  # the same model at its native size
+    assert dyn(torch.randn(1, 3, 32, 48)).shape == (1, 24, 32) and dyn.num_tokens((32, 48)) == 24
+    with pytest.raises(ValueError, match=r"image size \(32, 48\) does not fit .* dynamic_img_size=True"):
+        fixed(torch.randn(1, 3, 32, 48))
+    with pytest.raises(ValueError, match="not divisible by the patch size 8"):
+        dyn.num_tokens((36, 48))
+    assert encoders.build(dyn.export_config()).dynamic_img_size
+    with pytest.raises(ValueError, match="cannot be built with dynamic_img_size=True"):
+        encoders.build({"name": "timm", "model_name": "resnet10t", "image_size": 32, "dynamic_img_size": True})
+    cnn = encoders.build({"name": "timm", "model_name": "resnet10t", "image_size": 32, "feature_layer": 3})
+    assert cnn.num_tokens((32, 64)) == 8 and cnn.num_prefix_tokens == 0  # a CNN takes any multiple of its stride

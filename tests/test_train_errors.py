@@ -141,6 +141,10 @@ CONFIG_MISTAKES = {
     "missing init_from": (["init_from=nope/run"], ["init_from='nope/run'", "does not exist"]),
     "own data without its file": (["data=files"], ["data.train=???", "not set", "data.train=..."]),
     "own data file missing": (["data=files", "data.train=nope.json"], ["data.train='nope.json'", "does not exist"]),
+    "own data without data=files": (["data.train=mine.json"], ["data.train=mine.json: unknown key",
+                                                               "'train' is a key of data=files: add that option"]),
+    "sweep with --cfg hydra": (["-m", "connector=mlp,linear", "--cfg", "hydra"], ["a sweep prints its jobs' configs "
+                                                                                   "with --cfg job"]),
 }
 
 
@@ -171,6 +175,20 @@ def test_config_mistake_is_one_line_before_anything_is_written(argv, fragments, 
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     assert not any(tmp_path.iterdir())  # no run directory, no sweep directory, no runs/
+
+
+def test_sweep_cfg_job_prints_every_job(tmp_path, monkeypatch, capsys):
+    """Hydra refuses ``-m`` with ``--cfg``; vlm prints each job's composed config (and writes nothing)."""
+    monkeypatch.chdir(tmp_path)
+    status, exc = run_cli(["-m", "connector=mlp,linear", "--cfg", "job"], monkeypatch)
+    out = capsys.readouterr().out
+    assert exc is None and status == 0
+    assert "# job 0 of 2: connector=mlp" in out and "# job 1 of 2: connector=linear" in out
+    configs = [part.split("\n", 1)[1] for part in out.split("# job ")[1:]]
+    from omegaconf import OmegaConf
+
+    assert [OmegaConf.create(c).connector.name for c in configs] == ["mlp", "linear"]
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("how", ["--debug", "HYDRA_FULL_ERROR=1"])

@@ -44,7 +44,7 @@ def test_dropped_prompts_are_counted_not_answered(lockstep):
     model = Echo(tok)
     metrics, records = evaluate(model, Strategy(None), proc, samples, batch_size=1 if lockstep else 2,
                                 max_new_tokens=3, precision=torch.float32, lockstep=lockstep)
-    assert metrics["exact_match"] == 0.5 and metrics["exact_match/n"] == 2  # s1 right, s4 wrong; 3 not scored
+    assert metrics["answer"] == 0.5 and metrics["answer/n"] == 2  # s1 right, s4 wrong; 3 not scored
     assert metrics["eval_dropped"] == 3
     assert [r["prediction"] for r in records] == [None, "blue", None, None, "blue"]
     assert [r.get("dropped", "").split(":")[0] for r in records] == ["too_long", "", "too_long", "too_long", ""]
@@ -60,5 +60,5 @@ def test_nothing_dropped_keeps_the_usual_metrics():
     tok = byte_tokenizer()
     metrics, records = evaluate(Echo(tok), Strategy(None), processor(tok, "chatml", k=2, max_length=64),
                                 [sample(0, "Colour?")], batch_size=4, max_new_tokens=3, precision=torch.float32)
-    assert "eval_dropped" not in metrics and metrics["exact_match"] == 1.0 and "dropped" not in records[0]
+    assert "eval_dropped" not in metrics and metrics["answer"] == 1.0 and "dropped" not in records[0]
     assert "not evaluated" not in format_table(metrics)

@@ -14,7 +14,8 @@ from PIL import Image
 from vlm.data.synthetic_text import make_split
 from vlm.train import ConfigError, compose, list_options, run
 from vlm.data.datasets import build_dataset
-from vlm.train.own_data import heldout_indices, score_answers
+from vlm.eval.score import score_samples
+from vlm.train.own_data import heldout_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,7 +167,7 @@ def test_scores_per_task_with_grounding_iou():
     box = "<ref>42</ref><box>(100,100),(300,300)</box>"
     samples = [s("42", "read"), s("red", "compare"), s("Blue.", "compare"), s(box, "grounding"), s(box), s("x")]
     preds = ["42", "blue", "blue", "<ref>42</ref><box>(100,100),(300,320)</box>", "(no box)", "x"]
-    m = score_answers(preds, samples)
+    m, _ = score_samples(preds, samples)
     assert m["read"] == 1.0 and m["compare"] == 0.5 and m["compare/n"] == 2
     assert m["grounding"] == 0.5 and m["grounding/n"] == 2 and m["grounding/iou"] == pytest.approx(40000 / 44000 / 2)
     assert m["answer"] == 1.0 and m["all"] == pytest.approx(4 / 6)

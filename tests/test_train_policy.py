@@ -156,3 +156,28 @@ def test_lora_asks_the_component_whether_it_supports_lora():
         check_policies(stage_config(cfg, "sft"), torch.device("cpu"))
     with pytest.raises(ValueError, match="the llm does not support LoRA"):
         Lora().apply(Connector(), "llm", cfg.stage.sft)
+
+
+def test_layer_stack_asks_the_component_before_guessing():
+    """A tower with 2 blocks whose blocks hold a longer Sequential (an MLP): 'partial' must train blocks, not MLP
+    layers. The component's own ``blocks()`` decides; without it the longest stack is the (wrong) guess."""
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mlp = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
+
+    class Tower(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([Block(), Block()])
+
+    class StatingTower(Tower):
+        def blocks(self) -> nn.ModuleList:
+            return self.layers
+
+    name, stack = layer_stack(StatingTower())
+    assert name == "layers" and len(stack) == 2
+    name, stack = layer_stack(Tower())
+    assert len(stack) == 3  # the guess: a block's MLP

@@ -93,3 +93,62 @@ def test_multirun_sweep_writes_summary_with_a_failed_job(tmp_path):
     assert (sweep / "summary.md").is_file() and (sweep / "summary.csv").is_file()
     assert "2 job(s): 1 done, 1 failed" in (sweep / "summary.md").read_text()
     assert "sweep summary" in proc.stdout and "1 failed" in proc.stderr.splitlines()[-1]
+
+
+def fake_costs(root, name, connector, image_tokens, media_tokens=None):
+    d = root / name
+    d.mkdir()
+    (d / "overrides.json").write_text(json.dumps([f"connector={connector}"]))
+    stage = lambda n, trainable, ms, mib: {"name": n, "final_loss": 1.0, "trainable_params": trainable,
+                                           "image_tokens": image_tokens, "media_tokens": media_tokens,
+                                           "step_seconds": ms / 1000, "peak_memory_mb": mib}
+    (d / "result.json").write_text(json.dumps({"seconds": 60.0, "eval": {"all": 0.5, "grounding": 0.25},
+                                               "stages": [stage("pretrain", 1000, 20.0, 300.0),
+                                                          stage("sft", 5000, 30.0, 250.0)]}))
+
+
+def test_ablation_columns_and_json(tmp_path):
+    fake_costs(tmp_path, "0", "mlp", 16)
+    fake_costs(tmp_path, "1", "xattn", 1, media_tokens=16)
+    md = summarize_sweep(tmp_path).read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| job"))
+    assert header == ("| job | connector | status | pretrain loss | sft loss | all | grounding | pretrain trainable | "
+                      "sft trainable | image tokens | xattn keys | step ms | peak MiB | minutes |")
+    assert "| 0 | mlp | done | 1.0000 | 1.0000 | 0.5000 | 0.2500 | 1000 | 5000 | 16 |  | 30.0000 | 300 | 1.0000 |" in md
+    table = json.loads((tmp_path / "summary.json").read_text())
+    assert table["columns"][:3] == ["job", "connector", "status"] and table["status"] == "2 job(s): 2 done"
+    assert [(r["connector"], r["image tokens"], r.get("xattn keys")) for r in table["rows"]] == [("mlp", 16, None),
+                                                                                              ("xattn", 1, 16)]
+    assert table["rows"][1]["step ms"] == pytest.approx(30.0) and table["rows"][1]["peak MiB"] == 300.0
+
+
+@pytest.mark.slow
+def test_connector_ablation_table_is_seeded(tmp_path):
+    """Two connectors, a few steps, run twice: one table each, identical except for times and memory; the trainable
+    count is that of the model the stage builds (micro's sft trains every part but the tower's unused post-norm)."""
+    from vlm.train import compose
+    from vlm.train.build import build_model, build_tokenizer
+    from vlm.train.policy import apply_policies
+
+    tables = []
+    for attempt in ("a", "b"):
+        sweep = tmp_path / attempt
+        cmd = [sys.executable, "-m", "vlm.train", "-m", "recipe=micro", "connector=mlp,xattn", "stages=[sft]",
+               "stage.sft.max_steps=2", "eval.limit=8",
+               f"hydra.sweep.dir={sweep}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        tables.append(json.loads((sweep / "summary.json").read_text()))
+    rows = tables[0]["rows"]
+    assert [r["connector"] for r in rows] == ["mlp", "xattn"] and [r["image tokens"] for r in rows] == [16, 1]
+    assert "xattn keys" not in rows[0] and rows[1]["xattn keys"] == 16
+    for r in rows:
+        cfg = compose("micro", [f"connector={r['connector']}", "stages=[sft]"])
+        model = build_model(cfg, build_tokenizer(cfg, ["chatml"]))
+        apply_policies(model, cfg.stage.sft)
+        assert r["sft trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert r["step ms"] > 0 and r["peak MiB"] > 0 and "all" in r
+    measured = ("step ms", "peak MiB", "minutes")
+    same = lambda t: [{k: v for k, v in r.items() if k not in measured} for r in t["rows"]]
+    assert same(tables[0]) == same(tables[1])

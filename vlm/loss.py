@@ -11,8 +11,11 @@ batch's samples, and whether every target token weighs the same (``per_token``: 
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from vlm.labels import IGNORE_INDEX
 from vlm.llm.masks import segment_starts
@@ -108,6 +111,55 @@ def batch_weight(labels: torch.Tensor, weighting: str | Weighting,
     return weighting_of(weighting).total(counts[counts > 0])
 
 
+def token_weights(valid: torch.Tensor, groups: torch.Tensor, weighting: Weighting) -> torch.Tensor:
+    """``valid``/``groups (B, T)`` (``shifted_targets``) -> ``(B, T)`` float weight of every target (0 elsewhere):
+    ``1 / divisor(n)`` of its sample's target count ``n``."""
+    valid = valid.float()
+    if weighting.per_token:
+        return valid
+    counts, flat = sample_counts(valid, groups)
+    return valid / weighting.divisor(counts[flat].view(valid.shape).clamp_min(1.0))
+
+
+def _weighted_ce(hidden: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+                 head: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``sum(weight * cross_entropy(head(hidden), target))`` for ``hidden (N, D)``, in fp32 like ``lm_loss``."""
+    return (F.cross_entropy(head(hidden).float(), target, reduction="none") * weight).sum()
+
+
+def label_only_lm_loss(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
+                       weighting: str | Weighting = "token", segment_ids: torch.Tensor | None = None,
+                       num_items_in_batch: float | torch.Tensor | None = None,
+                       chunk_size: int = 4096) -> torch.Tensor:
+    """``lm_loss(head(hidden), labels, ...)`` computing the LM head and the cross-entropy only at the positions
+    that have a target, ``chunk_size`` of them at a time.
+
+    ``hidden (B, L, D)``: the LM's last hidden states (after its final norm); ``head``: ``(N, D) -> (N, V)`` (the
+    output embeddings); ``labels (B, L)`` (-100 ignored). Packed rows (``segment_ids``): segment starts are masked
+    here (no need to call ``mask_segment_starts`` first). The result equals ``lm_loss`` of the full logits up to
+    float summation order; ``token`` weighting divides the summed loss by ``num_items_in_batch`` when given (the
+    step's target count, as transformers' loss does), else by the batch's target count. With several chunks and
+    gradients on, each chunk's logits are recomputed in the backward pass, so only one ``(chunk_size, V)`` block
+    of logits is ever alive. Image and prompt positions never reach the vocabulary projection.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
+    w = weighting_of(weighting)
+    valid, groups = shifted_targets(labels, segment_ids)
+    weights = token_weights(valid, groups, w)
+    target = labels[:, 1:][valid]
+    picked, picked_w = hidden[:, :-1][valid], weights[valid]
+    recompute = torch.is_grad_enabled() and picked.shape[0] > chunk_size
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, max(picked.shape[0], 1), chunk_size):  # no target: one empty chunk keeps the graph
+        part = slice(start, start + chunk_size)
+        args = (picked[part], target[part], picked_w[part], head)
+        total = total + (checkpoint(_weighted_ce, *args, use_reentrant=False) if recompute else _weighted_ce(*args))
+    if w.per_token and num_items_in_batch is not None:
+        return total / num_items_in_batch
+    return total / weights.sum().clamp_min(1.0 if w.per_token else 1e-12)
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, weighting: str | Weighting = "token",
             segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """``logits (B, L, V)``, ``labels (B, L)`` (-100 ignored) -> scalar loss of predicting ``labels[:, t+1]`` at ``t``.
@@ -119,11 +171,7 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, weighting: str | Weighti
     target = labels[:, 1:]
     ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
                          ignore_index=IGNORE_INDEX, reduction="none").view(target.shape)
-    valid = (target != IGNORE_INDEX).float()
-    if w.per_token:
-        return (ce * valid).sum() / valid.sum().clamp_min(1.0)
+    valid = target != IGNORE_INDEX
     groups = (segment_ids[:, 1:] if segment_ids is not None else torch.ones_like(target)).long()
-    counts, flat = sample_counts(valid, groups)
-    n = counts[flat].view(target.shape).clamp_min(1.0)
-    weights = valid / w.divisor(n)
-    return (ce * weights).sum() / weights.sum().clamp_min(1e-12)
+    weights = token_weights(valid, groups, w)
+    return (ce * weights).sum() / weights.sum().clamp_min(1.0 if w.per_token else 1e-12)

@@ -5,9 +5,11 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,12 +73,16 @@ class VLM(nn.Module):
             raise ValueError(f"image_token_id {image_token_id} is outside the LLM's embedding table "
                              f"(vocab size {llm.vocab_size}); add the token and resize the embeddings first")
         self.encoder, self.connector, self.llm = encoder, connector, llm
+        if connector.fuses_by_cross_attention:  # its blocks go into the LLM's decoder layers
+            connector.install(llm)
         self.image_token_id, self.image_token = image_token_id, image_token
         self.tokenizer: Any = None
         # eos (tokenizer eos + the chat template's end of turn), pad, bos ids: generate's defaults, saved and exported
         self.generation: dict[str, Any] = {}
         # how its images are preprocessed (``resize_mode``, ``pad_color``): Processor.for_model's default, exported
         self.image_preprocessing: dict[str, Any] = dict(DEFAULT_IMAGE_PREPROCESSING)
+        # a vlm.encoders.cache.FeatureCache: the frozen encoder's outputs read from disk (stage.cache_features)
+        self.feature_cache: Any = None
 
     def train(self, mode: bool = True) -> "VLM":
         """``nn.Module.train``, except that a part (encoder, connector, LLM) with no trainable parameter stays in
@@ -128,7 +134,8 @@ class VLM(nn.Module):
         return tuple(self.encoder.image_std)
 
     def num_image_tokens(self, image_size: int | tuple[int, int] | None = None) -> int:
-        """How many placeholder ids one image (or tile) of ``image_size`` ``(H, W)`` becomes."""
+        """How many placeholder ids one image (or tile) of ``image_size`` ``(H, W)`` becomes (1 with a fusion
+        connector: the image reaches the LLM by cross-attention)."""
         size = as_pair(self.encoder.image_size if image_size is None else image_size)
         return self.connector.num_tokens(self.encoder.num_tokens(size), self.encoder.grid(size))
 
@@ -137,8 +144,12 @@ class VLM(nn.Module):
         """``(N, 3, H, W) -> (N, K, D)`` LLM-space image tokens."""
         grid = self.encoder.grid(tuple(pixel_values.shape[-2:])) if pixel_values.ndim == 4 else (0, 0)
         trainable = any(p.requires_grad for p in self.encoder.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
-            feats = self.encoder(pixel_values.to(param_dtype(self.encoder, pixel_values.dtype)))
+        pixels = pixel_values.to(param_dtype(self.encoder, pixel_values.dtype))
+        if self.feature_cache is not None and not trainable:
+            feats = self.feature_cache(self.encoder, pixels)
+        else:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+                feats = self.encoder(pixels)
         # each part may have its own dtype: features enter the connector in its dtype (the LLM side is cast by
         # ``inject``); under autocast the matmuls still run in the autocast dtype
         return self.connector(feats.to(param_dtype(self.connector, feats.dtype)), grid)
@@ -152,8 +163,22 @@ class VLM(nn.Module):
                 raise ValueError(f"input_ids hold {n} image tokens (id {self.image_token_id}) but no pixel_values "
                                  f"were given")
             return embeds
+        if self.connector.fuses_by_cross_attention:  # <image> stays a text token; see ``fusion``
+            return embeds
         feats = self.image_features(pixel_values)
         return self.llm.inject(embeds, input_ids, feats.reshape(-1, feats.shape[-1]), self.image_token_id)
+
+    @contextlib.contextmanager
+    def fusion(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+               segment_ids: torch.Tensor | None = None) -> Iterator[None]:
+        """The context to call the LLM in: with a fusion connector, its cross-attention blocks read these images'
+        features (one ``<image>`` token per image in ``input_ids``); with a token connector, nothing."""
+        if not self.connector.fuses_by_cross_attention:
+            yield
+            return
+        feats = self.image_features(pixel_values) if pixel_values is not None else None
+        with self.connector.media(feats, input_ids, self.image_token_id, segment_ids):
+            yield
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -166,6 +191,17 @@ class VLM(nn.Module):
         ``segment_ids (B, L)`` marks packed samples (0 = padding): attention stays within each segment, positions
         restart per segment, and a segment's first token is never a target of the previous segment.
         """
+        lm_inputs = self.lm_inputs(input_ids, pixel_values, attention_mask, position_ids, segment_ids)
+        if labels is not None and segment_ids is not None:
+            labels = mask_segment_starts(labels, segment_ids)
+        with self.fusion(input_ids, pixel_values, segment_ids):
+            return self.llm(**lm_inputs, labels=labels, **lm_kwargs)
+
+    def lm_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                  attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                  segment_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+        """What the LM is called with: ``inputs_embeds (B, L, D)`` (images injected), the attention mask (the
+        packed 4D mask with ``segment_ids``) and ``position_ids`` (restarting per segment when packed)."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (B, L); got shape {tuple(input_ids.shape)}")
         embeds = self.embed_inputs(input_ids, pixel_values)
@@ -173,10 +209,27 @@ class VLM(nn.Module):
             if position_ids is None:
                 position_ids = positions_from_segments(segment_ids)
             attention_mask = segment_mask(segment_ids, self.llm.attn_implementation, embeds.dtype)
-            if labels is not None:
-                labels = mask_segment_starts(labels, segment_ids)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                        labels=labels, **lm_kwargs)
+        return {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids}
+
+    @property
+    def supports_label_only_head(self) -> bool:
+        """Whether ``hidden_states`` + ``output_head`` give exactly ``forward``'s logits (the LM says so)."""
+        return bool(getattr(self.llm, "supports_label_only_head", False))
+
+    @property
+    def output_head(self) -> nn.Module:
+        """The LM's output embeddings: ``(N, D) -> (N, V)``."""
+        return self.llm.output_head
+
+    def hidden_states(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                      attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                      segment_ids: torch.Tensor | None = None, **lm_kwargs: Any) -> torch.Tensor:
+        """``forward`` without the vocabulary projection: the LM's last hidden states ``(B, L, D)``, so a loss
+        can project only the positions it needs (``vlm.loss.label_only_lm_loss``). Needs
+        ``supports_label_only_head``."""
+        lm_inputs = self.lm_inputs(input_ids, pixel_values, attention_mask, position_ids, segment_ids)
+        with self.fusion(input_ids, pixel_values, segment_ids):
+            return self.llm.hidden_states(**lm_inputs, **lm_kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
@@ -193,7 +246,8 @@ class VLM(nn.Module):
         for key in ("eos_token_id", "pad_token_id"):
             if key in settings:
                 generate_kwargs.setdefault(key, settings[key])
-        return self.llm.model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+        with self.fusion(input_ids, pixel_values):
+            return self.llm.model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
     # -- persistence -----------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
@@ -209,6 +263,26 @@ class VLM(nn.Module):
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(out))
         return out
+
+    # -- chat (vlm.inference.chat) ----------------------------------------------------------------------------
+    def chat(self, images: Any, text: str, history: list | None = None, **kwargs: Any) -> tuple[str, list]:
+        """``(reply, history)``; see :func:`vlm.inference.chat.chat`."""
+        from vlm.inference.chat import chat
+
+        return chat(self, images, text, history, **kwargs)
+
+    def chat_batch(self, images: list, texts: list[str], histories: list | None = None,
+                   **kwargs: Any) -> list[tuple[str, list]]:
+        """``[(reply, history), ...]`` for many conversations at once; see :func:`vlm.inference.chat.chat_batch`."""
+        from vlm.inference.chat import chat_batch
+
+        return chat_batch(self, images, texts, histories, **kwargs)
+
+    def chat_stream(self, images: Any, text: str, history: list | None = None, **kwargs: Any) -> Any:
+        """An iterator of reply pieces (then ``.reply``, ``.history``); see :func:`vlm.inference.chat.chat_stream`."""
+        from vlm.inference.chat import chat_stream
+
+        return chat_stream(self, images, text, history, **kwargs)
 
 
 def build(cfg: Any, tokenizer: Any = None) -> VLM:
@@ -245,6 +319,11 @@ def build(cfg: Any, tokenizer: Any = None) -> VLM:
         image_token_id = lm.vocab_size
         lm.resize_token_embeddings(lm.vocab_size + 1)
     model = VLM(encoder, connector, lm, image_token_id=image_token_id, image_token=image_token)
+    try:  # every image (or tile) is encoder.image_size square: the parts must agree on its token count
+        model.num_image_tokens()
+    except ValueError as e:
+        raise ValueError(f"vlm.build: the encoder's image (tile) size {encoder.image_size} x {encoder.image_size} "
+                         f"does not fit the model: {e}") from e
     model.tokenizer = tokenizer
     model.generation = generation_settings(tokenizer)
     return model

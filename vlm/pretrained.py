@@ -120,3 +120,33 @@ def enable_gradient_checkpointing(model: Any) -> bool:
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return True
+
+
+def read_weights(path: Path, who: str) -> dict[str, Any]:
+    """Every tensor of the directory's weights (see ``check_weights``): safetensors, or ``pytorch_model.bin`` through
+    ``torch.load(weights_only=True)``; a shard index reads all its shards."""
+    import torch
+    from safetensors.torch import load_file
+
+    weights = check_weights(path, who)
+    files = [weights]
+    if weights.name.endswith(".index.json"):
+        files = [path / s for s in sorted(set(json.loads(weights.read_text())["weight_map"].values()))]
+    state: dict[str, Any] = {}
+    for f in files:
+        state.update(load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, weights_only=True))
+    return state
+
+
+def load_strict(module: Any, state: dict[str, Any], what: str) -> None:
+    """``module.load_state_dict(state)`` strictly; a mismatch is a ``ValueError`` naming ``what`` and every missing /
+    unexpected key and shape mismatch."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(state))
+              if state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{what}: weights do not match the architecture: missing keys {missing}, unexpected keys "
+                         f"{unexpected}, shape mismatches (file vs model) {shapes}")
+    module.load_state_dict(state, strict=True)

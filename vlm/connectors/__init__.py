@@ -10,7 +10,8 @@ import torch
 
 from vlm.connectors.base import Connector
 from vlm.connectors.registry import CONNECTORS
-from vlm.connectors import identity, linear, mlp, pixel_shuffle_mlp  # noqa: F401  (registration)
+from vlm.connectors import (  # noqa: F401  (registration)
+    identity, linear, mlp, perceiver, pixel_shuffle_mlp, qformer, resampler, xattn)
 from vlm.encoders.hf_vision import resolve_dtype
 from vlm.registry import to_dict
 

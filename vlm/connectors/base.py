@@ -1,7 +1,14 @@
-"""The connector contract: ``forward(x (N, T, C), grid (h, w)) -> (N, K, D)`` and ``num_tokens(T, grid) -> K``."""
+"""The connector contract: ``forward(x (N, T, C), grid (h, w)) -> (N, K, D)`` and ``num_tokens(T, grid) -> K``.
+
+``grid`` is the patch grid ``(h, w)`` shared by the ``N`` images of the call (``VLM.image_features`` stacks images of
+one pixel size). A connector whose output does not depend on the grid's size (``per_image_grids = True``: the
+resamplers) also takes a list of ``N`` grids, one per image, with ``x`` holding image ``i``'s ``h_i * w_i`` tokens
+first and padding after them (``pad_tokens`` builds such a batch); the padding is never attended to.
+"""
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -23,6 +30,12 @@ class Connector(nn.Module):
     #: where LLaVA's projector layers live in this connector (``{our submodule: "linear_1" | "linear_2"}``) when it
     #: has LLaVA's ``linear_1 -> act -> linear_2`` projector layout; ``None``: it has not (no LLaVA export/import)
     llava_projector_layers: dict[str, str] | None = None
+    #: whether ``forward`` takes one grid per image (a list of ``(h, w)``, ``x`` padded); see the module docstring
+    per_image_grids: bool = False
+    #: a fusion connector (``xattn``): ``num_tokens`` is the ``<image>`` text tokens per image (1), ``forward``
+    #: gives the media its blocks attend to, ``install(llm)`` hooks the blocks into the LLM (``VLM`` calls it) and
+    #: ``media(features, input_ids, image_token_id, segment_ids)`` is the context ``VLM`` runs the LLM in
+    fuses_by_cross_attention: bool = False
 
     def llava_projector_problems(self) -> list[str]:
         """Why this connector's weights are not a LLaVA projector (empty when they are); used by the LLaVA export."""
@@ -53,3 +66,38 @@ class Connector(nn.Module):
         """Store the constructor's keyword arguments (except dims) for ``export_config``."""
         params = inspect.signature(type(self).__init__).parameters
         self.options = {k: frame_locals[k] for k in params if k not in ("self", "in_dim", "out_dim")}
+
+
+Grid = tuple[int, int]
+
+
+def image_grids(x: torch.Tensor, grid: Grid | Sequence[Grid], name: str) -> tuple[list[Grid], torch.Tensor | None]:
+    """``(grids, key_padding_mask)`` for ``x (N, T, C)`` and one grid or ``N`` per-image grids.
+
+    Every image must hold exactly its grid's ``h * w`` patch tokens (no CLS; with per-image grids, its first
+    ``h_i * w_i`` rows, the rest padding). ``key_padding_mask`` is ``(N, T)`` bool, ``True`` at padding, or ``None``
+    when nothing is padded. Raises ``ValueError`` naming the image and the counts otherwise.
+    """
+    n, t = x.shape[:2]
+    per_image = len(grid) > 0 and isinstance(grid[0], (tuple, list))
+    grids = [tuple(int(v) for v in g) for g in grid] if per_image else [tuple(int(v) for v in grid)] * n
+    if len(grids) != n:
+        raise ValueError(f"{name}: {len(grids)} grids for {n} images; expected one (h, w) per image")
+    for i, (h, w) in enumerate(grids):
+        if h < 1 or w < 1:
+            raise ValueError(f"{name}: image {i} has grid {(h, w)}; expected h, w >= 1")
+        if (h * w != t) if not per_image else (h * w > t):
+            need = "exactly" if not per_image else "at most"
+            raise ValueError(f"{name}: image {i} has a {h}x{w} patch grid ({h * w} tokens) but x holds {t} tokens "
+                             f"per image; expected {need} h*w (patch tokens only: use the encoder's select='patch' "
+                             f"to drop a CLS token)")
+    if not per_image or all(h * w == t for h, w in grids):
+        return grids, None
+    counts = torch.tensor([h * w for h, w in grids], device=x.device)
+    return grids, torch.arange(t, device=x.device)[None] >= counts[:, None]
+
+
+def pad_tokens(features: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack per-image token tensors ``[(T_i, C)]`` into ``(N, max T_i, C)``, zero-padded after each image's tokens:
+    the ``x`` of a per-image-grid call."""
+    return torch.nn.utils.rnn.pad_sequence(list(features), batch_first=True)

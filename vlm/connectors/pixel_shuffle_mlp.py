@@ -1,13 +1,21 @@
-"""``pixel_shuffle_mlp`` (InternVL): fold each ``1/scale x 1/scale`` block of patch tokens into channels, then
-LayerNorm + 2-layer GELU MLP. ``(N, h*w, C) -> (N, h*w*scale^2, C/scale^2) -> (N, K, D)``.
+"""``pixel_shuffle_mlp`` (InternVL): reduce each ``k x k`` block of patch tokens (``k = 1/scale``) to one token,
+then LayerNorm + 2-layer GELU MLP. ``(N, h*w, C) -> (N, h*w/k^2, C') -> (N, K, D)``.
 
-The shuffle reproduces InternVL's ``pixel_shuffle`` (``ps_version='v2'``) element for element, and the MLP's
-parameters sit at InternVL's ``mlp1`` indices (``layers.0`` LayerNorm, ``layers.1`` and ``layers.3`` Linear).
+``reducer`` says how a block becomes one token:
+
+- ``shuffle`` (default, InternVL): concatenate the block's tokens, ``C' = C*k^2``; for ``k = 2``
+  ``out[a, b] = cat(x[2a, 2b], x[2a, 2b+1], x[2a+1, 2b], x[2a+1, 2b+1])``. It reproduces InternVL's
+  ``pixel_shuffle`` (``ps_version='v2'``) element for element; ``pixel_unshuffle`` inverts it.
+- ``avg_pool``: average the block's tokens, ``C' = C`` (a smaller MLP; loses the within-block layout).
+
+The MLP's parameters sit at InternVL's ``mlp1`` indices (``layers.0`` LayerNorm, ``layers.1`` and ``layers.3``
+Linear).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from vlm.connectors.base import Connector
 from vlm.connectors.registry import CONNECTORS
@@ -26,16 +34,41 @@ def pixel_shuffle(x: torch.Tensor, scale: float) -> torch.Tensor:
     return x.permute(0, 2, 1, 3).contiguous()
 
 
+def pixel_unshuffle(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """The inverse of ``pixel_shuffle``: ``(N, h*s, w*s, C*k^2) -> (N, h, w, C)`` with ``k = 1/s``; token
+    ``(k*a + i, k*b + j)`` is channel block ``i*k + j`` of ``x[a, b]``."""
+    k = round(1 / scale)
+    n, hs, ws, c = x.shape
+    if c % (k * k):
+        raise ValueError(f"pixel_unshuffle with scale {scale}: {c} channels are not divisible by {k * k}")
+    x = x.reshape(n, hs, ws, k, k, c // (k * k)).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, hs * k, ws * k, c // (k * k))
+
+
+def avg_pool_blocks(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``(N, h, w, C) -> (N, h*s, w*s, C)``: the mean of each ``k x k`` block (``k = 1/s``)."""
+    k = round(1 / scale)
+    return F.avg_pool2d(x.permute(0, 3, 1, 2), k).permute(0, 2, 3, 1)
+
+
+#: reducer name -> (function of ``(N, h, w, C)`` and ``scale``, channel multiplier as a function of ``k``)
+REDUCERS = {"shuffle": (pixel_shuffle, lambda k: k * k), "avg_pool": (avg_pool_blocks, lambda k: 1)}
+
+
 @CONNECTORS.register("pixel_shuffle_mlp")
 class PixelShuffleMLP(Connector):
-    def __init__(self, in_dim: int, out_dim: int, scale: float = 0.5, hidden_dim: int | None = None) -> None:
+    def __init__(self, in_dim: int, out_dim: int, scale: float = 0.5, hidden_dim: int | None = None,
+                 reducer: str = "shuffle") -> None:
         super().__init__()
-        inv = round(1 / scale)
+        inv = round(1 / scale) if scale > 0 else 0
         if not 0 < scale <= 1 or abs(inv * scale - 1) > 1e-9:
             raise ValueError(f"pixel_shuffle_mlp scale must be 1/k for an integer k (e.g. 0.5); got {scale}")
+        if reducer not in REDUCERS:
+            raise ValueError(f"pixel_shuffle_mlp reducer={reducer!r}; expected one of {sorted(REDUCERS)}")
         self.in_dim, self.out_dim, self.scale, self.factor = in_dim, out_dim, scale, inv
         self.record_options(locals())
-        folded = in_dim * inv * inv
+        self.reduce, channels = REDUCERS[reducer]
+        folded = in_dim * channels(inv)
         hidden = hidden_dim or out_dim
         self.layers = nn.Sequential(nn.LayerNorm(folded), nn.Linear(folded, hidden), nn.GELU(),
                                     nn.Linear(hidden, out_dim))
@@ -46,8 +79,10 @@ class PixelShuffleMLP(Connector):
             raise ValueError(f"pixel_shuffle_mlp needs exactly the patch grid's {h}x{w}={h * w} tokens (no CLS: use "
                              f"select='patch'); got {num_input_tokens}")
         if h % self.factor or w % self.factor:
-            raise ValueError(f"pixel_shuffle_mlp with scale {self.scale} needs a patch grid divisible by "
-                             f"{self.factor}; got {h}x{w}")
+            raise ValueError(f"pixel_shuffle_mlp with scale {self.scale} needs a patch grid whose sides are "
+                             f"divisible by {self.factor}; got {h}x{w}: pick an image size whose grid is e.g. "
+                             f"{-(-h // self.factor) * self.factor}x{-(-w // self.factor) * self.factor} patches, "
+                             f"or a connector that takes any grid (resampler, perceiver, mlp)")
 
     def num_tokens(self, num_input_tokens: int, grid: tuple[int, int]) -> int:
         self._check_grid(num_input_tokens, grid)
@@ -58,5 +93,5 @@ class PixelShuffleMLP(Connector):
         self.check_input(x)
         self._check_grid(x.shape[1], grid)
         h, w = grid
-        x = pixel_shuffle(x.reshape(x.shape[0], h, w, -1), self.scale)
+        x = self.reduce(x.reshape(x.shape[0], h, w, -1), self.scale)
         return self.layers(x.reshape(x.shape[0], -1, x.shape[-1]))

@@ -236,7 +236,9 @@ _TILING_KEYS = {"dynamic": {"kind", "min_tiles", "max_tiles", "thumbnail"},
                 "anyres": {"kind", "pinpoints", "pad_color"}}
 
 
-def _check_tiling(tiling: Mapping | None) -> dict | None:
+def check_tiling(tiling: Mapping | None) -> dict | None:
+    """``tiling`` with defaults filled in, or ``None``; ``ValueError`` / ``TypeError`` naming a bad kind, key or
+    tile count (``1 <= min_tiles <= max_tiles``)."""
     if tiling is None:
         return None
     t = dict(tiling)
@@ -287,7 +289,7 @@ class ImageProcessor:
         self.resize_mode = resize_mode
         self.pad_color = tuple(int(c) for c in pad_color) if pad_color is not None else \
             tuple(int(m * 255) for m in self.mean)
-        self.tiling = _check_tiling(tiling)
+        self.tiling = check_tiling(tiling)
         if self.tiling is not None and resize_mode != "resize":
             raise ValueError(f"tiling={self.tiling['kind']!r} uses its reference geometry and cannot be combined with "
                              f"resize_mode={resize_mode!r}; use resize_mode='resize'")
@@ -309,7 +311,8 @@ class ImageProcessor:
     # ------------------------------------------------------------------------------------------------- planning
     def _dynamic_budget(self, max_tiles: int | None) -> tuple[int, int]:
         t = self.tiling
-        mx = t["max_tiles"] if max_tiles is None else max(1, int(max_tiles))
+        # a per-call cap (the sample's tile budget) only ever lowers the configured maximum
+        mx = t["max_tiles"] if max_tiles is None else max(1, min(int(max_tiles), t["max_tiles"]))
         return min(t["min_tiles"], mx), mx
 
     def _pinpoints(self, max_tiles: int | None) -> list[list[int]]:

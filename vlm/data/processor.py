@@ -78,6 +78,9 @@ class Processor:
                  allow_urls: bool = False, max_tiles_per_sample: int | None = None,
                  image_loader: Callable[..., Any] | None = None, require_labels: bool = True,
                  rewrite_boxes: bool = True, check_boxes: bool = True) -> None:
+        if max_tiles_per_sample is not None and int(max_tiles_per_sample) < 1:
+            raise ValueError(f"max_tiles_per_sample={max_tiles_per_sample!r}: a tile budget must be at least 1 tile "
+                             f"per sample (null: no budget)")
         if truncation not in ("drop", "error"):
             raise ValueError(f"truncation must be 'drop' or 'error'; got {truncation!r}")
         self.tokenizer = tokenizer
@@ -121,9 +124,9 @@ class Processor:
         """A processor matching ``model`` (duck-typed: ``num_image_tokens((H, W))``, ``image_size``,
         ``image_mean``, ``image_std``, ``config.image_token`` / ``config.image_token_id``).
 
-        ``resize_mode``/``tiling``/``pad_color`` configure the ``ImageProcessor``; ``resize_mode`` and
-        ``pad_color`` default to the model's record of how it was trained (``model.image_preprocessing``; else
-        ``resize`` and the ``ImageProcessor`` default). Other ``options`` go to :class:`Processor` (``max_length``,
+        ``resize_mode``/``tiling``/``pad_color`` configure the ``ImageProcessor``; they default to the model's
+        record of how it was trained (``model.image_preprocessing``; else ``resize``, no tiling and the
+        ``ImageProcessor`` default). Other ``options`` go to :class:`Processor` (``max_length``,
         ``truncation``, ``max_tiles_per_sample``, ...).
         """
         from vlm.data.images import ImageProcessor
@@ -131,6 +134,7 @@ class Processor:
         record = getattr(model, "image_preprocessing", None) or {}
         resize_mode = resize_mode or record.get("resize_mode", "resize")
         pad_color = pad_color if pad_color is not None else record.get("pad_color")
+        tiling = tiling if tiling is not None else record.get("tiling")
         image_options = {"resize_mode": resize_mode, "tiling": tiling}
         if pad_color is not None:
             image_options["pad_color"] = pad_color

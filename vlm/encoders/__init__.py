@@ -3,7 +3,8 @@ from typing import Any
 
 from vlm.encoders.base import VisionEncoder
 from vlm.encoders.registry import ENCODERS
-from vlm.encoders import clip, siglip, siglip2, timm_tower  # noqa: F401  (registration)
+from vlm.encoders import (  # noqa: F401  (registration)
+    blip2, clip, internvit, open_clip_tower, siglip, siglip2, timm_tower)
 
 
 def build(cfg: Any) -> VisionEncoder:

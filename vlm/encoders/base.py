@@ -25,8 +25,8 @@ class VisionEncoder(nn.Module):
     ``grid(image_size)`` floors ``H / patch_size`` and ``W / patch_size`` as a patch convolution does; the sizes a
     tower accepts are its ``check_image_size`` rule (default: multiples of the patch size).
 
-    ``select``: ``patch`` drops the CLS token only when the backbone has one; ``all`` keeps every token;
-    ``llava_default`` always drops token 0 (LLaVA's "default" strategy; on a tower without CLS such as SigLIP this
+    ``select``: ``patch`` drops the prefix tokens (CLS, registers) only when the backbone has them; ``all`` keeps
+    every token; ``llava_default`` always drops token 0 (LLaVA's "default" strategy; on a tower without CLS such as SigLIP this
     drops a real patch — it exists only to import such LLaVA checkpoints exactly).
     """
 
@@ -34,6 +34,8 @@ class VisionEncoder(nn.Module):
     patch_size: int
     image_size: int
     has_cls: bool = False
+    #: prefix tokens after the CLS token (registers, a distillation token); ``select='patch'`` drops them too
+    num_register_tokens: int = 0
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     select: str = "patch"
@@ -80,12 +82,24 @@ class VisionEncoder(nn.Module):
     def num_tokens(self, image_size: int | tuple[int, int] | None = None) -> int:
         """Number of output tokens ``T`` for one image of ``image_size``."""
         h, w = self.grid(image_size)
-        return h * w + int(self.has_cls) - int(self.drops_first)
+        return h * w + self.num_prefix_tokens - self.num_dropped
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens in ``encode``'s output: the CLS token (``has_cls``) + ``num_register_tokens``
+        (registers, a distillation token)."""
+        return int(self.has_cls) + self.num_register_tokens
+
+    @property
+    def num_dropped(self) -> int:
+        """How many leading tokens ``select`` removes: every prefix token for ``patch``, token 0 for
+        ``llava_default``, none for ``all``."""
+        return {"patch": self.num_prefix_tokens, "llava_default": 1}.get(self.select, 0)
 
     @property
     def drops_first(self) -> bool:
         """Whether ``select`` removes token 0."""
-        return self.select == "llava_default" or (self.select == "patch" and self.has_cls)
+        return self.num_dropped > 0
 
     def check_pixels(self, pixel_values: torch.Tensor) -> None:
         """Raise ``ValueError`` unless ``pixel_values`` is ``(N, 3, H, W)`` with a size the backbone takes."""
@@ -100,7 +114,7 @@ class VisionEncoder(nn.Module):
 
     def apply_select(self, tokens: torch.Tensor) -> torch.Tensor:
         """``(N, T_all, C) -> (N, T, C)`` according to ``select``."""
-        return tokens[:, 1:] if self.drops_first else tokens
+        return tokens[:, self.num_dropped:]
 
     def blocks(self) -> nn.ModuleList | None:
         """The tower's stack of transformer blocks in order (the output of block ``k`` is hidden state ``k + 1``, the

@@ -55,6 +55,8 @@ class HFVisionEncoder(VisionEncoder):
     fixed_position_grid: bool = True
     # without interpolation the tower rejects any input other than image_size x image_size (transformers' CLIP)
     native_size_only: bool = False
+    #: appended to the error for a ``pretrained`` directory that lacks the tower's weights
+    pretrained_hint: str = " (or a full model whose vision part it loads)"
 
     def __init__(
         self,
@@ -90,9 +92,14 @@ class HFVisionEncoder(VisionEncoder):
         if pretrained is not None:
             path = check_pretrained_dir(pretrained, f"{name} encoder")
             # overrides (e.g. no SigLIP pooling head) hold for real checkpoints too; their weights are then ignored
-            self.model = self.model_class.from_pretrained(
+            self.model, info = self.model_class.from_pretrained(
                 str(path), attn_implementation=attn_implementation, dtype=resolve_dtype(dtype) or torch.float32,
-                local_files_only=True, **self.config_overrides)
+                local_files_only=True, output_loading_info=True, **self.config_overrides)
+            missing = sorted(info.get("missing_keys") or [])
+            if missing:  # transformers would leave them randomly initialized, silently
+                raise ValueError(f"{name} encoder: {str(path)!r} holds no weights for {len(missing)} tensors of "
+                                 f"transformers' {self.model_class.__name__} (e.g. {missing[:4]}); expected a "
+                                 f"directory saved from that model{self.pretrained_hint}")
             norm = read_normalization(path)
         else:
             if config is not None:

@@ -15,63 +15,26 @@ Only local directories are read; weights come from safetensors (or ``pytorch_mod
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from vlm import connectors, encoders, llm as llms
+from vlm import connectors, encoders
 from vlm.encoders.hf_vision import HFVisionEncoder, resolve_dtype
-from vlm.generation import GENERATION_KEYS, generation_settings, read_settings
-from vlm.hf_config import unknown_config_keys
+from vlm.interop.common import (arch_config, assemble, copy_state, dtype_name, import_encoder, import_llm, is_tied,
+                                lm_problems, load_strict, save_hf, text_config_for_export)
 from vlm.interop.formats import FORMATS, HFFormat
 from vlm.interop.mapping import (ACT_FROM_HF, ACT_TO_HF, ENCODER_MODEL_TYPES, SELECT_FROM_LLAVA, SELECT_TO_LLAVA,
                                  UNUSED_VISION_MODULES, VISION_MODEL_TYPES)
-from vlm.interop.processor import read_preprocessing, save_processor
-from vlm.llm.hf_causal_lm import HFCausalLM
+from vlm.interop.processor import save_llava_processor
 from vlm.model import VLM
-from vlm.pretrained import (CONFIG_FILE, FILE_KEYS, check_weights, normalization, read_config,
-                            read_image_processor_config)
+from vlm.pretrained import CONFIG_FILE, check_weights, read_config
 
-GENERATION_FILE = "generation_config.json"
 LLAVA_MODEL_TYPE = "llava"
-TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 VISION_PREFIX = "model.vision_tower."
-LM_PREFIX = "model.language_model."
-
-
-# ----------------------------------------------------------------------------------------------------- helpers
-def _arch_config(config: Any) -> dict[str, Any]:
-    """A transformers (sub)config as a plain dict without file bookkeeping keys."""
-    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return {k: v for k, v in d.items() if k not in FILE_KEYS}
-
-
-def _copy_state(dst: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """``dst.load_state_dict(state)`` strictly; a mismatch names the component and the offending keys."""
-    own = dst.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(state))
-              if state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{what}: weights do not match the architecture: missing {missing[:8]}, unexpected "
-                         f"{unexpected[:8]}, shape mismatches {shapes[:8]}")
-    dst.load_state_dict(state, strict=True)
-
-
-def _is_tied(model: nn.Module) -> bool:
-    """Whether the output embeddings share storage with the input embeddings."""
-    out = model.get_output_embeddings()
-    return out is not None and out.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 # ----------------------------------------------------------------------------------------------------- reading
@@ -88,25 +51,6 @@ def read_llava_config(path: str | os.PathLike, who: str = "from_hf") -> dict[str
                          f"(LlavaForConditionalGeneration){hint}. Variants such as llava_next / llava_onevision "
                          f"(image tiling) are not supported")
     return cfg
-
-
-def _load_llava(path: Path, dtype: torch.dtype) -> nn.Module:
-    """``LlavaForConditionalGeneration.from_pretrained`` (local files, ``weights_only``), strict: any missing weight
-    is an error, except in vision-tower modules LLaVA never uses (``UNUSED_VISION_MODULES``)."""
-    from transformers import LlavaForConditionalGeneration
-
-    hf, info = LlavaForConditionalGeneration.from_pretrained(
-        str(path), dtype=dtype, local_files_only=True, weights_only=True, output_loading_info=True)
-    missing = sorted(k for k in info.get("missing_keys", [])
-                     if not any(k.startswith(VISION_PREFIX + p) for p in UNUSED_VISION_MODULES))
-    mismatched = info.get("mismatched_keys", [])
-    if missing or mismatched:
-        raise ValueError(f"from_hf: the weights in {str(path)!r} do not match its config.json: missing "
-                         f"{missing[:8]}, shape-mismatched {list(mismatched)[:8]}")
-    if info.get("unexpected_keys"):
-        warnings.warn(f"from_hf: ignoring unexpected weights in {str(path)!r}: "
-                      f"{sorted(info['unexpected_keys'])[:8]}", stacklevel=3)
-    return hf.eval()
 
 
 # ----------------------------------------------------------------------------------------------------- import
@@ -144,87 +88,44 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
     torch_dtype = resolve_dtype(dtype) or torch.float32
     check_weights(path, "from_hf")
 
-    hf = _load_llava(path, torch_dtype)
-    tied = _is_tied(hf)
+    from transformers import LlavaForConditionalGeneration
+
+    # LLaVA never runs some vision-tower modules (UNUSED_VISION_MODULES): a checkpoint may omit them
+    hf = load_strict(LlavaForConditionalGeneration, path, torch_dtype,
+                     ignore_missing=[VISION_PREFIX + p for p in UNUSED_VISION_MODULES])
+    tied = is_tied(hf)
 
     # modules LLaVA never runs (SigLIP's pooling head) are left out of our encoder: logits are unchanged, and no
     # trainable parameter is left without a gradient
     tower = hf.model.vision_tower.state_dict()
     dropped = [p for p in UNUSED_VISION_MODULES if any(k.startswith(p) for k in tower)]
     tower = {k: v for k, v in tower.items() if not any(k.startswith(p) for p in dropped)}
-    vision_cfg = _arch_config(config.vision_config)
+    vision_cfg = arch_config(config.vision_config)
     for prefix in dropped:
         vision_cfg.update(UNUSED_VISION_MODULES[prefix])
-    enc_cfg: dict[str, Any] = {
+    encoder, image_processor, image_processor_file = import_encoder(path, type(config.vision_config), {
         "name": enc_name, "config": vision_cfg, "feature_layer": config.vision_feature_layer,
         "select": SELECT_FROM_LLAVA[(strategy, has_cls)], "attn_implementation": attn_implementation,
-        "dtype": _dtype_name(torch_dtype)}
-    image_processor, image_processor_file = read_image_processor_config(path) or (None, path)
-    norm = normalization(image_processor)
-    if norm is not None:
-        enc_cfg["image_mean"], enc_cfg["image_std"] = norm
-    # the directory's config.json is trusted: keys a newer transformers dropped do not stop the import (the built
-    # components then export strict_config=False, so vlm.load of the result accepts them too)
-    if unknown_config_keys(type(config.vision_config), vision_cfg):
-        enc_cfg["strict_config"] = False
-    encoder = encoders.build(enc_cfg)
-
-    text_cfg = _arch_config(config.text_config)
-    text_cfg["tie_word_embeddings"] = tied  # what LLaVA actually does (its top-level flag can override the text one)
-    lm_cfg: dict[str, Any] = {"name": "hf_causal_lm", "config": text_cfg, "attn_implementation": attn_implementation,
-                              "dtype": _dtype_name(torch_dtype)}
-    if unknown_config_keys(type(config.text_config), text_cfg):
-        lm_cfg["strict_config"] = False
-    lm = llms.build(lm_cfg)
+        "dtype": dtype_name(torch_dtype)})
+    # what LLaVA actually does (its top-level tying flag can override the text one)
+    lm = import_llm(config.text_config, tied, attn_implementation, torch_dtype)
     connector = connectors.build({"name": "mlp", "depth": 2, "act": ACT_FROM_HF[act],
                                   "bias": bool(config.multimodal_projector_bias)},
                                  in_dim=encoder.hidden_size, out_dim=lm.hidden_size).to(torch_dtype)
 
     with torch.no_grad():
-        _copy_state(encoder.model, tower, "from_hf: vision tower")
+        copy_state(encoder.model, tower, "from_hf: vision tower")
         proj = hf.model.multi_modal_projector
-        _copy_state(connector, {f"{ours}.{k}": v for ours, theirs in connector.llava_projector_layers.items()
+        copy_state(connector, {f"{ours}.{k}": v for ours, theirs in connector.llava_projector_layers.items()
                                 for k, v in getattr(proj, theirs).state_dict().items()}, "from_hf: projector")
-        _copy_state(lm.model.base_model, hf.model.language_model.state_dict(), "from_hf: language model")
-        _copy_state(lm.model.get_output_embeddings(), hf.lm_head.state_dict(), "from_hf: lm_head")
+        copy_state(lm.model.base_model, hf.model.language_model.state_dict(), "from_hf: language model")
+        copy_state(lm.model.get_output_embeddings(), hf.lm_head.state_dict(), "from_hf: lm_head")
     del hf
 
-    tok = None
-    if tokenizer and any((path / f).is_file() for f in TOKENIZER_FILES):
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    image_token_id = int(config.image_token_id)
-    image_token = "<image>"
-    if tok is not None and image_token_id < len(tok):
-        image_token = tok.convert_ids_to_tokens(image_token_id) or image_token
-    model = VLM(encoder, connector, lm, image_token_id=image_token_id, image_token=image_token)
-    model.tokenizer = tok
-    model.generation = read_generation(path, config, tok)
-    # geometry of the directory's image processor (resize / crop / pad), so for_model preprocesses as its source did
-    model.image_preprocessing = read_preprocessing(image_processor, int(config.vision_config.image_size),
-                                                   str(image_processor_file))
-    return model.eval()
+    return assemble(path, config, encoder, connector, lm, image_token_id=int(config.image_token_id),
+                    tokenizer=tokenizer, image_processor=image_processor, image_processor_file=image_processor_file)
 
 
-def read_generation(path: Path, config: Any, tokenizer: Any) -> dict[str, Any]:
-    """The directory's generation settings: ``generation_config.json``, else the text config's ids, else the
-    tokenizer's (``vlm.generation``); a source's missing keys are filled from the next one."""
-    sources = []
-    if (path / GENERATION_FILE).is_file():
-        try:
-            sources.append(read_settings(json.loads((path / GENERATION_FILE).read_text())))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"from_hf: {str(path / GENERATION_FILE)!r} is not valid JSON ({e})") from e
-    sources += [read_settings(config.text_config), generation_settings(tokenizer)]
-    out: dict[str, Any] = {}
-    for settings in sources:
-        for key, value in settings.items():
-            out.setdefault(key, value)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------- export
 def llava_problems(model: VLM) -> list[str]:
     """Why ``model`` cannot be written as a LLaVA checkpoint (empty when it can)."""
     problems = []
@@ -237,34 +138,7 @@ def llava_problems(model: VLM) -> list[str]:
     act = getattr(conn, "options", {}).get("act")
     if conn.llava_projector_layers is not None and act not in ACT_TO_HF:
         problems.append(f"the connector act={act!r} has no LLaVA equivalent; supported: {sorted(ACT_TO_HF)}")
-    if not isinstance(lm, HFCausalLM):
-        problems.append(f"the LLM is {type(lm).__name__}; LLaVA needs a transformers causal LM (hf_causal_lm)")
-    elif _is_tied(lm.model):
-        from transformers import LlavaForConditionalGeneration
-
-        # transformers' LLaVA ties lm_head to a fixed parameter name of its language model (embed_tokens)
-        for source in LlavaForConditionalGeneration._tied_weights_keys.values():
-            name = source.removeprefix(LM_PREFIX)
-            if name != source and not _has_parameter(lm.model.base_model, name):
-                problems.append(f"the LLM ({lm.text_config.model_type}) ties its output embeddings, and transformers' "
-                                f"LLaVA ties lm_head to language_model.{name}, which this model does not have; "
-                                f"untie the embeddings (tie_word_embeddings=False) or use a Llama-style LLM")
-    return problems
-
-
-def export_generation(model: VLM) -> dict[str, Any]:
-    """The generation settings an export carries: ``model.generation`` (else the tokenizer's), every key present
-    (``None`` where unknown, overriding the LLM config's own ids, which need not match the tokenizer)."""
-    settings = model.generation or generation_settings(model.tokenizer)
-    return {key: settings.get(key) for key in GENERATION_KEYS}
-
-
-def _has_parameter(module: nn.Module, name: str) -> bool:
-    try:
-        module.get_parameter(name)
-    except AttributeError:
-        return False
-    return True
+    return problems + lm_problems(lm, "LLaVA", "LlavaForConditionalGeneration")
 
 
 def llava_config(model: VLM) -> Any:
@@ -275,12 +149,9 @@ def llava_config(model: VLM) -> Any:
     from transformers import LlavaConfig
 
     enc, conn, lm = model.encoder, model.connector, model.llm
-    tied = _is_tied(lm.model)
-    vision_cfg = _arch_config(enc.hf_config)
-    text_cfg = _arch_config(lm.text_config)
-    text_cfg["vocab_size"] = lm.vocab_size
-    text_cfg["tie_word_embeddings"] = tied
-    text_cfg.update(export_generation(model))  # where serving engines read eos / pad / bos
+    tied = is_tied(lm.model)
+    vision_cfg = arch_config(enc.hf_config)
+    text_cfg = text_config_for_export(lm, model)
     return LlavaConfig(
         vision_config=vision_cfg, text_config=text_cfg, image_token_id=model.image_token_id,
         vision_feature_layer=enc.feature_layer, vision_feature_select_strategy=SELECT_TO_LLAVA[enc.drops_first],
@@ -310,23 +181,20 @@ def to_hf(model: VLM, path: str | os.PathLike, *, dtype: str | torch.dtype | Non
     hf = AutoModelForImageTextToText.from_config(config, dtype=torch_dtype)  # public API; LlavaConfig -> Llava model
     assert isinstance(hf, LlavaForConditionalGeneration), type(hf)
     with torch.no_grad():
-        _copy_state(hf.model.vision_tower, enc.model.state_dict(), "to_hf: vision tower")
+        copy_state(hf.model.vision_tower, enc.model.state_dict(), "to_hf: vision tower")
         state = conn.state_dict()
         proj = {f"{theirs}.{k.removeprefix(ours + '.')}": v for ours, theirs in conn.llava_projector_layers.items()
                 for k, v in state.items() if k.startswith(ours + ".")}
-        _copy_state(hf.model.multi_modal_projector, proj, "to_hf: projector")
-        _copy_state(hf.model.language_model, lm.model.base_model.state_dict(), "to_hf: language model")
-        _copy_state(hf.lm_head, lm.model.get_output_embeddings().state_dict(), "to_hf: lm_head")
-    if _is_tied(lm.model) != _is_tied(hf):
-        raise RuntimeError(f"to_hf: embedding tying differs after export (vlm tied={_is_tied(lm.model)}, "
-                           f"LLaVA tied={_is_tied(hf)})")
-    for key, value in export_generation(model).items():  # generation_config.json: what generate() uses
-        setattr(hf.generation_config, key, value)
-    out.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(str(out), safe_serialization=True)
+        copy_state(hf.model.multi_modal_projector, proj, "to_hf: projector")
+        copy_state(hf.model.language_model, lm.model.base_model.state_dict(), "to_hf: language model")
+        copy_state(hf.lm_head, lm.model.get_output_embeddings().state_dict(), "to_hf: lm_head")
+    if is_tied(lm.model) != is_tied(hf):
+        raise RuntimeError(f"to_hf: embedding tying differs after export (vlm tied={is_tied(lm.model)}, "
+                           f"LLaVA tied={is_tied(hf)})")
+    save_hf(hf, model, out)
     del hf
     if processor:
-        save_processor(model, out, strategy=config.vision_feature_select_strategy)
+        save_llava_processor(model, out, strategy=config.vision_feature_select_strategy)
     return out
 
 

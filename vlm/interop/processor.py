@@ -1,9 +1,9 @@
-"""Processor files for an exported LLaVA directory (what ``AutoProcessor`` and serving engines read).
+"""Processor files for an exported directory (LLaVA, BLIP-2: what ``AutoProcessor`` and serving engines read).
 
-Written in the long-standing llava-hf layout, which transformers 4.x and 5.x both load:
+Written in the long-standing hub layout, which transformers 4.x and 5.x both load:
 ``preprocessor_config.json`` (the image processor), tokenizer files, and a flat ``processor_config.json``
-(``processor_class``, ``patch_size``, ``vision_feature_select_strategy``, ``num_additional_image_tokens``,
-``image_token``).
+(``processor_class`` and the processor's options: LLaVA's ``patch_size``, ``vision_feature_select_strategy``,
+``num_additional_image_tokens``, ``image_token``; BLIP-2's ``num_query_tokens``).
 
 The image processor follows the model's record of its preprocessing (``VLM.image_preprocessing``), not the encoder
 family: its PIL backend gives vlm's pixels exactly (transformers' torchvision backend rounds bicubic differently).
@@ -74,11 +74,11 @@ def hf_image_processor(model: Any) -> Any:
 
 
 def processor_problem(tokenizer: Any, image_token: str, image_token_id: int) -> str | None:
-    """Why ``LlavaProcessor`` cannot use this tokenizer (``None`` when it can): it encodes ``image_token`` and
-    takes the first id, so the token must be a single id equal to the model's ``image_token_id``."""
+    """Why ``LlavaProcessor`` / ``Blip2Processor`` cannot use this tokenizer (``None`` when it can): they encode
+    ``image_token`` (the tokenizer's own ``image_token`` attribute when it has one) and take the ids as they come,
+    so the token must be a single id equal to the model's ``image_token_id``."""
     if not hasattr(tokenizer, "encode"):
         return f"the tokenizer ({type(tokenizer).__name__}) has no encode()"
-    # LlavaProcessor prefers the tokenizer's own ``image_token`` attribute when it has one
     token = tokenizer.image_token if hasattr(tokenizer, "image_token") else image_token
     if not isinstance(token, str):
         return f"the tokenizer's image_token attribute is {token!r}, not a string"
@@ -89,10 +89,15 @@ def processor_problem(tokenizer: Any, image_token: str, image_token_id: int) -> 
     return None
 
 
-def save_processor(model: Any, path: Path, *, strategy: str) -> bool:
-    """Write the image processor, the tokenizer (if ``model.tokenizer``) and, when the tokenizer allows it, the
-    ``LlavaProcessor`` config. Returns whether the full processor was written; warns saying why when it was not."""
-    encoder = model.encoder
+def save_processor(model: Any, path: Path, *, processor_class: type, options: dict[str, Any],
+                   image_token: str) -> bool:
+    """Write the image processor, the tokenizer (if ``model.tokenizer``) and, when the tokenizer allows it, a flat
+    ``processor_config.json`` naming ``processor_class`` (e.g. ``LlavaProcessor``, ``Blip2Processor``) with its
+    ``options``. The processor class must find ``image_token`` as the single id ``model.image_token_id`` in the
+    tokenizer; it is constructed once (on a copy of the tokenizer) to validate the combination exactly as
+    ``AutoProcessor`` will on load. Returns whether the full processor was written; warns saying why when not."""
+    import copy
+
     image_processor = hf_image_processor(model)
     image_processor.save_pretrained(str(path))
     tokenizer = model.tokenizer
@@ -102,25 +107,31 @@ def save_processor(model: Any, path: Path, *, strategy: str) -> bool:
                       f"both: attach a tokenizer and export again", stacklevel=3)
         return False
     tokenizer.save_pretrained(str(path))
-    problem = processor_problem(tokenizer, model.image_token, model.image_token_id)
+    problem = processor_problem(tokenizer, image_token, model.image_token_id)
     if problem is not None:
         warnings.warn(f"to_hf: no {PROCESSOR_CONFIG} written to {str(path)!r}: {problem}", stacklevel=3)
         return False
-    from transformers import LlavaProcessor
-
-    # constructing it validates the combination exactly as AutoProcessor will on load
-    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=encoder.patch_size,
-                   vision_feature_select_strategy=strategy, image_token=model.image_token,
-                   num_additional_image_tokens=int(encoder.has_cls))
-    config = {
-        "processor_class": "LlavaProcessor",
-        "image_token": model.image_token,
-        "patch_size": int(encoder.patch_size),
-        "num_additional_image_tokens": int(encoder.has_cls),
-        "vision_feature_select_strategy": strategy,
-    }
+    try:
+        processor_class(image_processor=image_processor, tokenizer=copy.deepcopy(tokenizer), **options)
+    except (TypeError, ValueError, AttributeError) as e:
+        warnings.warn(f"to_hf: no {PROCESSOR_CONFIG} written to {str(path)!r}: transformers' "
+                      f"{processor_class.__name__} rejects this tokenizer / image processor: {e}", stacklevel=3)
+        return False
+    config = {"processor_class": processor_class.__name__, **options}
     (path / PROCESSOR_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return True
+
+
+def save_llava_processor(model: Any, path: Path, *, strategy: str) -> bool:
+    """``save_processor`` for ``LlavaProcessor``: ``image_token``, ``patch_size``, ``num_additional_image_tokens``
+    (1 for a tower with CLS) and ``vision_feature_select_strategy``."""
+    from transformers import LlavaProcessor
+
+    encoder = model.encoder
+    options = {"image_token": model.image_token, "patch_size": int(encoder.patch_size),
+               "num_additional_image_tokens": int(encoder.has_cls), "vision_feature_select_strategy": strategy}
+    return save_processor(model, path, processor_class=LlavaProcessor, options=options,
+                          image_token=model.image_token)
 
 
 def _square(d: Any) -> int | None:

@@ -18,6 +18,9 @@ from vlm.llm.registry import LLMS
 from vlm.pretrained import FILE_KEYS, check_pretrained_dir, enable_gradient_checkpointing
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+# transformers config attributes that change the logits after the output embeddings (Gemma 2's soft-capping,
+# Cohere's scale): when one is set, the LM's own forward computes the logits and the label-only head is off
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale")
 
 
 def check_attn_implementation(name: str) -> None:
@@ -106,6 +109,21 @@ class HFCausalLM(nn.Module):
     def attn_implementation(self) -> str:
         return self.model.config._attn_implementation or "sdpa"
 
+    def decoder_layers(self) -> nn.ModuleList:
+        """The decoder layer stack (``model.layers``, GPT-2's ``transformer.h``, OPT's ``model.decoder.layers``, ...).
+
+        Found generically: the one ``ModuleList`` whose blocks are all of the classes the model states in
+        ``_no_split_modules`` (transformers' "never split this block across devices" list, i.e. its layer classes).
+        Raises ``ValueError`` when the model states none or the stack is ambiguous."""
+        classes = set(getattr(self.model, "_no_split_modules", None) or ())
+        stacks = [(name, m) for name, m in self.model.named_modules()
+                  if isinstance(m, nn.ModuleList) and len(m) and all(type(c).__name__ in classes for c in m)]
+        if len(stacks) != 1:
+            raise ValueError(f"{type(self.model).__name__}: cannot find its decoder layers: expected one ModuleList "
+                             f"of its _no_split_modules classes {sorted(classes)}; found "
+                             f"{[name for name, _ in stacks] or 'none'}")
+        return stacks[0][1]
+
     def resize_token_embeddings(self, n: int) -> None:
         self.model.resize_token_embeddings(n)
 
@@ -113,10 +131,31 @@ class HFCausalLM(nn.Module):
         """``(B, L) -> (B, L, D)``."""
         return self.model.get_input_embeddings()(input_ids)
 
+    @property
+    def supports_label_only_head(self) -> bool:
+        """Whether the logits are ``output_head(hidden_states(...))`` exactly: the model exposes its decoder and
+        output embeddings and applies no transform after them (``LOGIT_TRANSFORMS``)."""
+        cfg = self.text_config
+        return (self.model.get_decoder() is not self.model and self.model.get_output_embeddings() is not None
+                and all(getattr(cfg, key, None) is None for key in LOGIT_TRANSFORMS))
+
+    def hidden_states(self, **kwargs: Any) -> torch.Tensor:
+        """The decoder's last hidden states ``(B, L, D)`` (after its final norm): what the output embeddings turn
+        into logits. ``kwargs``: the LM's forward arguments (``inputs_embeds``, ``attention_mask``, ...)."""
+        return self.model.get_decoder()(**kwargs).last_hidden_state
+
+    @property
+    def output_head(self) -> nn.Module:
+        """The output embeddings: ``(N, D) -> (N, V)`` logits."""
+        return self.model.get_output_embeddings()
+
     @staticmethod
     def inject(embeds: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor,
                image_token_id: int) -> torch.Tensor:
-        """Scatter ``features (M, D)`` into the ``M`` placeholder positions of ``embeds (B, L, D)``, in row-major order."""
+        """Scatter ``features (M, D)`` into the ``M`` placeholder positions of ``embeds (B, L, D)``, in row-major order.
+
+        Writes into ``embeds`` in place (the embedding lookup's output, which its backward does not need), so no
+        second ``(B, L, D)`` copy is made; returns it."""
         mask = input_ids == image_token_id
         n_tokens, n_feats = int(mask.sum()), features.shape[0]
         if n_tokens != n_feats:
@@ -124,7 +163,8 @@ class HFCausalLM(nn.Module):
                              f"(id {image_token_id}) but the images produced {n_feats} feature vectors")
         if n_feats == 0:
             return embeds
-        return embeds.masked_scatter(mask.unsqueeze(-1), features.to(embeds.dtype))
+        embeds[mask] = features.to(embeds.dtype)
+        return embeds
 
     def forward(self, **kwargs: Any) -> Any:
         return self.model(**kwargs)

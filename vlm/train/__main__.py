@@ -9,6 +9,7 @@ Examples::
                                                                # (its saved config; overrides given apply on top)
     python -m vlm.train -m connector=mlp,linear seed=0,1       # sweep -> runs/<recipe>/sweep-*/summary.md
     python -m vlm.train --cfg job                              # print the composed config and exit
+    python -m vlm.train -m connector=mlp,linear --cfg job      # ... every job's config of a sweep
 
 A config mistake is one line on stderr (``error: key=value: ...``, exit status 2), found before anything is built
 or written: every job of a sweep is composed and checked first. ``--debug`` (or ``HYDRA_FULL_ERROR=1``) shows the
@@ -17,6 +18,7 @@ other jobs still run; the sweep then exits with status 1.
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import os
@@ -68,24 +70,46 @@ def job_overrides(overrides: Sequence[str], multirun: bool) -> list[list[str]]:
     return [list(combo) for combo in itertools.product(*axes)]
 
 
+def hydra_flags() -> argparse.ArgumentParser:
+    """A parser for Hydra's documented command-line flags (``python app.py --help`` lists them): what ``precheck``
+    needs to know of a command line before Hydra sees it (Hydra's own parser is not public API)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for flags in (["--help", "-h"], ["--hydra-help"], ["--version"], ["--resolve"], ["--run", "-r"],
+                  ["--multirun", "-m"], ["--shell-completion", "-sc"]):
+        parser.add_argument(*flags, action="store_true")
+    for flags in (["--cfg", "-c"], ["--package", "-p"], ["--config-path", "-cp"], ["--config-name", "-cn"],
+                  ["--config-dir", "-cd"], ["--experimental-rerun"]):
+        parser.add_argument(*flags, default=None)
+    parser.add_argument("--info", "-i", nargs="?", const="all", default=None)
+    parser.add_argument("overrides", nargs="*")
+    return parser
+
+
 def precheck(argv: Sequence[str]) -> None:
     """Compose and check every job of the command line (schema, components, files) before Hydra starts anything."""
-    from hydra._internal.utils import get_args_parser
-
     from vlm.train.config import compose
     from vlm.train.config_check import check_runnable
 
-    args, _ = get_args_parser().parse_known_args(list(argv))
-    if (args.help or args.hydra_help or args.info or args.shell_completion or args.config_path or args.config_name
-            or args.experimental_rerun):
+    args, _ = hydra_flags().parse_known_args(list(argv))
+    if (args.help or args.hydra_help or args.version or args.info or args.shell_completion or args.config_path
+            or args.config_name or args.experimental_rerun):
         return  # Hydra's own modes, or another config source: nothing to run here
     try:
-        for overrides in job_overrides(args.overrides, args.multirun):
+        if args.multirun and args.cfg and args.cfg != "job":
+            raise ConfigError(f"-m with --cfg {args.cfg}: a sweep prints its jobs' configs with --cfg job")
+        jobs = job_overrides(args.overrides, args.multirun)
+        for num, overrides in enumerate(jobs):
             cfg = compose(overrides=overrides, config_dir=args.config_dir)
             if not args.cfg:  # `--cfg job` only prints the config: its files need not exist yet
                 check_runnable(cfg)
+            elif args.multirun:  # Hydra refuses -m with --cfg: print every job's composed config here
+                from omegaconf import OmegaConf
+
+                print(f"# job {num} of {len(jobs)}: {' '.join(overrides)}\n{OmegaConf.to_yaml(cfg)}")
     except ConfigError as e:
         fail(e)
+    if args.multirun and args.cfg:
+        sys.exit(0)
 
 
 def write_overrides(run_dir: Path, overrides: Sequence[str]) -> None:

@@ -159,6 +159,10 @@ def check(cfg: DictConfig | dict[str, Any], overrides: Sequence[str] = ()) -> Di
         if st.packing and st.max_length is None:
             raise ConfigError(f"stage.{name}.packing=true: needs stage.{name}.max_length (the packed row length); "
                               f"got null")
+        if st.cache_features and st.policy.encoder != "frozen":
+            raise ConfigError(f"stage.{name}.cache_features=true stores the encoder's outputs, so it needs a frozen "
+                              f"encoder; got stage.{name}.policy.encoder={st.policy.encoder!r} (set it to frozen or "
+                              f"cache_features=false)")
         check_objective(name, st, out.trainer.strategy)
     for module in MODULES:
         if "name" not in out[module]:

@@ -77,7 +77,32 @@ def unknown_key(setting: str, full_key: str, candidates: Iterable[str]) -> Confi
     parent, _, key = full_key.rpartition(".")
     where = parent or "the top level"
     candidates = sorted(set(candidates) - {key})
-    return ConfigError(f"{setting}: unknown key; expected a key of {where} ({did_you_mean(key, candidates)})")
+    hint = ""
+    if parent and "." not in parent:
+        owners = options_defining(parent, key)
+        if owners:
+            hint = f"; {key!r} is a key of {' / '.join(f'{parent}={o}' for o in owners)}: add that option"
+    return ConfigError(f"{setting}: unknown key; expected a key of {where} ({did_you_mean(key, candidates)}){hint}")
+
+
+def options_defining(group: str, key: str) -> list[str]:
+    """The options of config ``group`` (its YAML files in the recipes folders) that define ``group.key``, e.g.
+    ``data.train`` -> ``['files']``: what a user who sets a key of an option they did not select should add."""
+    from omegaconf import OmegaConf
+
+    from vlm.train.config import recipes_dir, user_recipe_dirs
+
+    found = []
+    for folder in [recipes_dir(), *user_recipe_dirs()]:
+        for path in sorted((folder / group).glob("*.yaml")):
+            try:
+                node = OmegaConf.load(path)
+            except Exception:  # an unreadable option says nothing about this key  # noqa: BLE001
+                continue
+            node = node.get(group) if isinstance(node, DictConfig) and group in node else None
+            if isinstance(node, DictConfig) and key in node.keys() and path.stem not in found:  # `in`: not ???
+                found.append(path.stem)
+    return found
 
 
 # --------------------------------------------------------------------------------------------- Hydra / OmegaConf
@@ -237,12 +262,27 @@ def check_stage_parts(cfg: DictConfig) -> None:
             if st.policy[module] not in POLICIES:
                 raise unknown_choice(f"{pre}.policy.{module}", st.policy[module], "policy", POLICIES.names())
         check_stage_counts(st, pre)
+        check_stage_tiling(st, pre)
         check_stage_policies(cfg, name)
+
+
+def check_stage_tiling(st: Any, pre: str) -> None:
+    """A stage's ``tiling`` (``ImageProcessor``'s: kind, keys, ``1 <= min_tiles <= max_tiles``)."""
+    from vlm.data.images import check_tiling
+    from vlm.registry import plain
+
+    if st.get("tiling") is None:
+        return
+    try:
+        check_tiling(plain(st.tiling))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{pre}.tiling: {e}") from e
 
 
 #: stage keys that count something: (key, smallest valid value, whether null is allowed)
 STAGE_COUNTS = (("max_steps", 1, True), ("global_batch_size", 1, False), ("micro_batch_size", 1, False),
-                ("save_every", 1, True), ("eval_every", 1, True), ("warmup_steps", 0, True))
+                ("save_every", 1, True), ("eval_every", 1, True), ("warmup_steps", 0, True),
+                ("max_tiles_per_sample", 1, True))
 
 
 def check_stage_counts(st: Any, pre: str) -> None:

@@ -1,8 +1,10 @@
 """Generation-based evaluation: greedy ``model.generate`` on an evaluation set, scored by the dataset.
 
 A dataset with an ``evaluate(predictions, samples) -> {metric: value}`` method (``shapes``: VQA exact match per
-subtype, grounding Acc@IoU0.5 and mean IoU, caption F1, ``all``) scores itself; other datasets get exact match against
-the final assistant reply. Processes split the samples and gather the predictions; under FSDP every rank generates
+subtype, grounding Acc@IoU0.5 and mean IoU, caption F1, ``all``) scores itself; any other dataset is scored by
+``vlm.eval.score.score_samples`` (the metric each sample's reference calls for: VQA accuracy, multiple choice,
+grounding, captioning), which also gives each record its ``score`` (and ``iou``). ``python -m vlm.eval`` runs this
+same function. Processes split the samples and gather the predictions; under FSDP every rank generates
 the same number of tokens (no early stop) so the sharded forward passes stay in lockstep.
 
 A prompt the processor drops (``SampleDropped``: longer than ``max_length`` -- generation prompts are never cut --
@@ -19,27 +21,16 @@ import torch
 from torch import nn
 
 from vlm.generation import stop_ids
+from vlm.inference.generate import decode
 from vlm.metrics import count_key, score_keys
 from vlm.objectives import TrainModule
 from vlm.train.distributed import Strategy
 
 
-def exact_match(predictions: Sequence[str], samples: Sequence[Any]) -> dict[str, float]:
-    def norm(t: str) -> str:
-        return " ".join(str(t).lower().strip().rstrip(".").split())
-
-    hits = [norm(p) == norm(s.messages[-1].text()) for p, s in zip(predictions, samples)]
-    return {"exact_match": sum(hits) / max(1, len(hits)), count_key("exact_match"): len(hits)}
-
-
-def decode(tokenizer: Any, rows: torch.Tensor, stops: Sequence[int]) -> list[str]:
-    """New tokens -> text, cut at the first stop/pad token (special tokens before it are kept: box tags may be)."""
-    out = []
-    cut = set(stops) | ({tokenizer.pad_token_id} if tokenizer.pad_token_id is not None else set())
-    for row in rows.tolist():
-        n = next((i for i, t in enumerate(row) if t in cut), len(row))
-        out.append(tokenizer.decode(row[:n], skip_special_tokens=False).strip())
-    return out
+def model_frame(processor: Any) -> tuple[int, int] | None:
+    """The pixel frame ``(S, S)`` a model reads and answers absolute boxes in (its processor's tile size)."""
+    size = getattr(getattr(processor, "image_processor", None), "image_size", None)
+    return (int(size), int(size)) if size else None
 
 
 def _prompt(processor: Any, sample: Any) -> tuple[dict[str, Any] | None, str | None]:
@@ -63,14 +54,16 @@ def _filler(processor: Any) -> dict[str, Any]:
 @torch.no_grad()
 def generate_predictions(model: nn.Module, processor: Any, collator: Any, samples: Sequence[Any], batch_size: int,
                          max_new_tokens: int, device: torch.device, precision: torch.dtype,
-                         lockstep: bool = False) -> tuple[list[str | None], list[str | None]]:
+                         lockstep: bool = False, progress: bool = False) -> tuple[list[str | None], list[str | None]]:
     """``(predictions, dropped)`` per sample: the decoded answer, or ``None`` with the reason in ``dropped`` when the
-    processor dropped the prompt (it is never generated from)."""
+    processor dropped the prompt (it is never generated from). ``progress``: a progress bar over the batches."""
     tokenizer = processor.tokenizer
     stops = stop_ids(tokenizer, processor.template)
     preds: list[str | None] = []
     dropped: list[str | None] = []
-    for i in range(0, len(samples), batch_size):
+    from tqdm.auto import tqdm
+
+    for i in tqdm(range(0, len(samples), batch_size), desc="evaluating", unit="batch", disable=not progress):
         prompts = [_prompt(processor, s) for s in samples[i:i + batch_size]]
         dropped += [why for _, why in prompts]
         items = [item for item, _ in prompts if item is not None]
@@ -94,7 +87,7 @@ def generate_predictions(model: nn.Module, processor: Any, collator: Any, sample
 
 def evaluate(wrapped: nn.Module, strategy: Strategy, processor: Any, samples: Any, *, batch_size: int,
              max_new_tokens: int, precision: torch.dtype, limit: int | None = None,
-             lockstep: bool = False) -> tuple[dict[str, float], list[dict[str, Any]]]:
+             lockstep: bool = False, progress: bool = False) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Metrics (on every rank) and, on rank 0, one record per sample (id, task, prediction, target).
 
     Samples whose prompt the processor drops are not scored; ``metrics["eval_dropped"]`` (present when > 0) counts
@@ -112,7 +105,8 @@ def evaluate(wrapped: nn.Module, strategy: Strategy, processor: Any, samples: An
     with strategy.inference(wrapped) as module:
         model = module.model if isinstance(module, TrainModule) else module  # a stage's: generate with its model
         preds, dropped = generate_predictions(model, processor, collator, [samples[i] for i in mine], batch_size,
-                                              max_new_tokens, strategy.device, precision, lockstep)
+                                              max_new_tokens, strategy.device, precision, lockstep,
+                                              progress=progress and strategy.is_main)
     wrapped.train(was_training)
     gathered = strategy.all_gather_object(list(zip(mine, preds, dropped)))
     by_index: dict[int, tuple[str | None, str | None]] = {}
@@ -124,7 +118,15 @@ def evaluate(wrapped: nn.Module, strategy: Strategy, processor: Any, samples: An
     subset = [samples[i] for i in scored]
     predictions = [by_index[i][0] for i in scored]
     scorer = getattr(samples, "evaluate", None)
-    metrics = dict(scorer(predictions, subset) if scorer else exact_match(predictions, subset)) if scored else {}
+    metrics: dict[str, float] = {}
+    each: list[dict[str, Any]] = []
+    if scored and scorer is not None:
+        metrics = dict(scorer(predictions, subset))
+    elif scored:
+        from vlm.eval.score import score_samples
+
+        metrics, each = score_samples(predictions, subset, json_frame=model_frame(processor))
+    scores = dict(zip(scored, each))
     if len(scored) < len(order):  # only when some were dropped: the usual metrics stay as they were
         metrics["eval_dropped"] = len(order) - len(scored)
     metrics["eval_seconds"] = time.perf_counter() - t0
@@ -132,7 +134,8 @@ def evaluate(wrapped: nn.Module, strategy: Strategy, processor: Any, samples: An
     for i in order:
         s, (p, why) = samples[i], by_index[i]
         records.append({"id": s.id, "task": s.meta.get("task"), "prediction": p,
-                        "target": s.messages[-1].text() if s.messages else None, **({"dropped": why} if why else {})})
+                        "target": s.messages[-1].text() if s.messages else None, **({"dropped": why} if why else {}),
+                        **({k: v for k, v in scores[i].items() if k != "row"} if i in scores else {})})
     return metrics, records
 
 

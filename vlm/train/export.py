@@ -128,13 +128,16 @@ def plain_model(live: nn.Module, merged: dict[str, torch.Tensor], tokenizer: Any
 
 def image_preprocessing(image_processor: Any) -> dict[str, Any] | None:
     """The ``VLM.image_preprocessing`` record of an ``ImageProcessor``'s geometry (``resize_mode``, plus
-    ``pad_color`` under ``pad``); ``None`` for a processor that does not state a ``resize_mode``."""
+    ``pad_color`` under ``pad``, plus ``tiling`` when it tiles); ``None`` for a processor that does not state a
+    ``resize_mode``."""
     mode = getattr(image_processor, "resize_mode", None)
     if mode is None:
         return None
     record: dict[str, Any] = {"resize_mode": mode}
     if mode == "pad":
         record["pad_color"] = [int(c) for c in image_processor.pad_color]
+    if getattr(image_processor, "tiling", None) is not None:
+        record["tiling"] = {k: list(v) if isinstance(v, tuple) else v for k, v in image_processor.tiling.items()}
     return record
 
 

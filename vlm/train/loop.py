@@ -79,6 +79,7 @@ class LoopState:
 
     losses: list[float] = field(default_factory=list)
     last_eval: dict[str, float] = field(default_factory=dict)
+    step_seconds: list[float] = field(default_factory=list)  # this attempt's steps (not checkpointed)
 
 
 @dataclass
@@ -177,7 +178,9 @@ class StageLoop:
         self.stop_if_requested(start_step, state, saved=True)
         ema_tps = None
         for step in range(start_step, self.total_steps):
+            t_data = time.perf_counter()
             micro = [next(it) for _ in range(self.accumulation)]
+            data_s = time.perf_counter() - t_data  # waiting for the loader (logged; vlm.bench dataloader reads it)
             lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
             try:
                 stats = self.step(step, micro)
@@ -191,11 +194,12 @@ class StageLoop:
                         f"trainer.gradient_checkpointing=true also saves memory.") from e
                 raise
             state.losses.append(stats.loss)
+            state.step_seconds.append(stats.seconds)
             tps = stats.tokens / max(stats.seconds, 1e-9)
             ema_tps = tps if ema_tps is None else 0.9 * ema_tps + 0.1 * tps
             row = {"stage": self.name, "step": step + 1, "loss": stats.loss, "grad_norm": stats.grad_norm,
                    "lr": lrs, "tokens_per_s": tps, "samples": stats.samples, "targets": stats.targets,
-                   "step_s": stats.seconds}
+                   "step_s": stats.seconds, "data_s": data_s}
             self.log.log(row, self.global_step_offset + step + 1)
             if bar is not None:
                 bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{ema_tps:,.0f}", refresh=False)

@@ -31,6 +31,8 @@ from vlm.data.errors import DataError
 from vlm.train.config_check import ConfigError
 
 PARTS = ("train", "eval")
+#: record fields kept in ``sample.meta`` for scoring (``vlm.eval.score``)
+REFERENCE_KEYS = ("task", "category", "answers", "answer", "options", "captions", "metric")
 #: samples whose images are measured by ``${vlm.image_size:...}``
 IMAGE_SIZE_SAMPLES = 64
 
@@ -38,7 +40,9 @@ IMAGE_SIZE_SAMPLES = 64
 class _Part(SampleDataset):
     """A ``SampleDataset`` restricted to ``indices`` of its file (errors name the file's own sample index).
 
-    A record's optional ``task`` field is kept in ``sample.meta["task"]``: the evaluation scores each task."""
+    A record's optional reference fields (``REFERENCE_KEYS``: ``task``, ``category``, ``answers``, ``options``,
+    ``captions``, ...) are kept in ``sample.meta``: the evaluation (``vlm.eval.score``) picks each sample's metric
+    and table row from them."""
 
     def __init__(self, source: str, indices: Sequence[int] | None, **options: Any) -> None:
         super().__init__(source, **options)
@@ -51,46 +55,12 @@ class _Part(SampleDataset):
         i = self.indices[index]
         record = self.records[i]
         sample = self.reader.convert(record, index=i)
-        if isinstance(record, Mapping) and record.get("task") is not None:
-            sample.meta.setdefault("task", str(record["task"]))
+        if isinstance(record, Mapping):
+            for key in REFERENCE_KEYS:
+                if record.get(key) is not None:
+                    sample.meta.setdefault(key, str(record[key]) if key in ("task", "category") else record[key])
         return sample
 
-    def evaluate(self, predictions: Sequence[str], samples: Sequence[Any]) -> dict[str, float]:
-        """Scores per task (``meta["task"]``, else ``answer`` / ``grounding``) and ``all`` (their sample mean).
-
-        A reference answer with a Qwen-VL box (``<box>(x1,y1),(x2,y2)</box>``, ``[0, 1000)``) scores Acc@IoU0.5 of
-        the first predicted box (``<task>/iou``: the mean IoU); any other answer scores exact match after
-        normalization (case, punctuation, articles, number words)."""
-        return score_answers(predictions, samples)
-
-
-def score_answers(predictions: Sequence[str], samples: Sequence[Any]) -> dict[str, float]:
-    """See :meth:`_Part.evaluate`."""
-    from vlm.data import boxes
-    from vlm.data.shapes.metrics import normalize_answer
-
-    scores: dict[str, list[float]] = {}
-    ious: dict[str, list[float]] = {}
-    for pred, sample in zip(predictions, samples):
-        target = sample.messages[-1].text()
-        ref = boxes.parse(target, strict=False)
-        task = sample.meta.get("task") or ("grounding" if ref else "answer")
-        if ref:
-            found = boxes.parse(pred or "", strict=False)
-            iou = boxes.iou(found[0][1], ref[0][1]) if found else 0.0  # IoU is the same in [0, 1000) and pixels
-            ious.setdefault(task, []).append(iou)
-            score = float(iou >= 0.5)
-        else:
-            score = float(normalize_answer(pred or "") == normalize_answer(target))
-        scores.setdefault(task, []).append(score)
-    out: dict[str, float] = {}
-    for task in sorted(scores):
-        out[task], out[f"{task}/n"] = sum(scores[task]) / len(scores[task]), len(scores[task])
-        if task in ious:
-            out[f"{task}/iou"] = sum(ious[task]) / len(ious[task])
-    every = [x for v in scores.values() for x in v]
-    out["all"], out["all/n"] = sum(every) / max(1, len(every)), len(every)
-    return out
 
 
 def _existing(path: str | None, key: str, what: str = "file") -> str | None:

@@ -51,7 +51,14 @@ class Full(Policy):
 
 
 def layer_stack(module: nn.Module) -> tuple[str, nn.ModuleList | nn.Sequential]:
-    """The module's main stack of blocks: the longest ``ModuleList``/``Sequential`` (ties: the first found)."""
+    """The module's main stack of blocks: what the component states (an encoder's ``blocks()``, an LLM's
+    ``decoder_layers()``), else the longest ``ModuleList``/``Sequential`` (ties: the first found)."""
+    for stated in ("blocks", "decoder_layers"):
+        layers = getattr(module, stated, None)
+        layers = layers() if callable(layers) else None
+        if layers is not None and len(layers) > 0:
+            name = next((n for n, m in module.named_modules() if m is layers), stated)
+            return name, layers
     best: tuple[str, Any] | None = None
     for name, child in module.named_modules():
         if isinstance(child, (nn.ModuleList, nn.Sequential)) and len(child) > 0:

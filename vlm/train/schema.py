@@ -74,7 +74,12 @@ class StageConfig:
     loss_weighting: str = "token"            # token | sample | square (vlm.loss): how answers of different lengths weigh
     objective: Any = field(default_factory=lambda: {"name": "lm"})  # lm | siglip (vlm.objectives) + its options
     max_length: Optional[int] = 2048
+    # high resolution: ImageProcessor tiling ({kind: dynamic, min_tiles, max_tiles, thumbnail} = InternVL's dynamic
+    # tiles; {kind: anyres, pinpoints} = LLaVA-NeXT) and the tile budget over all images of a sample
+    tiling: Optional[dict[str, Any]] = None
+    max_tiles_per_sample: Optional[int] = None
     packing: bool = False
+    cache_features: bool = False             # frozen encoder: its outputs cached on disk (vlm.encoders.cache)
     eval_every: Optional[int] = None
     save_every: Optional[int] = 500
 
@@ -102,6 +107,7 @@ class TrainerConfig:
     tf32: bool = True
     threads: Optional[int] = None
     num_workers: int = 0
+    feature_cache_dir: str = "cache/features"   # stage.<name>.cache_features: where (shared across runs)
     log_every: int = 10
     progress: bool = True
     keep_last: int = 2

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from safetensors import safe_open
 
 from vlm.data.dataset import BadSamples
+from vlm.encoders.base import as_pair
 from vlm.data.datasets import build_dataset
 from vlm.objectives import Objective, TrainModule, build as build_objective
 from vlm.registry import plain
@@ -33,6 +34,7 @@ from vlm.train.interrupt import kill_point
 from vlm.train.loop import LoopState, StageLoop
 from vlm.train.optim import build_optimizer, build_scheduler
 from vlm.train.policy import apply_policies, trainable_summary
+from vlm.train.resources import PeakMemory, typical_step_seconds
 from vlm.train.rng import derive_seed, isolated
 from vlm.train.schema import StageConfig, TrainerConfig
 
@@ -50,6 +52,14 @@ class StageResult:
     eval: dict[str, float] = field(default_factory=dict)
     skipped: bool = False
     skipped_samples: dict[str, Any] = field(default_factory=dict)  # total, by_reason, examples, num_samples
+    # what the stage cost and what it trained (sweep tables): trainable parameters of the model (the objective's own
+    # excluded), image tokens per image in the LLM's sequence (and the keys a fusion connector's blocks attend to),
+    # the median step time (s) and the peak memory (MiB) of the training loop (vlm.train.resources)
+    trainable_params: int | None = None
+    image_tokens: int | None = None
+    media_tokens: int | None = None
+    step_seconds: float | None = None
+    peak_memory_mb: float | None = None
 
     @property
     def final_loss(self) -> float | None:
@@ -137,11 +147,14 @@ class StageRunner:
                          if self.eval_samples is not None else None,
                          global_step_offset=self.global_step_offset, rng=rng,
                          run_dir=str(self.run_dir))
+        memory = PeakMemory(s.device).start()
         state = loop.run(start, state)
+        peak_mb = memory.mb()
         if start < t.total or resumed_from is None:
             self.save(t, t.total, state)
         result = StageResult(self.name, t.total, state.losses, 0.0, str(self.dir / STAGE_WEIGHTS), resumed_from,
-                             skipped_samples=self.report_bad(t))
+                             skipped_samples=self.report_bad(t), step_seconds=typical_step_seconds(state.step_seconds),
+                             peak_memory_mb=peak_mb, **model_facts(t.model))
         self.export(t)
         if self.is_last and self.eval_samples is not None and self.cfg.eval.enabled:
             result.eval = self.final_eval(t)
@@ -159,6 +172,10 @@ class StageRunner:
         """Model (policies applied, wrapped), optimizer, data, batch plan, scheduler, checkpoint manager."""
         s, st = self.strategy, self.stage
         model = self.build()
+        if st.cache_features:  # (config check: the encoder is frozen)
+            from vlm.encoders.cache import FeatureCache
+
+            model.feature_cache = FeatureCache(self.trainer.feature_cache_dir, model.encoder, rank=s.rank)
         module = TrainModule(model, self.objective(model))
         fp, shapes = fingerprint(module, module.checkpoint_key)  # what a checkpoint must match
         summary = trainable_summary(model)
@@ -175,7 +192,8 @@ class StageRunner:
         from vlm.data.processor import Processor
 
         processor = Processor.for_model(model, self.tokenizer, template=plain(st.template),
-                                        max_length=st.max_length)
+                                        max_length=st.max_length, tiling=plain(st.tiling),
+                                        max_tiles_per_sample=st.max_tiles_per_sample)
         dataset = build_dataset(self.cfg.data[st.data], processor)
         if hasattr(dataset, "config_key"):
             dataset.config_key = f"data.{st.data}"  # named in its errors
@@ -208,6 +226,8 @@ class StageRunner:
         return start, LoopState(losses=list(saved.get("losses", []))), str(latest), t.ckpt.read_rng(latest)
 
     def save(self, t: "Training", step: int, state: LoopState) -> None:
+        if t.model.feature_cache is not None:
+            t.model.feature_cache.flush()
         t.ckpt.save(step, t.wrapped, t.optimizer, t.scheduler,
                     {"stage": self.name, "fingerprint": t.fingerprint, "param_shapes": t.param_shapes,
                      "total_steps": t.total, "epoch": t.plan.epoch_of(step),
@@ -286,6 +306,17 @@ class Training:
     ckpt: CheckpointManager
     fingerprint: str
     param_shapes: dict[str, list[int]]
+
+
+def model_facts(model: torch.nn.Module) -> dict[str, int | None]:
+    """``trainable_params``, ``image_tokens`` (per image of the encoder's size, in the LLM's sequence) and
+    ``media_tokens`` (the keys per image a fusion connector's cross-attention reads; None for token connectors)."""
+    size = as_pair(model.image_size)
+    connector = model.connector
+    media = connector.num_media_tokens(model.encoder.num_tokens(size), model.encoder.grid(size)) \
+        if connector.fuses_by_cross_attention else None
+    return {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "image_tokens": int(model.num_image_tokens()), "media_tokens": media}
 
 
 def skipped_result(name: str, stage_dir: Path) -> StageResult:

@@ -1,5 +1,7 @@
-"""Sweep summaries: one row per job of a ``-m`` (multirun) sweep, written as ``summary.md`` and ``summary.csv`` in
-the sweep directory by a Hydra callback when the sweep ends (or by ``summarize_sweep(dir)`` at any time).
+"""Sweep summaries: one row per job of a ``-m`` (multirun) sweep, written as ``summary.md``, ``summary.csv`` and
+``summary.json`` in the sweep directory by a Hydra callback when the sweep ends (or by ``summarize_sweep(dir)`` at any
+time). An ablation (``-m connector=mlp,xattn``) reads its table there: final losses, accuracy per task, trainable
+parameters per stage, image tokens per image, the last stage's median step time and the peak memory of the run.
 
 A job is ``done`` (its ``result.json``), ``failed`` (its ``error.json``, written by ``python -m vlm.train`` when the
 job raised; the row holds the error) or ``unfinished`` (neither: running, or killed). Both files are always
@@ -16,6 +18,10 @@ from typing import Any
 SUMMARY_METRICS = ("all", "vqa_color", "vqa_shape", "vqa_count", "vqa_position", "grounding", "grounding/iou",
                    "caption", "referring")
 
+
+#: cost columns, after the losses and metrics, in this order (``vlm.train.stage.StageResult``'s fields)
+IMAGE_TOKENS, MEDIA_TOKENS, STEP_MS, PEAK_MIB = "image tokens", "xattn keys", "step ms", "peak MiB"
+COST_COLUMNS = (IMAGE_TOKENS, MEDIA_TOKENS, STEP_MS, PEAK_MIB)
 
 STATUS_DONE, STATUS_FAILED, STATUS_UNFINISHED = "done", "failed", "unfinished"
 MD_ERROR_CHARS = 160   # an error is cut to this many characters in summary.md (the csv holds it whole)
@@ -42,6 +48,7 @@ def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
             for k in SUMMARY_METRICS:
                 if k in ev:
                     row[k] = ev[k]
+            row.update(cost_cells(result.get("stages", [])))
             row["minutes"] = result.get("seconds", 0.0) / 60
         elif (job / "error.json").is_file():
             row["status"] = STATUS_FAILED
@@ -56,6 +63,27 @@ def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def cost_cells(stages: list[dict[str, Any]]) -> dict[str, Any]:
+    """``<stage> trainable`` per stage, image tokens per image (+ the keys per image of a fusion connector), the
+    last trained stage's median step time (ms) and the largest stage peak memory (MiB); keys without a value (runs
+    written before these were recorded, stages skipped on resume) are left out."""
+    out: dict[str, Any] = {}
+    trained = [st for st in stages if not st.get("skipped")]
+    for st in trained:
+        if st.get("trainable_params") is not None:
+            out[f"{st['name']} trainable"] = st["trainable_params"]
+    last = trained[-1] if trained else {}
+    for key, column in (("image_tokens", IMAGE_TOKENS), ("media_tokens", MEDIA_TOKENS)):
+        if last.get(key) is not None:
+            out[column] = last[key]
+    if last.get("step_seconds") is not None:
+        out[STEP_MS] = 1000 * last["step_seconds"]
+    peaks = [st["peak_memory_mb"] for st in trained if st.get("peak_memory_mb") is not None]
+    if peaks:
+        out[PEAK_MIB] = max(peaks)
+    return out
+
+
 def _job_num(name: str) -> int | None:
     """The job number a Hydra sweep subdirectory is named by or starts with (``3``, ``3-connector=mlp`` -> 3); None
     for other folders."""
@@ -65,7 +93,7 @@ def _job_num(name: str) -> int | None:
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
-        return f"{v:.4f}"
+        return f"{v:.4f}" if abs(v) < 100 else f"{v:.0f}"
     return "" if v is None else str(v)
 
 
@@ -75,12 +103,13 @@ def _md_cell(v: Any) -> str:
 
 
 def columns(rows: list[dict[str, Any]]) -> list[str]:
-    """``job``, the overrides, ``status``, losses and metrics (first-seen order), ``minutes``, ``error``, ``dir``."""
+    """``job``, the overrides, ``status``, losses, metrics and trainable parameters (first-seen order), the cost
+    columns (``COST_COLUMNS`` order), ``minutes``, ``error``, ``dir``."""
     seen = list(dict.fromkeys(k for r in rows for k in r))
     tail = ["minutes", "error", "dir"]
     head = [c for c in seen if c != "job" and seen.index(c) < seen.index("status")] if "status" in seen else []
-    middle = [c for c in seen if c not in ("job", "status", *head, *tail)]
-    return [c for c in ["job", *head, "status", *middle, *tail] if c in seen]
+    middle = [c for c in seen if c not in ("job", "status", *head, *COST_COLUMNS, *tail)]
+    return [c for c in ["job", *head, "status", *middle, *COST_COLUMNS, *tail] if c in seen]
 
 
 def to_markdown(rows: list[dict[str, Any]]) -> str:
@@ -104,10 +133,13 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def summarize_sweep(sweep_dir: str | Path) -> Path:
-    """Write ``summary.md`` and ``summary.csv`` into ``sweep_dir``; returns the markdown path."""
+    """Write ``summary.md``, ``summary.csv`` and ``summary.json`` (``{"sweep", "status", "columns", "rows"}``) into
+    ``sweep_dir``; returns the markdown path."""
     sweep_dir = Path(sweep_dir)
     rows = job_rows(sweep_dir)
     (sweep_dir / "summary.csv").write_text(to_csv(rows))
+    (sweep_dir / "summary.json").write_text(json.dumps({"sweep": str(sweep_dir), "status": status_line(rows),
+                                                        "columns": columns(rows), "rows": rows}, indent=1))
     md = sweep_dir / "summary.md"
     md.write_text(f"# Sweep {sweep_dir}\n\n{status_line(rows)}. Job N's run directory is `N/` here; "
                   f"errors in full: summary.csv or `<job>/error.json`.\n\n" + to_markdown(rows))

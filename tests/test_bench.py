@@ -1,0 +1,61 @@
+"""Every ``python -m vlm.bench`` bench runs at tiny sizes (``--quick``) and writes well-formed JSON: the machine, the
+versions, the device, a table of finite positive numbers. No timing is asserted (the machine is shared)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from vlm.bench import BENCHES
+from vlm.bench.__main__ import main
+from vlm.bench.common import table
+from vlm.bench.mfu import counted
+from vlm.bench.models import SIZES
+
+QUICK = ["--quick", "--repeats", "1", "--warmup", "0", "--memory-repeats", "1"]
+# columns that may be 0 or blank by design: waste of a perfect packing, a row that has no such measurement
+MAY_BE_ZERO = {"waste_pct", "wait_pct"}
+
+
+def numbers(rows, columns):
+    for row in rows:
+        for col in columns:
+            value = row.get(col)
+            if isinstance(value, float):
+                yield col, value
+
+
+@pytest.mark.parametrize("name", BENCHES.names())
+def test_bench_quick_writes_its_json(tmp_path, name):
+    out = tmp_path / f"{name}.json"
+    returned = main([name, *QUICK, "--workers", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["bench"] == name and result["rows"] == json.loads(json.dumps(returned["rows"], default=str))
+    for key in ("cpu", "torch", "transformers", "device"):
+        assert result["machine"][key]
+    assert result["machine"]["device"] == "cpu"
+    values = list(numbers(result["rows"], result["columns"]))
+    assert values, result["rows"]
+    for col, v in values:
+        assert math.isfinite(v) and (v >= 0 if col in MAY_BE_ZERO else v > 0), (col, v)
+
+
+def test_train_step_compares_identical_models(tmp_path):
+    result = main(["train_step", *QUICK, "--out", str(tmp_path / "t.json")])
+    assert [r["model"] for r in result["rows"]] == ["transformers", "ours", "ours_full_logits"]
+    assert result["rows"][0]["time_ratio"] == 1.0 and result["rows"][0]["memory_ratio"] == 1.0
+    assert result["first_loss_abs_diff"] <= 1e-5      # same weights, same batch: the same loss
+
+
+def test_mfu_counts_the_head_only_where_labels_are():
+    spec = SIZES["full"]
+    f = counted(spec, rows=8, length=324, labelled=8 * 63, image_tokens=196)
+    assert f["total_all"] - f["total_labels"] == pytest.approx(f["lm_head_all"] - f["lm_head_labels"])
+    # the head over every position: 3 x 2 x tokens x hidden x vocab
+    assert f["lm_head_all"] == pytest.approx(3 * 2 * 8 * 324 * 512 * 32000)
+
+
+def test_table_formats_rows():
+    text = table([{"a": 1.23456, "b": "x"}, {"a": 2.0, "b": "yy"}])
+    assert text.splitlines()[0].split() == ["a", "b"] and "1.235" in text

@@ -1,0 +1,60 @@
+"""Every registered encoder x every registered token connector composes into a VLM and trains one step (the
+registries are the parametrization: a newly registered component joins, and fails until it has a tiny config
+here)."""
+import copy
+
+import pytest
+import torch
+
+import vlm
+from tests.conftest import TINY_TEXT, TINY_VISION, image_batch_ids
+from vlm.connectors import CONNECTORS
+from vlm.encoders import ENCODERS
+
+# a small config per encoder: 32 px images, 32 output channels (the tiny LLM's width, so `identity` composes too),
+# an even patch grid (so `pixel_shuffle_mlp` composes too)
+TINY_ENCODERS = {
+    **TINY_VISION,
+    "siglip2": {**TINY_VISION["siglip"], "name": "siglip2"},
+    "timm": {"name": "timm", "model_name": "resnet10t", "image_size": 32, "feature_layer": 3,
+             "model_kwargs": {"channels": [8, 16, 32, 32], "stem_width": 8}},
+    "open_clip": {"name": "open_clip", "model_config": {"embed_dim": 16, "vision_cfg": {
+        "image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8}}},
+    "blip2": {"name": "blip2", "image_size": 32, "patch_size": 8, "hidden_size": 32, "num_layers": 2, "num_heads": 4,
+              "intermediate_size": 64},
+}
+TINY_CONNECTORS = {"identity": {}, "linear": {}, "mlp": {"depth": 2}, "pixel_shuffle_mlp": {"scale": 0.5},
+                   "qformer": {"num_queries": 4, "hidden_size": 32, "num_layers": 2, "num_heads": 4,
+                               "intermediate_size": 48},
+                   "resampler": {"num_queries": 4, "num_heads": 2},
+                   "perceiver": {"num_latents": 4, "depth": 1, "heads": 2, "head_dim": 8},
+                   }
+# fusion connectors (``fuses_by_cross_attention``) start with closed tanh gates: no gradient reaches the encoder in
+# the first step by design (tests/test_xattn.py trains them); the matrix is over token connectors
+TOKEN_CONNECTORS = [n for n in CONNECTORS.names() if not CONNECTORS.get(n).fuses_by_cross_attention]
+
+
+@pytest.mark.parametrize("connector", TOKEN_CONNECTORS)
+@pytest.mark.parametrize("encoder", ENCODERS.names())
+def test_every_encoder_with_every_connector_trains_one_step(encoder, connector):
+    assert encoder in TINY_ENCODERS, f"add a tiny config for the encoder {encoder!r} to TINY_ENCODERS"
+    assert connector in TINY_CONNECTORS, f"add a tiny config for the connector {connector!r} to TINY_CONNECTORS"
+    torch.manual_seed(0)
+    model = vlm.build({"encoder": copy.deepcopy(TINY_ENCODERS[encoder]),
+                       "connector": {"name": connector, **TINY_CONNECTORS[connector]},
+                       "llm": {"name": "hf_causal_lm", "config": copy.deepcopy(TINY_TEXT["llama"])}})
+    model.train()
+    ids = image_batch_ids(model, [1, 2])
+    pixels = torch.randn(3, 3, 32, 32)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trained]
+    opt = torch.optim.AdamW(trained, lr=1e-3)
+    loss = model(ids, pixels, labels=ids).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    # (modules after the feature layer, e.g. CLIP's post-layernorm, get none)
+    enc_grads = [p.grad for p in model.encoder.parameters() if p.grad is not None]
+    assert any(bool(g.abs().sum() > 0) for g in enc_grads), "no gradient reached the encoder"
+    opt.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, trained))
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.connector.parameters()))

@@ -1,0 +1,69 @@
+"""python -m vlm.eval on your own file: per-task tables, eval.json, report.md, gallery PNGs; bad directories."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import chat_model
+from vlm.eval.__main__ import main
+from vlm.eval.score import score_samples
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("model")
+    chat_model().save_pretrained(out)
+    return out
+
+
+def write_data(folder):
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+    def rec(i, q, a, **extra):
+        return {"messages": [{"role": "user", "content": [{"type": "image", "image": f"{i}.png"},
+                                                          {"type": "text", "text": q}]},
+                             {"role": "assistant", "content": a}], **extra}
+
+    records = [rec(0, "Colour?", "red", task="colour", answers=["red"] * 9 + ["pink"]),
+               rec(1, "Where is the cat?", "<ref>cat</ref><box>(10,10),(500,600)</box>"),
+               rec(2, "Which?", "B", options=["red", "blue"], task="choice"),
+               rec(0, "Describe.", "a red square", captions=["a red square", "red square on grey"], task="caption")]
+    path = folder / "val.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    return path
+
+
+def test_eval_on_a_file_writes_tables_report_and_gallery(model_dir, tmp_path, capsys):
+    data = write_data(tmp_path)
+    out = tmp_path / "out"
+    metrics = main([str(model_dir), "data=files", f"data.eval={data}", "--out", str(out), "--max-new-tokens", "4",
+                    "--batch-size", "3", "--device", "cpu"])
+    assert {"colour", "grounding", "grounding/iou", "choice", "caption", "caption/bleu4", "all"} <= set(metrics)
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["metrics"] == pytest.approx(metrics) and saved["samples"] == 4
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["task"] for r in records] == ["colour", None, "choice", "caption"]
+    # the table is what score_samples gives for the predictions written out
+    from vlm.data.datasets import build_dataset
+
+    samples = build_dataset({"name": "files", "train": str(data), "eval": str(data), "part": "eval"})
+    again, _ = score_samples([r["prediction"] for r in records], [samples[i] for i in range(4)], json_frame=(32, 32))
+    assert {k: v for k, v in metrics.items() if k != "eval_seconds"} == pytest.approx(again)
+    report = (out / "report.md").read_text()
+    assert "| grounding (Acc@IoU0.5) |" in report and "gallery/000.png" in report
+    assert len(list((out / "gallery").glob("*.png"))) == 4
+    assert Image.open(out / "gallery" / "001.png").width == 360
+    assert "| colour |" in capsys.readouterr().out
+
+
+def test_eval_rejects_a_directory_that_is_not_a_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(SystemExit, match="not a model directory"):
+        main([str(tmp_path), "data=shapes"])
+    with pytest.raises(SystemExit, match="not a directory"):
+        main([str(tmp_path / "nope"), "data=shapes"])

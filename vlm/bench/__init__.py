@@ -1,0 +1,19 @@
+"""Benchmarks: ``python -m vlm.bench NAME [--quick] [--out FILE] [--repeats N]`` (docs/performance.md).
+
+Each bench is one module registering a function in ``BENCHES``: ``bench(args) -> dict`` of results; the runner
+adds the machine description, prints the bench's table and writes everything as JSON. Comparisons with transformers
+run both models in the same process on identical weights and batches, interleaved, and report ratios (ours / theirs
+for times and memory, theirs / ours never): on a shared machine absolute times drift, ratios hold.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from vlm.registry import Registry
+
+BENCHES: Registry[Callable[..., dict[str, Any]]] = Registry("bench")
+
+from vlm.bench import (  # noqa: E402,F401  (registration)
+    cached_features, dataloader, generate, mfu, packing, train_step)
+
+__all__ = ["BENCHES"]

@@ -1,0 +1,49 @@
+"""``python -m vlm.bench NAME [--quick] [--out FILE] ...``: run one bench, print its table, write its JSON."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from vlm.bench import BENCHES
+from vlm.bench.common import machine, table, write_json
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vlm.bench", description=__doc__)
+    p.add_argument("name", choices=BENCHES.names(), help="which bench")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (seconds): checks the bench runs, measures little")
+    p.add_argument("--size", default=None, help="model size from vlm.bench.models.SIZES (default: full, or quick)")
+    p.add_argument("--out", default=None, help="JSON file to write (default: bench/<name>.json)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--repeats", type=int, default=5, help="measured rounds (after warm-up)")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
+    p.add_argument("--memory-repeats", type=int, default=2, help="train_step: steps measured for peak memory")
+    p.add_argument("--compile", action="store_true", help="torch.compile our decoder layers")
+    p.add_argument("--cache", default="dynamic", choices=["dynamic", "static"], help="generate: KV cache kind")
+    p.add_argument("--workers", type=int, default=2, help="dataloader: worker processes")
+    p.add_argument("--samples", type=int, default=None, help="packing/dataloader: samples (default per bench)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0 or args.memory_repeats < 1:
+        raise SystemExit("--repeats and --memory-repeats must be >= 1, --warmup >= 0")
+    t0, where = time.time(), machine(torch.device(args.device))   # before a bench changes the thread count
+    result = BENCHES.get(args.name)(args)
+    result = {"bench": args.name, "machine": where, **result, "wall_s": time.time() - t0}
+    print(f"== vlm.bench {args.name} on {result['machine']['cpu']} ({result['machine']['device']}, "
+          f"{result['machine']['torch_threads']} threads)")
+    print(table(result["rows"], result.get("columns")))
+    out = write_json(args.out or Path("bench") / f"{args.name}.json", result)
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,129 @@
+"""Chat with a ``VLM``: a turn's images and text + a history of messages -> a reply and the new history.
+
+The history is a plain list of OpenAI/transformers-style messages, which can be stored, edited and fed back::
+
+    [{"role": "user", "content": [{"type": "image", "image": "cat.png"}, {"type": "text", "text": "What is it?"}]},
+     {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}]
+
+An image entry holds a path, a ``PIL.Image`` or an array. Prompts are built by the training ``Processor`` (same
+template, tokenization, image preprocessing and box rewriting as training and evaluation) with
+``add_generation_prompt=True``, so a model answers in chat exactly as it was evaluated.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from vlm.inference.generate import Reply, check_context, generate_replies, stream_reply
+
+Message = dict[str, Any]
+Images = Any  # None | one source | a list of sources (path, PIL image, (H, W, 3) uint8 array)
+
+
+def processor_for(model: Any, template: Any = None, **options: Any) -> Any:
+    """The ``Processor`` chat uses for ``model``: ``template`` (default ``auto``: the directory's own chat template,
+    which ``VLM.set_template`` wrote as the Jinja equivalent of the trained template; ``chatml`` when it has none),
+    the model's recorded image preprocessing, prompts longer than ``max_length`` refused with an error."""
+    from vlm.data.processor import Processor
+
+    if model.tokenizer is None:
+        raise ValueError("chat needs model.tokenizer (load the model from a directory that holds tokenizer files)")
+    options.setdefault("truncation", "error")
+    return Processor.for_model(model, model.tokenizer, template=template or "auto", **options)
+
+
+def _image_part(src: Any) -> dict[str, Any]:
+    if isinstance(src, np.ndarray):
+        if src.ndim not in (2, 3):
+            raise ValueError(f"an image array must be (H, W) or (H, W, C); got shape {src.shape}")
+        src = Image.fromarray(src if src.dtype == np.uint8 else np.clip(src, 0, 255).astype(np.uint8))
+    elif isinstance(src, os.PathLike):
+        src = os.fspath(src)
+    return {"type": "image", "image": src}
+
+
+def user_turn(images: Images, text: str) -> Message:
+    """A user message: the images first (in order), then the text. Raises ``ValueError`` for an empty prompt."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("empty prompt: give the question as text (an image alone is not a question)")
+    srcs = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
+    return {"role": "user", "content": [_image_part(s) for s in srcs] + [{"type": "text", "text": text}]}
+
+
+def assistant_turn(text: str) -> Message:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+def to_sample(messages: Sequence[Message], sample_id: Any = "chat") -> Any:
+    """Messages -> a validated ``Sample`` (the ``messages`` reader: image files are checked to exist)."""
+    from vlm.data.readers.messages import MessagesReader
+
+    return MessagesReader(check_files=True).convert({"messages": list(messages), "id": sample_id})
+
+
+def prompt_item(processor: Any, history: Sequence[Message] | None, images: Images, text: str,
+                sample_id: Any = "chat") -> tuple[dict[str, Any], list[Message]]:
+    """``(processed generation prompt, history + the new user turn)``. Raises ``ValueError`` (a ``DataError`` names
+    the image file for an image that cannot be opened) on bad input."""
+    messages = [*(history or []), user_turn(images, text)]
+    return processor(to_sample(messages, sample_id), add_generation_prompt=True), messages
+
+
+def chat(model: Any, images: Images, text: str, history: Sequence[Message] | None = None, *, template: Any = None,
+         stop: Sequence[str] = (), processor: Any = None, **generate_kwargs: Any) -> tuple[str, list[Message]]:
+    """``(reply, history)``: answer ``text`` about ``images`` (``None`` for a text-only turn) after ``history``.
+
+    ``generate_kwargs``: see :func:`vlm.inference.generate.generate_replies` (greedy by default; ``max_new_tokens``,
+    ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``, ...). The returned history is a new list (the
+    given one is not modified) ending with this turn and the reply."""
+    return chat_batch(model, [images], [text], [history], template=template, stop=stop, processor=processor,
+                      **generate_kwargs)[0]
+
+
+def chat_batch(model: Any, images: Sequence[Images], texts: Sequence[str],
+               histories: Sequence[Sequence[Message] | None] | None = None, *, template: Any = None,
+               stop: Sequence[str] = (), processor: Any = None, **generate_kwargs: Any
+               ) -> list[tuple[str, list[Message]]]:
+    """:func:`chat` for many conversations at once (one left-padded generate call); each row stops on its own."""
+    histories = list(histories) if histories is not None else [None] * len(texts)
+    if not len(images) == len(texts) == len(histories):
+        raise ValueError(f"chat_batch: {len(images)} image entries, {len(texts)} texts and {len(histories)} histories; "
+                         f"expected one of each per conversation")
+    processor = processor or processor_for(model, template)
+    prompts = [prompt_item(processor, h, im, t, sample_id=i)
+               for i, (im, t, h) in enumerate(zip(images, texts, histories))]
+    replies: list[Reply] = generate_replies(model, [p for p, _ in prompts], processor.tokenizer, stop=stop,
+                                            **generate_kwargs)
+    return [(r.text, [*msgs, assistant_turn(r.text)]) for r, (_, msgs) in zip(replies, prompts)]
+
+
+class ChatStream:
+    """Iterate to get the reply's text pieces as they are generated; afterwards ``reply`` and ``history`` hold the
+    whole reply and the updated history (as :func:`chat` returns them)."""
+
+    def __init__(self, pieces: Iterator[str], messages: list[Message]) -> None:
+        self._pieces, self._messages = pieces, messages
+        self.reply: str | None = None
+        self.history: list[Message] | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        parts = []
+        for piece in self._pieces:
+            parts.append(piece)
+            yield piece
+        self.reply = "".join(parts)
+        self.history = [*self._messages, assistant_turn(self.reply)]
+
+
+def chat_stream(model: Any, images: Images, text: str, history: Sequence[Message] | None = None, *,
+                template: Any = None, stop: Sequence[str] = (), processor: Any = None,
+                **generate_kwargs: Any) -> ChatStream:
+    """:func:`chat`, streamed. Bad input (empty prompt, unopenable image, too long) raises here, before iterating."""
+    processor = processor or processor_for(model, template)
+    item, messages = prompt_item(processor, history, images, text)
+    check_context(model, [int(item["input_ids"].numel())], int(generate_kwargs.get("max_new_tokens", 128)))
+    return ChatStream(stream_reply(model, item, processor.tokenizer, stop=stop, **generate_kwargs), messages)

@@ -1,0 +1,57 @@
+"""Open whatever directory a user points ``vlm.chat`` / ``vlm.eval`` at: a ``vlm.load`` directory, a training run
+directory (its ``final/``; the run's config gives the chat template and evaluation data) or a transformers
+directory of a supported family (LLaVA, ...), imported on the fly with ``vlm.interop.from_hf``."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Opened:
+    """``model`` (eval mode), the chat ``template`` to use (the run's last stage's, else ``None``: ``auto``), the
+    run's config (``None`` for a model directory) and the directory the weights came from."""
+
+    model: Any
+    template: Any
+    run_config: Any
+    directory: Path
+
+
+def open_model(path: str | os.PathLike, *, device: str | None = None) -> Opened:
+    """Open ``path``. Raises ``FileNotFoundError`` / ``ValueError`` saying what was found and what was expected."""
+    import vlm
+    from vlm.pretrained import CONFIG_FILE
+
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{str(root)!r} is not a directory; expected a model directory (vlm.load or "
+                                f"transformers) or a training run directory")
+    run_cfg, template, weights = None, None, root
+    if (root / "config.yaml").is_file() and (root / "final").is_dir():
+        from omegaconf import OmegaConf
+
+        run_cfg = OmegaConf.load(root / "config.yaml")
+        weights = root / "final"
+        template = run_cfg.stage[run_cfg.stages[-1]].template
+        template = OmegaConf.to_container(template) if not isinstance(template, str) else template
+    cfg_file = weights / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{str(root)!r} is not a model directory: no {CONFIG_FILE} (expected a vlm.load "
+                                f"directory, a run directory with final/, or a transformers directory)")
+    try:
+        fmt = json.loads(cfg_file.read_text()).get("format")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{str(cfg_file)!r} is not valid JSON: {e}") from e
+    if fmt == "vlm":
+        model = vlm.load(weights, device=device)
+    else:
+        from vlm.interop import from_hf
+
+        model = from_hf(weights)
+        if device:
+            model.to(device)
+    return Opened(model.eval(), template, run_cfg, weights)

@@ -1,0 +1,220 @@
+"""Helpers every transformers format module shares (``vlm.interop.llava``, ``vlm.interop.blip2``, ...): config dicts,
+strict weight copies, embedding tying, loading a local transformers directory strictly, its tokenizer and generation
+settings, and the generation settings an export carries."""
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlm.generation import GENERATION_KEYS, generation_settings, read_settings
+from vlm.hf_config import unknown_config_keys
+from vlm.pretrained import FILE_KEYS
+
+GENERATION_FILE = "generation_config.json"
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+LM_PREFIX = "model.language_model."
+
+
+def arch_config(config: Any) -> dict[str, Any]:
+    """A transformers (sub)config as a plain dict without file bookkeeping keys."""
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return {k: v for k, v in d.items() if k not in FILE_KEYS}
+
+
+def copy_state(dst: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """``dst.load_state_dict(state)`` strictly; a mismatch names the component and the offending keys."""
+    own = dst.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(state))
+              if state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{what}: weights do not match the architecture: missing {missing[:8]}, unexpected "
+                         f"{unexpected[:8]}, shape mismatches {shapes[:8]}")
+    dst.load_state_dict(state, strict=True)
+
+
+def is_tied(model: nn.Module) -> bool:
+    """Whether the output embeddings share storage with the input embeddings."""
+    out = model.get_output_embeddings()
+    return out is not None and out.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def has_parameter(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_parameter(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def load_strict(hf_class: type, path: Path, dtype: torch.dtype, ignore_missing: Iterable[str] = ()) -> nn.Module:
+    """``hf_class.from_pretrained`` (local files, ``weights_only``) in eval mode, strict: any missing or
+    shape-mismatched weight is a ``ValueError`` naming the directory, except missing keys under the prefixes
+    ``ignore_missing`` (modules the format never runs); unexpected weights only warn."""
+    ignore = tuple(ignore_missing)
+    hf, info = hf_class.from_pretrained(str(path), dtype=dtype, local_files_only=True, weights_only=True,
+                                        output_loading_info=True)
+    missing = sorted(k for k in info.get("missing_keys", []) if not (ignore and k.startswith(ignore)))
+    mismatched = info.get("mismatched_keys", [])
+    if missing or mismatched:
+        raise ValueError(f"from_hf: the weights in {str(path)!r} do not match its config.json: missing "
+                         f"{missing[:8]}, shape-mismatched {list(mismatched)[:8]}")
+    if info.get("unexpected_keys"):
+        warnings.warn(f"from_hf: ignoring unexpected weights in {str(path)!r}: "
+                      f"{sorted(info['unexpected_keys'])[:8]}", stacklevel=3)
+    return hf.eval()
+
+
+def tying_problems(lm: Any, hf_class: Any, family: str) -> list[str]:
+    """Why a tied LLM cannot be written as ``hf_class``: its ``lm_head`` is tied to a fixed parameter name of the
+    language model (``embed_tokens``) that the LLM may not have."""
+    problems = []
+    if is_tied(lm.model):
+        for source in hf_class._tied_weights_keys.values():
+            name = source.removeprefix(LM_PREFIX)
+            if name != source and not has_parameter(lm.model.base_model, name):
+                problems.append(f"the LLM ({lm.text_config.model_type}) ties its output embeddings, and transformers' "
+                                f"{family} ties lm_head to language_model.{name}, which this model does not have; "
+                                f"untie the embeddings (tie_word_embeddings=False) or use a Llama-style LLM")
+    return problems
+
+
+def lm_problems(lm: Any, family: str, hf_class_name: str) -> list[str]:
+    """Why the LLM cannot be the language model of transformers' ``hf_class_name`` (``family`` names it in the
+    messages): it must be a transformers causal LM (``hf_causal_lm``) whose tying the class can express."""
+    from vlm.llm.hf_causal_lm import HFCausalLM
+
+    if not isinstance(lm, HFCausalLM):
+        return [f"the LLM is {type(lm).__name__}; {family} needs a transformers causal LM (hf_causal_lm)"]
+    import transformers
+
+    return tying_problems(lm, getattr(transformers, hf_class_name), family)
+
+
+def load_tokenizer(path: Path, wanted: bool = True) -> Any:
+    """The directory's tokenizer (``AutoTokenizer``, local files only), or ``None`` when not ``wanted`` or absent."""
+    if not wanted or not any((path / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def token_string(tokenizer: Any, token_id: int, default: str = "<image>") -> str:
+    """The tokenizer's string for ``token_id`` (``default`` without a tokenizer or for an id past its end)."""
+    if tokenizer is not None and token_id < len(tokenizer):
+        return tokenizer.convert_ids_to_tokens(token_id) or default
+    return default
+
+
+def read_generation(path: Path, config: Any, tokenizer: Any) -> dict[str, Any]:
+    """The directory's generation settings: ``generation_config.json``, else the text config's ids, else the
+    tokenizer's (``vlm.generation``); a source's missing keys are filled from the next one."""
+    sources = []
+    if (path / GENERATION_FILE).is_file():
+        try:
+            sources.append(read_settings(json.loads((path / GENERATION_FILE).read_text())))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"from_hf: {str(path / GENERATION_FILE)!r} is not valid JSON ({e})") from e
+    sources += [read_settings(config.text_config), generation_settings(tokenizer)]
+    out: dict[str, Any] = {}
+    for settings in sources:
+        for key, value in settings.items():
+            out.setdefault(key, value)
+    return out
+
+
+def export_generation(model: Any) -> dict[str, Any]:
+    """The generation settings an export carries: ``model.generation`` (else the tokenizer's), every key present
+    (``None`` where unknown, overriding the LLM config's own ids, which need not match the tokenizer)."""
+    settings = model.generation or generation_settings(model.tokenizer)
+    return {key: settings.get(key) for key in GENERATION_KEYS}
+
+
+def text_config_for_export(lm: Any, model: Any) -> dict[str, Any]:
+    """The LLM's config as an exported ``text_config``: its grown ``vocab_size``, the actual embedding tying and the
+    generation ids (where serving engines read eos / pad / bos)."""
+    text_cfg = arch_config(lm.text_config)
+    text_cfg["vocab_size"] = lm.vocab_size
+    text_cfg["tie_word_embeddings"] = is_tied(lm.model)
+    text_cfg.update(export_generation(model))
+    return text_cfg
+
+
+def save_hf(hf: nn.Module, model: Any, out: Path) -> None:
+    """Set ``hf``'s generation config from ``model`` (what ``generate()`` uses) and ``save_pretrained`` it to
+    ``out`` (safetensors)."""
+    for key, value in export_generation(model).items():
+        setattr(hf.generation_config, key, value)
+    out.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(str(out), safe_serialization=True)
+
+
+# ------------------------------------------------------------------------------------------------ import steps
+def import_encoder(path: Path, config_class: type, enc_cfg: dict[str, Any]) -> tuple[Any, dict[str, Any] | None, Path]:
+    """Build the encoder ``enc_cfg`` describes (its ``config`` a dict of ``config_class``), with the image mean/std
+    of the directory's image-processor config when it has one. Returns ``(encoder, image-processor config or None,
+    its file)``. The directory's config.json is trusted: keys a newer transformers dropped do not stop the import
+    (the encoder then exports ``strict_config=False``, so ``vlm.load`` of the result accepts them too)."""
+    from vlm import encoders
+    from vlm.pretrained import normalization, read_image_processor_config
+
+    enc_cfg = dict(enc_cfg)
+    image_processor, image_processor_file = read_image_processor_config(path) or (None, path)
+    norm = normalization(image_processor)
+    if norm is not None:
+        enc_cfg["image_mean"], enc_cfg["image_std"] = norm
+    if unknown_config_keys(config_class, enc_cfg["config"]):
+        enc_cfg["strict_config"] = False
+    return encoders.build(enc_cfg), image_processor, image_processor_file
+
+
+def import_llm(text_config: Any, tied: bool, attn_implementation: str, dtype: torch.dtype) -> Any:
+    """An ``hf_causal_lm`` with the architecture of ``text_config``, its embeddings tied as the loaded model's are
+    (``tied``: what transformers actually did, whatever the flags say)."""
+    from vlm import llm as llms
+
+    text_cfg = arch_config(text_config)
+    text_cfg["tie_word_embeddings"] = tied
+    lm_cfg: dict[str, Any] = {"name": "hf_causal_lm", "config": text_cfg, "attn_implementation": attn_implementation,
+                              "dtype": dtype_name(dtype)}
+    if unknown_config_keys(type(text_config), text_cfg):
+        lm_cfg["strict_config"] = False
+    return llms.build(lm_cfg)
+
+
+def assemble(path: Path, config: Any, encoder: Any, connector: Any, lm: Any, *, image_token_id: int,
+             tokenizer: bool, image_processor: dict[str, Any] | None, image_processor_file: Path) -> Any:
+    """The imported ``vlm.VLM`` (eval mode) with the directory's tokenizer (``tokenizer=False``: none), generation
+    settings and image geometry (resize / crop / pad, so ``Processor.for_model`` preprocesses as its source did)."""
+    from vlm.interop.processor import read_preprocessing
+    from vlm.model import VLM
+
+    tok = load_tokenizer(path, tokenizer)
+    model = VLM(encoder, connector, lm, image_token_id=image_token_id, image_token=token_string(tok, image_token_id))
+    model.tokenizer = tok
+    model.generation = read_generation(path, config, tok)
+    model.image_preprocessing = read_preprocessing(image_processor, int(config.vision_config.image_size),
+                                                   str(image_processor_file))
+    return model.eval()
+
+
+def copy_language_model(lm: Any, hf: nn.Module, to_hf: bool) -> None:
+    """Copy the LLM's weights into (``to_hf``) or out of a transformers ``*ForConditionalGeneration`` ``hf`` whose
+    language model is ``hf.model.language_model`` and output layer ``hf.lm_head``."""
+    pairs = ((lm.model.base_model, hf.model.language_model, "language model"),
+             (lm.model.get_output_embeddings(), hf.lm_head, "lm_head"))
+    for ours, theirs, what in pairs:
+        src, dst = (ours, theirs) if to_hf else (theirs, ours)
+        copy_state(dst, src.state_dict(), f"{'to_hf' if to_hf else 'from_hf'}: {what}")
