@@ -27,16 +27,22 @@ def micro_model(overrides=()):
     return cfg, build_model(cfg, build_tokenizer(cfg, ["plain", "chatml"]))
 
 
-def test_siglip_loss_matches_the_papers_formula():
+def siglip_case(name: str, b: int, L: int):
+    """A micro model, objective ``name`` (dim 16, scale 7, bias -3) and a batch of ``b`` samples with ragged
+    targets (some tokens repeated)."""
     _, model = micro_model()
-    head = build_objective({"name": "siglip", "dim": 16, "scale": 7.0, "bias": -3.0}, model=model)
+    head = build_objective({"name": name, "dim": 16, "scale": 7.0, "bias": -3.0}, model=model)
     torch.manual_seed(0)
-    b, L = 5, 9
     ids = torch.randint(0, 200, (b, L))
     labels = torch.full((b, L), -100)
-    for i in range(b):  # ragged targets, some repeated tokens
+    for i in range(b):
         labels[i, 2:3 + i] = ids[i, 2:3 + i]
-    pixels = torch.randn(b, 3, 32, 32)
+    return model, head, ids, labels, torch.randn(b, 3, 32, 32)
+
+
+def test_siglip_loss_matches_the_papers_formula():
+    model, head, ids, labels, pixels = siglip_case("siglip", b=5, L=9)
+    b = len(ids)
     out = head(model, {"input_ids": ids, "pixel_values": pixels, "labels": labels})
     # the formula, written out per pair: -1/|B| sum_i sum_j log sigmoid(z_ij (t x_i . y_j + b))
     feats = model.encoder(pixels).mean(1)
@@ -58,6 +64,31 @@ def test_siglip_loss_matches_the_papers_formula():
     assert all(p.grad is None for p in model.llm.parameters())  # the LLM takes no part
 
 
+def test_siglip_tokens_scores_each_text_token_by_its_best_image_token():
+    model, head, ids, labels, pixels = siglip_case("siglip_tokens", b=4, L=8)
+    b = len(ids)
+    out = head(model, {"input_ids": ids, "pixel_values": pixels, "labels": labels})
+    # written out per pair: s_ij = mean over text j's tokens of the max over image i's tokens of the cosine
+    feats = model.encoder(pixels)                                        # (b, T, C)
+    x = torch.nn.functional.normalize(head.image_proj(feats), dim=-1)
+    total = 0.0
+    for i in range(b):
+        for j in range(b):
+            toks = labels[j][labels[j] != -100]
+            y = torch.nn.functional.normalize(head.text_embed(toks), dim=-1)     # (L_j, dim)
+            s = sum(max(float(x[i, t] @ y[k]) for t in range(x.shape[1])) for k in range(len(toks))) / len(toks)
+            z = 1.0 if i == j else -1.0
+            total += -math.log(1 / (1 + math.exp(-z * (7.0 * s - 3.0))))
+    assert out.loss.item() == pytest.approx(total / b, abs=1e-5)
+    assert out.logits.shape == (b, b)
+    out.loss.backward()
+    assert model.encoder.model.embeddings.patch_embedding.weight.grad is not None
+    assert all(p.grad is None for p in model.llm.parameters())
+    labels[2] = -100
+    with pytest.raises(ValueError, match=r"sample\(s\) \[2\].*no target text"):
+        head(model, {"input_ids": ids, "pixel_values": pixels, "labels": labels})
+
+
 def test_siglip_rejects_samples_without_text_or_with_several_images():
     _, model = micro_model()
     head = build_objective({"name": "siglip"}, model=model)
@@ -72,8 +103,9 @@ def test_siglip_rejects_samples_without_text_or_with_several_images():
         head(model, {"input_ids": ids, "labels": ids})
 
 
-def test_align_stage_trains_the_encoder_only_and_exports_no_head(tmp_path):
-    res = run(compose("micro", ALIGN + [f"output_dir={tmp_path}"]))
+@pytest.mark.parametrize("objective", ["siglip", "siglip_tokens"])
+def test_align_stage_trains_the_encoder_only_and_exports_no_head(objective, tmp_path):
+    res = run(compose("micro", ALIGN + [f"stage.align.objective.name={objective}", f"output_dir={tmp_path}"]))
     assert [s.name for s in res.stages] == ["align", "sft"]
     assert all(math.isfinite(x) for x in res.losses["align"]) and len(res.losses["align"]) == 4
     delta = load_file(str(tmp_path / "align" / "weights.safetensors"))

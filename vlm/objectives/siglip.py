@@ -69,6 +69,11 @@ class SigLIP(Objective):
         emb = self.text_embed(labels.clamp(min=0)) * mask[..., None]
         return F.normalize(emb.sum(1) / mask.sum(1, keepdim=True), dim=-1)
 
+    def similarity(self, model: nn.Module, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``(B_images, B_texts)`` cosine similarity of each image with each text (``pixel_values (B, 3, H, W)``,
+        ``labels (B, L)``): here of the mean-pooled image and the mean token embedding."""
+        return self.embed_images(model, pixel_values) @ self.embed_texts(labels).T
+
     def forward(self, model: nn.Module, batch: dict[str, Any], weight: float | None = None,
                 total: float | None = None) -> ObjectiveOutput:
         """``batch``: ``input_ids``/``labels (B, L)``, ``pixel_values (B, 3, H, W)``: one image per sample.
@@ -79,8 +84,7 @@ class SigLIP(Objective):
         if pixel_values.ndim != 4 or pixel_values.shape[0] != input_ids.shape[0]:
             raise ValueError(f"objective 'siglip' needs exactly one image per sample: got pixel_values of shape "
                              f"{tuple(pixel_values.shape)} for {input_ids.shape[0]} samples")
-        zi, zt = self.embed_images(model, pixel_values), self.embed_texts(labels)
-        logits = zi @ zt.T * self.log_scale.exp() + self.bias
+        logits = self.similarity(model, pixel_values, labels) * self.log_scale.exp() + self.bias
         sign = 2 * torch.eye(len(logits), device=logits.device, dtype=logits.dtype) - 1
         loss = -F.logsigmoid(sign * logits).sum() / len(logits)
         return ObjectiveOutput(loss=self.share(loss, weight, total), logits=logits)
