@@ -28,16 +28,11 @@ def arch_config(config: Any) -> dict[str, Any]:
 
 
 def copy_state(dst: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """``dst.load_state_dict(state)`` strictly; a mismatch names the component and the offending keys."""
-    own = dst.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(state))
-              if state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{what}: weights do not match the architecture: missing {missing[:8]}, unexpected "
-                         f"{unexpected[:8]}, shape mismatches {shapes[:8]}")
-    dst.load_state_dict(state, strict=True)
+    """``dst.load_state_dict(state)`` strictly; a mismatch names the component and the offending keys
+    (``vlm.pretrained.load_strict``)."""
+    from vlm.pretrained import load_strict as load_state_strict
+
+    load_state_strict(dst, state, what)
 
 
 def is_tied(model: nn.Module) -> bool:

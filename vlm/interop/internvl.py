@@ -18,7 +18,6 @@ The original OpenGVLab checkpoints name the same tensors ``vision_model.*`` (fus
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from vlm.interop.common import (
     export_generation,
     is_tied,
     lm_problems,
+    load_strict,
     read_generation,
     load_tokenizer,
     text_config_for_export,
@@ -65,19 +65,10 @@ def read_internvl_config(path: Path, who: str = "from_hf") -> dict[str, Any]:
 
 def _load(path: Path, dtype: torch.dtype) -> nn.Module:
     """``InternVLForConditionalGeneration.from_pretrained`` (local files, ``weights_only``); any missing or
-    shape-mismatched weight is an error naming the keys."""
+    shape-mismatched weight is an error naming the keys (``common.load_strict``)."""
     from transformers import InternVLForConditionalGeneration
 
-    hf, info = InternVLForConditionalGeneration.from_pretrained(
-        str(path), dtype=dtype, local_files_only=True, weights_only=True, output_loading_info=True)
-    missing, mismatched = sorted(info.get("missing_keys", [])), list(info.get("mismatched_keys", []))
-    if missing or mismatched:
-        raise ValueError(f"from_hf: the weights in {str(path)!r} do not match its config.json: missing keys "
-                         f"{missing}, shape-mismatched {mismatched}")
-    if info.get("unexpected_keys"):
-        warnings.warn(f"from_hf: ignoring unexpected weights in {str(path)!r}: "
-                      f"{sorted(info['unexpected_keys'])}", stacklevel=3)
-    return hf.eval()
+    return load_strict(InternVLForConditionalGeneration, path, dtype)
 
 
 def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, tokenizer: bool = True,
