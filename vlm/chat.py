@@ -101,6 +101,9 @@ class Session:
             self.print(f"note: {w.message}")
         self.history = stream.history
         self.pending = []
+        if not stream.reply.strip():
+            self.print("note: the reply is empty (the model ended its turn at once, as an untrained model often "
+                       "does); sampling (--temperature 1.0) shows what it would say")
         self.annotate(stream.reply)
         return stream.reply
 
@@ -168,6 +171,9 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None) -> int:
             print(f"vlm.chat: {e}", file=sys.stderr)
             return 2
         print(reply)
+        if not reply.strip():
+            print("vlm.chat: note: the reply is empty (the model ended its turn at once, as an untrained model "
+                  "often does); sampling (--temperature 1.0) shows what it would say", file=sys.stderr)
         return 0
     session = Session(opened.model, processor, Path(a.out_dir), stop=a.stop, **options)
     for path in a.image:

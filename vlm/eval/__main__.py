@@ -42,7 +42,8 @@ def data_spec(opened: Any, overrides: Sequence[str], image_size: int) -> tuple[d
         raise SystemExit(f"vlm.eval: the data option names no evaluation set (eval.data={name!r}; data keys "
                          f"{sorted(cfg.data)})")
     spec = to_dict(OmegaConf.to_container(cfg.data[name], resolve=True))
-    return spec, str(option or name)
+    # the folder is named for the data (the option, else the run's dataset), not for the config key it sits under
+    return spec, str(option or spec.get("name") or name)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
