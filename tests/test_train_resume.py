@@ -29,9 +29,15 @@ ARGS = ["recipe=micro", "stage.pretrain.policy.llm=lora", "stage.sft.policy.llm=
         "trainer.threads=1"]
 
 
+def default_sigint() -> None:
+    """In the child: SIGINT's default action (a shell's background job starts with SIGINT ignored, which the child
+    would inherit, and then Python installs no KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def train(out: Path, *extra: str, argv: list[str] | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "vlm.train", *ARGS, f"output_dir={out}", *extra] if argv is None else argv
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, preexec_fn=default_sigint,
                           env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
 
 
@@ -151,6 +157,15 @@ def test_sigterm_is_a_request_and_a_second_one_stops_at_once():
 
 
 def test_kill_at_fires_once_per_run_directory(tmp_path):
+    # Python's own SIGINT handler (a shell's background job inherits SIGINT ignored, and Python then installs none)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _kill_at_fires_once(tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _kill_at_fires_once(tmp_path):
     trainer = compose("micro", ["trainer.kill_at=sft:3", "trainer.kill_signal=INT"]).trainer
     kill_point(trainer, "sft", 2, tmp_path)
     kill_point(trainer, "pretrain", 3, tmp_path)
@@ -190,7 +205,7 @@ def test_sigkill_at_stage_and_handoff_points_resumes_bit_identically(reference, 
 def test_external_sigkill_after_a_checkpoint_resumes_bit_identically(reference, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "vlm.train", *ARGS, f"output_dir={out}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=default_sigint,
                             env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     deadline = time.monotonic() + 600
     while not (out / "sft" / "checkpoints" / "step_000002").is_dir() and proc.poll() is None \
