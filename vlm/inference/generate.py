@@ -22,11 +22,16 @@ import torch
 def decode(tokenizer: Any, rows: torch.Tensor, stops: Sequence[int]) -> list[str]:
     """New tokens -> text, cut at the first stop/pad token (special tokens before it are kept: box tags may be)."""
     out = []
-    cut = set(stops) | ({tokenizer.pad_token_id} if tokenizer.pad_token_id is not None else set())
     for row in rows.tolist():
-        n = next((i for i, t in enumerate(row) if t in cut), len(row))
+        n = stop_index(tokenizer, row, stops)
         out.append(tokenizer.decode(row[:n], skip_special_tokens=False).strip())
     return out
+
+
+def stop_index(tokenizer: Any, ids: Sequence[int], stops: Sequence[int]) -> int | None:
+    """Index of the first stop or pad id in ``ids`` (``None``: there is none)."""
+    cut = set(stops) | ({tokenizer.pad_token_id} if tokenizer.pad_token_id is not None else set())
+    return next((i for i, t in enumerate(ids) if t in cut), None)
 
 
 @dataclass
@@ -111,10 +116,9 @@ def generate_replies(model: Any, items: Sequence[dict[str, Any]], tokenizer: Any
 
 
 def _reply(tokenizer: Any, row: torch.Tensor, stops: Sequence[int], stop: Sequence[str], max_new: int) -> Reply:
-    text = decode(tokenizer, row[None], stops)[0]
-    cut = set(stops) | ({tokenizer.pad_token_id} if tokenizer.pad_token_id is not None else set())
     ids = row.tolist()
-    n = next((i for i, t in enumerate(ids) if t in cut), None)
+    n = stop_index(tokenizer, ids, stops)
+    text = tokenizer.decode(ids[:n], skip_special_tokens=False).strip()
     text, hit = cut_at_stop_strings(text, stop)
     finish = "stop" if n is not None or hit else "length"
     if finish == "length" and stop:
