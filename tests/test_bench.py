@@ -43,7 +43,7 @@ def test_bench_quick_writes_its_json(tmp_path, name):
 
 def test_train_step_compares_identical_models(tmp_path):
     result = main(["train_step", *QUICK, "--out", str(tmp_path / "t.json")])
-    assert [r["model"] for r in result["rows"]] == ["transformers", "ours", "ours_full_logits"]
+    assert [r["model"] for r in result["rows"]] == ["transformers", "ours", "ours_selective", "ours_full_logits"]
     assert result["rows"][0]["time_ratio"] == 1.0 and result["rows"][0]["memory_ratio"] == 1.0
     assert result["first_loss_abs_diff"] <= 1e-5      # same weights, same batch: the same loss
 

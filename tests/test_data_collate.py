@@ -49,9 +49,14 @@ def test_pad_errors():
         PadCollator(PAD, "middle")
 
 
-def test_greedy_pack_first_fit():
+def test_greedy_pack_best_fit_decreasing():
     assert greedy_pack([5, 3, 4, 2], 7) == [[0, 3], [1, 2]]
     assert greedy_pack([7, 7], 7) == [[0], [1]]
+    # longest first, each into the row with the least room that fits: 6 -> r0 (room 4), 5 -> r1 (5), 4 -> r0 (exact),
+    # 3 -> r1 (2), 2 -> r1 (exact), 1 -> r2; rows longest first (ties: first item), items in data order
+    assert greedy_pack([3, 6, 1, 5, 2, 4], 10) == [[0, 3, 4], [1, 5], [2]]
+    # first-fit in data order needs three rows here (5 | 6 | 4 joins 5 | 5 opens a third); best-fit decreasing two
+    assert greedy_pack([5, 6, 4, 5], 10) == [[0, 3], [1, 2]]
     with pytest.raises(ValueError, match="item 1 has 9 tokens, more than the packing budget max_length=8"):
         greedy_pack([2, 9], 8)
 
@@ -59,17 +64,18 @@ def test_greedy_pack_first_fit():
 def test_pack_collator_rows_positions_segments_labels_pixels():
     items = [item(4, "a", 1, 1), item(3, "b"), item(5, "c", 2, 2), item(2, "d", 1, 3)]
     b = PackCollator(PAD, max_length=8)(items)
-    # first fit: a(4)+b(3) | c(5)+d(2)
-    assert b["meta"]["ids"] == [["a", "b"], ["c", "d"]]
-    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 1, 2, 3], [1, 2, 3, 4, 5, 1, 2]]
-    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2], [0, 1, 2, 3, 4, 0, 1]]
-    assert b["segment_ids"].tolist() == [[1, 1, 1, 1, 2, 2, 2], [1, 1, 1, 1, 1, 2, 2]]
+    # best-fit decreasing: c(5) opens row 0, a(4) row 1, b(3) fills row 0 exactly, d(2) joins a: b+c | a+d
+    assert b["meta"]["ids"] == [["b", "c"], ["a", "d"]]
+    assert b["input_ids"].tolist() == [[1, 2, 3, 1, 2, 3, 4, 5], [1, 2, 3, 4, 1, 2, PAD, PAD]]
+    assert b["position_ids"].tolist()[0] == [0, 1, 2, 0, 1, 2, 3, 4]
+    assert b["segment_ids"].tolist() == [[1, 1, 1, 2, 2, 2, 2, 2], [1, 1, 1, 1, 2, 2, 0, 0]]
     # each sample's first label is -100 (here b's and d's first tokens would otherwise be trained)
     items[1]["labels"] = items[1]["input_ids"].clone()
+    items[3]["labels"] = items[3]["input_ids"].clone()
     b = PackCollator(PAD, max_length=8, pad_to_multiple_of=8)(items)
-    assert b["labels"][0].tolist() == [-100, -100, 3, 4, -100, 2, 3, -100]
-    assert b["segment_ids"][0, -1] == 0 and b["attention_mask"][0].tolist() == [1] * 7 + [0]
-    assert b["pixel_values"][:, 0, 0, 0].tolist() == [1.0, 2.0, 2.0, 3.0]  # row-major token order
+    assert b["labels"].tolist() == [[-100, 2, 3, -100, -100, 3, 4, 5], [-100, -100, 3, 4, -100, 2, -100, -100]]
+    assert b["segment_ids"][1, -1] == 0 and b["attention_mask"][1].tolist() == [1] * 6 + [0, 0]
+    assert b["pixel_values"][:, 0, 0, 0].tolist() == [2.0, 2.0, 1.0, 3.0]  # row-major token order
     assert b["meta"]["padding"] == {"tokens": 14, "padded": 16, "waste": pytest.approx(2 / 16)}
 
 

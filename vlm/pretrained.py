@@ -108,20 +108,6 @@ def read_normalization(path: Path) -> tuple[list[float], list[float]] | None:
     return normalization(found[0]) if found else None
 
 
-def enable_gradient_checkpointing(model: Any) -> bool:
-    """Make a transformers ``PreTrainedModel`` recompute its layers' activations in the backward pass
-    (non-reentrant). Returns ``False`` (and changes nothing) when the model does not support it."""
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        return False
-    kwargs = {"use_reentrant": False}
-    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5 name
-    if enable is not None:
-        enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    return True
-
-
 def read_weights(path: Path, who: str) -> dict[str, Any]:
     """Every tensor of the directory's weights (see ``check_weights``): safetensors, or ``pytorch_model.bin`` through
     ``torch.load(weights_only=True)``; a shard index reads all its shards."""

@@ -1,8 +1,10 @@
 """``generate``: greedy decoding tokens/s with the KV cache at batch 1 and 8, ours (``VLM.generate``) vs
 transformers' ``LlavaForConditionalGeneration.generate`` on identical weights and prompts (one image + text).
 
-Both decode exactly ``new_tokens`` tokens (``min_new_tokens`` = ``max_new_tokens``); the bench also reports whether
-both produced the same tokens. ``--cache static`` passes ``cache_implementation="static"`` to both.
+Both decode exactly ``new_tokens`` tokens (``min_new_tokens`` = ``max_new_tokens``) with the same ``eos_token_id`` and
+``pad_token_id`` (the LLM config's), so both run the same logits processors and stopping checks (a trained model
+always has an end-of-sequence id; without one transformers skips the min-length processors); the bench also reports
+whether both produced the same tokens. ``--cache static`` passes ``cache_implementation="static"`` to both.
 """
 from __future__ import annotations
 
@@ -29,7 +31,9 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
     new = 4 if args.quick else 32
     ours, theirs = build_pair(spec, device, dtype)
     ours.eval(), theirs.eval()
-    extra: dict[str, Any] = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False}
+    eos = ours.llm.hf_config.eos_token_id
+    extra: dict[str, Any] = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False,
+                             "eos_token_id": eos, "pad_token_id": eos}
     if args.cache == "static":
         extra["cache_implementation"] = "static"
     rows, times_all, same = [], {}, {}

@@ -107,8 +107,8 @@ def tiny_model(vocab: int, image_size: int = 32, tokenizer: bool = False) -> Any
                                   "num_layers": 2, "num_heads": 4, "intermediate_size": 128, "select": "patch"},
                       "connector": {"name": "mlp", "depth": 2},
                       "llm": {"name": "hf_causal_lm", "config": {
-                          "model_type": "llama", "hidden_size": 128, "intermediate_size": 344,
-                          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+                          "model_type": "llama", "hidden_size": 512, "intermediate_size": 1376,
+                          "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 8,
                           "vocab_size": vocab, "max_position_embeddings": 4096}}},
                      tokenizer=byte_tokenizer() if tokenizer else None).train()
 

@@ -1,8 +1,10 @@
 """``train_step``: forward + backward + AdamW step, ours vs transformers' LLaVA on identical weights and batches.
 
 Variants, interleaved: ``transformers`` (``LlavaForConditionalGeneration(..., labels=...)``: logits and loss over
-every position), ``ours`` (the ``lm`` objective: label-only LM head) and ``ours_full_logits`` (the same objective
-with ``label_only_head=False``: what vlm computed before the label-only head). Reports the median step time, the
+every position), ``ours`` (the ``lm`` objective: label-only LM head), ``ours_selective`` (the same plus
+``trainer.gradient_checkpointing=selective``: matmul and attention outputs kept, elementwise ops recomputed, see
+``vlm.recompute``; a copy of the model with the same weights) and ``ours_full_logits`` (the ``lm`` objective with
+``label_only_head=False``: what vlm computed before the label-only head). Reports the median step time, the
 peak memory growth of a step (``vlm.bench.common.peak_memory``) and both as ratios to transformers, plus the
 difference of the first losses (same weights, same batch: ~0).
 """
@@ -32,20 +34,35 @@ def step_fn(module: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], lr: fl
     return step
 
 
+def selective_copy(ours: Any) -> Any:
+    """A copy of ``ours`` (same weights) whose decoder layers and tower blocks use selective activation
+    checkpointing, as ``trainer.gradient_checkpointing=selective`` builds it."""
+    import copy
+
+    other = copy.deepcopy(ours)
+    other.llm.enable_gradient_checkpointing("selective")
+    other.encoder.enable_gradient_checkpointing("selective")
+    return other.train()
+
+
 def variants(ours: Any, theirs: Any, b: dict[str, torch.Tensor], compile_layers: bool = False) \
         -> dict[str, Callable[[], float]]:
-    """The steps to compare: transformers, ours (label-only head) and ours with the full logits."""
+    """The steps to compare: transformers, ours (label-only head), ours with selective activation checkpointing
+    and ours with the full logits."""
     from vlm.objectives import build as build_objective
 
+    selective = selective_copy(ours)
     fast = build_objective({"name": "lm"}, model=ours)
+    fast_selective = build_objective({"name": "lm"}, model=selective)
     full = build_objective({"name": "lm", "label_only_head": False}, model=ours)
     if compile_layers:
         from vlm.train.stage import compile_layers
 
         compile_layers(ours)   # what trainer.compile=true does
-    ours_step_fast = step_fn(ours, lambda: fast(ours, b).loss)
+        compile_layers(selective)
     return {"transformers": step_fn(theirs, lambda: theirs(**b).loss),
-            "ours": ours_step_fast,
+            "ours": step_fn(ours, lambda: fast(ours, b).loss),
+            "ours_selective": step_fn(selective, lambda: fast_selective(selective, b).loss),
             "ours_full_logits": step_fn(ours, lambda: full(ours, b).loss)}
 
 

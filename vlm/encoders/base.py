@@ -121,9 +121,14 @@ class VisionEncoder(nn.Module):
         index ``feature_layer`` counts in), or ``None`` when the tower has no such stack (a CNN)."""
         return None
 
-    def enable_gradient_checkpointing(self) -> bool:
-        """Recompute the tower's activations in the backward pass; ``False`` (nothing changed) when it cannot."""
-        return False
+    def enable_gradient_checkpointing(self, mode: bool | str = "full") -> bool:
+        """Recompute the tower's activations in the backward pass, each block of :meth:`blocks` as one region
+        (``mode``: ``"full"`` or ``"selective"``, see ``vlm.recompute``); ``False`` (nothing changed) when the tower
+        has no blocks (a CNN)."""
+        from vlm.recompute import checkpoint_blocks
+
+        blocks = self.blocks()
+        return False if blocks is None else checkpoint_blocks(blocks, mode)
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

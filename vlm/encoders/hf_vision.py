@@ -9,7 +9,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from vlm.encoders.base import SELECT_STRATEGIES, VisionEncoder
 from vlm.hf_config import check_config_keys
-from vlm.pretrained import FILE_KEYS, check_pretrained_dir, enable_gradient_checkpointing, read_normalization
+from vlm.pretrained import FILE_KEYS, check_pretrained_dir, read_normalization
+from vlm.recompute import enable_for_transformers
 
 FeatureLayer = int | list[int]
 # keys of a saved transformers config that describe the file, not the architecture
@@ -185,8 +186,8 @@ class HFVisionEncoder(VisionEncoder):
         models)."""
         return self.model.encoder.layers
 
-    def enable_gradient_checkpointing(self) -> bool:
-        return enable_gradient_checkpointing(self.model)
+    def enable_gradient_checkpointing(self, mode: bool | str = "full") -> bool:
+        return enable_for_transformers(self.model, mode)
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``(N, 3, H, W) -> (N, T_all, C)``: the selected hidden states, concatenated on channels."""

@@ -23,7 +23,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from vlm.encoders.base import SELECT_STRATEGIES, VisionEncoder
 from vlm.encoders.hf_vision import resolve_dtype
@@ -169,17 +168,13 @@ class InternViT(nn.Module):
                   rate, act) for rate in rates])
         # transformers' use_mean_pooling=False: a final LayerNorm (always LayerNorm) on the last hidden state
         self.norm = nn.LayerNorm(hidden_size, eps=norm_eps) if final_norm else None
-        self.gradient_checkpointing = False
 
     def forward(self, pixel_values: torch.Tensor, upto: int) -> list[torch.Tensor]:
         """Hidden states ``0..upto`` (``(N, 1 + h*w, C)`` each; 0 = embeddings); blocks past ``upto`` are not run."""
         x = self.embeddings(pixel_values)
         states = [x]
         for block in self.layers[:upto]:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            x = block(x)
             states.append(x)
         return states
 
@@ -249,10 +244,6 @@ class InternViTEncoder(VisionEncoder):
 
     def blocks(self) -> nn.ModuleList:
         return self.model.layers
-
-    def enable_gradient_checkpointing(self) -> bool:
-        self.model.gradient_checkpointing = True
-        return True
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``(N, 3, H, W) -> (N, 1 + h*w, C)``: hidden state ``feature_layer`` (``-1``: the tower's output)."""

@@ -62,9 +62,6 @@ class NativeViT:
         resize_pos_embed(wrapped, SimpleNamespace(visual=self.visual))
         state["positional_embedding"] = wrapped["visual.positional_embedding"]
 
-    def set_grad_checkpointing(self) -> None:
-        self.visual.set_grad_checkpointing(True)
-
 
 class TimmTrunkViT:
     """open_clip's ``TimmModel`` around a timm ViT (``trunk``): the model's own prefix tokens."""
@@ -93,9 +90,6 @@ class TimmTrunkViT:
 
     def resize_pos_embed(self, state: dict[str, torch.Tensor]) -> None:
         pass  # native size only: a mismatch is reported as a shape error
-
-    def set_grad_checkpointing(self) -> None:
-        self.visual.trunk.set_grad_checkpointing(True)
 
 
 def tower_kinds() -> dict[type, type]:
@@ -253,10 +247,6 @@ class OpenCLIPEncoder(VisionEncoder):
 
     def blocks(self) -> nn.ModuleList:
         return self.tower.blocks()
-
-    def enable_gradient_checkpointing(self) -> bool:
-        self.tower.set_grad_checkpointing()
-        return True
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``(N, 3, S, S) -> (N, P + h*w, C)``: prefix tokens, then patch tokens, row-major."""

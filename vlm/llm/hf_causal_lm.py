@@ -15,7 +15,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from vlm.encoders.hf_vision import resolve_dtype
 from vlm.hf_config import check_config_keys, config_class_for
 from vlm.llm.registry import LLMS
-from vlm.pretrained import FILE_KEYS, check_pretrained_dir, enable_gradient_checkpointing
+from vlm.pretrained import FILE_KEYS, check_pretrained_dir
+from vlm.recompute import enable_for_transformers
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 # transformers config attributes that change the logits after the output embeddings (Gemma 2's soft-capping,
@@ -59,7 +60,7 @@ class HFCausalLM(nn.Module):
     supports_lora = True
 
     def __init__(self, pretrained: str | None = None, config: dict[str, Any] | None = None,
-                 attn_implementation: str = "sdpa", gradient_checkpointing: bool = False,
+                 attn_implementation: str = "sdpa", gradient_checkpointing: bool | str = False,
                  dtype: str | None = None, trust_remote_code: bool = False, strict_config: bool = True) -> None:
         super().__init__()
         check_attn_implementation(attn_implementation)
@@ -81,12 +82,12 @@ class HFCausalLM(nn.Module):
         self.trust_remote_code = trust_remote_code
         self.strict_config = bool(strict_config)
         if gradient_checkpointing:
-            self.enable_gradient_checkpointing()
+            self.enable_gradient_checkpointing(gradient_checkpointing)
 
-    def enable_gradient_checkpointing(self) -> bool:
-        """Recompute decoder-layer activations in the backward pass (non-reentrant); ``False`` when the model does
-        not support it."""
-        return enable_gradient_checkpointing(self.model)
+    def enable_gradient_checkpointing(self, mode: bool | str = "full") -> bool:
+        """Recompute decoder-layer activations in the backward pass (non-reentrant), ``"full"`` or ``"selective"``
+        (``vlm.recompute``); ``False`` when the model does not support it."""
+        return enable_for_transformers(self.model, mode)
 
     @property
     def hf_config(self) -> PretrainedConfig:

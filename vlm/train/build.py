@@ -17,6 +17,7 @@ from torch import nn
 
 import vlm
 from vlm.data.tokenizer import TOKENIZERS
+from vlm.recompute import mode as recompute_mode
 from vlm.registry import plain
 from vlm.train.config import model_config
 
@@ -38,14 +39,16 @@ def build_tokenizer(cfg: DictConfig, templates: Iterable[Any] = ()) -> Any:
     return tok
 
 
-def build_model(cfg: DictConfig, tokenizer: Any, *, gradient_checkpointing: bool = False) -> vlm.VLM:
-    """``vlm.build`` on the run's ``{encoder, connector, llm}`` (random init seeded by the caller)."""
+def build_model(cfg: DictConfig, tokenizer: Any, *, gradient_checkpointing: bool | str = False) -> vlm.VLM:
+    """``vlm.build`` on the run's ``{encoder, connector, llm}`` (random init seeded by the caller);
+    ``gradient_checkpointing``: a ``vlm.recompute`` mode for the LLM's decoder layers and the tower's blocks."""
     model_cfg = model_config(cfg)
-    if gradient_checkpointing:
-        model_cfg["llm"]["gradient_checkpointing"] = True
+    mode = recompute_mode(gradient_checkpointing)
+    if mode != "none":
+        model_cfg["llm"]["gradient_checkpointing"] = mode
     model = vlm.build(model_cfg, tokenizer)
-    if gradient_checkpointing:
-        model.encoder.enable_gradient_checkpointing()  # towers that cannot (timm CNNs) keep their activations
+    if mode != "none":
+        model.encoder.enable_gradient_checkpointing(mode)  # towers that cannot (timm CNNs) keep their activations
     return model
 
 

@@ -15,6 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from vlm.train.interrupt import check_kill_at
 from vlm.train.own_data import register_resolvers
+from vlm.recompute import mode as recompute_mode
 from vlm.registry import did_you_mean
 from vlm.train.config_check import ConfigError, check_components, explain, raw_without_hydra, unknown_choice
 from vlm.train.schema import MODULES, RunConfig, StageConfig, TrainerConfig
@@ -169,6 +170,10 @@ def check(cfg: DictConfig | dict[str, Any], overrides: Sequence[str] = ()) -> Di
             raise ConfigError(f"`{module}` has no `name` (pick an option: {module}=<one of {list_options(module)}>)")
     if (bad := check_kill_at(out.trainer, stages)) is not None:
         raise ConfigError(bad)
+    try:
+        out.trainer.gradient_checkpointing = recompute_mode(out.trainer.gradient_checkpointing)
+    except ValueError as e:
+        raise ConfigError(f"trainer.{e}") from None
     if out.eval.enabled and out.eval.data is not None:
         if out.eval.data not in out.data:
             raise ConfigError(f"eval.data={out.eval.data!r}: no such data set is configured; expected one of "

@@ -191,7 +191,7 @@ class StageLoop:
                         f"{self.stage.micro_batch_size}. Lower it (e.g. stage.{self.name}.micro_batch_size="
                         f"{max(1, self.stage.micro_batch_size // 2)}): global_batch_size="
                         f"{self.stage.global_batch_size} is kept by gradient accumulation. "
-                        f"trainer.gradient_checkpointing=true also saves memory.") from e
+                        f"trainer.gradient_checkpointing=selective (or true) also saves memory.") from e
                 raise
             state.losses.append(stats.loss)
             state.step_seconds.append(stats.seconds)

@@ -102,7 +102,7 @@ class TrainerConfig:
     strategy: str = "single"
     device: str = "auto"
     precision: str = "auto"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: Any = False     # false | true (= full) | full | selective (vlm.recompute)
     compile: bool = False
     tf32: bool = True
     threads: Optional[int] = None
