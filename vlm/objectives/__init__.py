@@ -1,7 +1,8 @@
 """Training objectives (``stage.<name>.objective``): ``objective(model, batch) -> loss (+ metrics)``.
 
 ``lm`` (next-token prediction, the default; ``stage.<name>.loss_weighting`` applies), ``siglip`` (contrastive
-alignment of the vision tower) and ``siglip_tokens`` (the same, token by token) are registered in ``OBJECTIVES``; see ``vlm.objectives.base`` for the interface, the
+alignment of the vision tower) and ``siglip_tokens`` (the same, token by token) and ``readout`` (the tower answers the questions directly, byte by
+byte) are registered in ``OBJECTIVES``; see ``vlm.objectives.base`` for the interface, the
 step normalization and the capabilities an objective states. The stage builds one with ``build(cfg, **context)``
 and trains ``TrainModule(model, objective)``.
 """
@@ -13,7 +14,7 @@ from vlm.registry import Registry
 OBJECTIVES: Registry[Objective] = Registry("objective")
 LM = "lm"
 
-from vlm.objectives import lm, siglip, siglip_tokens  # noqa: E402,F401  (registration)
+from vlm.objectives import lm, readout, siglip, siglip_tokens  # noqa: E402,F401  (registration)
 
 
 def build(cfg: Any, **context: Any) -> Objective:

@@ -78,12 +78,7 @@ class SigLIP(Objective):
                 total: float | None = None) -> ObjectiveOutput:
         """``batch``: ``input_ids``/``labels (B, L)``, ``pixel_values (B, 3, H, W)``: one image per sample.
         ``logits`` of the output: the ``(B, B)`` image-text logits."""
-        input_ids, pixel_values, labels = batch["input_ids"], batch.get("pixel_values"), batch.get("labels")
-        if labels is None or pixel_values is None:
-            raise ValueError("objective 'siglip' needs labels (the text) and pixel_values (the images)")
-        if pixel_values.ndim != 4 or pixel_values.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"objective 'siglip' needs exactly one image per sample: got pixel_values of shape "
-                             f"{tuple(pixel_values.shape)} for {input_ids.shape[0]} samples")
+        _, labels, pixel_values = self.image_text_batch(batch, "the text")
         logits = self.similarity(model, pixel_values, labels) * self.log_scale.exp() + self.bias
         sign = 2 * torch.eye(len(logits), device=logits.device, dtype=logits.dtype) - 1
         loss = -F.logsigmoid(sign * logits).sum() / len(logits)

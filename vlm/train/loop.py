@@ -71,6 +71,7 @@ class StepStats:
     targets: int
     samples: int
     seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)  # the objective's, mean over this process's micro-batches
 
 
 @dataclass
@@ -132,6 +133,7 @@ class StageLoop:
         total_weight = float(total[3])
         loss_sum = torch.zeros((), dtype=torch.float64, device=s.device)
         bad_ids: list[Any] = []
+        sums: dict[str, float] = {}
         for i, batch in enumerate(micro):
             batch = to_device(batch, s.device)
             with s.no_sync(self.wrapped, sync=i == len(micro) - 1):
@@ -142,6 +144,8 @@ class StageLoop:
                     bad_ids += flat_ids(metas[i]) or ["<no ids>"]
                 self.scaler.scale(loss).backward()
             loss_sum += out.loss.detach().double()
+            for k, v in out.metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / len(micro)
         if s.all_reduce(torch.tensor([float(bool(bad_ids))]), op="max").item():
             named = [i for rank_ids in s.all_gather_object(bad_ids) for i in rank_ids]
             raise NonFiniteLossError(f"non-finite loss at stage {self.name!r} step {step + 1}; the offending "
@@ -159,7 +163,7 @@ class StageLoop:
         self.scheduler.step()
         loss = float(s.all_reduce(loss_sum.cpu()))
         return StepStats(loss=loss, grad_norm=grad_norm, tokens=n_tokens, targets=n_targets, samples=n_samples,
-                         seconds=time.perf_counter() - t0)
+                         seconds=time.perf_counter() - t0, metrics=sums)
 
     # ---------------------------------------------------------------------------------------------------- loop
     def run(self, start_step: int, state: LoopState) -> LoopState:
@@ -200,14 +204,17 @@ class StageLoop:
             row = {"stage": self.name, "step": step + 1, "loss": stats.loss, "grad_norm": stats.grad_norm,
                    "lr": lrs, "tokens_per_s": tps, "samples": stats.samples, "targets": stats.targets,
                    "step_s": stats.seconds, "data_s": data_s}
+            if stats.metrics:
+                row["objective"] = stats.metrics
             self.log.log(row, self.global_step_offset + step + 1)
             if bar is not None:
                 bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{ema_tps:,.0f}", refresh=False)
                 bar.update(1)
             done = step + 1
             if (done % self.trainer.log_every == 0 or done == self.total_steps) and bar is None:
+                extra = "".join(f" {k} {v:.3f}" for k, v in stats.metrics.items())
                 self.log.info(f"[{self.name}] step {done}/{self.total_steps} loss {stats.loss:.4f} "
-                              f"grad_norm {stats.grad_norm:.3f} tok/s {ema_tps:,.0f}")
+                              f"grad_norm {stats.grad_norm:.3f} tok/s {ema_tps:,.0f}{extra}")
             if self.evaluate and self.stage.eval_every and done % self.stage.eval_every == 0 \
                     and done != self.total_steps:
                 metrics = self.evaluate(done)
