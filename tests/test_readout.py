@@ -118,3 +118,31 @@ def test_readout_refuses_packing():
     with pytest.raises(ConfigError, match="needs one whole sample per row"):
         compose("micro", ["stage=[readout,sft]", "stages=[readout,sft]", "stage.readout.packing=true",
                           "stage.readout.max_length=256"])
+
+
+def test_region_features_sample_the_box_left_to_right(case):
+    """The token map is sampled at points spread over the box, in row-major order: a map whose value is the
+    token's column gives the columns under the box, left to right."""
+    model = case
+    head = build_objective({"name": "readout", "dim": 16, "hidden": 32, "region_grid": [1, 4]}, model=model)
+    h, w = head.grid
+    assert head.regions and h * w == head.num_tokens
+    col = torch.arange(w, dtype=torch.float32).repeat(h)[None, :, None]              # (1, T, 1): value = column
+    whole = head.region_features(col, [0], [(0, 0, 1000, 1000)])
+    torch.testing.assert_close(whole, torch.arange(w, dtype=torch.float32)[None])
+    # the right half of the image: points at columns 2.25, 2.75, 3.25 (border-clamped), 3.75 -> interpolated
+    right = head.region_features(col, [0], [(500, 0, 1000, 1000)])[0]
+    assert right.tolist() == sorted(right.tolist()) and right[0] > 1.5 and right[-1] <= w - 1
+
+
+def test_grounding_answers_train_the_region_read_out(case):
+    model = case
+    head = build_objective({"name": "readout", "dim": 16, "hidden": 32}, model=model)
+    batch = qa_batch(model, [("Where is it?", "<ref>42</ref><box>(100,100),(600,400)</box>", "red"),
+                             ("What is written?", "17", "blue")])
+    out = head(model, batch)
+    assert "region_exact" in out.metrics and math.isfinite(out.loss.item())
+    out.loss.backward()
+    assert head.region_mlp[0].weight.grad.abs().sum() > 0
+    plain = build_objective({"name": "readout", "dim": 16, "hidden": 32, "regions": False}, model=model)
+    assert "region_exact" not in plain(model, batch).metrics

@@ -103,3 +103,11 @@ def test_switching_a_component_drops_the_recipes_options_for_it():
     assert dict(compose("tiny").connector) == {"name": "linear", "pos_embed": 9}
     for option, expected in (("mlp", {"name": "mlp", "depth": 2, "act": "gelu"}), ("linear", {"name": "linear"})):
         assert dict(compose("tiny", [f"connector={option}"]).connector) == expected
+
+
+def test_stage_list_that_drops_a_recipe_configured_stage_is_refused():
+    """`micro` sets lr/steps for its pretrain stage; stage=[readout,sft] alone would still run that pretrain (after
+    sft): the config says so instead of running it."""
+    with pytest.raises(ConfigError, match=r"stage 'pretrain' has only the recipe's settings for it"):
+        compose("micro", ["stage=[readout,sft]"])
+    assert list(compose("micro", ["stage=[readout,sft]", "stages=[readout,sft]"]).stages) == ["readout", "sft"]

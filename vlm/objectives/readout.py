@@ -11,7 +11,13 @@ from the question to the pixels:
 - ``heads`` attention read-outs over the tower's tokens ``(B, T, C)`` (plus a learned position per token), queried
   by the question: ``(B, dim)``;
 - an MLP from ``[read-out, question]`` to ``max_chars`` positions x 257 classes: the answer's UTF-8 bytes (the target
-  tokens decoded by the model's tokenizer, special tokens skipped), then an end marker; longer answers are cut.
+  tokens decoded by the model's tokenizer, special tokens skipped), then an end marker; longer answers are cut;
+- with ``regions`` (default), every Qwen-VL ``<ref>text</ref><box>(x1,y1),(x2,y2)</box>`` in an answer also trains
+  a region read-out: the token map is sampled bilinearly at a ``region_grid`` of points spread over the box
+  (``[0, 1000)`` coordinates of the processed image; RoIAlign-style, Mask R-CNN), the samples are concatenated in
+  row-major order (so left-to-right order survives) and a second MLP spells ``text``. The box says where to look, so
+  the tower learns what the text there is without first having to learn where it is (region-level supervision
+  from grounding data, as in GLIP / LocCa). The loss is the mean of the two terms.
 
 Targets are bytes, not the LLM's tokens, so they are compositional whatever the tokenizer: a two-digit number is
 two digit classes (as ten-way classes per digit this taught the tiny stem to read where 90 whole-number classes
@@ -27,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlm.data.boxes import parse as parse_boxes
 from vlm.labels import IGNORE_INDEX
 from vlm.objectives import OBJECTIVES
 from vlm.objectives.base import Objective, ObjectiveOutput
@@ -39,12 +46,15 @@ class ReadOut(Objective):
     """Question-conditioned attention read-out of the tower's tokens, trained to spell the answer.
 
     ``dim``: width of the question embedding and of each read-out; ``heads``: read-outs (each its own query);
-    ``hidden``: width of the MLP; ``max_chars``: answer bytes predicted (the end marker included). ``model``: the VLM
+    ``hidden``: width of the MLP; ``max_chars``: answer bytes predicted (the end marker included); ``regions``: also
+    train the region read-out on ``<ref>``/``<box>`` answers (needs a tower without kept prefix tokens);
+    ``region_grid``: ``(rows, columns)`` of points sampled in each box. ``model``: the VLM
     (its encoder's width and token count at its ``image_size`` and its tokenizer, which decodes the targets).
 
     The loss is the cross-entropy over each sample's answer bytes and its end marker, averaged per sample, then over
     the micro-batch (a two-byte answer weighs as much as a forty-byte one); ``metrics["exact"]``: the share of samples whose whole answer (up to ``max_chars``) is
-    spelled right. Raises ``ValueError`` without a tokenizer, for a batch without exactly one image per sample or
+    spelled right; ``metrics["region_exact"]`` the same for the region read-out's ref texts. Raises ``ValueError``
+    for a size < 1, without a tokenizer, for a batch without exactly one image per sample or
     with a sample that has no answer.
     """
 
@@ -52,10 +62,13 @@ class ReadOut(Objective):
     shardable = False
 
     def __init__(self, model: nn.Module, dim: int = 256, heads: int = 4, hidden: int = 512,
-                 max_chars: int = 48) -> None:
+                 max_chars: int = 48, regions: bool = True, region_grid: tuple[int, int] = (2, 4)) -> None:
         super().__init__()
         if getattr(model, "tokenizer", None) is None:
             raise ValueError("objective 'readout' decodes the answers with the model's tokenizer; the model has none")
+        for key, value in {"dim": dim, "heads": heads, "hidden": hidden, "max_chars": max_chars}.items():
+            if int(value) < 1:
+                raise ValueError(f"objective 'readout': {key}={value}; expected an integer >= 1")
         enc = model.encoder
         self.max_chars, self.heads = int(max_chars), int(heads)
         self.num_tokens = enc.num_tokens()
@@ -66,19 +79,53 @@ class ReadOut(Objective):
         self.value = nn.Linear(enc.hidden_size, dim)
         self.query = nn.Linear(dim, heads * dim)
         self.mlp = nn.Sequential(nn.Linear(heads * dim + dim, hidden), nn.GELU(), nn.Linear(hidden, max_chars * 257))
+        self.grid = enc.grid()
+        self.regions = bool(regions) and self.grid[0] * self.grid[1] == self.num_tokens  # no prefix tokens kept
+        self.region_grid = (int(region_grid[0]), int(region_grid[1]))
+        if self.regions:
+            points = self.region_grid[0] * self.region_grid[1]
+            self.region_mlp = nn.Sequential(nn.Linear(points * dim, hidden), nn.GELU(),
+                                            nn.Linear(hidden, max_chars * 257))
 
-    def targets(self, tokenizer: Any, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """``(B, max_chars)`` byte classes of each sample's answer then ``END``, ``IGNORE_INDEX`` after it."""
-        out = torch.full((len(labels), self.max_chars), IGNORE_INDEX, dtype=torch.long)
+    def spell(self, texts: list[str], device: torch.device) -> torch.Tensor:
+        """``(N, max_chars)`` byte classes of ``texts`` then ``END``, ``IGNORE_INDEX`` after it (cut at
+        ``max_chars - 1`` bytes)."""
+        out = torch.full((len(texts), self.max_chars), IGNORE_INDEX, dtype=torch.long)
+        for i, text in enumerate(texts):
+            row = list(text.encode("utf-8")[: self.max_chars - 1]) + [END]
+            out[i, : len(row)] = torch.tensor(row)
+        return out.to(device)
+
+    def region_features(self, values: torch.Tensor, index: list[int], boxes: list[tuple[int, int, int, int]]) \
+            -> torch.Tensor:
+        """``values (B, T, d)`` (row-major token map) sampled bilinearly at ``region_grid`` points evenly spread over
+        each ``[0, 1000)`` box of image ``index[i]``: ``(N, gh * gw * d)``."""
+        h, w = self.grid
+        gh, gw = self.region_grid
+        fmap = values[index].transpose(1, 2).reshape(len(index), -1, h, w)                  # (N, d, h, w)
+        box = torch.tensor(boxes, dtype=values.dtype, device=values.device) / 500 - 1       # to [-1, 1]
+        fy = (torch.arange(gh, dtype=values.dtype, device=values.device) + 0.5) / gh
+        fx = (torch.arange(gw, dtype=values.dtype, device=values.device) + 0.5) / gw
+        ys = box[:, 1, None] + (box[:, 3] - box[:, 1])[:, None] * fy                          # (N, gh)
+        xs = box[:, 0, None] + (box[:, 2] - box[:, 0])[:, None] * fx                          # (N, gw)
+        grid = torch.stack([xs[:, None, :].expand(-1, gh, -1), ys[:, :, None].expand(-1, -1, gw)], dim=-1)
+        sampled = F.grid_sample(fmap, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return sampled.permute(0, 2, 3, 1).flatten(1)                                       # (N, gh*gw*d)
+
+    def answers(self, tokenizer: Any, input_ids: torch.Tensor, labels: torch.Tensor) -> list[str]:
+        """Each sample's answer: its labelled tokens decoded (special tokens skipped)."""
+        out = []
         for b, (ids, lab) in enumerate(zip(input_ids.tolist(), labels.tolist())):
             answer = [i for i, y in zip(ids, lab) if y != IGNORE_INDEX]
             if not answer:
                 raise ValueError(f"objective 'readout': sample {b} of the batch has no answer (every label is "
                                  f"{IGNORE_INDEX}); expected question/answer data (a template with an assistant turn)")
-            text = tokenizer.decode(answer, skip_special_tokens=True).strip().encode("utf-8")
-            row = list(text[: self.max_chars - 1]) + [END]
-            out[b, : len(row)] = torch.tensor(row)
-        return out.to(labels.device)
+            out.append(tokenizer.decode(answer, skip_special_tokens=True).strip())
+        return out
+
+    def targets(self, tokenizer: Any, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``(B, max_chars)`` byte classes of each sample's answer then ``END``, ``IGNORE_INDEX`` after it."""
+        return self.spell(self.answers(tokenizer, input_ids, labels), labels.device)
 
     def embed_question(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None,
                        image_token_id: int) -> torch.Tensor:
@@ -105,11 +152,29 @@ class ReadOut(Objective):
         att = torch.einsum("bhd,btd->bht", q, self.key(feats)) / dim ** 0.5
         read = torch.einsum("bht,btd->bhd", att.softmax(-1), self.value(feats))   # (B, h, d)
         logits = self.mlp(torch.cat([read.flatten(1), question], dim=1)).view(B, self.max_chars, 257)
-        target = self.targets(model.tokenizer, input_ids, labels)
+        texts = self.answers(model.tokenizer, input_ids, labels)
+        target = self.spell(texts, labels.device)
+        loss, exact = self.spelling_loss(logits, target)
+        metrics = {"exact": exact}
+        if self.regions:
+            found = [(b, ref, box) for b, text in enumerate(texts)
+                     for ref, box in parse_boxes(text, strict=False) if ref]
+            if found:
+                pooled = self.region_features(self.value(feats), [b for b, _, _ in found], [box for _, _, box in found])
+                region_logits = self.region_mlp(pooled).view(len(found), self.max_chars, 257)
+                region_loss, metrics["region_exact"] = self.spelling_loss(
+                    region_logits, self.spell([ref for _, ref, _ in found], labels.device))
+                loss = (loss + region_loss) / 2
+        return ObjectiveOutput(loss=self.share(loss, weight, total), metrics=metrics, logits=logits)
+
+    @staticmethod
+    def spelling_loss(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Per-sample mean cross-entropy over the target bytes (every sample weighs the same), and the share of
+        samples spelled exactly."""
         valid = target != IGNORE_INDEX
         per_byte = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX,
                                    reduction="none").view_as(target)
-        loss = ((per_byte * valid).sum(1) / valid.sum(1)).mean()   # every sample weighs the same
+        loss = ((per_byte * valid).sum(1) / valid.sum(1)).mean()
         with torch.no_grad():
             exact = ((logits.argmax(-1) == target) | ~valid).all(1).float().mean().item()
-        return ObjectiveOutput(loss=self.share(loss, weight, total), metrics={"exact": exact}, logits=logits)
+        return loss, exact

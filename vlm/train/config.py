@@ -139,6 +139,10 @@ def check(cfg: DictConfig | dict[str, Any], overrides: Sequence[str] = ()) -> Di
         raise ConfigError("stages=[]: nothing to train; expected a list of configured stages, e.g. "
                           f"{list(out.stage)}")
     for name in stages:
+        if name in raw.get("stage", {}) and "data" not in raw["stage"][name]:
+            raise ConfigError(f"stages={stages}: stage {name!r} has only the recipe's settings for it (no stage option "
+                              f"selected it: every recipes/stage/*.yaml sets `data`); with stage=[...] list it too, or "
+                              f"give the stages to run: stages=[...] (the configured stages run in order otherwise)")
         if name not in out.stage:
             known = sorted(set(out.stage) | set(list_options("stage")))
             raise ConfigError(f"stages={stages}: {name!r} is not a configured stage; expected names from "
