@@ -45,17 +45,18 @@ class LMObjective(Objective):
 
     def forward(self, model: nn.Module, batch: dict[str, Any], weight: float | None = None,
                 total: float | None = None) -> ObjectiveOutput:
-        """``batch``: the collator's tensors (``input_ids``/``labels (B, L)``, ``pixel_values``, ...)."""
+        """``batch``: the collator's tensors (``input_ids``/``labels (B, L)``, ``pixel_values``, ...). Training
+        forwards build no KV cache (``use_cache=False``)."""
         if batch.get("labels") is None:
             raise ValueError("objective 'lm' needs labels (the collator's targets, -100 elsewhere)")
         if self.label_only_head and getattr(model, "supports_label_only_head", False):
             return self.label_only(model, batch, weight, total)
         if self.weighting.per_token:
             extra = {} if total is None else {"num_items_in_batch": max(int(total), 1)}
-            out = model(**batch, **extra)
+            out = model(**batch, **extra, use_cache=False)
             return ObjectiveOutput(loss=out.loss, logits=out.logits)
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        out = model(**inputs)
+        out = model(**inputs, use_cache=False)
         segment_ids = batch.get("segment_ids")
         loss: torch.Tensor = lm_loss(out.logits, mask_segment_starts(batch["labels"], segment_ids), self.weighting,
                                      segment_ids)
@@ -69,7 +70,8 @@ class LMObjective(Objective):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         segment_ids = batch.get("segment_ids")
         n_items = None if total is None or not self.weighting.per_token else max(int(total), 1)
-        loss = label_only_lm_loss(model.hidden_states(**inputs), model.output_head, batch["labels"], self.weighting,
+        hidden = model.hidden_states(**inputs, use_cache=False)
+        loss = label_only_lm_loss(hidden, model.output_head, batch["labels"], self.weighting,
                                   segment_ids, num_items_in_batch=n_items, chunk_size=self.head_chunk_size)
         if total is not None and not self.weighting.per_token:
             loss = loss * ((self.weight(batch) if weight is None else weight) / max(total, 1e-12))
