@@ -115,8 +115,8 @@ class ReadOut(Objective):
     def answers(self, tokenizer: Any, input_ids: torch.Tensor, labels: torch.Tensor) -> list[str]:
         """Each sample's answer: its labelled tokens decoded (special tokens skipped)."""
         out = []
-        for b, (ids, lab) in enumerate(zip(input_ids.tolist(), labels.tolist())):
-            answer = [i for i, y in zip(ids, lab) if y != IGNORE_INDEX]
+        for b, (ids, target) in enumerate(zip(input_ids, labels != IGNORE_INDEX)):
+            answer = ids[target].tolist()
             if not answer:
                 raise ValueError(f"objective 'readout': sample {b} of the batch has no answer (every label is "
                                  f"{IGNORE_INDEX}); expected question/answer data (a template with an assistant turn)")

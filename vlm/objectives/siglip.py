@@ -59,13 +59,19 @@ class SigLIP(Objective):
         feats = model.encoder(pixel_values)                       # (B, T, C)
         return F.normalize(self.image_proj(feats.mean(1).to(self.image_proj.weight.dtype)), dim=-1)
 
-    def embed_texts(self, labels: torch.Tensor) -> torch.Tensor:
-        """``labels (B, L)`` (targets, -100 elsewhere) -> ``(B, dim)`` L2-normalized mean token embedding."""
+    def check_texts(self, labels: torch.Tensor) -> torch.Tensor:
+        """The target mask ``labels != -100`` ``(B, L)``; ``ValueError`` naming the samples that have no target."""
         mask = labels != IGNORE_INDEX
         empty = (~mask.any(1)).nonzero().flatten().tolist()
         if empty:
-            raise ValueError(f"objective 'siglip': sample(s) {empty} of the batch have no target text to contrast "
+            name = getattr(self, "registry_name", type(self).__name__)
+            raise ValueError(f"objective {name!r}: sample(s) {empty} of the batch have no target text to contrast "
                              f"with their image (every label is {IGNORE_INDEX})")
+        return mask
+
+    def embed_texts(self, labels: torch.Tensor) -> torch.Tensor:
+        """``labels (B, L)`` (targets, -100 elsewhere) -> ``(B, dim)`` L2-normalized mean token embedding."""
+        mask = self.check_texts(labels)
         emb = self.text_embed(labels.clamp(min=0)) * mask[..., None]
         return F.normalize(emb.sum(1) / mask.sum(1, keepdim=True), dim=-1)
 

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm.labels import IGNORE_INDEX
 from vlm.objectives import OBJECTIVES
 from vlm.objectives.siglip import SigLIP
 
@@ -25,8 +24,7 @@ class SigLIPTokens(SigLIP):
     def similarity(self, model: nn.Module, pixel_values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``(B_images, B_texts)``: ``mean_l max_t <img_t, txt_l>`` over the text's labelled tokens ``l`` and the
         image's tokens ``t`` (both projected to ``dim`` and L2-normalized)."""
-        self.embed_texts(labels)  # raises on a sample without target text
-        mask = (labels != IGNORE_INDEX).to(self.image_proj.weight.dtype)                   # (B, L)
+        mask = self.check_texts(labels).to(self.image_proj.weight.dtype)                   # (B, L)
         feats = model.encoder(pixel_values).to(self.image_proj.weight.dtype)              # (B, T, C)
         zi = F.normalize(self.image_proj(feats), dim=-1)                                   # (B, T, dim)
         zt = F.normalize(self.text_embed(labels.clamp(min=0)), dim=-1)                    # (B, L, dim)
