@@ -18,8 +18,9 @@ def test_compile_layers_compiles_each_block_in_place():
     model = vlm.build(tiny_cfg())
     keys = list(model.state_dict())
     compile_layers(model)
-    blocks = [*layer_stack(model.llm.model)[1], *layer_stack(model.encoder)[1]]
+    blocks = [*model.llm.decoder_layers(), *model.encoder.blocks()]  # the stacks each component states
     assert blocks and all(b._compiled_call_impl is not None for b in blocks)
+    assert layer_stack(model.llm)[1] is model.llm.decoder_layers()
     assert list(model.state_dict()) == keys
 
 

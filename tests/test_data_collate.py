@@ -11,6 +11,7 @@ from PIL import Image
 from vlm.data.collate import PackCollator, PackedDataset, PadCollator, concat_items, greedy_pack
 from vlm.data.sample import ImageRef, Message, Sample
 from vlm.data.tokenizer import byte_tokenizer
+from vlm.train.loop import samples_in
 
 PAD = 256
 COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
@@ -77,6 +78,10 @@ def test_pack_collator_rows_positions_segments_labels_pixels():
     assert b["segment_ids"][1, -1] == 0 and b["attention_mask"][1].tolist() == [1] * 6 + [0, 0]
     assert b["pixel_values"][:, 0, 0, 0].tolist() == [2.0, 2.0, 1.0, 3.0]  # row-major token order
     assert b["meta"]["padding"] == {"tokens": 14, "padded": 16, "waste": pytest.approx(2 / 16)}
+    # the training loop counts samples, not rows (metrics.jsonl `samples`)
+    assert samples_in(b["meta"], b) == 4 and b["input_ids"].shape[0] == 2
+    padded = PadCollator(PAD)(items[:3])
+    assert samples_in(padded["meta"], padded) == 3
 
 
 def test_concat_renumbers_packed_items():

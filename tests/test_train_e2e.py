@@ -86,6 +86,15 @@ def test_lora_sft_exports_merged_weights(tmp_path):
     assert "llm.model.model.layers.0.self_attn.q_proj.weight" in delta and not any("lora" in k for k in delta)
 
 
+def test_evaluation_off_says_which_periodic_evaluations_it_skips(tmp_path, capsys):
+    res = run(compose("micro", ["stages=[sft]", "stage.sft.max_steps=2", "stage.sft.eval_every=1",
+                                "eval.enabled=false", f"output_dir={tmp_path}"]))
+    assert "eval.enabled=false: no evaluation at the end and no periodic evaluation (sft every 1 steps)" \
+        in capsys.readouterr().out
+    rows = [json.loads(line) for line in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows and not any("eval" in r for r in rows)
+
+
 def test_wandb_logger_path(tmp_path):
     res = run(compose("micro", ["logger=wandb", "logger.mode=disabled", "stages=[sft]", "stage.sft.max_steps=1",
                                 "eval.enabled=false", f"output_dir={tmp_path}"]))

@@ -133,7 +133,6 @@ class OpenCLIPEncoder(VisionEncoder):
                  image_mean: list[float] | None = None, image_std: list[float] | None = None,
                  dtype: str | None = None) -> None:
         super().__init__()
-        import open_clip
         from open_clip.model import _build_vision_tower
 
         if select not in SELECT_STRATEGIES:

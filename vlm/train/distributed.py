@@ -213,7 +213,7 @@ class FSDPStrategy(DistributedStrategy):
                                   reduce_dtype=DTYPES[fcfg.reduce_dtype])
         kw = {"reshard_after_forward": bool(fcfg.reshard_after_forward), "mp_policy": mp}
         model = module.model
-        stacks = [layer_stack(model.llm.model)[1]]
+        stacks = [layer_stack(model.llm)[1]]  # the stack the LLM states (decoder_layers()), else the generic guess
         if fcfg.shard_encoder:
             stacks.append(layer_stack(model.encoder)[1])
         for stack in stacks:

@@ -31,6 +31,11 @@ from vlm.train.schema import StageConfig, TrainerConfig
 OOM_ERRORS: tuple[type[BaseException], ...] = (torch.OutOfMemoryError, MemoryError)
 
 
+
+def samples_in(meta: dict[str, Any], batch: dict[str, Any]) -> int:
+    """Samples in a micro-batch: its collated ``meta["samples"]`` (a packed row holds several), else its rows."""
+    return len(meta["samples"]) if meta.get("samples") else int(batch["input_ids"].shape[0])
+
 class NonFiniteLossError(RuntimeError):
     """The loss (or gradient norm) became NaN/inf; names the step and the samples of the offending batch."""
 
@@ -127,7 +132,7 @@ class StageLoop:
         weights = [objective.weight(b) for b in micro]
         local = torch.tensor([sum(count_targets(b) for b in micro),
                               sum(int(b["attention_mask"].sum()) for b in micro),
-                              sum(b["input_ids"].shape[0] for b in micro), sum(weights)], dtype=torch.float64)
+                              sum(samples_in(m, b) for m, b in zip(metas, micro)), sum(weights)], dtype=torch.float64)
         total = s.all_reduce(local)
         n_targets, n_tokens, n_samples = (int(x) for x in total[:3])
         total_weight = float(total[3])

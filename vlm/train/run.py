@@ -346,6 +346,11 @@ def _run(cfg: DictConfig, strategy: Any, t0: float, overrides: list[str] | None,
     eval_samples = None
     if cfg.eval.enabled and cfg.eval.data is not None:
         eval_samples = build_dataset(cfg.data[cfg.eval.data])
+    else:
+        periodic = [f"{n} every {cfg.stage[n].eval_every} steps" for n in cfg.stages if cfg.stage[n].eval_every]
+        if periodic:
+            why = "eval.enabled=false" if not cfg.eval.enabled else "eval.data=null"
+            log.info(f"[vlm.train] {why}: no evaluation at the end and no periodic evaluation ({', '.join(periodic)})")
 
     result = RunResult(run_dir)
     init_files = [Path(p) for p in resolve_weights(Path(cfg.init_from))] if cfg.init_from else []

@@ -179,8 +179,10 @@ class StageRunner:
         module = TrainModule(model, self.objective(model))
         fp, shapes = fingerprint(module, module.checkpoint_key)  # what a checkpoint must match
         summary = trainable_summary(model)
+        head = sum(p.numel() for p in module.objective.parameters() if p.requires_grad)
         self.log.info(f"[{self.name}] policies {vars(st.policy)}; trainable " + ", ".join(
-            f"{m} {v['trainable'] / 1e6:.2f}M/{v['total'] / 1e6:.2f}M" for m, v in summary.items()))
+            f"{m} {v['trainable'] / 1e6:.2f}M/{v['total'] / 1e6:.2f}M" for m, v in summary.items())
+            + (f", objective head {head / 1e6:.2f}M (trained, never exported)" if head else ""))
         precision = resolve_precision(self.trainer.precision, s.device)
         if not s.shards_parameters:  # a sharding strategy places each shard on the device itself
             module.to(s.device)
@@ -360,7 +362,7 @@ def compile_layers(model: torch.nn.Module) -> None:
     """``torch.compile`` each block of the LLM and the vision tower in place (names and state dicts unchanged)."""
     from vlm.train.policy import layer_stack
 
-    for host in (model.llm.model, model.encoder):
+    for host in (model.llm, model.encoder):  # their stated decoder_layers() / blocks()
         for layer in layer_stack(host)[1]:
             layer.compile()
 
