@@ -99,3 +99,17 @@ def test_align_objective_under_ddp_matches_one_process(tmp_path):
     ref, got = losses(tmp_path / "one", "align"), losses(tmp_path / "ddp", "align")
     assert len(got) == len(ref) == 5
     assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-5, (ref, got)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("connector", ["xattn", "qformer_tiny"])
+def test_fsdp_matches_one_process_with_cross_attention_connectors(connector, tmp_path):
+    """Gated cross-attention blocks inside the LLM (xattn) and a Q-Former's own layers (qformer) under FSDP2."""
+    args = ["recipe=micro", "stages=[sft]", "stage.sft.max_steps=4", "stage.sft.global_batch_size=8",
+            "stage.sft.micro_batch_size=2", "stage.sft.save_every=null", "eval.enabled=false", f"connector={connector}"]
+    run(compose(overrides=args + [f"output_dir={tmp_path / 'one'}"]))
+    proc = torchrun(args + ["trainer.strategy=fsdp", f"output_dir={tmp_path / 'fsdp'}"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ref, got = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
+    assert len(got) == len(ref) == 4
+    assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-5, (ref, got)

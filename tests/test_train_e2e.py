@@ -115,3 +115,23 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
     plain = run(compose("micro", base + [f"output_dir={tmp_path / 'a'}"]))
     ckpt = run(compose("micro", base + ["trainer.gradient_checkpointing=true", f"output_dir={tmp_path / 'b'}"]))
     assert ckpt.losses["sft"] == pytest.approx(plain.losses["sft"], abs=1e-6)
+
+
+def test_export_of_a_state_dict_made_of_views(tmp_path):
+    """FSDP's gathered state dict can return small parameters (xattn's scalar gates) as views of a larger buffer;
+    safetensors refuses to save a tensor that covers only part of its storage, so the export copies those."""
+    from test_objectives import micro_model
+
+    from vlm.train.export import export_final
+
+    _, model = micro_model(["connector=xattn"])
+    state = model.state_dict()
+    flat = torch.cat([v.flatten() for v in state.values()])
+    views, at = {}, 0
+    for k, v in state.items():
+        views[k] = flat[at: at + v.numel()].view(v.shape)
+        at += v.numel()
+    assert views["connector.blocks.0.attn_gate"].untyped_storage().nbytes() > 4
+    out = export_final(tmp_path / "final", model, views, model.tokenizer)
+    back = load_file(str(out / "model.safetensors"))
+    torch.testing.assert_close(back["connector.blocks.0.attn_gate"], state["connector.blocks.0.attn_gate"])

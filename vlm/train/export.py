@@ -113,7 +113,10 @@ def plain_model(live: nn.Module, merged: dict[str, torch.Tensor], tokenizer: Any
     model = unwrap(live)
     with torch.device("meta"):
         plain = from_config(model.config.to_dict())
-    plain.load_state_dict(merged, strict=True, assign=True)
+    # assign=True keeps the given tensors: a view into a larger buffer (FSDP's gathered state dict hands small
+    # parameters back that way) gets its own copy, or safetensors refuses to save it
+    plain.load_state_dict({k: v if v.untyped_storage().nbytes() == v.numel() * v.element_size() else v.clone()
+                           for k, v in merged.items()}, strict=True, assign=True)
     if hasattr(plain.llm.model, "tie_weights"):
         plain.llm.model.tie_weights()
     live_buffers = dict(model.named_buffers())
