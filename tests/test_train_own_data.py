@@ -16,6 +16,7 @@ from vlm.train import ConfigError, compose, list_options, run
 from vlm.data.datasets import build_dataset
 from vlm.eval.score import score_samples
 from vlm.train.own_data import heldout_indices
+from vlm.train.config import stage_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,6 +57,15 @@ def test_data_files_trains_every_stage_of_a_shipped_recipe(recipe, with_eval, te
     preds = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     ids = {p["id"] for p in preds}
     assert all(i.startswith("val_") for i in ids) if with_eval else all(i.startswith("train_") for i in ids)
+
+
+@pytest.mark.parametrize("recipe", list_options("recipe"))
+def test_every_shipped_recipe_takes_data_files(recipe, text_data):
+    """``data=files`` with any shipped recipe: every stage reads the user's file (no shapes option merged into it)."""
+    cfg = compose(recipe, files_overrides(text_data))
+    for name in cfg.stages:
+        data = cfg.data[cfg.stage[name].data]
+        assert data.name == "files" and data.train == str(text_data / "train.json"), (recipe, name)
 
 
 def test_heldout_slice_is_fixed_disjoint_and_left_out_of_training(text_data):
@@ -129,6 +139,12 @@ def test_shapes_options_live_in_the_data_option_and_data_files_replaces_them(tex
     assert own.encoder.image_size == math.ceil(max(sides) / 16) * 16
     assert own.connector.pos_embed == math.ceil(max(sides) / 16) ** 2
     assert compose("micro", files_overrides(text_data)).encoder.image_size == 32  # micro fixes its own size
+    # what else tiny takes from the data: its stem's stage, digit tokens, the SFT loss weighting
+    assert (tiny.stages[0], tiny.tokenizer.number_tokens, tiny.stage.sft.loss_weighting) == ("align", 1000, "token")
+    assert (own.stages[0], own.tokenizer.number_tokens, own.stage.sft.loss_weighting) == ("readout", 0, "square")
+    # ... and the typed stage config the run uses resolves that interpolation against the whole config (merged
+    # alone into its schema, `${oc.select:data.loss_weighting,token}` silently took its default)
+    assert stage_config(own, "sft").loss_weighting == "square" and stage_config(tiny, "sft").loss_weighting == "token"
 
 
 def test_tokenizer_corpus_is_the_users_text(text_data):

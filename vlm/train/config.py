@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vlm.train.interrupt import check_kill_at
@@ -149,8 +149,8 @@ def check(cfg: DictConfig | dict[str, Any], overrides: Sequence[str] = ()) -> Di
                               f"{list(out.stage)} (or add one with stage=[...] from recipes/stage/: "
                               f"{list_options('stage')}) ({did_you_mean(name, known)})")
         st = out.stage[name]
-        if st.data not in out.data or out.data[st.data] is None:
-            configured = [k for k in out.data if out.data[k] is not None]
+        if st.data not in data_sets(out.data):
+            configured = data_sets(out.data)
             raise ConfigError(f"stage.{name}.data={st.data!r}: no such data set is configured; expected one of "
                               f"{configured} ({did_you_mean(st.data, configured)})")
         for module in MODULES:
@@ -244,12 +244,22 @@ def check_objective(name: str, st: DictConfig, strategy: str) -> None:
                           f"stage.{name}.packing=false")
 
 
+def data_sets(data: DictConfig) -> list[str]:
+    """The keys of ``data`` that are data sets (a mapping with a reader/dataset ``name``), not the data option's own
+    settings (``data=files``: ``train``, ``heldout``, ...) or a set switched off (``null``)."""
+    return [k for k in data if isinstance(data._get_node(k), DictConfig) and not data._get_node(k)._is_none()]
+
+
 def typed(node: Any, schema: type[T]) -> T:
     """A config node as an instance of its schema dataclass (``StageConfig``, ``TrainerConfig``, ...): attribute
     access that static checkers verify. Open fields (``Any``: a stage's ``template``, ``objective``) become plain
     dicts / strings."""
     if isinstance(node, schema):
         return node
+    if isinstance(node, (DictConfig, ListConfig)):
+        # resolved where it stands: merged alone, an interpolation of another key (`${oc.select:data.x,default}`)
+        # would resolve against the detached copy and silently take its default
+        node = OmegaConf.to_container(node, resolve=True)
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
 
 
