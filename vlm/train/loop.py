@@ -31,10 +31,10 @@ from vlm.train.schema import StageConfig, TrainerConfig
 OOM_ERRORS: tuple[type[BaseException], ...] = (torch.OutOfMemoryError, MemoryError)
 
 
-
 def samples_in(meta: dict[str, Any], batch: dict[str, Any]) -> int:
     """Samples in a micro-batch: its collated ``meta["samples"]`` (a packed row holds several), else its rows."""
     return len(meta["samples"]) if meta.get("samples") else int(batch["input_ids"].shape[0])
+
 
 class NonFiniteLossError(RuntimeError):
     """The loss (or gradient norm) became NaN/inf; names the step and the samples of the offending batch."""
