@@ -163,6 +163,7 @@ def test_tokenizer_corpus_is_the_users_text(text_data):
     (["data.train=TRAIN", "data.heldout=1000"], ["data.heldout=1000", "has 36 samples", "data.eval=PATH"]),
     (["data.train=TRAIN", "data.eval=nope.json"], ["data.eval='nope.json'", "does not exist"]),
     (["data.train=TRAIN", "data.image_root=nope"], ["data.image_root='nope'", "not a folder"]),
+    (["data.train=TRAIN", "data.format=llva"], ["format='llva': unknown reader", "did you mean 'llava'?"]),
 ])
 def test_data_files_mistakes_are_one_line(extra, fragments, text_data):
     extra = [e.replace("TRAIN", str(text_data / "train.json")) for e in extra]
@@ -252,6 +253,7 @@ def test_max_length_is_checked_against_the_data_naming_the_longest_sample(text_d
     assert len(msg.splitlines()) == 1 and f"id {records[5]['id']!r}" in msg and "max_length=60" in msg
     longest = int(msg.split(" tokens long")[0].rsplit(" ", 1)[1])
     assert longest > 60 and f"expected max_length >= {longest}" in msg
+    assert f"set stage.pretrain.max_length={longest}" in msg  # the stage's own key
     # the longest is the one named: it fits exactly at that length, and nothing else is longer
     from vlm.train.own_data import check_samples_fit
 

@@ -146,16 +146,26 @@ def check_samples_fit(ds: _Part, processor: Any, candidates: int = 8) -> int:
         if n > longest:
             longest, worst = n, ds.sample(k)
     if longest > processor.max_length and worst is not None:
-        raise ConfigError(
-            f"data: sample #{worst.meta.get('index')} (id {worst.id!r}) of {ds.source_name} is {longest} tokens "
-            f"long, more than the stage's max_length={processor.max_length}; expected max_length >= {longest}: set "
-            f"stage.<stage>.max_length={longest} (or shorten the sample; data.check_length=false lets training "
-            f"cut or drop the long ones)")
+        raise TooLongError(f"data: sample #{worst.meta.get('index')} (id {worst.id!r}) of {ds.source_name} is "
+                           f"{longest} tokens long, more than the stage's max_length={processor.max_length}",
+                           longest)
     return longest
 
 
+class TooLongError(ConfigError):
+    """A training sample longer than the stage's ``max_length``; ``for_stage`` names the stage's key to set."""
+
+    def __init__(self, what: str, longest: int, stage: str = "<stage>") -> None:
+        self.what, self.longest, self.stage = what, longest, stage
+        super().__init__(f"{what}; expected max_length >= {longest}: set stage.{stage}.max_length={longest} (or "
+                         f"shorten the sample; data.check_length=false lets training cut or drop the long ones)")
+
+    def for_stage(self, stage: str) -> "TooLongError":
+        return TooLongError(self.what, self.longest, stage)
+
+
 def check_files_options(train: str, eval: str | None = None, part: str = "train", heldout: int = 200,
-                        image_root: str | None = None, **_: Any) -> None:
+                        image_root: str | None = None, format: str = "auto", **_: Any) -> None:
     """The files exist and the held-out slice fits the training file (``check_component``: before anything is
     built; raises ``ValueError``)."""
     from vlm.data.readers import load_records
@@ -168,6 +178,12 @@ def check_files_options(train: str, eval: str | None = None, part: str = "train"
         raise ValueError(str(e)) from e
     if part not in PARTS:
         raise ValueError(f"part={part!r}; expected one of {list(PARTS)}")
+    from vlm.data.readers import READERS
+    from vlm.registry import did_you_mean
+
+    if format != "auto" and format not in READERS:
+        raise ValueError(f"format={format!r}: unknown reader; expected 'auto' or one of {READERS.names()} "
+                         f"({did_you_mean(format, READERS.names())})")
     if eval is None:
         heldout_indices(len(load_records(train)), int(heldout), 0)
 

@@ -33,6 +33,7 @@ from vlm.train.export import STAGE_WEIGHTS, export_final, load_weights, merge_lo
 from vlm.train.interrupt import kill_point
 from vlm.train.loop import LoopState, StageLoop
 from vlm.train.optim import build_optimizer, build_scheduler
+from vlm.train.own_data import TooLongError
 from vlm.train.policy import apply_policies, trainable_summary
 from vlm.train.resources import PeakMemory, typical_step_seconds
 from vlm.train.rng import derive_seed, isolated
@@ -196,7 +197,10 @@ class StageRunner:
         processor = Processor.for_model(model, self.tokenizer, template=plain(st.template),
                                         max_length=st.max_length, tiling=plain(st.tiling),
                                         max_tiles_per_sample=st.max_tiles_per_sample)
-        dataset = build_dataset(self.cfg.data[st.data], processor)
+        try:
+            dataset = build_dataset(self.cfg.data[st.data], processor)
+        except TooLongError as e:  # the dataset checks its longest sample; the stage knows its own key
+            raise e.for_stage(self.name) from None
         if hasattr(dataset, "config_key"):
             dataset.config_key = f"data.{st.data}"  # named in its errors
         plan = BatchPlan(len(dataset), st.global_batch_size, st.micro_batch_size, s.rank, s.world_size,
