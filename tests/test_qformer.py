@@ -210,14 +210,8 @@ def test_bf16_qformer_follows_fp32():
 def test_ddp_two_processes_match_one(tmp_path):
     """2-process DDP (gloo, CPU) with the qformer connector gives the single-process losses: every trainable
     parameter gets a gradient (DDP would stop otherwise) and the batches split exactly."""
-    from tests.test_train_distributed import losses, torchrun
-    from vlm.train import compose, run
+    from tests.test_train_distributed import assert_matches_one_process
 
     args = ["recipe=micro", "stages=[sft]", "stage.sft.max_steps=3", "stage.sft.global_batch_size=4",
             "stage.sft.micro_batch_size=2", "eval.enabled=false", *QFORMER_MICRO]
-    run(compose(overrides=args + [f"output_dir={tmp_path / 'one'}"]))
-    proc = torchrun(args + ["trainer.strategy=ddp", f"output_dir={tmp_path / 'ddp'}"])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    ref, got = losses(tmp_path / "one"), losses(tmp_path / "ddp")
-    assert len(got) == len(ref) == 3
-    assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-5, (ref, got)
+    assert_matches_one_process(args, "ddp", tmp_path, steps=3)

@@ -107,9 +107,14 @@ def test_fsdp_matches_one_process_with_cross_attention_connectors(connector, tmp
     """Gated cross-attention blocks inside the LLM (xattn) and a Q-Former's own layers (qformer) under FSDP2."""
     args = ["recipe=micro", "stages=[sft]", "stage.sft.max_steps=4", "stage.sft.global_batch_size=8",
             "stage.sft.micro_batch_size=2", "stage.sft.save_every=null", "eval.enabled=false", f"connector={connector}"]
-    run(compose(overrides=args + [f"output_dir={tmp_path / 'one'}"]))
-    proc = torchrun(args + ["trainer.strategy=fsdp", f"output_dir={tmp_path / 'fsdp'}"])
+    assert_matches_one_process(args, "fsdp", tmp_path, steps=4)
+
+
+def assert_matches_one_process(args: list[str], strategy: str, out: Path, steps: int) -> None:
+    """``args`` trained in one process and in two under ``strategy`` (in ``out``) log the same ``steps`` losses."""
+    run(compose(overrides=args + [f"output_dir={out / 'one'}"]))
+    proc = torchrun(args + [f"trainer.strategy={strategy}", f"output_dir={out / strategy}"])
     assert proc.returncode == 0, proc.stderr[-4000:]
-    ref, got = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
-    assert len(got) == len(ref) == 4
+    ref, got = losses(out / "one"), losses(out / strategy)
+    assert len(got) == len(ref) == steps
     assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-5, (ref, got)
