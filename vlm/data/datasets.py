@@ -59,6 +59,16 @@ def records(path: str, format: str = "auto", processor: Any = None, add_generati
                     **reader_options)
 
 
+def check_format(format: str) -> None:
+    """``format`` is ``auto`` or a registered reader; raises ``ValueError`` naming the closest reader."""
+    from vlm.data.readers import READERS
+    from vlm.registry import did_you_mean
+
+    if format != "auto" and format not in READERS:
+        raise ValueError(f"format={format!r}: unknown reader; expected 'auto' or one of {READERS.names()} "
+                         f"({did_you_mean(format, READERS.names())})")
+
+
 def check_records(format: str = "auto", **options: Any) -> None:
     """A file dataset's options before anything is read: ``format`` is ``auto`` or a registered reader, and every
     other option is the dataset's, ``SampleDataset``'s or the reader's (with ``auto``: any reader's)."""
@@ -66,9 +76,7 @@ def check_records(format: str = "auto", **options: Any) -> None:
     from vlm.data.readers import READERS
     from vlm.registry import did_you_mean
 
-    if format != "auto" and format not in READERS:
-        raise ValueError(f"format={format!r}: unknown reader; expected 'auto' or one of {READERS.names()} "
-                         f"({did_you_mean(format, READERS.names())})")
+    check_format(format)
     def named(f: Any) -> set[str]:  # the arguments ``f`` names (its ``**options`` are checked here)
         return {n for n, p in inspect.signature(f).parameters.items()
                 if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)}

@@ -150,7 +150,8 @@ class ReadOut(Objective):
         B, dim = question.shape
         q = self.query(question).view(B, self.heads, dim)                          # (B, h, d)
         att = torch.einsum("bhd,btd->bht", q, self.key(feats)) / dim ** 0.5
-        read = torch.einsum("bht,btd->bhd", att.softmax(-1), self.value(feats))   # (B, h, d)
+        values = self.value(feats)                                                 # (B, T, d)
+        read = torch.einsum("bht,btd->bhd", att.softmax(-1), values)               # (B, h, d)
         logits = self.mlp(torch.cat([read.flatten(1), question], dim=1)).view(B, self.max_chars, 257)
         texts = self.answers(model.tokenizer, input_ids, labels)
         target = self.spell(texts, labels.device)
@@ -160,7 +161,7 @@ class ReadOut(Objective):
             found = [(b, ref, box) for b, text in enumerate(texts)
                      for ref, box in parse_boxes(text, strict=False) if ref]
             if found:
-                pooled = self.region_features(self.value(feats), [b for b, _, _ in found], [box for _, _, box in found])
+                pooled = self.region_features(values, [b for b, _, _ in found], [box for _, _, box in found])
                 region_logits = self.region_mlp(pooled).view(len(found), self.max_chars, 257)
                 region_loss, metrics["region_exact"] = self.spelling_loss(
                     region_logits, self.spell([ref for _, ref, _ in found], labels.device))

@@ -26,7 +26,7 @@ import torch
 from omegaconf import OmegaConf
 
 from vlm.data.dataset import SampleDataset
-from vlm.data.datasets import DATASETS, processed
+from vlm.data.datasets import DATASETS, check_format, processed
 from vlm.data.errors import DataError
 from vlm.train.config_check import ConfigError
 
@@ -178,12 +178,7 @@ def check_files_options(train: str, eval: str | None = None, part: str = "train"
         raise ValueError(str(e)) from e
     if part not in PARTS:
         raise ValueError(f"part={part!r}; expected one of {list(PARTS)}")
-    from vlm.data.readers import READERS
-    from vlm.registry import did_you_mean
-
-    if format != "auto" and format not in READERS:
-        raise ValueError(f"format={format!r}: unknown reader; expected 'auto' or one of {READERS.names()} "
-                         f"({did_you_mean(format, READERS.names())})")
+    check_format(format)
     if eval is None:
         heldout_indices(len(load_records(train)), int(heldout), 0)
 
