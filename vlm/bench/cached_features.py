@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from vlm.bench import BENCHES
 from vlm.bench.common import interleaved, median
 from vlm.bench.models import batch, model_config, size
+from vlm.bench.registry import BENCHES
 from vlm.bench.train_step import step_fn
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vlm.bench import BENCHES
+from vlm.bench.registry import BENCHES
 from vlm.data.images import ImageProcessor
 
 CLIP_MEAN, CLIP_STD = (0.481, 0.458, 0.408), (0.269, 0.261, 0.276)

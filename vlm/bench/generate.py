@@ -13,9 +13,9 @@ from typing import Any, Callable
 
 import torch
 
-from vlm.bench import BENCHES
 from vlm.bench.common import interleaved, median
 from vlm.bench.models import batch, build_pair, size
+from vlm.bench.registry import BENCHES
 
 
 def prompts(ours: Any, spec: dict[str, Any], rows: int, device: torch.device, dtype: torch.dtype) \

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from vlm.bench import BENCHES
 from vlm.bench.common import interleaved, median, sync
 from vlm.bench.models import batch, build_pair, size
+from vlm.bench.registry import BENCHES
 from vlm.bench.train_step import step_fn
 
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from vlm.bench import BENCHES
 from vlm.bench.common import interleaved, median
+from vlm.bench.registry import BENCHES
 from vlm.data.collate import PadCollator, concat_items, greedy_pack
 from vlm.data.report_padding import padding_waste, shapes_items
 

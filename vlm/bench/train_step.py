@@ -15,9 +15,9 @@ from typing import Any, Callable
 
 import torch
 
-from vlm.bench import BENCHES
 from vlm.bench.common import interleaved, median, peak_memory
 from vlm.bench.models import batch, build_pair, size
+from vlm.bench.registry import BENCHES
 
 
 def step_fn(module: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], lr: float = 1e-5) -> Callable[[], float]:

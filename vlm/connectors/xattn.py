@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm.connectors.base import Connector
-from vlm.connectors.registry import CONNECTORS
+from vlm.connectors.registry import CONNECTORS, build
 from vlm.registry import check_kwargs, to_dict
 
 
@@ -192,8 +192,6 @@ class GatedCrossAttentionFusion(Connector):
         self.every_n_layers, self.heads, self.head_dim, self.ff_mult = every_n_layers, heads, head_dim, ff_mult
         self.only_immediate = only_immediate
         if reducer is not None:
-            from vlm.connectors import build
-
             self.reducer: Connector | None = build(reducer, in_dim=in_dim, out_dim=out_dim)
             self.media_dim = self.reducer.out_dim
         else:

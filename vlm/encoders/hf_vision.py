@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from vlm.dtypes import resolve_dtype
 from vlm.encoders.base import SELECT_STRATEGIES, VisionEncoder
 from vlm.hf_config import check_config_keys
 from vlm.pretrained import FILE_KEYS, check_pretrained_dir, read_normalization
@@ -14,18 +15,6 @@ from vlm.recompute import enable_for_transformers
 
 FeatureLayer = int | list[int]
 # keys of a saved transformers config that describe the file, not the architecture
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        value = getattr(torch, dtype)
-    except AttributeError:
-        value = None
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}; expected e.g. 'float32', 'bfloat16', 'float16'")
-    return value
 
 
 class HFVisionEncoder(VisionEncoder):
@@ -91,38 +80,18 @@ class HFVisionEncoder(VisionEncoder):
                              f"position embeddings for every input size; leave it False")
         norm = None
         if pretrained is not None:
-            path = check_pretrained_dir(pretrained, f"{name} encoder")
-            # overrides (e.g. no SigLIP pooling head) hold for real checkpoints too; their weights are then ignored
-            self.model, info = self.model_class.from_pretrained(
-                str(path), attn_implementation=attn_implementation, dtype=resolve_dtype(dtype) or torch.float32,
-                local_files_only=True, output_loading_info=True, **self.config_overrides)
-            missing = sorted(info.get("missing_keys") or [])
-            if missing:  # transformers would leave them randomly initialized, silently
-                raise ValueError(f"{name} encoder: {str(path)!r} holds no weights for {len(missing)} tensors of "
-                                 f"transformers' {self.model_class.__name__} (e.g. {missing[:4]}); expected a "
-                                 f"directory saved from that model{self.pretrained_hint}")
-            norm = read_normalization(path)
+            self.model, norm = self.load_pretrained(pretrained, attn_implementation, dtype)
         else:
-            if config is not None:
-                if strict_config:
-                    check_config_keys(self.config_class, config, f"{name} encoder config")
-                cfg = self.config_class(**{k: v for k, v in config.items() if k != "model_type" and k not in FILE_KEYS})
-            else:
-                cfg = self.config_class(**self.dims_config(
-                    hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                    intermediate_size=intermediate_size or 4 * hidden_size, image_size=image_size,
-                    patch_size=patch_size), **self.config_overrides)
+            cfg = self.build_config(
+                config, strict_config, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                num_attention_heads=num_heads, intermediate_size=intermediate_size or 4 * hidden_size,
+                image_size=image_size, patch_size=patch_size)
             cfg._attn_implementation = attn_implementation
             self.model = self.model_class(cfg)
             if dtype is not None:
                 self.model.to(resolve_dtype(dtype))
         cfg = self.model.config
-        layers = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
-        n_states = cfg.num_hidden_layers + 1
-        for layer in layers:
-            if not -n_states <= layer < n_states:
-                raise ValueError(f"feature_layer {layer} out of range for a tower with {cfg.num_hidden_layers} "
-                                 f"layers (hidden_states has {n_states} entries; valid {-n_states}..{n_states - 1})")
+        layers = self.check_feature_layers(feature_layer, cfg.num_hidden_layers)
         self.feature_layer: FeatureLayer = feature_layer if isinstance(feature_layer, int) else layers
         self.layers = layers
         self.select = select
@@ -140,6 +109,50 @@ class HFVisionEncoder(VisionEncoder):
             self.image_std = tuple(image_std)
         if freeze:
             self.requires_grad_(False)
+
+    def load_pretrained(self, pretrained: str, attn_implementation: str,
+                        dtype: str | None) -> tuple[PreTrainedModel, tuple | None]:
+        """The tower of a local transformers directory and its normalization constants (``None`` when the directory
+        states none).
+
+        Raises:
+            FileNotFoundError: the directory, its ``config.json`` or weights are missing.
+            ValueError: the directory holds no weights for some of the tower's tensors (transformers would leave them
+                randomly initialized, silently).
+        """
+        name = self.component_name
+        path = check_pretrained_dir(pretrained, f"{name} encoder")
+        # overrides (e.g. no SigLIP pooling head) hold for real checkpoints too; their weights are then ignored
+        model, info = self.model_class.from_pretrained(
+            str(path), attn_implementation=attn_implementation, dtype=resolve_dtype(dtype) or torch.float32,
+            local_files_only=True, output_loading_info=True, **self.config_overrides)
+        missing = sorted(info.get("missing_keys") or [])
+        if missing:
+            raise ValueError(f"{name} encoder: {str(path)!r} holds no weights for {len(missing)} tensors of "
+                             f"transformers' {self.model_class.__name__} (e.g. {missing[:4]}); expected a "
+                             f"directory saved from that model{self.pretrained_hint}")
+        return model, read_normalization(path)
+
+    def build_config(self, config: dict[str, Any] | None, strict_config: bool, **dims: int) -> PretrainedConfig:
+        """The transformers config of a random tower: from ``config`` (keys checked against ``config_class`` when
+        ``strict_config``; raises ``TypeError`` naming an unknown key) or else from the dimensions ``dims``."""
+        if config is None:
+            return self.config_class(**self.dims_config(**dims), **self.config_overrides)
+        if strict_config:
+            check_config_keys(self.config_class, config, f"{self.component_name} encoder config")
+        return self.config_class(**{k: v for k, v in config.items() if k != "model_type" and k not in FILE_KEYS})
+
+    @staticmethod
+    def check_feature_layers(feature_layer: FeatureLayer, num_layers: int) -> list[int]:
+        """``feature_layer`` as a list of ``hidden_states`` indices (``num_layers + 1`` entries: the embeddings, then
+        one per block). Raises ``ValueError`` for an index out of range."""
+        layers = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
+        n_states = num_layers + 1
+        for layer in layers:
+            if not -n_states <= layer < n_states:
+                raise ValueError(f"feature_layer {layer} out of range for a tower with {num_layers} "
+                                 f"layers (hidden_states has {n_states} entries; valid {-n_states}..{n_states - 1})")
+        return layers
 
     @staticmethod
     def dims_config(**dims: int) -> dict[str, int]:

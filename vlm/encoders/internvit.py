@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlm.dtypes import resolve_dtype
 from vlm.encoders.base import SELECT_STRATEGIES, VisionEncoder
-from vlm.encoders.hf_vision import resolve_dtype
 from vlm.encoders.internvit_keys import hf_to_ours
 from vlm.encoders.registry import ENCODERS
 from vlm.pretrained import CONFIG_FILE, check_pretrained_dir, load_strict, read_weights

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlm.dtypes import resolve_dtype
 from vlm.encoders.base import SELECT_STRATEGIES, VisionEncoder
-from vlm.encoders.hf_vision import resolve_dtype
 from vlm.encoders.registry import ENCODERS
 
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
+from vlm.dtypes import resolve_dtype
 from vlm.encoders.base import VisionEncoder
-from vlm.encoders.hf_vision import resolve_dtype
 from vlm.encoders.registry import ENCODERS
 from vlm.pos_embed import sincos_2d
 

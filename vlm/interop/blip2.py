@@ -28,10 +28,20 @@ import torch
 
 from vlm import connectors
 from vlm.connectors.qformer import QFormerConnector, to_hf_name
+from vlm.dtypes import resolve_dtype
 from vlm.encoders.blip2 import Blip2Encoder
-from vlm.encoders.hf_vision import resolve_dtype
-from vlm.interop.common import (arch_config, assemble, copy_state, dtype_name, import_encoder, import_llm, is_tied,
-                                load_strict, save_hf, text_config_for_export)
+from vlm.interop.common import (
+    arch_config,
+    assemble,
+    copy_state,
+    dtype_name,
+    import_encoder,
+    import_llm,
+    is_tied,
+    load_strict,
+    save_hf,
+    text_config_for_export,
+)
 from vlm.interop.formats import FORMATS, HFFormat
 from vlm.interop.mapping import ACT_FROM_HF, ACT_TO_HF
 from vlm.interop.processor import save_processor

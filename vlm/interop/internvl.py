@@ -27,7 +27,7 @@ from torch import nn
 from vlm import connectors, encoders
 from vlm import llm as llms
 from vlm.connectors.pixel_shuffle_mlp import PixelShuffleMLP
-from vlm.encoders.hf_vision import resolve_dtype
+from vlm.dtypes import resolve_dtype
 from vlm.encoders.internvit import InternViTEncoder, dims_from_hf, dims_to_hf
 from vlm.encoders.internvit_keys import hf_to_ours, ours_to_hf
 from vlm.hf_config import unknown_config_keys
@@ -40,8 +40,8 @@ from vlm.interop.common import (
     is_tied,
     lm_problems,
     load_strict,
-    read_generation,
     load_tokenizer,
+    read_generation,
     text_config_for_export,
 )
 from vlm.interop.formats import FORMATS, HFFormat

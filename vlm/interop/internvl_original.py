@@ -26,7 +26,7 @@ import torch
 
 from vlm import connectors, encoders
 from vlm import llm as llms
-from vlm.encoders.hf_vision import resolve_dtype
+from vlm.dtypes import resolve_dtype
 from vlm.encoders.internvit import IMAGENET_MEAN, IMAGENET_STD
 from vlm.encoders.internvit_keys import original_to_ours
 from vlm.interop.common import dtype_name, load_tokenizer

@@ -23,12 +23,31 @@ from typing import Any
 import torch
 
 from vlm import connectors, encoders
-from vlm.encoders.hf_vision import HFVisionEncoder, resolve_dtype
-from vlm.interop.common import (arch_config, assemble, copy_state, dtype_name, import_encoder, import_llm, is_tied,
-                                lm_problems, load_strict, save_hf, text_config_for_export)
+from vlm.dtypes import resolve_dtype
+from vlm.encoders.hf_vision import HFVisionEncoder
+from vlm.interop.common import (
+    arch_config,
+    assemble,
+    copy_state,
+    dtype_name,
+    import_encoder,
+    import_llm,
+    is_tied,
+    lm_problems,
+    load_strict,
+    save_hf,
+    text_config_for_export,
+)
 from vlm.interop.formats import FORMATS, HFFormat
-from vlm.interop.mapping import (ACT_FROM_HF, ACT_TO_HF, ENCODER_MODEL_TYPES, SELECT_FROM_LLAVA, SELECT_TO_LLAVA,
-                                 UNUSED_VISION_MODULES, VISION_MODEL_TYPES)
+from vlm.interop.mapping import (
+    ACT_FROM_HF,
+    ACT_TO_HF,
+    ENCODER_MODEL_TYPES,
+    SELECT_FROM_LLAVA,
+    SELECT_TO_LLAVA,
+    UNUSED_VISION_MODULES,
+    VISION_MODEL_TYPES,
+)
 from vlm.interop.processor import save_llava_processor
 from vlm.model import VLM
 from vlm.pretrained import CONFIG_FILE, check_weights, read_config

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from vlm.encoders.hf_vision import resolve_dtype
+from vlm.dtypes import resolve_dtype
 from vlm.hf_config import check_config_keys, config_class_for
 from vlm.llm.registry import LLMS
 from vlm.pretrained import FILE_KEYS, check_pretrained_dir

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from vlm.loss import Weighting, batch_weight, label_only_lm_loss, lm_loss, mask_segment_starts, weighting_of
-from vlm.objectives import OBJECTIVES
 from vlm.objectives.base import Objective, ObjectiveOutput
+from vlm.objectives.registry import OBJECTIVES
 
 
 @OBJECTIVES.register("lm")

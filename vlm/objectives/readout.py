@@ -35,8 +35,8 @@ from torch import nn
 
 from vlm.data.boxes import parse as parse_boxes
 from vlm.labels import IGNORE_INDEX
-from vlm.objectives import OBJECTIVES
 from vlm.objectives.base import Objective, ObjectiveOutput
+from vlm.objectives.registry import OBJECTIVES
 
 END = 256  # the class after the last byte
 

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm.objectives import OBJECTIVES
 from vlm.labels import IGNORE_INDEX
 from vlm.objectives.base import Objective, ObjectiveOutput
+from vlm.objectives.registry import OBJECTIVES
 
 
 @OBJECTIVES.register("siglip")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm.objectives import OBJECTIVES
+from vlm.objectives.registry import OBJECTIVES
 from vlm.objectives.siglip import SigLIP
 
 
