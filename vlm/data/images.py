@@ -13,7 +13,6 @@ import base64
 import io
 import os
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -22,10 +21,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from vlm.data.errors import CorruptImage, DataError, MissingImage, TinyImage, URLRefused, open_error
-from vlm.data.tiling import BICUBIC, anyres_layout, anyres_tiles, dynamic_tiles, tile_grid
+from vlm.data.geometry import Affine, ImageInfo  # noqa: F401  (ImageInfo: part of this module's API)
+from vlm.data.layouts import LAYOUTS, Layout
+from vlm.data.tiling import BICUBIC
 
 RGB = tuple[int, int, int]
-Box = tuple[float, float, float, float]
 WHITE: RGB = (255, 255, 255)
 
 
@@ -145,121 +145,18 @@ def load_image(source: Any, *, root: str | os.PathLike | None = None, allow_urls
     return rgb
 
 
-# ----------------------------------------------------------------------------------------------------------- geometry
-@dataclass(frozen=True)
-class Affine:
-    """``x' = x * sx + ox``, ``y' = y * sy + oy``: original pixel coordinates -> one output's pixel coordinates."""
-
-    sx: float
-    sy: float
-    ox: float = 0.0
-    oy: float = 0.0
-
-    def box(self, box: Sequence[float]) -> Box:
-        x1, y1, x2, y2 = (float(v) for v in box)
-        return (x1 * self.sx + self.ox, y1 * self.sy + self.oy, x2 * self.sx + self.ox, y2 * self.sy + self.oy)
-
-    def inverse_box(self, box: Sequence[float]) -> Box:
-        x1, y1, x2, y2 = (float(v) for v in box)
-        return ((x1 - self.ox) / self.sx, (y1 - self.oy) / self.sy, (x2 - self.ox) / self.sx, (y2 - self.oy) / self.sy)
-
-
-@dataclass
-class ImageInfo:
-    """What ``ImageProcessor`` did to one image.
-
-    - ``original_size``: ``(width, height)`` of the input; ``image_size``: ``S`` of every output.
-    - ``mode``: ``resize`` | ``pad`` | ``crop`` | ``dynamic`` | ``anyres``.
-    - ``transforms[k]`` / ``kinds[k]``: per output ``k`` (in tensor order), the ``Affine`` from original pixels into
-      that output's ``S x S`` frame and its role: ``image`` (no tiling), ``tile``, ``thumbnail`` (dynamic, last),
-      ``base`` (anyres, first).
-    - ``grid``: ``(cols, rows)`` of tiles (``(1, 1)`` without tiling); ``best_resolution``: anyres ``(height, width)``.
-    - ``frame``: the box frame. Without tiling it is the single output. With tiling it is the *global view*: the whole
-      image resized to ``S x S`` (dynamic's thumbnail, anyres' base image) — boxes are not split across tiles.
-    """
-
-    original_size: tuple[int, int]
-    image_size: int
-    mode: str
-    transforms: list[Affine]
-    kinds: list[str]
-    frame: Affine
-    grid: tuple[int, int] = (1, 1)
-    best_resolution: tuple[int, int] | None = None
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def num_images(self) -> int:
-        return len(self.transforms)
-
-    @property
-    def changes_normalized_frame(self) -> bool:
-        """True when coordinates normalized to the image (Qwen-VL ``[0, 1000)``) change meaning (pad, crop)."""
-        f, (w, h), s = self.frame, self.original_size, self.image_size
-        return not (abs(f.sx * w - s) < 1e-9 and abs(f.sy * h - s) < 1e-9 and f.ox == 0 and f.oy == 0)
-
-    def transform_box(self, box: Sequence[float], *, clip: bool = True, as_int: bool = False):
-        """Map an absolute pixel box ``(x1, y1, x2, y2)`` of the original image into ``frame`` pixels.
-
-        With ``clip`` the result is clipped to ``[0, S]``; a box left with no area inside the frame (cropped away)
-        returns ``None``. ``as_int`` rounds to ints (for rewriting JSON boxes in text)."""
-        x1, y1, x2, y2 = self.frame.box(box)
-        if clip:
-            s = float(self.image_size)
-            had_area = x2 > x1 and y2 > y1
-            x1, y1, x2, y2 = (min(max(v, 0.0), s) for v in (x1, y1, x2, y2))
-            if x2 < x1 or y2 < y1 or (had_area and (x2 == x1 or y2 == y1)):
-                return None
-        out = (x1, y1, x2, y2)
-        return tuple(int(round(v)) for v in out) if as_int else out
-
-    def inverse_box(self, box: Sequence[float]) -> Box:
-        """Map a pixel box in ``frame`` back to original-image pixels (e.g. a model's absolute-coordinate answer)."""
-        return self.frame.inverse_box(box)
-
-    def transform_norm_box(self, box: Sequence[int]):
-        """Map a Qwen-VL ``[0, 1000)`` box of the original image to a ``[0, 1000)`` box of ``frame`` (identity for
-        resize and tiling; changes under pad and crop). Returns ``None`` when cropped away."""
-        if not self.changes_normalized_frame:
-            return tuple(int(v) for v in box)
-        w, h = self.original_size
-        x1, y1, x2, y2 = box
-        px = self.transform_box((x1 / 1000 * w, y1 / 1000 * h, x2 / 1000 * w, y2 / 1000 * h))
-        if px is None:
-            return None
-        s = self.image_size
-        return tuple(min(max(int(round(v / s * 1000)), 0), 999) for v in px)
-
-
 # ---------------------------------------------------------------------------------------------------------- processor
-_TILING_KEYS = {"dynamic": {"kind", "min_tiles", "max_tiles", "thumbnail"},
-                "anyres": {"kind", "pinpoints", "pad_color"}}
-
-
 def check_tiling(tiling: Mapping | None) -> dict | None:
-    """``tiling`` with defaults filled in, or ``None``; ``ValueError`` / ``TypeError`` naming a bad kind, key or
-    tile count (``1 <= min_tiles <= max_tiles``)."""
+    """``tiling`` (``{kind: <layout>, ...options}``) with the layout's defaults filled in, or ``None``; ``ValueError``
+    / ``TypeError`` naming a bad kind, key or value (e.g. ``1 <= min_tiles <= max_tiles``). Kinds are the registered
+    layouts (``vlm.data.layouts.LAYOUTS``)."""
     if tiling is None:
         return None
     t = dict(tiling)
     kind = t.get("kind")
-    if kind not in _TILING_KEYS:
-        raise ValueError(f"tiling kind {kind!r} unknown; expected one of {sorted(_TILING_KEYS)} (or tiling=None)")
-    bad = set(t) - _TILING_KEYS[kind]
-    if bad:
-        raise TypeError(f"unknown tiling key(s) {sorted(bad)} for kind={kind!r}; "
-                        f"accepted: {sorted(_TILING_KEYS[kind])}")
-    if kind == "dynamic":
-        t = {"kind": kind, "min_tiles": int(t.get("min_tiles", 1)), "max_tiles": int(t.get("max_tiles", 12)),
-             "thumbnail": bool(t.get("thumbnail", True))}
-        if not 1 <= t["min_tiles"] <= t["max_tiles"]:
-            raise ValueError(f"dynamic tiling needs 1 <= min_tiles <= max_tiles; got {t}")
-    else:
-        if not t.get("pinpoints"):
-            raise ValueError("anyres tiling needs pinpoints=[[height, width], ...]")
-        t["pinpoints"] = [[int(h), int(w)] for h, w in t["pinpoints"]]
-        t["pad_color"] = tuple(int(c) for c in t.get("pad_color", (0, 0, 0)))
-    return t
+    if not isinstance(kind, str) or kind not in LAYOUTS:
+        raise ValueError(f"tiling kind {kind!r} unknown; expected one of {sorted(LAYOUTS.names())} (or tiling=None)")
+    return LAYOUTS.get(kind).check(t)
 
 
 class ImageProcessor:
@@ -290,6 +187,8 @@ class ImageProcessor:
         self.pad_color = tuple(int(c) for c in pad_color) if pad_color is not None else \
             tuple(int(m * 255) for m in self.mean)
         self.tiling = check_tiling(tiling)
+        self.layout: Layout | None = None if self.tiling is None else \
+            LAYOUTS.get(self.tiling["kind"])(self.image_size, self.tiling)
         if self.tiling is not None and resize_mode != "resize":
             raise ValueError(f"tiling={self.tiling['kind']!r} uses its reference geometry and cannot be combined with "
                              f"resize_mode={resize_mode!r}; use resize_mode='resize'")
@@ -309,29 +208,9 @@ class ImageProcessor:
                 f"resize_mode={self.resize_mode!r}, tiling={self.tiling})")
 
     # ------------------------------------------------------------------------------------------------- planning
-    def _dynamic_budget(self, max_tiles: int | None) -> tuple[int, int]:
-        t = self.tiling
-        # a per-call cap (the sample's tile budget) only ever lowers the configured maximum
-        mx = t["max_tiles"] if max_tiles is None else max(1, min(int(max_tiles), t["max_tiles"]))
-        return min(t["min_tiles"], mx), mx
-
-    def _pinpoints(self, max_tiles: int | None) -> list[list[int]]:
-        pins, s = self.tiling["pinpoints"], self.image_size
-        if max_tiles is None:
-            return pins
-        fit = [p for p in pins if (p[0] // s) * (p[1] // s) <= max_tiles]
-        return fit or [min(pins, key=lambda p: (p[0] // s) * (p[1] // s))]
-
     def num_images(self, width: int, height: int, *, max_tiles: int | None = None) -> int:
         """How many ``S x S`` outputs an image of ``width x height`` becomes (without decoding any pixels)."""
-        if self.tiling is None:
-            return 1
-        if self.tiling["kind"] == "dynamic":
-            lo, hi = self._dynamic_budget(max_tiles)
-            cols, rows = tile_grid(width, height, min_tiles=lo, max_tiles=hi, tile_size=self.image_size)
-            return cols * rows + (1 if self.tiling["thumbnail"] and cols * rows > 1 else 0)
-        cols, rows = anyres_layout(width, height, self._pinpoints(max_tiles), self.image_size).grid
-        return 1 + cols * rows
+        return 1 if self.layout is None else self.layout.num_views(width, height, max_tiles=max_tiles)
 
     # ----------------------------------------------------------------------------------------------- processing
     def __call__(self, img: Any, *, max_tiles: int | None = None, sample_id: Any = None
@@ -343,35 +222,13 @@ class ImageProcessor:
         Returns ``pixel_values (n, 3, S, S)`` float32 and ``ImageInfo``.
         """
         img = load_image(img, sample_id=sample_id, background=self.background)
-        w, h = img.size
-        s = self.image_size
-        squash = Affine(s / w, s / h)
-        if self.tiling is None:
+        if self.layout is None:
             views, info = self._single(img)
-        elif self.tiling["kind"] == "dynamic":
-            lo, hi = self._dynamic_budget(max_tiles)
-            cols, rows = tile_grid(w, h, min_tiles=lo, max_tiles=hi, tile_size=s)
-            views = dynamic_tiles(img, min_tiles=lo, max_tiles=hi, tile_size=s, thumbnail=self.tiling["thumbnail"])
-            tsx, tsy = cols * s / w, rows * s / h
-            transforms = [Affine(tsx, tsy, -c * s, -r * s) for r in range(rows) for c in range(cols)]
-            kinds = ["tile"] * len(transforms)
-            if len(views) > len(transforms):
-                transforms.append(squash)
-                kinds.append("thumbnail")
-            info = ImageInfo((w, h), s, "dynamic", transforms, kinds, squash, grid=(cols, rows))
-        else:
-            pins = self._pinpoints(max_tiles)
-            lay = anyres_layout(w, h, pins, s)
-            views = anyres_tiles(img, pins, s, pad_color=self.tiling["pad_color"])
-            rw, rh = lay.resized
-            px, py = lay.paste
-            cols, rows = lay.grid
-            transforms = [squash] + [Affine(rw / w, rh / h, px - c * s, py - r * s)
-                                     for r in range(rows) for c in range(cols)]
-            kinds = ["base"] + ["tile"] * (cols * rows)
-            info = ImageInfo((w, h), s, "anyres", transforms, kinds, squash, grid=(cols, rows),
-                             best_resolution=lay.best, extra={"resized": lay.resized, "paste": lay.paste})
-        return self.to_tensor(views), info
+            return self.to_tensor(views), info
+        lay = self.layout.layout(img, max_tiles=max_tiles)
+        info = ImageInfo(img.size, self.image_size, self.layout.mode, lay.transforms, lay.kinds, lay.frame,
+                         grid=lay.grid, best_resolution=lay.best_resolution, extra=lay.extra)
+        return self.to_tensor(lay.images), info
 
     def _single(self, img: Image.Image) -> tuple[list[Image.Image], ImageInfo]:
         w, h = img.size
