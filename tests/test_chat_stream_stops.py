@@ -49,7 +49,7 @@ def model():
 def chat_and_stream(model, reply: str, stop, max_new_tokens: int = 40):
     tok = model.tokenizer
     ids = tok.encode(reply, add_special_tokens=False) + [tok.convert_tokens_to_ids("<|im_end|>")]
-    kw = dict(max_new_tokens=max_new_tokens, stop=list(stop), logits_processor=LogitsProcessorList([Force(ids)]))
+    kw = {"max_new_tokens": max_new_tokens, "stop": list(stop), "logits_processor": LogitsProcessorList([Force(ids)])}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no stop string occurred"
         text, history = model.chat(None, "hi", **kw)
@@ -147,3 +147,19 @@ def test_streamed_pieces_are_prefixes_of_the_reply(name):
 ])
 def test_stable_prefix(raw, stop, want):
     assert stable_prefix(raw, stop) == want
+
+
+def test_an_open_byte_fallback_run_is_held_back():
+    """``ByteFallback`` decodes a run of ``<0xNN>`` tokens together: a valid ``😀`` followed by a stray continuation
+    byte becomes replacement characters once the byte arrives, so ``😀`` is not released while the run is open."""
+    tok = byte_fallback_tokenizer()
+    byte = [tok.convert_tokens_to_ids(f"<0x{b:02X}>") for b in "😀".encode() + b"\x80"]
+    ids = tok.encode("ok", add_special_tokens=False) + byte + tok.encode(" end", add_special_tokens=False)
+    streamer = ReplyStreamer(tok, [tok.eos_token_id])
+    released = []
+    for t in ids:
+        streamer.put(torch.tensor([t]))
+        released.append(streamer.stable())
+    final = streamer.text()
+    assert final == tok.decode(ids).strip() and "😀" not in final
+    assert all(final.startswith(r) for r in released) and released[-1] == final
