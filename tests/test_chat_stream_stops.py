@@ -1,7 +1,8 @@
 """Stop strings while streaming: the pieces ``chat_stream`` yields join to exactly ``stream.reply`` == ``chat(...)[0]``,
 for stop strings that span tokens, split multi-byte characters, are one character long, start the reply, never occur,
-or overlap (a later-starting shorter one is complete first). Replies are forced token by token with a logits processor on a real tiny
-model (real ``generate``, stopping criteria and streamer); the wide matrix drives ``ReplyStreamer`` directly."""
+or overlap (a later-starting shorter one is complete first). Replies are forced token by token with a logits
+processor on a real tiny model (real ``generate``, stopping criteria and streamer); the wide matrix drives
+``ReplyStreamer`` directly."""
 from __future__ import annotations
 
 import warnings
@@ -141,7 +142,8 @@ def test_streamed_pieces_are_prefixes_of_the_reply(name):
 @pytest.mark.parametrize("raw, stop, want", [
     ("ok😀\ufffd", ["😀中"], "ok"),  # an incomplete character, then the stop prefix before it
     ("ok😀中 e", ["en"], "ok😀中"),  # no trailing space leaks
-    ("  ok", ["x"], "ok"), ("ok  ", [], "ok"), ("ab", ["b", "abc"], "a"), ("ab", ["abc", "b"], "a"), ("xab", ["ab", "b"], "x"),
+    ("  ok", ["x"], "ok"), ("ok  ", [], "ok"), ("ab", ["b", "abc"], "a"), ("ab", ["abc", "b"], "a"),
+    ("xab", ["ab", "b"], "x"),
     ("ok d", ["d."], "ok"), ("ok", ["o"], ""), (" \nok", ["\n"], ""), ("ok \n", [" \n"], "ok"),
     ("ok \n", ["\n\n"], "ok"),
 ])

@@ -4,10 +4,10 @@ and streaming.
 ``generate_replies(model, items, tokenizer, ...)`` takes processor outputs (``Processor(sample,
 add_generation_prompt=True)``), pads them on the left, calls ``VLM.generate`` once and decodes each row exactly as
 training's evaluation does (``vlm.train.evaluate.decode``: cut at the first stop id, special tokens kept), cuts it
-at the first stop string to be complete and strips its outer whitespace (``reply_text``). The stop ids are the model's
-``generation["eos_token_id"]`` and nothing else (``vlm.generation``: the same list an export writes, so served
-transformers stops where vlm stops). ``stream_reply`` runs the same generation for
-one prompt in a thread and yields the text as it grows; the pieces join to the same text ``generate_replies`` gives.
+at the first stop string to be complete and strips its outer whitespace (``reply_text``). The stop ids are the
+model's ``generation["eos_token_id"]`` and nothing else (``vlm.generation``: the same list an export writes, so served
+transformers stops where vlm stops). ``stream_reply`` runs the same generation for one prompt in a thread and yields
+the text as it grows; the pieces join to the same text ``generate_replies`` gives.
 """
 from __future__ import annotations
 
@@ -83,11 +83,11 @@ def stable_prefix(raw: str, stop: Sequence[str]) -> str:
     """The text every finished reply that continues ``raw`` must start with.
 
     ``raw``: the decoded new tokens so far (no stop id among them, not stripped). A finished reply is
-    ``cut_at_stop_strings(decoded, stop)[0].strip()`` for some continuation of ``raw``. Once a stop string is complete the reply
-    is settled (no later text can end before it). Until then held back are: replacement characters at the end (an
-    incomplete UTF-8 character whose next bytes are still to come), the longest suffix that is the start of a stop
-    string (it may complete into one) and the whitespace before the held-back point (stripped if the reply ends
-    there). Releasing only this text makes the streamed pieces join to exactly the finished reply."""
+    ``cut_at_stop_strings(decoded, stop)[0].strip()`` for some continuation of ``raw``. Once a stop string is
+    complete the reply is settled (no later text can end before it). Until then held back are: replacement characters
+    at the end (an incomplete UTF-8 character whose next bytes are still to come), the longest suffix that is the
+    start of a stop string (it may complete into one) and the whitespace before the held-back point (stripped if the
+    reply ends there). Releasing only this text makes the streamed pieces join to exactly the finished reply."""
     text = raw.rstrip("\ufffd")
     if first_stop(text, stop) is not None:
         return cut_at_stop_strings(text, stop)[0].strip()
@@ -194,9 +194,10 @@ def open_byte_run(tokenizer: Any, ids: Sequence[int]) -> int:
 
 class ReplyStreamer:
     """A ``transformers`` streamer (its ``put``/``end`` protocol) for one prompt: collects new ids and serves the
-    growing reply as text pieces through :meth:`pieces`. A piece is released once it can no longer change (:func:`stable_prefix`): text that could
-    still be the start of a stop string, trailing whitespace (stripped from a finished reply), incomplete characters
-    and an open run of byte-fallback tokens are held back, so the pieces join to exactly the finished reply."""
+    growing reply as text pieces through :meth:`pieces`. A piece is released once it can no longer change
+    (:func:`stable_prefix`): text that could still be the start of a stop string, trailing whitespace (stripped from
+    a finished reply), incomplete characters and an open run of byte-fallback tokens are held back, so the pieces
+    join to exactly the finished reply."""
 
     def __init__(self, tokenizer: Any, stops: Sequence[int], stop: Sequence[str] = ()) -> None:
         self.tokenizer, self.stops, self.stop = tokenizer, list(stops), list(stop)
