@@ -76,7 +76,7 @@ def test_vlm_generate_stops_at_the_templates_end_of_turn(trained):
     directory, item, reply = trained
     model = vlm.load(directory)  # the generation settings survive save_pretrained / vlm.load
     im_end = model.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert model.generation == {"eos_token_id": [model.tokenizer.eos_token_id, im_end],
+    assert model.generation == {"eos_token_id": [model.tokenizer.eos_token_id, im_end, model.tokenizer.pad_token_id],
                                 "pad_token_id": model.tokenizer.pad_token_id,
                                 "bos_token_id": model.tokenizer.bos_token_id}
     ids, text = vlm_reply(model, item)
@@ -138,10 +138,11 @@ def test_import_keeps_the_directory_generation_settings(trained, tmp_path):
 def test_export_without_template_uses_the_tokenizers_eos(tmp_path):
     tok = byte_tokenizer("llama3")
     model = vlm.build(tiny_cfg("clip", "llama"), tokenizer=tok)
-    assert model.generation["eos_token_id"] == [tok.convert_tokens_to_ids("<|eot_id|>")]
+    assert model.generation["eos_token_id"] == [tok.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|pad|>")]
     model.tokenizer = copy.deepcopy(tok)
     model.set_template("chatml")  # a run that trained chatml on this tokenizer: stops at either, renders chatml
-    assert model.generation["eos_token_id"] == [tok.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|im_end|>")]
+    assert model.generation["eos_token_id"] == [tok.convert_tokens_to_ids(t)
+                                                for t in ("<|eot_id|>", "<|im_end|>", "<|pad|>")]
     out = vlm.interop.to_hf(model, tmp_path)
     processor = AutoProcessor.from_pretrained(str(out))
     text = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
