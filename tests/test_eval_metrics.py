@@ -104,7 +104,7 @@ SHAPES = ["red circle", "blue square", "green triangle", "yellow star"]
     ("First I thought A. red circle. Final answer: C", 2), ("Answer = C", 2), ('The answer is "C".', 2),
     # ... or the option's text after a declaration; an article before it is not a letter
     ("The answer is a green triangle, not the red circle.", 2), ("The answer is A red circle", 0),
-    ("the answer is: green triangle", 2),
+    ("the answer is: green triangle", 2), ("Answer: The red circle is wrong; it is (C).", 2),
     # rule 2: the reply is a letter
     ("C", 2), ("c", 2), ("(C)", 2), ("C.", 2), ("**C**", 2), ("[C]", 2), ("  C  \n", 2),
     # rule 3: capital labels (the opening label, a line of its own, (C) / **C** anywhere), when they agree

@@ -167,10 +167,11 @@ def _letter_at(text: str) -> tuple[str | None, bool]:
 
 
 def _option_text_at(text: str, norm_options: Sequence[str]) -> int | None:
-    """The option whose normalized text begins ``text``'s first line (normalized), the longest when several do."""
-    line = normalize_vqa(text.split("\n", 1)[0])
-    found = [(len(o), i) for i, o in enumerate(norm_options) if o and re.match(rf"{re.escape(o)}\b", line)]
-    return max(found)[1] if found else None
+    """The option whose normalized text is ``text``'s first clause (up to ``. , ; ! ?`` or a line end), normalized:
+    ``a green triangle, not ...`` names the green triangle; ``the red circle is wrong`` names nothing."""
+    clause = normalize_vqa(re.split(r"[.,;!?\n]", text, maxsplit=1)[0])
+    found = [i for i, o in enumerate(norm_options) if o and o == clause]
+    return found[0] if len(found) == 1 else None
 
 
 def _declared(text: str, letters: str, norm_options: Sequence[str]) -> int | None:
@@ -213,7 +214,8 @@ def choice_index(prediction: str, options: Sequence[str]) -> int | None:
 
     1. **Declared answer**, anywhere in the reply; the last declaration wins: ``answer is``, ``Answer:``,
        ``The correct option is``, ``final answer =``, ``I choose``, followed by a letter (``Answer: (C)``,
-       ``answer is **C**``, ``The answer is c.``) or by an option's text (``The answer is a green triangle``); and
+       ``answer is **C**``, ``The answer is c.``) or by an option's text as its clause (``The answer is a green
+       triangle, ...``); and
        ``option C is correct`` / ``(C) is the right ...``. A letter followed by more words (``is A red circle``)
        is read as a letter only when it is a capital and no option's text follows.
     2. **The reply is an option's letter**, any case: ``C``, ``c``, ``(c)``, ``C.``, ``**C**``, ``[C]``.
