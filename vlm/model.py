@@ -198,6 +198,9 @@ class VLM(nn.Module):
 
         ``segment_ids (B, L)`` marks packed samples (0 = padding): attention stays within each segment, positions
         restart per segment, and a segment's first token is never a target of the previous segment.
+
+        ``lm_kwargs``: keywords of the LM's forward (``use_cache``, ``num_items_in_batch``, ``output_hidden_states``,
+        ...); any other raises ``TypeError`` naming it (``check_keywords``).
         """
         self.check_keywords(lm_kwargs, "forward")
         lm_inputs = self.lm_inputs(input_ids, pixel_values, attention_mask, position_ids, segment_ids)
