@@ -3,9 +3,18 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
+import types
 
 import pytest
 import torch
+
+# ``from tests.conftest import ...`` must read this folder even where a dependency installed a top-level ``tests``
+# package (lmms-eval's dependency latex2sympy2 does), which would otherwise win over this folder (no __init__.py).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in list(getattr(sys.modules.get("tests"), "__path__", [])):
+    sys.modules["tests"] = types.ModuleType("tests")
+    sys.modules["tests"].__path__ = [_HERE]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -19,6 +19,51 @@ def test_vqa_normalization(raw, norm):
     assert M.normalize_vqa(raw) == norm
 
 
+# One case per rule of the VQA evaluation (GT-Vision-Lab vqaEval.py / EvalAI's processor), values by hand.
+@pytest.mark.parametrize("raw, norm", [
+    # punctuation: a mark touching a space is deleted everywhere, else each occurrence becomes a space
+    ("red, blue", "red blue"), ("red,blue", "red blue"), ("(left)", "left"), ("left/right", "left right"),
+    ("yes!", "yes"), ("what?", "what"), ('"stop"', "stop"), ("a;b", "b"),
+    # a comma between digits deletes every mark of the answer (the official rule, applied to the whole answer)
+    ("2,000 red,blue", "2000 redblue"),
+    # a period is deleted unless a digit follows it
+    ("2.", "2"), ("3.5", "3.5"), (".5", ".5"), ("st. louis", "st louis"), ("e.g.", "eg"),
+    # the apostrophe is kept (and so the contraction)
+    ("it's", "it's"), ("don't", "don't"),
+    # number words zero..ten and "none" -> digits; others stay
+    ("none", "0"), ("ten dogs", "10 dogs"), ("Zero", "0"), ("eleven", "eleven"),
+    # articles dropped
+    ("the dog", "dog"), ("an apple", "apple"), ("A cat and a dog", "cat and dog"),
+    # contractions without apostrophes restored, also partly written ones; English words left alone
+    ("isnt", "isn't"), ("couldnt've", "couldn't've"), ("couldn'tve", "couldn't've"), ("youre", "you're"),
+    ("well", "well"), ("its", "its"), ("lets go", "lets go"), ("oclock", "o'clock"),
+    # whitespace: newlines and tabs are spaces, runs collapse
+    ("red\tcircle\n", "red circle"),
+    # what the rules would empty keeps its articles, then its own text: never "" for a visible answer
+    ("A", "a"), ("the", "the"), ("A.", "a"), ("?", "?"), ("...", "..."),
+    # blank stays blank
+    ("", ""), ("   ", ""), ("\n\t", ""),
+])
+def test_vqa_normalization_rules(raw, norm):
+    assert M.normalize_vqa(raw) == norm
+
+
+def test_vqa_empty_answer_never_matches():
+    """Issue 22: dropping articles turned the reference 'A' into '', which equalled an empty prediction (1.0)."""
+    assert M.vqa_accuracy("", ["A"]) == 0.0
+    assert M.vqa_accuracy("   ", ["the"]) == 0.0
+    assert M.vqa_accuracy("", ["A"] * 10) == 0.0
+    assert M.vqa_accuracy("\n", ["an"] * 3 + ["dog"] * 7) == 0.0
+    # the same answers, said: they match
+    assert M.vqa_accuracy("a", ["A"]) == 1.0 and M.vqa_accuracy("A.", ["a"] * 10) == 1.0
+    assert M.vqa_accuracy("the", ["the"]) == 1.0 and M.vqa_accuracy("a", ["the"]) == 0.0
+    assert M.vqa_accuracy("an apple", ["apple"]) == 1.0 and M.vqa_accuracy("None", ["0"]) == 1.0
+    with pytest.raises(ValueError, match="blank"):
+        M.vqa_accuracy("", [""])
+    with pytest.raises(ValueError, match="reference answer 1 .* is blank"):
+        M.vqa_accuracy("dog", ["dog", "  "])
+
+
 def test_vqa_soft_accuracy_by_hand():
     refs = ["2"] * 3 + ["3"] * 7
     # each "2" left out: 2 matches among the other 9 -> 2/3; each "3" left out: 3 matches -> 1. mean = (3*2/3 + 7)/10
@@ -27,6 +72,8 @@ def test_vqa_soft_accuracy_by_hand():
     assert M.vqa_accuracy("4", refs) == 0.0
     assert M.vqa_accuracy("1", ["1"] + ["0"] * 9) == pytest.approx(0.9 * 1 / 3)  # 9 subsets with one match
     assert M.vqa_accuracy("Yes.", ["yes"]) == 1.0 and M.vqa_accuracy("no", ["yes"]) == 0.0
+    # references normalized like the prediction: "Two", "2." and "two" are the same answer as "2"
+    assert M.vqa_accuracy("2", ["Two", "2.", "two", "three"] + ["3"] * 6) == pytest.approx((3 * 2 / 3 + 7 * 1) / 10)
 
 
 def test_multiple_choice():
@@ -40,6 +87,49 @@ def test_multiple_choice():
     assert M.choice_accuracy("A", opts, "B") == 0.0
     with pytest.raises(ValueError, match="names none"):
         M.choice_accuracy("A", opts, "purple")
+
+
+SHAPES = ["red circle", "blue square", "green triangle", "yellow star"]
+
+
+@pytest.mark.parametrize("reply, want", [
+    # issue 22: a declared letter wins over option text in the reasoning
+    ("It is not the red circle. The answer is C.", 2),
+    # rule 1: declarations anywhere, the last one wins; the letter wrapped or not, any case
+    ("The red circle is wrong, answer is C", 2), ("Not the red circle.\nAnswer: (C)", 2),
+    ("The red circle? No. The correct option is C", 2), ("My final answer is **C**.", 2),
+    ("the answer is c.", 2), ("Answer: C) green triangle", 2), ("I choose C, not the red circle.", 2),
+    ("The answer is C, the green triangle.", 2), ("The answer is C because the red circle is smaller.", 2),
+    ("Option C is correct; the red circle is not.", 2), ("(C) is the right one, not the red circle", 2),
+    ("First I thought A. red circle. Final answer: C", 2), ("Answer = C", 2), ('The answer is "C".', 2),
+    # ... or the option's text after a declaration; an article before it is not a letter
+    ("The answer is a green triangle, not the red circle.", 2), ("The answer is A red circle", 0),
+    ("the answer is: green triangle", 2), ("Answer: The red circle is wrong; it is (C).", 2),
+    # rule 2: the reply is a letter
+    ("C", 2), ("c", 2), ("(C)", 2), ("C.", 2), ("**C**", 2), ("[C]", 2), ("  C  \n", 2),
+    # rule 3: capital labels (the opening label, a line of its own, (C) / **C** anywhere), when they agree
+    ("C. green triangle", 2), ("(C) green triangle", 2), ("C) it is the triangle", 2),
+    ("The red circle is wrong.\nC", 2), ("The red circle is wrong. I pick **C** here", 2),
+    ("Looking at the shapes, (C) matches; the red circle does not.", 2),
+    ("(A) or (C)", None), ("A. red circle\nC. green triangle", None),
+    # the English words "A" and "I" are not letters
+    ("A red circle is in the image.", 0), ("I see a green triangle.", 2), ("a red circle", 0),
+    # rule 4: the option's text
+    ("green triangle", 2), ("It is a yellow star.", 3), ("a red circle or a blue square", None),
+    # nothing picked
+    ("The answer is apple", None), ("E", None), ("Answer: E", None), ("", None), ("no idea", None),
+])
+def test_choice_extraction_rules(reply, want):
+    assert M.choice_index(reply, SHAPES) == want
+
+
+def test_choice_letters_beyond_i():
+    """With nine or more options, "I" is a letter when it is a label, and still the word otherwise."""
+    opts = [f"shape {k}" for k in range(10)]
+    assert M.choice_index("Answer: I", opts) == 8 and M.choice_index("(I)", opts) == 8
+    assert M.choice_index("I think it is shape 3", opts) == 3
+    # a one-letter reply that is no option's letter is read as text: option "y" of two
+    assert M.choice_index("y", ["x", "y"]) == 1 and M.choice_index("(y)", ["x", "y"]) == 1
 
 
 def test_bleu4_by_hand():
@@ -67,6 +157,12 @@ def test_cider_reference_values():
 
 def _s(answer, **meta):
     return Sample([Message("user", ["q"]), Message("assistant", [answer])], meta=meta)
+
+
+def test_blank_reference_names_the_sample():
+    sample = Sample([Message("user", ["q"]), Message("assistant", ["  "])], id="s7")
+    with pytest.raises(ValueError, match="sample 's7'.*blank"):
+        score_samples([""], [sample])
 
 
 def test_score_samples_picks_each_metric():

@@ -32,6 +32,14 @@ FORMAT = "vlm"
 FORMAT_VERSION = 1
 from vlm.pretrained import CONFIG_FILE, WEIGHTS_FILE  # noqa: E402
 BUILD_KEYS = ("encoder", "connector", "llm", "image_token", "image_token_id")
+# Keywords ``VLM.forward`` once took, and where they are now: passing one is an error that says so
+MOVED_KEYWORDS = {
+    "loss_weighting": "loss_weighting moved to the lm objective: "
+                      "vlm.objectives.build({'name': 'lm'}, loss_weighting='sample')(model, batch).loss in code, "
+                      "stage.<name>.loss_weighting in a config (VLM.forward's loss is the token mean)",
+    "objective": "objective moved out of the model: a stage trains vlm.objectives.base.TrainModule(model, "
+                 "objective), built by vlm.objectives.build(...) (stage.<name>.objective in a config)",
+}
 # how images were preprocessed when nothing recorded it (``vlm.data.images.ImageProcessor``'s default)
 DEFAULT_IMAGE_PREPROCESSING = {"resize_mode": "resize"}
 
@@ -190,12 +198,33 @@ class VLM(nn.Module):
 
         ``segment_ids (B, L)`` marks packed samples (0 = padding): attention stays within each segment, positions
         restart per segment, and a segment's first token is never a target of the previous segment.
+
+        ``lm_kwargs``: keywords of the LM's forward (``use_cache``, ``num_items_in_batch``, ``output_hidden_states``,
+        ...); any other raises ``TypeError`` naming it (``check_keywords``).
         """
+        self.check_keywords(lm_kwargs, "forward")
         lm_inputs = self.lm_inputs(input_ids, pixel_values, attention_mask, position_ids, segment_ids)
         if labels is not None and segment_ids is not None:
             labels = mask_segment_starts(labels, segment_ids)
         with self.fusion(input_ids, pixel_values, segment_ids):
             return self.llm(**lm_inputs, labels=labels, **lm_kwargs)
+
+    def check_keywords(self, kwargs: dict[str, Any], where: str, *, decoder: bool = False,
+                       moved_only: bool = False) -> None:
+        """Refuse keywords that nothing would consume: the transformers LM takes unknown keywords into its
+        ``**kwargs`` and ignores them. Raises ``TypeError`` naming each one: for a keyword that moved
+        (``MOVED_KEYWORDS``), where it went; otherwise what the LM's forward (``decoder``: its decoder's) accepts.
+        ``moved_only``: check only the moved ones (``generate``, whose transformers checks the rest)."""
+        moved = [MOVED_KEYWORDS[k] for k in kwargs if k in MOVED_KEYWORDS]
+        if moved:
+            raise TypeError(f"VLM.{where}() got a keyword that moved: " + "; ".join(moved))
+        ask = getattr(self.llm, "accepted_keywords", None)
+        accepted = ask(decoder=decoder) if ask is not None and not moved_only else None
+        unknown = sorted(k for k in kwargs if accepted is not None and k not in accepted)
+        if unknown:
+            raise TypeError(f"VLM.{where}() got unexpected keyword argument(s) {unknown}: nothing consumes them "
+                            f"(the LM would ignore them). Besides VLM.{where}'s own arguments, the LM's forward "
+                            f"accepts {sorted(accepted)}")
 
     def lm_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                   attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
@@ -227,6 +256,7 @@ class VLM(nn.Module):
         """``forward`` without the vocabulary projection: the LM's last hidden states ``(B, L, D)``, so a loss
         can project only the positions it needs (``vlm.loss.label_only_lm_loss``). Needs
         ``supports_label_only_head``."""
+        self.check_keywords(lm_kwargs, "hidden_states", decoder=True)
         lm_inputs = self.lm_inputs(input_ids, pixel_values, attention_mask, position_ids, segment_ids)
         with self.fusion(input_ids, pixel_values, segment_ids):
             return self.llm.hidden_states(**lm_inputs, **lm_kwargs)
@@ -238,6 +268,7 @@ class VLM(nn.Module):
 
         Stops at any id of ``self.generation["eos_token_id"]`` (the tokenizer's eos and the chat template's end of
         turn; ``set_template``) and pads with its ``pad_token_id``, unless given here."""
+        self.check_keywords(generate_kwargs, "generate", moved_only=True)  # transformers checks the others
         embeds = self.embed_inputs(input_ids, pixel_values)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)

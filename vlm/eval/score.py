@@ -96,7 +96,10 @@ def score_sample(prediction: str, sample: Any, *, json_frame: tuple[int, int] | 
         return kind, float(iou >= 0.5), iou
     if kind == "caption":
         raise ValueError("captions are scored over the corpus (score_samples)")
-    return kind, M.vqa_accuracy(prediction, meta.get("answers") or [ref]), None
+    try:
+        return kind, M.vqa_accuracy(prediction, meta.get("answers") or [ref]), None
+    except ValueError as e:  # a blank reference: name the sample
+        raise ValueError(f"sample {sample.id!r}: {e}") from e
 
 
 def score_samples(predictions: Sequence[str], samples: Sequence[Any], *,

@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from vlm.dtypes import resolve_dtype
 from vlm.hf_config import check_config_keys, config_class_for
+from vlm.llm.keywords import accepted_keywords
 from vlm.llm.registry import LLMS
 from vlm.pretrained import FILE_KEYS, check_pretrained_dir
 from vlm.recompute import enable_for_transformers
@@ -169,6 +170,11 @@ class HFCausalLM(nn.Module):
 
     def forward(self, **kwargs: Any) -> Any:
         return self.model(**kwargs)
+
+    def accepted_keywords(self, *, decoder: bool = False) -> frozenset[str] | None:
+        """The keywords the transformers model's forward accepts (``decoder``: its decoder's, which
+        ``hidden_states`` calls), or ``None`` when its signature cannot tell (``vlm.llm.keywords``)."""
+        return accepted_keywords((self.model.get_decoder() if decoder else self.model).forward)
 
     def export_config(self) -> dict[str, Any]:
         cfg = self.model.config.to_dict()
