@@ -272,3 +272,23 @@ def test_an_export_whose_template_lacks_the_markers_says_why(tmp_path):
     with pytest.warns(UserWarning, match=r"no InternVLProcessor written.*writes an image as '<IMG_CONTEXT>', "
                                          r"without <img>/</img>"):
         to_hf(model, tmp_path / "out")
+
+
+@pytest.mark.parametrize("spec", ["auto", {"name": "auto", "image_start": "<img>", "image_end": "</img>"}],
+                         ids=["template-writes-markers", "processor-adds-markers"])
+def test_markers_are_written_once(spec):
+    """The template writes ``<img><IMG_CONTEXT></img>`` (read as list content), or the processor adds configured
+    markers around the image (the template read as string content): never both."""
+    from vlm.data.sample import ImageRef, Message, Sample
+    from vlm.data.templates import ImageSlot, Text
+
+    tok = byte_tokenizer("chatml", extra_tokens=(CTX,))
+    marked = build_template({"name": "chatml", "image_start": "<img>", "image_end": "</img>"})
+    tok.chat_template = marked.as_jinja(tok, CTX)
+    template = build_template(spec).for_image_token(CTX)
+    sample = Sample([Message("user", [ImageRef(0), "hi"])], images=[picture(0)])
+    segments = template.render(sample, tok, add_generation_prompt=True)
+    text = "".join(s.text if isinstance(s, Text) else "|" for s in segments)
+    assert sum(isinstance(s, ImageSlot) for s in segments) == 1
+    assert text.count("<img>") + (template.image_start == "<img>") == 1
+    assert text.count("</img>") + (template.image_end == "</img>") == 1

@@ -21,7 +21,7 @@ instead; whatever the template writes around it (``<|vision_start|>``, ``<img>``
 ``content_format="auto"`` (default) asks the template how it writes an image (:func:`image_rendering`: a probe
 message rendered with and without an image part): ``list`` with the processor's image token as the placeholder when
 what an image part adds holds that token once (so images render exactly as transformers' ``apply_chat_template``
-renders them), else ``string``.
+renders them), else ``string`` (also whenever ``image_start`` / ``image_end`` are configured).
 """
 from __future__ import annotations
 
@@ -131,11 +131,13 @@ class TokenizerTemplate(Template):
     def content_mode(self, tokenizer: Any) -> tuple[str, str]:
         """``(content_format, image placeholder)`` used with ``tokenizer``: ``content_format="auto"`` resolves to
         ``list`` with the placeholder ``image_placeholder`` (else the processor's image token) when
-        :func:`image_rendering` finds it in what the template writes per image, else to ``string``."""
+        :func:`image_rendering` finds it in what the template writes per image, else to ``string``. With
+        ``image_start`` / ``image_end`` configured (the processor adds the markers) it stays ``string``, so the
+        markers are not written twice."""
         if self.content_format != "auto":
             return self.content_format, self.image_placeholder
         token = self.image_placeholder or self.image_token
-        if token:
+        if token and not (self.image_start or self.image_end):
             key = (self._template(tokenizer), token)
             cache = self.__dict__.setdefault("_modes", {})
             if key not in cache:
