@@ -76,7 +76,7 @@ def image_rendering(tokenizer: Any, chat_template: str, image_token: str) -> str
         plain = render_messages(tokenizer, chat_template, [{"role": "user", "content": text}])
         with_image = render_messages(tokenizer, chat_template,
                                      [{"role": "user", "content": [text[0], {"type": "image"}, text[1]]}])
-    except Exception:  # a template that rejects list content (or images) raises its own errors
+    except Exception:  # noqa: BLE001 - a template rejecting list content (or images) raises its own errors
         return None
     if before not in plain or after not in plain:
         return None
