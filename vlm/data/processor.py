@@ -84,7 +84,7 @@ class Processor:
         if truncation not in ("drop", "error"):
             raise ValueError(f"truncation must be 'drop' or 'error'; got {truncation!r}")
         self.tokenizer = tokenizer
-        self.template = build_template(template)
+        self.template = build_template(template).for_image_token(image_token)
         self.image_processor = image_processor
         self.num_image_tokens = TokenCount(num_image_tokens) if isinstance(num_image_tokens, int) \
             else num_image_tokens

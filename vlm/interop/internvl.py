@@ -135,11 +135,20 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
     if model.num_image_tokens() != config.image_seq_length:
         raise ValueError(f"{where}: image_seq_length={config.image_seq_length}, but a {encoder.image_size} px tile "
                          f"gives {model.num_image_tokens()} tokens after the pixel shuffle")
+    from vlm.interop.internvl_processor import (
+        PROCESSOR_CLASS,
+        check_image_seq_length,
+        import_chat_template,
+        processor_class,
+        read_tiling,
+    )
+
+    check_image_seq_length(path, model.num_image_tokens())
+    import_chat_template(path, tok, image_token)  # images written as the directory's InternVLProcessor serves them
     model.tokenizer = tok
     model.generation = read_generation(path, config, tok)
-    from vlm.interop.internvl_processor import read_tiling
-
-    model.image_preprocessing = read_tiling(image_processor, encoder.image_size, str(image_processor_file))
+    model.image_preprocessing = read_tiling(image_processor, encoder.image_size, str(image_processor_file),
+                                            always_crops=processor_class(path) == PROCESSOR_CLASS)
     return model.eval()
 
 

@@ -1,6 +1,7 @@
 """The ``auto`` template: the tokenizer's own Jinja chat template when it has one, else a built-in fallback."""
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from vlm.data.sample import Sample
@@ -30,6 +31,11 @@ class AutoTemplate(Template):
         if spec.get("name") == "auto":
             raise ValueError("template 'auto' cannot fall back to itself")
         self.fallback = build_template({**spec, **markers})
+
+    def for_image_token(self, image_token: str) -> AutoTemplate:
+        out = copy.copy(self)
+        out.own, out.fallback = self.own.for_image_token(image_token), self.fallback.for_image_token(image_token)
+        return out
 
     def pick(self, tokenizer: Any) -> Template:
         """The template actually used with ``tokenizer``."""

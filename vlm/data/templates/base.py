@@ -87,12 +87,17 @@ class Template:
         template has no Jinja equivalent."""
         return None
 
+    def for_image_token(self, image_token: str) -> Template:
+        """This template for a processor whose image placeholder token is ``image_token`` (the ``tokenizer``
+        template looks for it in what its Jinja template writes per image); others return themselves."""
+        return self
+
     def image_text(self, image_token: str) -> str:
         """What one image slot is in rendered text: ``image_start + image_token + image_end``."""
         return f"{self.image_start or ''}{image_token}{self.image_end or ''}"
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({args})"
 
 

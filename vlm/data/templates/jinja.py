@@ -13,16 +13,22 @@ How assistant spans are found (``method``):
   a ``ValueError`` says so — use a template with ``{% generation %}`` then.
 - ``"auto"`` (default): ``generation`` when the template has the tag, else ``prefix``.
 
-Images: with ``content_format="string"`` (default) each image is passed inside the content string as a private
-sentinel character, located in the rendered text and turned into an image slot (the processor adds image markers if
+Images: with ``content_format="string"`` each image is passed inside the content string as a private sentinel
+character, located in the rendered text and turned into an image slot (the processor adds image markers if
 configured). With ``content_format="list"`` messages are ``[{"type": "image"}, {"type": "text", "text": ...}]`` and the
 template writes its own placeholder, ``image_placeholder`` (e.g. ``<|image_pad|>`` for Qwen2-VL), which is located
-instead; whatever the template writes around it (``<|vision_start|>``) stays as text.
+instead; whatever the template writes around it (``<|vision_start|>``, ``<img>``/``</img>``, a newline) stays as text.
+``content_format="auto"`` (default) asks the template how it writes an image (:func:`image_rendering`: a probe
+message rendered with and without an image part): ``list`` with the processor's image token as the placeholder when
+what an image part adds holds that token once (so images render exactly as transformers' ``apply_chat_template``
+renders them), else ``string`` (also whenever ``image_start`` / ``image_end`` are configured).
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import json
+import os
 import re
 from typing import Any
 
@@ -46,6 +52,40 @@ def content_macro(image_text: str, keep_text: bool = True, name: str = "content"
 
 SENTINEL = "\ue000"  # a private-use character: never in real text, survives Jinja filters like trim
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+#: the text parts of the probe message :func:`image_rendering` renders (an image part goes between them)
+PROBE_TEXT = ("(probe text before)", "[probe text after]")
+
+
+def render_messages(tokenizer: Any, chat_template: str, messages: list[dict[str, Any]],
+                    add_generation_prompt: bool = False) -> str:
+    """``messages`` rendered to text with ``chat_template`` (transformers' renderer, the tokenizer's special tokens
+    as variables), as ``apply_chat_template(..., tokenize=False)`` renders them."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         chat_template=chat_template)
+
+
+def image_rendering(tokenizer: Any, chat_template: str, image_token: str) -> str | None:
+    """What ``chat_template`` writes for one ``{"type": "image"}`` part of a list content (e.g.
+    ``"<img><IMG_CONTEXT></img>"``, ``"<IMG_CONTEXT>\\n"``), found by rendering a probe user message as
+    ``[text, image, text]`` and as ``[text, text]`` and taking what the image part adds. ``None`` when the template
+    does not take list content (it fails, or prints the list itself), the image part adds more than one insertion,
+    or what it adds does not hold ``image_token`` exactly once."""
+    before, after = PROBE_TEXT
+    text = [{"type": "text", "text": before}, {"type": "text", "text": after}]
+    try:
+        plain = render_messages(tokenizer, chat_template, [{"role": "user", "content": text}])
+        with_image = render_messages(tokenizer, chat_template,
+                                     [{"role": "user", "content": [text[0], {"type": "image"}, text[1]]}])
+    except Exception:  # noqa: BLE001 - a template rejecting list content (or images) raises its own errors
+        return None
+    if before not in plain or after not in plain:
+        return None
+    start = len(os.path.commonprefix([plain, with_image]))
+    end = len(os.path.commonprefix([plain[start:][::-1], with_image[start:][::-1]]))
+    added = with_image[start:len(with_image) - end]
+    if start + end != len(plain) or added.count(image_token) != 1:
+        return None
+    return added
 
 
 @TEMPLATES.register("tokenizer")
@@ -54,17 +94,24 @@ class TokenizerTemplate(Template):
 
     name = "tokenizer"
 
-    def __init__(self, method: str = "auto", content_format: str = "string", image_placeholder: str | None = None,
+    def __init__(self, method: str = "auto", content_format: str = "auto", image_placeholder: str | None = None,
                  end_of_turn: str | None = None, image_start: str | None = None, image_end: str | None = None,
                  chat_template: str | None = None) -> None:
         if method not in ("auto", "generation", "prefix"):
             raise ValueError(f"method must be 'auto', 'generation' or 'prefix'; got {method!r}")
-        if content_format not in ("string", "list"):
-            raise ValueError(f"content_format must be 'string' or 'list'; got {content_format!r}")
+        if content_format not in ("auto", "string", "list"):
+            raise ValueError(f"content_format must be 'auto', 'string' or 'list'; got {content_format!r}")
         super().__init__(image_start, image_end)
         self.method, self.content_format = method, content_format
-        self.image_placeholder = image_placeholder or ("<image>" if content_format == "list" else SENTINEL)
+        self.image_placeholder = image_placeholder or {"list": "<image>", "string": SENTINEL}.get(content_format)
         self.eot, self.chat_template = end_of_turn, chat_template
+        self.image_token: str | None = None  # the processor's (for_image_token); content_format="auto" looks for it
+
+    def for_image_token(self, image_token: str) -> TokenizerTemplate:
+        """A copy whose ``content_format="auto"`` looks for ``image_token`` in what the template writes per image."""
+        out = copy.copy(self)
+        out.image_token = image_token
+        return out
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _template(self, tokenizer: Any) -> str:
@@ -81,10 +128,28 @@ class TokenizerTemplate(Template):
             return self.method
         return "generation" if _GENERATION_TAG.search(self._template(tokenizer)) else "prefix"
 
-    def _messages(self, sample: Sample) -> list[dict[str, Any]]:
+    def content_mode(self, tokenizer: Any) -> tuple[str, str]:
+        """``(content_format, image placeholder)`` used with ``tokenizer``: ``content_format="auto"`` resolves to
+        ``list`` with the placeholder ``image_placeholder`` (else the processor's image token) when
+        :func:`image_rendering` finds it in what the template writes per image, else to ``string``. With
+        ``image_start`` / ``image_end`` configured (the processor adds the markers) it stays ``string``, so the
+        markers are not written twice."""
+        if self.content_format != "auto":
+            return self.content_format, self.image_placeholder
+        token = self.image_placeholder or self.image_token
+        if token and not (self.image_start or self.image_end):
+            key = (self._template(tokenizer), token)
+            cache = self.__dict__.setdefault("_modes", {})
+            if key not in cache:
+                cache[key] = image_rendering(tokenizer, key[0], token) is not None
+            if cache[key]:
+                return "list", token
+        return "string", SENTINEL
+
+    def _messages(self, sample: Sample, content_format: str) -> list[dict[str, Any]]:
         out = []
         for m in sample.messages:
-            if self.content_format == "string":
+            if content_format == "string":
                 body: Any = "".join(SENTINEL if isinstance(p, ImageRef) else p for p in m.parts)
             else:
                 body = [{"type": "image"} if isinstance(p, ImageRef) else {"type": "text", "text": p}
@@ -93,8 +158,7 @@ class TokenizerTemplate(Template):
         return out
 
     def _render(self, tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                             chat_template=self._template(tokenizer))
+        return render_messages(tokenizer, self._template(tokenizer), messages, add_generation_prompt)
 
     # ----------------------------------------------------------------------------------------------- spans
     def _generation_spans(self, tokenizer: Any, messages: list[dict], agp: bool) -> tuple[str, list[tuple[int, int]]]:
@@ -129,20 +193,21 @@ class TokenizerTemplate(Template):
 
     # ---------------------------------------------------------------------------------------------- render
     def render(self, sample: Sample, tokenizer: Any = None, add_generation_prompt: bool = False) -> list[Segment]:
-        messages = self._messages(sample)
+        content_format, placeholder = self.content_mode(tokenizer)
+        messages = self._messages(sample, content_format)
         method = self.resolved_method(tokenizer)
         find = self._generation_spans if method == "generation" else self._prefix_spans
         text, spans = find(tokenizer, messages, add_generation_prompt)
-        return self._segments(text, spans, [p.index for p in sample.image_refs()], sample.id)
+        return self._segments(text, spans, [p.index for p in sample.image_refs()], sample.id, placeholder,
+                              content_format)
 
-    def _segments(self, text: str, spans: list[tuple[int, int]], image_order: list[int], sample_id: Any
-                  ) -> list[Segment]:
-        ph = self.image_placeholder
+    def _segments(self, text: str, spans: list[tuple[int, int]], image_order: list[int], sample_id: Any,
+                  ph: str, content_format: str) -> list[Segment]:
         starts = [m.start() for m in re.finditer(re.escape(ph), text)]
         if len(starts) != len(image_order):
             raise ValueError(f"sample {sample_id!r}: the chat template rendered {len(starts)} image placeholder(s) "
                              f"{ph!r} for {len(image_order)} image(s) (does it support images in "
-                             f"content_format={self.content_format!r}?)")
+                             f"content_format={content_format!r}?)")
         image_at = {s: image_order[k] for k, s in enumerate(starts)}
         bounds = sorted({0, len(text), *(e for sp in spans for e in sp), *starts, *(s + len(ph) for s in starts)})
         out: list[Segment] = []
@@ -157,7 +222,9 @@ class TokenizerTemplate(Template):
         return merge(out)
 
     def special_tokens(self, tokenizer: Any = None) -> list[str]:
-        ph = [] if self.image_placeholder == SENTINEL else [self.image_placeholder]
+        placeholder = self.content_mode(tokenizer)[1] if getattr(tokenizer, "chat_template", None) or \
+            self.chat_template else self.image_placeholder
+        ph = [] if placeholder in (SENTINEL, None) else [placeholder]
         return ph + super().special_tokens(tokenizer)
 
     def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>") -> str | None:
