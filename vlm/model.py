@@ -21,6 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from vlm import connectors, encoders, llm as llms
 from vlm.connectors.base import Connector
+from vlm.data.image_layout import DEFAULT as DEFAULT_IMAGE_LAYOUT, ImageLayout
 from vlm.encoders.base import VisionEncoder, as_pair
 from vlm.generation import generation_settings
 from vlm.llm.hf_causal_lm import HFCausalLM
@@ -34,6 +35,12 @@ from vlm.pretrained import CONFIG_FILE, WEIGHTS_FILE  # noqa: E402
 BUILD_KEYS = ("encoder", "connector", "llm", "image_token", "image_token_id")
 # how images were preprocessed when nothing recorded it (``vlm.data.images.ImageProcessor``'s default)
 DEFAULT_IMAGE_PREPROCESSING = {"resize_mode": "resize"}
+
+
+def layout_record(layout: ImageLayout | dict[str, Any] | None) -> dict[str, Any] | None:
+    """``config.json``'s ``image_layout`` entry for a layout (an ``ImageLayout`` or its dict; ``None`` stays)."""
+    layout = ImageLayout.from_dict(layout)
+    return None if layout is None else layout.to_dict()
 
 
 def param_dtype(module: nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
@@ -54,6 +61,9 @@ class VLMConfig:
     generation: dict[str, Any] = field(default_factory=dict)  # vlm.generation: eos (list), pad, bos ids
     # ImageProcessor settings the model was trained with: resize_mode (resize | pad | crop), pad_color (pad only)
     image_preprocessing: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_IMAGE_PREPROCESSING))
+    # how a turn's images and text are joined (vlm.data.image_layout): recorded from the training data; None: the
+    # chat template places images (imported transformers directories)
+    image_layout: dict[str, Any] | None = field(default_factory=lambda: DEFAULT_IMAGE_LAYOUT.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}
@@ -81,6 +91,9 @@ class VLM(nn.Module):
         self.generation: dict[str, Any] = {}
         # how its images are preprocessed (``resize_mode``, ``pad_color``): Processor.for_model's default, exported
         self.image_preprocessing: dict[str, Any] = dict(DEFAULT_IMAGE_PREPROCESSING)
+        # how chat joins a turn's images and text (``vlm.data.image_layout``): the training data's layout, recorded
+        # by the run; ``None``: the chat template places images itself (imported transformers directories)
+        self.image_layout: ImageLayout | None = DEFAULT_IMAGE_LAYOUT
         # a vlm.encoders.cache.FeatureCache: the frozen encoder's outputs read from disk (stage.cache_features)
         self.feature_cache: Any = None
 
@@ -101,20 +114,24 @@ class VLM(nn.Module):
         return VLMConfig(encoder=self.encoder.export_config(), connector=self.connector.export_config(),
                          llm=self.llm.export_config(), image_token_id=self.image_token_id,
                          image_token=self.image_token, generation=dict(self.generation),
-                         image_preprocessing=dict(self.image_preprocessing))
+                         image_preprocessing=dict(self.image_preprocessing),
+                         image_layout=layout_record(self.image_layout))
 
     def set_template(self, template: Any) -> None:
         """Serve with chat ``template`` (a name, config or ``Template``): its end-of-turn token joins the stop ids
         in ``self.generation``, and ``self.tokenizer.chat_template`` becomes its Jinja equivalent, so a saved or
         exported directory builds the same prompts and stops at the same token as vlm. Changes ``self.tokenizer``
-        in place (give the model its own copy first when the tokenizer is shared)."""
+        in place (give the model its own copy first when the tokenizer is shared). The Jinja writes each image part
+        with ``self.image_layout`` (its label and separator), as chat joins a turn's images and text: set the layout
+        first."""
         from vlm.data.templates import build_template
 
         if self.tokenizer is None:
             raise ValueError("set_template needs model.tokenizer (the template's tokens are looked up in it)")
         template = build_template(template)
         self.generation = generation_settings(self.tokenizer, template)
-        jinja = template.as_jinja(self.tokenizer, self.image_token)
+        jinja = template.as_jinja(self.tokenizer, self.image_token,
+                                  image_layout=ImageLayout.from_dict(self.image_layout))
         if jinja is None:
             warnings.warn(f"template {template!r} has no Jinja equivalent; the tokenizer keeps its own chat "
                           f"template", stacklevel=2)
@@ -339,11 +356,16 @@ def from_config(config: dict[str, Any]) -> VLM:
     model.generation = dict(config.get("generation") or {})
     # configs written before the preprocessing was recorded: ImageProcessor's default
     model.image_preprocessing = dict(config.get("image_preprocessing") or DEFAULT_IMAGE_PREPROCESSING)
+    # configs written before the layout was recorded: the documented default; an explicit null stays None
+    model.image_layout = ImageLayout.from_dict(config.get("image_layout", DEFAULT_IMAGE_LAYOUT.to_dict()))
     return model
 
 
 def load(directory: str | os.PathLike, *, tokenizer: bool = True, device: str | torch.device | None = None) -> VLM:
-    """Load a directory written by ``VLM.save_pretrained``. Raises naming any missing or foreign file."""
+    """Load a model directory for inference, in eval mode (as transformers' ``from_pretrained``): one written by
+    ``VLM.save_pretrained``, or a transformers directory of a format ``vlm.interop`` imports (LLaVA, BLIP-2,
+    InternVL; imported on the fly with ``vlm.interop.from_hf``). Raises naming any missing or foreign file, and
+    for a transformers directory its ``model_type`` and the formats vlm imports. Call ``model.train()`` to train."""
     path = Path(directory)
     if not path.is_dir():
         raise FileNotFoundError(f"vlm.load: {str(path)!r} is not a directory")
@@ -356,8 +378,7 @@ def load(directory: str | os.PathLike, *, tokenizer: bool = True, device: str | 
     except json.JSONDecodeError as e:
         raise ValueError(f"vlm.load: {str(cfg_file)!r} is not valid JSON: {e}") from e
     if config.get("format") != FORMAT:
-        raise ValueError(f"vlm.load: {str(cfg_file)!r} is not a vlm config (format={config.get('format')!r}); "
-                         f"for a transformers LLaVA directory use vlm.interop.from_hf")
+        return _load_transformers(path, config, tokenizer=tokenizer, device=device)
     if not weights.is_file():
         raise FileNotFoundError(f"vlm.load: {str(path)!r} is missing {WEIGHTS_FILE} (expected {CONFIG_FILE} and "
                                 f"{WEIGHTS_FILE} written by VLM.save_pretrained)")
@@ -372,4 +393,21 @@ def load(directory: str | os.PathLike, *, tokenizer: bool = True, device: str | 
         model.tokenizer = AutoTokenizer.from_pretrained(str(path))
     # directories written before generation settings were saved: the tokenizer's
     model.generation = dict(config.get("generation") or generation_settings(model.tokenizer))
-    return model
+    return model.eval()
+
+
+def _load_transformers(path: Path, config: dict[str, Any], *, tokenizer: bool,
+                       device: str | torch.device | None) -> VLM:
+    """A transformers directory (``config.json`` without ``"format": "vlm"``) imported by the ``vlm.interop``
+    format of its ``model_type``; ``ValueError`` naming the ``model_type`` and the supported formats otherwise."""
+    from vlm.interop import from_hf
+    from vlm.interop.formats import format_for_model_type
+
+    if "model_type" not in config:
+        raise ValueError(f"vlm.load: {str(path / CONFIG_FILE)!r} is neither a vlm config (format="
+                         f"{config.get('format')!r}, expected 'vlm') nor a transformers config (no model_type)")
+    format_for_model_type(config["model_type"], f"vlm.load: {str(path / CONFIG_FILE)!r}")  # names the supported
+    model = from_hf(path, tokenizer=tokenizer)
+    if device is not None:
+        model.to(device)
+    return model.eval()

@@ -80,11 +80,12 @@ class Template:
         """Strings this template emits that must each be a single token of the tokenizer."""
         return [t for t in (self.image_start, self.image_end) if t]
 
-    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>") -> str | None:
+    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>", image_layout: Any = None) -> str | None:
         """This template as a Jinja chat template (what ``tokenizer.chat_template`` and transformers' processors
         render): the text of :meth:`render` with each image slot written ``image_start + image_token + image_end``.
-        Messages' ``content`` may be a string or a list of ``{"type": "text" | "image"}`` parts. ``None`` when the
-        template has no Jinja equivalent."""
+        Messages' ``content`` may be a string or a list of ``{"type": "text" | "image"}`` parts; list parts are
+        joined with ``image_layout`` (``vlm.data.image_layout.ImageLayout``: each image's label and separator, as
+        ``model.chat`` joins them; ``None``: nothing added). ``None`` when the template has no Jinja equivalent."""
         return None
 
     def image_text(self, image_token: str) -> str:

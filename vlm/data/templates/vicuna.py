@@ -94,8 +94,9 @@ class VicunaV1(Template):
     def end_of_turn(self, tokenizer: Any = None) -> str:
         return self.eos
 
-    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>") -> str:
-        """The same layout as Jinja (the trained reply inside ``{% generation %}``); string content may hold
+    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>", image_layout: Any = None) -> str:
+        """The same layout as Jinja (the trained reply inside ``{% generation %}``; with ``images_first`` the
+        template places images itself, each followed by ``\\n``, so ``image_layout`` is not applied); string content may hold
         ``image_token`` placeholders, list content ``{"type": "image"}`` parts. ``bos_token`` comes from the
         tokenizer rendering it (transformers passes its special tokens), as :meth:`render` takes it from the tokenizer."""
         img, tok = q(self.image_text(image_token) + "\n"), q(image_token)
