@@ -16,7 +16,7 @@ from vlm.data.image_layout import DEFAULT, ImageLayout, read_layout
 from vlm.data.processor import Processor
 from vlm.data.sample import ImageRef as I, Message, Sample
 from vlm.data.tokenizer import byte_tokenizer
-from vlm.inference.chat import image_layout, processor_for, prompt_item
+from vlm.inference.chat import image_layout, processor_for, prompt_item, user_turn
 from vlm.train import compose, run
 
 
@@ -108,6 +108,37 @@ def test_chat_template_and_data_give_the_same_prompt(hand_built, layout, n):
     text = model.tokenizer.apply_chat_template(listed, tokenize=False, add_generation_prompt=True)
     text = text.replace(model.image_token, model.image_token * model.num_image_tokens())
     assert model.tokenizer(text, add_special_tokens=False)["input_ids"] == chat_item2["input_ids"].tolist()
+
+
+@pytest.mark.parametrize("template", ["llama3", {"name": "vicuna_v1"}, {"name": "vicuna_v1", "images_first": False},
+                                      {"name": "plain", "keep_user_text": True}], ids=str)
+@pytest.mark.parametrize("layout", [LAYOUTS[0], *LAYOUTS[2:]], ids=lambda x: x.describe())
+def test_every_template_renders_chats_prompt(template, layout):
+    """Chat with the template itself and chat with the exported Jinja (``auto``), and the Jinja given list content
+    (served transformers), agree token for token; a template that moves images itself (``vicuna_v1`` with
+    ``images_first``) is not given the layout twice."""
+    torch.manual_seed(0)
+    tok = byte_tokenizer("vicuna_v1" if isinstance(template, dict) and template["name"] == "vicuna_v1" else
+                         "llama3" if template == "llama3" else "chatml")
+    model = vlm.build(tiny_cfg("clip", "llama"), tokenizer=tok).eval()
+    model.image_layout = layout
+    model.set_template(template)
+    images = [picture(0), picture(1)]
+    own, history = prompt_item(processor_for(model, template), None, images, "What?",
+                               layout=image_layout(model, processor_for(model, template)))
+    auto, _ = prompt_item(processor_for(model), None, images, "What?", layout=image_layout(model, processor_for(model)))
+    listed = [{"role": "user", "content": [{"type": "image"} if p["type"] == "image" else p
+                                           for p in user_turn(images, "What?", layout)["content"]]}]
+    text = model.tokenizer.apply_chat_template(listed, tokenize=False, add_generation_prompt=True)
+    served = model.tokenizer(text.replace(model.image_token, model.image_token * model.num_image_tokens()),
+                             add_special_tokens=False)["input_ids"]
+    assert own["input_ids"].tolist() == served
+    plain = isinstance(template, dict) and template.get("name") == "plain"  # its Jinja has no generation prompt
+    # known limit: chat's `auto` template hands vicuna's Jinja string content, where images_first cannot find the
+    # images; it agrees for the layout LLaVA data has (the default), not for labels or images after the text
+    moved = isinstance(template, dict) and template.get("images_first", template["name"] == "vicuna_v1")
+    if not plain and (not moved or layout == DEFAULT):
+        assert auto["input_ids"].tolist() == served
 
 
 def test_imported_models_leave_placement_to_their_template(hand_built):

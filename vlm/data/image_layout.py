@@ -95,19 +95,27 @@ class ImageLayout:
             out += [{"type": "text", "text": after}] if after else []
         return out
 
-    def jinja_image(self, image_text: str) -> str:
-        """Jinja statements that write one image part with its label and separator, inside a ``for p in c`` loop
-        over a message's parts where ``n_images`` holds the message's image count and ``layout_ns.k`` counts its
-        images (``content_macro`` sets both)."""
+    #: Jinja statements a macro runs on its list content ``c`` before looping over its parts (see ``jinja_image``)
+    JINJA_SETUP = ("{%- set layout_ns = namespace(k=0) -%}"
+                   "{%- set n_images = c | selectattr('type', 'equalto', 'image') | list | length -%}")
+
+    def jinja_expression(self, image_text: str) -> str:
+        """A Jinja expression: the text of the image part numbered ``layout_ns.k`` (its label, ``image_text`` and
+        separator), in a message whose image count is ``n_images`` (both set up by ``JINJA_SETUP``, ``layout_ns.k``
+        counted up before each image)."""
         from vlm.data.templates.jinja import jinja_literal as q
 
         label = "''"
         if self.label:
             label = f"({q(self.label)}.replace('{{n}}', layout_ns.k | string) if n_images > 1 else '')"
         image = q(image_text)
-        body = (f"{label} + {image} + {q(self.separator)}" if self.position == "before"
+        return (f"{label} + {image} + {q(self.separator)}" if self.position == "before"
                 else f"{q(self.separator)} + {label} + {image}")
-        return "{%- set layout_ns.k = layout_ns.k + 1 -%}{{- " + body + " -}}"
+
+    def jinja_image(self, image_text: str) -> str:
+        """Jinja statements that write one image part with its label and separator, inside a ``for p in c`` loop
+        over a message's parts after ``JINJA_SETUP``."""
+        return "{%- set layout_ns.k = layout_ns.k + 1 -%}{{- " + self.jinja_expression(image_text) + " -}}"
 
     # ----------------------------------------------------------------------------------------------- infer
     @classmethod

@@ -109,7 +109,8 @@ class VLMLmms(lmms):
         for r in tqdm(requests, desc="vlm loglikelihood", disable=self.rank != 0):
             context, continuation, doc_to_visual, doc_id, task, split = r.args
             images = _visuals(doc_to_visual(self.task_dict[task][split][doc_id]))
-            item, _ = prompt_item(self.processor, None, images or None, context, layout=image_layout(self.model))
+            item, _ = prompt_item(self.processor, None, images or None, context,
+                                  layout=image_layout(self.model, self.processor))
             cont = self.processor.tokenizer(continuation, add_special_tokens=False)["input_ids"]
             ids = torch.cat([item["input_ids"], torch.tensor(cont, dtype=torch.long)])[None].to(device)
             pv = item["pixel_values"].to(device) if item["pixel_values"] is not None else None

@@ -58,10 +58,15 @@ def user_turn(images: Images, text: str, layout: Any = None) -> Message:
     return {"role": "user", "content": layout.order(parts, question) if layout is not None else parts + question}
 
 
-def image_layout(model: Any) -> Any:
-    """The model's ``vlm.data.image_layout.ImageLayout`` (``None``: its chat template places images)."""
+def image_layout(model: Any, processor: Any = None) -> Any:
+    """The model's ``vlm.data.image_layout.ImageLayout``; ``None`` when its chat template places images (an
+    imported transformers directory: ``model.image_layout = None``, or ``processor``'s template moving images itself,
+    e.g. ``vicuna_v1`` with ``images_first``)."""
     from vlm.data.image_layout import ImageLayout
 
+    template = getattr(processor, "template", None)
+    if template is not None and template.places_images(processor.tokenizer):
+        return None
     return ImageLayout.from_dict(getattr(model, "image_layout", None))
 
 
@@ -120,7 +125,7 @@ def chat_batch(model: Any, images: Sequence[Images], texts: Sequence[str],
         raise ValueError(f"chat_batch: {len(images)} image entries, {len(texts)} texts and {len(histories)} histories; "
                          f"expected one of each per conversation")
     processor = processor or processor_for(model, template)
-    layout = image_layout(model)
+    layout = image_layout(model, processor)
     prompts = [prompt_item(processor, h, im, t, sample_id=i, layout=layout)
                for i, (im, t, h) in enumerate(zip(images, texts, histories))]
     replies: list[Reply] = generate_replies(model, [p for p, _ in prompts], processor.tokenizer, stop=stop,
@@ -151,6 +156,6 @@ def chat_stream(model: Any, images: Images, text: str, history: Sequence[Message
                 **generate_kwargs: Any) -> ChatStream:
     """:func:`chat`, streamed. Bad input (empty prompt, unopenable image, too long) raises here, before iterating."""
     processor = processor or processor_for(model, template)
-    item, messages = prompt_item(processor, history, images, text, layout=image_layout(model))
+    item, messages = prompt_item(processor, history, images, text, layout=image_layout(model, processor))
     check_context(model, [int(item["input_ids"].numel())], int(generate_kwargs.get("max_new_tokens", 128)))
     return ChatStream(stream_reply(model, item, processor.tokenizer, stop=stop, **generate_kwargs), messages)

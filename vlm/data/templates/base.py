@@ -88,6 +88,12 @@ class Template:
         ``model.chat`` joins them; ``None``: nothing added). ``None`` when the template has no Jinja equivalent."""
         return None
 
+    def places_images(self, tokenizer: Any = None) -> bool:
+        """Whether this template moves a message's images itself (and writes their separators), so that chat must
+        not join them with the model's image layout (``vlm.data.image_layout``) first. Default ``False``: images go
+        where the message puts them."""
+        return False
+
     def image_text(self, image_token: str) -> str:
         """What one image slot is in rendered text: ``image_start + image_token + image_end``."""
         return f"{self.image_start or ''}{image_token}{self.image_end or ''}"

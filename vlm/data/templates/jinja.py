@@ -45,8 +45,7 @@ def content_macro(image_text: str, keep_text: bool = True, name: str = "content"
     setup = ""
     if image_layout is not None and keep_text:
         image = image_layout.jinja_image(image_text)
-        setup = ("{%- set layout_ns = namespace(k=0) -%}"
-                 "{%- set n_images = c | selectattr('type', 'equalto', 'image') | list | length -%}")
+        setup = image_layout.JINJA_SETUP
     return ("{%- macro " + name + "(c) -%}{%- if c is string -%}" + plain + "{%- else -%}" + setup +
             "{%- for p in c -%}{%- if p['type'] == 'image' -%}" + image +
             "{%- elif p['type'] == 'text' -%}" + text + "{%- endif -%}{%- endfor -%}{%- endif -%}{%- endmacro -%}")
