@@ -5,10 +5,10 @@ import json
 
 import numpy as np
 import pytest
+from conftest import tiny_cfg
 from PIL import Image
 
 import vlm
-from conftest import tiny_cfg
 from vlm.data.tokenizer import byte_tokenizer
 from vlm.inference import load_history, save_history
 

@@ -8,13 +8,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_cfg
 from PIL import Image
 
 import vlm
-from conftest import tiny_cfg
 from vlm.data.image_layout import DEFAULT, ImageLayout, read_layout
 from vlm.data.processor import Processor
-from vlm.data.sample import ImageRef as I, Message, Sample
+from vlm.data.sample import ImageRef as I
+from vlm.data.sample import Message, Sample
 from vlm.data.tokenizer import byte_tokenizer
 from vlm.inference.chat import image_layout, processor_for, prompt_item, user_turn
 from vlm.train import compose, run
@@ -124,7 +125,7 @@ def test_every_template_renders_chats_prompt(template, layout):
     model.image_layout = layout
     model.set_template(template)
     images = [picture(0), picture(1)]
-    own, history = prompt_item(processor_for(model, template), None, images, "What?",
+    own, _ = prompt_item(processor_for(model, template), None, images, "What?",
                                layout=image_layout(model, processor_for(model, template)))
     auto, _ = prompt_item(processor_for(model), None, images, "What?", layout=image_layout(model, processor_for(model)))
     listed = [{"role": "user", "content": [{"type": "image"} if p["type"] == "image" else p

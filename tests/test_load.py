@@ -8,12 +8,18 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TEXT, tiny_cfg
 from PIL import Image
-from transformers import (Blip2Config, Blip2ForConditionalGeneration, InternVLConfig, InternVLForConditionalGeneration,
-                          LlavaConfig, LlavaForConditionalGeneration)
+from transformers import (
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
 
 import vlm
-from conftest import TINY_TEXT, tiny_cfg
 from vlm.data.tokenizer import byte_tokenizer
 from vlm.inference.load import open_model
 from vlm.interop import from_hf
@@ -94,7 +100,7 @@ def test_chat_on_a_loaded_model_with_dropout_is_deterministic_and_equals_eval_fo
     loaded = vlm.load(tmp_path)
     assert_eval(loaded)
     assert_eval(open_model(tmp_path).model)
-    reply, history = loaded.chat(picture(0), "What?", max_new_tokens=6)
+    reply, _ = loaded.chat(picture(0), "What?", max_new_tokens=6)
     assert loaded.chat(picture(0), "What?", max_new_tokens=6)[0] == reply
     from vlm.inference.chat import image_layout, processor_for, prompt_item
 
