@@ -102,9 +102,9 @@ def test_chat_on_a_loaded_model_with_dropout_is_deterministic_and_equals_eval_fo
     assert_eval(open_model(tmp_path).model)
     reply, _ = loaded.chat(picture(0), "What?", max_new_tokens=6)
     assert loaded.chat(picture(0), "What?", max_new_tokens=6)[0] == reply
-    from vlm.inference.chat import image_layout, processor_for, prompt_item
+    from vlm.inference.chat import image_placement, processor_for, prompt_item
 
-    item, _ = prompt_item(processor_for(loaded), None, picture(0), "What?", layout=image_layout(loaded))
+    item, _ = prompt_item(processor_for(loaded), None, picture(0), "What?", placement=image_placement(loaded))
     ids = item["input_ids"][None]
     with torch.no_grad():
         for _ in range(6):

@@ -21,7 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from vlm import connectors, encoders, llm as llms
 from vlm.connectors.base import Connector
-from vlm.data.image_layout import DEFAULT as DEFAULT_IMAGE_LAYOUT, ImageLayout
+from vlm.data.image_placement import DEFAULT as DEFAULT_IMAGE_LAYOUT, ImagePlacement
 from vlm.encoders.base import VisionEncoder, as_pair
 from vlm.generation import generation_settings
 from vlm.llm.hf_causal_lm import HFCausalLM
@@ -37,10 +37,10 @@ BUILD_KEYS = ("encoder", "connector", "llm", "image_token", "image_token_id")
 DEFAULT_IMAGE_PREPROCESSING = {"resize_mode": "resize"}
 
 
-def layout_record(layout: ImageLayout | dict[str, Any] | None) -> dict[str, Any] | None:
-    """``config.json``'s ``image_layout`` entry for a layout (an ``ImageLayout`` or its dict; ``None`` stays)."""
-    layout = ImageLayout.from_dict(layout)
-    return None if layout is None else layout.to_dict()
+def placement_record(placement: ImagePlacement | dict[str, Any] | None) -> dict[str, Any] | None:
+    """``config.json``'s ``image_placement`` entry for a placement (an ``ImagePlacement`` or its dict; ``None`` stays)."""
+    placement = ImagePlacement.from_dict(placement)
+    return None if placement is None else placement.to_dict()
 
 
 def param_dtype(module: nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
@@ -61,9 +61,9 @@ class VLMConfig:
     generation: dict[str, Any] = field(default_factory=dict)  # vlm.generation: eos (list), pad, bos ids
     # ImageProcessor settings the model was trained with: resize_mode (resize | pad | crop), pad_color (pad only)
     image_preprocessing: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_IMAGE_PREPROCESSING))
-    # how a turn's images and text are joined (vlm.data.image_layout): recorded from the training data; None: the
+    # how a turn's images and text are joined (vlm.data.image_placement): recorded from the training data; None: the
     # chat template places images (imported transformers directories)
-    image_layout: dict[str, Any] | None = field(default_factory=lambda: DEFAULT_IMAGE_LAYOUT.to_dict())
+    image_placement: dict[str, Any] | None = field(default_factory=lambda: DEFAULT_IMAGE_LAYOUT.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}
@@ -91,9 +91,9 @@ class VLM(nn.Module):
         self.generation: dict[str, Any] = {}
         # how its images are preprocessed (``resize_mode``, ``pad_color``): Processor.for_model's default, exported
         self.image_preprocessing: dict[str, Any] = dict(DEFAULT_IMAGE_PREPROCESSING)
-        # how chat joins a turn's images and text (``vlm.data.image_layout``): the training data's layout, recorded
+        # how chat joins a turn's images and text (``vlm.data.image_placement``): the training data's placement, recorded
         # by the run; ``None``: the chat template places images itself (imported transformers directories)
-        self.image_layout: ImageLayout | None = DEFAULT_IMAGE_LAYOUT
+        self.image_placement: ImagePlacement | None = DEFAULT_IMAGE_LAYOUT
         # a vlm.encoders.cache.FeatureCache: the frozen encoder's outputs read from disk (stage.cache_features)
         self.feature_cache: Any = None
 
@@ -115,14 +115,14 @@ class VLM(nn.Module):
                          llm=self.llm.export_config(), image_token_id=self.image_token_id,
                          image_token=self.image_token, generation=dict(self.generation),
                          image_preprocessing=dict(self.image_preprocessing),
-                         image_layout=layout_record(self.image_layout))
+                         image_placement=placement_record(self.image_placement))
 
     def set_template(self, template: Any) -> None:
         """Serve with chat ``template`` (a name, config or ``Template``): its end-of-turn token joins the stop ids
         in ``self.generation``, and ``self.tokenizer.chat_template`` becomes its Jinja equivalent, so a saved or
         exported directory builds the same prompts and stops at the same token as vlm. Changes ``self.tokenizer``
         in place (give the model its own copy first when the tokenizer is shared). The Jinja writes each image part
-        with ``self.image_layout`` (its label and separator), as chat joins a turn's images and text: set the layout
+        with ``self.image_placement`` (its label and separator), as chat joins a turn's images and text: set the placement
         first."""
         from vlm.data.templates import build_template
 
@@ -131,7 +131,7 @@ class VLM(nn.Module):
         template = build_template(template)
         self.generation = generation_settings(self.tokenizer, template)
         jinja = template.as_jinja(self.tokenizer, self.image_token,
-                                  image_layout=ImageLayout.from_dict(self.image_layout))
+                                  image_placement=ImagePlacement.from_dict(self.image_placement))
         if jinja is None:
             warnings.warn(f"template {template!r} has no Jinja equivalent; the tokenizer keeps its own chat "
                           f"template", stacklevel=2)
@@ -356,8 +356,8 @@ def from_config(config: dict[str, Any]) -> VLM:
     model.generation = dict(config.get("generation") or {})
     # configs written before the preprocessing was recorded: ImageProcessor's default
     model.image_preprocessing = dict(config.get("image_preprocessing") or DEFAULT_IMAGE_PREPROCESSING)
-    # configs written before the layout was recorded: the documented default; an explicit null stays None
-    model.image_layout = ImageLayout.from_dict(config.get("image_layout", DEFAULT_IMAGE_LAYOUT.to_dict()))
+    # configs written before the placement was recorded: the documented default; an explicit null stays None
+    model.image_placement = ImagePlacement.from_dict(config.get("image_placement", DEFAULT_IMAGE_LAYOUT.to_dict()))
     return model
 
 

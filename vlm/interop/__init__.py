@@ -40,7 +40,7 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
                          f"vlm.load, or export it with to_hf")
     fmt = format_for_model_type(cfg.get("model_type"), f"from_hf: {str(path / 'config.json')!r}")
     model = fmt.from_hf(path, dtype=dtype, tokenizer=tokenizer, **kwargs)
-    model.image_layout = None  # the directory's own chat template places images (vlm.data.image_layout)
+    model.image_placement = None  # the directory's own chat template places images (vlm.data.image_placement)
     return model.eval()
 
 

@@ -47,5 +47,5 @@ class AutoTemplate(Template):
     def places_images(self, tokenizer: Any = None) -> bool:
         return self.pick(tokenizer).places_images(tokenizer)
 
-    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>", image_layout: Any = None) -> str | None:
-        return self.pick(tokenizer).as_jinja(tokenizer, image_token, image_layout=image_layout)
+    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>", image_placement: Any = None) -> str | None:
+        return self.pick(tokenizer).as_jinja(tokenizer, image_token, image_placement=image_placement)

@@ -80,17 +80,17 @@ class Template:
         """Strings this template emits that must each be a single token of the tokenizer."""
         return [t for t in (self.image_start, self.image_end) if t]
 
-    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>", image_layout: Any = None) -> str | None:
+    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>", image_placement: Any = None) -> str | None:
         """This template as a Jinja chat template (what ``tokenizer.chat_template`` and transformers' processors
         render): the text of :meth:`render` with each image slot written ``image_start + image_token + image_end``.
         Messages' ``content`` may be a string or a list of ``{"type": "text" | "image"}`` parts; list parts are
-        joined with ``image_layout`` (``vlm.data.image_layout.ImageLayout``: each image's label and separator, as
+        joined with ``image_placement`` (``vlm.data.image_placement.ImagePlacement``: each image's label and separator, as
         ``model.chat`` joins them; ``None``: nothing added). ``None`` when the template has no Jinja equivalent."""
         return None
 
     def places_images(self, tokenizer: Any = None) -> bool:
         """Whether this template moves a message's images itself (and writes their separators), so that chat must
-        not join them with the model's image layout (``vlm.data.image_layout``) first. Default ``False``: images go
+        not join them with the model's image placement (``vlm.data.image_placement``) first. Default ``False``: images go
         where the message puts them."""
         return False
 

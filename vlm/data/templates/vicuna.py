@@ -97,10 +97,10 @@ class VicunaV1(Template):
     def end_of_turn(self, tokenizer: Any = None) -> str:
         return self.eos
 
-    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>", image_layout: Any = None) -> str:
+    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>", image_placement: Any = None) -> str:
         """The same layout as Jinja (the trained reply inside ``{% generation %}``; with ``images_first`` the
         template places images itself, each followed by ``\\n``; otherwise list content is joined with
-        ``image_layout``, as chat joins it); string content may hold
+        ``image_placement``, as chat joins it); string content may hold
         ``image_token`` placeholders, list content ``{"type": "image"}`` parts. ``bos_token`` comes from the
         tokenizer rendering it (transformers passes its special tokens), as :meth:`render` takes it from the tokenizer."""
         img, tok = q(self.image_text(image_token) + "\n"), q(image_token)
@@ -108,9 +108,9 @@ class VicunaV1(Template):
                  if self.images_first else "{{- raw -}}")
         system = q(self.default_system or "")
         setup, count, raw_image = "", "", q(self.image_text(image_token))
-        if image_layout is not None and not self.images_first:  # images where the message puts them, with the layout
-            setup, count = image_layout.JINJA_SETUP, "{%- set layout_ns.k = layout_ns.k + 1 -%}"
-            raw_image = image_layout.jinja_expression(self.image_text(image_token))
+        if image_placement is not None and not self.images_first:  # images where the message puts them, with the placement
+            setup, count = image_placement.JINJA_SETUP, "{%- set placement_ns.k = placement_ns.k + 1 -%}"
+            raw_image = image_placement.jinja_expression(self.image_text(image_token))
         return (
             "{%- macro vicuna_content(c) -%}{%- if c is string -%}"
             "{%- set n = c.count(" + tok + ") -%}{%- set text = c.replace(" + tok + ", '') -%}"

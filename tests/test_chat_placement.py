@@ -1,4 +1,4 @@
-"""Chat builds the prompt the model was trained on: the image layout (``vlm.data.image_layout``) a run reads off its
+"""Chat builds the prompt the model was trained on: the image placement (``vlm.data.image_placement``) a run reads off its
 data and records, used by ``model.chat`` and written into the exported chat template; loaders return eval mode."""
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from conftest import tiny_cfg
 from PIL import Image
 
 import vlm
-from vlm.data.image_layout import DEFAULT, ImageLayout, read_layout
+from vlm.data.image_placement import DEFAULT, ImagePlacement, read_placement
 from vlm.data.processor import Processor
 from vlm.data.sample import ImageRef as I
 from vlm.data.sample import Message, Sample
 from vlm.data.tokenizer import byte_tokenizer
-from vlm.inference.chat import image_layout, processor_for, prompt_item, user_turn
+from vlm.inference.chat import image_placement, processor_for, prompt_item, user_turn
 from vlm.train import compose, run
 
 
@@ -25,7 +25,7 @@ def picture(seed: int, size: int = 32) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8))
 
 
-# ---------------------------------------------------------------------------------------------- reading layouts
+# ---------------------------------------------------------------------------------------------- reading placements
 @pytest.mark.parametrize("parts, expected", [
     ([I(0), "\nWhat is it?"], ("before", "\n", None)),                      # LLaVA, shapes
     ([I(0), "What is it?"], ("before", "", None)),                          # messages data: parts joined as they are
@@ -38,8 +38,8 @@ def picture(seed: int, size: int = 32) -> Image.Image:
     ([I(0)], None),                                                           # no text
     (["Just text."], None),
 ])
-def test_read_layout_of_one_message(parts, expected):
-    assert read_layout(parts) == expected
+def test_read_placement_of_one_message(parts, expected):
+    assert read_placement(parts) == expected
 
 
 def test_infer_takes_the_majority_and_labels_from_several_images():
@@ -47,22 +47,22 @@ def test_infer_takes_the_majority_and_labels_from_several_images():
     two = Sample([Message("user", ["Image 1: ", I(0), "\nImage 2: ", I(1), "\nQ?"]), Message("assistant", ["A"])],
                  [picture(0), picture(1)])
     odd = Sample([Message("user", [I(0), "Q?"]), Message("assistant", ["A"])], [picture(0)])
-    assert ImageLayout.infer([one, one, odd, two]) == ImageLayout("before", "\n", "Image {n}: ")
-    assert ImageLayout.infer([odd, odd, one]) == ImageLayout("before", "", None)
-    assert ImageLayout.infer([Sample([Message("user", ["hi"]), Message("assistant", ["A"])])]) is None
+    assert ImagePlacement.infer([one, one, odd, two]) == ImagePlacement("before", "\n", "Image {n}: ")
+    assert ImagePlacement.infer([odd, odd, one]) == ImagePlacement("before", "", None)
+    assert ImagePlacement.infer([Sample([Message("user", ["hi"]), Message("assistant", ["A"])])]) is None
 
 
-def test_layout_record_is_checked():
+def test_placement_record_is_checked():
     with pytest.raises(ValueError, match="position"):
-        ImageLayout("middle")
+        ImagePlacement("middle")
     with pytest.raises(ValueError, match="unknown key.*sep"):
-        ImageLayout.from_dict({"position": "before", "sep": "\n"})
-    assert ImageLayout.from_dict(DEFAULT.to_dict()) == DEFAULT and ImageLayout.from_dict(None) is None
+        ImagePlacement.from_dict({"position": "before", "sep": "\n"})
+    assert ImagePlacement.from_dict(DEFAULT.to_dict()) == DEFAULT and ImagePlacement.from_dict(None) is None
 
 
 # ------------------------------------------------------------------------------------ chat == template == data
-LAYOUTS = [DEFAULT, ImageLayout("before", "", None), ImageLayout("after", "\n", None),
-           ImageLayout("before", "\n", "Image {n}: "), ImageLayout("after", " ", "Picture {n}: ")]
+PLACEMENTS = [DEFAULT, ImagePlacement("before", "", None), ImagePlacement("after", "\n", None),
+           ImagePlacement("before", "\n", "Image {n}: "), ImagePlacement("after", " ", "Picture {n}: ")]
 
 
 @pytest.fixture(scope="module")
@@ -71,40 +71,40 @@ def hand_built():
     return vlm.build(tiny_cfg("clip", "llama"), tokenizer=byte_tokenizer("chatml")).eval()
 
 
-def data_parts(layout: ImageLayout, n: int, text: str, first: int = 0) -> list:
-    """How a data record with this layout writes ``n`` images (numbered from ``first``) and ``text`` (written by
-    hand, not by the layout)."""
-    label = [layout.label.replace("{n}", str(k + 1)) if layout.label and n > 1 else "" for k in range(n)]
-    if layout.position == "before":
-        return [x for k in range(n) for x in (label[k], I(first + k), layout.separator)] + [text]
-    return [text] + [x for k in range(n) for x in (layout.separator + label[k], I(first + k))]
+def data_parts(placement: ImagePlacement, n: int, text: str, first: int = 0) -> list:
+    """How a data record with this placement writes ``n`` images (numbered from ``first``) and ``text`` (written by
+    hand, not by the placement)."""
+    label = [placement.label.replace("{n}", str(k + 1)) if placement.label and n > 1 else "" for k in range(n)]
+    if placement.position == "before":
+        return [x for k in range(n) for x in (label[k], I(first + k), placement.separator)] + [text]
+    return [text] + [x for k in range(n) for x in (placement.separator + label[k], I(first + k))]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: x.describe())
+@pytest.mark.parametrize("placement", PLACEMENTS, ids=lambda x: x.describe())
 @pytest.mark.parametrize("n", [1, 2])
-def test_chat_template_and_data_give_the_same_prompt(hand_built, layout, n):
-    """For each layout and image count: chat's prompt ids (first and second turn) == the processor's ids for a data
-    sample written in that layout == the ids of the exported Jinja template's text (list content, as transformers'
+def test_chat_template_and_data_give_the_same_prompt(hand_built, placement, n):
+    """For each placement and image count: chat's prompt ids (first and second turn) == the processor's ids for a data
+    sample written in that placement == the ids of the exported Jinja template's text (list content, as transformers'
     processors render it), image tokens expanded."""
     model = copy.copy(hand_built)
     model.tokenizer = copy.deepcopy(hand_built.tokenizer)
-    model.image_layout = layout
+    model.image_placement = placement
     model.set_template("chatml")
     images = [picture(k) for k in range(n)]
     proc = Processor.for_model(model, model.tokenizer, template="chatml")
-    first = Sample([Message("user", [p for p in data_parts(layout, n, "What?") if p != ""])], images)
-    chat_item, history = prompt_item(processor_for(model), None, images, "What?", layout=image_layout(model))
+    first = Sample([Message("user", [p for p in data_parts(placement, n, "What?") if p != ""])], images)
+    chat_item, history = prompt_item(processor_for(model), None, images, "What?", placement=image_placement(model))
     assert chat_item["input_ids"].tolist() == proc(first, add_generation_prompt=True)["input_ids"].tolist()
     history.append({"role": "assistant", "content": [{"type": "text", "text": "Yes."}]})
     second = Sample([*first.messages, Message("assistant", ["Yes."]),
-                     Message("user", [p for p in data_parts(layout, 1, "And?", n) if p != ""])],
+                     Message("user", [p for p in data_parts(placement, 1, "And?", n) if p != ""])],
                     [*images, picture(9)])
-    chat_item2, _ = prompt_item(processor_for(model), history, [picture(9)], "And?", layout=image_layout(model))
+    chat_item2, _ = prompt_item(processor_for(model), history, [picture(9)], "And?", placement=image_placement(model))
     assert chat_item2["input_ids"].tolist() == proc(second, add_generation_prompt=True)["input_ids"].tolist()
     # the exported template (tokenizer.chat_template), given transformers-style list content
     listed = [{**m, "content": [{"type": "image"} if p["type"] == "image" else p for p in m["content"]]}
               for m in [*history, {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And?"}]
-                                   if layout.position == "before" else
+                                   if placement.position == "before" else
                                    [{"type": "text", "text": "And?"}, {"type": "image"}]}]]
     text = model.tokenizer.apply_chat_template(listed, tokenize=False, add_generation_prompt=True)
     text = text.replace(model.image_token, model.image_token * model.num_image_tokens())
@@ -113,40 +113,40 @@ def test_chat_template_and_data_give_the_same_prompt(hand_built, layout, n):
 
 @pytest.mark.parametrize("template", ["llama3", {"name": "vicuna_v1"}, {"name": "vicuna_v1", "images_first": False},
                                       {"name": "plain", "keep_user_text": True}], ids=str)
-@pytest.mark.parametrize("layout", [LAYOUTS[0], *LAYOUTS[2:]], ids=lambda x: x.describe())
-def test_every_template_renders_chats_prompt(template, layout):
+@pytest.mark.parametrize("placement", [PLACEMENTS[0], *PLACEMENTS[2:]], ids=lambda x: x.describe())
+def test_every_template_renders_chats_prompt(template, placement):
     """Chat with the template itself and chat with the exported Jinja (``auto``), and the Jinja given list content
     (served transformers), agree token for token; a template that moves images itself (``vicuna_v1`` with
-    ``images_first``) is not given the layout twice."""
+    ``images_first``) is not given the placement twice."""
     torch.manual_seed(0)
     tok = byte_tokenizer("vicuna_v1" if isinstance(template, dict) and template["name"] == "vicuna_v1" else
                          "llama3" if template == "llama3" else "chatml")
     model = vlm.build(tiny_cfg("clip", "llama"), tokenizer=tok).eval()
-    model.image_layout = layout
+    model.image_placement = placement
     model.set_template(template)
     images = [picture(0), picture(1)]
     own, _ = prompt_item(processor_for(model, template), None, images, "What?",
-                               layout=image_layout(model, processor_for(model, template)))
-    auto, _ = prompt_item(processor_for(model), None, images, "What?", layout=image_layout(model, processor_for(model)))
+                               placement=image_placement(model, processor_for(model, template)))
+    auto, _ = prompt_item(processor_for(model), None, images, "What?", placement=image_placement(model, processor_for(model)))
     listed = [{"role": "user", "content": [{"type": "image"} if p["type"] == "image" else p
-                                           for p in user_turn(images, "What?", layout)["content"]]}]
+                                           for p in user_turn(images, "What?", placement)["content"]]}]
     text = model.tokenizer.apply_chat_template(listed, tokenize=False, add_generation_prompt=True)
     served = model.tokenizer(text.replace(model.image_token, model.image_token * model.num_image_tokens()),
                              add_special_tokens=False)["input_ids"]
     assert own["input_ids"].tolist() == served
     plain = isinstance(template, dict) and template.get("name") == "plain"  # its Jinja has no generation prompt
     # known limit: chat's `auto` template hands vicuna's Jinja string content, where images_first cannot find the
-    # images; it agrees for the layout LLaVA data has (the default), not for labels or images after the text
+    # images; it agrees for the placement LLaVA data has (the default), not for labels or images after the text
     moved = isinstance(template, dict) and template.get("images_first", template["name"] == "vicuna_v1")
-    if not plain and (not moved or layout == DEFAULT):
+    if not plain and (not moved or placement == DEFAULT):
         assert auto["input_ids"].tolist() == served
 
 
 def test_imported_models_leave_placement_to_their_template(hand_built):
-    """``image_layout=None`` (a transformers directory's own template places images): nothing is added."""
+    """``image_placement=None`` (a transformers directory's own template places images): nothing is added."""
     model = copy.copy(hand_built)
-    model.image_layout = None
-    item, _ = prompt_item(processor_for(model, "chatml"), None, picture(0), "What?", layout=image_layout(model))
+    model.image_placement = None
+    item, _ = prompt_item(processor_for(model, "chatml"), None, picture(0), "What?", placement=image_placement(model))
     plain = Processor.for_model(model, model.tokenizer, template="chatml")(
         Sample([Message("user", [I(0), "What?"])], [picture(0)]), add_generation_prompt=True)
     assert item["input_ids"].tolist() == plain["input_ids"].tolist()
@@ -154,13 +154,13 @@ def test_imported_models_leave_placement_to_their_template(hand_built):
 
 def test_saved_layout_survives_and_old_directories_get_the_default(hand_built, tmp_path):
     model = copy.copy(hand_built)
-    model.image_layout = ImageLayout("after", " ", None)
+    model.image_placement = ImagePlacement("after", " ", None)
     model.save_pretrained(tmp_path)
-    assert vlm.load(tmp_path).image_layout == ImageLayout("after", " ", None)
+    assert vlm.load(tmp_path).image_placement == ImagePlacement("after", " ", None)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    del cfg["image_layout"]  # a directory written before the layout was recorded
+    del cfg["image_placement"]  # a directory written before the placement was recorded
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    assert vlm.load(tmp_path).image_layout == DEFAULT
+    assert vlm.load(tmp_path).image_placement == DEFAULT
 
 
 # ------------------------------------------------------------------------------------------ a trained checkpoint
@@ -186,7 +186,7 @@ def trained(tmp_path_factory):
 def test_trained_run_records_its_datas_layout(trained):
     config = json.loads((trained.final_dir / "config.json").read_text())
     # shapes: "<image>\n" + question; two-image samples (in the evaluation set) label "Image 1: ", "Image 2: "
-    assert config["image_layout"] == {"position": "before", "separator": "\n", "label": "Image {n}: "}
+    assert config["image_placement"] == {"position": "before", "separator": "\n", "label": "Image {n}: "}
 
 
 def test_chat_on_the_trained_model_equals_its_evaluation(trained):
@@ -207,7 +207,7 @@ def test_chat_on_the_trained_model_equals_its_evaluation(trained):
         sample = samples[i]
         tasks.add(sample.meta["task"])
         images, question = question_of(sample)
-        item, _ = prompt_item(processor_for(model, "chatml"), None, images, question, layout=image_layout(model))
+        item, _ = prompt_item(processor_for(model, "chatml"), None, images, question, placement=image_placement(model))
         assert item["input_ids"].tolist() == proc(sample, add_generation_prompt=True)["input_ids"].tolist(), sample.id
         reply, _ = model.chat(images, question, template="chatml", max_new_tokens=6)
         assert reply == predictions[sample.id], sample.id

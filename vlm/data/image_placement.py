@@ -1,19 +1,19 @@
-"""Image layout: where a turn's images sit relative to its text, and what separates them.
+"""Image placement: where a turn's images sit relative to its text, and what separates them.
 
 Training data writes images into the text itself (LLaVA's ``"<image>\\nWhat is ..."``, the shapes dataset's
 ``[image, "\\n", question]``, ``"Image 1: <image>\\nImage 2: <image>\\n..."`` for two images). A chat turn, a
 transformers message (``[{"type": "image"}, {"type": "text", "text": q}]``) or an lmms-eval request gives the images
-and the text *apart*; the layout is how they are joined so that the prompt is the one the model was trained on:
+and the text *apart*; the placement is how they are joined so that the prompt is the one the model was trained on:
 
 - ``position``: ``"before"`` (images, then the text) or ``"after"`` (the text, then the images);
 - ``separator``: written after each image (``before``) or before each image (``after``), e.g. ``"\\n"``;
 - ``label``: written before each image of a turn that has several (``"Image {n}: "``, ``{n}`` = 1, 2, ...);
   ``None``: no label.
 
-``ImageLayout.infer(samples)`` reads it off a dataset's samples (a training run records it in the model's
-``config.json`` as ``image_layout``), ``arrange`` applies it to structured messages (``model.chat``), and
+``ImagePlacement.infer(samples)`` reads it off a dataset's samples (a training run records it in the model's
+``config.json`` as ``image_placement``), ``arrange`` applies it to structured messages (``model.chat``), and
 ``jinja_image`` writes it into an exported chat template, so chat, the exported template and served transformers
-build the same prompt. ``DEFAULT`` (images first, each followed by ``"\\n"``: LLaVA's convention) is the layout of a
+build the same prompt. ``DEFAULT`` (images first, each followed by ``"\\n"``: LLaVA's convention) is the placement of a
 model that recorded none.
 """
 from __future__ import annotations
@@ -28,11 +28,11 @@ from typing import Any
 from vlm.data.sample import ImageRef, Sample
 
 POSITIONS = ("before", "after")
-_IMG = "\ue001"  # a private-use character standing for an image while a message's layout is read
+_IMG = "\ue001"  # a private-use character standing for an image while a message's placement is read
 
 
 @dataclass(frozen=True)
-class ImageLayout:
+class ImagePlacement:
     """How a message's images and text are joined (see the module docstring)."""
 
     position: str = "before"
@@ -41,25 +41,25 @@ class ImageLayout:
 
     def __post_init__(self) -> None:
         if self.position not in POSITIONS:
-            raise ValueError(f"image_layout.position={self.position!r}; expected one of {POSITIONS}")
+            raise ValueError(f"image_placement.position={self.position!r}; expected one of {POSITIONS}")
         if not isinstance(self.separator, str):
-            raise ValueError(f"image_layout.separator must be a string; got {self.separator!r}")
+            raise ValueError(f"image_placement.separator must be a string; got {self.separator!r}")
         if self.label is not None and not isinstance(self.label, str):
-            raise ValueError(f"image_layout.label must be a string or null; got {self.label!r}")
+            raise ValueError(f"image_placement.label must be a string or null; got {self.label!r}")
 
     # ------------------------------------------------------------------------------------------------ record
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, record: Mapping[str, Any] | None) -> ImageLayout | None:
-        """The layout a ``config.json`` ``image_layout`` record describes (``None`` stays ``None``: the model's
+    def from_dict(cls, record: Mapping[str, Any] | None) -> ImagePlacement | None:
+        """The placement a ``config.json`` ``image_placement`` record describes (``None`` stays ``None``: the model's
         chat template places images). Unknown keys are a ``ValueError`` naming them."""
-        if record is None or isinstance(record, ImageLayout):
+        if record is None or isinstance(record, ImagePlacement):
             return record
         unknown = sorted(set(record) - {"position", "separator", "label"})
         if unknown:
-            raise ValueError(f"image_layout: unknown key(s) {unknown}; expected position, separator, label")
+            raise ValueError(f"image_placement: unknown key(s) {unknown}; expected position, separator, label")
         return cls(**dict(record))
 
     def describe(self) -> str:
@@ -96,18 +96,18 @@ class ImageLayout:
         return out
 
     #: Jinja statements a macro runs on its list content ``c`` before looping over its parts (see ``jinja_image``)
-    JINJA_SETUP = ("{%- set layout_ns = namespace(k=0) -%}"
+    JINJA_SETUP = ("{%- set placement_ns = namespace(k=0) -%}"
                    "{%- set n_images = c | selectattr('type', 'equalto', 'image') | list | length -%}")
 
     def jinja_expression(self, image_text: str) -> str:
-        """A Jinja expression: the text of the image part numbered ``layout_ns.k`` (its label, ``image_text`` and
-        separator), in a message whose image count is ``n_images`` (both set up by ``JINJA_SETUP``, ``layout_ns.k``
+        """A Jinja expression: the text of the image part numbered ``placement_ns.k`` (its label, ``image_text`` and
+        separator), in a message whose image count is ``n_images`` (both set up by ``JINJA_SETUP``, ``placement_ns.k``
         counted up before each image)."""
         from vlm.data.templates.jinja import jinja_literal as q
 
         label = "''"
         if self.label:
-            label = f"({q(self.label)}.replace('{{n}}', layout_ns.k | string) if n_images > 1 else '')"
+            label = f"({q(self.label)}.replace('{{n}}', placement_ns.k | string) if n_images > 1 else '')"
         image = q(image_text)
         return (f"{label} + {image} + {q(self.separator)}" if self.position == "before"
                 else f"{q(self.separator)} + {label} + {image}")
@@ -115,12 +115,12 @@ class ImageLayout:
     def jinja_image(self, image_text: str) -> str:
         """Jinja statements that write one image part with its label and separator, inside a ``for p in c`` loop
         over a message's parts after ``JINJA_SETUP``."""
-        return "{%- set layout_ns.k = layout_ns.k + 1 -%}{{- " + self.jinja_expression(image_text) + " -}}"
+        return "{%- set placement_ns.k = placement_ns.k + 1 -%}{{- " + self.jinja_expression(image_text) + " -}}"
 
     # ----------------------------------------------------------------------------------------------- infer
     @classmethod
-    def infer(cls, samples: Iterable[Sample]) -> ImageLayout | None:
-        """The layout most messages with images and text in ``samples`` follow (``None``: no message shows one).
+    def infer(cls, samples: Iterable[Sample]) -> ImagePlacement | None:
+        """The placement most messages with images and text in ``samples`` follow (``None``: no message shows one).
 
         A message is read as ``[label_1] image sep [label_2 image sep ...] text`` (``before``) or ``text [sep
         label_1 image ...]`` (``after``); messages that fit neither (an image in the middle of the text) do not
@@ -129,7 +129,7 @@ class ImageLayout:
         labels: Counter[tuple[str, str, str]] = Counter()
         for sample in samples:
             for message in sample.messages:
-                found = read_layout(message.parts)
+                found = read_placement(message.parts)
                 if found is None:
                     continue
                 position, separator, label = found
@@ -143,7 +143,7 @@ class ImageLayout:
         return cls(position, separator, label or None)
 
 
-def read_layout(parts: Sequence[Any]) -> tuple[str, str, str | None] | None:
+def read_placement(parts: Sequence[Any]) -> tuple[str, str, str | None] | None:
     """``(position, separator, label)`` of one message's parts (``label``: ``None`` with one image, ``""`` for
     several unlabelled images), or ``None`` when the message has no image, no text, or images inside its text."""
     text = "".join(_IMG if isinstance(p, ImageRef) else p for p in parts)
@@ -181,8 +181,8 @@ def _read(pieces: list[str], n: int, position: str) -> tuple[str, str, str | Non
             return "after", separator, None
         separator = re.match(r"\s*", pieces[1]).group(0)
         label = _numbered(pieces[1][len(separator):], 2)
-    layout = ImageLayout(position, separator, label)
-    rebuilt = layout.arrange([ImageRef(i) for i in range(n)], lambda p: isinstance(p, ImageRef))
+    placement = ImagePlacement(position, separator, label)
+    rebuilt = placement.arrange([ImageRef(i) for i in range(n)], lambda p: isinstance(p, ImageRef))
     skeleton = "".join(_IMG if isinstance(p, ImageRef) else p["text"] for p in rebuilt)
     text = _IMG.join(pieces)
     question = text[len(skeleton):] if position == "before" else text[:len(text) - len(skeleton)]
@@ -190,8 +190,8 @@ def _read(pieces: list[str], n: int, position: str) -> tuple[str, str, str | Non
     return (position, separator, label) if fits and question.strip() and _IMG not in question else None
 
 
-#: the layout of a model that recorded none: images first, each followed by a newline (LLaVA's ``<image>\\n``)
-DEFAULT = ImageLayout()
+#: the placement of a model that recorded none: images first, each followed by a newline (LLaVA's ``<image>\\n``)
+DEFAULT = ImagePlacement()
 
 
 def dataset_samples(dataset: Any, limit: int = 64) -> list[Sample]:
