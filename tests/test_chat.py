@@ -13,7 +13,7 @@ from vlm.data.collate import PadCollator
 from vlm.data.processor import Processor
 from vlm.data.sample import ImageRef, Message, Sample
 from vlm.inference import generate_replies, processor_for
-from vlm.inference.chat import prompt_item
+from vlm.inference.chat import image_placement, prompt_item
 from vlm.train.evaluate import generate_predictions
 
 NEW = 12
@@ -51,11 +51,12 @@ def test_cached_and_uncached_greedy_generation_agree(model, processor):
 
 
 def test_chat_builds_the_training_prompt_and_answers_as_evaluation(model, processor):
-    """The "auto" template (the directory's Jinja) gives the training template's ids; the reply equals what training's
-    evaluation predicts for the same sample."""
-    sample = Sample([Message("user", [ImageRef(0), "Describe."]), Message("assistant", ["x"])], [picture(1)])
+    """The "auto" template (the directory's Jinja) gives the training template's ids for a sample written as the
+    model's image placement says (the default: the image, then "\n", then the question, as LLaVA data writes it); the
+    reply equals what training's evaluation predicts for the same sample."""
+    sample = Sample([Message("user", [ImageRef(0), "\nDescribe."]), Message("assistant", ["x"])], [picture(1)])
     reply, history = model.chat(picture(1), "Describe.", max_new_tokens=NEW)
-    chat_item = prompt_item(processor_for(model), None, picture(1), "Describe.")[0]
+    chat_item = prompt_item(processor_for(model), None, picture(1), "Describe.", placement=image_placement(model))[0]
     assert chat_item["input_ids"].tolist() == processor(sample, add_generation_prompt=True)["input_ids"].tolist()
     preds, _ = generate_predictions(model, processor, PadCollator(model.tokenizer.pad_token_id, padding_side="left"),
                                     [sample], 1, NEW, torch.device("cpu"), torch.float32)
@@ -68,8 +69,8 @@ def test_history_fed_back_equals_the_single_prompt(model, processor):
     r1, h1 = model.chat([picture(2)], "First?", max_new_tokens=NEW)
     r2, h2 = model.chat(picture(3), "And this one?", h1, max_new_tokens=NEW)  # a new image in a later turn
     assert len(h2) == 4 and len(h1) == 2  # h1 was not modified
-    whole = Sample([Message("user", [ImageRef(0), "First?"]), Message("assistant", [r1]),
-                    Message("user", [ImageRef(1), "And this one?"])], [picture(2), picture(3)])
+    whole = Sample([Message("user", [ImageRef(0), "\nFirst?"]), Message("assistant", [r1]),
+                    Message("user", [ImageRef(1), "\nAnd this one?"])], [picture(2), picture(3)])
     item = processor(whole, add_generation_prompt=True)
     assert r2 == generate_replies(model, [item], model.tokenizer, max_new_tokens=NEW)[0].text
     r3, h3 = model.chat(None, "Text only.", h2, max_new_tokens=NEW)  # a text-only turn

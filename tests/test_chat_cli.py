@@ -51,7 +51,8 @@ def test_scripted_session(model_dir, files, tmp_path, capsys):
     assert "note: no stop string ['never-here'] occurred within max_new_tokens=6" in out
     history = json.loads(save.read_text())
     assert [m["role"] for m in history] == ["user", "assistant"] * 2
-    assert history[0]["content"][0] == {"type": "image", "image": str(good)}
+    assert history[0]["content"][0] == {"type": "image", "image": "history_images/001.png"}  # saved beside it
+    assert np.array_equal(np.asarray(Image.open(save.parent / "history_images/001.png")), np.asarray(Image.open(good)))
     # the streamed replies are model.chat's replies for the same history
     model = vlm.load(model_dir)
     reply, _ = model.chat(str(good), "What is this?", max_new_tokens=6)

@@ -19,6 +19,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 import vlm
 from tests.conftest import tiny_cfg
 from vlm.convert import convert
+from vlm.data.image_placement import ImagePlacement
 from vlm.data.processor import Processor
 from vlm.data.sample import ImageRef, Message, Sample
 from vlm.data.tokenizer import byte_tokenizer
@@ -61,6 +62,7 @@ def trained(tmp_path_factory):
     raw = model.generate(item["input_ids"][None], item["pixel_values"], max_new_tokens=MAX_NEW, eos_token_id=None)
     assert raw[0].tolist() == reply, "the fixture model must run past the end of turn"
     model.tokenizer = copy.deepcopy(tok)
+    model.image_placement = ImagePlacement("before", "", None)  # trained on <image> + question, no separator (as a run records)
     model.set_template("chatml")
     out = tmp_path_factory.mktemp("vlm")
     model.save_pretrained(out)
@@ -140,6 +142,7 @@ def test_export_without_template_uses_the_tokenizers_eos(tmp_path):
     model = vlm.build(tiny_cfg("clip", "llama"), tokenizer=tok)
     assert model.generation["eos_token_id"] == [tok.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|pad|>")]
     model.tokenizer = copy.deepcopy(tok)
+    model.image_placement = ImagePlacement("before", "", None)  # trained on <image> + question, no separator (as a run records)
     model.set_template("chatml")  # a run that trained chatml on this tokenizer: stops at either, renders chatml
     assert model.generation["eos_token_id"] == [tok.convert_tokens_to_ids(t)
                                                 for t in ("<|eot_id|>", "<|im_end|>", "<|pad|>")]

@@ -15,7 +15,7 @@ import vlm
 import vlm.interop
 from tests.conftest import TINY_TEXT, TINY_VISION, chat_model
 from vlm.inference import processor_for
-from vlm.inference.chat import prompt_item
+from vlm.inference.chat import image_placement, prompt_item
 from vlm.inference.generate import decode
 
 NEW = 10
@@ -54,7 +54,7 @@ def test_two_turns_answer_as_model_chat(exported):
     messages += [{"role": "assistant", "content": [{"type": "text", "text": r1}]},
                  {"role": "user", "content": [{"type": "text", "text": q2}]}]
     got2, ids = hf_reply(processor, hf, messages, [picture(0)], eos)
-    ours = prompt_item(processor_for(model), history, None, q2)[0]
+    ours = prompt_item(processor_for(model), history, None, q2, placement=image_placement(model))[0]
     assert ids == ours["input_ids"].tolist()  # the second-turn prompt, token for token
     assert got2 == r2
 

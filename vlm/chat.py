@@ -5,7 +5,7 @@ transformers directory (LLaVA, ...) imported on the fly. Interactive commands::
 
     /image PATH   add an image to the next turn (several: repeat)
     /reset        forget the history (and pending images)
-    /save FILE    write the history as JSON
+    /save FILE    write the history as JSON, its images as PNG files in FILE's folder (vlm.inference.load_history)
     /quit         leave (end of input too)
 
 Anything else is your message; the reply streams as it is generated. A reply with boxes is drawn on the turn's last
@@ -15,7 +15,6 @@ empty prompt, a prompt longer than the context window) prints an error and the s
 """
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 from collections.abc import Sequence
@@ -59,8 +58,14 @@ class Session:
             if not arg:
                 self.print("error: /save needs a file name")
             else:
-                Path(arg).write_text(json.dumps(self.history, indent=1, default=str))
-                self.print(f"(history saved to {arg})")
+                from vlm.inference.history import save_history
+
+                try:
+                    save_history(self.history, arg)
+                except (OSError, ValueError) as e:
+                    self.print(f"error: {e}")
+                else:
+                    self.print(f"(history saved to {arg}, its images in {Path(arg).stem}_images/)")
         elif cmd.startswith("/") and cmd not in ("/", "//"):
             self.print(f"error: unknown command {cmd!r}; {HELP}")
         else:

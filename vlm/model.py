@@ -21,6 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from vlm import connectors, encoders, llm as llms
 from vlm.connectors.base import Connector
+from vlm.data.image_placement import DEFAULT as DEFAULT_IMAGE_LAYOUT, ImagePlacement
 from vlm.encoders.base import VisionEncoder, as_pair
 from vlm.generation import generation_settings
 from vlm.llm.hf_causal_lm import HFCausalLM
@@ -44,6 +45,12 @@ MOVED_KEYWORDS = {
 DEFAULT_IMAGE_PREPROCESSING = {"resize_mode": "resize"}
 
 
+def placement_record(placement: ImagePlacement | dict[str, Any] | None) -> dict[str, Any] | None:
+    """``config.json``'s ``image_placement`` entry for a placement (an ``ImagePlacement`` or its dict; ``None`` stays)."""
+    placement = ImagePlacement.from_dict(placement)
+    return None if placement is None else placement.to_dict()
+
+
 def param_dtype(module: nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
     """The dtype of ``module``'s first floating-point parameter (``default`` when it has none)."""
     return next((p.dtype for p in module.parameters() if p.is_floating_point()), default)
@@ -62,6 +69,9 @@ class VLMConfig:
     generation: dict[str, Any] = field(default_factory=dict)  # vlm.generation: eos (list), pad, bos ids
     # ImageProcessor settings the model was trained with: resize_mode (resize | pad | crop), pad_color (pad only)
     image_preprocessing: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_IMAGE_PREPROCESSING))
+    # how a turn's images and text are joined (vlm.data.image_placement): recorded from the training data; None: the
+    # chat template places images (imported transformers directories)
+    image_placement: dict[str, Any] | None = field(default_factory=lambda: DEFAULT_IMAGE_LAYOUT.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}
@@ -89,6 +99,9 @@ class VLM(nn.Module):
         self.generation: dict[str, Any] = {}
         # how its images are preprocessed (``resize_mode``, ``pad_color``): Processor.for_model's default, exported
         self.image_preprocessing: dict[str, Any] = dict(DEFAULT_IMAGE_PREPROCESSING)
+        # how chat joins a turn's images and text (``vlm.data.image_placement``): the training data's placement, recorded
+        # by the run; ``None``: the chat template places images itself (imported transformers directories)
+        self.image_placement: ImagePlacement | None = DEFAULT_IMAGE_LAYOUT
         # a vlm.encoders.cache.FeatureCache: the frozen encoder's outputs read from disk (stage.cache_features)
         self.feature_cache: Any = None
 
@@ -109,20 +122,24 @@ class VLM(nn.Module):
         return VLMConfig(encoder=self.encoder.export_config(), connector=self.connector.export_config(),
                          llm=self.llm.export_config(), image_token_id=self.image_token_id,
                          image_token=self.image_token, generation=dict(self.generation),
-                         image_preprocessing=dict(self.image_preprocessing))
+                         image_preprocessing=dict(self.image_preprocessing),
+                         image_placement=placement_record(self.image_placement))
 
     def set_template(self, template: Any) -> None:
         """Serve with chat ``template`` (a name, config or ``Template``): its end-of-turn token joins the stop ids
         in ``self.generation``, and ``self.tokenizer.chat_template`` becomes its Jinja equivalent, so a saved or
         exported directory builds the same prompts and stops at the same token as vlm. Changes ``self.tokenizer``
-        in place (give the model its own copy first when the tokenizer is shared)."""
+        in place (give the model its own copy first when the tokenizer is shared). The Jinja writes each image part
+        with ``self.image_placement`` (its label and separator), as chat joins a turn's images and text: set the placement
+        first."""
         from vlm.data.templates import build_template
 
         if self.tokenizer is None:
             raise ValueError("set_template needs model.tokenizer (the template's tokens are looked up in it)")
         template = build_template(template)
         self.generation = generation_settings(self.tokenizer, template)
-        jinja = template.as_jinja(self.tokenizer, self.image_token)
+        jinja = template.as_jinja(self.tokenizer, self.image_token,
+                                  image_placement=ImagePlacement.from_dict(self.image_placement))
         if jinja is None:
             warnings.warn(f"template {template!r} has no Jinja equivalent; the tokenizer keeps its own chat "
                           f"template", stacklevel=2)
@@ -370,11 +387,16 @@ def from_config(config: dict[str, Any]) -> VLM:
     model.generation = dict(config.get("generation") or {})
     # configs written before the preprocessing was recorded: ImageProcessor's default
     model.image_preprocessing = dict(config.get("image_preprocessing") or DEFAULT_IMAGE_PREPROCESSING)
+    # configs written before the placement was recorded: the documented default; an explicit null stays None
+    model.image_placement = ImagePlacement.from_dict(config.get("image_placement", DEFAULT_IMAGE_LAYOUT.to_dict()))
     return model
 
 
 def load(directory: str | os.PathLike, *, tokenizer: bool = True, device: str | torch.device | None = None) -> VLM:
-    """Load a directory written by ``VLM.save_pretrained``. Raises naming any missing or foreign file."""
+    """Load a model directory for inference, in eval mode (as transformers' ``from_pretrained``): one written by
+    ``VLM.save_pretrained``, or a transformers directory of a format ``vlm.interop`` imports (LLaVA, BLIP-2,
+    InternVL; imported on the fly with ``vlm.interop.from_hf``). Raises naming any missing or foreign file, and
+    for a transformers directory its ``model_type`` and the formats vlm imports. Call ``model.train()`` to train."""
     path = Path(directory)
     if not path.is_dir():
         raise FileNotFoundError(f"vlm.load: {str(path)!r} is not a directory")
@@ -387,8 +409,7 @@ def load(directory: str | os.PathLike, *, tokenizer: bool = True, device: str | 
     except json.JSONDecodeError as e:
         raise ValueError(f"vlm.load: {str(cfg_file)!r} is not valid JSON: {e}") from e
     if config.get("format") != FORMAT:
-        raise ValueError(f"vlm.load: {str(cfg_file)!r} is not a vlm config (format={config.get('format')!r}); "
-                         f"for a transformers LLaVA directory use vlm.interop.from_hf")
+        return _load_transformers(path, config, tokenizer=tokenizer, device=device)
     if not weights.is_file():
         raise FileNotFoundError(f"vlm.load: {str(path)!r} is missing {WEIGHTS_FILE} (expected {CONFIG_FILE} and "
                                 f"{WEIGHTS_FILE} written by VLM.save_pretrained)")
@@ -403,4 +424,21 @@ def load(directory: str | os.PathLike, *, tokenizer: bool = True, device: str | 
         model.tokenizer = AutoTokenizer.from_pretrained(str(path))
     # directories written before generation settings were saved: the tokenizer's
     model.generation = dict(config.get("generation") or generation_settings(model.tokenizer))
-    return model
+    return model.eval()
+
+
+def _load_transformers(path: Path, config: dict[str, Any], *, tokenizer: bool,
+                       device: str | torch.device | None) -> VLM:
+    """A transformers directory (``config.json`` without ``"format": "vlm"``) imported by the ``vlm.interop``
+    format of its ``model_type``; ``ValueError`` naming the ``model_type`` and the supported formats otherwise."""
+    from vlm.interop import from_hf
+    from vlm.interop.formats import format_for_model_type
+
+    if "model_type" not in config:
+        raise ValueError(f"vlm.load: {str(path / CONFIG_FILE)!r} is neither a vlm config (format="
+                         f"{config.get('format')!r}, expected 'vlm') nor a transformers config (no model_type)")
+    format_for_model_type(config["model_type"], f"vlm.load: {str(path / CONFIG_FILE)!r}")  # names the supported
+    model = from_hf(path, tokenizer=tokenizer)
+    if device is not None:
+        model.to(device)
+    return model.eval()

@@ -102,14 +102,15 @@ class VLMLmms(lmms):
 
     @torch.no_grad()
     def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
-        from vlm.inference.chat import prompt_item
+        from vlm.inference.chat import image_placement, prompt_item
 
         results = []
         device = next(self.model.parameters()).device
         for r in tqdm(requests, desc="vlm loglikelihood", disable=self.rank != 0):
             context, continuation, doc_to_visual, doc_id, task, split = r.args
             images = _visuals(doc_to_visual(self.task_dict[task][split][doc_id]))
-            item, _ = prompt_item(self.processor, None, images or None, context)
+            item, _ = prompt_item(self.processor, None, images or None, context,
+                                  placement=image_placement(self.model, self.processor))
             cont = self.processor.tokenizer(continuation, add_special_tokens=False)["input_ids"]
             ids = torch.cat([item["input_ids"], torch.tensor(cont, dtype=torch.long)])[None].to(device)
             pv = item["pixel_values"].to(device) if item["pixel_values"] is not None else None

@@ -7,7 +7,9 @@ The history is a plain list of OpenAI/transformers-style messages, which can be 
 
 An image entry holds a path, a ``PIL.Image`` or an array. Prompts are built by the training ``Processor`` (same
 template, tokenization, image preprocessing and box rewriting as training and evaluation) with
-``add_generation_prompt=True``, so a model answers in chat exactly as it was evaluated.
+``add_generation_prompt=True``, so a model answers in chat exactly as it was evaluated. A message's image and text
+parts are joined as the model's training data joined them (``model.image_placement``, ``vlm.data.image_placement``: e.g.
+each image followed by ``"\n"``, before the text), as the model's exported chat template joins them too.
 """
 from __future__ import annotations
 
@@ -46,31 +48,60 @@ def _image_part(src: Any) -> dict[str, Any]:
     return {"type": "image", "image": src}
 
 
-def user_turn(images: Images, text: str) -> Message:
-    """A user message: the images first (in order), then the text. Raises ``ValueError`` for an empty prompt."""
+def user_turn(images: Images, text: str, placement: Any = None) -> Message:
+    """A user message: the images (in order), then the text (or the text first, for a ``placement`` whose images come
+    after it). Raises ``ValueError`` for an empty prompt."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError("empty prompt: give the question as text (an image alone is not a question)")
     srcs = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
-    return {"role": "user", "content": [_image_part(s) for s in srcs] + [{"type": "text", "text": text}]}
+    parts, question = [_image_part(s) for s in srcs], [{"type": "text", "text": text}]
+    return {"role": "user", "content": placement.order(parts, question) if placement is not None else parts + question}
+
+
+def image_placement(model: Any, processor: Any = None) -> Any:
+    """The model's ``vlm.data.image_placement.ImagePlacement``; ``None`` when its chat template places images (an
+    imported transformers directory: ``model.image_placement = None``, or ``processor``'s template moving images itself,
+    e.g. ``vicuna_v1`` with ``images_first``)."""
+    from vlm.data.image_placement import ImagePlacement
+
+    template = getattr(processor, "template", None)
+    if template is not None and template.places_images(processor.tokenizer):
+        return None
+    return ImagePlacement.from_dict(getattr(model, "image_placement", None))
+
+
+def _is_image(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type") in ("image", "image_url")
+
+
+def arrange(messages: Sequence[Message], placement: Any) -> list[Message]:
+    """``messages`` with each list content's images given the ``placement``'s labels and separators (string contents,
+    which write their images as ``<image>`` themselves, are kept)."""
+    if placement is None:
+        return list(messages)
+    return [{**m, "content": placement.arrange(m["content"], _is_image)} if isinstance(m.get("content"), list) else m
+            for m in messages]
 
 
 def assistant_turn(text: str) -> Message:
     return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 
 
-def to_sample(messages: Sequence[Message], sample_id: Any = "chat") -> Any:
-    """Messages -> a validated ``Sample`` (the ``messages`` reader: image files are checked to exist)."""
+def to_sample(messages: Sequence[Message], sample_id: Any = "chat", placement: Any = None) -> Any:
+    """Messages -> a validated ``Sample`` (the ``messages`` reader: image files are checked to exist), their images
+    and text joined with ``placement`` (see :func:`arrange`)."""
     from vlm.data.readers.messages import MessagesReader
 
-    return MessagesReader(check_files=True).convert({"messages": list(messages), "id": sample_id})
+    return MessagesReader(check_files=True).convert({"messages": arrange(messages, placement), "id": sample_id})
 
 
 def prompt_item(processor: Any, history: Sequence[Message] | None, images: Images, text: str,
-                sample_id: Any = "chat") -> tuple[dict[str, Any], list[Message]]:
-    """``(processed generation prompt, history + the new user turn)``. Raises ``ValueError`` (a ``DataError`` names
-    the image file for an image that cannot be opened) on bad input."""
-    messages = [*(history or []), user_turn(images, text)]
-    return processor(to_sample(messages, sample_id), add_generation_prompt=True), messages
+                sample_id: Any = "chat", placement: Any = None) -> tuple[dict[str, Any], list[Message]]:
+    """``(processed generation prompt, history + the new user turn)``; ``placement``: the model's
+    :func:`image_placement` (``None``: parts joined as they are). Raises ``ValueError`` (a ``DataError`` names the
+    image file for an image that cannot be opened) on bad input."""
+    messages = [*(history or []), user_turn(images, text, placement)]
+    return processor(to_sample(messages, sample_id, placement), add_generation_prompt=True), messages
 
 
 def chat(model: Any, images: Images, text: str, history: Sequence[Message] | None = None, *, template: Any = None,
@@ -94,7 +125,8 @@ def chat_batch(model: Any, images: Sequence[Images], texts: Sequence[str],
         raise ValueError(f"chat_batch: {len(images)} image entries, {len(texts)} texts and {len(histories)} histories; "
                          f"expected one of each per conversation")
     processor = processor or processor_for(model, template)
-    prompts = [prompt_item(processor, h, im, t, sample_id=i)
+    placement = image_placement(model, processor)
+    prompts = [prompt_item(processor, h, im, t, sample_id=i, placement=placement)
                for i, (im, t, h) in enumerate(zip(images, texts, histories))]
     replies: list[Reply] = generate_replies(model, [p for p, _ in prompts], processor.tokenizer, stop=stop,
                                             **generate_kwargs)
@@ -124,6 +156,6 @@ def chat_stream(model: Any, images: Images, text: str, history: Sequence[Message
                 **generate_kwargs: Any) -> ChatStream:
     """:func:`chat`, streamed. Bad input (empty prompt, unopenable image, too long) raises here, before iterating."""
     processor = processor or processor_for(model, template)
-    item, messages = prompt_item(processor, history, images, text)
+    item, messages = prompt_item(processor, history, images, text, placement=image_placement(model, processor))
     check_context(model, [int(item["input_ids"].numel())], int(generate_kwargs.get("max_new_tokens", 128)))
     return ChatStream(stream_reply(model, item, processor.tokenizer, stop=stop, **generate_kwargs), messages)

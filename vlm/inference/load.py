@@ -1,9 +1,9 @@
 """Open whatever directory a user points ``vlm.chat`` / ``vlm.eval`` at: a ``vlm.load`` directory, a training run
 directory (its ``final/``; the run's config gives the chat template and evaluation data) or a transformers
-directory of a supported family (LLaVA, ...), imported on the fly with ``vlm.interop.from_hf``."""
+directory of a supported family (LLaVA, BLIP-2, InternVL), imported on the fly; all through ``vlm.load``, in eval
+mode."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,16 +42,5 @@ def open_model(path: str | os.PathLike, *, device: str | None = None) -> Opened:
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{str(root)!r} is not a model directory: no {CONFIG_FILE} (expected a vlm.load "
                                 f"directory, a run directory with final/, or a transformers directory)")
-    try:
-        fmt = json.loads(cfg_file.read_text()).get("format")
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{str(cfg_file)!r} is not valid JSON: {e}") from e
-    if fmt == "vlm":
-        model = vlm.load(weights, device=device)
-    else:
-        from vlm.interop import from_hf
-
-        model = from_hf(weights)
-        if device:
-            model.to(device)
+    model = vlm.load(weights, device=device)  # one loader: vlm directories and transformers ones, eval mode
     return Opened(model.eval(), template, run_cfg, weights)

@@ -39,7 +39,9 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
         raise ValueError(f"from_hf: {str(path / 'config.json')!r} is a vlm directory (format 'vlm'); load it with "
                          f"vlm.load, or export it with to_hf")
     fmt = format_for_model_type(cfg.get("model_type"), f"from_hf: {str(path / 'config.json')!r}")
-    return fmt.from_hf(path, dtype=dtype, tokenizer=tokenizer, **kwargs)
+    model = fmt.from_hf(path, dtype=dtype, tokenizer=tokenizer, **kwargs)
+    model.image_placement = None  # the directory's own chat template places images (vlm.data.image_placement)
+    return model.eval()
 
 
 def to_hf(model: Any, path: str | os.PathLike, *, format: str | None = None,

@@ -71,4 +71,10 @@ def format_for_model(model: Any, name: str | None = None) -> type[HFFormat]:
             return fmt
         reasons[n] = "; ".join(problems)
     raise ValueError("to_hf: no transformers format can hold this model: "
-                     + " | ".join(f"{n}: {r}" for n, r in reasons.items()))
+                     + " | ".join(f"{n}: {r}" for n, r in reasons.items()) + ". " + SERVE_INSTEAD)
+
+
+#: what serves a model no transformers format holds (the end of ``to_hf``'s error)
+SERVE_INSTEAD = ("It still serves from its vlm directory: `python -m vlm.chat DIR` (DIR: the model directory or the run "
+                 "directory), or `vlm.load(DIR).chat(image, question)` in Python; an HTTP server (`vlm.serve`) is "
+                 "coming. Which encoder x connector compositions export to which format: docs/interop.md")

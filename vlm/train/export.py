@@ -145,12 +145,16 @@ def image_preprocessing(image_processor: Any) -> dict[str, Any] | None:
 
 
 def export_final(directory: Path, live: nn.Module, merged: dict[str, torch.Tensor], tokenizer: Any,
-                 template: Any = None, image_processor: Any = None) -> Path:
+                 template: Any = None, image_processor: Any = None, image_placement: Any = None) -> Path:
     """Write a ``vlm.load``-able directory from the merged full state dict. With the stage's chat ``template``, the
     directory's tokenizer carries it as its Jinja chat template and its end of turn is a saved stop id
     (``VLM.set_template``); with the stage's ``image_processor``, its geometry is recorded
-    (``VLM.image_preprocessing``). So ``vlm.load`` and an export of the directory answer as the run's evaluation did."""
+    (``VLM.image_preprocessing``); with the data's ``image_placement`` (``vlm.data.image_placement``), chat and the Jinja
+    template join a turn's images and text as the data did (``VLM.image_placement``). So ``vlm.load`` and an export of
+    the directory answer as the run's evaluation did."""
     plain = plain_model(live, merged, copy.deepcopy(tokenizer) if tokenizer is not None else None)
+    if image_placement is not None:
+        plain.image_placement = image_placement  # before set_template: its Jinja writes the placement
     if template is not None and tokenizer is not None:
         plain.set_template(template)
     record = image_preprocessing(image_processor)

@@ -272,8 +272,26 @@ class StageRunner:
             write_stage_weights(self.dir / STAGE_WEIGHTS, merged, self.carried | trained_names(t.model))
             if self.is_last:
                 export_final(self.run_dir / "final", t.model, merged, self.tokenizer, t.processor.template,
-                             t.processor.image_processor)
+                             t.processor.image_processor, image_placement=self.image_placement(t))
         s.barrier()
+
+    def image_placement(self, t: "Training") -> Any:
+        """How this stage's data joins a turn's images and text (``vlm.data.image_placement``), read off its samples
+        (the evaluation set's fill in what they do not show, e.g. labels of several images); the default when no
+        sample has an image next to text. Logged; ``final/`` records it so chat builds the trained prompts."""
+        from vlm.data.image_placement import DEFAULT, ImagePlacement, dataset_samples
+
+        train = ImagePlacement.infer(dataset_samples(t.dataset))
+        held_out = ImagePlacement.infer(dataset_samples(self.eval_samples)) if self.eval_samples is not None else None
+        placement = train or held_out
+        if placement is not None and placement.label is None and held_out is not None and held_out.label \
+                and (held_out.position, held_out.separator) == (placement.position, placement.separator):
+            placement = ImagePlacement(placement.position, placement.separator, held_out.label)
+        source = f"data.{self.stage.data}" if train is not None else "the evaluation data" if placement else None
+        if placement is None:
+            placement, source = DEFAULT, "no sample places an image next to text: the default"
+        self.log.info(f"[{self.name}] image placement for chat: {placement.describe()} ({source})")
+        return placement
 
     def evaluate(self, t: "Training", limit: int | None, step: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """Generation-based evaluation after ``step``, with its own random stream (seeded by seed, stage, step):

@@ -50,5 +50,8 @@ class AutoTemplate(Template):
     def special_tokens(self, tokenizer: Any = None) -> list[str]:
         return self.pick(tokenizer).special_tokens(tokenizer)
 
-    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>") -> str | None:
-        return self.pick(tokenizer).as_jinja(tokenizer, image_token)
+    def places_images(self, tokenizer: Any = None) -> bool:
+        return self.pick(tokenizer).places_images(tokenizer)
+
+    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>", image_placement: Any = None) -> str | None:
+        return self.pick(tokenizer).as_jinja(tokenizer, image_token, image_placement=image_placement)

@@ -80,17 +80,26 @@ class Template:
         """Strings this template emits that must each be a single token of the tokenizer."""
         return [t for t in (self.image_start, self.image_end) if t]
 
-    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>") -> str | None:
+    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>",
+                 image_placement: Any = None) -> str | None:
         """This template as a Jinja chat template (what ``tokenizer.chat_template`` and transformers' processors
         render): the text of :meth:`render` with each image slot written ``image_start + image_token + image_end``.
-        Messages' ``content`` may be a string or a list of ``{"type": "text" | "image"}`` parts. ``None`` when the
-        template has no Jinja equivalent."""
+        Messages' ``content`` may be a string or a list of ``{"type": "text" | "image"}`` parts; list parts are
+        joined with ``image_placement`` (``vlm.data.image_placement.ImagePlacement``: each image's label and
+        separator, as ``model.chat`` joins them; ``None``: nothing added). ``None`` when the template has no Jinja
+        equivalent."""
         return None
 
     def for_image_token(self, image_token: str) -> Template:
         """This template for a processor whose image placeholder token is ``image_token`` (the ``tokenizer``
         template looks for it in what its Jinja template writes per image); others return themselves."""
         return self
+
+    def places_images(self, tokenizer: Any = None) -> bool:
+        """Whether this template moves a message's images itself (and writes their separators), so that chat must
+        not join them with the model's image placement (``vlm.data.image_placement``) first. Default ``False``:
+        images go where the message puts them."""
+        return False
 
     def image_text(self, image_token: str) -> str:
         """What one image slot is in rendered text: ``image_start + image_token + image_end``."""

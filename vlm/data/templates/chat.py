@@ -45,15 +45,16 @@ class RoleTemplate(Template):
     def special_tokens(self, tokenizer: Any = None) -> list[str]:
         return [self.eot, *(t for t in (self.bos,) if t), *super().special_tokens(tokenizer)]
 
-    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>") -> str:
-        """The same format as Jinja (assistant content + end of turn inside ``{% generation %}``)."""
+    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>", image_placement: Any = None) -> str:
+        """The same format as Jinja (assistant content + end of turn inside ``{% generation %}``; list content
+        joined with ``image_placement``)."""
         pre, _, post = self.header.partition("{role}")
 
         def header(role: str) -> str:
             return f"{q(pre)} + {role} + {q(post)}"
 
         turn_end = f"{q(self.eot)}"
-        out = [content_macro(self.image_text(image_token))]
+        out = [content_macro(self.image_text(image_token), image_placement=image_placement)]
         if self.bos:
             out.append(f"{{{{- {q(self.bos)} -}}}}")
         if self.default_system is not None:
@@ -130,12 +131,13 @@ class Plain(Template):
     def special_tokens(self, tokenizer: Any = None) -> list[str]:
         return [self.end_of_turn(tokenizer), *super().special_tokens(tokenizer)]
 
-    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>") -> str:
-        """The same format as Jinja: images (+ user text with ``keep_user_text``), caption + end token."""
+    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>", image_placement: Any = None) -> str:
+        """The same format as Jinja: images (+ user text with ``keep_user_text``, joined with ``image_placement``),
+        caption + end token."""
         bos = f"{{{{- {q(tokenizer.bos_token)} -}}}}" if self.add_bos and tokenizer.bos_token else ""
         image = self.image_text(image_token)
         user = "content" if self.keep_user_text else "images"
-        return (content_macro(image) + content_macro(image, keep_text=False, name="images") + bos +
+        return (content_macro(image, image_placement=image_placement) + content_macro(image, keep_text=False, name="images") + bos +
                 "{%- for m in messages -%}{%- if m.role == 'assistant' -%}{% generation %}"
                 f"{{{{- content(m.content) + {q(self.end_of_turn(tokenizer))} -}}}}{{% endgeneration %}}"
                 f"{{{{- {q(self.separator)} -}}}}"

@@ -40,13 +40,20 @@ def jinja_literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def content_macro(image_text: str, keep_text: bool = True, name: str = "content") -> str:
+def content_macro(image_text: str, keep_text: bool = True, name: str = "content", image_placement: Any = None) -> str:
     """A Jinja macro ``name(c)`` (default ``content(c)``): a string content as is, a list content as its parts in order (``image`` parts
-    as ``image_text``, ``text`` parts as their text; only the images when ``keep_text`` is false)."""
+    as ``image_text``, ``text`` parts as their text; only the images when ``keep_text`` is false). With an
+    ``image_placement`` (``vlm.data.image_placement.ImagePlacement``) each image part also gets its label and separator
+    (text, so not with ``keep_text`` false), as ``model.chat`` joins a turn's images and text."""
     text = "{{- p['text'] -}}" if keep_text else ""
     plain = "{{- c -}}" if keep_text else ""
-    return ("{%- macro " + name + "(c) -%}{%- if c is string -%}" + plain + "{%- else -%}{%- for p in c -%}"
-            "{%- if p['type'] == 'image' -%}{{- " + jinja_literal(image_text) + " -}}"
+    image = "{{- " + jinja_literal(image_text) + " -}}"
+    setup = ""
+    if image_placement is not None and keep_text:
+        image = image_placement.jinja_image(image_text)
+        setup = image_placement.JINJA_SETUP
+    return ("{%- macro " + name + "(c) -%}{%- if c is string -%}" + plain + "{%- else -%}" + setup +
+            "{%- for p in c -%}{%- if p['type'] == 'image' -%}" + image +
             "{%- elif p['type'] == 'text' -%}" + text + "{%- endif -%}{%- endfor -%}{%- endif -%}{%- endmacro -%}")
 
 
@@ -227,8 +234,9 @@ class TokenizerTemplate(Template):
         ph = [] if placeholder in (SENTINEL, None) else [placeholder]
         return ph + super().special_tokens(tokenizer)
 
-    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>") -> str | None:
-        """The Jinja template this template renders with; ``None`` with image markers (added around image slots
+    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>", image_placement: Any = None) -> str | None:
+        """The Jinja template this template renders with (it places images itself: ``image_placement`` is not
+        applied); ``None`` with image markers (added around image slots
         outside the Jinja template, so it alone does not reproduce them)."""
         if self.image_start or self.image_end:
             return None

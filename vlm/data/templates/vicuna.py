@@ -58,6 +58,9 @@ class VicunaV1(Template):
         super().__init__(image_start, image_end)
         self.default_system, self.eos, self.add_bos, self.images_first = default_system, eos, add_bos, images_first
 
+    def places_images(self, tokenizer: Any = None) -> bool:
+        return self.images_first
+
     def _bos(self, tokenizer: Any) -> str | None:
         return getattr(tokenizer, "bos_token", None) if self.add_bos else None
 
@@ -94,21 +97,27 @@ class VicunaV1(Template):
     def end_of_turn(self, tokenizer: Any = None) -> str:
         return self.eos
 
-    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>") -> str:
-        """The same layout as Jinja (the trained reply inside ``{% generation %}``); string content may hold
+    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>", image_placement: Any = None) -> str:
+        """The same layout as Jinja (the trained reply inside ``{% generation %}``; with ``images_first`` the
+        template places images itself, each followed by ``\\n``; otherwise list content is joined with
+        ``image_placement``, as chat joins it); string content may hold
         ``image_token`` placeholders, list content ``{"type": "image"}`` parts. ``bos_token`` comes from the
         tokenizer rendering it (transformers passes its special tokens), as :meth:`render` takes it from the tokenizer."""
         img, tok = q(self.image_text(image_token) + "\n"), q(image_token)
         parts = ("{%- if n -%}{{- " + img + " * n + text | trim -}}{%- else -%}{{- text -}}{%- endif -%}"
                  if self.images_first else "{{- raw -}}")
         system = q(self.default_system or "")
+        setup, count, raw_image = "", "", q(self.image_text(image_token))
+        if image_placement is not None and not self.images_first:  # images where the message puts them, with the placement
+            setup, count = image_placement.JINJA_SETUP, "{%- set placement_ns.k = placement_ns.k + 1 -%}"
+            raw_image = image_placement.jinja_expression(self.image_text(image_token))
         return (
             "{%- macro vicuna_content(c) -%}{%- if c is string -%}"
             "{%- set n = c.count(" + tok + ") -%}{%- set text = c.replace(" + tok + ", '') -%}"
             "{%- set raw = c.replace(" + tok + ", " + q(self.image_text(image_token)) + ") -%}" + parts +
-            "{%- else -%}{%- set ns = namespace(text='', raw='', n=0) -%}{%- for p in c -%}"
-            "{%- if p['type'] == 'image' -%}{%- set ns.n = ns.n + 1 -%}"
-            "{%- set ns.raw = ns.raw + " + q(self.image_text(image_token)) + " -%}"
+            "{%- else -%}{%- set ns = namespace(text='', raw='', n=0) -%}" + setup + "{%- for p in c -%}"
+            "{%- if p['type'] == 'image' -%}{%- set ns.n = ns.n + 1 -%}" + count +
+            "{%- set ns.raw = ns.raw + " + raw_image + " -%}"
             "{%- elif p['type'] == 'text' -%}{%- set ns.text = ns.text + p['text'] -%}"
             "{%- set ns.raw = ns.raw + p['text'] -%}{%- endif -%}{%- endfor -%}"
             "{%- set n = ns.n -%}{%- set text = ns.text -%}{%- set raw = ns.raw -%}" + parts +
