@@ -31,7 +31,7 @@ from vlm.data.templates import build_template
 from vlm.data.templates.jinja import image_rendering
 from vlm.data.tokenizer import byte_tokenizer
 from vlm.inference import processor_for
-from vlm.inference.chat import prompt_item
+from vlm.inference.chat import image_placement, prompt_item
 from vlm.inference.generate import decode
 from vlm.interop import from_hf, to_hf
 
@@ -221,11 +221,14 @@ def test_vlm_templates_with_image_markers_chat_as_trained_and_export(tmp_path):
     model = vlm.build({"encoder": TINY_VISION["internvit"], "connector": {"name": "pixel_shuffle_mlp"},
                        "llm": {"name": "hf_causal_lm", "config": text}, "image_token": CTX}, tokenizer=tok).eval()
     model.set_template(template)
-    assert image_rendering(model.tokenizer, model.tokenizer.chat_template, CTX) == f"<img>{CTX}</img>"
+    # the markers, then the model's image placement (none recorded: each image followed by a newline)
+    assert model.image_placement.separator == "\n"
+    assert image_rendering(model.tokenizer, model.tokenizer.chat_template, CTX) == f"<img>{CTX}</img>\n"
     trained = Processor.for_model(model, model.tokenizer, template)
     for name, history, images, text in conversations():
-        ours = prompt_item(processor_for(model), history, images, text)[0]
-        want = prompt_item(trained, history, images, text)[0]
+        placement = image_placement(model)  # as model.chat joins a turn's parts
+        ours = prompt_item(processor_for(model), history, images, text, placement=placement)[0]
+        want = prompt_item(trained, history, images, text, placement=placement)[0]
         assert ours["input_ids"].tolist() == want["input_ids"].tolist(), name
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -235,7 +238,7 @@ def test_vlm_templates_with_image_markers_chat_as_trained_and_export(tmp_path):
     for name, history, images, text in conversations():
         reply, messages = model.chat(images, text, history, max_new_tokens=NEW)
         theirs, batch = hf_answer(processor, hf, messages[:-1], eos)
-        assert batch["input_ids"][0].tolist() == prompt_item(trained, history, images, text)[0]["input_ids"].tolist()
+        assert batch["input_ids"][0].tolist() == prompt_item(trained, history, images, text, placement=image_placement(model))[0]["input_ids"].tolist()
         assert theirs == reply, name
 
 
@@ -268,7 +271,7 @@ def test_an_export_whose_template_lacks_the_markers_says_why(tmp_path):
     model = vlm.build({"encoder": TINY_VISION["internvit"], "connector": {"name": "pixel_shuffle_mlp"},
                        "llm": {"name": "hf_causal_lm", "config": text}, "image_token": CTX}, tokenizer=tok).eval()
     model.set_template("chatml")
-    with pytest.warns(UserWarning, match=r"no InternVLProcessor written.*writes an image as '<IMG_CONTEXT>', "
+    with pytest.warns(UserWarning, match=r"no InternVLProcessor written.*writes an image as '<IMG_CONTEXT>.*', "
                                          r"without <img>/</img>"):
         to_hf(model, tmp_path / "out")
 

@@ -60,13 +60,10 @@ def user_turn(images: Images, text: str, placement: Any = None) -> Message:
 
 def image_placement(model: Any, processor: Any = None) -> Any:
     """The model's ``vlm.data.image_placement.ImagePlacement``; ``None`` when its chat template places images (an
-    imported transformers directory: ``model.image_placement = None``, or ``processor``'s template moving images itself,
-    e.g. ``vicuna_v1`` with ``images_first``)."""
+    imported transformers directory: ``model.image_placement = None``). Whether a turn's parts are then joined with
+    it is the processor's template's call (``prompt_item``; ``processor`` is accepted for callers that pass it)."""
     from vlm.data.image_placement import ImagePlacement
 
-    template = getattr(processor, "template", None)
-    if template is not None and template.places_images(processor.tokenizer):
-        return None
     return ImagePlacement.from_dict(getattr(model, "image_placement", None))
 
 
@@ -98,10 +95,14 @@ def to_sample(messages: Sequence[Message], sample_id: Any = "chat", placement: A
 def prompt_item(processor: Any, history: Sequence[Message] | None, images: Images, text: str,
                 sample_id: Any = "chat", placement: Any = None) -> tuple[dict[str, Any], list[Message]]:
     """``(processed generation prompt, history + the new user turn)``; ``placement``: the model's
-    :func:`image_placement` (``None``: parts joined as they are). Raises ``ValueError`` (a ``DataError`` names the
-    image file for an image that cannot be opened) on bad input."""
+    :func:`image_placement` (``None``: parts joined as they are): it orders the new turn's images and text, and
+    joins every turn's parts unless the processor's template writes what surrounds an image itself
+    (``Template.places_images``: a chat template rendered with list content). Raises ``ValueError`` (a
+    ``DataError`` names the image file for an image that cannot be opened) on bad input."""
     messages = [*(history or []), user_turn(images, text, placement)]
-    return processor(to_sample(messages, sample_id, placement), add_generation_prompt=True), messages
+    template = getattr(processor, "template", None)
+    joined = None if template is not None and template.places_images(processor.tokenizer) else placement
+    return processor(to_sample(messages, sample_id, joined), add_generation_prompt=True), messages
 
 
 def chat(model: Any, images: Images, text: str, history: Sequence[Message] | None = None, *, template: Any = None,

@@ -153,6 +153,12 @@ class TokenizerTemplate(Template):
                 return "list", token
         return "string", SENTINEL
 
+    def places_images(self, tokenizer: Any = None) -> bool:
+        """True when messages are rendered as list content (``content_mode``): the chat template then writes what
+        surrounds each image itself (a template written by ``VLM.set_template`` joins images and text with the
+        model's image placement), so chat passes a turn's parts unjoined."""
+        return tokenizer is not None and self.content_mode(tokenizer)[0] == "list"
+
     def _messages(self, sample: Sample, content_format: str) -> list[dict[str, Any]]:
         out = []
         for m in sample.messages:
