@@ -88,7 +88,16 @@ def checkpoint_blocks(blocks: nn.ModuleList, value: Any = "full") -> bool:
 def enable_for_transformers(model: Any, value: Any = "full") -> bool:
     """Turn on a transformers ``PreTrainedModel``'s own gradient checkpointing (its layers skip the KV cache while
     recomputing) in mode ``value``. Returns ``False`` (nothing changed) for ``"none"`` or a model that does not
-    support it."""
+    support it.
+
+    transformers' switch also hooks the input embeddings so that their output requires grad
+    (``enable_input_require_grads``). Only *reentrant* checkpointing needs that (a reentrant block whose inputs
+    require no grad gives its parameters none); ours is non-reentrant, which differentiates a block's parameters
+    whatever its inputs. With frozen embeddings (LLM policies ``frozen``, ``partial``, ``lora``, ``qlora``) the hook
+    turns the lookup's output into a leaf that requires grad, so the in-place image injection
+    (``HFCausalLM.inject``) failed ("a leaf Variable that requires grad is being used in an in-place operation")
+    and a ``(B, L, D)`` gradient nobody reads was accumulated into it. The hook is removed again here (the public
+    ``disable_input_require_grads``)."""
     if mode(value) == "none" or not getattr(model, "supports_gradient_checkpointing", False):
         return False
     kwargs = checkpoint_kwargs(value)
@@ -97,6 +106,9 @@ def enable_for_transformers(model: Any, value: Any = "full") -> bool:
         enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    disable_input_grads = getattr(model, "disable_input_require_grads", None)
+    if disable_input_grads is not None:
+        disable_input_grads()
     return True
 
 

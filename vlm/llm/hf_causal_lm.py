@@ -157,7 +157,10 @@ class HFCausalLM(nn.Module):
         """Scatter ``features (M, D)`` into the ``M`` placeholder positions of ``embeds (B, L, D)``, in row-major order.
 
         Writes into ``embeds`` in place (the embedding lookup's output, which its backward does not need), so no
-        second ``(B, L, D)`` copy is made; returns it."""
+        second ``(B, L, D)`` copy is made, and returns it. Autograd forbids writing into a leaf that requires grad
+        (what a frozen embedding's output becomes under a hook such as transformers' / peft's
+        ``enable_input_require_grads``): such an ``embeds`` is left as it is and a new tensor with the same values is
+        returned (its gradient still reaches ``embeds``)."""
         mask = input_ids == image_token_id
         n_tokens, n_feats = int(mask.sum()), features.shape[0]
         if n_tokens != n_feats:
@@ -165,7 +168,10 @@ class HFCausalLM(nn.Module):
                              f"(id {image_token_id}) but the images produced {n_feats} feature vectors")
         if n_feats == 0:
             return embeds
-        embeds[mask] = features.to(embeds.dtype)
+        values = features.to(embeds.dtype)
+        if embeds.is_leaf and embeds.requires_grad:
+            return embeds.index_put((mask,), values)
+        embeds[mask] = values
         return embeds
 
     def forward(self, **kwargs: Any) -> Any:
