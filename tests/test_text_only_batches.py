@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_cfg
 
 import vlm
 from vlm.objectives import build as build_objective
 from vlm.train.policy import freeze_unused_encoder_layers
-
-from conftest import tiny_cfg
 
 CONNECTORS = {
     "mlp": {"name": "mlp", "depth": 2},
