@@ -118,3 +118,41 @@ def assert_matches_one_process(args: list[str], strategy: str, out: Path, steps:
     ref, got = losses(out / "one"), losses(out / strategy)
     assert len(got) == len(ref) == steps
     assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-5, (ref, got)
+
+
+def write_mixed_data(d: Path, n: int = 16, images: tuple[int, ...] = (3,)) -> list[str]:
+    """A LLaVA-JSON file of ``n`` conversations of which only the samples at ``images`` have an image (as in SFT
+    mixtures), plus an evaluation file of one image and one text-only sample; the ``data=files`` overrides."""
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(d / "red.png")
+    records = []
+    for i in range(n):
+        if i in images:
+            records.append({"id": f"img{i}", "image": "red.png", "conversations": [
+                {"from": "human", "value": "<image>\nWhat color is it?"}, {"from": "gpt", "value": "red"}]})
+        else:
+            records.append({"id": f"txt{i}", "conversations": [
+                {"from": "human", "value": f"What is {i} + 1?"}, {"from": "gpt", "value": str(i + 1)}]})
+    (d / "train.json").write_text(json.dumps(records))
+    (d / "val.json").write_text(json.dumps([records[images[0]], records[(images[0] + 1) % n]]))
+    return ["data=files", f"data.train={d / 'train.json'}", f"data.eval={d / 'val.json'}"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,extra", [
+    ("ddp", []), ("fsdp", []),
+    # xattn's cross-attention blocks run only with images; a frozen tower still gathers its shards under FSDP
+    ("fsdp", ["connector=xattn", "stage.sft.policy.encoder=frozen"]),
+], ids=["ddp", "fsdp", "fsdp-xattn-frozen-tower"])
+def test_text_only_micro_batches_train_and_match_one_process(strategy, extra, tmp_path):
+    """1 image in 16 samples, global batch 8 of micro-batches of 2 on 2 processes: every step has a process whose
+    micro-batches are all text-only (the one synchronized and the ones under no_sync), and one step of each epoch
+    has no image at all. With the default find_unused_parameters=false, DDP and FSDP train and log the same losses
+    as one process (the tower and connector run on a stand-in image, weighted 0: VLM.stand_in_zero), and FSDP's
+    evaluation, where one process's prompt has an image and the other's not, runs in lockstep."""
+    args = ["recipe=micro", "stages=[sft]", "stage.sft.max_steps=4", "stage.sft.global_batch_size=8",
+            "stage.sft.micro_batch_size=2", "stage.sft.save_every=null", "eval.limit=2",
+            *write_mixed_data(tmp_path), *extra]
+    assert_matches_one_process(args, strategy, tmp_path, steps=4)
+    assert json.loads((tmp_path / strategy / "eval.json").read_text())["metrics"]["all/n"] == 2

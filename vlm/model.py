@@ -56,6 +56,19 @@ def param_dtype(module: nn.Module, default: torch.dtype = torch.float32) -> torc
     return next((p.dtype for p in module.parameters() if p.is_floating_point()), default)
 
 
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Every submodule of ``modules`` in eval mode inside; each one's own ``training`` flag restored after."""
+    flags = [(m, m.training) for module in modules for m in module.modules()]
+    for m, _ in flags:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
 @dataclass
 class VLMConfig:
     """What ``config.json`` holds: each component's rebuildable config plus the image-token convention."""
@@ -104,6 +117,10 @@ class VLM(nn.Module):
         self.image_placement: ImagePlacement | None = DEFAULT_IMAGE_LAYOUT
         # a vlm.encoders.cache.FeatureCache: the frozen encoder's outputs read from disk (stage.cache_features)
         self.feature_cache: Any = None
+        # every forward runs the image path, on a stand-in image when the batch has none (``stand_in_zero``): set by
+        # a stage whose strategy's forward passes are collectives (FSDP gathers each sharded tower layer's weights
+        # in its forward), so that every process enters the same layers whether or not its batch has images
+        self.image_path_in_lockstep = False
 
     def train(self, mode: bool = True) -> "VLM":
         """``nn.Module.train``, except that a part (encoder, connector, LLM) with no trainable parameter stays in
@@ -179,15 +196,56 @@ class VLM(nn.Module):
         # ``inject``); under autocast the matmuls still run in the autocast dtype
         return self.connector(feats.to(param_dtype(self.connector, feats.dtype)), grid)
 
+    def trains_image_path(self) -> bool:
+        """Whether this forward computes gradients for the encoder or the connector (grad enabled and one of their
+        parameters trainable)."""
+        return torch.is_grad_enabled() and any(
+            p.requires_grad for part in (self.encoder, self.connector) for p in part.parameters())
+
+    def stand_in_zero(self, device: torch.device) -> torch.Tensor | None:
+        """For a forward without images: a scalar that is exactly 0 yet depends on every trainable encoder and
+        connector parameter, or ``None`` when none is needed.
+
+        Distributed training needs every process to use the same parameters in each backward: DDP's reducer
+        (``find_unused_parameters=false``) expects a gradient for every trainable parameter, FSDP reduce-scatters
+        the gradients of each sharded group and gathers each sharded tower layer in its forward. A batch without
+        images would leave the tower and connector out, so: when they train (``trains_image_path``) or the
+        strategy runs forwards in lockstep (``image_path_in_lockstep``), one stand-in image (zeros,
+        ``(1, 3, S, S)`` at the encoder's own ``image_size``) goes through the encoder (when it trains or runs in
+        lockstep; otherwise its tokens are zeros) and the connector, in eval mode (no dropout drawn, no BatchNorm
+        statistics updated), and the result is ``0 * (features.sum() + sum of every trainable connector
+        parameter)`` (the latter reaches parameters outside the connector's ``forward``, such as a fusion
+        connector's cross-attention blocks). Adding it changes no value and every such parameter gets a zero
+        gradient, the same in one process as in many."""
+        trains = self.trains_image_path()
+        if not (trains or self.image_path_in_lockstep):
+            return None
+        size = as_pair(self.encoder.image_size)
+        with eval_mode(self.encoder, self.connector):
+            if self.image_path_in_lockstep or any(p.requires_grad for p in self.encoder.parameters()):
+                pixels = torch.zeros(1, 3, *size, device=device, dtype=param_dtype(self.encoder))
+                with torch.set_grad_enabled(trains and any(p.requires_grad for p in self.encoder.parameters())):
+                    tokens = self.encoder(pixels)
+            else:
+                tokens = torch.zeros(1, self.encoder.num_tokens(size), self.encoder.hidden_size, device=device)
+            feats = self.connector(tokens.to(param_dtype(self.connector, tokens.dtype)), self.encoder.grid(size))
+        total = feats.float().sum()
+        for p in self.connector.parameters():
+            if p.requires_grad:
+                total = total + p.float().sum()
+        return total * 0.0
+
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """``input_ids (B, L)`` (+ images) -> ``inputs_embeds (B, L, D)`` with image features injected."""
+        """``input_ids (B, L)`` (+ images) -> ``inputs_embeds (B, L, D)`` with image features injected. Without
+        images, ``stand_in_zero`` is added when the image path trains or runs in lockstep (values unchanged)."""
         embeds = self.llm.embed(input_ids)
         if pixel_values is None:
             n = int((input_ids == self.image_token_id).sum())
             if n:
                 raise ValueError(f"input_ids hold {n} image tokens (id {self.image_token_id}) but no pixel_values "
                                  f"were given")
-            return embeds
+            zero = self.stand_in_zero(input_ids.device)
+            return embeds if zero is None else embeds + zero.to(embeds.dtype)
         if self.connector.fuses_by_cross_attention:  # <image> stays a text token; see ``fusion``
             return embeds
         feats = self.image_features(pixel_values)

@@ -177,6 +177,8 @@ class StageRunner:
             from vlm.encoders.cache import FeatureCache
 
             model.feature_cache = FeatureCache(self.trainer.feature_cache_dir, model.encoder, rank=s.rank)
+        # FSDP: a batch without images still enters the sharded tower layers the others gather (VLM.stand_in_zero)
+        model.image_path_in_lockstep = s.collective_forward
         module = TrainModule(model, self.objective(model))
         fp, shapes = fingerprint(module, module.checkpoint_key)  # what a checkpoint must match
         summary = trainable_summary(model)
