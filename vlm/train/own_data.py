@@ -4,8 +4,11 @@
 stage of a recipe at one file of any reader format (``vlm.data.readers``: LLaVA json, messages, Qwen-VL, ...):
 
 - ``files`` with ``part: train`` is the training file, less a fixed held-out slice of ``heldout`` samples (a
-  permutation seeded by ``seed``) when no evaluation file is given; ``part: eval`` is the evaluation file, or that
-  held-out slice. Relative image paths resolve against ``image_root``, else against the data file's own folder.
+  permutation seeded by ``seed``; ``auto``: 10 %, 1..200) when no evaluation file is given; ``part: eval`` is the
+  evaluation file, or that held-out slice (each part says which samples it is: ``selection``, logged by the run).
+  Relative image paths resolve against ``image_root``, else against the data file's own folder; a path leading out
+  of it is a counted skip unless ``allow_outside_root``. Built for training, every sample is read once up front (bad
+  ones counted, so every stage reports them alike) and ``epochs`` bounds each stage's passes (``max_epochs``).
 - Caption stages (``pretrain``, ``align``: template ``plain``) read the same samples: ``plain`` keeps only the
   assistant text as the label (the user text is dropped), so the file's answers are the captions.
 - The resolvers ``${vlm.image_size:PATH,ROOT}`` (the longest image side of the file's first samples, in px) and
