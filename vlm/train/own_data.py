@@ -295,6 +295,17 @@ def _image_size(path: str, image_root: str | None, mtime: float, allow_outside_r
     return side
 
 
+@lru_cache(maxsize=8)
+def _file_problem(path: str, mtime: float) -> str | None:
+    """What is wrong with a data file as a whole (``data_records``), or None; once per file version (the resolver
+    runs at every access)."""
+    try:
+        data_records(path)
+    except OptionError as e:
+        return e.problem
+    return None
+
+
 def data_image_size(path: Any, image_root: Any = None, allow_outside_root: Any = False) -> int:
     """``${vlm.image_size:PATH,ROOT[,ALLOW_OUTSIDE_ROOT]}``: the longest image side (px) among the first 64 samples
     of ``PATH``. A file that cannot be read as a whole is a ``ConfigError`` naming ``data.train`` (the file is the
@@ -306,10 +317,9 @@ def data_image_size(path: Any, image_root: Any = None, allow_outside_root: Any =
     if root is not None and not Path(root).is_dir():
         raise ConfigError(f"data.image_root={root!r}: not a folder; expected the folder your image paths are "
                           f"relative to (or leave it unset: each data file's own folder)")
-    try:
-        data_records(str(path))
-    except OptionError as e:
-        raise ConfigError(f"data.train={path!r}: {e.problem}") from None
+    problem = _file_problem(str(path), os.path.getmtime(path))
+    if problem is not None:
+        raise ConfigError(f"data.train={path!r}: {problem}")
     try:
         return _image_size(str(path), root, os.path.getmtime(path), str(allow_outside_root).lower() == "true")
     except (DataError, OSError, ValueError) as e:
