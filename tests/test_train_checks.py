@@ -30,7 +30,7 @@ NAME_MISTAKES = {
                          ["tokenizer: corpus=['pretrain', 'sfx']", "data.sfx", "did you mean 'sft'"]),
     "dataset": (["data.pretrain.name=shape"], ["data.pretrain.name='shape'", "unknown dataset", "'shapes'"]),
     "reader format": (["~data.sft", "+data.sft={name:records,path:nope.json,format:llava2}"],
-                      ["data.sft: format='llava2'", "unknown reader", "did you mean 'llava'"]),
+                      ["data.sft.format='llava2'", "unknown reader", "did you mean 'llava'"]),
     "reader option": (["~data.sft", "+data.sft={name:records,path:nope.json,format:llava,chek_files:false}"],
                       ["data.sft: chek_files=False", "'llava' reader", "did you mean 'check_files'"]),
     "reader option (auto format)": (["~data.sft", "+data.sft={name:llava_json,path:nope.json,allow_url:true}"],

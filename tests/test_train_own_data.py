@@ -115,7 +115,8 @@ def test_any_reader_format_is_detected(text_data, tmp_path):
                            {"role": "assistant", "content": r["conversations"][1]["value"]}]} for r in records]
     path = tmp_path / "train.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines))
-    cfg = compose("micro", ["data=files", f"data.train={path}", "data.heldout=4"])
+    # absolute image paths outside the file's folder: refused unless allowed (data.md: image paths outside ...)
+    cfg = compose("micro", ["data=files", f"data.train={path}", "data.heldout=4", "data.allow_outside_root=true"])
     ds = build_dataset(cfg.data.val)
     assert ds.format == "messages" and len(ds) == 4 and ds.sample(0).meta["task"] in ("read", "compare", "grounding")
 

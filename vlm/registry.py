@@ -7,15 +7,52 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
 
-def close_matches(word: Any, options: Iterable[Any], n: int = 3) -> list[str]:
-    """The ``n`` entries of ``options`` closest to ``word`` (``difflib``, similarity >= 0.6), best first."""
-    return difflib.get_close_matches(str(word), [str(o) for o in options], n=n, cutoff=0.6)
+def _tokens(name: str) -> list[str]:
+    return [t for t in re.split(r"[_\-.\s]+", name.lower()) if t]
+
+
+def similarity(word: Any, option: Any) -> float:
+    """How close ``option`` is to ``word`` in [0, 1]: the larger of ``difflib``'s ratio of the whole names and the
+    Dice overlap of their ``_``-separated words (``lr_rate`` ~ ``lr``: 0.67, ``min_lr_ratio``: 0.4 by words and 0.63
+    by characters), so a name that adds or drops a whole word stays close to it."""
+    word, option = str(word), str(option)
+    ratio = difflib.SequenceMatcher(None, word.lower(), option.lower()).ratio()
+    a, b = _tokens(word), _tokens(option)
+    if not a or not b:
+        return ratio
+    rest, shared = list(b), 0
+    for t in a:
+        if t in rest:
+            rest.remove(t)
+            shared += 1
+    return max(ratio, 2 * shared / (len(a) + len(b)))
+
+
+def close_matches(word: Any, options: Iterable[Any], n: int = 3, cutoff: float = 0.6) -> list[str]:
+    """The ``n`` entries of ``options`` closest to ``word`` (:func:`similarity` >= ``cutoff``), best first (ties:
+    in the order given)."""
+    scored = [(similarity(word, o), i, str(o)) for i, o in enumerate(dict.fromkeys(str(o) for o in options))]
+    return [o for s, _, o in sorted(scored, key=lambda x: (-x[0], x[1])) if s >= cutoff][:n]
+
+
+class OptionError(ValueError):
+    """A component option with a bad value, raised by a component's ``check_options``: ``option`` names the
+    argument (``format``) so that a config check can name the key the user set (``data.format``, where the
+    argument's value comes from); ``str(err)`` is ``option=value: problem``."""
+
+    def __init__(self, option: str, value: Any, problem: str) -> None:
+        self.option, self.value, self.problem = option, value, problem
+        super().__init__(f"{option}={value!r}: {problem}")
+
+    def __reduce__(self):
+        return (type(self), (self.option, self.value, self.problem))
 
 
 def did_you_mean(word: Any, options: Iterable[Any]) -> str:

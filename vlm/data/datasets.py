@@ -60,13 +60,14 @@ def records(path: str, format: str = "auto", processor: Any = None, add_generati
 
 
 def check_format(format: str) -> None:
-    """``format`` is ``auto`` or a registered reader; raises ``ValueError`` naming the closest reader."""
+    """``format`` is ``auto`` or a registered reader; raises ``OptionError`` (a ``ValueError``: ``format=...:
+    unknown reader``) naming the closest reader."""
     from vlm.data.readers import READERS
-    from vlm.registry import did_you_mean
+    from vlm.registry import OptionError, did_you_mean
 
     if format != "auto" and format not in READERS:
-        raise ValueError(f"format={format!r}: unknown reader; expected 'auto' or one of {READERS.names()} "
-                         f"({did_you_mean(format, READERS.names())})")
+        raise OptionError("format", format, f"unknown reader; expected 'auto' or one of {READERS.names()} "
+                                            f"({did_you_mean(format, READERS.names())})")
 
 
 def check_records(format: str = "auto", **options: Any) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from vlm.registry import Registry, accepted_kwargs, did_you_mean, to_dict
+from vlm.registry import OptionError, Registry, accepted_kwargs, did_you_mean, to_dict
 from vlm.train.schema import MODULES, RunConfig
 
 
@@ -185,7 +185,7 @@ def check_component(key: str, spec: Any, registry: Registry[Any], provided: Sequ
     """``spec`` (``name`` + arguments, or a bare name) names a registered component and passes only arguments it
     takes; then the component's own ``check_options`` (if it states one) checks the options without building
     anything. ``context``: run-level values (e.g. ``data``) handed to ``check_options`` when it takes them."""
-    bare = isinstance(spec, str)
+    bare, node = isinstance(spec, str), spec
     spec = {"name": spec} if bare else (to_dict(spec) if spec is not None else {})
     if "name" not in spec:
         raise ConfigError(f"{key}: no `name`; expected one of {registry.names()}")
@@ -206,8 +206,22 @@ def check_component(key: str, spec: Any, registry: Registry[Any], provided: Sequ
         extra = {k: v for k, v in (context or {}).items() if wanted is None or k in wanted}
         try:
             checker(**spec, **extra)
+        except ConfigError:  # already names its key
+            raise
+        except OptionError as e:  # one argument: name the key its value was set at (data.format, not data.sft)
+            raise ConfigError(f"{option_source(node, key, e.option)}={e.value!r}: {_first_line(e.problem)}") from e
         except (TypeError, ValueError, KeyError) as e:
             raise ConfigError(f"{key}: {_first_line(str(e.args[0] if e.args else e))}") from e
+
+
+def option_source(node: Any, key: str, option: str) -> str:
+    """The config key where argument ``option`` of the component at ``key`` was set: the key a plain interpolation
+    points at (``data.sft.format: ${data.format}`` -> ``data.format``), else ``key.option``."""
+    import re
+
+    raw = node._get_node(option)._value() if isinstance(node, DictConfig) and option in node else None
+    found = re.fullmatch(r"\$\{([A-Za-z_][\w.]*)\}", raw) if isinstance(raw, str) else None
+    return found.group(1) if found else f"{key}.{option}"
 
 
 def used_data_keys(cfg: DictConfig) -> list[str]:
@@ -282,7 +296,11 @@ def check_stage_tiling(st: Any, pre: str) -> None:
 #: stage keys that count something: (key, smallest valid value, whether null is allowed)
 STAGE_COUNTS = (("max_steps", 1, True), ("global_batch_size", 1, False), ("micro_batch_size", 1, False),
                 ("save_every", 1, True), ("eval_every", 1, True), ("warmup_steps", 0, True),
-                ("max_tiles_per_sample", 1, True))
+                ("max_tiles_per_sample", 1, True), ("max_length", 1, True))
+#: stage keys that are amounts: (key, lowest, highest, whether the lowest itself is allowed, whether null is allowed)
+STAGE_AMOUNTS = (("lr", 0.0, None, True, False), ("weight_decay", 0.0, None, True, False),
+                 ("warmup_ratio", 0.0, 1.0, True, False), ("min_lr_ratio", 0.0, 1.0, True, False),
+                 ("eps", 0.0, None, False, False), ("max_grad_norm", 0.0, None, False, True))
 
 
 def check_stage_counts(st: Any, pre: str) -> None:
@@ -297,6 +315,16 @@ def check_stage_counts(st: Any, pre: str) -> None:
             raise ConfigError(f"{pre}.{key}={value!r}: expected a whole number >= {low}{unset if nullable else ''}")
     if st.get("epochs") is not None and float(st.epochs) <= 0:
         raise ConfigError(f"{pre}.epochs={st.epochs!r}: expected a positive number of epochs")
+    for key, low, high, closed, nullable in STAGE_AMOUNTS:  # what the optimizer would refuse when the stage starts
+        value = st.get(key)
+        if value is None and nullable:
+            continue
+        if value is None or (value < low if closed else value <= low) or (high is not None and value > high):
+            span = f"{'>=' if closed else '>'} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+            raise ConfigError(f"{pre}.{key}={value!r}: expected a number {span}" + (" or null" if nullable else ""))
+    betas = list(st.get("betas") or [])
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ConfigError(f"{pre}.betas={betas!r}: expected two numbers in [0, 1), e.g. [0.9, 0.999]")
 
 
 def check_stage_policies(cfg: DictConfig, name: str, device: Any = None) -> None:

@@ -4,8 +4,11 @@
 stage of a recipe at one file of any reader format (``vlm.data.readers``: LLaVA json, messages, Qwen-VL, ...):
 
 - ``files`` with ``part: train`` is the training file, less a fixed held-out slice of ``heldout`` samples (a
-  permutation seeded by ``seed``) when no evaluation file is given; ``part: eval`` is the evaluation file, or that
-  held-out slice. Relative image paths resolve against ``image_root``, else against the data file's own folder.
+  permutation seeded by ``seed``; ``auto``: 10 %, 1..200) when no evaluation file is given; ``part: eval`` is the
+  evaluation file, or that held-out slice (each part says which samples it is: ``selection``, logged by the run).
+  Relative image paths resolve against ``image_root``, else against the data file's own folder; a path leading out
+  of it is a counted skip unless ``allow_outside_root``. Built for training, every sample is read once up front (bad
+  ones counted, so every stage reports them alike) and ``epochs`` bounds each stage's passes (``max_epochs``).
 - Caption stages (``pretrain``, ``align``: template ``plain``) read the same samples: ``plain`` keeps only the
   assistant text as the label (the user text is dropped), so the file's answers are the captions.
 - The resolvers ``${vlm.image_size:PATH,ROOT}`` (the longest image side of the file's first samples, in px) and
@@ -28,9 +31,14 @@ from omegaconf import OmegaConf
 from vlm.data.dataset import SampleDataset
 from vlm.data.datasets import DATASETS, check_format, processed
 from vlm.data.errors import DataError
+from vlm.data.sample import Sample
+from vlm.registry import OptionError
 from vlm.train.config_check import ConfigError
 
 PARTS = ("train", "eval")
+#: ``heldout: auto``: this fraction of the training file is held out for evaluation, at least 1, at most HELDOUT_MAX
+HELDOUT_FRACTION = 0.1
+HELDOUT_MAX = 200
 #: record fields kept in ``sample.meta`` for scoring (``vlm.eval.score``)
 REFERENCE_KEYS = ("task", "category", "answers", "answer", "options", "captions", "metric")
 #: samples whose images are measured by ``${vlm.image_size:...}``
@@ -47,6 +55,23 @@ class _Part(SampleDataset):
     def __init__(self, source: str, indices: Sequence[int] | None, **options: Any) -> None:
         super().__init__(source, **options)
         self.indices = list(range(len(self.records))) if indices is None else list(indices)
+        self.selection: str | None = None    # which samples of the file this part is (logged by the run)
+        self.max_epochs: float | None = None  # a stage trains at most this many passes over it (stage.py asks)
+
+    def scan(self) -> list[tuple[int, Sample]]:
+        """Every sample read once (no image decoded), in order: ``[(index, sample)]`` of the good ones; the bad ones
+        (missing image, outside the image folder, malformed record, ...) counted in ``bad``, so every stage that
+        trains on this part reports them the same way, whichever samples it reaches (raises them without
+        ``skip_bad``)."""
+        good = []
+        for k in range(len(self)):
+            try:
+                good.append((k, self.sample(k)))
+            except DataError as e:
+                if not self.skip_bad:
+                    raise
+                self.bad.add(e)
+        return good
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -69,34 +94,52 @@ def _existing(path: str | None, key: str, what: str = "file") -> str | None:
     return path
 
 
-def heldout_indices(num_samples: int, heldout: int, seed: int) -> list[int]:
-    """The held-out slice of a file of ``num_samples``: ``heldout`` indices of a permutation seeded by ``seed``
-    (sorted); the same for the same file size, seed and ``heldout``."""
-    if not 0 < heldout < num_samples:
-        raise ValueError(f"data.heldout={heldout}: the training file has {num_samples} samples; expected a held-out "
-                         f"slice of 1..{num_samples - 1} samples (or give an evaluation file: data.eval=PATH)")
+def heldout_size(num_samples: int, heldout: int | str = "auto") -> int:
+    """The size of the held-out slice of a file of ``num_samples``: ``heldout`` samples, or with ``"auto"``
+    ``HELDOUT_FRACTION`` (10 %) of them, rounded, at least 1 and at most ``HELDOUT_MAX`` (200)."""
+    if heldout == "auto":
+        return min(HELDOUT_MAX, max(1, round(num_samples * HELDOUT_FRACTION)))
+    if isinstance(heldout, bool) or not isinstance(heldout, (int, str)) or not str(heldout).lstrip("-").isdigit():
+        raise OptionError("heldout", heldout, "expected a number of samples or auto (10 % of the training file, "
+                                              f"at least 1, at most {HELDOUT_MAX})")
+    return int(heldout)
+
+
+def heldout_indices(num_samples: int, heldout: int | str, seed: int) -> list[int]:
+    """The held-out slice of a file of ``num_samples``: ``heldout_size(num_samples, heldout)`` indices of a
+    permutation seeded by ``seed`` (sorted); the same for the same file size, seed and ``heldout``."""
+    size = heldout_size(num_samples, heldout)
+    if not 0 < size < num_samples:
+        raise OptionError("heldout", heldout, f"the training file has {num_samples} samples; expected a held-out "
+                          f"slice of 1..{num_samples - 1} samples (or give an evaluation file: data.eval=PATH)")
     perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(int(seed)))
-    return sorted(perm[:heldout].tolist())
+    return sorted(perm[:size].tolist())
 
 
 @DATASETS.register("files")  # recipes/data/files.yaml
-def files(train: str, eval: str | None = None, part: str = "train", heldout: int = 200, seed: int = 0,
+def files(train: str, eval: str | None = None, part: str = "train", heldout: int | str = "auto", seed: int = 0,
           format: str = "auto", image_root: str | None = None, check_length: bool = True, processor: Any = None,
           add_generation_prompt: bool = False, skip_bad: bool = True, max_bad_fraction: float | None = 0.05,
-          **reader_options: Any) -> Any:
+          epochs: float | None = None, allow_outside_root: bool = False, **reader_options: Any) -> Any:
     """The training (``part="train"``) or evaluation (``part="eval"``) samples of your own data files.
 
     Args:
         train: the training file (``.json`` / ``.jsonl`` / ``.parquet`` / ``save_to_disk`` folder).
         eval: the evaluation file; ``None``: ``heldout`` samples of ``train`` (left out of its training part).
-        heldout: size of the held-out slice (only without ``eval``); ``seed``: its permutation's seed.
+        heldout: size of the held-out slice (only without ``eval``), or ``auto``: 10 % of the file, at least 1, at
+            most 200 (:func:`heldout_size`); ``seed``: its permutation's seed.
         format: a reader name or ``auto`` (detected from the first record).
         image_root: root of relative image paths; ``None``: each file's own folder.
         check_length: with a ``processor`` (training), check that the longest sample fits its ``max_length``
             (:func:`check_samples_fit`).
+        epochs: a stage trains at most this many passes over the part (``dataset.max_epochs``: the stage takes
+            ``min(its steps, ceil(epochs * samples / global batch))``); ``None``: the stage's own length.
+        allow_outside_root: read image paths that lead outside the image folder (``../x.png``, absolute paths,
+            symlinks out of it); by default such a sample is a counted skip (reason ``outside_root``).
     Raises:
         ValueError: an unknown ``part`` or a held-out slice that does not fit; FileNotFoundError: a missing file;
-        ConfigError: a training sample longer than ``max_length``.
+        ConfigError: a training sample longer than ``max_length``; TooManyBadSamples: more bad training samples
+        than ``max_bad_fraction`` (every sample is read once when training: a missing image is counted up front).
     """
     if part not in PARTS:
         raise ValueError(f"files part={part!r}; expected one of {list(PARTS)}")
@@ -106,33 +149,49 @@ def files(train: str, eval: str | None = None, part: str = "train", heldout: int
     source = eval if part == "eval" and eval is not None else train
     root = image_root if image_root is not None else os.path.dirname(os.path.abspath(source))
     ds = _Part(source, None, format=format, image_folder=root, skip_bad=skip_bad,
-               max_bad_fraction=max_bad_fraction, **reader_options)
+               max_bad_fraction=max_bad_fraction, allow_outside_root=allow_outside_root, **reader_options)
+    ds.max_epochs = None if epochs is None or part == "eval" else float(epochs)
     if eval is None:  # the training file: its held-out slice, or the rest
-        held = heldout_indices(len(ds), int(heldout), seed)
+        n = len(ds.records)
+        held = heldout_indices(n, heldout, seed)
         keep = set(held)
-        ds.indices = held if part == "eval" else [i for i in range(len(ds.records)) if i not in keep]
-    if check_length and processor is not None and not add_generation_prompt:
-        check_samples_fit(ds, processor)
+        ds.indices = held if part == "eval" else [i for i in range(n) if i not in keep]
+        how = f"data.heldout={heldout}" + (f": {HELDOUT_FRACTION:.0%} of the file, at least 1, at most {HELDOUT_MAX}"
+                                           if heldout == "auto" else "")
+        ds.selection = (f"held out {len(held)} of {n} samples of {source} for evaluation ({how})" if part == "eval"
+                        else f"{len(ds)} of the {n} samples of {source}: {len(held)} are held out for evaluation "
+                             f"({how})")
+    if processor is not None and not add_generation_prompt:  # training: every sample read once, bad ones counted
+        good = ds.scan()
+        ds.check_bad()
+        if check_length:
+            check_samples_fit(ds, processor, read=good)
     return processed(ds, processor, add_generation_prompt)
 
 
-def check_samples_fit(ds: _Part, processor: Any, candidates: int = 8) -> int:
+files.checks_samples = True  # type: ignore[attr-defined]  # built with a processor, it checks every sample (stage.py)
+
+
+def check_samples_fit(ds: _Part, processor: Any, candidates: int = 8,
+                      read: Sequence[tuple[int, Sample]] | None = None) -> int:
     """The token count of the longest sample of ``ds`` (untruncated); raises ``ConfigError`` naming it when it is
     over ``processor.max_length`` (training would cut or drop it).
 
-    Every sample is read (no images decoded) and the ``candidates`` longest by text and by image count are processed
-    in full (images included, so their tokens are counted as the model sees them)."""
+    Every sample is read (no images decoded; ``read``: the ``(index, sample)`` pairs already read, as
+    ``_Part.scan`` returns them) and the ``candidates`` longest by text and by image count are processed in full
+    (images included, so their tokens are counted as the model sees them)."""
     import copy
 
     if processor.max_length is None or not len(ds):
         return 0
-    sizes = []
-    for k in range(len(ds)):
-        try:
-            s = ds.sample(k)
-        except DataError:  # counted and skipped when training reaches it
-            continue
-        sizes.append((sum(len(m.text()) for m in s.messages), len(s.images), k))
+    if read is None:
+        read = []
+        for k in range(len(ds)):
+            try:
+                read.append((k, ds.sample(k)))
+            except DataError:  # counted and skipped when training reaches it
+                continue
+    sizes = [(sum(len(m.text()) for m in s.messages), len(s.images), k) for k, s in read]
     picks = {k for _, _, k in sorted(sizes, reverse=True)[:candidates]}
     picks |= {k for _, _, k in sorted(sizes, key=lambda x: (x[1], x[0]), reverse=True)[:candidates]}
     full = copy.copy(processor)
@@ -164,35 +223,58 @@ class TooLongError(ConfigError):
         return TooLongError(self.what, self.longest, stage)
 
 
-def check_files_options(train: str, eval: str | None = None, part: str = "train", heldout: int = 200,
-                        image_root: str | None = None, format: str = "auto", **_: Any) -> None:
-    """The files exist and the held-out slice fits the training file (``check_component``: before anything is
-    built; raises ``ValueError``)."""
-    from vlm.data.readers import load_records
-
-    try:
-        for path, key, what in ((train, "data.train", "file"), (eval, "data.eval", "file"),
-                                (image_root, "data.image_root", "folder")):
-            _existing(path, key, what)
-    except FileNotFoundError as e:
-        raise ValueError(str(e)) from e
+def check_files_options(train: str, eval: str | None = None, part: str = "train", heldout: int | str = "auto",
+                        image_root: str | None = None, format: str = "auto", epochs: Any = None, **_: Any) -> None:
+    """The files exist and hold records, the format is known, the held-out slice fits the training file and
+    ``epochs`` is positive (``check_component``: before anything is built; raises ``OptionError`` naming the
+    argument, which the check names by the key it was set at)."""
+    for path, option, what in ((train, "train", "file"), (eval, "eval", "file"), (image_root, "image_root", "folder")):
+        if path is not None and not Path(path).exists():
+            raise OptionError(option, path, f"does not exist; expected an existing {what}")
     if part not in PARTS:
-        raise ValueError(f"part={part!r}; expected one of {list(PARTS)}")
+        raise OptionError("part", part, f"expected one of {list(PARTS)}")
     check_format(format)
-    if eval is None:
-        heldout_indices(len(load_records(train)), int(heldout), 0)
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or epochs <= 0):
+        raise OptionError("epochs", epochs, "expected a positive number of passes over the data, or null (the "
+                                            "stages' own lengths)")
+    n = len(data_records(train, "train", format))
+    if eval is not None:
+        data_records(eval, "eval", format)
+    else:
+        heldout_indices(n, heldout, 0)
+
+
+def data_records(path: str, option: str = "train", format: str = "auto") -> Any:
+    """The records of a data file, checked as a whole before any sample is read: it parses, holds at least one
+    record and (``format=auto``) its first record is of a known format. Raises ``OptionError`` naming ``option``
+    (``data.train``, ``data.eval``) and what was wrong (invalid JSON, empty, not a list of records, ...)."""
+    from vlm.data.readers import detect_format, load_records
+
+    expected = ("expected a .json list of records, a .jsonl / .parquet file or a save_to_disk folder, in a reader "
+                "format (docs/data.md)")
+    try:
+        records = load_records(path)
+        if len(records) == 0:
+            raise ValueError("holds no records")
+        if format == "auto":
+            detect_format(records[0])
+    except (DataError, ValueError, TypeError, OSError) as e:
+        problem = str(getattr(e, "problem", e)).strip().splitlines()
+        raise OptionError(option, path, f"{problem[0] if problem else type(e).__name__}; {expected}") from None
+    return records
 
 
 files.check_options = check_files_options  # type: ignore[attr-defined]
 
 
 @lru_cache(maxsize=8)
-def _image_size(path: str, image_root: str | None, mtime: float) -> int:
+def _image_size(path: str, image_root: str | None, mtime: float, allow_outside_root: bool = False) -> int:
     from PIL import Image
 
     from vlm.data.images import load_image
 
-    ds = _Part(path, None, image_folder=image_root if image_root is not None else os.path.dirname(os.path.abspath(path)))
+    ds = _Part(path, None, image_folder=image_root if image_root is not None else os.path.dirname(os.path.abspath(path)),
+               allow_outside_root=allow_outside_root)
     side, unreadable = 0, []
     for i in range(min(IMAGE_SIZE_SAMPLES, len(ds))):
         try:
@@ -213,8 +295,21 @@ def _image_size(path: str, image_root: str | None, mtime: float) -> int:
     return side
 
 
-def data_image_size(path: Any, image_root: Any = None) -> int:
-    """``${vlm.image_size:PATH,ROOT}``: the longest image side (px) among the first 64 samples of ``PATH``."""
+@lru_cache(maxsize=8)
+def _file_problem(path: str, mtime: float) -> str | None:
+    """What is wrong with a data file as a whole (``data_records``), or None; once per file version (the resolver
+    runs at every access)."""
+    try:
+        data_records(path)
+    except OptionError as e:
+        return e.problem
+    return None
+
+
+def data_image_size(path: Any, image_root: Any = None, allow_outside_root: Any = False) -> int:
+    """``${vlm.image_size:PATH,ROOT[,ALLOW_OUTSIDE_ROOT]}``: the longest image side (px) among the first 64 samples
+    of ``PATH``. A file that cannot be read as a whole is a ``ConfigError`` naming ``data.train`` (the file is the
+    mistake, not the measured size)."""
     if path is None or not Path(str(path)).exists():
         raise ConfigError(f"data.train={path!r}: does not exist; expected your training file (json, jsonl, parquet "
                           f"or a save_to_disk folder)")
@@ -222,8 +317,11 @@ def data_image_size(path: Any, image_root: Any = None) -> int:
     if root is not None and not Path(root).is_dir():
         raise ConfigError(f"data.image_root={root!r}: not a folder; expected the folder your image paths are "
                           f"relative to (or leave it unset: each data file's own folder)")
+    problem = _file_problem(str(path), os.path.getmtime(path))
+    if problem is not None:
+        raise ConfigError(f"data.train={path!r}: {problem}")
     try:
-        return _image_size(str(path), root, os.path.getmtime(path))
+        return _image_size(str(path), root, os.path.getmtime(path), str(allow_outside_root).lower() == "true")
     except (DataError, OSError, ValueError) as e:
         raise ConfigError(f"data.image_size: cannot measure the images of data.train={path!r}: {e}") from e
 

@@ -80,7 +80,7 @@ def default_run_dir(name: str) -> Path:
 
 RUN_STATES = ("started", "failed", "interrupted", "finished")
 #: data spec keys that do not change which samples a step trains on (a resume may change them)
-ORDER_FREE_KEYS = ("path", "image_root", "max_bad_fraction")
+ORDER_FREE_KEYS = ("path", "image_root", "max_bad_fraction", "epochs")  # epochs: a stage's length, as max_steps
 
 
 def has_checkpoint(run_dir: Path) -> bool:
@@ -346,6 +346,8 @@ def _run(cfg: DictConfig, strategy: Any, t0: float, overrides: list[str] | None,
     eval_samples = None
     if cfg.eval.enabled and cfg.eval.data is not None:
         eval_samples = build_dataset(cfg.data[cfg.eval.data])
+        if selection := getattr(eval_samples, "selection", None):  # data=files without data.eval: say so
+            log.info(f"[vlm.train] data.{cfg.eval.data}: {selection}")
     else:
         periodic = [f"{n} every {cfg.stage[n].eval_every} steps" for n in cfg.stages if cfg.stage[n].eval_every]
         if periodic:
@@ -357,6 +359,7 @@ def _run(cfg: DictConfig, strategy: Any, t0: float, overrides: list[str] | None,
     carried: set[str] = set()
     offset = 0
     base_model = json.loads((run_dir / "run.json").read_text()).get("model") if resuming else None
+    pending = [n for n in cfg.stages if not (resuming and stage_done(run_dir / n))]  # the stages still to train
     try:
         for i, name in enumerate(cfg.stages):
             stage_dir = run_dir / name
@@ -367,7 +370,8 @@ def _run(cfg: DictConfig, strategy: Any, t0: float, overrides: list[str] | None,
             else:
                 runner = StageRunner(cfg, name, run_dir, strategy, tokenizer, log, list(init_files), set(carried),
                                      resume=resuming, is_last=is_last, eval_samples=eval_samples,
-                                     global_step_offset=offset, expected_base=base_model)
+                                     global_step_offset=offset, expected_base=base_model,
+                                     check_later=pending[1:] if name == pending[0] else [])
                 res = runner.run()
                 if base_model is None and strategy.is_main:
                     base_model = runner.base

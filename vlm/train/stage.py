@@ -92,6 +92,7 @@ class StageRunner:
     eval_samples: Any = None
     global_step_offset: int = 0
     expected_base: dict[str, Any] | None = None   # fingerprint of the freshly built model recorded by the run
+    check_later: list[str] = field(default_factory=list)  # later stages whose data is checked before this one trains
     base: dict[str, Any] = field(default_factory=dict)
     bad: BadSamples = field(default_factory=BadSamples)  # samples the data skipped (this process; see all_bad)
     stage: StageConfig = field(init=False)       # cfg.stage[name], typed
@@ -199,15 +200,28 @@ class StageRunner:
         processor = Processor.for_model(model, self.tokenizer, template=plain(st.template),
                                         max_length=st.max_length, tiling=plain(st.tiling),
                                         max_tiles_per_sample=st.max_tiles_per_sample)
-        try:
-            dataset = build_dataset(self.cfg.data[st.data], processor)
-        except TooLongError as e:  # the dataset checks its longest sample; the stage knows its own key
-            raise e.for_stage(self.name) from None
+        dataset = stage_dataset(self.cfg, self.name, processor)
+        known = getattr(dataset, "bad", None)  # bad samples the dataset found reading every sample up front
+        if isinstance(known, BadSamples):
+            self.bad.merge(known.state())
         if hasattr(dataset, "config_key"):
             dataset.config_key = f"data.{st.data}"  # named in its errors
+        for later in self.check_later:  # their data against their own settings, before this stage trains
+            stage_dataset(self.cfg, later, self.processor_for(model, later), only_checking=True)
         plan = BatchPlan(len(dataset), st.global_batch_size, st.micro_batch_size, s.rank, s.world_size,
                          seed=data_seed(self.cfg.seed, self.name))
         total = plan.total_steps(st.epochs, st.max_steps)
+        most = getattr(dataset, "max_epochs", None)  # a dataset that bounds the passes over it (data=files)
+        if selection := getattr(dataset, "selection", None):
+            self.log.info(f"[{self.name}] data.{st.data}: {selection}")
+        if most is not None:
+            bound = plan.total_steps(float(most), None)
+            self.log.info(f"[{self.name}] data.{st.data}: {len(dataset)} samples, at most {most:g} epochs "
+                          f"(data.epochs): {min(total, bound)} steps of {st.global_batch_size} = "
+                          f"{min(total, bound) / plan.steps_per_epoch:.1f} epochs ("
+                          + (f"the recipe's {total} steps would be {total / plan.steps_per_epoch:.1f})"
+                             if bound < total else f"the recipe's {total} steps)"))
+            total = min(total, bound)
         scheduler = build_scheduler(optimizer, st, total)
         ckpt = CheckpointManager(self.dir / "checkpoints", s, self.trainer.keep_last, self.trainer.save_full)
         self.log.info(f"[{self.name}] {len(dataset)} samples, {total} steps of {st.global_batch_size} "
@@ -215,6 +229,14 @@ class StageRunner:
                       f"precision {str(precision).replace('torch.', '')}, device {s.device}")
         return Training(model, module, wrapped, optimizer, scheduler, processor, dataset, make_collator(self.tokenizer, st),
                         plan, total, precision, ckpt, fp, shapes)
+
+    def processor_for(self, model: torch.nn.Module, name: str) -> Any:
+        """The processor of stage ``name`` for ``model`` (its template, ``max_length`` and tiling)."""
+        from vlm.data.processor import Processor
+
+        st = stage_config(self.cfg, name)
+        return Processor.for_model(model, self.tokenizer, template=plain(st.template), max_length=st.max_length,
+                                   tiling=plain(st.tiling), max_tiles_per_sample=st.max_tiles_per_sample)
 
     def resume_from_checkpoint(self, t: "Training") -> tuple[int, LoopState, str | None, dict[str, Any] | None]:
         """``(start step, loop state, checkpoint, model RNG state)``: the latest checkpoint of this stage when
@@ -332,6 +354,30 @@ class Training:
     ckpt: CheckpointManager
     fingerprint: str
     param_shapes: dict[str, list[int]]
+
+
+def stage_dataset(cfg: DictConfig, name: str, processor: Any, only_checking: bool = False) -> Any:
+    """Stage ``name``'s training set, processed by ``processor``; its mistakes as one-line ``ConfigError`` s naming
+    the stage's key: a sample longer than its ``max_length``, fewer samples than its global batch.
+    ``only_checking``: a later stage checked before the first one trains; only datasets that check their samples
+    when built (``checks_samples``: ``data=files``) are built, the others are left alone (no reading, no
+    randomness drawn)."""
+    from vlm.data.datasets import DATASETS
+
+    st = stage_config(cfg, name)
+    spec = cfg.data[st.data]
+    if only_checking and not getattr(DATASETS.get(spec.name), "checks_samples", False):
+        return None
+    try:
+        dataset = build_dataset(spec, processor)
+    except TooLongError as e:  # the dataset checks its longest sample; the stage knows its own key
+        raise e.for_stage(name) from None
+    if len(dataset) < st.global_batch_size:
+        raise ConfigError(f"stage.{name}.global_batch_size={st.global_batch_size}: data.{st.data} has "
+                          f"{len(dataset)} training samples, fewer than one global batch; expected "
+                          f"stage.{name}.global_batch_size <= {len(dataset)} (and micro_batch_size <= it), or more "
+                          f"samples")
+    return dataset
 
 
 def model_facts(model: torch.nn.Module) -> dict[str, int | None]:

@@ -30,7 +30,7 @@ class SampleError(DataError):
     """A ``DataError`` that also knows *where* (data file ``source``, record ``index``) and *why* (``reason``).
 
     ``reason`` is a short key used to count skipped samples by cause: ``missing_image``, ``corrupt_image``,
-    ``unreadable_image``, ``tiny_image``, ``url``, ``image_count``, ``role``, ``role_order``, ``empty``, ``format``, ``too_long``,
+    ``unreadable_image``, ``tiny_image``, ``url``, ``outside_root``, ``image_count``, ``role``, ``role_order``, ``empty``, ``format``, ``too_long``,
     ``no_labels``, ... The message reads ``<source>: sample #<index> (id <id>): image '<file>': <problem>``.
     """
 
@@ -113,6 +113,9 @@ class Reader:
             ``False`` (default) a sample with a URL raises a ``DataError`` naming it.
         check_files: ``stat`` local image paths at conversion time so a missing file is reported by the reader
             (corrupt or tiny images are detected when the processor decodes them).
+        allow_outside_root: read local image paths that lead outside ``image_folder`` (``../x.png``, an absolute
+            path elsewhere, a symlink pointing out of it); when ``False`` (default) such a sample raises a
+            ``DataError`` (reason ``outside_root``) naming it. Without an ``image_folder`` nothing is checked.
         image_token: the placeholder string that marks an image inside message text (LLaVA-style formats).
         source: a name for the data file, used in error messages.
     """
@@ -122,9 +125,11 @@ class Reader:
     id_key: str = "id"
 
     def __init__(self, image_folder: str | os.PathLike | None = None, allow_urls: bool = False,
-                 check_files: bool = True, image_token: str = "<image>", source: str | None = None) -> None:
+                 check_files: bool = True, image_token: str = "<image>", source: str | None = None,
+                 allow_outside_root: bool = False) -> None:
         self.image_folder = None if image_folder is None else os.fspath(image_folder)
         self.allow_urls = allow_urls
+        self.allow_outside_root = allow_outside_root
         self.check_files = check_files
         self.image_token = image_token
         self.source = source
@@ -187,6 +192,10 @@ class Reader:
             return src
         src = src.removeprefix("file://")
         path = src if self.image_folder is None or os.path.isabs(src) else os.path.join(self.image_folder, src)
+        if self.image_folder is not None and not self.allow_outside_root and not inside(path, self.image_folder):
+            raise SampleError(f"image path {src!r} leads outside the image folder {self.image_folder!r} (to "
+                              f"{os.path.realpath(path)!r}); refused: pass allow_outside_root=True "
+                              f"(data.allow_outside_root=true) to read it", reason="outside_root", file=path)
         if self.check_files and not os.path.isfile(path):
             raise SampleError("image file not found", reason="missing_image", file=path)
         return path
@@ -201,6 +210,12 @@ class Reader:
         if refs != len(images):
             raise SampleError(f"{refs} {what or self.image_token} placeholder(s) in the text but {len(images)} "
                             f"image(s) given", reason="image_count")
+
+
+def inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is in ``folder`` once both are resolved (``..`` collapsed, symlinks followed)."""
+    real, root = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([real, root]) == root
 
 
 def message(role: Any, parts: list[Part]) -> Message:
