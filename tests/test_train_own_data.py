@@ -268,3 +268,23 @@ def test_max_length_is_checked_against_the_data_naming_the_longest_sample(text_d
     off = compose("micro", base + small_steps(["pretrain", "sft"]) + [
         "stage.pretrain.max_length=60", "data.check_length=false", f"output_dir={tmp_path / 'off'}"])
     assert run(off).stages  # cut or dropped per the processor's policy instead
+
+
+def test_text_only_samples_are_counted_skips_of_stages_whose_objective_needs_an_image(text_data, tmp_path):
+    """A mixture of image and text-only samples (every SFT mixture): ``tiny``'s readout stage (one image per
+    sample, ``Objective.images_per_sample``) skips the text-only ones as named skips; the lm stages train on all."""
+    records = json.loads((text_data / "train.json").read_text())
+    text_only = [{"id": f"txt{i}", "conversations": [{"from": "human", "value": f"What is {i} + 1?"},
+                                                     {"from": "gpt", "value": str(i + 1)}]} for i in range(12)]
+    (text_data / "mixed.json").write_text(json.dumps(records + text_only))  # beside the images it names
+    extra = [f"data.train={text_data / 'mixed.json'}", f"data.eval={text_data / 'val.json'}"]
+    base = compose("tiny", files_overrides(text_data, *extra))
+    cfg = compose("tiny", files_overrides(text_data, *extra, *small_steps(list(base.stages)), "stage.readout.max_steps=6",
+                                          f"output_dir={tmp_path / 'run'}"))
+    res = run(cfg)
+    by_stage = {s.name: s for s in res.stages}
+    assert all(math.isfinite(s.final_loss) for s in res.stages)
+    readout = by_stage["readout"].skipped_samples.get("by_reason", {})
+    assert readout.get("images_per_sample", 0) >= 1, by_stage["readout"].skipped_samples
+    for name in ("pretrain", "sft"):
+        assert "images_per_sample" not in by_stage[name].skipped_samples.get("by_reason", {})

@@ -39,6 +39,10 @@ class TooManyBadSamples(DataError):
         return (type(self), (self.problem,))
 
 
+#: skip reasons that are a stage's choice, not a fault of the sample (``Objective.images_per_sample``)
+POLICY_REASONS = frozenset({"images_per_sample"})
+
+
 class BadSamples:
     """Skipped samples, each counted once (by index; a sample skipped again in a later epoch or by another request is
     not counted twice), by reason, with the first ``keep`` messages as examples."""
@@ -98,11 +102,14 @@ class BadSamples:
 
     def check(self, num_samples: int, max_fraction: float | None, where: str, option: str = "max_bad_fraction") -> None:
         """Raise ``TooManyBadSamples`` when more than ``max_fraction`` of ``num_samples`` are known to be bad (the
-        count is a lower bound of the truth, so this never fires early)."""
-        if max_fraction is None or self.total <= max_fraction * num_samples:
+        count is a lower bound of the truth, so this never fires early). Skips by the stage's own choice
+        (``POLICY_REASONS``: samples fine for other stages) are not faults of the data and count on neither side."""
+        policy = sum(n for r, n in self.counts.items() if r in POLICY_REASONS)
+        bad, num_samples = self.total - policy, num_samples - policy
+        if max_fraction is None or bad <= max_fraction * num_samples:
             return
         raise TooManyBadSamples(
-            f"{where}: {self.total} of its {num_samples} samples are bad ({self.total / num_samples:.1%} found so "
+            f"{where}: {bad} of its {num_samples} samples are bad ({bad / num_samples:.1%} found so "
             f"far), more than {option}={max_fraction:g} allows ({int(max_fraction * num_samples)}); "
             f"{self.summary()}\nFix the data, or raise {option} (1.0 skips any number of bad samples).")
 
@@ -230,12 +237,21 @@ class ProcessedDataset(Dataset):
     def __init__(self, samples: Any, processor: Processor, add_generation_prompt: bool = False) -> None:
         self.samples, self.processor, self.add_generation_prompt = samples, processor, add_generation_prompt
         self.allow_urls = getattr(samples, "allow_urls", False)
+        # what the stage's objective needs (``Objective.images_per_sample``): others are dropped, counted and named
+        self.images_per_sample: int | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def process(self, sample: Sample) -> dict[str, Any]:
-        """One sample's processed item (``input_ids``, ``labels``, ``pixel_values``, ``meta``; see ``Processor``)."""
+        """One sample's processed item (``input_ids``, ``labels``, ``pixel_values``, ``meta``; see ``Processor``).
+        Raises ``SampleDropped`` (reason ``images_per_sample``) for a sample whose image count is not
+        ``images_per_sample`` (when set)."""
+        n = self.images_per_sample
+        if n is not None and len(sample.images) != n:
+            raise SampleDropped(f"{len(sample.images)} image(s); this stage's objective needs exactly {n} per sample "
+                                f"(text-only samples train in stages with the lm objective)",
+                                reason="images_per_sample", sample_id=sample.id)
         return self.processor(sample, self.add_generation_prompt, allow_urls=self.allow_urls or None)
 
     def __getitem__(self, index: int) -> dict[str, Any]:

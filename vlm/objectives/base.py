@@ -41,6 +41,9 @@ class Objective(nn.Module):
     supports_packing = True
     shardable = True
     stage_args: tuple[str, ...] = ("model",)
+    #: samples must hold exactly this many images (``None``: any number, text-only included); the stage's dataset
+    #: skips the others as counted, named skips (reason ``images_per_sample``)
+    images_per_sample: int | None = None
 
     def weight(self, batch: dict[str, Any]) -> float:
         """This batch's share of the step's normalizer (``batch`` on the CPU, before the forward)."""

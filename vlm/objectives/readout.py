@@ -60,6 +60,7 @@ class ReadOut(Objective):
 
     supports_packing = False
     shardable = False
+    images_per_sample = 1
 
     def __init__(self, model: nn.Module, dim: int = 256, heads: int = 4, hidden: int = 512,
                  max_chars: int = 48, regions: bool = True, region_grid: tuple[int, int] = (2, 4)) -> None:

@@ -39,6 +39,7 @@ class SigLIP(Objective):
 
     supports_packing = False
     shardable = False
+    images_per_sample = 1
 
     def __init__(self, model: nn.Module, dim: int = 128, scale: float = 10.0, bias: float = -10.0,
                  learnable: bool = True) -> None:

@@ -201,6 +201,8 @@ class StageRunner:
                                         max_length=st.max_length, tiling=plain(st.tiling),
                                         max_tiles_per_sample=st.max_tiles_per_sample)
         dataset = stage_dataset(self.cfg, self.name, processor)
+        if module.objective.images_per_sample is not None and hasattr(dataset, "images_per_sample"):
+            dataset.images_per_sample = module.objective.images_per_sample  # others: counted, named skips
         known = getattr(dataset, "bad", None)  # bad samples the dataset found reading every sample up front
         if isinstance(known, BadSamples):
             self.bad.merge(known.state())
