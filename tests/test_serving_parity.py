@@ -156,3 +156,28 @@ def test_a_reply_that_emits_pad_ends_there_in_vlm_and_served_transformers(tmp_pa
 
 def hf_text(tokenizer, ids):
     return tokenizer.decode(ids, skip_special_tokens=False).strip()
+
+
+def test_evaluation_stops_where_chat_stops_on_an_imported_directory(tmp_path):
+    """A transformers directory whose eos list leaves pad out (transformers never stops there): chat and the
+    evaluator (``vlm.eval``'s ``generate_predictions``) both read the model's own stop ids, so they give the same
+    reply, run past the pad."""
+    from vlm.data.collate import PadCollator
+    from vlm.data.sample import ImageRef, Message, Sample
+    from vlm.train.evaluate import generate_predictions
+
+    model = pad_model("llava", "later")
+    pad = model.tokenizer.pad_token_id
+    out = vlm.interop.to_hf(model, tmp_path / "llava")
+    cfg = json.loads((out / "generation_config.json").read_text())
+    cfg["eos_token_id"] = [t for t in cfg["eos_token_id"] if t != pad]
+    (out / "generation_config.json").write_text(json.dumps(cfg))
+    imported = vlm.load(out)
+    assert pad not in imported.generation["eos_token_id"]
+    reply, _ = imported.chat(picture(0), Q1, max_new_tokens=NEW)
+    processor = processor_for(imported)
+    sample = Sample([Message("user", [ImageRef(0), Q1]), Message("assistant", ["x"])], [picture(0)])
+    preds, _ = generate_predictions(imported, processor, PadCollator(pad, padding_side="left"), [sample], 1, NEW,
+                                    torch.device("cpu"), torch.float32)
+    assert preds[0] == reply
+    assert "<|pad|>" in reply or model.tokenizer.pad_token in reply  # it ran past the pad

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from vlm.generation import stop_ids
-from vlm.inference.generate import decode
+from vlm.inference.generate import decode, model_stop_ids
 from vlm.metrics import count_key, score_keys
 from vlm.objectives import TrainModule
 from vlm.train.distributed import Strategy
@@ -58,7 +58,9 @@ def generate_predictions(model: nn.Module, processor: Any, collator: Any, sample
     """``(predictions, dropped)`` per sample: the decoded answer, or ``None`` with the reason in ``dropped`` when the
     processor dropped the prompt (it is never generated from). ``progress``: a progress bar over the batches."""
     tokenizer = processor.tokenizer
-    stops = stop_ids(tokenizer, processor.template)
+    # the model's own stop ids when it has them (a loaded or imported model: what chat and its export stop at),
+    # else the template's (training: the same list the export will write)
+    stops = model_stop_ids(model) if getattr(model, "generation", None) else stop_ids(tokenizer, processor.template)
     preds: list[str | None] = []
     dropped: list[str | None] = []
     from tqdm.auto import tqdm
