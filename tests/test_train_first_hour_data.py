@@ -14,7 +14,8 @@ from vlm.data.synthetic_text import make_split
 from vlm.registry import close_matches
 from vlm.train import ConfigError, compose, run
 from vlm.train.config_check import schema_keys
-from vlm.train.own_data import _Part, check_files_options, data_image_size, heldout_indices, heldout_size
+from vlm.data.files import _Part, check_files_options, heldout_indices, heldout_size
+from vlm.train.resolvers import data_image_size
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from vlm.data.synthetic_text import make_split
 from vlm.train import ConfigError, compose, list_options, run
 from vlm.data.datasets import build_dataset
 from vlm.eval.score import score_samples
-from vlm.train.own_data import heldout_indices
+from vlm.data.files import heldout_indices
 from vlm.train.config import stage_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -256,7 +256,7 @@ def test_max_length_is_checked_against_the_data_naming_the_longest_sample(text_d
     assert longest > 60 and f"expected max_length >= {longest}" in msg
     assert f"set stage.pretrain.max_length={longest}" in msg  # the stage's own key
     # the longest is the one named: it fits exactly at that length, and nothing else is longer
-    from vlm.train.own_data import check_samples_fit
+    from vlm.data.files import check_samples_fit
 
     ok = compose("micro", base + [f"stage.pretrain.max_length={longest}"])
     from vlm.data.processor import Processor

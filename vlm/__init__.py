@@ -1,6 +1,7 @@
 """vlm: compose a vision-language model from swappable parts and train it in stages."""
 from vlm.inference.draw import draw_boxes
-from vlm.model import VLM, VLMConfig, build, load
+from vlm.loading import load
+from vlm.model import VLM, VLMConfig, build
 
 __all__ = ["VLM", "VLMConfig", "build", "draw_boxes", "load"]
 __version__ = "0.1.0"

@@ -13,18 +13,16 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from vlm.data.dataset import ProcessedDataset, SampleDataset
+from vlm.data.dataset import SampleDataset
 from vlm.data.shapes import ShapesDataset
-from vlm.registry import Registry, to_dict
+from vlm.data.dataset_registry import (  # noqa: F401  (check_format, processed: part of this module's API)
+    DATASETS,
+    MAX_BAD_FRACTION,
+    check_format,
+    processed,
+)
+from vlm.registry import to_dict
 
-DATASETS: Registry[Any] = Registry("dataset")
-#: default ``max_bad_fraction`` of file datasets: a run stops once more than 5% of its samples are known to be bad
-MAX_BAD_FRACTION = 0.05
-
-
-def processed(samples: Dataset, processor: Any, add_generation_prompt: bool) -> Dataset:
-    """``samples`` itself without a processor, else ``ProcessedDataset(samples, processor, add_generation_prompt)``."""
-    return samples if processor is None else ProcessedDataset(samples, processor, add_generation_prompt)
 
 
 @DATASETS.register("shapes")
@@ -57,17 +55,6 @@ def records(path: str, format: str = "auto", processor: Any = None, add_generati
     """A json / jsonl / parquet file or ``save_to_disk`` directory in any reader format (``vlm.data.readers``)."""
     return _records(path, format, processor, add_generation_prompt, image_root, skip_bad, max_bad_fraction,
                     **reader_options)
-
-
-def check_format(format: str) -> None:
-    """``format`` is ``auto`` or a registered reader; raises ``OptionError`` (a ``ValueError``: ``format=...:
-    unknown reader``) naming the closest reader."""
-    from vlm.data.readers import READERS
-    from vlm.registry import OptionError, did_you_mean
-
-    if format != "auto" and format not in READERS:
-        raise OptionError("format", format, f"unknown reader; expected 'auto' or one of {READERS.names()} "
-                                            f"({did_you_mean(format, READERS.names())})")
 
 
 def check_records(format: str = "auto", **options: Any) -> None:
@@ -110,3 +97,6 @@ llava_json.check_options = functools.partial(check_records, "llava")  # type: ig
 def build_dataset(spec: Any, processor: Any = None, add_generation_prompt: bool = False) -> Dataset:
     spec = to_dict(spec)
     return DATASETS.build(spec, processor=processor, add_generation_prompt=add_generation_prompt)
+
+
+from vlm.data import files  # noqa: E402,F401  (registers 'files': known wherever DATASETS is)

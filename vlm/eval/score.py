@@ -1,7 +1,7 @@
 """Score any dataset's predictions with the metric each sample's reference calls for.
 
 A sample's reference is its final assistant message, plus optional record fields kept in ``sample.meta``
-(``vlm.train.own_data.REFERENCE_KEYS`` for the ``files`` dataset): ``answers`` (several reference answers), ``options`` (multiple choice),
+(``vlm.data.files.REFERENCE_KEYS`` for the ``files`` dataset): ``answers`` (several reference answers), ``options`` (multiple choice),
 ``captions`` (several reference captions), ``metric`` (forces one of :data:`KINDS`), ``task`` / ``category``
 (the table row). The kind of a sample, in order:
 

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +159,27 @@ def check_keys(weights: dict[str, torch.Tensor], model: nn.Module, source: str) 
     if unknown:
         raise ValueError(f"{source} holds {len(unknown)} tensor(s) this model does not have, e.g. {unknown[:5]}; "
                          f"it was written by a different model or policy")
+
+
+# ----------------------------------------------------------------------------------------------- finished stages
+DONE = "DONE.json"  # written into a stage's folder when it finished (its result), read by resume
+STAGE_WEIGHTS = "weights.safetensors"  # a finished stage's trained weights, in its folder
+
+
+def stage_done(stage_dir: Path) -> dict[str, Any] | None:
+    """The result a finished stage recorded in ``stage_dir`` (its ``DONE.json``), or ``None``."""
+    f = stage_dir / DONE
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def last_checkpoint(run_dir: Path, stages: Sequence[str]) -> str | None:
+    """The most advanced resumable point of ``run_dir``: the latest checkpoint of the last stage that has one, or
+    the last finished stage's weights; ``None`` if there is neither."""
+    found = None
+    for name in stages:
+        d = run_dir / name
+        if stage_done(d) is not None:
+            found = f"{d / STAGE_WEIGHTS} (stage {name!r} finished)"
+        elif (ckpt := latest_checkpoint(d / "checkpoints")) is not None:
+            found = str(ckpt)
+    return found

@@ -7,93 +7,43 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from vlm.train.interrupt import check_kill_at
-from vlm.train.own_data import register_resolvers
 from vlm.recompute import mode as recompute_mode
 from vlm.registry import did_you_mean
-from vlm.train.config_check import ConfigError, check_components, explain, raw_without_hydra, unknown_choice
-from vlm.train.schema import MODULES, RunConfig, StageConfig, TrainerConfig
+from vlm.train.config_check import check_components, check_kill_at, explain, raw_without_hydra, unknown_choice
+from vlm.train.errors import ConfigError
+from vlm.train.resolvers import register_resolvers
+from vlm.train.recipes import (  # noqa: F401  (part of this module's API)
+    PRIMARY_CONFIG,
+    RECIPES_ENV,
+    list_options,
+    recipes_dir,
+    search_path_override,
+    user_recipe_dirs,
+)
+from vlm.train.schema import (  # noqa: F401  (stage_config, trainer_config, typed: part of this module's API)
+    MODULES,
+    RunConfig,
+    StageConfig,
+    TrainerConfig,
+    stage_config,
+    trainer_config,
+    typed,
+)
 
-T = TypeVar("T")
-RECIPES_ENV = "VLM_RECIPES"
-PRIMARY_CONFIG = "config"
 register_resolvers()  # ${vlm.image_size:...}, ${vlm.cells:...}: settings that follow the data
-
-
-def _shipped_recipes() -> Path:
-    import vlm
-
-    path = Path(vlm.__file__).resolve().parents[1] / "recipes"
-    if not (path / f"{PRIMARY_CONFIG}.yaml").is_file():
-        raise ConfigError(f"recipes/ not found at {str(path)!r} (install vlm with `pip install -e .` from a checkout, "
-                          f"or point ${RECIPES_ENV} at a recipes folder)")
-    return path
-
-
-def _env_dirs() -> list[Path]:
-    env = os.environ.get(RECIPES_ENV, "")
-    out = []
-    for part in filter(None, env.split(os.pathsep)):
-        path = Path(part).expanduser().resolve()
-        if not path.is_dir():
-            raise ConfigError(f"${RECIPES_ENV}={env!r}: {str(path)!r} is not a folder; expected a folder of your own "
-                              f"recipes (recipe/<name>.yaml, data/<name>.yaml, ...)")
-        out.append(path)
-    return out
-
-
-def recipes_dir() -> Path:
-    """The primary recipes folder: the shipped ``recipes/`` (next to the ``vlm`` package, editable install), or a
-    ``$VLM_RECIPES`` folder that has its own ``config.yaml`` (a whole recipes folder, used instead)."""
-    whole = [p for p in _env_dirs() if (p / f"{PRIMARY_CONFIG}.yaml").is_file()]
-    return whole[0] if whole else _shipped_recipes()
-
-
-def user_recipe_dirs(config_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Folders whose options *add to* the primary ones (Hydra's config search path): the ``$VLM_RECIPES`` folders
-    (``os.pathsep``-separated) without a ``config.yaml``, and ``config_dir`` (``--config-dir``). A user recipe can
-    extend a shipped one (``defaults: [tiny]``). An option with the name of a shipped one is an error (which one
-    wins would depend on how the folder was given)."""
-    dirs = [p for p in _env_dirs() if not (p / f"{PRIMARY_CONFIG}.yaml").is_file()]
-    if config_dir is not None:
-        path = Path(config_dir).expanduser().resolve()
-        if not path.is_dir():
-            raise ConfigError(f"--config-dir={str(config_dir)!r}: not a folder; expected a folder of your own recipes")
-        dirs.append(path)
-    dirs = list(dict.fromkeys(dirs))
-    primary = recipes_dir()
-    for d in dirs:
-        for path in sorted(d.rglob("*.yaml")):
-            rel = path.relative_to(d)
-            if (primary / rel).is_file() and rel.as_posix() != f"{PRIMARY_CONFIG}.yaml":
-                raise ConfigError(f"{path}: {rel.as_posix()} is a shipped option ({primary / rel}); expected a new "
-                                  f"name (e.g. {rel.parent.as_posix()}/my_{rel.stem}.yaml with `defaults: "
-                                  f"[{rel.stem}]` to extend it)")
-    return dirs
-
-
-def search_path_override(dirs: Sequence[Path]) -> list[str]:
-    """``hydra.searchpath=[file://...]`` for ``dirs`` (none when empty)."""
-    return [f"hydra.searchpath=[{','.join(f'file://{d}' for d in dirs)}]"] if dirs else []
-
-
-def list_options(group: str) -> list[str]:
-    """The options of a config group (``recipe``, ``encoder``, ...): the YAML files in ``recipes/<group>/`` and in
-    the user recipe folders (``$VLM_RECIPES``)."""
-    return sorted({p.stem for d in (recipes_dir(), *user_recipe_dirs()) for p in (d / group).glob("*.yaml")})
 
 
 def compose(recipe: str | None = None, overrides: Sequence[str] = (), *, validate: bool = True,
             config_dir: str | os.PathLike | None = None) -> DictConfig:
     """Compose ``recipes/config.yaml`` + ``recipe`` + command-line style ``overrides`` into a checked config.
     Options come from the shipped recipes plus the user folders (``$VLM_RECIPES``, ``config_dir``)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
@@ -248,29 +198,6 @@ def data_sets(data: DictConfig) -> list[str]:
     """The keys of ``data`` that are data sets (a mapping with a reader/dataset ``name``), not the data option's own
     settings (``data=files``: ``train``, ``heldout``, ...) or a set switched off (``null``)."""
     return [k for k in data if isinstance(data._get_node(k), DictConfig) and not data._get_node(k)._is_none()]
-
-
-def typed(node: Any, schema: type[T]) -> T:
-    """A config node as an instance of its schema dataclass (``StageConfig``, ``TrainerConfig``, ...): attribute
-    access that static checkers verify. Open fields (``Any``: a stage's ``template``, ``objective``) become plain
-    dicts / strings."""
-    if isinstance(node, schema):
-        return node
-    if isinstance(node, (DictConfig, ListConfig)):
-        # resolved where it stands: merged alone, an interpolation of another key (`${oc.select:data.x,default}`)
-        # would resolve against the detached copy and silently take its default
-        node = OmegaConf.to_container(node, resolve=True)
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
-
-
-def stage_config(cfg: DictConfig, name: str) -> StageConfig:
-    """Stage ``name`` of a checked config, typed."""
-    return typed(cfg.stage[name], StageConfig)
-
-
-def trainer_config(cfg: DictConfig) -> TrainerConfig:
-    """``trainer`` of a checked config, typed."""
-    return typed(cfg.trainer, TrainerConfig)
 
 
 def model_config(cfg: DictConfig) -> dict[str, Any]:

@@ -22,11 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vlm.registry import OptionError, Registry, accepted_kwargs, did_you_mean, to_dict
-from vlm.train.schema import MODULES, RunConfig
-
-
-class ConfigError(ValueError):
-    """A recipe that cannot run: unknown key or option, wrong type, missing file. Raised before training starts."""
+from vlm.train.errors import ConfigError
+from vlm.train.recipes import list_options, recipes_dir, user_recipe_dirs
+from vlm.train.schema import KILL_SIGNALS, MODULES, RunConfig, TrainerConfig, stage_config
 
 
 def unknown_choice(key: str, value: Any, what: str, options: Iterable[Any]) -> ConfigError:
@@ -90,7 +88,6 @@ def options_defining(group: str, key: str) -> list[str]:
     ``data.train`` -> ``['files']``: what a user who sets a key of an option they did not select should add."""
     from omegaconf import OmegaConf
 
-    from vlm.train.config import recipes_dir, user_recipe_dirs
 
     found = []
     for folder in [recipes_dir(), *user_recipe_dirs()]:
@@ -146,7 +143,6 @@ def _value_at(cfg: Any, path: Sequence[str]) -> Any:
 
 
 def _missing_option(exc: Any, overrides: Sequence[str]) -> ConfigError:
-    from vlm.train.config import list_options
 
     missing = str(getattr(exc, "missing_cfg_file", "") or "")
     group, _, option = missing.rpartition("/")
@@ -330,7 +326,6 @@ def check_stage_counts(st: Any, pre: str) -> None:
 def check_stage_policies(cfg: DictConfig, name: str, device: Any = None) -> None:
     """``policy.check_policies`` of stage ``name`` as a ``ConfigError``: the config alone (``device=None``), or what
     the policies need on the run's ``device``."""
-    from vlm.train.config import stage_config
     from vlm.train.policy import check_policies
 
     try:
@@ -374,3 +369,16 @@ def check_files(cfg: DictConfig) -> None:
 def raw_without_hydra(cfg: Any) -> DictConfig:
     raw = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
     return OmegaConf.masked_copy(raw, [k for k in raw if k != "hydra"]) if "hydra" in raw else raw
+
+
+def check_kill_at(trainer: TrainerConfig, stages: Sequence[str]) -> str | None:
+    """Why ``trainer.kill_at`` / ``trainer.kill_signal`` are invalid, or ``None``."""
+    if trainer.kill_signal not in KILL_SIGNALS:
+        return f"trainer.kill_signal={trainer.kill_signal!r}; expected one of {list(KILL_SIGNALS)}"
+    if trainer.kill_at is None:
+        return None
+    stage, _, point = str(trainer.kill_at).rpartition(":")
+    if stage not in stages or not (point == "end" or point.isdigit()):
+        return (f"trainer.kill_at={trainer.kill_at!r}; expected '<stage>:<step>' or '<stage>:end' with a stage of "
+                f"{list(stages)}")
+    return None

@@ -15,9 +15,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from vlm.train.checkpoint import check_keys, save_tensors, unwrap
+from vlm.train.checkpoint import STAGE_WEIGHTS, check_keys, save_tensors, unwrap  # noqa: F401 (STAGE_WEIGHTS: re-exported)
 
-STAGE_WEIGHTS = "weights.safetensors"
 LORA_A, LORA_B, BASE = ".lora_A.", ".lora_B.", ".base_layer."
 
 

@@ -23,9 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from vlm.train.schema import TrainerConfig
-
-KILL_SIGNALS = ("KILL", "TERM", "INT")
+from vlm.train.checkpoint import last_checkpoint
+from vlm.train.schema import KILL_SIGNALS, TrainerConfig  # noqa: F401 (KILL_SIGNALS: re-exported)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -58,23 +57,6 @@ def with_run(err: KeyboardInterrupt, run_dir: Path, stages: Sequence[str]) -> In
     """``err`` (a SIGTERM stop, or Ctrl-C's plain ``KeyboardInterrupt``) as an :class:`Interrupted` of ``run_dir``."""
     base = err if isinstance(err, Interrupted) else Interrupted("INT")
     return base.with_run(run_dir, stages)
-
-
-def last_checkpoint(run_dir: Path, stages: Sequence[str]) -> str | None:
-    """The most advanced resumable point of ``run_dir``: the latest checkpoint of the last stage that has one, or
-    the last finished stage's weights; ``None`` if there is neither."""
-    from vlm.train.checkpoint import latest_checkpoint
-    from vlm.train.export import STAGE_WEIGHTS
-    from vlm.train.stage import stage_done
-
-    found = None
-    for name in stages:
-        d = run_dir / name
-        if stage_done(d) is not None:
-            found = f"{d / STAGE_WEIGHTS} (stage {name!r} finished)"
-        elif (ckpt := latest_checkpoint(d / "checkpoints")) is not None:
-            found = str(ckpt)
-    return found
 
 
 def resume_command(overrides: Sequence[str], run_dir: Path, world_size: int = 1) -> str:
@@ -116,19 +98,6 @@ def stop_on_sigterm() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGTERM, previous)
         STOP.requested = False
-
-
-def check_kill_at(trainer: TrainerConfig, stages: Sequence[str]) -> str | None:
-    """Why ``trainer.kill_at`` / ``trainer.kill_signal`` are invalid, or ``None``."""
-    if trainer.kill_signal not in KILL_SIGNALS:
-        return f"trainer.kill_signal={trainer.kill_signal!r}; expected one of {list(KILL_SIGNALS)}"
-    if trainer.kill_at is None:
-        return None
-    stage, _, point = str(trainer.kill_at).rpartition(":")
-    if stage not in stages or not (point == "end" or point.isdigit()):
-        return (f"trainer.kill_at={trainer.kill_at!r}; expected '<stage>:<step>' or '<stage>:end' with a stage of "
-                f"{list(stages)}")
-    return None
 
 
 def kill_point(trainer: TrainerConfig, stage: str, point: int | str, run_dir: Path, rank: int = 0) -> None:

@@ -8,7 +8,9 @@ typed: ``config.stage_config(cfg, name)`` / ``config.trainer_config(cfg)``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 MODULES = ("encoder", "connector", "llm")
 
@@ -155,3 +157,31 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------------------------------------------- typed views
+T = TypeVar("T")
+KILL_SIGNALS = ("KILL", "TERM", "INT")  # trainer.kill_signal
+
+
+def typed(node: Any, schema: type[T]) -> T:
+    """A config node as an instance of its schema dataclass (``StageConfig``, ``TrainerConfig``, ...): attribute
+    access that static checkers verify. Open fields (``Any``: a stage's ``template``, ``objective``) become plain
+    dicts / strings."""
+    if isinstance(node, schema):
+        return node
+    if isinstance(node, (DictConfig, ListConfig)):
+        # resolved where it stands: merged alone, an interpolation of another key (`${oc.select:data.x,default}`)
+        # would resolve against the detached copy and silently take its default
+        node = OmegaConf.to_container(node, resolve=True)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+
+
+def stage_config(cfg: DictConfig, name: str) -> StageConfig:
+    """Stage ``name`` of a checked config, typed."""
+    return typed(cfg.stage[name], StageConfig)
+
+
+def trainer_config(cfg: DictConfig) -> TrainerConfig:
+    """``trainer`` of a checked config, typed."""
+    return typed(cfg.trainer, TrainerConfig)

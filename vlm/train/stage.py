@@ -24,8 +24,9 @@ from vlm.objectives import Objective, TrainModule, build as build_objective
 from vlm.registry import plain
 from vlm.train.batch_plan import BatchPlan, data_seed, make_loader
 from vlm.train.build import build_model, describe_mismatch, fingerprint, seed_everything
-from vlm.train.checkpoint import CheckpointManager
-from vlm.train.config import ConfigError, stage_config, trainer_config
+from vlm.train.checkpoint import DONE, CheckpointManager, stage_done
+from vlm.train.errors import ConfigError
+from vlm.train.schema import stage_config, trainer_config
 from vlm.train.distributed import Strategy, resolve_precision
 from vlm.train.evaluate import evaluate
 from vlm.train.export import STAGE_WEIGHTS, export_final, load_weights, merge_lora_state, trained_names, \
@@ -33,13 +34,12 @@ from vlm.train.export import STAGE_WEIGHTS, export_final, load_weights, merge_lo
 from vlm.train.interrupt import kill_point
 from vlm.train.loop import LoopState, StageLoop
 from vlm.train.optim import build_optimizer, build_scheduler
-from vlm.train.own_data import TooLongError
+from vlm.data.files import TooLongError
 from vlm.train.policy import apply_policies, trainable_summary
 from vlm.train.resources import PeakMemory, typical_step_seconds
 from vlm.train.rng import derive_seed, isolated
 from vlm.train.schema import StageConfig, TrainerConfig
 
-DONE = "DONE.json"
 
 
 @dataclass
@@ -65,11 +65,6 @@ class StageResult:
     @property
     def final_loss(self) -> float | None:
         return self.losses[-1] if self.losses else None
-
-
-def stage_done(stage_dir: Path) -> dict[str, Any] | None:
-    f = stage_dir / DONE
-    return json.loads(f.read_text()) if f.is_file() else None
 
 
 def weight_names(path: Path) -> set[str]:
@@ -373,7 +368,7 @@ def stage_dataset(cfg: DictConfig, name: str, processor: Any, only_checking: boo
     try:
         dataset = build_dataset(spec, processor)
     except TooLongError as e:  # the dataset checks its longest sample; the stage knows its own key
-        raise e.for_stage(name) from None
+        raise ConfigError(e.for_stage(name)) from None
     if len(dataset) < st.global_batch_size:
         raise ConfigError(f"stage.{name}.global_batch_size={st.global_batch_size}: data.{st.data} has "
                           f"{len(dataset)} training samples, fewer than one global batch; expected "

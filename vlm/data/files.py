@@ -1,7 +1,7 @@
-"""Your own data for any recipe: the ``files`` dataset and the settings that follow the data.
+"""Your own data for any recipe: the ``files`` dataset (``recipes/data/files.yaml``).
 
-``recipes/data/files.yaml`` (``python -m vlm.train recipe=tiny data=files data.train=my/train.json``) points every
-stage of a recipe at one file of any reader format (``vlm.data.readers``: LLaVA json, messages, Qwen-VL, ...):
+``python -m vlm.train recipe=tiny data=files data.train=my/train.json`` points every stage of a recipe at one file of
+any reader format (``vlm.data.readers``: LLaVA json, messages, Qwen-VL, ...):
 
 - ``files`` with ``part: train`` is the training file, less a fixed held-out slice of ``heldout`` samples (a
   permutation seeded by ``seed``; ``auto``: 10 %, 1..200) when no evaluation file is given; ``part: eval`` is the
@@ -11,29 +11,24 @@ stage of a recipe at one file of any reader format (``vlm.data.readers``: LLaVA 
   ones counted, so every stage reports them alike) and ``epochs`` bounds each stage's passes (``max_epochs``).
 - Caption stages (``pretrain``, ``align``: template ``plain``) read the same samples: ``plain`` keeps only the
   assistant text as the label (the user text is dropped), so the file's answers are the captions.
-- The resolvers ``${vlm.image_size:PATH,ROOT}`` (the longest image side of the file's first samples, in px) and
-  ``${vlm.cells:SIZE,STRIDE}`` (the tokens of a ``SIZE`` px image on a stride-``STRIDE`` grid) and
-  ``${vlm.multiple:SIZE,OF}`` (rounded up to a multiple) let a recipe size its encoder input and per-token tables
-  from the data (the ``tiny`` recipe does).
+
+The settings that follow the data (``${vlm.image_size:...}`` and friends) are resolvers of the training config
+(``vlm.train.resolvers``).
 """
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
 from vlm.data.dataset import SampleDataset
-from vlm.data.datasets import DATASETS, check_format, processed
+from vlm.data.dataset_registry import DATASETS, check_format, processed
 from vlm.data.errors import DataError
 from vlm.data.sample import Sample
 from vlm.registry import OptionError
-from vlm.train.config_check import ConfigError
 
 PARTS = ("train", "eval")
 #: ``heldout: auto``: this fraction of the training file is held out for evaluation, at least 1, at most HELDOUT_MAX
@@ -41,8 +36,6 @@ HELDOUT_FRACTION = 0.1
 HELDOUT_MAX = 200
 #: record fields kept in ``sample.meta`` for scoring (``vlm.eval.score``)
 REFERENCE_KEYS = ("task", "category", "answers", "answer", "options", "captions", "metric")
-#: samples whose images are measured by ``${vlm.image_size:...}``
-IMAGE_SIZE_SAMPLES = 64
 
 
 class _Part(SampleDataset):
@@ -138,7 +131,7 @@ def files(train: str, eval: str | None = None, part: str = "train", heldout: int
             symlinks out of it); by default such a sample is a counted skip (reason ``outside_root``).
     Raises:
         ValueError: an unknown ``part`` or a held-out slice that does not fit; FileNotFoundError: a missing file;
-        ConfigError: a training sample longer than ``max_length``; TooManyBadSamples: more bad training samples
+        TooLongError: a training sample longer than ``max_length``; TooManyBadSamples: more bad training samples
         than ``max_bad_fraction`` (every sample is read once when training: a missing image is counted up front).
     """
     if part not in PARTS:
@@ -174,7 +167,7 @@ files.checks_samples = True  # type: ignore[attr-defined]  # built with a proces
 
 def check_samples_fit(ds: _Part, processor: Any, candidates: int = 8,
                       read: Sequence[tuple[int, Sample]] | None = None) -> int:
-    """The token count of the longest sample of ``ds`` (untruncated); raises ``ConfigError`` naming it when it is
+    """The token count of the longest sample of ``ds`` (untruncated); raises ``TooLongError`` naming it when it is
     over ``processor.max_length`` (training would cut or drop it).
 
     Every sample is read (no images decoded; ``read``: the ``(index, sample)`` pairs already read, as
@@ -211,16 +204,23 @@ def check_samples_fit(ds: _Part, processor: Any, candidates: int = 8,
     return longest
 
 
-class TooLongError(ConfigError):
-    """A training sample longer than the stage's ``max_length``; ``for_stage`` names the stage's key to set."""
+class TooLongError(DataError):
+    """A training sample longer than the stage's ``max_length`` (reason ``too_long``). The data does not know its
+    stage: ``for_stage(name)`` is the one-line message naming the stage's key to set, which the stage raises as its
+    config error."""
 
-    def __init__(self, what: str, longest: int, stage: str = "<stage>") -> None:
-        self.what, self.longest, self.stage = what, longest, stage
-        super().__init__(f"{what}; expected max_length >= {longest}: set stage.{stage}.max_length={longest} (or "
-                         f"shorten the sample; data.check_length=false lets training cut or drop the long ones)")
+    reason = "too_long"
 
-    def for_stage(self, stage: str) -> "TooLongError":
-        return TooLongError(self.what, self.longest, stage)
+    def __init__(self, what: str, longest: int) -> None:
+        self.what, self.longest = what, longest
+        super().__init__(self.for_stage("<stage>"))
+
+    def __reduce__(self):  # picklable (positional arguments of its own)
+        return (type(self), (self.what, self.longest))
+
+    def for_stage(self, stage: str) -> str:
+        return (f"{self.what}; expected max_length >= {self.longest}: set stage.{stage}.max_length={self.longest} "
+                f"(or shorten the sample; data.check_length=false lets training cut or drop the long ones)")
 
 
 def check_files_options(train: str, eval: str | None = None, part: str = "train", heldout: int | str = "auto",
@@ -265,80 +265,3 @@ def data_records(path: str, option: str = "train", format: str = "auto") -> Any:
 
 
 files.check_options = check_files_options  # type: ignore[attr-defined]
-
-
-@lru_cache(maxsize=8)
-def _image_size(path: str, image_root: str | None, mtime: float, allow_outside_root: bool = False) -> int:
-    from PIL import Image
-
-    from vlm.data.images import load_image
-
-    ds = _Part(path, None, image_folder=image_root if image_root is not None else os.path.dirname(os.path.abspath(path)),
-               allow_outside_root=allow_outside_root)
-    side, unreadable = 0, []
-    for i in range(min(IMAGE_SIZE_SAMPLES, len(ds))):
-        try:
-            images = ds.sample(i).images
-            for src in images:
-                if isinstance(src, (str, os.PathLike)):
-                    with Image.open(src) as im:  # reads the header only
-                        w, h = im.size
-                else:
-                    w, h = load_image(src).size
-                side = max(side, w, h)
-        except (DataError, OSError) as e:  # a bad sample is the data sets' business (skip_bad, max_bad_fraction)
-            unreadable.append(f"sample {i}: {e}")
-    if not side:
-        why = f" (unreadable: {'; '.join(unreadable[:3])})" if unreadable else ""
-        raise ValueError(f"data.train={path!r}: none of its first {IMAGE_SIZE_SAMPLES} samples has a readable "
-                         f"image{why}")
-    return side
-
-
-@lru_cache(maxsize=8)
-def _file_problem(path: str, mtime: float) -> str | None:
-    """What is wrong with a data file as a whole (``data_records``), or None; once per file version (the resolver
-    runs at every access)."""
-    try:
-        data_records(path)
-    except OptionError as e:
-        return e.problem
-    return None
-
-
-def data_image_size(path: Any, image_root: Any = None, allow_outside_root: Any = False) -> int:
-    """``${vlm.image_size:PATH,ROOT[,ALLOW_OUTSIDE_ROOT]}``: the longest image side (px) among the first 64 samples
-    of ``PATH``. A file that cannot be read as a whole is a ``ConfigError`` naming ``data.train`` (the file is the
-    mistake, not the measured size)."""
-    if path is None or not Path(str(path)).exists():
-        raise ConfigError(f"data.train={path!r}: does not exist; expected your training file (json, jsonl, parquet "
-                          f"or a save_to_disk folder)")
-    root = None if image_root in (None, "None") else str(image_root)
-    if root is not None and not Path(root).is_dir():
-        raise ConfigError(f"data.image_root={root!r}: not a folder; expected the folder your image paths are "
-                          f"relative to (or leave it unset: each data file's own folder)")
-    problem = _file_problem(str(path), os.path.getmtime(path))
-    if problem is not None:
-        raise ConfigError(f"data.train={path!r}: {problem}")
-    try:
-        return _image_size(str(path), root, os.path.getmtime(path), str(allow_outside_root).lower() == "true")
-    except (DataError, OSError, ValueError) as e:
-        raise ConfigError(f"data.image_size: cannot measure the images of data.train={path!r}: {e}") from e
-
-
-def cells(size: Any, stride: Any) -> int:
-    """``${vlm.cells:SIZE,STRIDE}``: tokens of a ``SIZE`` px square image on a stride-``STRIDE`` grid,
-    ``ceil(SIZE / STRIDE) ** 2`` (each stride-2 stage of a padded CNN rounds up)."""
-    return math.ceil(int(size) / int(stride)) ** 2
-
-
-def multiple(size: Any, of: Any) -> int:
-    """``${vlm.multiple:SIZE,OF}``: ``SIZE`` rounded up to a multiple of ``OF`` (an input a stride-``OF`` tower
-    takes whole)."""
-    return math.ceil(int(size) / int(of)) * int(of)
-
-
-def register_resolvers() -> None:
-    for name, fn in (("vlm.image_size", data_image_size), ("vlm.cells", cells), ("vlm.multiple", multiple)):
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)

@@ -1,0 +1,51 @@
+"""``vlm.load``: the one loader for inference. It sits above ``vlm.model`` and ``vlm.interop`` (which imports
+``vlm.model``), so that loading a transformers directory adds no import cycle."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlm.model import FORMAT, VLM, load_vlm_directory
+from vlm.pretrained import CONFIG_FILE, WEIGHTS_FILE
+
+
+def load(directory: str | os.PathLike, *, tokenizer: bool = True, device: str | torch.device | None = None) -> VLM:
+    """Load a model directory for inference, in eval mode (as transformers' ``from_pretrained``): one written by
+    ``VLM.save_pretrained``, or a transformers directory of a format ``vlm.interop`` imports (LLaVA, BLIP-2,
+    InternVL; imported on the fly with ``vlm.interop.from_hf``). Raises naming any missing or foreign file, and
+    for a transformers directory its ``model_type`` and the formats vlm imports. Call ``model.train()`` to train."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise FileNotFoundError(f"vlm.load: {str(path)!r} is not a directory")
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"vlm.load: {str(path)!r} is missing {CONFIG_FILE} (expected {CONFIG_FILE} and "
+                                f"{WEIGHTS_FILE} written by VLM.save_pretrained)")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"vlm.load: {str(cfg_file)!r} is not valid JSON: {e}") from e
+    if config.get("format") == FORMAT:
+        return load_vlm_directory(path, config, tokenizer=tokenizer, device=device)
+    return load_transformers_directory(path, config, tokenizer=tokenizer, device=device)
+
+
+def load_transformers_directory(path: Path, config: dict[str, Any], *, tokenizer: bool,
+                                device: str | torch.device | None) -> VLM:
+    """A transformers directory (``config.json`` without ``"format": "vlm"``) imported by the ``vlm.interop``
+    format of its ``model_type``; ``ValueError`` naming the ``model_type`` and the supported formats otherwise."""
+    from vlm.interop import from_hf  # imported when needed: vlm.interop loads transformers' VLM classes
+    from vlm.interop.formats import format_for_model_type
+
+    if "model_type" not in config:
+        raise ValueError(f"vlm.load: {str(path / CONFIG_FILE)!r} is neither a vlm config (format="
+                         f"{config.get('format')!r}, expected 'vlm') nor a transformers config (no model_type)")
+    format_for_model_type(config["model_type"], f"vlm.load: {str(path / CONFIG_FILE)!r}")  # names the supported
+    model = from_hf(path, tokenizer=tokenizer)
+    if device is not None:
+        model.to(device)
+    return model.eval()
