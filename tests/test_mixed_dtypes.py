@@ -112,6 +112,8 @@ def test_training_run_with_one_part_in_bfloat16(tmp_path, override):
     back = vlm.load(out.final_dir)
     part = {"encoder": 0, "connector": 1, "llm": 2}[override[1:].split(".")[0]]
     assert part_dtypes(back)[part] == torch.bfloat16
-    # final/ carries the last stage's template (micro: chatml) and its end of turn as a stop id
+    # final/ carries the last stage's template (micro: chatml, with the run's image placement) and its end of turn
+    # as a stop id
     assert back.tokenizer.convert_tokens_to_ids("<|im_end|>") in back.generation["eos_token_id"]
-    assert back.tokenizer.chat_template == build_template("chatml").as_jinja(back.tokenizer, back.image_token)
+    assert back.tokenizer.chat_template == build_template("chatml").as_jinja(back.tokenizer, back.image_token,
+                                                                             back.image_placement)

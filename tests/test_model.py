@@ -132,8 +132,13 @@ def test_load_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="does not match the config"):
         vlm.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="model_type"):
+        vlm.load(tmp_path)
+    # a transformers config without its weights fails before anything is built (a LLaVA config alone is 7B)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
-    with pytest.raises(ValueError, match="not a vlm config"):
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no weights in"):
         vlm.load(tmp_path)
 
 
