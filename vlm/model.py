@@ -25,7 +25,9 @@ from vlm.data.image_placement import DEFAULT as DEFAULT_IMAGE_LAYOUT, ImagePlace
 from vlm.encoders.base import VisionEncoder, as_pair
 from vlm.generation import generation_settings
 from vlm.llm.hf_causal_lm import HFCausalLM
-from vlm.llm.masks import positions_from_segments, segment_mask
+from vlm.llm.masks import segment_mask
+from vlm.llm.positions import POSITION_SCHEMES
+from vlm.injection import INJECTION_SITES
 from vlm.loss import mask_segment_starts
 from vlm.registry import to_dict
 
@@ -104,6 +106,9 @@ class VLM(nn.Module):
             raise ValueError(f"image_token_id {image_token_id} is outside the LLM's embedding table "
                              f"(vocab size {llm.vocab_size}); add the token and resize the embeddings first")
         self.encoder, self.connector, self.llm = encoder, connector, llm
+        # capabilities the parts state: where features enter the LLM, how the LLM numbers its positions
+        self.injection = INJECTION_SITES.get(connector.injection_site)()
+        self.positions = POSITION_SCHEMES.get(llm.position_scheme)()
         if connector.fuses_by_cross_attention:  # its blocks go into the LLM's decoder layers
             connector.install(llm)
         self.image_token_id, self.image_token = image_token_id, image_token
@@ -246,21 +251,15 @@ class VLM(nn.Module):
                                  f"were given")
             zero = self.stand_in_zero(input_ids.device)
             return embeds if zero is None else embeds + zero.to(embeds.dtype)
-        if self.connector.fuses_by_cross_attention:  # <image> stays a text token; see ``fusion``
-            return embeds
-        feats = self.image_features(pixel_values)
-        return self.llm.inject(embeds, input_ids, feats.reshape(-1, feats.shape[-1]), self.image_token_id)
+        return self.injection.embed(self, embeds, input_ids, pixel_values)  # where the connector's features enter
 
     @contextlib.contextmanager
     def fusion(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
                segment_ids: torch.Tensor | None = None) -> Iterator[None]:
-        """The context to call the LLM in: with a fusion connector, its cross-attention blocks read these images'
-        features (one ``<image>`` token per image in ``input_ids``); with a token connector, nothing."""
-        if not self.connector.fuses_by_cross_attention:
-            yield
-            return
-        feats = self.image_features(pixel_values) if pixel_values is not None else None
-        with self.connector.media(feats, input_ids, self.image_token_id, segment_ids):
+        """The context to call the LLM in, from the connector's injection site (``vlm.injection``): with a fusion
+        connector, its cross-attention blocks read these images' features (one ``<image>`` token per image in
+        ``input_ids``); with a token connector, nothing."""
+        with self.injection.context(self, input_ids, pixel_values, segment_ids):
             yield
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
@@ -309,9 +308,9 @@ class VLM(nn.Module):
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (B, L); got shape {tuple(input_ids.shape)}")
         embeds = self.embed_inputs(input_ids, pixel_values)
+        position_ids = self.positions.position_ids(input_ids, attention_mask=attention_mask, segment_ids=segment_ids,
+                                                   position_ids=position_ids)
         if segment_ids is not None:
-            if position_ids is None:
-                position_ids = positions_from_segments(segment_ids)
             attention_mask = segment_mask(segment_ids, self.llm.attn_implementation, embeds.dtype)
         return {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids}
 

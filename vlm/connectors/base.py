@@ -36,6 +36,9 @@ class Connector(nn.Module):
     #: gives the media its blocks attend to, ``install(llm)`` hooks the blocks into the LLM (``VLM`` calls it) and
     #: ``media(features, input_ids, image_token_id, segment_ids)`` is the context ``VLM`` runs the LLM in
     fuses_by_cross_attention: bool = False
+    #: where the features enter the LLM (``vlm.injection.INJECTION_SITES``): ``input_embeddings`` (placeholder
+    #: embeddings replaced) or ``cross_attention`` (the connector's blocks read them while the LLM runs)
+    injection_site: str = "input_embeddings"
 
     def llava_projector_problems(self) -> list[str]:
         """Why this connector's weights are not a LLaVA projector (empty when they are); used by the LLaVA export."""

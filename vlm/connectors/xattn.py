@@ -157,6 +157,7 @@ class GatedCrossAttentionFusion(Connector):
     """
 
     fuses_by_cross_attention = True
+    injection_site = "cross_attention"
 
     @staticmethod
     def check_options(reducer: Any = None, every_n_layers: int = 1, heads: int = 8, head_dim: int = 64,

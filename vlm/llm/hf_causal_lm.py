@@ -49,6 +49,9 @@ class HFCausalLM(nn.Module):
     trusted and not checked.
     """
 
+    #: how positions are numbered (``vlm.llm.positions.POSITION_SCHEMES``): 1-D for every causal LM today
+    position_scheme: str = "rope_1d"
+
     @staticmethod
     def check_options(config: dict[str, Any] | None = None, pretrained: str | None = None, strict_config: bool = True,
                       **_: Any) -> None:
