@@ -135,8 +135,11 @@ def test_load_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match="model_type"):
         vlm.load(tmp_path)
-    # a transformers config without its weights fails before anything is built (a LLaVA config alone is 7B)
+    # a transformers config beside vlm weights, or without weights, fails before anything is built (a default
+    # LLaVA config is a 7B model)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    with pytest.raises(ValueError, match="holds vlm weights"):
+        vlm.load(tmp_path)
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no weights in"):
         vlm.load(tmp_path)

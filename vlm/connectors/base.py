@@ -27,9 +27,6 @@ class Connector(nn.Module):
     options: dict[str, Any]
     #: LoRA adapters go into a component's inner transformers model; a connector has none: train it whole ('full')
     supports_lora: bool = False
-    #: where LLaVA's projector layers live in this connector (``{our submodule: "linear_1" | "linear_2"}``) when it
-    #: has LLaVA's ``linear_1 -> act -> linear_2`` projector layout; ``None``: it has not (no LLaVA export/import)
-    llava_projector_layers: dict[str, str] | None = None
     #: whether ``forward`` takes one grid per image (a list of ``(h, w)``, ``x`` padded); see the module docstring
     per_image_grids: bool = False
     #: a fusion connector (``xattn``): ``num_tokens`` is the ``<image>`` text tokens per image (1), ``forward``
@@ -39,12 +36,6 @@ class Connector(nn.Module):
     #: where the features enter the LLM (``vlm.injection.INJECTION_SITES``): ``input_embeddings`` (placeholder
     #: embeddings replaced) or ``cross_attention`` (the connector's blocks read them while the LLM runs)
     injection_site: str = "input_embeddings"
-
-    def llava_projector_problems(self) -> list[str]:
-        """Why this connector's weights are not a LLaVA projector (empty when they are); used by the LLaVA export."""
-        name = getattr(self, "registry_name", type(self).__name__)
-        return [f"the connector is {name!r}; LLaVA's projector is linear_1 -> act -> linear_2, i.e. our 'mlp' "
-                f"connector with depth=2 (no pooling, no norm)"]
 
     def num_tokens(self, num_input_tokens: int, grid: tuple[int, int]) -> int:
         """``K``: how many LLM tokens one image of ``num_input_tokens`` encoder tokens (patch ``grid``) becomes."""

@@ -17,7 +17,6 @@ ACTIVATIONS = {"gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approxima
 @CONNECTORS.register("mlp")
 class MLPConnector(Connector):
     # with depth=2, no norm and hidden_dim = out_dim, layers.0 / layers.2 are LLaVA's projector linear_1 / linear_2
-    llava_projector_layers = {"layers.0": "linear_1", "layers.2": "linear_2"}
     def __init__(self, in_dim: int, out_dim: int, depth: int = 2, hidden_dim: int | None = None,
                  act: str = "gelu", bias: bool = True, norm: bool = False) -> None:
         super().__init__()
@@ -36,20 +35,6 @@ class MLPConnector(Connector):
             mods.append(nn.Linear(dims[i], dims[i + 1], bias=bias))
         self.norm = nn.LayerNorm(in_dim) if norm else nn.Identity()
         self.layers = nn.Sequential(*mods)
-
-    def llava_projector_problems(self) -> list[str]:
-        """What keeps this mlp from being LLaVA's projector: LLaVA has exactly 2 linear layers, no input norm, and a
-        hidden size equal to the LLM's (``out_dim``)."""
-        opts, problems = self.options, []
-        if opts.get("depth") != 2:
-            problems.append(f"the mlp connector has depth={opts.get('depth')}; LLaVA's projector has exactly 2 "
-                            f"linear layers (depth=2)")
-        if opts.get("norm"):
-            problems.append("the mlp connector has norm=True; LLaVA's projector has no input LayerNorm")
-        if opts.get("hidden_dim") not in (None, self.out_dim):
-            problems.append(f"the mlp connector has hidden_dim={opts.get('hidden_dim')}; LLaVA's projector's hidden "
-                            f"size is the LLM hidden size ({self.out_dim})")
-        return problems
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """``(N, T, C) -> (N, T, D)``."""

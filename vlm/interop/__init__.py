@@ -30,7 +30,7 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
             **kwargs: Any) -> Any:
     """Import a local transformers directory as a ``vlm.VLM`` (eval mode); its format comes from ``config.json``'s
     ``model_type``. Errors name the file, the ``model_type`` found and the supported ones."""
-    from vlm.pretrained import check_weights, read_config
+    from vlm.pretrained import WEIGHTS_FILE, read_config
 
     path = Path(path)
     expected = f"a transformers directory saved with save_pretrained, model_type one of {supported_model_types()}"
@@ -39,7 +39,17 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
         raise ValueError(f"from_hf: {str(path / 'config.json')!r} is a vlm directory (format 'vlm'); load it with "
                          f"vlm.load, or export it with to_hf")
     fmt = format_for_model_type(cfg.get("model_type"), f"from_hf: {str(path / 'config.json')!r}")
-    check_weights(path, "from_hf")  # before anything is built: a config alone would build a full-size random model
+    weights = path / WEIGHTS_FILE  # (each format checks its weights exist once its config is valid)
+    if weights.is_file():  # before anything is built: a config beside the wrong weights builds a full-size model
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            roots = {k.split(".", 1)[0] for k in f.keys()}
+        if roots and roots <= {"encoder", "connector", "llm"}:
+            raise ValueError(f"from_hf: {str(weights)!r} holds vlm weights (encoder., connector., llm.), not a "
+                             f"transformers model's: the config.json beside it (model_type "
+                             f"{cfg.get('model_type')!r}) is not the one saved with them; load a vlm directory "
+                             f"with its own config.json")
     model = fmt.from_hf(path, dtype=dtype, tokenizer=tokenizer, **kwargs)
     model.image_placement = None  # the directory's own chat template places images (vlm.data.image_placement)
     return model.eval()

@@ -49,6 +49,7 @@ from vlm.interop.mapping import (
     VISION_MODEL_TYPES,
 )
 from vlm.interop.processor import save_llava_processor
+from vlm.connectors.mlp import MLPConnector
 from vlm.model import VLM
 from vlm.pretrained import CONFIG_FILE, check_weights, read_config
 
@@ -57,6 +58,36 @@ VISION_PREFIX = "model.vision_tower."
 
 
 # ----------------------------------------------------------------------------------------------------- reading
+
+# ----------------------------------------------------------------------------------------- LLaVA's projector
+#: connector types that can hold LLaVA's ``linear_1 -> act -> linear_2`` projector: ``{our submodule: LLaVA's}``
+PROJECTOR_LAYERS: dict[type, dict[str, str]] = {MLPConnector: {"layers.0": "linear_1", "layers.2": "linear_2"}}
+
+
+def projector_layers(conn: Any) -> dict[str, str] | None:
+    """Where LLaVA's projector layers live in ``conn`` (``{our submodule: "linear_1" | "linear_2"}``), or ``None``
+    when its type (or a type it derives from) cannot hold them."""
+    return next((PROJECTOR_LAYERS[t] for t in type(conn).__mro__ if t in PROJECTOR_LAYERS), None)
+
+
+def projector_problems(conn: Any) -> list[str]:
+    """What keeps ``conn`` from being LLaVA's projector (empty when it is): an ``mlp`` with exactly 2 linear layers,
+    no input norm and a hidden size equal to the LLM's (``out_dim``)."""
+    if projector_layers(conn) is None:
+        name = getattr(conn, "registry_name", type(conn).__name__)
+        return [f"the connector is {name!r}; LLaVA's projector is linear_1 -> act -> linear_2, i.e. our 'mlp' "
+                f"connector with depth=2 (no pooling, no norm)"]
+    opts, problems = conn.options, []
+    if opts.get("depth") != 2:
+        problems.append(f"the mlp connector has depth={opts.get('depth')}; LLaVA's projector has exactly 2 "
+                        f"linear layers (depth=2)")
+    if opts.get("norm"):
+        problems.append("the mlp connector has norm=True; LLaVA's projector has no input LayerNorm")
+    if opts.get("hidden_dim") not in (None, conn.out_dim):
+        problems.append(f"the mlp connector has hidden_dim={opts.get('hidden_dim')}; LLaVA's projector's hidden "
+                        f"size is the LLM hidden size ({conn.out_dim})")
+    return problems
+
 def read_llava_config(path: str | os.PathLike, who: str = "from_hf") -> dict[str, Any]:
     """The ``config.json`` of a LLaVA directory, or an error naming the file and what was expected."""
     path = Path(path)
@@ -135,7 +166,7 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
     with torch.no_grad():
         copy_state(encoder.model, tower, "from_hf: vision tower")
         proj = hf.model.multi_modal_projector
-        copy_state(connector, {f"{ours}.{k}": v for ours, theirs in connector.llava_projector_layers.items()
+        copy_state(connector, {f"{ours}.{k}": v for ours, theirs in projector_layers(connector).items()
                                 for k, v in getattr(proj, theirs).state_dict().items()}, "from_hf: projector")
         copy_state(lm.model.base_model, hf.model.language_model.state_dict(), "from_hf: language model")
         copy_state(lm.model.get_output_embeddings(), hf.lm_head.state_dict(), "from_hf: lm_head")
@@ -153,9 +184,9 @@ def llava_problems(model: VLM) -> list[str]:
     if not isinstance(enc, HFVisionEncoder) or enc_name not in ENCODER_MODEL_TYPES:
         problems.append(f"the encoder is {enc_name!r}; LLaVA's vision tower is a transformers CLIP or SigLIP vision "
                         f"model (our encoders: {sorted(ENCODER_MODEL_TYPES)})")
-    problems += conn.llava_projector_problems()
+    problems += projector_problems(conn)
     act = getattr(conn, "options", {}).get("act")
-    if conn.llava_projector_layers is not None and act not in ACT_TO_HF:
+    if projector_layers(conn) is not None and act not in ACT_TO_HF:
         problems.append(f"the connector act={act!r} has no LLaVA equivalent; supported: {sorted(ACT_TO_HF)}")
     return problems + lm_problems(lm, "LLaVA", "LlavaForConditionalGeneration")
 
@@ -202,7 +233,7 @@ def to_hf(model: VLM, path: str | os.PathLike, *, dtype: str | torch.dtype | Non
     with torch.no_grad():
         copy_state(hf.model.vision_tower, enc.model.state_dict(), "to_hf: vision tower")
         state = conn.state_dict()
-        proj = {f"{theirs}.{k.removeprefix(ours + '.')}": v for ours, theirs in conn.llava_projector_layers.items()
+        proj = {f"{theirs}.{k.removeprefix(ours + '.')}": v for ours, theirs in projector_layers(conn).items()
                 for k, v in state.items() if k.startswith(ours + ".")}
         copy_state(hf.model.multi_modal_projector, proj, "to_hf: projector")
         copy_state(hf.model.language_model, lm.model.base_model.state_dict(), "to_hf: language model")
