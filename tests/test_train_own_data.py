@@ -288,3 +288,22 @@ def test_text_only_samples_are_counted_skips_of_stages_whose_objective_needs_an_
     assert readout.get("images_per_sample", 0) >= 1, by_stage["readout"].skipped_samples
     for name in ("pretrain", "sft"):
         assert "images_per_sample" not in by_stage[name].skipped_samples.get("by_reason", {})
+
+
+def test_an_unreadable_evaluation_sample_is_dropped_not_replaced_by_its_neighbour(text_data, tmp_path):
+    """A held-out sample whose image is missing is reported as dropped (eval_dropped, its record named); the others
+    are each scored once (indexing a skipping dataset used to score the next sample in its place)."""
+    val = json.loads((text_data / "val.json").read_text())[:6]
+    val[1] = {**val[1], "image": "gone.png"}
+    (text_data / "val_bad.json").write_text(json.dumps(val))
+    cfg = compose("micro", files_overrides(text_data, f"data.eval={text_data / 'val_bad.json'}",
+                                           "+data.val.max_bad_fraction=1.0",
+                                           *small_steps(["pretrain", "sft"]), "eval.limit=6",
+                                           f"output_dir={tmp_path}"))
+    res = run(cfg)
+    preds = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    ids = [p["id"] for p in preds]
+    assert len(ids) == len(set(ids)) == 6  # each sample once
+    dropped = [p for p in preds if p.get("dropped")]
+    assert len(dropped) == 1 and "missing_image" in dropped[0]["dropped"]
+    assert res.eval.get("eval_dropped") == 1

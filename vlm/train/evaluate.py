@@ -33,10 +33,31 @@ def model_frame(processor: Any) -> tuple[int, int] | None:
     return (int(size), int(size)) if size else None
 
 
+def _fetch(samples: Any, i: int) -> Any:
+    """Sample ``i`` itself, or the ``DataError`` that makes it unreadable (counted in ``samples.bad``). Never the
+    next good sample, as indexing a skipping dataset gives: that would score a neighbour twice in ``i``'s place."""
+    from vlm.data.errors import DataError
+
+    read = getattr(samples, "sample", None)
+    if read is None:
+        return samples[i]
+    try:
+        return read(i)
+    except DataError as e:
+        bad = getattr(samples, "bad", None)
+        if bad is not None:
+            bad.add(e)
+        return e
+
+
 def _prompt(processor: Any, sample: Any) -> tuple[dict[str, Any] | None, str | None]:
-    """``(item, None)``, or ``(None, why)`` when the processor drops the sample's generation prompt."""
+    """``(item, None)``, or ``(None, why)`` when the sample cannot be read or the processor drops its generation
+    prompt."""
+    from vlm.data.errors import DataError
     from vlm.data.processor import SampleDropped
 
+    if isinstance(sample, DataError):
+        return None, f"{getattr(sample, 'reason', 'invalid')}: {sample}"
     try:
         return processor(sample, add_generation_prompt=True), None
     except SampleDropped as e:
@@ -92,7 +113,8 @@ def evaluate(wrapped: nn.Module, strategy: Strategy, processor: Any, samples: An
              lockstep: bool = False, progress: bool = False) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Metrics (on every rank) and, on rank 0, one record per sample (id, task, prediction, target).
 
-    Samples whose prompt the processor drops are not scored; ``metrics["eval_dropped"]`` (present when > 0) counts
+    Samples that cannot be read (a missing image, ...) or whose prompt the processor drops are not scored (each
+    index is its own sample: a bad one is never replaced by the next); ``metrics["eval_dropped"]`` (present when > 0) counts
     them and their records carry ``prediction: None`` and ``dropped`` (the reason)."""
     from vlm.data.collate import PadCollator
 
@@ -106,7 +128,8 @@ def evaluate(wrapped: nn.Module, strategy: Strategy, processor: Any, samples: An
     wrapped.eval()
     with strategy.inference(wrapped) as module:
         model = module.model if isinstance(module, TrainModule) else module  # a stage's: generate with its model
-        preds, dropped = generate_predictions(model, processor, collator, [samples[i] for i in mine], batch_size,
+        fetched = {i: _fetch(samples, i) for i in dict.fromkeys(mine)}
+        preds, dropped = generate_predictions(model, processor, collator, [fetched[i] for i in mine], batch_size,
                                               max_new_tokens, strategy.device, precision, lockstep,
                                               progress=progress and strategy.is_main)
     wrapped.train(was_training)
@@ -117,7 +140,8 @@ def evaluate(wrapped: nn.Module, strategy: Strategy, processor: Any, samples: An
             by_index.setdefault(i, (p, why))
     order = sorted(by_index)[:n]
     scored = [i for i in order if by_index[i][1] is None]
-    subset = [samples[i] for i in scored]
+    fetched.update({i: _fetch(samples, i) for i in order if i not in fetched})  # other ranks' samples
+    subset = [fetched[i] for i in scored]
     predictions = [by_index[i][0] for i in scored]
     scorer = getattr(samples, "evaluate", None)
     metrics: dict[str, float] = {}
@@ -134,7 +158,11 @@ def evaluate(wrapped: nn.Module, strategy: Strategy, processor: Any, samples: An
     metrics["eval_seconds"] = time.perf_counter() - t0
     records = []
     for i in order:
-        s, (p, why) = samples[i], by_index[i]
+        s, (p, why) = fetched[i], by_index[i]
+        if not hasattr(s, "messages"):  # unreadable: named by its error
+            records.append({"id": getattr(s, "sample_id", None) or i, "task": None, "prediction": None,
+                            "target": None, "dropped": why})
+            continue
         records.append({"id": s.id, "task": s.meta.get("task"), "prediction": p,
                         "target": s.messages[-1].text() if s.messages else None, **({"dropped": why} if why else {}),
                         **({k: v for k, v in scores[i].items() if k != "row"} if i in scores else {})})
