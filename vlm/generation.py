@@ -10,8 +10,8 @@ This list is THE stop rule: a reply ends at the first of these ids and at nothin
 ``model.chat`` / ``chat_stream``, training's evaluation and transformers' ``generate`` on an exported directory
 (which reads the same list from ``generation_config.json``). A pad id is a stop because vlm never trains a pad as a
 target: a model that emits it has left its training distribution, and every consumer must end the reply there, not
-only those that happen to cut at pad. A directory imported from transformers keeps its own list (no pad added), so vlm
-answers on it exactly as transformers does.
+only those that happen to cut at pad. A transformers model directory loaded by ``vlm.load`` keeps the stop list its
+own ``generation_config.json`` gives (no pad added), so vlm answers on it exactly as transformers does.
 """
 from __future__ import annotations
 
