@@ -24,6 +24,7 @@ from vlm.connectors.base import Connector
 from vlm.data.image_placement import DEFAULT as DEFAULT_IMAGE_LAYOUT, ImagePlacement
 from vlm.encoders.base import VisionEncoder, as_pair
 from vlm.generation import generation_settings
+from vlm.image_tokens import ImageTokens
 from vlm.llm.hf_causal_lm import HFCausalLM
 from vlm.llm.masks import segment_mask
 from vlm.llm.positions import POSITION_SCHEMES
@@ -185,6 +186,11 @@ class VLM(nn.Module):
         connector: the image reaches the LLM by cross-attention)."""
         size = as_pair(self.encoder.image_size if image_size is None else image_size)
         return self.connector.num_tokens(self.encoder.num_tokens(size), self.encoder.grid(size))
+
+    def image_tokens(self) -> ImageTokens:
+        """``num_image_tokens`` as a picklable callable (``vlm.image_tokens``): what the data pipeline carries into
+        DataLoader workers."""
+        return ImageTokens(self.encoder, self.connector)
 
     # -- forward ---------------------------------------------------------------------------------------------
     def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:

@@ -142,7 +142,10 @@ class Processor:
         config = getattr(model, "config", None)
         image_token = getattr(config, "image_token", None) or options.pop("image_token", "<image>")
         size = (image_processor.image_size, image_processor.image_size)
-        count = TokenCount(model.num_image_tokens, {size: int(model.num_image_tokens(size))})
+        # a picklable count (``vlm.image_tokens.ImageTokens``) when the model offers one: DataLoader workers then
+        # count sizes the main process never asked (native-resolution images)
+        rule = model.image_tokens() if hasattr(model, "image_tokens") else model.num_image_tokens
+        count = TokenCount(rule, {size: int(model.num_image_tokens(size))})
         proc = cls(tokenizer, template, image_processor, count, image_token=image_token, **options)
         model_id = getattr(config, "image_token_id", getattr(model, "image_token_id", None))
         if model_id is not None and model_id != proc.image_token_id:
@@ -317,7 +320,9 @@ class TokenCount:
     """``(H, W) -> tokens per tile``: a constant, or a model's ``num_image_tokens`` memoized per size.
 
     Pickles without the model (DataLoader workers must not receive a copy of it): after unpickling only the sizes
-    already asked (``for_model`` pre-asks the processor's tile size) are known."""
+    already asked (``for_model`` pre-asks the processor's tile size) are known, unless the source is itself
+    picklable without the model (it states ``pickles_without_model``: ``vlm.image_tokens.ImageTokens``, which
+    ``for_model`` passes), which then counts any size."""
 
     def __init__(self, source: int | Callable[[tuple[int, int]], int], known: dict | None = None) -> None:
         self.constant = source if isinstance(source, int) else None
@@ -335,7 +340,9 @@ class TokenCount:
         return self.known[hw]
 
     def __getstate__(self) -> dict:
-        return {"constant": self.constant, "fn": None, "known": self.known}
+        portable = getattr(self.fn, "pickles_without_model", False)
+        return {"constant": self.constant, "fn": self.fn if portable else None,
+                "known": self.known}
 
 
 def _accepts(fn: Any, name: str) -> bool:
