@@ -300,7 +300,7 @@ def test_to_hf_says_what_blip2_cannot_express(tmp_path, change, match):
         cfg[part] = values if "name" in values else {**cfg[part], **values}
     cfg["connector"].setdefault("in_dim", 32)
     cfg["connector"].setdefault("out_dim", 32)
-    from vlm.model import from_config
+    from vlm.compose import from_config
 
     other = from_config(cfg)
     with pytest.raises(ValueError, match=match):

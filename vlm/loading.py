@@ -1,5 +1,6 @@
-"""``vlm.load``: the one loader for inference. It sits above ``vlm.model`` and ``vlm.interop`` (which imports
-``vlm.model``), so that loading a transformers directory adds no import cycle."""
+"""``vlm.load``: the one loader for inference, of vlm directories (``load_vlm_directory``: the architecture by
+``vlm.compose.from_config``, then the weights and tokenizer) and transformers ones. It sits above ``vlm.compose`` and
+``vlm.interop`` (which import ``vlm.model``), so that loading a transformers directory adds no import cycle."""
 from __future__ import annotations
 
 import json
@@ -8,8 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_model
 
-from vlm.model import FORMAT, VLM, load_vlm_directory
+from vlm.compose import from_config
+from vlm.generation import generation_settings
+from vlm.model import VLM
+from vlm.persistence import FORMAT
 from vlm.pretrained import CONFIG_FILE, WEIGHTS_FILE
 
 
@@ -48,4 +53,27 @@ def load_transformers_directory(path: Path, config: dict[str, Any], *, tokenizer
     model = from_hf(path, tokenizer=tokenizer)
     if device is not None:
         model.to(device)
+    return model.eval()
+
+
+def load_vlm_directory(path: Path, config: dict[str, Any], *, tokenizer: bool = True,
+                       device: str | torch.device | None = None) -> VLM:
+    """The model of a directory written by ``VLM.save_pretrained`` (``config`` its parsed ``config.json``), in eval
+    mode. ``vlm.load`` is the loader to call: it also imports transformers directories. Raises
+    ``FileNotFoundError`` for a missing weights file and ``ValueError`` for weights that do not match the config."""
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"vlm.load: {str(path)!r} is missing {WEIGHTS_FILE} (expected {CONFIG_FILE} and "
+                                f"{WEIGHTS_FILE} written by VLM.save_pretrained)")
+    model = from_config(config)
+    missing, unexpected = load_model(model, str(weights), strict=False, device=str(device or "cpu"))
+    if missing or unexpected:
+        raise ValueError(f"vlm.load: {str(weights)!r} does not match the config: missing {sorted(missing)[:8]}, "
+                         f"unexpected {sorted(unexpected)[:8]}")
+    if tokenizer and (path / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        model.tokenizer = AutoTokenizer.from_pretrained(str(path))
+    # directories written before generation settings were saved: the tokenizer's
+    model.generation = dict(config.get("generation") or generation_settings(model.tokenizer))
     return model.eval()

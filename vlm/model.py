@@ -1,25 +1,22 @@
 """``VLM``: vision encoder -> connector -> feature injection into a causal LM.
 
-``vlm.build(cfg, tokenizer=None)`` composes one from component configs; ``model.save_pretrained(dir)`` /
-``vlm.load(dir)`` round-trip it through ``config.json`` + ``model.safetensors`` (+ tokenizer files). Nothing pickled.
+``vlm.build(cfg, tokenizer=None)`` (``vlm.compose``) composes one from component configs;
+``model.save_pretrained(dir)`` (``vlm.persistence``) / ``vlm.load(dir)`` (``vlm.loading``) round-trip it through
+``config.json`` + ``model.safetensors`` (+ tokenizer files). Nothing pickled.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from vlm import connectors, encoders, llm as llms
 from vlm.connectors.base import Connector
 from vlm.data.image_placement import DEFAULT as DEFAULT_IMAGE_LAYOUT, ImagePlacement
 from vlm.encoders.base import VisionEncoder, as_pair
@@ -30,12 +27,8 @@ from vlm.llm.masks import segment_mask
 from vlm.llm.positions import POSITION_SCHEMES
 from vlm.injection import INJECTION_SITES
 from vlm.loss import mask_segment_starts
-from vlm.registry import to_dict
+from vlm.persistence import DEFAULT_IMAGE_PREPROCESSING, VLMConfig, placement_record, save_directory
 
-FORMAT = "vlm"
-FORMAT_VERSION = 1
-from vlm.pretrained import CONFIG_FILE, WEIGHTS_FILE  # noqa: E402
-BUILD_KEYS = ("encoder", "connector", "llm", "image_token", "image_token_id")
 # Keywords ``VLM.forward`` once took, and where they are now: passing one is an error that says so
 MOVED_KEYWORDS = {
     "loss_weighting": "loss_weighting moved to the lm objective: "
@@ -44,14 +37,6 @@ MOVED_KEYWORDS = {
     "objective": "objective moved out of the model: a stage trains vlm.objectives.base.TrainModule(model, "
                  "objective), built by vlm.objectives.build(...) (stage.<name>.objective in a config)",
 }
-# how images were preprocessed when nothing recorded it (``vlm.data.images.ImageProcessor``'s default)
-DEFAULT_IMAGE_PREPROCESSING = {"resize_mode": "resize"}
-
-
-def placement_record(placement: ImagePlacement | dict[str, Any] | None) -> dict[str, Any] | None:
-    """``config.json``'s ``image_placement`` entry for a placement (an ``ImagePlacement`` or its dict; ``None`` stays)."""
-    placement = ImagePlacement.from_dict(placement)
-    return None if placement is None else placement.to_dict()
 
 
 def param_dtype(module: nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
@@ -70,27 +55,6 @@ def eval_mode(*modules: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.training = flag
-
-
-@dataclass
-class VLMConfig:
-    """What ``config.json`` holds: each component's rebuildable config plus the image-token convention."""
-
-    encoder: dict[str, Any]
-    connector: dict[str, Any]
-    llm: dict[str, Any]
-    image_token_id: int
-    image_token: str = "<image>"
-    extra: dict[str, Any] = field(default_factory=dict)
-    generation: dict[str, Any] = field(default_factory=dict)  # vlm.generation: eos (list), pad, bos ids
-    # ImageProcessor settings the model was trained with: resize_mode (resize | pad | crop), pad_color (pad only)
-    image_preprocessing: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_IMAGE_PREPROCESSING))
-    # how a turn's images and text are joined (vlm.data.image_placement): recorded from the training data; None: the
-    # chat template places images (imported transformers directories)
-    image_placement: dict[str, Any] | None = field(default_factory=lambda: DEFAULT_IMAGE_LAYOUT.to_dict())
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}
 
 
 class VLM(nn.Module):
@@ -390,18 +354,9 @@ class VLM(nn.Module):
 
     # -- persistence -----------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json``, ``model.safetensors`` and the tokenizer (if set). Files are replaced atomically."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp_weights = out / f".{WEIGHTS_FILE}.tmp"
-        save_model(self, str(tmp_weights), metadata={"format": "pt"})
-        tmp_cfg = out / f".{CONFIG_FILE}.tmp"
-        tmp_cfg.write_text(json.dumps(self.config.to_dict(), indent=2, default=str))
-        os.replace(tmp_weights, out / WEIGHTS_FILE)
-        os.replace(tmp_cfg, out / CONFIG_FILE)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(str(out))
-        return out
+        """Write ``config.json``, ``model.safetensors`` and the tokenizer (if set). Files are replaced atomically
+        (``vlm.persistence.save_directory``); returns the directory."""
+        return save_directory(self, self.config, self.tokenizer, directory)
 
     # -- chat (vlm.inference.chat) ----------------------------------------------------------------------------
     def chat(self, images: Any, text: str, history: list | None = None, **kwargs: Any) -> tuple[str, list]:
@@ -422,85 +377,3 @@ class VLM(nn.Module):
         from vlm.inference.chat import chat_stream
 
         return chat_stream(self, images, text, history, **kwargs)
-
-
-def build(cfg: Any, tokenizer: Any = None) -> VLM:
-    """Compose a ``VLM`` from ``{encoder: {...}, connector: {...}, llm: {...}}`` (+ optional ``image_token``).
-
-    With a ``tokenizer``: adds the image token to it if missing, resizes the LLM embeddings to ``len(tokenizer)``
-    when needed, and attaches it as ``model.tokenizer``. Without one (and no ``image_token_id``), a fresh id is
-    appended to the embedding table so the placeholder never collides with a real token.
-    """
-    cfg = to_dict(cfg)
-    unknown = sorted(set(cfg) - set(BUILD_KEYS))
-    if unknown:
-        raise TypeError(f"vlm.build: unknown key(s) {unknown}; accepted: {list(BUILD_KEYS)}")
-    for key in ("encoder", "connector", "llm"):
-        if key not in cfg:
-            raise KeyError(f"vlm.build: missing {key!r} config (a mapping with 'name')")
-    encoder = encoders.build(cfg["encoder"])
-    lm = llms.build(cfg["llm"])
-    # the connector computes in its own ``dtype`` when configured, else in the LLM's
-    connector = connectors.build(cfg["connector"], default_dtype=param_dtype(lm), in_dim=encoder.hidden_size,
-                                 out_dim=lm.hidden_size)
-    image_token = cfg.get("image_token", "<image>")
-    image_token_id = cfg.get("image_token_id")
-    if tokenizer is not None:
-        if image_token not in tokenizer.get_vocab():
-            from tokenizers import AddedToken
-
-            # add_tokens appends; add_special_tokens({"additional_special_tokens": ...}) would replace the list
-            tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
-        image_token_id = tokenizer.convert_tokens_to_ids(image_token)
-        if len(tokenizer) > lm.vocab_size:
-            lm.resize_token_embeddings(len(tokenizer))
-    elif image_token_id is None:
-        image_token_id = lm.vocab_size
-        lm.resize_token_embeddings(lm.vocab_size + 1)
-    model = VLM(encoder, connector, lm, image_token_id=image_token_id, image_token=image_token)
-    try:  # every image (or tile) is encoder.image_size square: the parts must agree on its token count
-        model.num_image_tokens()
-    except ValueError as e:
-        raise ValueError(f"vlm.build: the encoder's image (tile) size {encoder.image_size} x {encoder.image_size} "
-                         f"does not fit the model: {e}") from e
-    model.tokenizer = tokenizer
-    model.generation = generation_settings(tokenizer)
-    return model
-
-
-def from_config(config: dict[str, Any]) -> VLM:
-    """Rebuild the architecture described by a saved ``config.json`` (random weights)."""
-    encoder = encoders.build(config["encoder"])
-    lm = llms.build(config["llm"])
-    connector = connectors.build(config["connector"], default_dtype=param_dtype(lm))  # older configs: no dtype
-    model = VLM(encoder, connector, lm, image_token_id=config["image_token_id"],
-                image_token=config.get("image_token", "<image>"))
-    model.generation = dict(config.get("generation") or {})
-    # configs written before the preprocessing was recorded: ImageProcessor's default
-    model.image_preprocessing = dict(config.get("image_preprocessing") or DEFAULT_IMAGE_PREPROCESSING)
-    # configs written before the placement was recorded: the documented default; an explicit null stays None
-    model.image_placement = ImagePlacement.from_dict(config.get("image_placement", DEFAULT_IMAGE_LAYOUT.to_dict()))
-    return model
-
-
-def load_vlm_directory(path: Path, config: dict[str, Any], *, tokenizer: bool = True,
-                       device: str | torch.device | None = None) -> VLM:
-    """The model of a directory written by ``VLM.save_pretrained`` (``config`` its parsed ``config.json``), in eval
-    mode. ``vlm.load`` is the loader to call: it also imports transformers directories. Raises
-    ``FileNotFoundError`` for a missing weights file and ``ValueError`` for weights that do not match the config."""
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise FileNotFoundError(f"vlm.load: {str(path)!r} is missing {WEIGHTS_FILE} (expected {CONFIG_FILE} and "
-                                f"{WEIGHTS_FILE} written by VLM.save_pretrained)")
-    model = from_config(config)
-    missing, unexpected = load_model(model, str(weights), strict=False, device=str(device or "cpu"))
-    if missing or unexpected:
-        raise ValueError(f"vlm.load: {str(weights)!r} does not match the config: missing {sorted(missing)[:8]}, "
-                         f"unexpected {sorted(unexpected)[:8]}")
-    if tokenizer and (path / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        model.tokenizer = AutoTokenizer.from_pretrained(str(path))
-    # directories written before generation settings were saved: the tokenizer's
-    model.generation = dict(config.get("generation") or generation_settings(model.tokenizer))
-    return model.eval()

@@ -27,7 +27,7 @@ from typing import Any
 
 from vlm.data.templates.jinja import image_rendering, render_messages
 from vlm.interop.processor import BICUBIC
-from vlm.model import DEFAULT_IMAGE_PREPROCESSING
+from vlm.persistence import DEFAULT_IMAGE_PREPROCESSING
 from vlm.pretrained import PROCESSOR_CONFIG
 
 START, END, VIDEO = "<img>", "</img>", "<video>"

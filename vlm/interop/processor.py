@@ -20,7 +20,7 @@ import transformers
 from transformers import CLIPImageProcessor, LlavaImageProcessor
 from transformers.image_utils import PILImageResampling
 
-from vlm.model import DEFAULT_IMAGE_PREPROCESSING
+from vlm.persistence import DEFAULT_IMAGE_PREPROCESSING
 from vlm.pretrained import IMAGE_PROCESSOR_CONFIG, PROCESSOR_CONFIG
 
 BICUBIC = int(PILImageResampling.BICUBIC)

@@ -107,7 +107,7 @@ def resolve_weights(source: Path) -> list[Path]:
 
 def plain_model(live: nn.Module, merged: dict[str, torch.Tensor], tokenizer: Any = None) -> nn.Module:
     """A plain ``VLM`` (no adapters, no wrappers) holding ``merged``, built on the meta device (no extra init)."""
-    from vlm.model import from_config
+    from vlm.compose import from_config
 
     model = unwrap(live)
     with torch.device("meta"):
