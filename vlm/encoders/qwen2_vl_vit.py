@@ -55,6 +55,7 @@ from vlm.pretrained import (CONFIG_FILE, FILE_KEYS, check_pretrained_dir, load_s
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # flash-attention's; other dtypes take the sdpa path
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ class Segments:
 
     ``groups``: ``(S, L)`` index tensors, the ``S`` segments of length ``L`` (one tensor per distinct length);
     ``inverse``: puts the concatenated, flattened groups back in sequence order; ``order`` / ``cu_seqlens`` /
-    ``max_len``: the sequence laid out segment after segment, for ``flash_attn_varlen_func``.
+    ``max_len`` / ``order_inverse``: the sequence laid out segment after segment, for ``flash_attn_varlen_func``.
     """
 
     groups: list[torch.Tensor]
@@ -127,6 +128,7 @@ class Segments:
     inverse: torch.Tensor
     cu_seqlens: torch.Tensor
     max_len: int
+    order_inverse: torch.Tensor
 
     @classmethod
     def from_ids(cls, ids: torch.Tensor) -> "Segments":
@@ -141,11 +143,11 @@ class Segments:
             flat.append(idx.reshape(-1))
         grouped = torch.cat(flat)
         cu = F.pad(torch.cumsum(counts, 0), (1, 0)).to(torch.int32)
-        return cls(groups, order, torch.argsort(grouped), cu, int(counts.max()))
+        return cls(groups, order, torch.argsort(grouped), cu, int(counts.max()), torch.argsort(order))
 
     def to(self, device: torch.device) -> "Segments":
         return Segments([g.to(device) for g in self.groups], self.order.to(device), self.inverse.to(device),
-                        self.cu_seqlens.to(device), self.max_len)
+                        self.cu_seqlens.to(device), self.max_len, self.order_inverse.to(device))
 
 
 def segment_ids(grids: Sequence[tuple[int, int, int]], window: int | None) -> torch.Tensor:
@@ -220,7 +222,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).reshape(p, 3, self.heads, -1).unbind(1)  # (P, H, d) each
         cos, sin = (r[:, None] for r in rope)
         q, k = ((y.float() * cos + rotate_half(y.float()) * sin).to(y.dtype) for y in (q, k))
-        if self.attn_implementation == "flash_attention_2" and x.is_cuda:
+        if self.attn_implementation == "flash_attention_2" and x.is_cuda and x.dtype in HALF_DTYPES:
             out = flash_varlen(q, k, v, segments)
         else:
             out = grouped_attention(q, k, v, segments, self.attn_implementation == "eager")
@@ -251,7 +253,7 @@ def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Se
                           "package (pip install flash-attn); or use 'sdpa'") from e
     order, cu = segments.order, segments.cu_seqlens
     out = flash_attn_varlen_func(q[order], k[order], v[order], cu, cu, segments.max_len, segments.max_len)
-    return out[torch.argsort(order)]
+    return out[segments.order_inverse]
 
 
 class MLP(nn.Module):
@@ -306,11 +308,13 @@ class Qwen2VLTower(nn.Module):
         super().__init__()
         self.spec = spec
         self.patch_embed = PatchEmbed(spec)
-        head_dim = spec.width // spec.heads
-        quarter = head_dim // 2
-        self.register_buffer("inv_freq", 1.0 / spec.rope_theta ** (torch.arange(0, quarter, 2).float() / quarter),
-                             persistent=False)
+        if spec.width % spec.heads:
+            raise ValueError(f"qwen2_vl_vit encoder: width {spec.width} is not divisible by num_heads {spec.heads}")
         windowed = spec.window_size is not None
+        if windowed and spec.window_size // spec.merge_size // spec.patch_size < 1:
+            raise ValueError(f"qwen2_vl_vit encoder: window_size {spec.window_size} px is smaller than one merged "
+                             f"block of {spec.merge_size} x {spec.patch_size} px; expected a multiple of "
+                             f"{spec.merge_size * spec.patch_size}")
         self.blocks = nn.ModuleList([Block(spec, windowed and i not in spec.full_attention_blocks,
                                            attn_implementation) for i in range(spec.depth)])
 
@@ -322,9 +326,12 @@ class Qwen2VLTower(nn.Module):
         return s.window_size // s.merge_size // s.patch_size * s.merge_size
 
     def rope(self, grids: Sequence[tuple[int, int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)``, ``(P, head_dim)`` each, float32: row angles then column angles, twice."""
+        """``(cos, sin)``, ``(P, head_dim)`` each, float32: row angles then column angles, twice. The inverse
+        frequencies are computed here in float32 (a buffer would follow the tower to bfloat16)."""
+        quarter = self.spec.width // self.spec.heads // 2
+        inv_freq = 1.0 / self.spec.rope_theta ** (torch.arange(0, quarter, 2, device=device).float() / quarter)
         pos = row_major_positions(grids).to(device)
-        freqs = (pos[..., None].float() * self.inv_freq.float()).flatten(1)  # (P, 2 * d/4): rows, then columns
+        freqs = (pos[..., None].float() * inv_freq).flatten(1)  # (P, 2 * d/4): rows, then columns
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos(), emb.sin()
 
@@ -514,8 +521,8 @@ def read_pretrained(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor],
     cfg = read_config(root, where, expected)
     model_type = cfg.get("model_type")
     if model_type in FULL_MODEL_TYPES:
-        cfg, prefixes = dict(cfg.get("vision_config") or {}), VISION_PREFIXES
-        cfg.setdefault("model_type", f"{model_type}_vision")
+        # the full model's type says which tower (older files state none in vision_config, or the full type)
+        cfg, prefixes = {**(cfg.get("vision_config") or {}), "model_type": f"{model_type}_vision"}, VISION_PREFIXES
     elif model_type in TOWER_TYPES:
         prefixes = ("",)
     else:
