@@ -334,3 +334,13 @@ def test_rotary_angles_stay_float32_in_a_bfloat16_tower():
     assert all(torch.equal(a, b) for a, b in zip(fp32.model.rope(grids, "cpu"), bf16.model.rope(grids, "cpu")))
     out = bf16(flat_pixels(grids), torch.tensor(grids))
     assert out.dtype == torch.bfloat16 and bf16.export_config()["dtype"] == "bfloat16"
+
+
+def test_eager_attention_equals_sdpa():
+    _, enc, _ = reference("qwen2_5_vl")
+    eager = encoders.build({**enc.export_config(), "attn_implementation": "eager"}).eval()
+    eager.load_state_dict(enc.state_dict())
+    grids = GRIDS["video_and_image"]
+    pixels = flat_pixels(grids)
+    with torch.no_grad():
+        assert (eager(pixels, torch.tensor(grids)) - enc(pixels, torch.tensor(grids))).abs().max() <= TOL
