@@ -18,7 +18,7 @@ from torch import nn
 
 from vlm.connectors.base import Connector, flat_grids
 from vlm.connectors.registry import CONNECTORS
-from vlm.encoders.internvit import RMSNorm
+from vlm.layers import RMSNorm
 
 NORMS = ("layer_norm", "rms_norm")
 

@@ -45,7 +45,7 @@ from transformers.models.qwen2_5_vl import Qwen2_5_VLVisionConfig
 
 from vlm.dtypes import resolve_dtype
 from vlm.encoders.base import VisionEncoder
-from vlm.encoders.internvit import RMSNorm
+from vlm.layers import RMSNorm
 from vlm.encoders.registry import ENCODERS
 from vlm.hf_config import check_config_keys
 from vlm.pretrained import (CONFIG_FILE, FILE_KEYS, check_pretrained_dir, load_strict, read_config,
