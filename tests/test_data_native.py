@@ -78,7 +78,7 @@ def test_over_max_pixels_is_resized_down_and_boxes_follow():
     assert got == pytest.approx((64 * rw / 640, 48 * rh / 480, 320 * rw / 640, rh))  # clipped to the view, not S
     assert info.inverse_box(got) == pytest.approx(box)
     text = boxes.rewrite_json_boxes('{"bbox_2d": [64, 48, 320, 480]}', lambda b: info.transform_box(b, as_int=True))
-    assert text == '{"bbox_2d": [%d, %d, %d, %d]}' % tuple(round(v) for v in got)
+    assert text == '{"bbox_2d": [' + ", ".join(str(round(v)) for v in got) + "]}"
     # normalized [0, 1000) boxes keep their meaning: the view is the whole image
     assert not info.changes_normalized_frame and info.transform_norm_box((10, 20, 500, 999)) == (10, 20, 500, 999)
 
@@ -158,3 +158,27 @@ def test_bad_pixels_are_named():
         to_patches(torch.zeros(0, 3, 56, 56))
     with pytest.raises(ValueError, match=r"do not match grid_thw \(1, 4, 4\)"):
         from_patches(torch.zeros(15, 1176), (1, 4, 4))
+
+
+def test_processor_counts_tokens_per_native_view_and_rewrites_boxes():
+    from vlm.data.processor import Processor
+    from vlm.data.sample import ImageRef, Message, Sample
+    from vlm.data.tokenizer import byte_tokenizer
+
+    seen = []
+
+    def merged_tokens(hw):  # what qwen2_vl_vit + patch_merger give a view of H x W
+        seen.append(hw)
+        return hw[0] // 14 * hw[1] // 14 // 4
+
+    img = rand_image((640, 480))
+    sample = Sample([Message("user", [ImageRef(0), "Where?"]),
+                     Message("assistant", ['{"bbox_2d": [64, 48, 320, 480]}'])], images=[img], id="n0")
+    tok = byte_tokenizer()
+    item = Processor(tok, "chatml", native(), merged_tokens)(sample)
+    (h, w), = seen
+    assert (h, w) == LAYOUTS.get("native")(28, check_tiling({"kind": "native", **BUDGET})).view_sizes(640, 480)[0]
+    assert item["pixel_values"].shape == (1, 3, h, w)
+    assert int((item["input_ids"] == tok.convert_tokens_to_ids("<image>")).sum()) == h * w // (28 * 28)
+    box = [round(v) for v in (64 * w / 640, 48 * h / 480, 320 * w / 640, h)]
+    assert f'"bbox_2d": {box}' in tok.decode(item["input_ids"][item["labels"] != -100])

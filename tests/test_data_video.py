@@ -10,7 +10,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 from transformers.video_utils import VideoMetadata
 
-from vlm.data.errors import CorruptVideo, EmptyVideo, MissingVideo, URLRefused
+from vlm.data.errors import CorruptVideo, DataError, EmptyVideo, MissingVideo, URLRefused
 from vlm.data.patches import concat_patches
 from vlm.data.readers import SampleError, make_reader
 from vlm.data.sample import Message, Sample, Video, VideoRef
@@ -213,3 +213,17 @@ def test_sample_checks_video_references():
         Sample(msg, videos=[Video("a.mp4"), Video("b.mp4")], id="x").validate()
     with pytest.raises(ValueError, match="expected a vlm.data.sample.Video"):
         Sample(msg, videos=["a.mp4"], id="y").validate()
+
+
+def test_video_errors_survive_pickling_and_keep_their_wording():
+    import pickle
+
+    from vlm.data.readers.base import locate
+
+    err = MissingVideo("no such file", sample_id="s", file="a.mp4")
+    located = locate(err, index=4, source="train.jsonl")
+    for e in (err, located, pickle.loads(pickle.dumps(err)), pickle.loads(pickle.dumps(located))):
+        assert "video 'a.mp4': no such file" in str(e) and e.reason == "missing_video"
+    assert "sample #4 (id 's')" in str(located)
+    image = locate(DataError("bad", file="x.png"), index=0)  # a plain DataError stays an image's
+    assert "image 'x.png': bad" in str(image)

@@ -10,8 +10,9 @@ or JSON ``{"bbox_2d": [...]}``); structured copies for evaluation may be kept in
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence, Union
+from typing import Any, Union
 
 from PIL import Image
 
