@@ -182,3 +182,11 @@ def test_processor_counts_tokens_per_native_view_and_rewrites_boxes():
     assert int((item["input_ids"] == tok.convert_tokens_to_ids("<image>")).sum()) == h * w // (28 * 28)
     box = [round(v) for v in (64 * w / 640, 48 * h / 480, 320 * w / 640, h)]
     assert f'"bbox_2d": {box}' in tok.decode(item["input_ids"][item["labels"] != -100])
+
+
+def test_native_options_are_checked_when_a_recipe_is_composed():
+    from vlm.train import compose
+    from vlm.train.config_check import ConfigError
+
+    with pytest.raises(ConfigError, match=r"stage.sft.tiling: native tiling: max_pixels=500 is under one merged patch"):
+        compose("micro", ["+stage.sft.tiling={kind: native, min_pixels: 100, max_pixels: 500}"])

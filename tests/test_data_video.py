@@ -227,3 +227,11 @@ def test_video_errors_survive_pickling_and_keep_their_wording():
     assert "sample #4 (id 's')" in str(located)
     image = locate(DataError("bad", file="x.png"), index=0)  # a plain DataError stays an image's
     assert "image 'x.png': bad" in str(image)
+
+
+def test_a_clip_given_as_bytes_decodes_the_same(tmp_path):
+    path = write_clip(tmp_path / "clip.mkv", COLOURS[:6])
+    by_path, info = processor(num_frames=4)(str(path))
+    by_bytes, info_b = processor(num_frames=4)({"bytes": path.read_bytes(), "path": "clip.mkv"})
+    assert torch.equal(by_path, by_bytes) and info.indices == info_b.indices == [0, 1, 3, 4]
+    assert info_b.file == "clip.mkv"

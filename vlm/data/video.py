@@ -187,13 +187,15 @@ def decode_video(source: Any, *, root: str | os.PathLike | None = None, allow_ur
     """Decode a video file (path, ``bytes``, ``{"bytes", "path"}`` or an allowed URL) with PyAV.
 
     ``select(total_frames, frame_rate) -> indices`` picks the frames to keep (default: all). Returns ``(frames uint8
-    (N, 3, H, W), indices, total_frames, frame_rate or None, file)``. Only the kept frames are converted. Raises
+    (N, 3, H, W), indices, total_frames, frame_rate or None, file)``. Only the kept frames are converted to RGB (a
+    container that does not state its frame count is decoded twice: once to count, once to keep). Raises
     ``MissingVideo``, ``CorruptVideo`` (not a video, no video stream, a decode error) or ``EmptyVideo`` (no frames),
     each naming ``sample_id`` and the file; ``ImportError`` naming the ``video`` extra without PyAV."""
     av = _av()
     target, file = _open_target(source, root=root, allow_urls=allow_urls, sample_id=sample_id, timeout=timeout)
 
-    def read(keep: set[int] | None) -> tuple[dict[int, np.ndarray], int, float | None]:
+    def read(keep: set[int]) -> tuple[dict[int, np.ndarray], int, float | None]:
+        """Decode the whole stream: ``({index: RGB frame} for the indices in keep, frames decoded, rate)``."""
         if isinstance(target, io.BytesIO):
             target.seek(0)
         try:
@@ -204,7 +206,7 @@ def decode_video(source: Any, *, root: str | os.PathLike | None = None, allow_ur
                 rate = float(stream.average_rate) if stream.average_rate else None
                 kept, count = {}, 0
                 for count, frame in enumerate(container.decode(stream), start=1):
-                    if keep is None or count - 1 in keep:
+                    if count - 1 in keep:
                         kept[count - 1] = frame.to_ndarray(format="rgb24")
                 return kept, count, rate
         except DataError:
@@ -229,18 +231,21 @@ def decode_video(source: Any, *, root: str | os.PathLike | None = None, allow_ur
             raise CorruptVideo(f"cannot open video: {type(e).__name__}: {e}", sample_id=sample_id, file=file) from e
 
     stated, rate = probe()
-    pick = select or (lambda n, _r: list(range(n)))
-    if stated > 0:
-        indices = pick(stated, rate)
-        kept, total, rate = read(set(indices))
-        if total != stated:  # the container's count was wrong: sample again from the decoded count
-            stated = 0
-    if stated <= 0:
-        kept, total, rate = read(None)
-        if total:
-            indices = pick(total, rate)
-    if total == 0:
+    if stated <= 0:  # the container does not say: count by decoding, keeping nothing
+        _, stated, rate = read(set())
+    if stated == 0:
         raise EmptyVideo("the video stream has no frames", sample_id=sample_id, file=file)
+    pick = select or (lambda n, _r: list(range(n)))
+    indices = pick(stated, rate)
+    kept, total, rate = read(set(indices))
+    if total != stated:  # the container's count was wrong: sample again from the decoded count
+        if total == 0:
+            raise EmptyVideo("the video stream has no frames", sample_id=sample_id, file=file)
+        indices = pick(total, rate)
+        kept, total, rate = read(set(indices))
+    missing = [i for i in indices if i not in kept]
+    if missing:
+        raise CorruptVideo(f"frames {missing[:5]} of {total} could not be decoded", sample_id=sample_id, file=file)
     frames = np.stack([kept[i] for i in indices])
     return torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous(), indices, total, rate, file
 
