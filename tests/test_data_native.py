@@ -190,3 +190,19 @@ def test_native_options_are_checked_when_a_recipe_is_composed():
 
     with pytest.raises(ConfigError, match=r"stage.sft.tiling: native tiling: max_pixels=500 is under one merged patch"):
         compose("micro", ["+stage.sft.tiling={kind: native, min_pixels: 100, max_pixels: 500}"])
+
+
+def test_check_patches_names_the_disagreement():
+    from vlm.data.patches import check_patches
+
+    pixels, grid = concat_patches([torch.zeros(3, 56, 84), torch.zeros(3, 28, 28)])
+    assert check_patches(pixels, grid) == [(1, 4, 6), (1, 2, 2)]
+    with pytest.raises(ValueError, match=r"image_grid_thw \[\(1, 4, 6\), \(1, 2, 4\)\] asks for sum\(t\*h\*w\) = 32 "
+                                         r"patches but pixel_values has 28 rows"):
+        check_patches(pixels, [[1, 4, 6], [1, 2, 4]])
+    with pytest.raises(ValueError, match=r"video_grid_thw\[1\] = \(1, 3, 2\): .*multiples of merge_size=2"):
+        check_patches(pixels, [[1, 4, 6], [1, 3, 2]], names=("pixel_values_videos", "video_grid_thw"))
+    with pytest.raises(ValueError, match=r"image_grid_thw must be \(num_items, 3\)"):
+        check_patches(pixels, [1, 4, 6])
+    with pytest.raises(ValueError, match=r"pixel_values must be \(patches, 3 \* 2 \* 14\*\*2 = 1176\)"):
+        check_patches(pixels[:, :100], grid)

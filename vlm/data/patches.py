@@ -132,3 +132,32 @@ def concat_patches(items: Sequence[torch.Tensor], patch_size: int = 14, temporal
         raise ValueError("concat_patches needs at least one image or video")
     out = [to_patches(x, patch_size, temporal_patch_size, merge_size) for x in items]
     return torch.cat([p for p, _ in out]), torch.tensor([g for _, g in out], dtype=torch.long)
+
+
+def check_patches(pixel_values: torch.Tensor, grid_thw: torch.Tensor | Sequence[Sequence[int]], *,
+                  patch_size: int = 14, temporal_patch_size: int = 2, merge_size: int = 2, channels: int = 3,
+                  names: tuple[str, str] = ("pixel_values", "image_grid_thw")) -> list[tuple[int, int, int]]:
+    """Check flat patches against their grids before any model sees them; returns the grids as ``(t, h, w)`` tuples.
+
+    ``ValueError`` naming the keys (``names``, e.g. ``("pixel_values_videos", "video_grid_thw")``) and what disagrees:
+    ``grid_thw`` not ``(N, 3)`` or with a non-positive entry, ``h`` or ``w`` not a multiple of ``merge_size``,
+    ``pixel_values`` not 2-D with ``channels * temporal_patch_size * patch_size**2`` columns, or ``sum(t*h*w)`` not
+    its row count."""
+    pv, gk = names
+    grid = torch.as_tensor(grid_thw)
+    if grid.dim() != 2 or grid.shape[1] != 3:
+        raise ValueError(f"{gk} must be (num_items, 3) rows of (t, h, w); got shape {tuple(grid.shape)}")
+    grids = [tuple(int(v) for v in row) for row in grid.tolist()]
+    for i, (t, h, w) in enumerate(grids):
+        if min(t, h, w) < 1 or h % merge_size or w % merge_size:
+            raise ValueError(f"{gk}[{i}] = {(t, h, w)}: t, h, w must be positive and h, w multiples of "
+                             f"merge_size={merge_size}")
+    dim = channels * temporal_patch_size * patch_size * patch_size
+    if pixel_values.dim() != 2 or pixel_values.shape[1] != dim:
+        raise ValueError(f"{pv} must be (patches, {channels} * {temporal_patch_size} * {patch_size}**2 = {dim}); "
+                         f"got shape {tuple(pixel_values.shape)}")
+    total = sum(t * h * w for t, h, w in grids)
+    if total != pixel_values.shape[0]:
+        raise ValueError(f"{gk} {grids} asks for sum(t*h*w) = {total} patches but {pv} has "
+                         f"{pixel_values.shape[0]} rows")
+    return grids
