@@ -35,7 +35,8 @@ def test_stated_views_equal_produced_views(kind, size, max_tiles):
 
 
 def test_unknown_kind_lists_registered_layouts():
-    with pytest.raises(ValueError, match=r"tiling kind 'tiles' unknown; expected one of \['anyres', 'dynamic', 'native'\]"):
+    with pytest.raises(ValueError,
+                       match=r"tiling kind 'tiles' unknown; expected one of \['anyres', 'dynamic', 'native'\]"):
         check_tiling({"kind": "tiles"})
 
 

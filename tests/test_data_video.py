@@ -108,8 +108,8 @@ def test_decoded_clip_equals_transformers(tmp_path, ext):
     # transformers on the same decoded frames and metadata, sampling itself
     frames = np.stack([np.full((30, 40, 3), c, np.uint8) for c in COLOURS])
     meta = VideoMetadata(total_num_frames=10, fps=5.0, duration=2.0)
-    ref = reference(min_frames=2, cap_pixels_per_frame=False)(videos=[frames], video_metadata=[meta], do_sample_frames=True, fps=2,
-                                  return_tensors="pt", return_metadata=True)
+    ref = reference(min_frames=2, cap_pixels_per_frame=False)(
+        videos=[frames], video_metadata=[meta], do_sample_frames=True, fps=2, return_tensors="pt", return_metadata=True)
     pixels, grid = concat_patches([ours])
     assert torch.equal(grid, ref["video_grid_thw"])
     assert (pixels - ref["pixel_values_videos"]).abs().max().item() <= 1e-4

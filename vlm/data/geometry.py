@@ -74,7 +74,8 @@ class ImageInfo:
         """Map an absolute pixel box ``(x1, y1, x2, y2)`` of the original image into ``frame`` pixels.
 
         With ``clip`` the result is clipped to the frame (``[0, S]``, or ``frame_size``); a box left with no area
-        inside the frame (cropped away) returns ``None``. ``as_int`` rounds to ints (for rewriting JSON boxes in text)."""
+        inside the frame (cropped away) returns ``None``. ``as_int`` rounds to ints (for rewriting JSON boxes in
+        text)."""
         x1, y1, x2, y2 = self.frame.box(box)
         if clip:
             fw, fh = (float(v) for v in self.frame_wh)

@@ -5,8 +5,9 @@ ordered list of parts. A part is text (``str``), an ``ImageRef`` pointing at ``s
 ``VideoRef`` pointing at ``sample.videos[index]``. Images are sources, not pixels: a path (resolved against the
 reader's image root), a ``PIL.Image.Image``, or a URL (refused unless the user enabled fetching). A video is a
 ``Video``: a file path or a list of frame sources (each an image source), with per-video sampling options; it is
-decoded and sampled by ``vlm.data.video.VideoProcessor``. Grounding boxes live in the text (Qwen-VL ``<ref>..</ref><box>..</box>``
-or JSON ``{"bbox_2d": [...]}``); structured copies for evaluation may be kept in ``meta``.
+decoded and sampled by ``vlm.data.video.VideoProcessor``. Grounding boxes live in the text (Qwen-VL
+``<ref>..</ref><box>..</box>`` or JSON ``{"bbox_2d": [...]}``); structured copies for evaluation may be kept in
+``meta``.
 """
 from __future__ import annotations
 
@@ -38,12 +39,13 @@ class VideoRef:
 
 @dataclass
 class Video:
-    """One video of a sample. ``source``: a file path (``str``, resolved like image paths; decoded with PyAV) or the
-    frames in order (a list of image sources: paths, ``PIL`` images, ...). ``options``: per-video overrides of the
+    """One video of a sample. ``source``: a file path (``str``, resolved like image paths; decoded with PyAV), its
+    bytes (``bytes`` or an HF ``{"bytes", "path"}`` dict) or the frames in order (a list of image sources: paths,
+    ``PIL`` images, ...). ``options``: per-video overrides of the
     ``VideoProcessor``'s sampling and budget (``fps``, ``num_frames``, ``min_frames``, ``max_frames``,
     ``min_pixels``, ``max_pixels``, ``total_pixels``, ``frame_rate``), checked when it is processed."""
 
-    source: str | Sequence[ImageSource]
+    source: str | bytes | dict | Sequence[ImageSource]
     options: dict[str, Any] = field(default_factory=dict)
 
 

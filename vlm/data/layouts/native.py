@@ -1,10 +1,10 @@
 """Native resolution (``tiling: {kind: native, min_pixels, max_pixels, patch_size, merge_size,
 temporal_patch_size, resample}``), Qwen2-VL's image geometry: one view per image at its own size, resized (``resample:
-pil``: PIL bicubic, as transformers' ``Qwen2VLImageProcessorPil``; ``torchvision``: as ``Qwen2VLImageProcessor``) to ``vlm.data.patches.smart_resize``: both sides multiples of ``factor =
-patch_size * merge_size``, area inside ``[min_pixels, max_pixels]``. An image over ``max_pixels`` is scaled down (one
-under ``min_pixels`` up), and the size it got is recorded (``Views.extra["resized"]``, ``ImageInfo.extra``), so boxes
-follow: the box frame is the resized view, in its own pixels (``Views.frame_size``). An aspect ratio over 200 is
-refused, naming the size and the rule. The encoder sees the view as flat patches (``vlm.data.patches.to_patches``);
+pil``: PIL bicubic, as transformers' ``Qwen2VLImageProcessorPil``; ``torchvision``: as ``Qwen2VLImageProcessor``) to
+``vlm.data.patches.smart_resize``: both sides multiples of ``factor = patch_size * merge_size``, area inside
+``[min_pixels, max_pixels]``. An image over ``max_pixels`` is scaled down (one under ``min_pixels`` up), and the size
+it got is recorded (``Views.extra["resized"]``, ``ImageInfo.extra``), so boxes follow: the box frame is the resized
+view, in its own pixels (``Views.frame_size``). An aspect ratio over 200 is refused, naming the size and the rule. The encoder sees the view as flat patches (``vlm.data.patches.to_patches``);
 its grid is ``(1, H / patch_size, W / patch_size)``.
 """
 from __future__ import annotations

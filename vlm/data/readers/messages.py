@@ -5,9 +5,9 @@
 ``{"type": "image_url", "image_url": {"url": src}}`` (OpenAI), or ``{"type": "image"}`` with no source, which takes
 the next entry of the top-level ``images`` list. A video is ``{"type": "video", "video" | "path" | "url": src,
 ...options}`` (``src`` a file or a list of frames; options: ``vlm.data.video.PER_VIDEO``, e.g. ``fps``,
-``max_pixels``) or ``{"type": "video"}`` taking the next entry of the top-level ``videos`` list. String content may hold ``<image>`` placeholders that also take
-entries of ``images`` in order. ``from``/``value`` keys are accepted as aliases of ``role``/``content``. ``None``
-fields (as Arrow fills them in HF datasets rows) are ignored.
+``max_pixels``) or ``{"type": "video"}`` taking the next entry of the top-level ``videos`` list. String content may
+hold ``<image>`` placeholders that also take entries of ``images`` in order. ``from``/``value`` keys are accepted as
+aliases of ``role``/``content``. ``None`` fields (as Arrow fills them in HF datasets rows) are ignored.
 """
 from __future__ import annotations
 
@@ -17,12 +17,10 @@ from typing import Any
 from vlm.data.readers.base import Reader, SampleError, as_list, message, split_placeholders
 from vlm.data.readers.registry import register
 from vlm.data.sample import ImageRef, Part, Sample, VideoRef
+from vlm.data.video import PER_VIDEO as VIDEO_OPTIONS
 
 SOURCE_KEYS = ("image", "path", "url", "image_url")
 VIDEO_SOURCE_KEYS = ("video", "path", "url")
-#: per-video options a video part may carry (``vlm.data.video.PER_VIDEO``)
-VIDEO_OPTIONS = ("fps", "num_frames", "min_frames", "max_frames", "min_pixels", "max_pixels", "total_pixels",
-                 "frame_rate")
 
 
 @register("messages")
