@@ -4,8 +4,9 @@ pil``: PIL bicubic, as transformers' ``Qwen2VLImageProcessorPil``; ``torchvision
 ``vlm.data.patches.smart_resize``: both sides multiples of ``factor = patch_size * merge_size``, area inside
 ``[min_pixels, max_pixels]``. An image over ``max_pixels`` is scaled down (one under ``min_pixels`` up), and the size
 it got is recorded (``Views.extra["resized"]``, ``ImageInfo.extra``), so boxes follow: the box frame is the resized
-view, in its own pixels (``Views.frame_size``). An aspect ratio over 200 is refused, naming the size and the rule. The encoder sees the view as flat patches (``vlm.data.patches.to_patches``);
-its grid is ``(1, H / patch_size, W / patch_size)``.
+view, in its own pixels (``Views.frame_size``). An aspect ratio over 200 is refused, naming the size and the rule.
+The encoder sees the view as flat patches (``vlm.data.patches.to_patches``); its grid is ``(1, H / patch_size,
+W / patch_size)``.
 """
 from __future__ import annotations
 
