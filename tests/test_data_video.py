@@ -235,3 +235,28 @@ def test_a_clip_given_as_bytes_decodes_the_same(tmp_path):
     by_bytes, info_b = processor(num_frames=4)({"bytes": path.read_bytes(), "path": "clip.mkv"})
     assert torch.equal(by_path, by_bytes) and info.indices == info_b.indices == [0, 1, 3, 4]
     assert info_b.file == "clip.mkv"
+
+
+def test_video_placeholders_in_text_take_the_videos_list(tmp_path):
+    """ms-swift style records: ``<video>`` in string content (messages) or in the query (query_response)."""
+    for name in ("a.mp4", "b.mp4", "c.png"):
+        (tmp_path / name).write_bytes(b"")
+    messages = make_reader("messages", image_folder=str(tmp_path))
+    sample = messages.convert({"images": ["c.png"], "videos": ["a.mp4", "b.mp4"], "messages": [
+        {"role": "user", "content": "<video>then<image>and<video>?"}, {"role": "assistant", "content": "A"}]}, 0)
+    assert [type(p).__name__ for p in sample.messages[0].parts] == ["VideoRef", "str", "ImageRef", "str", "VideoRef",
+                                                                    "str"]
+    assert [v.source for v in sample.videos] == [str(tmp_path / "a.mp4"), str(tmp_path / "b.mp4")]
+    plain = messages.convert({"messages": [{"role": "user", "content": "a <video> tag"},
+                                           {"role": "assistant", "content": "A"}]}, 1)
+    assert plain.messages[0].parts == ["a <video> tag"] and plain.videos == []  # no `videos`: text stays text
+
+    qr = make_reader("query_response", image_folder=str(tmp_path))
+    placed = qr.convert({"query": "Q<video>", "response": "R", "videos": ["a.mp4"]}, 2)
+    assert placed.messages[0].parts == ["Q", VideoRef(0)]
+    before = qr.convert({"query": "Q", "response": "R", "images": ["c.png"], "videos": [["c.png", "c.png"]]}, 3)
+    assert [type(p).__name__ for p in before.messages[0].parts] == ["ImageRef", "VideoRef", "str"]
+    assert before.videos[0].source == [str(tmp_path / "c.png")] * 2
+    with pytest.raises(SampleError, match=r"1 <video> placeholder\(s\) in the text but 2 video\(s\) given") as e:
+        qr.convert({"query": "Q<video>", "response": "R", "videos": ["a.mp4", "b.mp4"]}, 4)
+    assert e.value.reason == "video_count"

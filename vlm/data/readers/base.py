@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image
 
 from vlm.data.errors import DataError
-from vlm.data.sample import ImageRef, ImageSource, Message, Part, Sample, Video
+from vlm.data.sample import ImageRef, ImageSource, Message, Part, Sample, Video, VideoRef
 
 #: Role spellings found in the wild, mapped to the canonical ``system`` | ``user`` | ``assistant``.
 ROLE_ALIASES: dict[str, str] = {
@@ -97,6 +97,24 @@ def split_placeholders(text: str, token: str, first_index: int) -> tuple[list[Pa
     return parts, index
 
 
+def split_videos(parts: list[Part], token: str, first_index: int) -> tuple[list[Part], int]:
+    """Split the text parts of ``parts`` on ``token`` (``<video>``) into text and ``VideoRef``s numbered from
+    ``first_index``; other parts are kept. Returns ``(parts, next_index)``; empty text pieces are dropped."""
+    out: list[Part] = []
+    index = first_index
+    for part in parts:
+        if not isinstance(part, str):
+            out.append(part)
+            continue
+        for i, piece in enumerate(part.split(token)):
+            if i > 0:
+                out.append(VideoRef(index))
+                index += 1
+            if piece:
+                out.append(piece)
+    return out, index
+
+
 def as_list(value: Any) -> list[Any]:
     """``None``/``""`` -> ``[]``, a scalar -> ``[value]``, a list/tuple -> a list (``None``/``""`` entries dropped)."""
     if value is None or (isinstance(value, str) and not value):
@@ -125,6 +143,8 @@ class Reader:
     name: str = "base"
     #: the record key holding the sample id (named in errors; the index is used when absent)
     id_key: str = "id"
+    #: the placeholder marking a video inside message text (formats with a top-level ``videos`` list)
+    video_token: str = "<video>"
 
     def __init__(self, image_folder: str | os.PathLike | None = None, allow_urls: bool = False,
                  check_files: bool = True, image_token: str = "<image>", source: str | None = None,

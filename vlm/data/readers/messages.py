@@ -6,7 +6,8 @@
 the next entry of the top-level ``images`` list. A video is ``{"type": "video", "video" | "path" | "url": src,
 ...options}`` (``src`` a file or a list of frames; options: ``vlm.data.video.PER_VIDEO``, e.g. ``fps``,
 ``max_pixels``) or ``{"type": "video"}`` taking the next entry of the top-level ``videos`` list. String content may
-hold ``<image>`` placeholders that also take entries of ``images`` in order. ``from``/``value`` keys are accepted as
+hold ``<image>`` placeholders that also take entries of ``images`` in order (and, when the record has ``videos``,
+``<video>`` placeholders taking its entries). ``from``/``value`` keys are accepted as
 aliases of ``role``/``content``. ``None`` fields (as Arrow fills them in HF datasets rows) are ignored.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from vlm.data.readers.base import Reader, SampleError, as_list, message, split_placeholders
+from vlm.data.readers.base import Reader, SampleError, as_list, message, split_placeholders, split_videos
 from vlm.data.readers.registry import register
 from vlm.data.sample import ImageRef, Part, Sample, VideoRef
 from vlm.data.video import PER_VIDEO as VIDEO_OPTIONS
@@ -77,6 +78,9 @@ class MessagesReader(Reader):
             if isinstance(content, str):
                 pieces, _ = split_placeholders(content, self.image_token, 0)
                 parts = [take_listed() if isinstance(p, ImageRef) else p for p in pieces]
+                if "videos" in record:  # ms-swift style: <video> placeholders take entries of `videos`
+                    pieces, _ = split_videos(parts, self.video_token, 0)
+                    parts = [add_video({"type": "video"}) if isinstance(p, VideoRef) else p for p in pieces]
             elif isinstance(content, list):
                 for part in content:
                     if isinstance(part, Mapping) and part.get("type") == "video":
