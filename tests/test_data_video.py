@@ -31,7 +31,16 @@ def processor(**options):
     return VideoProcessor(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, **{**BUDGET, **options})
 
 
-def reference(**options):
+#: transformers (5.24) still offers the uncapped behaviour and announces the cap as the coming default
+CAN_UNCAP = hasattr(Qwen2VLVideoProcessor, "cap_pixels_per_frame")
+
+
+def reference(cap: bool = True, **options):
+    """transformers' processor with the per-video pixel cap on (ours: ``total_pixels``) or off (``None``)."""
+    if CAN_UNCAP:
+        options["cap_pixels_per_frame"] = cap
+    elif not cap:
+        pytest.skip("this transformers always caps a video's pixels")
     return Qwen2VLVideoProcessor(**{**BUDGET, **options})
 
 
@@ -58,8 +67,8 @@ def test_frames_equal_transformers(t, h, w, total):
     frames = rand_frames(t, h, w, seed=t)
     ours, info = processor(total_pixels=total)([Image.fromarray(f) for f in frames])
     pixels, grid = concat_patches([ours])
-    cap = {"cap_pixels_per_frame": total is not None, "max_video_tokens": 6}
-    ref = reference(**cap)(videos=[frames], return_tensors="pt", do_sample_frames=False)
+    ref = reference(total is not None, max_video_tokens=6)(videos=[frames], return_tensors="pt",
+                                                           do_sample_frames=False)
     assert torch.equal(grid, ref["video_grid_thw"]) and info.grid_thw == tuple(grid[0].tolist())
     assert (pixels - ref["pixel_values_videos"]).abs().max().item() <= 1e-4
     assert info.indices == list(range(t)) and info.frame_rate is None and info.timestamps is None
@@ -108,7 +117,8 @@ def test_decoded_clip_equals_transformers(tmp_path, ext):
     # transformers on the same decoded frames and metadata, sampling itself
     frames = np.stack([np.full((30, 40, 3), c, np.uint8) for c in COLOURS])
     meta = VideoMetadata(total_num_frames=10, fps=5.0, duration=2.0)
-    ref = reference(min_frames=2, cap_pixels_per_frame=False)(
+    # our default total_pixels is the budget of transformers' default max_video_tokens
+    ref = reference(min_frames=2)(
         videos=[frames], video_metadata=[meta], do_sample_frames=True, fps=2, return_tensors="pt", return_metadata=True)
     pixels, grid = concat_patches([ours])
     assert torch.equal(grid, ref["video_grid_thw"])
