@@ -16,6 +16,9 @@ from vlm.data.patches import concat_patches, from_patches, smart_resize, to_patc
 
 BUDGET = {"min_pixels": 28 * 28 * 2, "max_pixels": 28 * 28 * 12}
 # odd sizes (width, height): under min_pixels (scaled up), inside, over max_pixels (scaled down), thin, a multiple
+#: the same budget as transformers' processors take it (their min_pixels / max_pixels keywords are kept for backward
+#: compatibility only)
+HF_SIZE = {"size": {"shortest_edge": BUDGET["min_pixels"], "longest_edge": BUDGET["max_pixels"]}}
 SIZES = [(13, 17), (37, 53), (100, 29), (250, 120), (64, 200), (11, 300), (56, 84), (640, 480)]
 
 
@@ -49,7 +52,7 @@ def test_pixels_and_grid_equal_transformers(resample, reference):
         assert pixels.shape[0] == 1 and info.mode == "native"
         views.append(pixels[0])
     ours, grid = concat_patches(views)
-    ref = reference(**BUDGET)(imgs, return_tensors="pt")
+    ref = reference(**HF_SIZE)(imgs, return_tensors="pt")
     assert torch.equal(grid, ref["image_grid_thw"])
     assert ours.shape == ref["pixel_values"].shape
     assert (ours - ref["pixel_values"]).abs().max().item() <= 1e-4
@@ -57,7 +60,7 @@ def test_pixels_and_grid_equal_transformers(resample, reference):
 
 def test_layout_states_sizes_and_grid_before_decoding():
     lay = LAYOUTS.get("native")(28, check_tiling({"kind": "native", **BUDGET}))
-    ref = Qwen2VLImageProcessorPil(**BUDGET)
+    ref = Qwen2VLImageProcessorPil(**HF_SIZE)
     for w, h in SIZES:
         (vh, vw), = lay.view_sizes(w, h)
         assert vh % 28 == 0 and vw % 28 == 0 and BUDGET["min_pixels"] <= vh * vw <= BUDGET["max_pixels"]

@@ -41,7 +41,8 @@ def reference(cap: bool = True, **options):
         options["cap_pixels_per_frame"] = cap
     elif not cap:
         pytest.skip("this transformers always caps a video's pixels")
-    return Qwen2VLVideoProcessor(**{**BUDGET, **options})
+    size = {"shortest_edge": BUDGET["min_pixels"], "longest_edge": BUDGET["max_pixels"]}
+    return Qwen2VLVideoProcessor(size=size, **options)
 
 
 def write_clip(path, colours, *, rate=5, size=(40, 30)):
