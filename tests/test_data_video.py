@@ -271,3 +271,15 @@ def test_video_placeholders_in_text_take_the_videos_list(tmp_path):
     with pytest.raises(SampleError, match=r"1 <video> placeholder\(s\) in the text but 2 video\(s\) given") as e:
         qr.convert({"query": "Q<video>", "response": "R", "videos": ["a.mp4", "b.mp4"]}, 4)
     assert e.value.reason == "video_count"
+
+
+def test_bad_video_options_are_named():
+    with pytest.raises(ValueError, match="fps=2.0 and num_frames=8 exclude each other"):
+        processor(fps=2, num_frames=8)
+    with pytest.raises(TypeError, match=r"unknown video option\(s\) \['frames'\]"):
+        processor(frames=8)
+    with pytest.raises(ValueError, match="min_frames <= max_frames"):
+        processor(min_frames=10, max_frames=4)
+    with pytest.raises(ValueError, match="must be numbers"):
+        processor(fps="fast")
+    assert processor(fps="2", max_frames="16").options["max_frames"] == 16  # YAML strings become numbers

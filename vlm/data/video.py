@@ -67,6 +67,10 @@ def check_video_options(options: Mapping[str, Any], *, accepted: Sequence[str] =
     if bad:
         raise TypeError(f"unknown video option(s) {sorted(bad)}; accepted: {sorted(accepted)}")
     o = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
+    try:  # YAML / JSON values: numbers as their type (fps and frame_rate real, the rest whole)
+        o = {k: v if v is None else float(v) if k in ("fps", "frame_rate") else int(v) for k, v in o.items()}
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"video options must be numbers (or null); got {dict(options)}: {e}") from None
     if o["fps"] is not None and o["num_frames"] is not None:
         raise ValueError(f"video options fps={o['fps']} and num_frames={o['num_frames']} exclude each other; "
                          f"give one")
