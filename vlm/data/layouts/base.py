@@ -44,6 +44,14 @@ class Layout:
 
     mode: str = ""
 
+    @property
+    def patch_options(self) -> dict[str, int] | None:
+        """How the encoder takes this layout's views: ``None``: as pixel tensors ``(n, 3, H, W)`` (every tiling
+        layout); a dict (``patch_size``, ``temporal_patch_size``, ``merge_size``): as flat patches with a grid per
+        view (``vlm.data.patches.concat_patches``: ``pixel_values (P, D)`` + ``image_grid_thw (N, 3)``), which lets
+        the views of one batch have different sizes (native resolution)."""
+        return None
+
     def __init__(self, image_size: int, options: Mapping[str, Any]) -> None:
         """``options``: the checked options (``check``'s result, ``kind`` included)."""
         self.image_size = int(image_size)

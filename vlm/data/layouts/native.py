@@ -55,6 +55,11 @@ class Native(Layout):
         return t
 
     @property
+    def patch_options(self) -> dict[str, int]:
+        """The views go to the encoder as flat patches (Qwen2-VL's convention, ``vlm.data.patches``)."""
+        return {k: self.options[k] for k in ("patch_size", "temporal_patch_size", "merge_size")}
+
+    @property
     def factor(self) -> int:
         """Both sides of a view are multiples of this many pixels (``patch_size * merge_size``)."""
         return self.options["patch_size"] * self.options["merge_size"]
