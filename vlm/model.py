@@ -26,7 +26,7 @@ from vlm.encoders.base import VisionEncoder, as_pair
 from vlm.generation import generation_settings
 from vlm.llm.hf_causal_lm import HFCausalLM
 from vlm.llm.masks import segment_mask
-from vlm.llm.positions import POSITION_SCHEMES
+from vlm.llm.positions import POSITION_SCHEMES, MediaTokens
 from vlm.injection import INJECTION_SITES
 from vlm.loss import mask_segment_starts
 from vlm.registry import to_dict
@@ -302,14 +302,16 @@ class VLM(nn.Module):
 
     def lm_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                   attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                  segment_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+                  segment_ids: torch.Tensor | None = None,
+                  media: MediaTokens | None = None) -> dict[str, torch.Tensor | None]:
         """What the LM is called with: ``inputs_embeds (B, L, D)`` (images injected), the attention mask (the
-        packed 4D mask with ``segment_ids``) and ``position_ids`` (restarting per segment when packed)."""
+        packed 4D mask with ``segment_ids``) and ``position_ids`` from the LLM's position scheme (restarting per
+        segment when packed; ``(3, B, L)`` for mRoPE, which places ``media``'s image / video tokens on their grids)."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (B, L); got shape {tuple(input_ids.shape)}")
         embeds = self.embed_inputs(input_ids, pixel_values)
         position_ids = self.positions.position_ids(input_ids, attention_mask=attention_mask, segment_ids=segment_ids,
-                                                   position_ids=position_ids)
+                                                   position_ids=position_ids, media=media)
         if segment_ids is not None:
             attention_mask = segment_mask(segment_ids, self.llm.attn_implementation, embeds.dtype)
         return {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids}
@@ -337,11 +339,14 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, **generate_kwargs: Any) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None = None, media: MediaTokens | None = None,
+                 **generate_kwargs: Any) -> torch.Tensor:
         """Greedy by default, with the KV cache. ``input_ids`` left-padded ``(B, L)``; returns new tokens ``(B, T)``.
 
         Stops at any id of ``self.generation["eos_token_id"]`` (the tokenizer's eos and the chat template's end of
-        turn; ``set_template``) and pads with its ``pad_token_id``, unless given here."""
+        turn; ``set_template``) and pads with its ``pad_token_id``, unless given here. The prompt's positions are
+        the LLM's position scheme's (``generation_inputs``: mRoPE's ``(3, B, L)`` from ``media``, continued by the
+        rope delta while decoding)."""
         self.check_keywords(generate_kwargs, "generate", moved_only=True)  # transformers checks the others
         embeds = self.embed_inputs(input_ids, pixel_values)
         if attention_mask is None:
@@ -351,6 +356,9 @@ class VLM(nn.Module):
         for key in ("eos_token_id", "pad_token_id"):
             if key in settings:
                 generate_kwargs.setdefault(key, settings[key])
+        for key, value in self.positions.generation_inputs(input_ids, attention_mask=attention_mask,
+                                                           media=media).items():
+            generate_kwargs.setdefault(key, value)
         with self.fusion(input_ids, pixel_values):
             return self.llm.model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
