@@ -291,6 +291,32 @@ def test_saved_llm_and_saved_qwen2_vl_directory_load_as_the_llm(tmp_path):
             assert (got - want).abs().max() <= 1e-4, d
 
 
+def test_qwen2_5_vl_directory_loads_as_the_llm_with_its_logits(tmp_path):
+    """Qwen2.5-VL: a saved Qwen2_5_VLForConditionalGeneration's language model, its logits with 3-D positions (an image
+    in the middle, positions from our scheme) equal to transformers' (features injected into both)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(TEXT_CFG, bos_token_id=None, eos_token_id=None, pad_token_id=None),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           patch_size=2, spatial_merge_size=MERGE, temporal_patch_size=2, window_size=8,
+                           fullatt_block_indexes=[1]),
+        image_token_id=IMAGE, video_token_id=VIDEO)
+    ref = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    ref.save_pretrained(tmp_path)
+    lm = build_llm({"name": "hf_causal_lm", "pretrained": str(tmp_path)}).eval()
+    assert lm.position_scheme == "mrope"
+    b = batch([[("t", 3), ("i", (1, 4, 6)), ("t", 4)]])
+    pixels = image_inputs(b)
+    with torch.no_grad():
+        want = ref(input_ids=b["input_ids"], pixel_values=pixels, image_grid_thw=b["image_grid_thw"],
+                   mm_token_type_ids=b["mm_token_type_ids"]).logits
+        embeds = our_embeds(ref, lm, b, pixels)
+        got = lm(inputs_embeds=embeds, position_ids=MRope().position_ids(b["input_ids"], media=qwen2_media(b))).logits
+    assert (got - want).abs().max() <= 1e-4
+
+
 def test_the_wrapped_text_model_trains_with_lora_checkpointing_and_resizing():
     from peft import LoraConfig, get_peft_model
 
