@@ -16,9 +16,9 @@ from vlm.llm.positions import POSITION_SCHEMES, MediaTokens
 
 MERGE = 2
 IMAGE, VIDEO, PAD = 101, 102, 0
-TEXT_CFG = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=110, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                                        "mrope_section": [2, 1, 1]})
+TEXT_CFG = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": 110,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}}
 
 
 class RopeIndex:
@@ -71,11 +71,11 @@ def batch(rows):
     input_ids = torch.tensor([[PAD] * (L - len(s)) + s for s in seqs])
     mask = torch.tensor([[0] * (L - len(s)) + [1] * len(s) for s in seqs])
     types = (input_ids == IMAGE).long() + 2 * (input_ids == VIDEO).long()
-    return dict(input_ids=input_ids, mm_token_type_ids=types, attention_mask=mask,
-                image_grid_thw=torch.tensor(images) if images else None,
-                video_grid_thw=torch.tensor(videos) if videos else None,
-                second_per_grid_ts=torch.tensor(seconds) if seconds else None,
-                media=MediaTokens(types > 0, grids, steps), kinds=kinds)
+    return {"input_ids": input_ids, "mm_token_type_ids": types, "attention_mask": mask,
+            "image_grid_thw": torch.tensor(images) if images else None,
+            "video_grid_thw": torch.tensor(videos) if videos else None,
+            "second_per_grid_ts": torch.tensor(seconds) if seconds else None,
+            "media": MediaTokens(types > 0, grids, steps), "kinds": kinds}
 
 
 def qwen2_media(b):
@@ -137,7 +137,9 @@ def test_touching_media_stay_two(first, second):
     positions are transformers' for the same sequence with one text token between them, that token removed and
     everything after it one lower."""
     grids = {"i": (1, 4, 6), "v": (2, 4, 4)}
-    item = lambda k: (k, grids[k]) if k == "i" else (k, grids[k], 1.0)  # noqa: E731
+    def item(k):
+        return (k, grids[k]) if k == "i" else (k, grids[k], 1.0)
+
     apart = batch([[("t", 2), item(first), ("t", 1), item(second), ("t", 2)]])
     want, _ = qwen2_index()(apart["input_ids"], apart["mm_token_type_ids"], image_grid_thw=apart["image_grid_thw"],
                             video_grid_thw=apart["video_grid_thw"])
@@ -190,8 +192,8 @@ def reference_model(tie: bool = False) -> Qwen2VLForConditionalGeneration:
     torch.manual_seed(0)
     cfg = Qwen2VLConfig(
         text_config=dict(TEXT_CFG, bos_token_id=None, eos_token_id=None, pad_token_id=None),
-        vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=2,
-                           spatial_merge_size=MERGE, temporal_patch_size=2, in_channels=3),
+        vision_config={"depth": 1, "embed_dim": 16, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2,
+                       "patch_size": 2, "spatial_merge_size": MERGE, "temporal_patch_size": 2, "in_channels": 3},
         image_token_id=IMAGE, video_token_id=VIDEO, tie_word_embeddings=tie)
     return Qwen2VLForConditionalGeneration(cfg).eval()
 
@@ -258,8 +260,8 @@ def test_greedy_generation_equals_transformers_with_images_and_left_padding():
     lm = our_lm(ref)
     b = batch(CASES["batch_counts_left_padding"])
     pixels = image_inputs(b)
-    common = dict(max_new_tokens=6, do_sample=False, pad_token_id=PAD, output_logits=True,
-                  return_dict_in_generate=True)
+    common = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": PAD, "output_logits": True,
+              "return_dict_in_generate": True}
     with torch.no_grad():
         want = ref.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=pixels,
                             image_grid_thw=b["image_grid_thw"], mm_token_type_ids=b["mm_token_type_ids"], **common)
@@ -299,9 +301,9 @@ def test_qwen2_5_vl_directory_loads_as_the_llm_with_its_logits(tmp_path):
     torch.manual_seed(0)
     cfg = Qwen2_5_VLConfig(
         text_config=dict(TEXT_CFG, bos_token_id=None, eos_token_id=None, pad_token_id=None),
-        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
-                           patch_size=2, spatial_merge_size=MERGE, temporal_patch_size=2, window_size=8,
-                           fullatt_block_indexes=[1]),
+        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
+                       "out_hidden_size": 32, "patch_size": 2, "spatial_merge_size": MERGE, "temporal_patch_size": 2,
+                       "window_size": 8, "fullatt_block_indexes": [1]},
         image_token_id=IMAGE, video_token_id=VIDEO)
     ref = Qwen2_5_VLForConditionalGeneration(cfg).eval()
     ref.save_pretrained(tmp_path)
@@ -320,7 +322,8 @@ def test_qwen2_5_vl_directory_loads_as_the_llm_with_its_logits(tmp_path):
 def test_the_wrapped_text_model_trains_with_lora_checkpointing_and_resizing():
     from peft import LoraConfig, get_peft_model
 
-    lm = build_llm({"name": "hf_causal_lm", "config": dict(TEXT_CFG, model_type="qwen2_vl_text", tie_word_embeddings=True)})
+    cfg = dict(TEXT_CFG, model_type="qwen2_vl_text", tie_word_embeddings=True)
+    lm = build_llm({"name": "hf_causal_lm", "config": cfg})
     assert lm.model.lm_head.weight is lm.model.get_input_embeddings().weight
     lm.resize_token_embeddings(120)
     assert lm.vocab_size == 120 and lm.output_head.weight.shape[0] == 120

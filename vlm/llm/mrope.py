@@ -17,7 +17,9 @@ transformers' ``generate`` extends them by one per new token on every axis (what
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+import itertools
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -108,7 +110,7 @@ class MRope(PositionScheme):
         for b in range(B):
             if starts is not None:
                 bounds = starts[b].nonzero().flatten().tolist() + [L]
-                for s, e in zip(bounds[:-1], bounds[1:]):
+                for s, e in itertools.pairwise(bounds):
                     pos, deltas[b, 0] = sequence_positions(is_media[b, s:e], entries, f"row {b}, sample at {s}")
                     positions[:, b, s:e] = pos
             elif keep is not None:
