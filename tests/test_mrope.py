@@ -167,10 +167,36 @@ def test_packed_samples_restart_each_at_zero():
     mask = torch.cat([p["media"].mask for p in parts], 1)
     grids = [g for p in parts for g in p["media"].grids]
     got = MRope().position_ids(ids, segment_ids=seg, media=MediaTokens(mask, grids))
-    assert torch.equal(got, torch.cat(want, -1))
+    assert torch.equal(got[1:], torch.cat(want, -1))
+    assert torch.equal(got[0], positions_from_segments(seg))  # the 1-D row transformers reads for sample boundaries
     text_seg = torch.tensor([[1, 1, 1, 2, 2, 0, 0]])
     got = MRope().position_ids(torch.ones_like(text_seg), segment_ids=text_seg)
-    assert torch.equal(got, positions_from_segments(text_seg).expand(3, 1, -1))
+    assert torch.equal(got, positions_from_segments(text_seg).expand(4, 1, -1))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_samples_give_each_samples_own_logits(attn):
+    """Our LLM on a packed row (segment mask, the scheme's positions) gives each sample's logits run alone."""
+    from vlm.llm.masks import segment_mask
+
+    ref = reference_model()
+    lm = our_lm(ref)
+    lm.model.config._attn_implementation = attn
+    samples = [[("t", 2), ("i", (1, 4, 6)), ("t", 3)], [("t", 1), ("i", (1, 2, 4)), ("t", 2)]]
+    parts = [batch([s]) for s in samples]
+    pixels = [image_inputs(p) for p in parts]
+    with torch.no_grad():
+        alone = [lm(inputs_embeds=our_embeds(ref, lm, p, x),
+                    position_ids=MRope().position_ids(p["input_ids"], media=qwen2_media(p))).logits
+                 for p, x in zip(parts, pixels)]
+        packed = {k: torch.cat([p[k] for p in parts], 1) for k in ("input_ids",)}
+        packed["image_grid_thw"] = torch.cat([p["image_grid_thw"] for p in parts])
+        seg = torch.cat([torch.full_like(p["input_ids"], k + 1) for k, p in enumerate(parts)], 1)
+        media = MediaTokens(torch.cat([p["media"].mask for p in parts], 1), [g for p in parts for g in p["media"].grids])
+        embeds = our_embeds(ref, lm, packed, torch.cat(pixels))
+        got = lm(inputs_embeds=embeds, attention_mask=segment_mask(seg, attn, embeds.dtype),
+                 position_ids=MRope().position_ids(packed["input_ids"], segment_ids=seg, media=media)).logits
+    assert (got - torch.cat(alone, 1)).abs().max() <= 1e-4
 
 
 def test_bad_media_is_named():

@@ -8,7 +8,7 @@ numbering as transformers' ``Qwen2VLModel.get_rope_index`` / ``Qwen2_5_VLModel.g
 at ``s + max(h, w)`` after a video, whatever its ``t``).
 
 Per sequence: numbering starts at 0 after left padding (``attention_mask``; padding gets 0) and at each packed sample
-(``segment_ids``). Each image is counted by its grid's size (two images whose placeholders touch stay two).
+(``segment_ids``; ``position_ids`` then also carries the 1-D positions as a first row, ``(4, B, L)``). Each image is counted by its grid's size (two images whose placeholders touch stay two).
 
 Generation: the rope delta of a row is ``max position + 1 - tokens``; a new token ``n`` (counting the prompt's
 non-padding tokens) sits at ``n + delta`` on all three axes, which is the prompt's last position + 1 per new token
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from vlm.llm.masks import segment_starts
+from vlm.llm.masks import positions_from_segments, segment_starts
 from vlm.llm.positions import POSITION_SCHEMES, MediaTokens, PositionScheme
 
 
@@ -127,9 +127,15 @@ class MRope(PositionScheme):
     def position_ids(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                      segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                      media: MediaTokens | None = None) -> torch.Tensor | None:
+        """``(3, B, L)``; packed rows (``segment_ids``) get ``(4, B, L)``: row 0 the 1-D positions restarting per
+        sample, then the three mRoPE rows. transformers' mRoPE text models (Qwen2-VL, Qwen2.5-VL, ...) read row 0 to
+        find packed samples' boundaries where no mask says them (flash-attention) and rotate by rows 1-3."""
         if position_ids is not None:
             return position_ids
-        return self.rope_index(input_ids, attention_mask=attention_mask, segment_ids=segment_ids, media=media)[0]
+        positions = self.rope_index(input_ids, attention_mask=attention_mask, segment_ids=segment_ids, media=media)[0]
+        if segment_ids is None:
+            return positions
+        return torch.cat([positions_from_segments(segment_ids.to(positions.device))[None], positions])
 
     def generation_inputs(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                           media: MediaTokens | None = None) -> dict[str, Any]:

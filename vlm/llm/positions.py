@@ -56,7 +56,7 @@ class MediaTokens:
 
 class PositionScheme:
     """``position_ids(...)`` -> what the LM is called with as ``position_ids``: ``(B, L)`` (1-D schemes),
-    ``(3, B, L)`` (mRoPE), or ``None`` (the LM's own default). ``generation_inputs(...)`` -> the keywords
+    ``(3, B, L)`` (mRoPE; ``(4, B, L)`` when packed), or ``None`` (the LM's own default). ``generation_inputs(...)`` -> the keywords
     ``generate`` gets for the prompt (how positions continue during decoding is the scheme's to say)."""
 
     def position_ids(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
