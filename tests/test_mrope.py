@@ -168,6 +168,12 @@ def test_packed_samples_restart_each_at_zero():
     grids = [g for p in parts for g in p["media"].grids]
     got = MRope().position_ids(ids, segment_ids=seg, media=MediaTokens(mask, grids))
     assert torch.equal(got[1:], torch.cat(want, -1))
+    collated = positions_from_segments(seg)  # the collator's 1-D positions cannot place images: replaced
+    assert torch.equal(MRope().position_ids(ids, segment_ids=seg, position_ids=collated,
+                                            media=MediaTokens(mask, grids)), got)
+    assert MRope().position_ids(ids, position_ids=collated) is collated  # text only: kept
+    three = got[1:].clone()
+    assert MRope().position_ids(ids, position_ids=three, media=MediaTokens(mask, grids)) is three  # 3-D: kept
     assert torch.equal(got[0], positions_from_segments(seg))  # the 1-D row transformers reads for sample boundaries
     text_seg = torch.tensor([[1, 1, 1, 2, 2, 0, 0]])
     got = MRope().position_ids(torch.ones_like(text_seg), segment_ids=text_seg)

@@ -129,8 +129,15 @@ class MRope(PositionScheme):
                      media: MediaTokens | None = None) -> torch.Tensor | None:
         """``(3, B, L)``; packed rows (``segment_ids``) get ``(4, B, L)``: row 0 the 1-D positions restarting per
         sample, then the three mRoPE rows. transformers' mRoPE text models (Qwen2-VL, Qwen2.5-VL, ...) read row 0 to
-        find packed samples' boundaries where no mask says them (flash-attention) and rotate by rows 1-3."""
-        if position_ids is not None:
+        find packed samples' boundaries where no mask says them (flash-attention) and rotate by rows 1-3.
+
+        The caller's ``position_ids`` are kept when they are 3-D (already mRoPE's), or 1-D ``(B, L)`` in a batch
+        without image / video tokens (text: the same on all three axes). 1-D positions cannot place image tokens
+        on their grid: with ``media`` tokens they are replaced by this numbering (the collator's 1-D positions,
+        restarting per packed sample or counting real tokens, are what it derives from ``segment_ids`` /
+        ``attention_mask``)."""
+        has_media = media is not None and bool(media.mask.any())
+        if position_ids is not None and (position_ids.ndim == 3 or not has_media):
             return position_ids
         positions = self.rope_index(input_ids, attention_mask=attention_mask, segment_ids=segment_ids, media=media)[0]
         if segment_ids is None:
