@@ -105,6 +105,17 @@ def test_image_positions_equal_transformers_get_rope_index(case):
         b["input_ids"], attention_mask=b["attention_mask"], media=qwen2_media(b)), want)
 
 
+def test_right_padding_equals_transformers_get_rope_index():
+    b = batch(CASES["batch_counts_left_padding"])
+    L = b["input_ids"].shape[1]
+    order = torch.stack([torch.cat([torch.arange(L - n, L), torch.arange(L - n)])  # each row's padding to the right
+                         for n in b["attention_mask"].sum(1).tolist()])
+    ids, types, mask = (b[k].gather(1, order) for k in ("input_ids", "mm_token_type_ids", "attention_mask"))
+    want, want_delta = qwen2_index()(ids, types, image_grid_thw=b["image_grid_thw"], attention_mask=mask)
+    got, delta = MRope().rope_index(ids, attention_mask=mask, media=MediaTokens(types > 0, b["media"].grids))
+    assert torch.equal(got, want) and torch.equal(delta, want_delta)
+
+
 def test_video_positions_equal_transformers_qwen2_vl():
     b = batch([[("t", 2), ("v", (4, 4, 6), 1.0), ("t", 3), ("i", (1, 2, 2)), ("t", 1)],
                [("t", 1), ("v", (6, 2, 2), 1.0), ("t", 2)]])  # t > h, w: text continues after max(h, w)
