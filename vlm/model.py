@@ -24,7 +24,7 @@ from vlm.generation import generation_settings
 from vlm.image_tokens import ImageTokens
 from vlm.llm.hf_causal_lm import HFCausalLM
 from vlm.llm.masks import segment_mask
-from vlm.llm.positions import POSITION_SCHEMES
+from vlm.llm.positions import POSITION_SCHEMES, MediaTokens
 from vlm.injection import INJECTION_SITES
 from vlm.loss import mask_segment_starts
 from vlm.persistence import DEFAULT_IMAGE_PREPROCESSING, VLMConfig, placement_record, save_directory
@@ -190,6 +190,26 @@ class VLM(nn.Module):
         grids = [tuple(int(v) for v in g) for g in image_grid_thw.tolist()]
         return self.connector.forward_flat(tokens.to(param_dtype(self.connector, tokens.dtype)), grids)
 
+    def media_tokens(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+                     image_grid_thw: torch.Tensor | None = None) -> MediaTokens | None:
+        """Where the image tokens of ``input_ids (B, L)`` are and the LLM-token grid ``(t, h', w')`` each image
+        (tile) fills, for a position scheme that places them (``reads_media``: mRoPE); ``None`` otherwise, without
+        images, or with a fusion connector (its ``<image>`` is a text token). The grid is the connector's
+        ``output_grid`` of the encoder's patch grid (``patch_merger``: ``(h/2, w/2)``); a connector without one
+        (resamplers: ``K`` queries) gives a ``(1, 1, K)`` run."""
+        if not self.positions.reads_media or pixel_values is None or self.connector.fuses_by_cross_attention:
+            return None
+        if image_grid_thw is not None:  # native resolution: patch units, no prefix tokens
+            images = [((h, w), t, h * w) for t, h, w in image_grid_thw.tolist()]
+        else:  # tiles of one size
+            size = tuple(pixel_values.shape[-2:])
+            images = [(self.encoder.grid(size), 1, self.encoder.num_tokens(size))] * pixel_values.shape[0]
+        grids = []
+        for (h, w), t, n in images:
+            out = self.connector.output_grid((h, w))
+            grids.append((t, *out) if out is not None else (t, 1, self.connector.num_tokens(n, (h, w))))
+        return MediaTokens(input_ids == self.image_token_id, grids)
+
     def trains_image_path(self) -> bool:
         """Whether this forward computes gradients for the encoder or the connector (grad enabled and one of their
         parameters trainable)."""
@@ -300,12 +320,14 @@ class VLM(nn.Module):
                   segment_ids: torch.Tensor | None = None,
                   image_grid_thw: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
         """What the LM is called with: ``inputs_embeds (B, L, D)`` (images injected), the attention mask (the
-        packed 4D mask with ``segment_ids``) and ``position_ids`` (restarting per segment when packed)."""
+        packed 4D mask with ``segment_ids``) and ``position_ids`` from the LLM's position scheme (restarting per
+        segment when packed; ``(3, B, L)`` for mRoPE, which places the image tokens on their grids: ``media_tokens``)."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (B, L); got shape {tuple(input_ids.shape)}")
         embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
         position_ids = self.positions.position_ids(input_ids, attention_mask=attention_mask, segment_ids=segment_ids,
-                                                   position_ids=position_ids)
+                                                   position_ids=position_ids,
+                                                   media=self.media_tokens(input_ids, pixel_values, image_grid_thw))
         if segment_ids is not None:
             attention_mask = segment_mask(segment_ids, self.llm.attn_implementation, embeds.dtype)
         return {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids}
@@ -339,7 +361,9 @@ class VLM(nn.Module):
         """Greedy by default, with the KV cache. ``input_ids`` left-padded ``(B, L)``; returns new tokens ``(B, T)``.
 
         Stops at any id of ``self.generation["eos_token_id"]`` (the tokenizer's eos and the chat template's end of
-        turn; ``set_template``) and pads with its ``pad_token_id``, unless given here."""
+        turn; ``set_template``) and pads with its ``pad_token_id``, unless given here. The prompt's positions are
+        the LLM's position scheme's (``generation_inputs``: mRoPE's ``(3, B, L)`` from ``media_tokens``, continued by the
+        rope delta while decoding)."""
         self.check_keywords(generate_kwargs, "generate", moved_only=True)  # transformers checks the others
         embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
         if attention_mask is None:
@@ -349,6 +373,10 @@ class VLM(nn.Module):
         for key in ("eos_token_id", "pad_token_id"):
             if key in settings:
                 generate_kwargs.setdefault(key, settings[key])
+        for key, value in self.positions.generation_inputs(input_ids, attention_mask=attention_mask,
+                                                           media=self.media_tokens(input_ids, pixel_values,
+                                                                                   image_grid_thw)).items():
+            generate_kwargs.setdefault(key, value)
         with self.fusion(input_ids, pixel_values):
             return self.llm.model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
