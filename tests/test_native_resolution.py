@@ -17,15 +17,19 @@ from vlm.data.tokenizer import byte_tokenizer
 TOWER = {"name": "qwen2_vl_vit", "image_size": 32, "config": {
     "model_type": "qwen2_5_vl_vision", "depth": 2, "hidden_size": 32, "num_heads": 2, "intermediate_size": 48,
     "out_hidden_size": 32, "patch_size": 8, "window_size": 32, "fullatt_block_indexes": [1]}}
+QWEN2_VL_TEXT = {"model_type": "qwen2_vl_text", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128,
+                 "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}}
+LLMS = {"llama": TINY_TEXT["llama"], "qwen2_vl_text": QWEN2_VL_TEXT}  # 1-D positions; mRoPE
 NATIVE = {"kind": "native", "patch_size": 8, "merge_size": 2, "min_pixels": 16 * 16, "max_pixels": 64 * 64}
 
 
-@pytest.fixture(scope="module")
-def model_and_processor():
+@pytest.fixture(scope="module", params=sorted(LLMS))
+def model_and_processor(request):
     torch.manual_seed(0)
     tok = byte_tokenizer()
     model = vlm.build({"encoder": copy.deepcopy(TOWER), "connector": {"name": "patch_merger"},
-                       "llm": {"name": "hf_causal_lm", "config": copy.deepcopy(TINY_TEXT["llama"])}},
+                       "llm": {"name": "hf_causal_lm", "config": copy.deepcopy(LLMS[request.param])}},
                       tokenizer=tok).eval()
     model.image_preprocessing = {"resize_mode": "resize", "tiling": NATIVE}  # what a run records
     return model, Processor.for_model(model, tok)
