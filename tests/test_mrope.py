@@ -403,14 +403,13 @@ def test_vlm_generate_continues_mrope_positions_as_a_full_recompute():
     ids = torch.tensor([[PAD] * (L - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows])
     pixels = torch.randn(3, 3, 32, 32)
-    media = MediaTokens(ids == tok, [(1, 4, 4)] * 3)
-    new = model.generate(ids, pixels, attention_mask=mask, media=media, max_new_tokens=4, pad_token_id=PAD,
-                         eos_token_id=None)
+    assert model.media_tokens(ids, pixels).grids == [(1, 4, 4)] * 3  # built by the model from its parts
+    new = model.generate(ids, pixels, attention_mask=mask, max_new_tokens=4, pad_token_id=PAD, eos_token_id=None)
+    assert not (new == tok).any()  # (a generated image token would be a placeholder in the recompute below)
     seq, m = ids, mask
     with torch.no_grad():
         for step in range(4):
-            full_media = MediaTokens(torch.nn.functional.pad(media.mask, (0, step)), media.grids)
-            inputs = model.lm_inputs(seq, pixels, m, media=full_media)
+            inputs = model.lm_inputs(seq, pixels, m)
             nxt = model.llm(**inputs).logits[:, -1].argmax(-1)
             assert torch.equal(nxt, new[:, step]), step
             seq, m = torch.cat([seq, nxt[:, None]], 1), torch.cat([m, torch.ones_like(m[:, :1])], 1)
