@@ -22,8 +22,12 @@ TINY_ENCODERS = {
         "image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8}}},
     "blip2": {"name": "blip2", "image_size": 32, "patch_size": 8, "hidden_size": 32, "num_layers": 2, "num_heads": 4,
               "intermediate_size": 64},
+    "qwen2_vl_vit": {"name": "qwen2_vl_vit", "image_size": 32, "config": {
+        "model_type": "qwen2_5_vl_vision", "depth": 2, "hidden_size": 32, "num_heads": 2, "intermediate_size": 48,
+        "out_hidden_size": 32, "patch_size": 8, "window_size": 32, "fullatt_block_indexes": [1]}},
 }
 TINY_CONNECTORS = {"identity": {}, "linear": {}, "mlp": {"depth": 2}, "pixel_shuffle_mlp": {"scale": 0.5},
+                   "patch_merger": {},
                    "qformer": {"num_queries": 4, "hidden_size": 32, "num_layers": 2, "num_heads": 4,
                                "intermediate_size": 48},
                    "resampler": {"num_queries": 4, "num_heads": 2},

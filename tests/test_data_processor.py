@@ -306,3 +306,24 @@ def test_qwen2_style_boxes_follow_padding(tok):
                 Message("assistant", ["<|box_start|>(0,0),(999,999)<|box_end|>"])], [Image.new("RGB", (200, 100))])
     out = Processor(tok, "chatml", ImageProcessor(100, (0.5,) * 3, (0.5,) * 3, resize_mode="pad"), 1)(s)
     assert "<|box_start|>(0,250),(999,750)<|box_end|>" in trained_text(tok, out)  # letterboxed: y in 250..750
+
+
+def test_for_model_token_count_of_a_vlm_counts_new_sizes_after_pickling(tok):
+    """A real model's count pickles as configs (``vlm.image_tokens.ImageTokens``), not weights: a DataLoader worker
+    counts sizes the main process never asked (native-resolution images), equal to the model's own count."""
+    import pickle
+
+    import vlm
+    from conftest import tiny_cfg
+
+    cfg = tiny_cfg("siglip", connector={"name": "pixel_shuffle_mlp", "scale": 0.5})
+    cfg["encoder"]["name"] = "siglip2"  # patchified by reshaping: any multiple of the patch size
+    model = vlm.build(cfg, tokenizer=tok)
+    p = Processor.for_model(model, tok)
+    blob = pickle.dumps(p.num_image_tokens)
+    assert len(blob) < 20_000  # configs, not the model's tensors
+    count = pickle.loads(blob)
+    for size in [(32, 32), (16, 48), (64, 32)]:
+        assert count(size) == model.num_image_tokens(size)
+    with pytest.raises(ValueError, match="pixel"):
+        count((24, 40))  # 3 x 5 patches: a 2x pixel shuffle cannot take an odd grid, as the model says

@@ -25,12 +25,12 @@ INJECTION_SITES: Registry = Registry("injection site")
 
 
 class InjectionSite:
-    """``embed(model, embeds, input_ids, pixel_values)`` -> the LLM's input embeddings ``(B, L, D)``;
+    """``embed(model, embeds, input_ids, pixel_values, image_grid_thw)`` -> the LLM's input embeddings ``(B, L, D)``;
     ``context(model, input_ids, pixel_values, segment_ids)`` -> the context the LLM runs in. ``model`` is the ``VLM``
     (``image_features``, ``llm``, ``connector``, ``image_token_id``)."""
 
-    def embed(self, model: Any, embeds: torch.Tensor, input_ids: torch.Tensor,
-              pixel_values: torch.Tensor) -> torch.Tensor:
+    def embed(self, model: Any, embeds: torch.Tensor, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+              image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
         return embeds
 
     @contextlib.contextmanager
@@ -41,11 +41,12 @@ class InjectionSite:
 
 @INJECTION_SITES.register("input_embeddings")
 class InputEmbeddings(InjectionSite):
-    """Features ``(N, K, D)`` written into the ``N * K`` placeholder positions of ``input_ids`` (row-major)."""
+    """Features ``(N, K, D)`` (or ``(K_total, D)`` for native-resolution images) written into the placeholder
+    positions of ``input_ids`` in row-major order."""
 
-    def embed(self, model: Any, embeds: torch.Tensor, input_ids: torch.Tensor,
-              pixel_values: torch.Tensor) -> torch.Tensor:
-        feats = model.image_features(pixel_values)
+    def embed(self, model: Any, embeds: torch.Tensor, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+              image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+        feats = model.image_features(pixel_values, image_grid_thw)
         return model.llm.inject(embeds, input_ids, feats.reshape(-1, feats.shape[-1]), model.image_token_id)
 
 

@@ -21,9 +21,10 @@ from vlm.connectors.base import Connector
 from vlm.data.image_placement import DEFAULT as DEFAULT_IMAGE_LAYOUT, ImagePlacement
 from vlm.encoders.base import VisionEncoder, as_pair
 from vlm.generation import generation_settings
+from vlm.image_tokens import ImageTokens
 from vlm.llm.hf_causal_lm import HFCausalLM
 from vlm.llm.masks import segment_mask
-from vlm.llm.positions import POSITION_SCHEMES
+from vlm.llm.positions import POSITION_SCHEMES, MediaTokens
 from vlm.injection import INJECTION_SITES
 from vlm.loss import mask_segment_starts
 from vlm.persistence import DEFAULT_IMAGE_PREPROCESSING, VLMConfig, placement_record, save_directory
@@ -150,9 +151,19 @@ class VLM(nn.Module):
         size = as_pair(self.encoder.image_size if image_size is None else image_size)
         return self.connector.num_tokens(self.encoder.num_tokens(size), self.encoder.grid(size))
 
+    def image_tokens(self) -> ImageTokens:
+        """``num_image_tokens`` as a picklable callable (``vlm.image_tokens``): what the data pipeline carries into
+        DataLoader workers."""
+        return ImageTokens(self.encoder, self.connector)
+
     # -- forward ---------------------------------------------------------------------------------------------
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``(N, 3, H, W) -> (N, K, D)`` LLM-space image tokens."""
+    def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+        """``(N, 3, H, W) -> (N, K, D)`` LLM-space image tokens; for native-resolution images (an encoder stating
+        ``native_resolution``), flat patches ``(P, 3 * t * p * p)`` + ``image_grid_thw (N, 3)`` (patch units, the
+        Qwen2-VL processor's convention) -> ``(K_1 + ... + K_N, D)``, image by image (``Connector.forward_flat``).
+        Raises ``ValueError`` for ``image_grid_thw`` with an encoder that takes fixed-size images."""
+        if image_grid_thw is not None:
+            return self.native_image_features(pixel_values, image_grid_thw)
         grid = self.encoder.grid(tuple(pixel_values.shape[-2:])) if pixel_values.ndim == 4 else (0, 0)
         trainable = any(p.requires_grad for p in self.encoder.parameters())
         pixels = pixel_values.to(param_dtype(self.encoder, pixel_values.dtype))
@@ -164,6 +175,40 @@ class VLM(nn.Module):
         # each part may have its own dtype: features enter the connector in its dtype (the LLM side is cast by
         # ``inject``); under autocast the matmuls still run in the autocast dtype
         return self.connector(feats.to(param_dtype(self.connector, feats.dtype)), grid)
+
+    def native_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """Flat patches ``(P, D_in)`` of images of their own sizes -> ``(K_total, D)``: the encoder's row-major tokens
+        ``(P, C)`` per image, then the connector image by image on each one's grid ``(t, h, w)``."""
+        if not getattr(self.encoder, "native_resolution", False):
+            raise ValueError(f"image_grid_thw was given (native-resolution images as flat patches) but the "
+                             f"{self.encoder.component_name} encoder takes fixed-size images (N, 3, H, W); use an "
+                             f"encoder that states native_resolution (qwen2_vl_vit) or a fixed-size image layout")
+        trainable = any(p.requires_grad for p in self.encoder.parameters())
+        pixels = pixel_values.to(param_dtype(self.encoder, pixel_values.dtype))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+            tokens = self.encoder(pixels, image_grid_thw)
+        grids = [tuple(int(v) for v in g) for g in image_grid_thw.tolist()]
+        return self.connector.forward_flat(tokens.to(param_dtype(self.connector, tokens.dtype)), grids)
+
+    def media_tokens(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+                     image_grid_thw: torch.Tensor | None = None) -> MediaTokens | None:
+        """Where the image tokens of ``input_ids (B, L)`` are and the LLM-token grid ``(t, h', w')`` each image
+        (tile) fills, for a position scheme that places them (``reads_media``: mRoPE); ``None`` otherwise, without
+        images, or with a fusion connector (its ``<image>`` is a text token). The grid is the connector's
+        ``output_grid`` of the encoder's patch grid (``patch_merger``: ``(h/2, w/2)``); a connector without one
+        (resamplers: ``K`` queries) gives a ``(1, 1, K)`` run."""
+        if not self.positions.reads_media or pixel_values is None or self.connector.fuses_by_cross_attention:
+            return None
+        if image_grid_thw is not None:  # native resolution: patch units, no prefix tokens
+            images = [((h, w), t, h * w) for t, h, w in image_grid_thw.tolist()]
+        else:  # tiles of one size
+            size = tuple(pixel_values.shape[-2:])
+            images = [(self.encoder.grid(size), 1, self.encoder.num_tokens(size))] * pixel_values.shape[0]
+        grids = []
+        for (h, w), t, n in images:
+            out = self.connector.output_grid((h, w))
+            grids.append((t, *out) if out is not None else (t, 1, self.connector.num_tokens(n, (h, w))))
+        return MediaTokens(input_ids == self.image_token_id, grids)
 
     def trains_image_path(self) -> bool:
         """Whether this forward computes gradients for the encoder or the connector (grad enabled and one of their
@@ -204,8 +249,10 @@ class VLM(nn.Module):
                 total = total + p.float().sum()
         return total * 0.0
 
-    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """``input_ids (B, L)`` (+ images) -> ``inputs_embeds (B, L, D)`` with image features injected. Without
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                     image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+        """``input_ids (B, L)`` (+ images: ``pixel_values`` and, for native-resolution images, ``image_grid_thw``;
+        see ``image_features``) -> ``inputs_embeds (B, L, D)`` with image features injected. Without
         images, ``stand_in_zero`` is added when the image path trains or runs in lockstep (values unchanged)."""
         embeds = self.llm.embed(input_ids)
         if pixel_values is None:
@@ -215,7 +262,8 @@ class VLM(nn.Module):
                                  f"were given")
             zero = self.stand_in_zero(input_ids.device)
             return embeds if zero is None else embeds + zero.to(embeds.dtype)
-        return self.injection.embed(self, embeds, input_ids, pixel_values)  # where the connector's features enter
+        # where the connector's features enter
+        return self.injection.embed(self, embeds, input_ids, pixel_values, image_grid_thw)
 
     @contextlib.contextmanager
     def fusion(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
@@ -229,7 +277,7 @@ class VLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
-                **lm_kwargs: Any) -> CausalLMOutputWithPast:
+                image_grid_thw: torch.Tensor | None = None, **lm_kwargs: Any) -> CausalLMOutputWithPast:
         """Returns ``.logits (B, L, V)`` and, when labels are given, ``.loss``: the mean next-token loss over the
         target tokens (labels != -100), the LM's own (transformers') loss, which honours ``num_items_in_batch``.
         Other weightings and the stage's losses are training objectives (``vlm.objectives``).
@@ -237,11 +285,14 @@ class VLM(nn.Module):
         ``segment_ids (B, L)`` marks packed samples (0 = padding): attention stays within each segment, positions
         restart per segment, and a segment's first token is never a target of the previous segment.
 
+        ``image_grid_thw (N, 3)``: with native-resolution images, each image's patch grid (``pixel_values`` then holds
+        flat patches, see ``image_features``).
+
         ``lm_kwargs``: keywords of the LM's forward (``use_cache``, ``num_items_in_batch``, ``output_hidden_states``,
         ...); any other raises ``TypeError`` naming it (``check_keywords``).
         """
         self.check_keywords(lm_kwargs, "forward")
-        lm_inputs = self.lm_inputs(input_ids, pixel_values, attention_mask, position_ids, segment_ids)
+        lm_inputs = self.lm_inputs(input_ids, pixel_values, attention_mask, position_ids, segment_ids, image_grid_thw)
         if labels is not None and segment_ids is not None:
             labels = mask_segment_starts(labels, segment_ids)
         with self.fusion(input_ids, pixel_values, segment_ids):
@@ -266,14 +317,17 @@ class VLM(nn.Module):
 
     def lm_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                   attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                  segment_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+                  segment_ids: torch.Tensor | None = None,
+                  image_grid_thw: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
         """What the LM is called with: ``inputs_embeds (B, L, D)`` (images injected), the attention mask (the
-        packed 4D mask with ``segment_ids``) and ``position_ids`` (restarting per segment when packed)."""
+        packed 4D mask with ``segment_ids``) and ``position_ids`` from the LLM's position scheme (restarting per
+        segment when packed; ``(3, B, L)`` for mRoPE, which places the image tokens on their grids: ``media_tokens``)."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (B, L); got shape {tuple(input_ids.shape)}")
-        embeds = self.embed_inputs(input_ids, pixel_values)
+        embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
         position_ids = self.positions.position_ids(input_ids, attention_mask=attention_mask, segment_ids=segment_ids,
-                                                   position_ids=position_ids)
+                                                   position_ids=position_ids,
+                                                   media=self.media_tokens(input_ids, pixel_values, image_grid_thw))
         if segment_ids is not None:
             attention_mask = segment_mask(segment_ids, self.llm.attn_implementation, embeds.dtype)
         return {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids}
@@ -290,24 +344,28 @@ class VLM(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                       attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                      segment_ids: torch.Tensor | None = None, **lm_kwargs: Any) -> torch.Tensor:
+                      segment_ids: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+                      **lm_kwargs: Any) -> torch.Tensor:
         """``forward`` without the vocabulary projection: the LM's last hidden states ``(B, L, D)``, so a loss
         can project only the positions it needs (``vlm.loss.label_only_lm_loss``). Needs
         ``supports_label_only_head``."""
         self.check_keywords(lm_kwargs, "hidden_states", decoder=True)
-        lm_inputs = self.lm_inputs(input_ids, pixel_values, attention_mask, position_ids, segment_ids)
+        lm_inputs = self.lm_inputs(input_ids, pixel_values, attention_mask, position_ids, segment_ids, image_grid_thw)
         with self.fusion(input_ids, pixel_values, segment_ids):
             return self.llm.hidden_states(**lm_inputs, **lm_kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, **generate_kwargs: Any) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+                 **generate_kwargs: Any) -> torch.Tensor:
         """Greedy by default, with the KV cache. ``input_ids`` left-padded ``(B, L)``; returns new tokens ``(B, T)``.
 
         Stops at any id of ``self.generation["eos_token_id"]`` (the tokenizer's eos and the chat template's end of
-        turn; ``set_template``) and pads with its ``pad_token_id``, unless given here."""
+        turn; ``set_template``) and pads with its ``pad_token_id``, unless given here. The prompt's positions are
+        the LLM's position scheme's (``generation_inputs``: mRoPE's ``(3, B, L)`` from ``media_tokens``, continued by the
+        rope delta while decoding)."""
         self.check_keywords(generate_kwargs, "generate", moved_only=True)  # transformers checks the others
-        embeds = self.embed_inputs(input_ids, pixel_values)
+        embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         generate_kwargs.setdefault("do_sample", False)
@@ -315,6 +373,10 @@ class VLM(nn.Module):
         for key in ("eos_token_id", "pad_token_id"):
             if key in settings:
                 generate_kwargs.setdefault(key, settings[key])
+        for key, value in self.positions.generation_inputs(input_ids, attention_mask=attention_mask,
+                                                           media=self.media_tokens(input_ids, pixel_values,
+                                                                                   image_grid_thw)).items():
+            generate_kwargs.setdefault(key, value)
         with self.fusion(input_ids, pixel_values):
             return self.llm.model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 

@@ -8,6 +8,7 @@ from vlm.connectors import (  # noqa: F401  (registration)
     identity,
     linear,
     mlp,
+    patch_merger,
     perceiver,
     pixel_shuffle_mlp,
     qformer,

@@ -4,6 +4,9 @@
 one pixel size). A connector whose output does not depend on the grid's size (``per_image_grids = True``: the
 resamplers) also takes a list of ``N`` grids, one per image, with ``x`` holding image ``i``'s ``h_i * w_i`` tokens
 first and padding after them (``pad_tokens`` builds such a batch); the padding is never attended to.
+
+Images of different sizes (native resolution) go through ``forward_flat(x (P, C), grids [(t, h, w)])``, each image's
+tokens row-major; ``output_grid(grid)`` is the grid of LLM tokens an image becomes (``None``: no grid).
 """
 from __future__ import annotations
 
@@ -36,6 +39,9 @@ class Connector(nn.Module):
     #: where the features enter the LLM (``vlm.injection.INJECTION_SITES``): ``input_embeddings`` (placeholder
     #: embeddings replaced) or ``cross_attention`` (the connector's blocks read them while the LLM runs)
     injection_site: str = "input_embeddings"
+    #: each output token is a function of the input token at its place only (``identity``, ``linear``, ``mlp``):
+    #: ``K = T``, ``output_grid(grid) = grid``, and ``forward_flat`` is one call over all images' tokens
+    token_wise: bool = False
 
     def num_tokens(self, num_input_tokens: int, grid: tuple[int, int]) -> int:
         """``K``: how many LLM tokens one image of ``num_input_tokens`` encoder tokens (patch ``grid``) becomes."""
@@ -43,6 +49,34 @@ class Connector(nn.Module):
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def output_grid(self, grid: tuple[int, int]) -> tuple[int, int] | None:
+        """The grid ``(h', w')`` of LLM tokens one image (or frame) of patch ``grid`` becomes, row-major; ``None``
+        when the tokens have no grid (a resampler's ``K`` queries: a 1-D run). Token-wise connectors: ``grid``."""
+        return (int(grid[0]), int(grid[1])) if self.token_wise else None
+
+    def forward_flat(self, x: torch.Tensor, grids: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+        """Images of different sizes in one call: ``x (P, C)`` holds image ``i``'s ``t_i * h_i * w_i`` tokens
+        (row-major over its ``(t, h, w)`` grid), images one after another -> ``(K_total, D)``, each image's
+        ``t_i * num_tokens(h_i * w_i, (h_i, w_i))`` rows in order.
+
+        Default: one call over all tokens for a ``token_wise`` connector, else ``forward`` per image with its ``t``
+        frames as the batch (``forward_per_image``). Raises ``ValueError`` when the grids do not account for ``x``.
+        """
+        grids = flat_grids(x, grids, self.in_dim, type(self).__name__)
+        if self.token_wise:
+            return self(x[None], (1, x.shape[0]))[0]
+        return self.forward_per_image(x, grids)
+
+    def forward_per_image(self, x: torch.Tensor, grids: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+        """``forward_flat`` by a loop: ``self(x_i.reshape(t, h*w, C), (h, w))`` per image, flattened and joined."""
+        outs, start = [], 0
+        for t, h, w in grids:
+            n = t * h * w
+            out = self(x[start:start + n].reshape(t, h * w, x.shape[-1]), (h, w))
+            outs.append(out.reshape(-1, out.shape[-1]))
+            start += n
+        return torch.cat(outs)
 
     def check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 3 or x.shape[-1] != self.in_dim:
@@ -89,6 +123,23 @@ def image_grids(x: torch.Tensor, grid: Grid | Sequence[Grid], name: str) -> tupl
         return grids, None
     counts = torch.tensor([h * w for h, w in grids], device=x.device)
     return grids, torch.arange(t, device=x.device)[None] >= counts[:, None]
+
+
+def flat_grids(x: torch.Tensor, grids: Sequence[Sequence[int]], in_dim: int,
+               name: str) -> list[tuple[int, int, int]]:
+    """The ``(t, h, w)`` grids of a flat call as int tuples; ``ValueError`` naming the counts unless ``x`` is
+    ``(P, in_dim)`` with ``P = sum t*h*w`` and every ``t, h, w >= 1``."""
+    if x.ndim != 2 or x.shape[-1] != in_dim:
+        raise ValueError(f"{name}: forward_flat expects tokens of shape (P, {in_dim}); got {tuple(x.shape)}")
+    out = [tuple(int(v) for v in g) for g in grids]
+    for i, g in enumerate(out):
+        if len(g) != 3 or min(g) < 1:
+            raise ValueError(f"{name}: grid {i} is {g}; expected (t, h, w) with t, h, w >= 1")
+    total = sum(t * h * w for t, h, w in out)
+    if total != x.shape[0]:
+        raise ValueError(f"{name}: the {len(out)} grid(s) {out} hold {total} tokens (sum of t*h*w) but x has "
+                         f"{x.shape[0]} rows")
+    return out
 
 
 def pad_tokens(features: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -9,6 +9,8 @@ from vlm.connectors.registry import CONNECTORS
 
 @CONNECTORS.register("identity")
 class IdentityConnector(Connector):
+    token_wise = True
+
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
         if in_dim != out_dim:

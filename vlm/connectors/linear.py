@@ -9,12 +9,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlm.connectors.base import Connector
+from vlm.connectors.base import Connector, flat_grids
 from vlm.connectors.registry import CONNECTORS
 
 
 @CONNECTORS.register("linear")
 class LinearConnector(Connector):
+    token_wise = True
+
     def __init__(self, in_dim: int, out_dim: int, bias: bool = True, pos_embed: int = 0) -> None:
         super().__init__()
         self.in_dim, self.out_dim = in_dim, out_dim
@@ -35,3 +37,9 @@ class LinearConnector(Connector):
                                  f"token count")
             out = out + self.pos
         return out
+
+    def forward_flat(self, x: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+        """``(P, C) -> (P, D)``: one call; with ``pos_embed`` per image (each frame gets the table)."""
+        if self.pos is None:
+            return super().forward_flat(x, grids)
+        return self.forward_per_image(x, flat_grids(x, grids, self.in_dim, "linear connector"))

@@ -16,6 +16,8 @@ ACTIVATIONS = {"gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approxima
 
 @CONNECTORS.register("mlp")
 class MLPConnector(Connector):
+    token_wise = True
+
     # with depth=2, no norm and hidden_dim = out_dim, layers.0 / layers.2 are LLaVA's projector linear_1 / linear_2
     def __init__(self, in_dim: int, out_dim: int, depth: int = 2, hidden_dim: int | None = None,
                  act: str = "gelu", bias: bool = True, norm: bool = False) -> None:

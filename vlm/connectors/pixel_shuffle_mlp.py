@@ -88,6 +88,11 @@ class PixelShuffleMLP(Connector):
         self._check_grid(num_input_tokens, grid)
         return (grid[0] // self.factor) * (grid[1] // self.factor)
 
+    def output_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """``(h/k, w/k)``; ``ValueError`` for a grid whose sides are not multiples of ``k``."""
+        self._check_grid(grid[0] * grid[1], grid)
+        return (grid[0] // self.factor, grid[1] // self.factor)
+
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """``(N, h*w, C) -> (N, h*w/k^2, D)`` with ``k = 1/scale``."""
         self.check_input(x)

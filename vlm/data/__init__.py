@@ -1,8 +1,9 @@
 """Data pipeline: records -> ``Sample`` -> ``Processor`` -> collators (see docs/data.md).
 
 Readers (``vlm.data.readers``), templates (``vlm.data.templates``), tokenizers (``TOKENIZERS``), the processor,
-collators and datasets are imported eagerly; image handling (``vlm.data.images``, ``tiling``, ``boxes``), the
-``shapes`` dataset and the named training datasets (``DATASETS``, ``vlm.data.datasets``) load on first access.
+collators and datasets are imported eagerly; image and video handling (``vlm.data.images``, ``tiling``, ``boxes``,
+``video``), the ``shapes`` dataset and the named training datasets (``DATASETS``, ``vlm.data.datasets``) load on first
+access.
 """
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ from vlm.data.dataset import BadSamples, ProcessedDataset, SampleDataset, TooMan
 from vlm.data.errors import DataError
 from vlm.data.processor import IGNORE_INDEX, Processor, SampleDropped
 from vlm.data.readers import READERS, Reader, SampleError, detect_format, load_records, make_reader
-from vlm.data.sample import ImageRef, Message, Sample
+from vlm.data.sample import ImageRef, Message, Sample, Video, VideoRef
 from vlm.data.templates import TEMPLATES, Template, build_template
 from vlm.data.tokenizer import TOKENIZERS, byte_tokenizer, load_tokenizer
 
 _LAZY = {"ImageProcessor": "vlm.data.images", "load_image": "vlm.data.images", "ImageInfo": "vlm.data.images",
-         "DATASETS": "vlm.data.datasets", "build_dataset": "vlm.data.datasets"}
+         "DATASETS": "vlm.data.datasets", "build_dataset": "vlm.data.datasets", "VideoProcessor": "vlm.data.video"}
 
 
 def __getattr__(name: str) -> Any:
@@ -52,6 +53,9 @@ __all__ = [
     "SampleError",
     "Template",
     "TooManyBadSamples",
+    "Video",
+    "VideoProcessor",
+    "VideoRef",
     "build_template",
     "build_dataset",
     "byte_tokenizer",

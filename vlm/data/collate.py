@@ -9,7 +9,8 @@
 
 Every batch's ``meta`` holds ``ids`` (per row: the sample ids in it), ``padding`` = ``{"tokens": real,
 "padded": total, "waste": 1 - real/total}`` and ``skipped`` (bad samples a dataset skipped to build this batch).
-``pixel_values`` concatenates every item's tiles in row-major token order; it is omitted when no item has images.
+``pixel_values`` concatenates every item's tiles in row-major token order (with ``image_grid_thw`` for native-resolution
+images: ``MEDIA_KEYS``); it is omitted when no item has images.
 """
 from __future__ import annotations
 
@@ -41,6 +42,12 @@ def _meta(items: Sequence[dict], rows: list[list[Any]] | None = None) -> dict[st
             "skipped": [s for m in metas for s in m.get("skipped", [])]}
 
 
+#: Per-image keys concatenated along dim 0 in item order (image ``k``'s rows follow image ``k - 1``'s): the pixels
+#: (``(N, 3, H, W)`` tiles, or ``(P, 3 * t * p * p)`` flat patches of native-resolution images) and, for the latter,
+#: each image's patch grid ``image_grid_thw (N, 3)`` (Qwen2-VL's convention, ``vlm.data.patches``)
+MEDIA_KEYS = ("pixel_values", "image_grid_thw")
+
+
 def _pixels(items: Sequence[dict]) -> torch.Tensor | None:
     pv = [it["pixel_values"] for it in items if it.get("pixel_values") is not None]
     if not pv:
@@ -49,6 +56,24 @@ def _pixels(items: Sequence[dict]) -> torch.Tensor | None:
     if len(shapes) > 1:
         raise ValueError(f"cannot batch images of different shapes {sorted(shapes)}: all tiles must share (3, H, W)")
     return torch.cat(pv)
+
+
+def _media(items: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """The batch's ``MEDIA_KEYS`` (those any item has), each concatenated in item order. Raises ``ValueError`` when
+    items with flat patches (``image_grid_thw``) meet items with tiles (``(n, 3, H, W)`` pixels): one batch holds one
+    kind of pixels."""
+    out: dict[str, torch.Tensor] = {}
+    pv = _pixels(items)
+    if pv is None:
+        return out
+    out["pixel_values"] = pv
+    with_grid = [it.get("image_grid_thw") is not None for it in items if it.get("pixel_values") is not None]
+    if any(with_grid) and not all(with_grid):
+        raise ValueError("cannot batch native-resolution images (flat patches with image_grid_thw) with fixed-size "
+                         "tiles (pixel_values (n, 3, H, W)): every item of a batch must come from the same layout")
+    if any(with_grid):
+        out["image_grid_thw"] = torch.cat([it["image_grid_thw"] for it in items if it.get("image_grid_thw") is not None])
+    return out
 
 
 class PadCollator:
@@ -61,7 +86,8 @@ class PadCollator:
         return_position_ids: add ``position_ids`` (0.. over real tokens, 0 on padding) to unpacked batches.
 
     Returns ``input_ids`` (B, L) long, ``attention_mask`` (B, L) long, ``labels`` (B, L) long (-100 on padding),
-    ``pixel_values`` (N, 3, H, W) if any, ``position_ids``/``segment_ids`` (B, L) when the items carry them, ``meta``.
+    ``pixel_values`` (N, 3, H, W) if any (native-resolution images: flat patches ``(P, D)`` and ``image_grid_thw``
+    ``(N, 3)``), ``position_ids``/``segment_ids`` (B, L) when the items carry them, ``meta``.
     """
 
     def __init__(self, pad_token_id: int, padding_side: str = "right", pad_to_multiple_of: int | None = None,
@@ -94,9 +120,7 @@ class PadCollator:
                 batch[key] = self._pad([it[key] for it in items], PAD_VALUES[key])
         if self.return_position_ids and "position_ids" not in batch:
             batch["position_ids"] = (batch["attention_mask"].cumsum(1) - 1).clamp_min(0) * batch["attention_mask"]
-        pv = _pixels(items)
-        if pv is not None:
-            batch["pixel_values"] = pv
+        batch.update(_media(items))
         batch["meta"] = _meta(items)
         batch["meta"]["padding"] = padding_stats(batch["attention_mask"])
         return batch
@@ -164,7 +188,7 @@ def concat_items(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     meta = {"ids": row_ids, "skipped": [s for it in items for s in (it.get("meta") or {}).get("skipped", [])],
             "samples": [it.get("meta") or {} for it in items]}
     return {"input_ids": torch.cat(ids), "labels": torch.cat(labels), "position_ids": torch.cat(pos),
-            "segment_ids": torch.cat(seg), "pixel_values": _pixels(items), "meta": meta}
+            "segment_ids": torch.cat(seg), "pixel_values": None, **_media(items), "meta": meta}
 
 
 class PackCollator:

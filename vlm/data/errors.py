@@ -18,15 +18,19 @@ class DataError(ValueError):
     """A record, image or box that cannot be used.
 
     Attributes: ``problem`` (str), ``sample_id`` (or ``None``), ``file`` (path/URL string, or ``None``), ``reason``
-    (the cause key: the class's own, or ``reason=``).
+    (the cause key: the class's own, or ``reason=``), ``media`` (what ``file`` is, named in the message: ``image``
+    or ``video``).
     """
 
     reason: str = "invalid"
+    media: str = "image"
 
     def __init__(self, problem: str, *, sample_id: Any = None, file: str | os.PathLike | None = None,
-                 reason: str | None = None) -> None:
+                 reason: str | None = None, media: str | None = None) -> None:
         if reason is not None:
             self.reason = reason
+        if media is not None:
+            self.media = media
         self.problem = problem
         self.sample_id = sample_id
         self.file = None if file is None else str(file)
@@ -34,15 +38,16 @@ class DataError(ValueError):
         if sample_id is not None:
             where.append(f"sample {sample_id!r}")
         if self.file is not None:
-            where.append(f"image {self.file!r}")
+            where.append(f"{self.media} {self.file!r}")
         super().__init__(": ".join(where + [problem]))
 
     def __reduce__(self):  # keep picklable across DataLoader workers (keyword-only args)
-        return (_rebuild, (type(self), self.problem, self.sample_id, self.file, self.reason))
+        return (_rebuild, (type(self), self.problem, self.sample_id, self.file, self.reason, self.media))
 
 
-def _rebuild(cls: type[DataError], problem: str, sample_id: Any, file: str | None, reason: str) -> DataError:
-    return cls(problem, sample_id=sample_id, file=file, reason=reason)
+def _rebuild(cls: type[DataError], problem: str, sample_id: Any, file: str | None, reason: str,
+             media: str = "image") -> DataError:
+    return cls(problem, sample_id=sample_id, file=file, reason=reason, media=media)
 
 
 class MissingImage(DataError):
@@ -73,6 +78,27 @@ class URLRefused(DataError):
     """An ``http(s)`` image while fetching URLs is disabled."""
 
     reason = "url"
+
+
+class MissingVideo(DataError):
+    """A video file (or a frame of a video given as frames) that does not exist."""
+
+    reason = "missing_video"
+    media = "video"
+
+
+class CorruptVideo(DataError):
+    """A video that exists but cannot be decoded (not a video, truncated, no video stream, ...)."""
+
+    reason = "corrupt_video"
+    media = "video"
+
+
+class EmptyVideo(DataError):
+    """A video with no frames (an empty frame list, a file whose stream decodes to nothing)."""
+
+    reason = "empty_video"
+    media = "video"
 
 
 #: what opening an image raised -> the error it becomes (first ``isinstance`` match; anything else is corrupt)

@@ -40,6 +40,8 @@ class ImageInfo:
     - ``grid``: ``(cols, rows)`` of tiles (``(1, 1)`` without tiling); ``best_resolution``: anyres ``(height, width)``.
     - ``frame``: the box frame. Without tiling it is the single output. With tiling it is the *global view*: the whole
       image resized to ``S x S`` (dynamic's thumbnail, anyres' base image) — boxes are not split across tiles.
+    - ``frame_size``: ``(width, height)`` of the box frame in pixels when it is not ``S x S`` (``native``: the image
+      at its resized size), else ``None``.
     """
 
     original_size: tuple[int, int]
@@ -51,6 +53,12 @@ class ImageInfo:
     grid: tuple[int, int] = (1, 1)
     best_resolution: tuple[int, int] | None = None
     extra: dict = field(default_factory=dict)
+    frame_size: tuple[int, int] | None = None
+
+    @property
+    def frame_wh(self) -> tuple[int, int]:
+        """``(width, height)`` of the box frame in pixels (``frame_size``, or ``S x S``)."""
+        return self.frame_size or (self.image_size, self.image_size)
 
     @property
     def num_images(self) -> int:
@@ -59,19 +67,21 @@ class ImageInfo:
     @property
     def changes_normalized_frame(self) -> bool:
         """True when coordinates normalized to the image (Qwen-VL ``[0, 1000)``) change meaning (pad, crop)."""
-        f, (w, h), s = self.frame, self.original_size, self.image_size
-        return not (abs(f.sx * w - s) < 1e-9 and abs(f.sy * h - s) < 1e-9 and f.ox == 0 and f.oy == 0)
+        f, (w, h), (fw, fh) = self.frame, self.original_size, self.frame_wh
+        return not (abs(f.sx * w - fw) < 1e-9 and abs(f.sy * h - fh) < 1e-9 and f.ox == 0 and f.oy == 0)
 
     def transform_box(self, box: Sequence[float], *, clip: bool = True, as_int: bool = False):
         """Map an absolute pixel box ``(x1, y1, x2, y2)`` of the original image into ``frame`` pixels.
 
-        With ``clip`` the result is clipped to ``[0, S]``; a box left with no area inside the frame (cropped away)
-        returns ``None``. ``as_int`` rounds to ints (for rewriting JSON boxes in text)."""
+        With ``clip`` the result is clipped to the frame (``[0, S]``, or ``frame_size``); a box left with no area
+        inside the frame (cropped away) returns ``None``. ``as_int`` rounds to ints (for rewriting JSON boxes in
+        text)."""
         x1, y1, x2, y2 = self.frame.box(box)
         if clip:
-            s = float(self.image_size)
+            fw, fh = (float(v) for v in self.frame_wh)
             had_area = x2 > x1 and y2 > y1
-            x1, y1, x2, y2 = (min(max(v, 0.0), s) for v in (x1, y1, x2, y2))
+            x1, x2 = (min(max(v, 0.0), fw) for v in (x1, x2))
+            y1, y2 = (min(max(v, 0.0), fh) for v in (y1, y2))
             if x2 < x1 or y2 < y1 or (had_area and (x2 == x1 or y2 == y1)):
                 return None
         out = (x1, y1, x2, y2)
@@ -91,5 +101,5 @@ class ImageInfo:
         px = self.transform_box((x1 / 1000 * w, y1 / 1000 * h, x2 / 1000 * w, y2 / 1000 * h))
         if px is None:
             return None
-        s = self.image_size
-        return tuple(min(max(int(round(v / s * 1000)), 0), 999) for v in px)
+        fw, fh = self.frame_wh
+        return tuple(min(max(int(round(v / s * 1000)), 0), 999) for v, s in zip(px, (fw, fh, fw, fh)))

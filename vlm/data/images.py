@@ -227,7 +227,8 @@ class ImageProcessor:
             return self.to_tensor(views), info
         lay = self.layout.layout(img, max_tiles=max_tiles)
         info = ImageInfo(img.size, self.image_size, self.layout.mode, lay.transforms, lay.kinds, lay.frame,
-                         grid=lay.grid, best_resolution=lay.best_resolution, extra=lay.extra)
+                         grid=lay.grid, best_resolution=lay.best_resolution, extra=lay.extra,
+                         frame_size=lay.frame_size)
         return self.to_tensor(lay.images), info
 
     def _single(self, img: Image.Image) -> tuple[list[Image.Image], ImageInfo]:

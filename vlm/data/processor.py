@@ -142,7 +142,10 @@ class Processor:
         config = getattr(model, "config", None)
         image_token = getattr(config, "image_token", None) or options.pop("image_token", "<image>")
         size = (image_processor.image_size, image_processor.image_size)
-        count = TokenCount(model.num_image_tokens, {size: int(model.num_image_tokens(size))})
+        # a picklable count (``vlm.image_tokens.ImageTokens``) when the model offers one: DataLoader workers then
+        # count sizes the main process never asked (native-resolution images)
+        rule = model.image_tokens() if hasattr(model, "image_tokens") else model.num_image_tokens
+        count = TokenCount(rule, {size: int(model.num_image_tokens(size))})
         proc = cls(tokenizer, template, image_processor, count, image_token=image_token, **options)
         model_id = getattr(config, "image_token_id", getattr(model, "image_token_id", None))
         if model_id is not None and model_id != proc.image_token_id:
@@ -230,7 +233,8 @@ class Processor:
         """Process one sample.
 
         Returns ``input_ids`` (L,) long, ``labels`` (L,) long (-100 = ignored; all -100 with
-        ``add_generation_prompt``), ``pixel_values`` (n_tiles_total, 3, S, S) float or ``None``, and ``meta``
+        ``add_generation_prompt``), ``pixel_values`` (n_tiles_total, 3, S, S) float or ``None`` (native
+        resolution: flat patches ``(P, D)`` and ``image_grid_thw (N, 3)``, see ``_pixels``), and ``meta``
         (``id``, ``num_tokens``, ``num_images``, ``tiles`` per image, ``image_sizes`` (w, h), ``image_info``,
         ``truncated``; ``target`` = the dropped final assistant text under ``add_generation_prompt``).
         Raises ``SampleError`` (a ``DataError``) naming the sample for any bad input.
@@ -298,8 +302,21 @@ class Processor:
         meta.update(num_tokens=int(input_ids.numel()), num_images=len(order), tiles=[t.shape[0] for t in tiles],
                     image_sizes=[tuple(i.original_size) if hasattr(i, "original_size") else None for i in infos],
                     image_info=infos, truncated=truncated)
-        return {"input_ids": input_ids, "labels": labels,
-                "pixel_values": torch.cat(tiles) if tiles else None, "meta": meta}
+        return {"input_ids": input_ids, "labels": labels, **self._pixels(tiles), "meta": meta}
+
+    def _pixels(self, tiles: list[torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        """The item's pixels: every view ``(n, 3, H, W)`` concatenated, or, when the layout hands its views to the
+        encoder as flat patches (``Layout.patch_options``: native resolution, each view its own size), ``pixel_values
+        (P, D)`` + ``image_grid_thw (N, 3)`` (``vlm.data.patches.concat_patches``)."""
+        if not tiles:
+            return {"pixel_values": None}
+        options = getattr(getattr(self.image_processor, "layout", None), "patch_options", None)
+        if options is None:
+            return {"pixel_values": torch.cat(tiles)}
+        from vlm.data.patches import concat_patches
+
+        pixel_values, grid_thw = concat_patches([view for t in tiles for view in t], **options)
+        return {"pixel_values": pixel_values, "image_grid_thw": grid_thw}
 
 
 def _overlaps(starts: torch.Tensor, ends: torch.Tensor, pieces: list[Piece]) -> torch.Tensor:
@@ -317,7 +334,9 @@ class TokenCount:
     """``(H, W) -> tokens per tile``: a constant, or a model's ``num_image_tokens`` memoized per size.
 
     Pickles without the model (DataLoader workers must not receive a copy of it): after unpickling only the sizes
-    already asked (``for_model`` pre-asks the processor's tile size) are known."""
+    already asked (``for_model`` pre-asks the processor's tile size) are known, unless the source is itself
+    picklable without the model (it states ``pickles_without_model``: ``vlm.image_tokens.ImageTokens``, which
+    ``for_model`` passes), which then counts any size."""
 
     def __init__(self, source: int | Callable[[tuple[int, int]], int], known: dict | None = None) -> None:
         self.constant = source if isinstance(source, int) else None
@@ -335,7 +354,9 @@ class TokenCount:
         return self.known[hw]
 
     def __getstate__(self) -> dict:
-        return {"constant": self.constant, "fn": None, "known": self.known}
+        portable = getattr(self.fn, "pickles_without_model", False)
+        return {"constant": self.constant, "fn": self.fn if portable else None,
+                "known": self.known}
 
 
 def _accepts(fn: Any, name: str) -> bool:

@@ -26,6 +26,7 @@ from torch import nn
 
 from vlm.dtypes import resolve_dtype
 from vlm.encoders.base import SELECT_STRATEGIES, VisionEncoder
+from vlm.layers import RMSNorm
 from vlm.encoders.internvit_keys import hf_to_ours
 from vlm.encoders.registry import ENCODERS
 from vlm.pretrained import CONFIG_FILE, check_pretrained_dir, load_strict, read_weights
@@ -34,21 +35,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NORM_TYPES = ("layer_norm", "rms_norm")
 ACTS = {"gelu": nn.GELU}
-
-
-class RMSNorm(nn.Module):
-    """``x / sqrt(mean(x^2) + eps) * weight`` over the last dim, computed in float32."""
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
 
 
 def make_norm(norm_type: str, dim: int, eps: float) -> nn.Module:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from vlm.data.collate import MEDIA_KEYS
 from vlm.devices import resolve_device
 from vlm.generation import stop_ids
 from vlm.inference.generate import decode, model_stop_ids
@@ -144,9 +145,9 @@ def generate_predictions(model: nn.Module, processor: Any, collator: Any, sample
         if lockstep:
             kwargs["min_new_tokens"] = max_new_tokens
         with torch.autocast(device.type, dtype=precision, enabled=precision != torch.float32):
-            new = model.generate(batch["input_ids"].to(device),
-                                 pixel_values=batch["pixel_values"].to(device) if "pixel_values" in batch else None,
-                                 attention_mask=batch["attention_mask"].to(device), **kwargs)
+            media = {key: batch[key].to(device) for key in MEDIA_KEYS if key in batch}
+            new = model.generate(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                                 **media, **kwargs)
         answers = iter(decode(tokenizer, new, stops))
         preds += [next(answers) if item is not None else None for item, _ in prompts]
     return preds, dropped

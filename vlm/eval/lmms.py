@@ -102,6 +102,7 @@ class VLMLmms(lmms):
 
     @torch.no_grad()
     def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
+        from vlm.data.collate import MEDIA_KEYS
         from vlm.inference.chat import image_placement, prompt_item
 
         results = []
@@ -113,8 +114,8 @@ class VLMLmms(lmms):
                                   placement=image_placement(self.model, self.processor))
             cont = self.processor.tokenizer(continuation, add_special_tokens=False)["input_ids"]
             ids = torch.cat([item["input_ids"], torch.tensor(cont, dtype=torch.long)])[None].to(device)
-            pv = item["pixel_values"].to(device) if item["pixel_values"] is not None else None
-            logits = self.model(ids, pv).logits[0, item["input_ids"].numel() - 1:-1].float()
+            media = {key: item[key].to(device) for key in MEDIA_KEYS if item.get(key) is not None}
+            logits = self.model(ids, **media).logits[0, item["input_ids"].numel() - 1:-1].float()
             target = torch.tensor(cont, device=device)
             logp = torch.log_softmax(logits, -1).gather(-1, target[:, None]).sum()
             results.append((float(logp), bool((logits.argmax(-1) == target).all())))

@@ -128,13 +128,14 @@ def check_context(model: Any, lengths: Sequence[int], max_new_tokens: int) -> No
 
 
 def _batch(model: Any, items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
-    from vlm.data.collate import PadCollator
+    from vlm.data.collate import MEDIA_KEYS, PadCollator
 
     batch = PadCollator(pad_id, padding_side="left")(list(items))
     device = next(model.parameters()).device
-    pv = batch.get("pixel_values")
-    return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device),
-            "pixel_values": None if pv is None else pv.to(device)}
+    out = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device),
+           "pixel_values": None}
+    out.update({key: batch[key].to(device) for key in MEDIA_KEYS if key in batch})
+    return out
 
 
 @torch.no_grad()
@@ -154,8 +155,8 @@ def generate_replies(model: Any, items: Sequence[dict[str, Any]], tokenizer: Any
     stops = model_stop_ids(model, opts.pop("eos_token_id", None))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
     batch = _batch(model, items, pad)
-    new = model.generate(batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"],
-                         eos_token_id=stops or None, pad_token_id=pad, streamer=streamer, **opts)
+    new = model.generate(batch.pop("input_ids"), attention_mask=batch.pop("attention_mask"),
+                         eos_token_id=stops or None, pad_token_id=pad, streamer=streamer, **batch, **opts)
     return [_reply(tokenizer, row, stops, stop, opts["max_new_tokens"]) for row in new]
 
 

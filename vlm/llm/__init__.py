@@ -2,7 +2,7 @@
 from typing import Any
 
 from vlm.llm.registry import LLMS
-from vlm.llm import hf_causal_lm  # noqa: F401  (registration)
+from vlm.llm import hf_causal_lm, mrope  # noqa: F401  (registration)
 from vlm.llm.hf_causal_lm import HFCausalLM
 
 

@@ -1,7 +1,9 @@
 """``hf_causal_lm``: any transformers causal LM, with image features injected into its input embeddings.
 
 No per-family subclass: the model's own ``get_input_embeddings`` embeds the ids, image features are scattered into
-the image-placeholder positions, and the model is called with ``inputs_embeds``.
+the image-placeholder positions, and the model is called with ``inputs_embeds``. A transformers text model with a
+base model (``AutoModel``) but no causal-LM class (Qwen2-VL's ``qwen2_vl_text``, Qwen2.5-VL's ``qwen2_5_vl_text``)
+becomes one through ``vlm.llm.base_lm.CausalLMFromBase`` (base model + ``lm_head``).
 """
 from __future__ import annotations
 
@@ -10,10 +12,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from vlm.dtypes import resolve_dtype
 from vlm.hf_config import check_config_keys, config_class_for
+from vlm.llm.base_lm import CausalLMFromBase, causal_lm_kind, language_model_keys
 from vlm.llm.keywords import accepted_keywords
 from vlm.llm.registry import LLMS
 from vlm.pretrained import FILE_KEYS, check_pretrained_dir
@@ -49,9 +52,6 @@ class HFCausalLM(nn.Module):
     trusted and not checked.
     """
 
-    #: how positions are numbered (``vlm.llm.positions.POSITION_SCHEMES``): 1-D for every causal LM today
-    position_scheme: str = "rope_1d"
-
     @staticmethod
     def check_options(config: dict[str, Any] | None = None, pretrained: str | None = None, strict_config: bool = True,
                       **_: Any) -> None:
@@ -74,13 +74,15 @@ class HFCausalLM(nn.Module):
         torch_dtype = resolve_dtype(dtype)
         if pretrained is not None:
             path = check_pretrained_dir(pretrained, "hf_causal_lm")
-            self.model = AutoModelForCausalLM.from_pretrained(
-                str(path), attn_implementation=attn_implementation, dtype=torch_dtype or torch.float32,
-                trust_remote_code=trust_remote_code, local_files_only=True)
+            self.model = load_pretrained(str(path), attn_implementation=attn_implementation,
+                                         dtype=torch_dtype or torch.float32, trust_remote_code=trust_remote_code)
         else:
-            self.model = AutoModelForCausalLM.from_config(
-                make_config(config, strict=strict_config), attn_implementation=attn_implementation,
-                trust_remote_code=trust_remote_code)
+            hf_config = make_config(config, strict=strict_config)
+            if causal_lm_kind(hf_config, trust_remote_code) == "base":
+                self.model = CausalLMFromBase._from_config(hf_config, attn_implementation=attn_implementation)
+            else:
+                self.model = AutoModelForCausalLM.from_config(
+                    hf_config, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
             if torch_dtype is not None:
                 self.model.to(torch_dtype)
         self.trust_remote_code = trust_remote_code
@@ -101,6 +103,20 @@ class HFCausalLM(nn.Module):
     def text_config(self) -> PretrainedConfig:
         cfg = self.model.config
         return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+    @property
+    def position_scheme(self) -> str:
+        """How positions are numbered (``vlm.llm.positions.POSITION_SCHEMES``), read from the transformers config:
+        ``"mrope"`` when its rope parameters hold an ``mrope_section`` (Qwen2-VL's text model; a rotary embedding
+        module stating ``mrope_section`` counts too, as transformers defaults it when the config omits it), else
+        ``"rope_1d"``."""
+        cfg = self.text_config
+        for params in (getattr(cfg, "rope_parameters", None), getattr(cfg, "rope_scaling", None)):
+            if isinstance(params, dict) and params.get("mrope_section") is not None:
+                return "mrope"
+        if any(getattr(m, "mrope_section", None) is not None for m in self.model.modules()):
+            return "mrope"
+        return "rope_1d"
 
     @property
     def hidden_size(self) -> int:
@@ -193,6 +209,27 @@ class HFCausalLM(nn.Module):
         if not self.strict_config:  # built from a dict with exotic keys: the rebuilt model must accept them too
             out["strict_config"] = False
         return out
+
+
+def load_pretrained(path: str, *, attn_implementation: str, dtype: torch.dtype,
+                    trust_remote_code: bool = False) -> PreTrainedModel:
+    """The causal LM of a local transformers directory: ``AutoModelForCausalLM`` when the family has a causal-LM
+    class; ``CausalLMFromBase`` for a text model with only a base model (a directory saved from one); and for a
+    multimodal directory whose text model is such (a saved ``Qwen2VLForConditionalGeneration``), its language model and
+    output head only (the other weights, the vision tower's, are not loaded)."""
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    kind = causal_lm_kind(config, trust_remote_code)
+    common = {"attn_implementation": attn_implementation, "dtype": dtype, "local_files_only": True}
+    if kind == "causal_lm":
+        return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **common)
+    if kind == "base":
+        return CausalLMFromBase.from_pretrained(path, config=config, **common)
+    text_config = config.get_text_config()
+    if text_config is not config and causal_lm_kind(text_config, trust_remote_code) == "base":
+        text_config.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        return CausalLMFromBase.from_pretrained(path, config=text_config, key_mapping=language_model_keys(config),
+                                                **common)
+    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **common)  # its error
 
 
 def make_config(config: dict[str, Any], strict: bool = True) -> PretrainedConfig:

@@ -25,7 +25,8 @@ class Views:
     """One image laid out. ``images[k]`` / ``transforms[k]`` / ``kinds[k]``: view ``k`` in tensor order, the map from
     original pixels into it, its role. ``frame``: the map into the view boxes are written in (the single view, or the
     global view of a tiled image). ``grid``: ``(cols, rows)`` of tiles; ``best_resolution``: anyres ``(height,
-    width)``; ``extra``: layout-specific geometry recorded in ``ImageInfo.extra``."""
+    width)``; ``extra``: layout-specific geometry recorded in ``ImageInfo.extra``; ``frame_size``: ``(width, height)``
+    of the box frame in pixels when it is not ``S x S`` (native resolution), else ``None``."""
 
     images: list[Image.Image]
     transforms: list[Affine]
@@ -34,6 +35,7 @@ class Views:
     grid: tuple[int, int] = (1, 1)
     best_resolution: tuple[int, int] | None = None
     extra: dict = field(default_factory=dict)
+    frame_size: tuple[int, int] | None = None
 
 
 class Layout:
@@ -41,6 +43,14 @@ class Layout:
     and implement ``check``, ``num_views`` and ``layout``."""
 
     mode: str = ""
+
+    @property
+    def patch_options(self) -> dict[str, int] | None:
+        """How the encoder takes this layout's views: ``None``: as pixel tensors ``(n, 3, H, W)`` (every tiling
+        layout); a dict (``patch_size``, ``temporal_patch_size``, ``merge_size``): as flat patches with a grid per
+        view (``vlm.data.patches.concat_patches``: ``pixel_values (P, D)`` + ``image_grid_thw (N, 3)``), which lets
+        the views of one batch have different sizes (native resolution)."""
+        return None
 
     def __init__(self, image_size: int, options: Mapping[str, Any]) -> None:
         """``options``: the checked options (``check``'s result, ``kind`` included)."""

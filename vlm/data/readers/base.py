@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image
 
 from vlm.data.errors import DataError
-from vlm.data.sample import ImageRef, ImageSource, Message, Part, Sample
+from vlm.data.sample import ImageRef, ImageSource, Message, Part, Sample, Video, VideoRef
 
 #: Role spellings found in the wild, mapped to the canonical ``system`` | ``user`` | ``assistant``.
 ROLE_ALIASES: dict[str, str] = {
@@ -35,23 +35,25 @@ class SampleError(DataError):
     """
 
     def __init__(self, problem: str, *, reason: str | None = None, index: int | None = None, sample_id: Any = None,
-                 file: str | os.PathLike | None = None, source: str | None = None) -> None:
-        super().__init__(problem, sample_id=sample_id, file=file, reason=reason)
+                 file: str | os.PathLike | None = None, source: str | None = None, media: str | None = None) -> None:
+        super().__init__(problem, sample_id=sample_id, file=file, reason=reason, media=media)
         self.index, self.source = index, source
         where = [] if source is None else [str(source)]
         who = [] if index is None else [f"sample #{index}"]
         if sample_id is not None and sample_id != index:
             who.append(f"(id {sample_id!r})" if who else f"sample {sample_id!r}")
         where += [" ".join(who)] if who else []
-        where += [] if self.file is None else [f"image {self.file!r}"]
+        where += [] if self.file is None else [f"{self.media} {self.file!r}"]
         self.args = (": ".join(where + [problem]),)
 
     def __reduce__(self):  # picklable across DataLoader workers
-        return (_rebuild, (type(self), self.problem, self.reason, self.index, self.sample_id, self.file, self.source))
+        return (_rebuild, (type(self), self.problem, self.reason, self.index, self.sample_id, self.file, self.source,
+                           self.media))
 
 
-def _rebuild(cls: type, problem: str, reason: str, index: Any, sample_id: Any, file: Any, source: Any) -> SampleError:
-    return cls(problem, reason=reason, index=index, sample_id=sample_id, file=file, source=source)
+def _rebuild(cls: type, problem: str, reason: str, index: Any, sample_id: Any, file: Any, source: Any,
+             media: str = "image") -> SampleError:
+    return cls(problem, reason=reason, index=index, sample_id=sample_id, file=file, source=source, media=media)
 
 
 def reason_of(err: BaseException) -> str:
@@ -70,7 +72,7 @@ def locate(err: DataError, *, index: int | None = None, sample_id: Any = None,
     cls = type(err) if isinstance(err, SampleError) else SampleError
     return cls(getattr(err, "problem", str(err)), reason=reason_of(err), index=pick("index", index),
                        sample_id=pick("sample_id", sample_id), file=getattr(err, "file", None),
-                       source=pick("source", source))
+                       source=pick("source", source), media=getattr(err, "media", None))
 
 
 def canonical_role(role: Any) -> str:
@@ -93,6 +95,24 @@ def split_placeholders(text: str, token: str, first_index: int) -> tuple[list[Pa
         if piece:
             parts.append(piece)
     return parts, index
+
+
+def split_videos(parts: list[Part], token: str, first_index: int) -> tuple[list[Part], int]:
+    """Split the text parts of ``parts`` on ``token`` (``<video>``) into text and ``VideoRef``s numbered from
+    ``first_index``; other parts are kept. Returns ``(parts, next_index)``; empty text pieces are dropped."""
+    out: list[Part] = []
+    index = first_index
+    for part in parts:
+        if not isinstance(part, str):
+            out.append(part)
+            continue
+        for i, piece in enumerate(part.split(token)):
+            if i > 0:
+                out.append(VideoRef(index))
+                index += 1
+            if piece:
+                out.append(piece)
+    return out, index
 
 
 def as_list(value: Any) -> list[Any]:
@@ -123,6 +143,8 @@ class Reader:
     name: str = "base"
     #: the record key holding the sample id (named in errors; the index is used when absent)
     id_key: str = "id"
+    #: the placeholder marking a video inside message text (formats with a top-level ``videos`` list)
+    video_token: str = "<video>"
 
     def __init__(self, image_folder: str | os.PathLike | None = None, allow_urls: bool = False,
                  check_files: bool = True, image_token: str = "<image>", source: str | None = None,
@@ -179,26 +201,51 @@ class Reader:
             raise SampleError(f"image entry {dict(src)!r} has neither 'bytes', 'path' nor 'url'", reason="format")
         if isinstance(src, (bytes, bytearray)):
             return self._from_bytes(bytes(src))
+        return self._path(src, "image")
+
+    def _path(self, src: Any, media: str) -> str:
+        """A path or URL source of ``media`` (``image`` | ``video``): URLs refused unless ``allow_urls``, relative paths
+        resolved against ``image_folder``, paths outside it refused unless ``allow_outside_root``, missing files
+        reported when ``check_files``."""
         if isinstance(src, os.PathLike):
             src = os.fspath(src)
         if not isinstance(src, str) or not src:
-            raise SampleError(f"bad image source {src!r}", reason="format")
+            raise SampleError(f"bad {media} source {src!r}", reason="format")
         if URL_RE.match(src):
             if not self.allow_urls:
-                raise SampleError(f"image URL {src!r} refused: fetching is off; pass allow_urls=True to enable it",
-                                reason="url", file=src)
+                raise SampleError(f"{media} URL {src!r} refused: fetching is off; pass allow_urls=True to enable it",
+                                reason="url", file=src, media=media)
             return src
         if src.startswith("data:"):
             return src
         src = src.removeprefix("file://")
         path = src if self.image_folder is None or os.path.isabs(src) else os.path.join(self.image_folder, src)
         if self.image_folder is not None and not self.allow_outside_root and not inside(path, self.image_folder):
-            raise SampleError(f"image path {src!r} leads outside the image folder {self.image_folder!r} (to "
+            raise SampleError(f"{media} path {src!r} leads outside the image folder {self.image_folder!r} (to "
                               f"{os.path.realpath(path)!r}); refused: pass allow_outside_root=True "
-                              f"(data.allow_outside_root=true) to read it", reason="outside_root", file=path)
+                              f"(data.allow_outside_root=true) to read it", reason="outside_root", file=path,
+                              media=media)
         if self.check_files and not os.path.isfile(path):
-            raise SampleError("image file not found", reason="missing_image", file=path)
+            raise SampleError(f"{media} file not found", reason=f"missing_{media}", file=path, media=media)
         return path
+
+    def video(self, src: Any, options: Mapping[str, Any] | None = None) -> Video:
+        """Resolve one video: a file path (``image``'s rules: ``image_folder``, URLs, outside the folder), an
+        undecoded ``{"bytes", "path"}`` dict, raw bytes, or a list of frames (each resolved as an image).
+        ``options``: its per-video sampling / budget options (``vlm.data.video.PER_VIDEO``), checked when it is
+        processed. An empty frame list raises ``SampleError`` (reason ``empty_video``)."""
+        if isinstance(src, Video):
+            return src
+        opts = dict(options or {})
+        if isinstance(src, (list, tuple)):
+            if not src:
+                raise SampleError("the video has no frames (an empty frame list)", reason="empty_video", media="video")
+            return Video([self.image(f) for f in src], opts)
+        if isinstance(src, (bytes, bytearray)) or (isinstance(src, Mapping) and src.get("bytes") is not None):
+            return Video(src, opts)
+        if isinstance(src, Mapping) and src.get("path") is not None:
+            return Video(self._path(src["path"], "video"), opts)
+        return Video(self._path(src, "video"), opts)
 
     @staticmethod
     def _from_bytes(data: Any) -> Image.Image:
