@@ -14,7 +14,7 @@ from vlm.data.processor import Processor
 from vlm.data.sample import ImageRef, Message, Sample
 from vlm.inference import generate_replies, processor_for
 from vlm.inference.chat import image_placement, prompt_item
-from vlm.train.evaluate import generate_predictions
+from vlm.eval.evaluator import generate_predictions
 
 NEW = 12
 

@@ -24,7 +24,7 @@ from vlm.data.processor import Processor
 from vlm.data.sample import ImageRef, Message, Sample
 from vlm.data.tokenizer import byte_tokenizer
 from vlm.interop import from_hf
-from vlm.train.evaluate import decode
+from vlm.eval.evaluator import decode
 
 QUESTION = "Which letter?"
 MAX_NEW = 8

@@ -79,3 +79,16 @@ def test_no_import_cycle_in_vlm():
     names = module_names()
     graph = {m: imports(m, p, names) for m, p in names.items()}
     assert cycles(graph) == []
+
+
+# the command line composes recipes (``data=OPTION``) with the recipe composer, which lives with training's config
+EVAL_MAY_IMPORT_FROM_TRAIN = {("vlm.eval.__main__", "vlm.train.config")}
+
+
+def test_evaluation_sits_below_training():
+    """No module of ``vlm/eval`` imports ``vlm.train`` (training's evaluation calls ``vlm.eval.evaluator``, not the
+    other way), besides the command line's recipe composer."""
+    names = module_names()
+    found = {(m, i) for m, p in names.items() if m == "vlm.eval" or m.startswith("vlm.eval.")
+             for i in imports(m, p, names) if i == "vlm.train" or i.startswith("vlm.train.")}
+    assert found <= EVAL_MAY_IMPORT_FROM_TRAIN, sorted(found - EVAL_MAY_IMPORT_FROM_TRAIN)

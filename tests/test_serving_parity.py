@@ -164,7 +164,7 @@ def test_evaluation_stops_where_chat_stops_on_an_imported_directory(tmp_path):
     reply, run past the pad."""
     from vlm.data.collate import PadCollator
     from vlm.data.sample import ImageRef, Message, Sample
-    from vlm.train.evaluate import generate_predictions
+    from vlm.eval.evaluator import generate_predictions
 
     model = pad_model("llava", "later")
     pad = model.tokenizer.pad_token_id

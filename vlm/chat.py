@@ -29,7 +29,7 @@ class Session:
 
     def __init__(self, model: Any, processor: Any, out_dir: Path, out: TextIO | None = None,
                  **generate_kwargs: Any) -> None:
-        from vlm.train.evaluate import model_frame
+        from vlm.eval.evaluator import model_frame
 
         self.model, self.processor, self.out_dir, self.out = model, processor, out_dir, out or sys.stdout
         self.generate_kwargs = generate_kwargs

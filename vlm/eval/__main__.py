@@ -7,7 +7,7 @@ a transformers directory. ``data=files data.eval=my/val.json`` evaluates your ow
 built-in shapes validation split; any ``recipes/data`` option works (its ``eval.data`` entry is the set). Writes
 ``eval.json``, ``predictions.jsonl``, ``report.md`` and ``gallery/*.png`` to ``--out`` (default
 ``MODEL_DIR/eval/<data>``) and prints the table. This is the same function training's evaluation calls
-(``vlm.train.evaluate.evaluate``)."""
+(``vlm.eval.evaluator.evaluate``)."""
 from __future__ import annotations
 
 import sys
@@ -52,12 +52,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     import torch
 
     from vlm.data.datasets import build_dataset
+    from vlm.eval.evaluator import OneProcess, evaluate, format_table, model_frame
     from vlm.eval.report import write_report
     from vlm.inference.chat import processor_for
     from vlm.inference.load import open_model
-    from vlm.train.distributed import Strategy
-    from vlm.train.evaluate import evaluate, format_table, model_frame
-    from vlm.train.schema import TrainerConfig
 
     ap = argparse.ArgumentParser(prog="python -m vlm.eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,11 +79,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     model = opened.model
     spec, data_name = data_spec(opened, a.overrides, model.image_size)
     samples = build_dataset(spec)
-    strategy = Strategy(TrainerConfig(device=a.device))
-    strategy.setup()
-    model.to(strategy.device)
+    workers = OneProcess(a.device)
+    model.to(workers.device)
     processor = processor_for(model, a.template or opened.template, truncation="drop")
-    metrics, records = evaluate(model, strategy, processor, samples, batch_size=a.batch_size,
+    metrics, records = evaluate(model, workers, processor, samples, batch_size=a.batch_size,
                                 max_new_tokens=a.max_new_tokens, precision=torch.float32, limit=a.limit,
                                 progress=True)
     out = Path(a.out) if a.out else Path(a.model_dir) / "eval" / data_name

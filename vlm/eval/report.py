@@ -58,7 +58,7 @@ def write_report(out: Path, metrics: dict[str, float], records: Sequence[dict[st
                  json_frame: tuple[int, int] | None = None) -> Path:
     """Write ``eval.json`` ({metrics, info}), ``predictions.jsonl``, ``gallery/*.png`` (the first ``gallery``
     answered samples) and ``report.md`` into ``out``; returns the report's path."""
-    from vlm.train.evaluate import format_table
+    from vlm.eval.evaluator import format_table
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps({"metrics": metrics, **info}, indent=1, default=str))

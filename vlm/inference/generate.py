@@ -3,7 +3,7 @@ and streaming.
 
 ``generate_replies(model, items, tokenizer, ...)`` takes processor outputs (``Processor(sample,
 add_generation_prompt=True)``), pads them on the left, calls ``VLM.generate`` once and decodes each row exactly as
-training's evaluation does (``vlm.train.evaluate.decode``: cut at the first stop id, special tokens kept), cuts it
+training's evaluation does (``vlm.eval.evaluator.decode``: cut at the first stop id, special tokens kept), cuts it
 at the first stop string to be complete and strips its outer whitespace (``reply_text``). The stop ids are the
 model's ``generation["eos_token_id"]`` and nothing else (``vlm.generation``: the same list an export writes, so served
 transformers stops where vlm stops). ``stream_reply`` runs the same generation for one prompt in a thread and yields

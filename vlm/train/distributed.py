@@ -20,24 +20,13 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from vlm.devices import resolve_device
 from vlm.registry import Registry
 from vlm.train.policy import layer_stack
 
 STRATEGIES: Registry["Strategy"] = Registry("strategy")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> the local CUDA device if there is one, else CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"trainer.device={name!r} but CUDA is not available; use trainer.device=cpu")
-        if name == "cuda":
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(name)
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:

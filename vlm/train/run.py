@@ -26,7 +26,7 @@ from vlm.train.build import build_tokenizer
 from vlm.train.config import check, compose
 from vlm.train.config_check import check_runnable
 from vlm.train.distributed import build_strategy
-from vlm.train.evaluate import format_table
+from vlm.eval.evaluator import format_table
 from vlm.train.export import STAGE_WEIGHTS, resolve_weights
 from vlm.train.interrupt import stop_on_sigterm, with_run
 from vlm.train.loggers import RunLogger

@@ -22,10 +22,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     import vlm
     from vlm.data.datasets import build_dataset
     from vlm.data.processor import Processor
+    from vlm.eval.evaluator import OneProcess, evaluate, format_table
     from vlm.registry import to_dict
-    from vlm.train.distributed import Strategy
-    from vlm.train.evaluate import evaluate, format_table
-    from vlm.train.schema import TrainerConfig
 
     ap = argparse.ArgumentParser(prog="python -m vlm.train.score", description=main.__doc__)
     ap.add_argument("path")
@@ -47,11 +45,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         if run_cfg is not None and run_cfg.eval.data else {"name": "shapes", "image_size": model.image_size}
     spec.update(split=a.split, size=a.size)
     samples = build_dataset(spec)
-    strategy = Strategy(TrainerConfig(device="auto"))
-    strategy.setup()
-    model.to(strategy.device)
+    workers = OneProcess("auto")
+    model.to(workers.device)
     processor = Processor.for_model(model, model.tokenizer, template=template)
-    metrics, _ = evaluate(model, strategy, processor, samples, batch_size=a.batch_size,
+    metrics, _ = evaluate(model, workers, processor, samples, batch_size=a.batch_size,
                           max_new_tokens=a.max_new_tokens, precision=torch.float32)
     print(format_table(metrics))
     if a.out:

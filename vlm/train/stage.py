@@ -28,7 +28,7 @@ from vlm.train.checkpoint import DONE, CheckpointManager, stage_done
 from vlm.train.errors import ConfigError
 from vlm.train.schema import stage_config, trainer_config
 from vlm.train.distributed import Strategy, resolve_precision
-from vlm.train.evaluate import evaluate
+from vlm.eval.evaluator import evaluate
 from vlm.train.export import STAGE_WEIGHTS, export_final, load_weights, merge_lora_state, trained_names, \
     write_stage_weights
 from vlm.train.interrupt import kill_point

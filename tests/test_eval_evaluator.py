@@ -1,4 +1,5 @@
-"""Evaluation never answers a cut prompt: prompts the processor drops are counted and reported, not generated from."""
+"""Evaluation never answers a cut prompt: prompts the processor drops are counted and reported, not generated from.
+The same on training's strategy and on ``python -m vlm.eval``'s ``OneProcess``."""
 from __future__ import annotations
 
 import pytest
@@ -9,8 +10,8 @@ from torch import nn
 
 from vlm.data.sample import ImageRef, Message, Sample
 from vlm.data.tokenizer import byte_tokenizer
+from vlm.eval.evaluator import OneProcess, evaluate, format_table
 from vlm.train.distributed import Strategy
-from vlm.train.evaluate import evaluate, format_table
 
 HEADER = "<|im_start|>assistant\n"
 
@@ -34,15 +35,19 @@ def sample(i: int, question: str, answer: str = "blue") -> Sample:
                   [Image.new("RGB", (8, 8))], id=f"s{i}")
 
 
+WORKERS = {"strategy": lambda: Strategy(None), "one_process": lambda: OneProcess("cpu")}
+
+
+@pytest.mark.parametrize("workers", sorted(WORKERS))
 @pytest.mark.parametrize("lockstep", [False, True])
-def test_dropped_prompts_are_counted_not_answered(lockstep):
+def test_dropped_prompts_are_counted_not_answered(lockstep, workers):
     tok = byte_tokenizer()
     proc = processor(tok, "chatml", k=2, max_length=40)
     long_q = "Which shape is closest to the top left corner of the picture, and what colour is it? " * 3
     samples = [sample(0, long_q), sample(1, "Colour?"), sample(2, long_q), sample(3, long_q, "red"),
                sample(4, "Shape?", "red")]
     model = Echo(tok)
-    metrics, records = evaluate(model, Strategy(None), proc, samples, batch_size=1 if lockstep else 2,
+    metrics, records = evaluate(model, WORKERS[workers](), proc, samples, batch_size=1 if lockstep else 2,
                                 max_new_tokens=3, precision=torch.float32, lockstep=lockstep)
     assert metrics["answer"] == 0.5 and metrics["answer/n"] == 2  # s1 right, s4 wrong; 3 not scored
     assert metrics["eval_dropped"] == 3

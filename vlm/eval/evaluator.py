@@ -10,22 +10,66 @@ the same number of tokens (no early stop) so the sharded forward passes stay in 
 A prompt the processor drops (``SampleDropped``: longer than ``max_length`` -- generation prompts are never cut --
 or over the tile budget) is not answered: it is left out of the scores and counted in ``eval_dropped`` (its record
 says why).
+
+Evaluation sits below training: it imports nothing from ``vlm.train``. The processes it runs on are passed in as
+``Workers``: training's periodic evaluation passes its strategy (``vlm.train.distributed.Strategy``), ``python -m
+vlm.eval`` a ``OneProcess``.
 """
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from vlm.data.collate import MEDIA_KEYS
+from vlm.devices import resolve_device
 from vlm.generation import stop_ids
 from vlm.inference.generate import decode, model_stop_ids
 from vlm.metrics import count_key, score_keys
 from vlm.objectives import TrainModule
-from vlm.train.distributed import Strategy
+
+
+class Workers(Protocol):
+    """The processes an evaluation runs on: what ``evaluate`` asks of them. Training's strategy
+    (``vlm.train.distributed.Strategy``) is one; ``OneProcess`` is the single process of ``python -m vlm.eval``."""
+
+    rank: int  # this process, in 0 .. world_size - 1
+    world_size: int
+    device: torch.device  # where this process generates
+
+    @property
+    def is_main(self) -> bool: ...
+
+    def inference(self, wrapped: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+        """The module to call ``generate`` on (all processes enter together)."""
+        ...
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every process's ``obj``, in rank order, on every process."""
+        ...
+
+
+class OneProcess:
+    """``Workers`` of one process on ``device`` (``auto``: the local CUDA device if there is one, else CPU; a CUDA
+    device becomes the current one). Raises ``RuntimeError`` for a CUDA device without CUDA."""
+
+    rank, world_size, is_main = 0, 1, True
+
+    def __init__(self, device: str = "auto") -> None:
+        self.device = resolve_device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+    @contextlib.contextmanager
+    def inference(self, wrapped: nn.Module) -> Iterator[nn.Module]:
+        yield getattr(wrapped, "module", wrapped)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
 
 
 def model_frame(processor: Any) -> tuple[int, int] | None:
@@ -109,32 +153,32 @@ def generate_predictions(model: nn.Module, processor: Any, collator: Any, sample
     return preds, dropped
 
 
-def evaluate(wrapped: nn.Module, strategy: Strategy, processor: Any, samples: Any, *, batch_size: int,
+def evaluate(wrapped: nn.Module, workers: Workers, processor: Any, samples: Any, *, batch_size: int,
              max_new_tokens: int, precision: torch.dtype, limit: int | None = None,
              lockstep: bool = False, progress: bool = False) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Metrics (on every rank) and, on rank 0, one record per sample (id, task, prediction, target).
 
     Samples that cannot be read (a missing image, ...) or whose prompt the processor drops are not scored (each
-    index is its own sample: a bad one is never replaced by the next); ``metrics["eval_dropped"]`` (present when > 0) counts
-    them and their records carry ``prediction: None`` and ``dropped`` (the reason)."""
+    index is its own sample: a bad one is never replaced by the next); ``metrics["eval_dropped"]`` (present when
+    > 0) counts them and their records carry ``prediction: None`` and ``dropped`` (the reason)."""
     from vlm.data.collate import PadCollator
 
     n = len(samples) if limit is None else min(limit, len(samples))
-    mine = list(range(strategy.rank, n, strategy.world_size))
-    per_rank = -(-n // strategy.world_size)
+    mine = list(range(workers.rank, n, workers.world_size))
+    per_rank = -(-n // workers.world_size)
     mine += mine[-1:] * (per_rank - len(mine)) if mine else [0] * per_rank  # equal work on every rank
     collator = PadCollator(processor.tokenizer.pad_token_id, padding_side="left")
     t0 = time.perf_counter()
     was_training = wrapped.training
     wrapped.eval()
-    with strategy.inference(wrapped) as module:
+    with workers.inference(wrapped) as module:
         model = module.model if isinstance(module, TrainModule) else module  # a stage's: generate with its model
         fetched = {i: _fetch(samples, i) for i in dict.fromkeys(mine)}
         preds, dropped = generate_predictions(model, processor, collator, [fetched[i] for i in mine], batch_size,
-                                              max_new_tokens, strategy.device, precision, lockstep,
-                                              progress=progress and strategy.is_main)
+                                              max_new_tokens, workers.device, precision, lockstep,
+                                              progress=progress and workers.is_main)
     wrapped.train(was_training)
-    gathered = strategy.all_gather_object(list(zip(mine, preds, dropped)))
+    gathered = workers.all_gather_object(list(zip(mine, preds, dropped)))
     by_index: dict[int, tuple[str | None, str | None]] = {}
     for part in gathered:
         for i, p, why in part:
