@@ -61,8 +61,9 @@ def _image_size(path: str, image_root: str | None, mtime: float, allow_outside_r
         return side
     if not with_images:
         return None
+    more = f"; and {len(unreadable) - 1} more" if len(unreadable) > 1 else ""
     raise ValueError(f"none of the images of its first {with_images} samples with images can be read "
-                     f"({'; '.join(unreadable[:3])}); expected readable images (relative paths start from the data "
+                     f"({unreadable[0]}{more}); expected readable images (relative paths start from the data "
                      f"file's folder, or data.image_root), or set data.image_size=N (px) to size the model without "
                      f"measuring them")
 
