@@ -272,7 +272,7 @@ def test_max_length_is_checked_against_the_data_naming_the_longest_sample(text_d
     assert run(off).stages  # cut or dropped per the processor's policy instead
 
 
-def test_text_only_samples_are_counted_skips_of_stages_whose_objective_needs_an_image(text_data, tmp_path):
+def test_text_only_samples_are_counted_skips_of_stages_whose_objective_needs_an_image(text_data, tmp_path, capsys):
     """A mixture of image and text-only samples (every SFT mixture): ``tiny``'s readout stage (one image per
     sample, ``Objective.images_per_sample``) skips the text-only ones as named skips; the lm stages train on all."""
     records = json.loads((text_data / "train.json").read_text())
@@ -290,6 +290,10 @@ def test_text_only_samples_are_counted_skips_of_stages_whose_objective_needs_an_
     assert readout.get("images_per_sample", 0) >= 1, by_stage["readout"].skipped_samples
     for name in ("pretrain", "sft"):
         assert "images_per_sample" not in by_stage[name].skipped_samples.get("by_reason", {})
+    # worded as the stage's choice, not as bad data
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[readout] data.")]
+    summary = next(line for line in said if "images_per_sample" in line)
+    assert "this stage does not train on, by its own choice, not bad data" in summary and "bad sample" not in summary
 
 
 def test_an_unreadable_evaluation_sample_is_dropped_not_replaced_by_its_neighbour(text_data, tmp_path):
