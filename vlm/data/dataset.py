@@ -44,7 +44,7 @@ class TooManyBadSamples(DataError):
 
     @classmethod
     def over_limit(cls, where: str, bad: int, num_samples: int, max_fraction: float, summary: str,
-                   option: str = "max_bad_fraction", override: str | None = None) -> "TooManyBadSamples":
+                   option: str = "max_bad_fraction", override: str | None = None) -> TooManyBadSamples:
         """``bad`` of ``num_samples`` are more than ``max_fraction`` allows; the message names ``option`` (the key)
         and ``override``, the exact override that raises the limit (default ``option``)."""
         override = override or option
@@ -53,7 +53,7 @@ class TooManyBadSamples(DataError):
                    f"Fix the data, or raise the limit: {override}=FRACTION (1.0 skips any number of bad samples).",
                    (where, bad, num_samples, max_fraction, summary))
 
-    def for_key(self, option: str, override: str | None = None) -> "TooManyBadSamples":
+    def for_key(self, option: str, override: str | None = None) -> TooManyBadSamples:
         """This error naming ``option`` / ``override`` as the limit's key (itself when it is not over a limit)."""
         return self if self.limit is None else self.over_limit(*self.limit, option=option, override=override)
 
