@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Record a vlm.chat session on a trained run: a shapes validation image, a grounding question, the reply streamed,
 # the annotated image saved. Writes docs/images/chat/question.png, docs/images/chat/boxes_001.png (when the reply
-# holds a box) and docs/chat_session.txt (the transcript), for docs/inference.md.
+# holds a box), docs/chat_session.txt (the transcript) and docs/chat_history.json (the history, save_history's
+# format: its image in docs/chat_history_images/), for docs/inference.md.
 #   bash scripts/record_chat.sh runs/tiny/<run>          (the default job: python -m vlm.train)
 set -euo pipefail
 RUN="$(cd "${1:?usage: bash scripts/record_chat.sh RUN_DIR}" && pwd)"

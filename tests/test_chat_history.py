@@ -79,3 +79,21 @@ def test_load_names_a_bad_file(tmp_path):
     (tmp_path / "x.json").write_text(json.dumps([{"role": "user", "content": [{"type": "image", "image": "a.png"}]}]))
     with pytest.raises(FileNotFoundError, match="a.png"):
         load_history(tmp_path / "x.json")
+
+
+def test_the_shipped_history_loads_and_is_the_recorded_session():
+    """docs/chat_history.json is what save_history writes (its image beside it, in chat_history_images/): it loads,
+    its image is the recorded question image and its turns are the transcript's (docs/chat_session.txt). The file
+    shipped before named the image by a path from the repository root, which load_history cannot read."""
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    history = load_history(docs / "chat_history.json")
+    image = history[0]["content"][0]["image"]
+    assert Path(image).parent == docs / "chat_history_images"
+    assert np.array_equal(np.asarray(Image.open(image).convert("RGB")),
+                          np.asarray(Image.open(docs / "images" / "chat" / "question.png").convert("RGB")))
+    said = {line.split(": ", 1)[0]: line.split(": ", 1)[1] for line in (docs / "chat_session.txt").read_text()
+            .splitlines() if line.startswith(("you: ", "assistant: ")) and not line.startswith("you: /")}
+    assert history[0]["content"][1]["text"] == said["you"]
+    assert history[1]["content"][0]["text"] == said["assistant"]

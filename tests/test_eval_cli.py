@@ -67,3 +67,25 @@ def test_eval_rejects_a_directory_that_is_not_a_model(tmp_path):
         main([str(tmp_path), "data=shapes"])
     with pytest.raises(SystemExit, match="not a directory"):
         main([str(tmp_path / "nope"), "data=shapes"])
+
+
+def test_eval_drops_a_blank_reference_and_reports_the_evaluated_file(model_dir, tmp_path):
+    """A blank reference answer is a named drop (not a traceback); report.md says which file was evaluated (it
+    listed the data spec, whose first key read 'train' for the evaluation file); the gallery shows each answered
+    sample itself, not the neighbour a skipping dataset serves in a dropped one's place."""
+    data = write_data(tmp_path)
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    records[0].pop("answers")
+    records[0]["messages"][-1]["content"] = "  "
+    data.write_text("\n".join(json.dumps(r) for r in records))
+    out = tmp_path / "out"
+    metrics = main([str(model_dir), "data=files", f"data.eval={data}", "--out", str(out), "--max-new-tokens", "4",
+                    "--batch-size", "3", "--device", "cpu"])
+    assert metrics["eval_dropped"] == 1 and "colour" not in metrics and metrics["all/n"] == 2
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert preds[0]["prediction"] is None and "blank reference answer '  '" in preds[0]["dropped"]
+    report = (out / "report.md").read_text()
+    assert f"- data: `{data}`" in report and "'train'" not in report
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["data"] == str(data) and saved["data_config"]["eval"] == str(data)
+    assert sorted(p.name for p in (out / "gallery").glob("*.png")) == ["001.png", "002.png", "003.png"]

@@ -67,3 +67,43 @@ def test_nothing_dropped_keeps_the_usual_metrics():
                                 [sample(0, "Colour?")], batch_size=4, max_new_tokens=3, precision=torch.float32)
     assert "eval_dropped" not in metrics and metrics["answer"] == 1.0 and "dropped" not in records[0]
     assert "not evaluated" not in format_table(metrics)
+
+
+def _qa(i: int, answer, **extra) -> dict:
+    return {"id": f"q{i}", "messages": [{"role": "user", "content": f"Colour {i}?"},
+                                        {"role": "assistant", "content": answer}], **extra}
+
+
+BLANK_REFERENCES = {  # record -> what the drop says
+    "spaces": (_qa(1, "   "), "blank reference answer '   '"),
+    "newline": (_qa(2, "\n\t"), "blank reference answer"),
+    "empty": (_qa(3, ""), ""),  # the reader's own drop or the blank reference: either way named, not scored
+    "answers": (_qa(4, "blue", answers=["blue", " "]), "blank reference answer in answers="),
+    "captions": (_qa(5, "a cat", captions=["", "a cat"]), "blank reference answer in captions="),
+    "choice": (_qa(6, "D", options=["red", "blue"]), "names none of the 2 options"),
+    "no_answer": ({"id": "q7", "messages": [{"role": "user", "content": "Colour?"}]}, "no reference answer"),
+    "metric": (_qa(8, "blue", metric="bleu"), "metric 'bleu' is not one of"),
+}
+
+
+@pytest.mark.parametrize("case", list(BLANK_REFERENCES))
+def test_a_sample_without_a_usable_reference_is_a_named_drop(case, tmp_path):
+    """An evaluation file whose sample has a blank reference answer (or none, or one that names no option) drops that
+    sample, named by file, id and what was wrong, counted in eval_dropped; the others are scored (it used to stop
+    the run with a traceback after training)."""
+    import json
+
+    from vlm.data.files import files
+
+    record, says = BLANK_REFERENCES[case]
+    path = tmp_path / "val.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in (_qa(0, "blue"), record, _qa(9, "red"))))
+    samples = files(str(path), str(path), part="eval")
+    tok = byte_tokenizer()
+    metrics, records = evaluate(Echo(tok), Strategy(None), processor(tok, "chatml", k=2, max_length=64), samples,
+                                batch_size=2, max_new_tokens=3, precision=torch.float32)
+    assert metrics["eval_dropped"] == 1 and metrics["all/n"] == 2 and metrics["all"] == 0.5
+    assert [r["prediction"] for r in records] == ["blue", None, "blue"]
+    why = records[1]["dropped"]
+    assert f"{path}: sample #1 (id {record['id']!r})" in why and says in why, why
+    assert samples.bad.total == 1

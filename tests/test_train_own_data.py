@@ -40,7 +40,8 @@ def text_data(tmp_path_factory) -> Path:
 
 
 def files_overrides(d: Path, *extra: str) -> list[str]:
-    return ["data=files", f"data.train={d / 'train.json'}", "data.heldout=6", *extra]
+    held = [] if any(e.startswith("data.eval=") for e in extra) else ["data.heldout=6"]  # with data.eval: an error
+    return ["data=files", f"data.train={d / 'train.json'}", *held, *extra]
 
 
 @pytest.mark.parametrize("recipe", ["tiny", "micro"])
@@ -93,7 +94,8 @@ def test_images_resolve_against_the_files_folder_or_image_root(text_data, tmp_pa
                             "data.heldout=6"])
     sample = build_dataset(cfg.data.sft).sample(0)
     assert Path(sample.images[0]) == text_data / records[0]["image"]
-    with pytest.raises(ConfigError, match=r"data\.image_size: cannot measure the images .*image file not found"):
+    with pytest.raises(ConfigError, match=r"^data\.train=.*: none of the images .*image file not found.*; and 35 "
+                                          r"more\); .*or set data\.image_size=N"):
         compose("tiny", ["data=files", f"data.train={moved / 'train.json'}", "data.heldout=6"])
 
 
@@ -270,7 +272,7 @@ def test_max_length_is_checked_against_the_data_naming_the_longest_sample(text_d
     assert run(off).stages  # cut or dropped per the processor's policy instead
 
 
-def test_text_only_samples_are_counted_skips_of_stages_whose_objective_needs_an_image(text_data, tmp_path):
+def test_text_only_samples_are_counted_skips_of_stages_whose_objective_needs_an_image(text_data, tmp_path, capsys):
     """A mixture of image and text-only samples (every SFT mixture): ``tiny``'s readout stage (one image per
     sample, ``Objective.images_per_sample``) skips the text-only ones as named skips; the lm stages train on all."""
     records = json.loads((text_data / "train.json").read_text())
@@ -288,6 +290,10 @@ def test_text_only_samples_are_counted_skips_of_stages_whose_objective_needs_an_
     assert readout.get("images_per_sample", 0) >= 1, by_stage["readout"].skipped_samples
     for name in ("pretrain", "sft"):
         assert "images_per_sample" not in by_stage[name].skipped_samples.get("by_reason", {})
+    # worded as the stage's choice, not as bad data
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[readout] data.")]
+    summary = next(line for line in said if "images_per_sample" in line)
+    assert "this stage does not train on, by its own choice, not bad data" in summary and "bad sample" not in summary
 
 
 def test_an_unreadable_evaluation_sample_is_dropped_not_replaced_by_its_neighbour(text_data, tmp_path):
@@ -297,7 +303,8 @@ def test_an_unreadable_evaluation_sample_is_dropped_not_replaced_by_its_neighbou
     val[1] = {**val[1], "image": "gone.png"}
     (text_data / "val_bad.json").write_text(json.dumps(val))
     cfg = compose("micro", files_overrides(text_data, f"data.eval={text_data / 'val_bad.json'}",
-                                           "+data.val.max_bad_fraction=1.0",
+                                           # 1 of 6 is over data.max_bad_fraction: a dropped evaluation
+                                           # sample is counted, it stops nothing
                                            *small_steps(["pretrain", "sft"]), "eval.limit=6",
                                            f"output_dir={tmp_path}"))
     res = run(cfg)

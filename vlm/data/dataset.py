@@ -30,13 +30,32 @@ log = logging.getLogger(__name__)
 
 
 class TooManyBadSamples(DataError):
-    """More of a dataset is bad than ``max_bad_fraction`` allows, or every sample tried in a row was bad."""
+    """More of a dataset is bad than ``max_bad_fraction`` allows, or every sample tried in a row was bad.
 
-    def __init__(self, problem: str) -> None:
+    Over the fraction (``over_limit``), the error keeps what it counted (``limit``), so that whoever knows where the
+    limit is configured can name that key (``for_key``): a data set built alone does not know it, its stage does."""
+
+    def __init__(self, problem: str, limit: tuple[Any, ...] | None = None) -> None:
         super().__init__(problem)
+        self.limit = limit
 
     def __reduce__(self):  # picklable across DataLoader workers
-        return (type(self), (self.problem,))
+        return (type(self), (self.problem, self.limit))
+
+    @classmethod
+    def over_limit(cls, where: str, bad: int, num_samples: int, max_fraction: float, summary: str,
+                   option: str = "max_bad_fraction", override: str | None = None) -> TooManyBadSamples:
+        """``bad`` of ``num_samples`` are more than ``max_fraction`` allows; the message names ``option`` (the key)
+        and ``override``, the exact override that raises the limit (default ``option``)."""
+        override = override or option
+        return cls(f"{where}: {bad} of its {num_samples} samples are bad ({bad / num_samples:.1%} found so far), "
+                   f"more than {option}={max_fraction:g} allows ({int(max_fraction * num_samples)}); {summary}\n"
+                   f"Fix the data, or raise the limit: {override}=FRACTION (1.0 skips any number of bad samples).",
+                   (where, bad, num_samples, max_fraction, summary))
+
+    def for_key(self, option: str, override: str | None = None) -> TooManyBadSamples:
+        """This error naming ``option`` / ``override`` as the limit's key (itself when it is not over a limit)."""
+        return self if self.limit is None else self.over_limit(*self.limit, option=option, override=override)
 
 
 #: skip reasons that are a stage's choice, not a fault of the sample (``Objective.images_per_sample``)
@@ -93,25 +112,40 @@ class BadSamples:
         """``{"total", "by_reason", "examples"}`` (what ``result.json`` and ``metrics.jsonl`` record)."""
         return {"total": self.total, "by_reason": dict(self.counts.most_common()), "examples": list(self.examples)}
 
+    @property
+    def policy_total(self) -> int:
+        """Samples skipped by the stage's own choice (``POLICY_REASONS``): fine data another stage trains on."""
+        return sum(n for r, n in self.counts.items() if r in POLICY_REASONS)
+
     def summary(self) -> str:
+        """``skipped N bad sample(s) (reason: n, ...)``, then the samples the stage left out by its own choice
+        (``POLICY_REASONS``: not bad data, worded apart), then the first messages."""
         if not self.total:
             return "no bad samples"
-        by = ", ".join(f"{r}: {n}" for r, n in self.counts.most_common())
+        counts = self.counts.most_common()
+        bad = [(r, n) for r, n in counts if r not in POLICY_REASONS]
+        policy = [(r, n) for r, n in counts if r in POLICY_REASONS]
+        parts = []
+        if bad:
+            parts.append(f"skipped {sum(n for _, n in bad)} bad sample(s) ({', '.join(f'{r}: {n}' for r, n in bad)})")
+        if policy:
+            parts.append(f"left out {self.policy_total} sample(s) this stage does not train on, by its own choice, "
+                         f"not bad data ({', '.join(f'{r}: {n}' for r, n in policy)})")
         ex = "".join(f"\n  e.g. {e}" for e in self.examples)
-        return f"skipped {self.total} bad sample(s) ({by}){ex}"
+        return "; ".join(parts) + ex
 
-    def check(self, num_samples: int, max_fraction: float | None, where: str, option: str = "max_bad_fraction") -> None:
+    def check(self, num_samples: int, max_fraction: float | None, where: str, option: str = "max_bad_fraction",
+              override: str | None = None) -> None:
         """Raise ``TooManyBadSamples`` when more than ``max_fraction`` of ``num_samples`` are known to be bad (the
         count is a lower bound of the truth, so this never fires early). Skips by the stage's own choice
-        (``POLICY_REASONS``: samples fine for other stages) are not faults of the data and count on neither side."""
-        policy = sum(n for r, n in self.counts.items() if r in POLICY_REASONS)
+        (``POLICY_REASONS``: samples fine for other stages) are not faults of the data and count on neither side.
+        The message names ``option`` (the limit's key) and ``override`` (the exact override that raises it, e.g.
+        ``+data.sft.max_bad_fraction`` for a key the config does not hold yet; default ``option``)."""
+        policy = self.policy_total
         bad, num_samples = self.total - policy, num_samples - policy
         if max_fraction is None or bad <= max_fraction * num_samples:
             return
-        raise TooManyBadSamples(
-            f"{where}: {bad} of its {num_samples} samples are bad ({bad / num_samples:.1%} found so "
-            f"far), more than {option}={max_fraction:g} allows ({int(max_fraction * num_samples)}); "
-            f"{self.summary()}\nFix the data, or raise {option} (1.0 skips any number of bad samples).")
+        raise TooManyBadSamples.over_limit(where, bad, num_samples, max_fraction, self.summary(), option, override)
 
 
 class SampleDataset(Dataset):
@@ -150,6 +184,9 @@ class SampleDataset(Dataset):
             raise ValueError(f"max_bad_fraction={max_bad_fraction!r}; expected a fraction in [0, 1] or None")
         self.max_bad_fraction = max_bad_fraction
         self.config_key: str | None = None  # where the dataset is configured (e.g. ``data.sft``), named in errors
+        # the exact override that raises max_bad_fraction (``data.max_bad_fraction``, ``+data.sft.max_bad_fraction``:
+        # where the config sets it, which the dataset cannot know), named in TooManyBadSamples; None: config_key's
+        self.max_bad_fraction_key: str | None = None
         self.bad = BadSamples()
 
     def __len__(self) -> int:
@@ -186,6 +223,9 @@ class SampleDataset(Dataset):
                     self.check_bad()
                 return item
         name = self.source_name or "dataset"
+        if tries == len(self) and self.bad.policy_total:  # some left out by the stage's choice: not all bad data
+            raise TooManyBadSamples(f"{name}: none of its {len(self)} samples can train in this stage; "
+                                    f"{self.bad.summary()}")
         if tries == len(self):
             raise TooManyBadSamples(f"{name}: all {len(self)} samples are bad; {self.bad.summary()}")
         raise TooManyBadSamples(f"{name}: the {tries} samples from index {index} on are all bad (max_skip={tries}); "
@@ -193,9 +233,9 @@ class SampleDataset(Dataset):
 
     def check_bad(self) -> None:
         """Raise ``TooManyBadSamples`` when more than ``max_bad_fraction`` of the samples are known to be bad."""
-        prefix = f"{self.config_key}." if self.config_key else ""
-        self.bad.check(len(self), self.max_bad_fraction, self.source_name or "dataset",
-                       option=f"{prefix}max_bad_fraction")
+        key = self.max_bad_fraction_key
+        option = key.lstrip("+") if key else (f"{self.config_key}." if self.config_key else "") + "max_bad_fraction"
+        self.bad.check(len(self), self.max_bad_fraction, self.source_name or "dataset", option=option, override=key)
 
     def __iter__(self) -> Iterator[Any]:
         return self.iterate()
@@ -272,6 +312,15 @@ class ProcessedDataset(Dataset):
     @config_key.setter
     def config_key(self, key: str | None) -> None:
         self.samples.config_key = key
+
+    @property
+    def max_bad_fraction_key(self) -> str | None:
+        """The override that raises ``max_bad_fraction``, named in its errors; the wrapped dataset's."""
+        return self.samples.max_bad_fraction_key
+
+    @max_bad_fraction_key.setter
+    def max_bad_fraction_key(self, key: str | None) -> None:
+        self.samples.max_bad_fraction_key = key
 
     def __getattr__(self, name: str) -> Any:
         """The wrapped dataset's attributes (``bad``, ``max_bad_fraction``, ``check_bad``, ``report``, ...)."""

@@ -98,6 +98,16 @@ def heldout_size(num_samples: int, heldout: int | str = "auto") -> int:
     return int(heldout)
 
 
+def heldout_unused(eval: str | None, heldout: int | str) -> None:
+    """Raise ``OptionError`` (naming ``heldout``) when a held-out size is set beside an evaluation file: the file is
+    the evaluation set, nothing of the training file is held out, so the size would be silently ignored."""
+    if eval is not None and heldout != "auto":
+        raise OptionError("heldout", heldout, f"data.eval={eval!r} is given: that file is the evaluation set and no "
+                                              f"slice of data.train is held out, so data.heldout would be ignored; "
+                                              f"expected one of them: drop data.heldout, or drop data.eval to hold "
+                                              f"out data.heldout samples of data.train")
+
+
 def heldout_indices(num_samples: int, heldout: int | str, seed: int) -> list[int]:
     """The held-out slice of a file of ``num_samples``: ``heldout_size(num_samples, heldout)`` indices of a
     permutation seeded by ``seed`` (sorted); the same for the same file size, seed and ``heldout``."""
@@ -139,6 +149,7 @@ def files(train: str, eval: str | None = None, part: str = "train", heldout: int
     _existing(train, "data.train")
     _existing(eval, "data.eval")
     _existing(image_root, "data.image_root", "folder")
+    heldout_unused(eval, heldout)
     source = eval if part == "eval" and eval is not None else train
     root = image_root if image_root is not None else os.path.dirname(os.path.abspath(source))
     ds = _Part(source, None, format=format, image_folder=root, skip_bad=skip_bad,
@@ -239,6 +250,7 @@ def check_files_options(train: str, eval: str | None = None, part: str = "train"
                                             "stages' own lengths)")
     n = len(data_records(train, "train", format))
     if eval is not None:
+        heldout_unused(eval, heldout)
         data_records(eval, "eval", format)
     else:
         heldout_indices(n, heldout, 0)
@@ -260,7 +272,8 @@ def data_records(path: str, option: str = "train", format: str = "auto") -> Any:
             detect_format(records[0])
     except (DataError, ValueError, TypeError, OSError) as e:
         problem = str(getattr(e, "problem", e)).strip().splitlines()
-        raise OptionError(option, path, f"{problem[0] if problem else type(e).__name__}; {expected}") from None
+        first = problem[0] if problem else type(e).__name__
+        raise OptionError(option, path, first if "; expected" in first else f"{first}; {expected}") from None
     return records
 
 

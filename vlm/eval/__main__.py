@@ -46,6 +46,13 @@ def data_spec(opened: Any, overrides: Sequence[str], image_size: int) -> tuple[d
     return spec, str(option or spec.get("name") or name)
 
 
+def evaluated(samples: Any, name: str) -> str:
+    """What was evaluated, in words: the data file read (with the held-out slice it is, when it is one), else the
+    data option's name (``shapes``)."""
+    selection = getattr(samples, "selection", None)
+    return str(selection or getattr(samples, "source_name", None) or name)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     import argparse
 
@@ -87,10 +94,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                                 progress=True)
     out = Path(a.out) if a.out else Path(a.model_dir) / "eval" / data_name
     n = len(records)
-    info = {"model": str(a.model_dir), "data": spec, "template": str(processor.template.name), "samples": n,
-            "max_new_tokens": a.max_new_tokens}
-    report = write_report(out, metrics, records, [samples[i] for i in range(n)], title=f"vlm.eval: {a.model_dir}",
-                          info=info, gallery=a.gallery, json_frame=model_frame(processor))
+    info = {"model": str(a.model_dir), "data": evaluated(samples, data_name), "template": str(processor.template.name),
+            "samples": n, "max_new_tokens": a.max_new_tokens}
+    # the answered samples themselves for the gallery (indexing a skipping dataset gives a dropped one's neighbour)
+    read = getattr(samples, "sample", None) or samples.__getitem__
+    shown = [read(i) if r.get("prediction") is not None else None for i, r in enumerate(records)]
+    report = write_report(out, metrics, records, shown, title=f"vlm.eval: {a.model_dir}", info=info,
+                          gallery=a.gallery, json_frame=model_frame(processor), data_config=spec)
     print(format_table(metrics))
     print(f"\nwrote {out / 'eval.json'}, {report} and {out / 'predictions.jsonl'}", file=sys.stderr)
     return metrics

@@ -7,9 +7,10 @@ grounding, captioning), which also gives each record its ``score`` (and ``iou``)
 same function. Processes split the samples and gather the predictions; under FSDP every rank generates
 the same number of tokens (no early stop) so the sharded forward passes stay in lockstep.
 
-A prompt the processor drops (``SampleDropped``: longer than ``max_length`` -- generation prompts are never cut --
-or over the tile budget) is not answered: it is left out of the scores and counted in ``eval_dropped`` (its record
-says why).
+A sample that cannot be read (a missing image, ...), whose reference cannot score a prediction (a blank reference
+answer, ...: ``vlm.eval.score.reference_problem``, for datasets scored per sample) or whose prompt the processor
+drops (``SampleDropped``: longer than ``max_length`` -- generation prompts are never cut -- or over the tile budget)
+is not answered: it is left out of the scores and counted in ``eval_dropped`` (its record says why).
 
 Evaluation sits below training: it imports nothing from ``vlm.train``. The processes it runs on are passed in as
 ``Workers``: training's periodic evaluation passes its strategy (``vlm.train.distributed.Strategy``), ``python -m
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -78,21 +79,32 @@ def model_frame(processor: Any) -> tuple[int, int] | None:
     return (int(size), int(size)) if size else None
 
 
-def _fetch(samples: Any, i: int) -> Any:
+def _fetch(samples: Any, i: int, check: Callable[[Any], str | None] | None = None) -> Any:
     """Sample ``i`` itself, or the ``DataError`` that makes it unreadable (counted in ``samples.bad``). Never the
-    next good sample, as indexing a skipping dataset gives: that would score a neighbour twice in ``i``'s place."""
+    next good sample, as indexing a skipping dataset gives: that would score a neighbour twice in ``i``'s place.
+    ``check``: what keeps a read sample from being scored (``vlm.eval.score.reference_problem``: a blank reference
+    answer, ...), or None; such a sample is a ``SampleError`` too (reason ``reference``), naming its file and id."""
     from vlm.data.errors import DataError
+    from vlm.data.readers.base import SampleError
 
     read = getattr(samples, "sample", None)
-    if read is None:
-        return samples[i]
     try:
-        return read(i)
+        sample = samples[i] if read is None else read(i)
     except DataError as e:
-        bad = getattr(samples, "bad", None)
-        if bad is not None:
-            bad.add(e)
-        return e
+        if read is None:  # a dataset that cannot name its own bad samples: its error stands
+            raise
+        error = e
+    else:
+        problem = check(sample) if check is not None else None
+        if problem is None:
+            return sample
+        meta = getattr(sample, "meta", {})
+        error = SampleError(problem, reason="reference", index=meta.get("index", i), sample_id=sample.id,
+                            source=meta.get("source"))
+    bad = getattr(samples, "bad", None)
+    if bad is not None:
+        bad.add(error)
+    return error
 
 
 def _prompt(processor: Any, sample: Any) -> tuple[dict[str, Any] | None, str | None]:
@@ -162,6 +174,7 @@ def evaluate(wrapped: nn.Module, workers: Workers, processor: Any, samples: Any,
     index is its own sample: a bad one is never replaced by the next); ``metrics["eval_dropped"]`` (present when
     > 0) counts them and their records carry ``prediction: None`` and ``dropped`` (the reason)."""
     from vlm.data.collate import PadCollator
+    from vlm.eval.score import reference_problem
 
     n = len(samples) if limit is None else min(limit, len(samples))
     mine = list(range(workers.rank, n, workers.world_size))
@@ -173,7 +186,8 @@ def evaluate(wrapped: nn.Module, workers: Workers, processor: Any, samples: Any,
     wrapped.eval()
     with workers.inference(wrapped) as module:
         model = module.model if isinstance(module, TrainModule) else module  # a stage's: generate with its model
-        fetched = {i: _fetch(samples, i) for i in dict.fromkeys(mine)}
+        check = None if getattr(samples, "evaluate", None) is not None else reference_problem  # scored per sample
+        fetched = {i: _fetch(samples, i, check) for i in dict.fromkeys(mine)}
         preds, dropped = generate_predictions(model, processor, collator, [fetched[i] for i in mine], batch_size,
                                               max_new_tokens, workers.device, precision, lockstep,
                                               progress=progress and workers.is_main)
@@ -185,7 +199,7 @@ def evaluate(wrapped: nn.Module, workers: Workers, processor: Any, samples: Any,
             by_index.setdefault(i, (p, why))
     order = sorted(by_index)[:n]
     scored = [i for i in order if by_index[i][1] is None]
-    fetched.update({i: _fetch(samples, i) for i in order if i not in fetched})  # other ranks' samples
+    fetched.update({i: _fetch(samples, i, check) for i in order if i not in fetched})  # other ranks' samples
     subset = [fetched[i] for i in scored]
     predictions = [by_index[i][0] for i in scored]
     scorer = getattr(samples, "evaluate", None)
@@ -227,7 +241,8 @@ def format_table(metrics: dict[str, float]) -> str:
         n = int(n) if isinstance(n, float) and n.is_integer() else n
         lines.append(f"| {label.get(k, k)} | {metrics[k]:.3f} | {n} |")
     if metrics.get("eval_dropped"):
-        lines.append(f"\n{int(metrics['eval_dropped'])} sample(s) not evaluated: the processor dropped their prompt "
-                     f"(longer than max_length, or over the tile budget); see `dropped` in the records")
+        lines.append(f"\n{int(metrics['eval_dropped'])} sample(s) not evaluated: unreadable (a missing image, ...), "
+                     f"no reference to score against (a blank reference answer, ...) or a prompt the processor "
+                     f"dropped (longer than max_length, over the tile budget); see `dropped` in the records")
     return "\n".join(lines)
 

@@ -55,13 +55,16 @@ def gallery_panel(sample: Any, record: dict[str, Any], *, json_frame: tuple[int,
 
 def write_report(out: Path, metrics: dict[str, float], records: Sequence[dict[str, Any]], samples: Sequence[Any],
                  *, title: str, info: dict[str, Any], gallery: int = 12,
-                 json_frame: tuple[int, int] | None = None) -> Path:
-    """Write ``eval.json`` ({metrics, info}), ``predictions.jsonl``, ``gallery/*.png`` (the first ``gallery``
-    answered samples) and ``report.md`` into ``out``; returns the report's path."""
+                 json_frame: tuple[int, int] | None = None, data_config: dict[str, Any] | None = None) -> Path:
+    """Write ``eval.json`` ({metrics, info, data_config}), ``predictions.jsonl``, ``gallery/*.png`` (the first
+    ``gallery`` answered samples; ``samples[k]`` is record ``k``'s sample, ``None`` for an unanswered one) and
+    ``report.md`` (``info`` as a list: ``data`` says what was evaluated, the table, the gallery) into ``out``;
+    returns the report's path. ``data_config``: the data set's full configuration, kept in ``eval.json`` only."""
     from vlm.eval.evaluator import format_table
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps({"metrics": metrics, **info}, indent=1, default=str))
+    config = {} if data_config is None else {"data_config": data_config}
+    (out / "eval.json").write_text(json.dumps({"metrics": metrics, **info, **config}, indent=1, default=str))
     with (out / "predictions.jsonl").open("w") as f:
         for r in records:
             f.write(json.dumps(r, default=str) + "\n")
@@ -71,7 +74,7 @@ def write_report(out: Path, metrics: dict[str, float], records: Sequence[dict[st
         for k, (r, s) in enumerate(zip(records, samples)):
             if len(shown) >= gallery:
                 break
-            if r.get("prediction") is None:
+            if r.get("prediction") is None or s is None:
                 continue
             name = f"gallery/{k:03d}.png"
             gallery_panel(s, r, json_frame=json_frame).save(out / name)

@@ -49,6 +49,45 @@ def reference(sample: Any) -> str:
     return sample.messages[-1].text() if sample.messages and sample.messages[-1].role == "assistant" else ""
 
 
+def reference_problem(sample: Any) -> str | None:
+    """What keeps ``sample``'s reference from scoring a prediction, or ``None``: a blank reference answer (the
+    final assistant message, or an entry of ``answers`` / ``captions``), no assistant answer at all, a multiple
+    choice ``answer`` that names none of its ``options``, an unknown ``metric``. Such a sample is not scored: the
+    evaluation drops it, named (``vlm.eval.evaluator``), instead of stopping after training."""
+    def blank(text: Any) -> bool:
+        return text is None or not str(text).strip()
+
+    try:
+        kind = sample_kind(sample)
+    except ValueError as e:
+        return str(e).split(": ", 1)[-1]
+    meta, ref = sample.meta, reference(sample)
+    if kind == "choice":
+        answer = meta.get("answer", ref)
+        if isinstance(answer, str) and blank(answer):
+            return f"blank reference answer {answer!r} for the options {list(meta['options'])}; expected the " \
+                   f"option's letter, index or text"
+        try:
+            M.choice_accuracy("", meta["options"], answer)
+        except (ValueError, TypeError) as e:
+            return f"{e}; expected the option's letter, index or text"
+        return None
+    listed = "captions" if kind == "caption" and meta.get("captions") else "answers" \
+        if kind == "answer" and meta.get("answers") else None
+    if listed is not None:
+        refs = meta[listed]
+        if not isinstance(refs, (list, tuple)) or any(blank(r) for r in refs):
+            return f"blank reference answer in {listed}={refs!r}; expected a list of non-empty answers"
+        return None
+    if not sample.messages or sample.messages[-1].role != "assistant":
+        return "no reference answer: the conversation does not end with an assistant message; expected a " \
+               "non-empty final answer to score the prediction against"
+    if blank(ref):
+        return f"blank reference answer {ref!r} (the final assistant message); expected a non-empty answer to " \
+               f"score the prediction against"
+    return None
+
+
 def row_name(sample: Any, kind: str) -> str:
     return str(sample.meta.get("task") or sample.meta.get("category") or kind)
 

@@ -1,5 +1,6 @@
 """Config resolvers for settings that follow the data (``recipes/data/files.yaml``): ``${vlm.image_size:PATH,ROOT}``
-(the longest image side of the file's first samples, in px), ``${vlm.cells:SIZE,STRIDE}`` (the tokens of a ``SIZE`` px
+(the longest image side of the file's first samples with images, in px; null for a file without images),
+``${vlm.or:VALUE,DEFAULT}`` (a null value's default), ``${vlm.cells:SIZE,STRIDE}`` (the tokens of a ``SIZE`` px
 image on a stride-``STRIDE`` grid) and ``${vlm.multiple:SIZE,OF}`` (rounded up to a multiple) let a recipe size its
 encoder input and per-token tables from the data (the ``tiny`` recipe does). Their mistakes are ``ConfigError`` s
 naming the key the user set (``data.train``, ``data.image_root``)."""
@@ -23,31 +24,48 @@ IMAGE_SIZE_SAMPLES = 64
 
 
 @lru_cache(maxsize=8)
-def _image_size(path: str, image_root: str | None, mtime: float, allow_outside_root: bool = False) -> int:
+def _image_size(path: str, image_root: str | None, mtime: float, allow_outside_root: bool = False) -> int | None:
+    """The longest image side (px) of the first ``IMAGE_SIZE_SAMPLES`` samples of ``path`` that have images (text-only
+    samples are passed over, however many), ``None`` when no sample has an image (nothing to size). A sample the
+    reader rejects for its conversation (an unknown role, ...) is passed over too: the data sets name and count it
+    when training. Raises ``ValueError`` when samples have images but none can be read."""
     from PIL import Image
 
     from vlm.data.images import load_image
 
     ds = _Part(path, None, image_folder=image_root if image_root is not None else os.path.dirname(os.path.abspath(path)),
                allow_outside_root=allow_outside_root)
-    side, unreadable = 0, []
-    for i in range(min(IMAGE_SIZE_SAMPLES, len(ds))):
+    side, with_images, unreadable = 0, 0, []
+    for i in range(len(ds)):
+        if with_images >= IMAGE_SIZE_SAMPLES:
+            break
         try:
             images = ds.sample(i).images
-            for src in images:
+        except DataError as e:  # an image the reader refuses (missing, outside the folder) names its file
+            if getattr(e, "file", None) is not None:
+                with_images += 1
+                unreadable.append(str(e))
+            continue  # else a bad sample is the data sets' business (skip_bad, max_bad_fraction)
+        with_images += bool(images)
+        for src in images:
+            try:
                 if isinstance(src, (str, os.PathLike)):
                     with Image.open(src) as im:  # reads the header only
                         w, h = im.size
                 else:
                     w, h = load_image(src).size
                 side = max(side, w, h)
-        except (DataError, OSError) as e:  # a bad sample is the data sets' business (skip_bad, max_bad_fraction)
-            unreadable.append(f"sample {i}: {e}")
-    if not side:
-        why = f" (unreadable: {'; '.join(unreadable[:3])})" if unreadable else ""
-        raise ValueError(f"data.train={path!r}: none of its first {IMAGE_SIZE_SAMPLES} samples has a readable "
-                         f"image{why}")
-    return side
+            except (DataError, OSError) as e:
+                unreadable.append(f"sample #{i}: image {src!r}: {e}" if isinstance(e, OSError) else str(e))
+    if side:
+        return side
+    if not with_images:
+        return None
+    more = f"; and {len(unreadable) - 1} more" if len(unreadable) > 1 else ""
+    raise ValueError(f"none of the images of its first {with_images} samples with images can be read "
+                     f"({unreadable[0]}{more}); expected readable images (relative paths start from the data "
+                     f"file's folder, or data.image_root), or set data.image_size=N (px) to size the model without "
+                     f"measuring them")
 
 
 @lru_cache(maxsize=8)
@@ -61,10 +79,11 @@ def _file_problem(path: str, mtime: float) -> str | None:
     return None
 
 
-def data_image_size(path: Any, image_root: Any = None, allow_outside_root: Any = False) -> int:
+def data_image_size(path: Any, image_root: Any = None, allow_outside_root: Any = False) -> int | None:
     """``${vlm.image_size:PATH,ROOT[,ALLOW_OUTSIDE_ROOT]}``: the longest image side (px) among the first 64 samples
-    of ``PATH``. A file that cannot be read as a whole is a ``ConfigError`` naming ``data.train`` (the file is the
-    mistake, not the measured size)."""
+    of ``PATH`` that have images; ``None`` for a file without images (no image needs sizing: a recipe reads its own
+    size, ``${vlm.or:${oc.select:data.image_size,null},48}``). A file that cannot be read as a whole, or whose
+    images cannot be read, is a ``ConfigError`` naming ``data.train`` (the file is the mistake, not the size)."""
     if path is None or not Path(str(path)).exists():
         raise ConfigError(f"data.train={path!r}: does not exist; expected your training file (json, jsonl, parquet "
                           f"or a save_to_disk folder)")
@@ -78,7 +97,13 @@ def data_image_size(path: Any, image_root: Any = None, allow_outside_root: Any =
     try:
         return _image_size(str(path), root, os.path.getmtime(path), str(allow_outside_root).lower() == "true")
     except (DataError, OSError, ValueError) as e:
-        raise ConfigError(f"data.image_size: cannot measure the images of data.train={path!r}: {e}") from e
+        raise ConfigError(f"data.train={path!r}: {e}") from e
+
+
+def or_default(value: Any, default: Any) -> Any:
+    """``${vlm.or:VALUE,DEFAULT}``: ``VALUE``, or ``DEFAULT`` when it is null (e.g. ``data.image_size`` of a file
+    without images)."""
+    return default if value is None or value == "None" else value
 
 
 def cells(size: Any, stride: Any) -> int:
@@ -94,6 +119,7 @@ def multiple(size: Any, of: Any) -> int:
 
 
 def register_resolvers() -> None:
-    for name, fn in (("vlm.image_size", data_image_size), ("vlm.cells", cells), ("vlm.multiple", multiple)):
+    for name, fn in (("vlm.image_size", data_image_size), ("vlm.cells", cells), ("vlm.multiple", multiple),
+                     ("vlm.or", or_default)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

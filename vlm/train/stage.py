@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 from safetensors import safe_open
 
-from vlm.data.dataset import BadSamples
+from vlm.data.dataset import BadSamples, TooManyBadSamples
 from vlm.encoders.base import as_pair
 from vlm.data.datasets import build_dataset
 from vlm.objectives import Objective, TrainModule, build as build_objective
@@ -25,6 +25,7 @@ from vlm.registry import plain
 from vlm.train.batch_plan import BatchPlan, data_seed, make_loader
 from vlm.train.build import build_model, describe_mismatch, fingerprint, seed_everything
 from vlm.train.checkpoint import DONE, CheckpointManager, stage_done
+from vlm.train.config_check import option_source
 from vlm.train.errors import ConfigError
 from vlm.train.schema import stage_config, trainer_config
 from vlm.train.distributed import Strategy, resolve_precision
@@ -203,6 +204,7 @@ class StageRunner:
             self.bad.merge(known.state())
         if hasattr(dataset, "config_key"):
             dataset.config_key = f"data.{st.data}"  # named in its errors
+            dataset.max_bad_fraction_key = max_bad_fraction_key(self.cfg, st.data)
         for later in self.check_later:  # their data against their own settings, before this stage trains
             stage_dataset(self.cfg, later, self.processor_for(model, later), only_checking=True)
         plan = BatchPlan(len(dataset), st.global_batch_size, st.micro_batch_size, s.rank, s.world_size,
@@ -271,8 +273,9 @@ class StageRunner:
 
     def check_bad(self, t: "Training") -> None:
         """Stop (``TooManyBadSamples``) once more of this stage's data is known to be bad than it allows."""
+        key = max_bad_fraction_key(self.cfg, self.stage.data)
         self.bad.check(len(t.dataset), getattr(t.dataset, "max_bad_fraction", None), f"data.{self.stage.data}",
-                       option=f"data.{self.stage.data}.max_bad_fraction")
+                       option=key.lstrip("+"), override=key)
 
     def report_bad(self, t: "Training") -> dict[str, Any]:
         """Collective: print and log (``metrics.jsonl``) the samples this stage skipped; returns the record."""
@@ -369,12 +372,25 @@ def stage_dataset(cfg: DictConfig, name: str, processor: Any, only_checking: boo
         dataset = build_dataset(spec, processor)
     except TooLongError as e:  # the dataset checks its longest sample; the stage knows its own key
         raise ConfigError(e.for_stage(name)) from None
+    except TooManyBadSamples as e:  # counted when built (data=files): named by the key that raises the limit
+        key = max_bad_fraction_key(cfg, st.data)
+        raise e.for_key(key.lstrip("+"), key) from None
     if len(dataset) < st.global_batch_size:
         raise ConfigError(f"stage.{name}.global_batch_size={st.global_batch_size}: data.{st.data} has "
                           f"{len(dataset)} training samples, fewer than one global batch; expected "
                           f"stage.{name}.global_batch_size <= {len(dataset)} (and micro_batch_size <= it), or more "
                           f"samples")
     return dataset
+
+
+def max_bad_fraction_key(cfg: DictConfig, data: str) -> str:
+    """The exact override that raises data set ``data.<data>``'s ``max_bad_fraction``: the key its value comes from
+    (``data.max_bad_fraction`` with ``data=files``, whose sets read it), ``data.<data>.max_bad_fraction`` when
+    the set holds the key, else ``+data.<data>.max_bad_fraction`` (a key the config does not hold is added)."""
+    node = cfg.data[data]
+    if "max_bad_fraction" not in node:
+        return f"+data.{data}.max_bad_fraction"
+    return option_source(node, f"data.{data}", "max_bad_fraction")
 
 
 def model_facts(model: torch.nn.Module) -> dict[str, int | None]:

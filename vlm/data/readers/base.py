@@ -76,8 +76,14 @@ def locate(err: DataError, *, index: int | None = None, sample_id: Any = None,
 
 
 def canonical_role(role: Any) -> str:
+    """``role`` as ``system`` | ``user`` | ``assistant`` (``ROLE_ALIASES``, case-insensitive). Raises ``SampleError``
+    (reason ``role``) naming the role and the accepted ones (the reader adds the file and the sample)."""
     if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
-        raise SampleError(f"unknown role {role!r}; expected one of {sorted(ROLE_ALIASES)}", reason="role")
+        canonical = sorted(set(ROLE_ALIASES.values()))
+        aliases = sorted(k for k in ROLE_ALIASES if k not in canonical)
+        what = "no role" if role is None else f"unknown role {role!r}"
+        raise SampleError(f"{what} in a message; expected one of {', '.join(canonical)} (or an alias: "
+                          f"{', '.join(aliases)})", reason="role")
     return ROLE_ALIASES[role.lower()]
 
 

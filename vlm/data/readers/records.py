@@ -3,7 +3,8 @@
 ``load_records(source)`` returns a random-access sequence of mappings, without converting anything:
 
 - a ``list`` of dicts, an HF ``datasets.Dataset`` (or ``DatasetDict`` -> ``split``);
-- ``*.json`` (a JSON array, parsed with ``json``: records may differ in schema);
+- ``*.json`` (a JSON array, or an object whose ``data`` is one, parsed with ``json``: records may differ in schema;
+  a single object that is not is refused, naming the file: a record alone is written ``[{...}]``);
 - ``*.jsonl`` (indexed by line offsets, each line parsed on access: lazy and cheap in memory);
 - ``*.parquet``, and ``*.json``/``*.jsonl`` with ``backend="datasets"``, through HF ``datasets`` (memory-mapped
   Arrow; note Arrow unifies schemas, filling absent keys with ``None``, which the readers ignore);
@@ -104,8 +105,13 @@ def load_records(source: Any, *, split: str = "train", backend: str = "auto") ->
                 data = json.load(f)
             except json.JSONDecodeError as e:
                 raise SampleError(f"invalid JSON: {e}", reason="format", source=path) from e
-        if isinstance(data, Mapping):  # {"data": [...]} or a single record
-            data = data.get("data", [data])
+        if isinstance(data, Mapping) and isinstance(data.get("data"), list):  # {"data": [...]}
+            data = data["data"]
+        elif isinstance(data, Mapping):
+            raise SampleError(f"holds a single JSON object (keys {sorted(map(str, data))[:6]}), not a list of "
+                              f"records; expected a JSON array of records ([{{...}}, {{...}}]; one record: [{{...}}]),"
+                              f" an object whose 'data' is that array, or a .jsonl file (one record per line)",
+                              reason="format", source=path)
         if not isinstance(data, list):
             raise SampleError(f"expected a JSON array of records, got {type(data).__name__}", reason="format",
                             source=path)
