@@ -20,7 +20,6 @@ causal-LM equivalent here and is refused before any weight is read. Only local d
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,26 +27,30 @@ import torch
 
 from vlm import connectors
 from vlm.connectors.qformer import QFormerConnector, to_hf_name
-from vlm.dtypes import resolve_dtype
 from vlm.encoders.blip2 import Blip2Encoder
 from vlm.interop.common import (
     arch_config,
     assemble,
+    check_tying,
     copy_state,
     dtype_name,
+    export_dtype,
     import_encoder,
     import_llm,
     is_tied,
-    load_strict,
+    lm_problems,
+    load_checkpoint,
+    read_hf_config,
+    refuse_export,
     save_hf,
     text_config_for_export,
+    warn_fixed_size,
 )
 from vlm.interop.formats import FORMATS, HFFormat
 from vlm.interop.mapping import ACT_FROM_HF, ACT_TO_HF
 from vlm.interop.processor import save_processor
-from vlm.llm.hf_causal_lm import HFCausalLM
 from vlm.model import VLM
-from vlm.pretrained import CONFIG_FILE, check_weights, read_config
+from vlm.pretrained import CONFIG_FILE
 
 BLIP2_MODEL_TYPE = "blip-2"
 #: Blip2Processor always looks for this literal token (unless the tokenizer names its own ``image_token``)
@@ -56,17 +59,12 @@ BLIP2_IMAGE_TOKEN = "<image>"
 
 # ----------------------------------------------------------------------------------------------------- import
 def read_blip2_config(path: Path) -> Any:
-    """The directory's ``Blip2Config``; ``ValueError`` naming the file for an invalid config, a text model that is
-    not a decoder-only causal LM (T5), or no ``image_token_index``."""
-    from transformers import Blip2Config
+    """The directory's ``Blip2Config``; ``ValueError`` naming the file for an invalid config (or another
+    ``model_type``), a text model that is not a decoder-only causal LM (T5), or no ``image_token_index``."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
 
     cfg_file = str(path / CONFIG_FILE)
-    raw = read_config(path, "from_hf", "the config.json of a transformers Blip2ForConditionalGeneration (model_type "
-                                       "'blip-2') saved with save_pretrained")
-    try:
-        config = Blip2Config.from_dict(raw)
-    except Exception as e:  # transformers' strict config validation has its own exception types
-        raise ValueError(f"from_hf: {cfg_file!r} is not a valid Blip2Config: {e}") from e
+    config = read_hf_config(path, Blip2Config, BLIP2_MODEL_TYPE, Blip2ForConditionalGeneration)
     text_type = config.text_config.model_type
     if not config.use_decoder_only_language_model:
         raise ValueError(f"from_hf: {cfg_file!r} is a BLIP-2 model whose text model is {text_type!r}, an "
@@ -102,9 +100,7 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
 
     path = Path(path)
     config = read_blip2_config(path)
-    torch_dtype = resolve_dtype(dtype) or torch.float32
-    check_weights(path, "from_hf")
-    hf = load_strict(Blip2ForConditionalGeneration, path, torch_dtype)
+    hf, torch_dtype = load_checkpoint(Blip2ForConditionalGeneration, path, dtype)
 
     encoder, image_processor, image_processor_file = import_encoder(path, type(config.vision_config), {
         "name": "blip2", "config": arch_config(config.vision_config), "feature_layer": -1, "select": "all",
@@ -156,16 +152,12 @@ def blip2_problems(model: VLM) -> list[str]:
                 and opts.get("input_norm_eps") != enc.hf_config.layer_norm_eps:
             problems.append(f"the qformer connector has input_norm_eps={opts.get('input_norm_eps')}, but BLIP-2's "
                             f"post_layernorm uses the tower's layer_norm_eps={enc.hf_config.layer_norm_eps}")
-    if not isinstance(lm, HFCausalLM):
-        problems.append(f"the LLM is {type(lm).__name__}; BLIP-2 needs a transformers causal LM (hf_causal_lm)")
-    return problems
+    return problems + lm_problems(lm, "BLIP-2", "Blip2ForConditionalGeneration")
 
 
 def blip2_config(model: VLM) -> Any:
     """The ``Blip2Config`` describing ``model`` (``ValueError`` listing what BLIP-2 cannot express)."""
-    problems = blip2_problems(model)
-    if problems:
-        raise ValueError("to_hf: this model cannot be exported as transformers BLIP-2: " + "; ".join(problems))
+    refuse_export(blip2_problems(model), "BLIP-2")
     from transformers import Blip2Config
 
     enc, conn, lm = model.encoder, model.connector, model.llm
@@ -192,21 +184,15 @@ def to_hf(model: VLM, path: str | os.PathLike, *, dtype: str | torch.dtype | Non
 
     config = blip2_config(model)
     enc, conn, lm = model.encoder, model.connector, model.llm
-    if enc.interpolate_pos_encoding:
-        warnings.warn("to_hf: the encoder's interpolate_pos_encoding=True has no Blip2Config field; the exported "
-                      f"model takes only the native {enc.image_size}x{enc.image_size} images (its image processor "
-                      "resizes to that size), where its logits are identical", stacklevel=2)
-    torch_dtype = resolve_dtype(dtype) or next(lm.parameters()).dtype
+    warn_fixed_size(enc, "Blip2Config")
     out = Path(path)
-    hf = Blip2ForConditionalGeneration(config).to(torch_dtype)
+    hf = Blip2ForConditionalGeneration(config).to(export_dtype(lm, dtype))
     state = {f"vision_model.{k}": v for k, v in enc.model.state_dict().items()}
     state.update(conn.hf_state_dict())  # incl. vision_model.post_layernorm: the connector's input_norm is applied
     state.update({f"language_model.{k}": v for k, v in lm.model.state_dict().items()})
     with torch.no_grad():
         copy_state(hf, state, "to_hf: BLIP-2")
-    if is_tied(lm.model) != is_tied(hf.language_model):
-        raise RuntimeError(f"to_hf: embedding tying differs after export (vlm tied={is_tied(lm.model)}, "
-                           f"BLIP-2 tied={is_tied(hf.language_model)})")
+    check_tying(lm, hf.language_model, "BLIP-2")
     save_hf(hf, model, out)
     del hf
     if processor:

@@ -16,27 +16,34 @@ Only local directories are read; weights come from safetensors (or ``pytorch_mod
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from vlm import connectors, encoders
-from vlm.dtypes import resolve_dtype
+from vlm.connectors.mlp import MLPConnector
 from vlm.encoders.hf_vision import HFVisionEncoder
 from vlm.interop.common import (
     arch_config,
     assemble,
+    check_tying,
+    copy_language_model,
+    copy_projector,
     copy_state,
     dtype_name,
+    export_dtype,
     import_encoder,
     import_llm,
     is_tied,
     lm_problems,
-    load_strict,
+    load_checkpoint,
+    new_hf_model,
+    read_hf_config,
+    refuse_export,
     save_hf,
     text_config_for_export,
+    warn_fixed_size,
 )
 from vlm.interop.formats import FORMATS, HFFormat
 from vlm.interop.mapping import (
@@ -49,15 +56,14 @@ from vlm.interop.mapping import (
     VISION_MODEL_TYPES,
 )
 from vlm.interop.processor import save_llava_processor
-from vlm.connectors.mlp import MLPConnector
 from vlm.model import VLM
-from vlm.pretrained import CONFIG_FILE, check_weights, read_config
+from vlm.pretrained import CONFIG_FILE
 
 LLAVA_MODEL_TYPE = "llava"
 VISION_PREFIX = "model.vision_tower."
+#: what ``from_hf``'s model_type error adds for a directory of another kind
+NOT_LLAVA_HINT = ". Variants such as llava_next / llava_onevision (image tiling) are not supported"
 
-
-# ----------------------------------------------------------------------------------------------------- reading
 
 # ----------------------------------------------------------------------------------------- LLaVA's projector
 #: connector types that can hold LLaVA's ``linear_1 -> act -> linear_2`` projector: ``{our submodule: LLaVA's}``
@@ -88,20 +94,6 @@ def projector_problems(conn: Any) -> list[str]:
                         f"size is the LLM hidden size ({conn.out_dim})")
     return problems
 
-def read_llava_config(path: str | os.PathLike, who: str = "from_hf") -> dict[str, Any]:
-    """The ``config.json`` of a LLaVA directory, or an error naming the file and what was expected."""
-    path = Path(path)
-    cfg_file = path / CONFIG_FILE
-    cfg = read_config(path, who, "the config.json of a transformers LlavaForConditionalGeneration (model_type "
-                                 "'llava') saved with save_pretrained")
-    model_type = cfg.get("model_type")
-    if model_type != LLAVA_MODEL_TYPE:
-        hint = " (it is a vlm directory: use vlm.load, or to_hf to export it)" if cfg.get("format") == "vlm" else ""
-        raise ValueError(f"{who}: {str(cfg_file)!r} has model_type={model_type!r}; expected 'llava' "
-                         f"(LlavaForConditionalGeneration){hint}. Variants such as llava_next / llava_onevision "
-                         f"(image tiling) are not supported")
-    return cfg
-
 
 # ----------------------------------------------------------------------------------------------------- import
 def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, tokenizer: bool = True,
@@ -114,14 +106,10 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
     geometry (``model.image_preprocessing``: ``resize`` / ``crop`` / ``pad``, see ``processor.read_preprocessing``;
     ``resize`` without a config).
     """
-    path = Path(path)
-    raw = read_llava_config(path)
-    from transformers import LlavaConfig
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    try:
-        config = LlavaConfig.from_dict(raw)
-    except Exception as e:  # transformers' strict config validation has its own exception types
-        raise ValueError(f"from_hf: {str(path / CONFIG_FILE)!r} is not a valid LlavaConfig: {e}") from e
+    path = Path(path)
+    config = read_hf_config(path, LlavaConfig, LLAVA_MODEL_TYPE, LlavaForConditionalGeneration, NOT_LLAVA_HINT)
     vision_type = config.vision_config.model_type
     if vision_type not in VISION_MODEL_TYPES:
         raise ValueError(f"from_hf: vision_config.model_type={vision_type!r} in {str(path / CONFIG_FILE)!r} is not "
@@ -135,14 +123,9 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
     has_cls = encoders.ENCODERS.get(enc_name).has_cls
     if (strategy, has_cls) not in SELECT_FROM_LLAVA:
         raise ValueError(f"from_hf: vision_feature_select_strategy={strategy!r}; expected 'default' or 'full'")
-    torch_dtype = resolve_dtype(dtype) or torch.float32
-    check_weights(path, "from_hf")
-
-    from transformers import LlavaForConditionalGeneration
-
     # LLaVA never runs some vision-tower modules (UNUSED_VISION_MODULES): a checkpoint may omit them
-    hf = load_strict(LlavaForConditionalGeneration, path, torch_dtype,
-                     ignore_missing=[VISION_PREFIX + p for p in UNUSED_VISION_MODULES])
+    hf, torch_dtype = load_checkpoint(LlavaForConditionalGeneration, path, dtype,
+                                      ignore_missing=[VISION_PREFIX + p for p in UNUSED_VISION_MODULES])
     tied = is_tied(hf)
 
     # modules LLaVA never runs (SigLIP's pooling head) are left out of our encoder: logits are unchanged, and no
@@ -165,11 +148,8 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
 
     with torch.no_grad():
         copy_state(encoder.model, tower, "from_hf: vision tower")
-        proj = hf.model.multi_modal_projector
-        copy_state(connector, {f"{ours}.{k}": v for ours, theirs in projector_layers(connector).items()
-                                for k, v in getattr(proj, theirs).state_dict().items()}, "from_hf: projector")
-        copy_state(lm.model.base_model, hf.model.language_model.state_dict(), "from_hf: language model")
-        copy_state(lm.model.get_output_embeddings(), hf.lm_head.state_dict(), "from_hf: lm_head")
+        copy_projector(connector, hf.model.multi_modal_projector, projector_layers(connector), to_hf=False)
+        copy_language_model(lm, hf, to_hf=False)
     del hf
 
     return assemble(path, config, encoder, connector, lm, image_token_id=int(config.image_token_id),
@@ -193,9 +173,7 @@ def llava_problems(model: VLM) -> list[str]:
 
 def llava_config(model: VLM) -> Any:
     """The ``LlavaConfig`` describing ``model`` (raises ``ValueError`` listing what LLaVA cannot express)."""
-    problems = llava_problems(model)
-    if problems:
-        raise ValueError("to_hf: this model cannot be exported as transformers LLaVA: " + "; ".join(problems))
+    refuse_export(llava_problems(model), "LLaVA")
     from transformers import LlavaConfig
 
     enc, conn, lm = model.encoder, model.connector, model.llm
@@ -218,29 +196,18 @@ def to_hf(model: VLM, path: str | os.PathLike, *, dtype: str | torch.dtype | Non
     the ``LlavaProcessor`` config (when the tokenizer encodes
     the image token as the single ``image_token_id``; otherwise it warns and skips just that file).
     """
-    from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
     config = llava_config(model)
     enc, conn, lm = model.encoder, model.connector, model.llm
-    if getattr(enc, "interpolate_pos_encoding", False):
-        warnings.warn("to_hf: the encoder's interpolate_pos_encoding=True has no LlavaConfig field; the exported "
-                      f"model takes only the native {enc.image_size}x{enc.image_size} images (its image processor "
-                      "resizes to that size), where its logits are identical", stacklevel=2)
-    torch_dtype = resolve_dtype(dtype) or next(lm.parameters()).dtype
+    warn_fixed_size(enc, "LlavaConfig")
     out = Path(path)
-    hf = AutoModelForImageTextToText.from_config(config, dtype=torch_dtype)  # public API; LlavaConfig -> Llava model
-    assert isinstance(hf, LlavaForConditionalGeneration), type(hf)
+    hf = new_hf_model(config, LlavaForConditionalGeneration, export_dtype(lm, dtype))
     with torch.no_grad():
         copy_state(hf.model.vision_tower, enc.model.state_dict(), "to_hf: vision tower")
-        state = conn.state_dict()
-        proj = {f"{theirs}.{k.removeprefix(ours + '.')}": v for ours, theirs in projector_layers(conn).items()
-                for k, v in state.items() if k.startswith(ours + ".")}
-        copy_state(hf.model.multi_modal_projector, proj, "to_hf: projector")
-        copy_state(hf.model.language_model, lm.model.base_model.state_dict(), "to_hf: language model")
-        copy_state(hf.lm_head, lm.model.get_output_embeddings().state_dict(), "to_hf: lm_head")
-    if is_tied(lm.model) != is_tied(hf):
-        raise RuntimeError(f"to_hf: embedding tying differs after export (vlm tied={is_tied(lm.model)}, "
-                           f"LLaVA tied={is_tied(hf)})")
+        copy_projector(conn, hf.model.multi_modal_projector, projector_layers(conn), to_hf=True)
+        copy_language_model(lm, hf, to_hf=True)
+    check_tying(lm, hf, "LLaVA")
     save_hf(hf, model, out)
     del hf
     if processor:
