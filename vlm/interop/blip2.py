@@ -40,6 +40,7 @@ from vlm.interop.common import (
     is_tied,
     lm_problems,
     load_checkpoint,
+    part_name,
     read_hf_config,
     refuse_export,
     save_hf,
@@ -126,8 +127,7 @@ def blip2_problems(model: VLM) -> list[str]:
     """Why ``model`` cannot be written as a transformers BLIP-2 checkpoint (empty when it can)."""
     problems = []
     enc, conn, lm = model.encoder, model.connector, model.llm
-    enc_name = getattr(enc, "registry_name", type(enc).__name__)
-    conn_name = getattr(conn, "registry_name", type(conn).__name__)
+    enc_name, conn_name = part_name(enc), part_name(conn)
     if not isinstance(enc, Blip2Encoder):
         problems.append(f"the encoder is {enc_name!r}; BLIP-2's vision tower is transformers' Blip2VisionModel "
                         f"(our 'blip2' encoder)")

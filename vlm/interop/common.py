@@ -60,6 +60,11 @@ def is_tied(model: nn.Module) -> bool:
     return out is not None and out.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
 
 
+def part_name(part: Any) -> str:
+    """A component's registry name (``clip``, ``mlp``, ...) for messages, else its class name."""
+    return getattr(part, "registry_name", type(part).__name__)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

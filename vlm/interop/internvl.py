@@ -43,6 +43,7 @@ from vlm.interop.common import (
     lm_problems,
     load_checkpoint,
     new_hf_model,
+    part_name,
     read_hf_config,
     refuse_export,
     save_hf,
@@ -122,12 +123,11 @@ def internvl_problems(model: VLM) -> list[str]:
     problems = []
     enc, conn, lm = model.encoder, model.connector, model.llm
     if not isinstance(enc, InternViTEncoder):
-        problems.append(f"the encoder is {enc.component_name!r}; InternVL's vision tower is 'internvit'")
+        problems.append(f"the encoder is {part_name(enc)!r}; InternVL's vision tower is 'internvit'")
     elif not enc.drops_first:
         problems.append(f"the encoder select={enc.select!r} keeps the CLS token; InternVL drops it ('patch')")
     if not isinstance(conn, PixelShuffleMLP):
-        name = getattr(conn, "registry_name", type(conn).__name__)
-        problems.append(f"the connector is {name!r}; InternVL's projector is 'pixel_shuffle_mlp'")
+        problems.append(f"the connector is {part_name(conn)!r}; InternVL's projector is 'pixel_shuffle_mlp'")
     elif conn.options.get("hidden_dim") not in (None, conn.out_dim):
         problems.append(f"the connector hidden_dim={conn.options['hidden_dim']} differs from the LLM width "
                         f"{conn.out_dim}; InternVL's projector is LayerNorm -> Linear(in, D) -> GELU -> Linear(D, D)")

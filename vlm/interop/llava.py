@@ -39,6 +39,7 @@ from vlm.interop.common import (
     lm_problems,
     load_checkpoint,
     new_hf_model,
+    part_name,
     read_hf_config,
     refuse_export,
     save_hf,
@@ -80,9 +81,8 @@ def projector_problems(conn: Any) -> list[str]:
     """What keeps ``conn`` from being LLaVA's projector (empty when it is): an ``mlp`` with exactly 2 linear layers,
     no input norm and a hidden size equal to the LLM's (``out_dim``)."""
     if projector_layers(conn) is None:
-        name = getattr(conn, "registry_name", type(conn).__name__)
-        return [f"the connector is {name!r}; LLaVA's projector is linear_1 -> act -> linear_2, i.e. our 'mlp' "
-                f"connector with depth=2 (no pooling, no norm)"]
+        return [(f"the connector is {part_name(conn)!r}; LLaVA's projector is linear_1 -> act -> linear_2, i.e. "
+                 f"our 'mlp' connector with depth=2 (no pooling, no norm)")]
     opts, problems = conn.options, []
     if opts.get("depth") != 2:
         problems.append(f"the mlp connector has depth={opts.get('depth')}; LLaVA's projector has exactly 2 "
@@ -160,7 +160,7 @@ def llava_problems(model: VLM) -> list[str]:
     """Why ``model`` cannot be written as a LLaVA checkpoint (empty when it can)."""
     problems = []
     enc, conn, lm = model.encoder, model.connector, model.llm
-    enc_name = getattr(enc, "registry_name", type(enc).__name__)
+    enc_name = part_name(enc)
     if not isinstance(enc, HFVisionEncoder) or enc_name not in ENCODER_MODEL_TYPES:
         problems.append(f"the encoder is {enc_name!r}; LLaVA's vision tower is a transformers CLIP or SigLIP vision "
                         f"model (our encoders: {sorted(ENCODER_MODEL_TYPES)})")
