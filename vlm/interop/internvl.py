@@ -28,27 +28,7 @@ from vlm import connectors
 from vlm.connectors.pixel_shuffle_mlp import PixelShuffleMLP
 from vlm.encoders.internvit import InternViTEncoder, dims_from_hf, dims_to_hf
 from vlm.encoders.internvit_keys import hf_to_ours, ours_to_hf
-from vlm.interop.common import (
-    arch_config,
-    assemble,
-    check_tying,
-    copy_language_model,
-    copy_projector,
-    copy_state,
-    dtype_name,
-    export_dtype,
-    import_encoder,
-    import_llm,
-    is_tied,
-    lm_problems,
-    load_checkpoint,
-    new_hf_model,
-    part_name,
-    read_hf_config,
-    refuse_export,
-    save_hf,
-    text_config_for_export,
-)
+from vlm.interop import common
 from vlm.interop.formats import FORMATS, HFFormat
 from vlm.model import VLM
 from vlm.pretrained import CONFIG_FILE
@@ -72,7 +52,7 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
 
     path = Path(path)
     where = f"from_hf: {str(path / CONFIG_FILE)!r}"
-    config = read_hf_config(path, InternVLConfig, INTERNVL_MODEL_TYPE, InternVLForConditionalGeneration)
+    config = common.read_hf_config(path, InternVLConfig, INTERNVL_MODEL_TYPE, InternVLForConditionalGeneration)
     if config.vision_feature_select_strategy != "default":
         raise ValueError(f"{where}: vision_feature_select_strategy={config.vision_feature_select_strategy!r}; "
                          f"InternVL's pixel shuffle needs the CLS token dropped ('default')")
@@ -81,18 +61,18 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
     if config.projector_hidden_act != PROJECTOR_ACT:
         raise ValueError(f"{where}: projector_hidden_act={config.projector_hidden_act!r}; pixel_shuffle_mlp has "
                          f"{PROJECTOR_ACT!r} only")
-    hf, torch_dtype = load_checkpoint(InternVLForConditionalGeneration, path, dtype)
+    hf, torch_dtype = common.load_checkpoint(InternVLForConditionalGeneration, path, dtype)
 
-    encoder, image_processor, image_processor_file = import_encoder(path, None, {
-        "name": "internvit", **dims_from_hf(arch_config(config.vision_config), where),
-        "feature_layer": config.vision_feature_layer, "select": "patch", "dtype": dtype_name(torch_dtype)})
-    lm = import_llm(config.text_config, is_tied(hf), attn_implementation, torch_dtype)
+    encoder, image_processor, image_processor_file = common.import_encoder(path, None, {
+        "name": "internvit", **dims_from_hf(common.arch_config(config.vision_config), where),
+        "feature_layer": config.vision_feature_layer, "select": "patch", "dtype": common.dtype_name(torch_dtype)})
+    lm = common.import_llm(config.text_config, common.is_tied(hf), attn_implementation, torch_dtype)
     connector = connectors.build({"name": "pixel_shuffle_mlp", "scale": float(config.downsample_ratio)},
                                  in_dim=encoder.hidden_size, out_dim=lm.hidden_size).to(torch_dtype)
     with torch.no_grad():
-        copy_state(encoder.model, hf_to_ours(hf.model.vision_tower.state_dict()), "from_hf: vision tower")
-        copy_projector(connector, hf.model.multi_modal_projector, PROJECTOR_LAYERS, to_hf=False)
-        copy_language_model(lm, hf, to_hf=False)
+        common.copy_state(encoder.model, hf_to_ours(hf.model.vision_tower.state_dict()), "from_hf: vision tower")
+        common.copy_projector(connector, hf.model.multi_modal_projector, PROJECTOR_LAYERS, to_hf=False)
+        common.copy_language_model(lm, hf, to_hf=False)
     del hf
 
     from vlm.interop.internvl_processor import (
@@ -112,9 +92,10 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
         import_chat_template(path, model.tokenizer, model.image_token)
 
     tiling = partial(read_tiling, always_crops=processor_class(path) == PROCESSOR_CLASS)
-    return assemble(path, config, encoder, connector, lm, image_token_id=int(config.image_token_id),
-                    tokenizer=tokenizer, image_processor=image_processor, image_processor_file=image_processor_file,
-                    image_token=IMAGE_TOKEN, prepare=prepare, preprocessing=tiling)
+    return common.assemble(path, config, encoder, connector, lm, image_token_id=int(config.image_token_id),
+                           tokenizer=tokenizer, image_processor=image_processor,
+                           image_processor_file=image_processor_file, image_token=IMAGE_TOKEN, prepare=prepare,
+                           preprocessing=tiling)
 
 
 # ----------------------------------------------------------------------------------------------------- export
@@ -123,29 +104,29 @@ def internvl_problems(model: VLM) -> list[str]:
     problems = []
     enc, conn, lm = model.encoder, model.connector, model.llm
     if not isinstance(enc, InternViTEncoder):
-        problems.append(f"the encoder is {part_name(enc)!r}; InternVL's vision tower is 'internvit'")
+        problems.append(f"the encoder is {common.part_name(enc)!r}; InternVL's vision tower is 'internvit'")
     elif not enc.drops_first:
         problems.append(f"the encoder select={enc.select!r} keeps the CLS token; InternVL drops it ('patch')")
     if not isinstance(conn, PixelShuffleMLP):
-        problems.append(f"the connector is {part_name(conn)!r}; InternVL's projector is 'pixel_shuffle_mlp'")
+        problems.append(f"the connector is {common.part_name(conn)!r}; InternVL's projector is 'pixel_shuffle_mlp'")
     elif conn.options.get("hidden_dim") not in (None, conn.out_dim):
         problems.append(f"the connector hidden_dim={conn.options['hidden_dim']} differs from the LLM width "
                         f"{conn.out_dim}; InternVL's projector is LayerNorm -> Linear(in, D) -> GELU -> Linear(D, D)")
-    return problems + lm_problems(lm, "InternVL", "InternVLForConditionalGeneration")
+    return problems + common.lm_problems(lm, "InternVL", "InternVLForConditionalGeneration")
 
 
 def internvl_config(model: VLM) -> Any:
     """The ``InternVLConfig`` describing ``model`` (``ValueError`` listing what InternVL cannot express)."""
-    refuse_export(internvl_problems(model), "InternVL")
+    common.refuse_export(internvl_problems(model), "InternVL")
     from transformers import InternVLConfig
 
     enc, conn = model.encoder, model.connector
     return InternVLConfig(
-        vision_config=dims_to_hf(enc.dims), text_config=text_config_for_export(model.llm, model),
+        vision_config=dims_to_hf(enc.dims), text_config=common.text_config_for_export(model.llm, model),
         image_token_id=model.image_token_id, image_seq_length=model.num_image_tokens(),
         downsample_ratio=float(conn.scale), projector_hidden_act=PROJECTOR_ACT,
         vision_feature_layer=enc.feature_layer, vision_feature_select_strategy="default",
-        tie_word_embeddings=is_tied(model.llm.model))
+        tie_word_embeddings=common.is_tied(model.llm.model))
 
 
 def to_hf(model: VLM, path: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
@@ -159,14 +140,14 @@ def to_hf(model: VLM, path: str | os.PathLike, *, dtype: str | torch.dtype | Non
 
     config = internvl_config(model)
     enc, conn, lm = model.encoder, model.connector, model.llm
-    hf = new_hf_model(config, InternVLForConditionalGeneration, export_dtype(lm, dtype))
+    hf = common.new_hf_model(config, InternVLForConditionalGeneration, common.export_dtype(lm, dtype))
     with torch.no_grad():
-        copy_state(hf.model.vision_tower, ours_to_hf(enc.model.state_dict()), "to_hf: vision tower")
-        copy_projector(conn, hf.model.multi_modal_projector, PROJECTOR_LAYERS, to_hf=True)
-        copy_language_model(lm, hf, to_hf=True)
-    check_tying(lm, hf, "InternVL")
+        common.copy_state(hf.model.vision_tower, ours_to_hf(enc.model.state_dict()), "to_hf: vision tower")
+        common.copy_projector(conn, hf.model.multi_modal_projector, PROJECTOR_LAYERS, to_hf=True)
+        common.copy_language_model(lm, hf, to_hf=True)
+    common.check_tying(lm, hf, "InternVL")
     out = Path(path)
-    save_hf(hf, model, out)
+    common.save_hf(hf, model, out)
     del hf
     if processor:
         from vlm.interop.internvl_processor import save_processor

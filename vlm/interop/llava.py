@@ -24,28 +24,7 @@ import torch
 from vlm import connectors, encoders
 from vlm.connectors.mlp import MLPConnector
 from vlm.encoders.hf_vision import HFVisionEncoder
-from vlm.interop.common import (
-    arch_config,
-    assemble,
-    check_tying,
-    copy_language_model,
-    copy_projector,
-    copy_state,
-    dtype_name,
-    export_dtype,
-    import_encoder,
-    import_llm,
-    is_tied,
-    lm_problems,
-    load_checkpoint,
-    new_hf_model,
-    part_name,
-    read_hf_config,
-    refuse_export,
-    save_hf,
-    text_config_for_export,
-    warn_fixed_size,
-)
+from vlm.interop import common
 from vlm.interop.formats import FORMATS, HFFormat
 from vlm.interop.mapping import (
     ACT_FROM_HF,
@@ -81,7 +60,7 @@ def projector_problems(conn: Any) -> list[str]:
     """What keeps ``conn`` from being LLaVA's projector (empty when it is): an ``mlp`` with exactly 2 linear layers,
     no input norm and a hidden size equal to the LLM's (``out_dim``)."""
     if projector_layers(conn) is None:
-        return [(f"the connector is {part_name(conn)!r}; LLaVA's projector is linear_1 -> act -> linear_2, i.e. "
+        return [(f"the connector is {common.part_name(conn)!r}; LLaVA's projector is linear_1 -> act -> linear_2, i.e. "
                  f"our 'mlp' connector with depth=2 (no pooling, no norm)")]
     opts, problems = conn.options, []
     if opts.get("depth") != 2:
@@ -109,7 +88,7 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     path = Path(path)
-    config = read_hf_config(path, LlavaConfig, LLAVA_MODEL_TYPE, LlavaForConditionalGeneration, NOT_LLAVA_HINT)
+    config = common.read_hf_config(path, LlavaConfig, LLAVA_MODEL_TYPE, LlavaForConditionalGeneration, NOT_LLAVA_HINT)
     vision_type = config.vision_config.model_type
     if vision_type not in VISION_MODEL_TYPES:
         raise ValueError(f"from_hf: vision_config.model_type={vision_type!r} in {str(path / CONFIG_FILE)!r} is not "
@@ -124,43 +103,44 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
     if (strategy, has_cls) not in SELECT_FROM_LLAVA:
         raise ValueError(f"from_hf: vision_feature_select_strategy={strategy!r}; expected 'default' or 'full'")
     # LLaVA never runs some vision-tower modules (UNUSED_VISION_MODULES): a checkpoint may omit them
-    hf, torch_dtype = load_checkpoint(LlavaForConditionalGeneration, path, dtype,
+    hf, torch_dtype = common.load_checkpoint(LlavaForConditionalGeneration, path, dtype,
                                       ignore_missing=[VISION_PREFIX + p for p in UNUSED_VISION_MODULES])
-    tied = is_tied(hf)
+    tied = common.is_tied(hf)
 
     # modules LLaVA never runs (SigLIP's pooling head) are left out of our encoder: logits are unchanged, and no
     # trainable parameter is left without a gradient
     tower = hf.model.vision_tower.state_dict()
     dropped = [p for p in UNUSED_VISION_MODULES if any(k.startswith(p) for k in tower)]
     tower = {k: v for k, v in tower.items() if not any(k.startswith(p) for p in dropped)}
-    vision_cfg = arch_config(config.vision_config)
+    vision_cfg = common.arch_config(config.vision_config)
     for prefix in dropped:
         vision_cfg.update(UNUSED_VISION_MODULES[prefix])
-    encoder, image_processor, image_processor_file = import_encoder(path, type(config.vision_config), {
+    encoder, image_processor, image_processor_file = common.import_encoder(path, type(config.vision_config), {
         "name": enc_name, "config": vision_cfg, "feature_layer": config.vision_feature_layer,
         "select": SELECT_FROM_LLAVA[(strategy, has_cls)], "attn_implementation": attn_implementation,
-        "dtype": dtype_name(torch_dtype)})
+        "dtype": common.dtype_name(torch_dtype)})
     # what LLaVA actually does (its top-level tying flag can override the text one)
-    lm = import_llm(config.text_config, tied, attn_implementation, torch_dtype)
+    lm = common.import_llm(config.text_config, tied, attn_implementation, torch_dtype)
     connector = connectors.build({"name": "mlp", "depth": 2, "act": ACT_FROM_HF[act],
                                   "bias": bool(config.multimodal_projector_bias)},
                                  in_dim=encoder.hidden_size, out_dim=lm.hidden_size).to(torch_dtype)
 
     with torch.no_grad():
-        copy_state(encoder.model, tower, "from_hf: vision tower")
-        copy_projector(connector, hf.model.multi_modal_projector, projector_layers(connector), to_hf=False)
-        copy_language_model(lm, hf, to_hf=False)
+        common.copy_state(encoder.model, tower, "from_hf: vision tower")
+        common.copy_projector(connector, hf.model.multi_modal_projector, projector_layers(connector), to_hf=False)
+        common.copy_language_model(lm, hf, to_hf=False)
     del hf
 
-    return assemble(path, config, encoder, connector, lm, image_token_id=int(config.image_token_id),
-                    tokenizer=tokenizer, image_processor=image_processor, image_processor_file=image_processor_file)
+    return common.assemble(path, config, encoder, connector, lm, image_token_id=int(config.image_token_id),
+                           tokenizer=tokenizer, image_processor=image_processor,
+                           image_processor_file=image_processor_file)
 
 
 def llava_problems(model: VLM) -> list[str]:
     """Why ``model`` cannot be written as a LLaVA checkpoint (empty when it can)."""
     problems = []
     enc, conn, lm = model.encoder, model.connector, model.llm
-    enc_name = part_name(enc)
+    enc_name = common.part_name(enc)
     if not isinstance(enc, HFVisionEncoder) or enc_name not in ENCODER_MODEL_TYPES:
         problems.append(f"the encoder is {enc_name!r}; LLaVA's vision tower is a transformers CLIP or SigLIP vision "
                         f"model (our encoders: {sorted(ENCODER_MODEL_TYPES)})")
@@ -168,18 +148,18 @@ def llava_problems(model: VLM) -> list[str]:
     act = getattr(conn, "options", {}).get("act")
     if projector_layers(conn) is not None and act not in ACT_TO_HF:
         problems.append(f"the connector act={act!r} has no LLaVA equivalent; supported: {sorted(ACT_TO_HF)}")
-    return problems + lm_problems(lm, "LLaVA", "LlavaForConditionalGeneration")
+    return problems + common.lm_problems(lm, "LLaVA", "LlavaForConditionalGeneration")
 
 
 def llava_config(model: VLM) -> Any:
     """The ``LlavaConfig`` describing ``model`` (raises ``ValueError`` listing what LLaVA cannot express)."""
-    refuse_export(llava_problems(model), "LLaVA")
+    common.refuse_export(llava_problems(model), "LLaVA")
     from transformers import LlavaConfig
 
     enc, conn, lm = model.encoder, model.connector, model.llm
-    tied = is_tied(lm.model)
-    vision_cfg = arch_config(enc.hf_config)
-    text_cfg = text_config_for_export(lm, model)
+    tied = common.is_tied(lm.model)
+    vision_cfg = common.arch_config(enc.hf_config)
+    text_cfg = common.text_config_for_export(lm, model)
     return LlavaConfig(
         vision_config=vision_cfg, text_config=text_cfg, image_token_id=model.image_token_id,
         vision_feature_layer=enc.feature_layer, vision_feature_select_strategy=SELECT_TO_LLAVA[enc.drops_first],
@@ -200,15 +180,15 @@ def to_hf(model: VLM, path: str | os.PathLike, *, dtype: str | torch.dtype | Non
 
     config = llava_config(model)
     enc, conn, lm = model.encoder, model.connector, model.llm
-    warn_fixed_size(enc, "LlavaConfig")
+    common.warn_fixed_size(enc, "LlavaConfig")
     out = Path(path)
-    hf = new_hf_model(config, LlavaForConditionalGeneration, export_dtype(lm, dtype))
+    hf = common.new_hf_model(config, LlavaForConditionalGeneration, common.export_dtype(lm, dtype))
     with torch.no_grad():
-        copy_state(hf.model.vision_tower, enc.model.state_dict(), "to_hf: vision tower")
-        copy_projector(conn, hf.model.multi_modal_projector, projector_layers(conn), to_hf=True)
-        copy_language_model(lm, hf, to_hf=True)
-    check_tying(lm, hf, "LLaVA")
-    save_hf(hf, model, out)
+        common.copy_state(hf.model.vision_tower, enc.model.state_dict(), "to_hf: vision tower")
+        common.copy_projector(conn, hf.model.multi_modal_projector, projector_layers(conn), to_hf=True)
+        common.copy_language_model(lm, hf, to_hf=True)
+    common.check_tying(lm, hf, "LLaVA")
+    common.save_hf(hf, model, out)
     del hf
     if processor:
         save_llava_processor(model, out, strategy=config.vision_feature_select_strategy)
