@@ -20,7 +20,6 @@ causal-LM equivalent here and is refused before any weight is read. Only local d
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,26 +27,13 @@ import torch
 
 from vlm import connectors
 from vlm.connectors.qformer import QFormerConnector, to_hf_name
-from vlm.dtypes import resolve_dtype
 from vlm.encoders.blip2 import Blip2Encoder
-from vlm.interop.common import (
-    arch_config,
-    assemble,
-    copy_state,
-    dtype_name,
-    import_encoder,
-    import_llm,
-    is_tied,
-    load_strict,
-    save_hf,
-    text_config_for_export,
-)
+from vlm.interop import common
 from vlm.interop.formats import FORMATS, HFFormat
 from vlm.interop.mapping import ACT_FROM_HF, ACT_TO_HF
 from vlm.interop.processor import save_processor
-from vlm.llm.hf_causal_lm import HFCausalLM
 from vlm.model import VLM
-from vlm.pretrained import CONFIG_FILE, check_weights, read_config
+from vlm.pretrained import CONFIG_FILE
 
 BLIP2_MODEL_TYPE = "blip-2"
 #: Blip2Processor always looks for this literal token (unless the tokenizer names its own ``image_token``)
@@ -56,17 +42,12 @@ BLIP2_IMAGE_TOKEN = "<image>"
 
 # ----------------------------------------------------------------------------------------------------- import
 def read_blip2_config(path: Path) -> Any:
-    """The directory's ``Blip2Config``; ``ValueError`` naming the file for an invalid config, a text model that is
-    not a decoder-only causal LM (T5), or no ``image_token_index``."""
-    from transformers import Blip2Config
+    """The directory's ``Blip2Config``; ``ValueError`` naming the file for an invalid config (or another
+    ``model_type``), a text model that is not a decoder-only causal LM (T5), or no ``image_token_index``."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
 
     cfg_file = str(path / CONFIG_FILE)
-    raw = read_config(path, "from_hf", "the config.json of a transformers Blip2ForConditionalGeneration (model_type "
-                                       "'blip-2') saved with save_pretrained")
-    try:
-        config = Blip2Config.from_dict(raw)
-    except Exception as e:  # transformers' strict config validation has its own exception types
-        raise ValueError(f"from_hf: {cfg_file!r} is not a valid Blip2Config: {e}") from e
+    config = common.read_hf_config(path, Blip2Config, BLIP2_MODEL_TYPE, Blip2ForConditionalGeneration)
     text_type = config.text_config.model_type
     if not config.use_decoder_only_language_model:
         raise ValueError(f"from_hf: {cfg_file!r} is a BLIP-2 model whose text model is {text_type!r}, an "
@@ -102,27 +83,26 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
 
     path = Path(path)
     config = read_blip2_config(path)
-    torch_dtype = resolve_dtype(dtype) or torch.float32
-    check_weights(path, "from_hf")
-    hf = load_strict(Blip2ForConditionalGeneration, path, torch_dtype)
+    hf, torch_dtype = common.load_checkpoint(Blip2ForConditionalGeneration, path, dtype)
 
-    encoder, image_processor, image_processor_file = import_encoder(path, type(config.vision_config), {
-        "name": "blip2", "config": arch_config(config.vision_config), "feature_layer": -1, "select": "all",
-        "attn_implementation": attn_implementation, "dtype": dtype_name(torch_dtype)})
-    lm = import_llm(config.text_config, is_tied(hf.language_model), attn_implementation, torch_dtype)
+    encoder, image_processor, image_processor_file = common.import_encoder(path, type(config.vision_config), {
+        "name": "blip2", "config": common.arch_config(config.vision_config), "feature_layer": -1, "select": "all",
+        "attn_implementation": attn_implementation, "dtype": common.dtype_name(torch_dtype)})
+    lm = common.import_llm(config.text_config, common.is_tied(hf.language_model), attn_implementation, torch_dtype)
     connector = connectors.build(qformer_options(config), in_dim=encoder.hidden_size, out_dim=lm.hidden_size)
     connector = connector.to(torch_dtype)
 
     theirs = hf.state_dict()
     with torch.no_grad():
         # the tower keeps its own post_layernorm too (unused by the features, as CLIP's); the connector applies it
-        copy_state(encoder.model, hf.vision_model.state_dict(), "from_hf: vision tower")
-        copy_state(connector, {k: theirs[to_hf_name(k)] for k in connector.state_dict()}, "from_hf: Q-Former")
-        copy_state(lm.model, hf.language_model.state_dict(), "from_hf: language model")
+        common.copy_state(encoder.model, hf.vision_model.state_dict(), "from_hf: vision tower")
+        common.copy_state(connector, {k: theirs[to_hf_name(k)] for k in connector.state_dict()}, "from_hf: Q-Former")
+        common.copy_state(lm.model, hf.language_model.state_dict(), "from_hf: language model")
     del hf, theirs
 
-    return assemble(path, config, encoder, connector, lm, image_token_id=int(config.image_token_index),
-                    tokenizer=tokenizer, image_processor=image_processor, image_processor_file=image_processor_file)
+    return common.assemble(path, config, encoder, connector, lm, image_token_id=int(config.image_token_index),
+                           tokenizer=tokenizer, image_processor=image_processor,
+                           image_processor_file=image_processor_file)
 
 
 # ----------------------------------------------------------------------------------------------------- export
@@ -130,8 +110,7 @@ def blip2_problems(model: VLM) -> list[str]:
     """Why ``model`` cannot be written as a transformers BLIP-2 checkpoint (empty when it can)."""
     problems = []
     enc, conn, lm = model.encoder, model.connector, model.llm
-    enc_name = getattr(enc, "registry_name", type(enc).__name__)
-    conn_name = getattr(conn, "registry_name", type(conn).__name__)
+    enc_name, conn_name = common.part_name(enc), common.part_name(conn)
     if not isinstance(enc, Blip2Encoder):
         problems.append(f"the encoder is {enc_name!r}; BLIP-2's vision tower is transformers' Blip2VisionModel "
                         f"(our 'blip2' encoder)")
@@ -156,16 +135,12 @@ def blip2_problems(model: VLM) -> list[str]:
                 and opts.get("input_norm_eps") != enc.hf_config.layer_norm_eps:
             problems.append(f"the qformer connector has input_norm_eps={opts.get('input_norm_eps')}, but BLIP-2's "
                             f"post_layernorm uses the tower's layer_norm_eps={enc.hf_config.layer_norm_eps}")
-    if not isinstance(lm, HFCausalLM):
-        problems.append(f"the LLM is {type(lm).__name__}; BLIP-2 needs a transformers causal LM (hf_causal_lm)")
-    return problems
+    return problems + common.lm_problems(lm, "BLIP-2", "Blip2ForConditionalGeneration")
 
 
 def blip2_config(model: VLM) -> Any:
     """The ``Blip2Config`` describing ``model`` (``ValueError`` listing what BLIP-2 cannot express)."""
-    problems = blip2_problems(model)
-    if problems:
-        raise ValueError("to_hf: this model cannot be exported as transformers BLIP-2: " + "; ".join(problems))
+    common.refuse_export(blip2_problems(model), "BLIP-2")
     from transformers import Blip2Config
 
     enc, conn, lm = model.encoder, model.connector, model.llm
@@ -176,8 +151,8 @@ def blip2_config(model: VLM) -> Any:
                    "cross_attention_frequency": opts["cross_attention_frequency"], "hidden_act": ACT_TO_HF[opts["act"]],
                    "hidden_dropout_prob": opts["dropout"], "attention_probs_dropout_prob": opts["attention_dropout"],
                    "layer_norm_eps": opts["layer_norm_eps"], "encoder_hidden_size": enc.hidden_size}
-    return Blip2Config(vision_config=arch_config(enc.hf_config), qformer_config=qformer_cfg,
-                       text_config=text_config_for_export(lm, model), num_query_tokens=conn.num_queries,
+    return Blip2Config(vision_config=common.arch_config(enc.hf_config), qformer_config=qformer_cfg,
+                       text_config=common.text_config_for_export(lm, model), num_query_tokens=conn.num_queries,
                        image_token_index=model.image_token_id)
 
 
@@ -192,22 +167,16 @@ def to_hf(model: VLM, path: str | os.PathLike, *, dtype: str | torch.dtype | Non
 
     config = blip2_config(model)
     enc, conn, lm = model.encoder, model.connector, model.llm
-    if enc.interpolate_pos_encoding:
-        warnings.warn("to_hf: the encoder's interpolate_pos_encoding=True has no Blip2Config field; the exported "
-                      f"model takes only the native {enc.image_size}x{enc.image_size} images (its image processor "
-                      "resizes to that size), where its logits are identical", stacklevel=2)
-    torch_dtype = resolve_dtype(dtype) or next(lm.parameters()).dtype
+    common.warn_fixed_size(enc, "Blip2Config")
     out = Path(path)
-    hf = Blip2ForConditionalGeneration(config).to(torch_dtype)
+    hf = Blip2ForConditionalGeneration(config).to(common.export_dtype(lm, dtype))
     state = {f"vision_model.{k}": v for k, v in enc.model.state_dict().items()}
     state.update(conn.hf_state_dict())  # incl. vision_model.post_layernorm: the connector's input_norm is applied
     state.update({f"language_model.{k}": v for k, v in lm.model.state_dict().items()})
     with torch.no_grad():
-        copy_state(hf, state, "to_hf: BLIP-2")
-    if is_tied(lm.model) != is_tied(hf.language_model):
-        raise RuntimeError(f"to_hf: embedding tying differs after export (vlm tied={is_tied(lm.model)}, "
-                           f"BLIP-2 tied={is_tied(hf.language_model)})")
-    save_hf(hf, model, out)
+        common.copy_state(hf, state, "to_hf: BLIP-2")
+    common.check_tying(lm, hf.language_model, "BLIP-2")
+    common.save_hf(hf, model, out)
     del hf
     if processor:
         from transformers import Blip2Processor

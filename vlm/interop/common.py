@@ -1,20 +1,39 @@
-"""Helpers every transformers format module shares (``vlm.interop.llava``, ``vlm.interop.blip2``, ...): config dicts,
-strict weight copies, embedding tying, loading a local transformers directory strictly, its tokenizer and generation
-settings, and the generation settings an export carries."""
+"""The steps every transformers format module shares (``vlm.interop.llava``, ``vlm.interop.blip2``,
+``vlm.interop.internvl``): reading and validating a directory's config, loading its model strictly, building our
+encoder / LLM from its sub-configs, copying weights both ways (projector layers, language model + ``lm_head``),
+assembling the ``VLM`` with the directory's tokenizer, generation settings and image preprocessing, and on export
+the config checks, embedding tying check and ``save_pretrained``.
+
+Adding a family (e.g. ``vlm/interop/qwen2_vl.py``) is one new module built from these steps, no edit here:
+
+- import (``from_hf(path, *, dtype, tokenizer, attn_implementation)``): ``read_hf_config`` (model_type checked,
+  a ``ValueError`` naming ``config.json``), the family's own config checks, ``load_checkpoint`` (the transformers
+  model, strict), ``import_encoder`` and ``import_llm`` (our components with the directory's architecture),
+  ``connectors.build``, then ``copy_state`` / ``copy_projector`` / ``copy_language_model`` under ``torch.no_grad()``,
+  and ``assemble`` (its ``image_token`` default, a ``prepare`` hook that adapts the tokenizer before the generation
+  settings are read, and a ``preprocessing`` reader for the image-processor config are the family's parameters);
+- export (``to_hf(model, path, *, dtype, processor)``): ``<family>_problems(model)`` (lists what the format cannot
+  express; use ``lm_problems`` for the LLM), ``refuse_export``, the family's transformers config (LLM part:
+  ``text_config_for_export``), ``new_hf_model``, the same copies with ``to_hf=True``, ``check_tying``, ``save_hf``,
+  then the family's processor files (``vlm.interop.processor.save_processor`` takes any processor class);
+- register it: ``@FORMATS.register(name)`` on an ``HFFormat`` subclass (``vlm.interop.formats``) and import the
+  module in ``vlm/interop/__init__.py``; tests compare logits with the transformers class both ways.
+"""
 from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from vlm.dtypes import resolve_dtype
 from vlm.generation import GENERATION_KEYS, generation_settings, read_settings
 from vlm.hf_config import unknown_config_keys
-from vlm.pretrained import FILE_KEYS
+from vlm.pretrained import CONFIG_FILE, FILE_KEYS, check_weights, read_config
 
 GENERATION_FILE = "generation_config.json"
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
@@ -39,6 +58,11 @@ def is_tied(model: nn.Module) -> bool:
     """Whether the output embeddings share storage with the input embeddings."""
     out = model.get_output_embeddings()
     return out is not None and out.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+def part_name(part: Any) -> str:
+    """A component's registry name (``clip``, ``mlp``, ...) for messages, else its class name."""
+    return getattr(part, "registry_name", type(part).__name__)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -76,7 +100,7 @@ def tying_problems(lm: Any, hf_class: Any, family: str) -> list[str]:
     language model (``embed_tokens``) that the LLM may not have."""
     problems = []
     if is_tied(lm.model):
-        for source in hf_class._tied_weights_keys.values():
+        for source in (hf_class._tied_weights_keys or {}).values():  # None: the class ties nothing itself
             name = source.removeprefix(LM_PREFIX)
             if name != source and not has_parameter(lm.model.base_model, name):
                 problems.append(f"the LLM ({lm.text_config.model_type}) ties its output embeddings, and transformers' "
@@ -157,11 +181,39 @@ def save_hf(hf: nn.Module, model: Any, out: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ import steps
-def import_encoder(path: Path, config_class: type, enc_cfg: dict[str, Any]) -> tuple[Any, dict[str, Any] | None, Path]:
-    """Build the encoder ``enc_cfg`` describes (its ``config`` a dict of ``config_class``), with the image mean/std
-    of the directory's image-processor config when it has one. Returns ``(encoder, image-processor config or None,
-    its file)``. The directory's config.json is trusted: keys a newer transformers dropped do not stop the import
-    (the encoder then exports ``strict_config=False``, so ``vlm.load`` of the result accepts them too)."""
+def read_hf_config(path: Path, config_class: type, model_type: str, hf_class: type, hint: str = "") -> Any:
+    """The directory's ``config.json`` as a ``config_class`` (e.g. ``LlavaConfig``). ``ValueError`` naming the file
+    when it is missing or not JSON, when its ``model_type`` is not ``model_type`` (the message names ``hf_class``,
+    says so when the directory is a vlm one, and ends with ``hint``), or when ``config_class`` rejects it."""
+    cfg_file = str(path / CONFIG_FILE)
+    raw = read_config(path, "from_hf", f"the config.json of a transformers {hf_class.__name__} (model_type "
+                                       f"'{model_type}') saved with save_pretrained")
+    if raw.get("model_type") != model_type:
+        ours = " (it is a vlm directory: use vlm.load, or to_hf to export it)" if raw.get("format") == "vlm" else ""
+        raise ValueError(f"from_hf: {cfg_file!r} has model_type={raw.get('model_type')!r}; expected "
+                         f"'{model_type}' ({hf_class.__name__}){ours}{hint}")
+    try:
+        return config_class.from_dict(raw)
+    except Exception as e:  # transformers' strict config validation has its own exception types
+        raise ValueError(f"from_hf: {cfg_file!r} is not a valid {config_class.__name__}: {e}") from e
+
+
+def load_checkpoint(hf_class: type, path: Path, dtype: str | torch.dtype | None,
+                    ignore_missing: Iterable[str] = ()) -> tuple[nn.Module, torch.dtype]:
+    """``(the directory's hf_class model, the import dtype)``: ``dtype`` resolved (default float32), the weight files
+    checked to exist (``vlm.pretrained.check_weights``), then ``load_strict``."""
+    torch_dtype = resolve_dtype(dtype) or torch.float32
+    check_weights(path, "from_hf")
+    return load_strict(hf_class, path, torch_dtype, ignore_missing), torch_dtype
+
+
+def import_encoder(path: Path, config_class: type | None, enc_cfg: dict[str, Any]
+                   ) -> tuple[Any, dict[str, Any] | None, Path]:
+    """Build the encoder ``enc_cfg`` describes (its ``config`` a dict of ``config_class``; ``None``: an encoder
+    built from its own arguments, no transformers config), with the image mean/std of the directory's
+    image-processor config when it has one. Returns ``(encoder, image-processor config or None, its file)``. The
+    directory's config.json is trusted: keys a newer transformers dropped do not stop the import (the encoder then
+    exports ``strict_config=False``, so ``vlm.load`` of the result accepts them too)."""
     from vlm import encoders
     from vlm.pretrained import normalization, read_image_processor_config
 
@@ -170,7 +222,7 @@ def import_encoder(path: Path, config_class: type, enc_cfg: dict[str, Any]) -> t
     norm = normalization(image_processor)
     if norm is not None:
         enc_cfg["image_mean"], enc_cfg["image_std"] = norm
-    if unknown_config_keys(config_class, enc_cfg["config"]):
+    if config_class is not None and unknown_config_keys(config_class, enc_cfg["config"]):
         enc_cfg["strict_config"] = False
     return encoders.build(enc_cfg), image_processor, image_processor_file
 
@@ -189,20 +241,51 @@ def import_llm(text_config: Any, tied: bool, attn_implementation: str, dtype: to
     return llms.build(lm_cfg)
 
 
+#: reads a transformers image-processor config (or ``None``) for an encoder of ``image_size`` px into the model's
+#: ``image_preprocessing`` record; the third argument names the file in warnings
+PreprocessingReader = Callable[[dict[str, Any] | None, int, str], dict[str, Any]]
+
+
 def assemble(path: Path, config: Any, encoder: Any, connector: Any, lm: Any, *, image_token_id: int,
-             tokenizer: bool, image_processor: dict[str, Any] | None, image_processor_file: Path) -> Any:
+             tokenizer: bool, image_processor: dict[str, Any] | None, image_processor_file: Path,
+             image_token: str = "<image>", prepare: Callable[[Any], None] | None = None,
+             preprocessing: PreprocessingReader | None = None) -> Any:
     """The imported ``vlm.VLM`` (eval mode) with the directory's tokenizer (``tokenizer=False``: none), generation
-    settings and image geometry (resize / crop / pad, so ``Processor.for_model`` preprocesses as its source did)."""
+    settings and image preprocessing.
+
+    ``image_token``: the placeholder's string when the tokenizer has none for ``image_token_id``. ``prepare(model)``
+    runs once the model holds its tokenizer, before the generation settings are read from it (a family's checks of
+    the model against the directory, or its chat template rewritten to vlm's convention). ``preprocessing``
+    (default ``vlm.interop.processor.read_preprocessing``: resize / crop / pad, so ``Processor.for_model``
+    preprocesses as the source did) reads the image-processor config for the encoder's image size."""
     from vlm.interop.processor import read_preprocessing
     from vlm.model import VLM
 
     tok = load_tokenizer(path, tokenizer)
-    model = VLM(encoder, connector, lm, image_token_id=image_token_id, image_token=token_string(tok, image_token_id))
+    model = VLM(encoder, connector, lm, image_token_id=image_token_id,
+                image_token=token_string(tok, image_token_id, image_token))
     model.tokenizer = tok
+    if prepare is not None:
+        prepare(model)
     model.generation = read_generation(path, config, tok)
-    model.image_preprocessing = read_preprocessing(image_processor, int(config.vision_config.image_size),
-                                                   str(image_processor_file))
+    read = preprocessing or read_preprocessing
+    model.image_preprocessing = read(image_processor, int(encoder.image_size), str(image_processor_file))
     return model.eval()
+
+
+def copy_projector(connector: nn.Module, projector: nn.Module, layers: dict[str, str], to_hf: bool) -> None:
+    """Copy the projector weights into (``to_hf``) or out of a transformers projector module ``projector``:
+    ``layers`` maps each of our submodules in ``connector`` (e.g. ``"layers.0"``) to its name in ``projector``
+    (e.g. ``"linear_1"``); a missing or extra weight on the receiving side is an error."""
+    if to_hf:
+        state = connector.state_dict()
+        theirs = {f"{name}.{k.removeprefix(ours + '.')}": v for ours, name in layers.items()
+                  for k, v in state.items() if k.startswith(ours + ".")}
+        copy_state(projector, theirs, "to_hf: projector")
+    else:
+        ours = {f"{mine}.{k}": v for mine, name in layers.items()
+                for k, v in getattr(projector, name).state_dict().items()}
+        copy_state(connector, ours, "from_hf: projector")
 
 
 def copy_language_model(lm: Any, hf: nn.Module, to_hf: bool) -> None:
@@ -213,3 +296,42 @@ def copy_language_model(lm: Any, hf: nn.Module, to_hf: bool) -> None:
     for ours, theirs, what in pairs:
         src, dst = (ours, theirs) if to_hf else (theirs, ours)
         copy_state(dst, src.state_dict(), f"{'to_hf' if to_hf else 'from_hf'}: {what}")
+
+
+# ------------------------------------------------------------------------------------------------ export steps
+def refuse_export(problems: list[str], family: str) -> None:
+    """``ValueError`` listing ``problems`` (a format's ``problems(model)``) when there are any."""
+    if problems:
+        raise ValueError(f"to_hf: this model cannot be exported as transformers {family}: " + "; ".join(problems))
+
+
+def export_dtype(lm: nn.Module, dtype: str | torch.dtype | None) -> torch.dtype:
+    """The dtype of the written weights: ``dtype``, else the LLM's."""
+    return resolve_dtype(dtype) or next(lm.parameters()).dtype
+
+
+def warn_fixed_size(encoder: Any, config_class: str) -> None:
+    """Warn when the encoder interpolates its position embeddings, which ``config_class`` cannot state."""
+    if getattr(encoder, "interpolate_pos_encoding", False):
+        warnings.warn(f"to_hf: the encoder's interpolate_pos_encoding=True has no {config_class} field; the exported "
+                      f"model takes only the native {encoder.image_size}x{encoder.image_size} images (its image "
+                      f"processor resizes to that size), where its logits are identical", stacklevel=3)
+
+
+def new_hf_model(config: Any, hf_class: type, dtype: torch.dtype) -> nn.Module:
+    """A randomly initialised transformers model for ``config`` in ``dtype`` (``AutoModelForImageTextToText``, the
+    public API), which must be a ``hf_class``."""
+    from transformers import AutoModelForImageTextToText
+
+    hf = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    if not isinstance(hf, hf_class):
+        raise TypeError(f"to_hf: transformers built {type(hf).__name__} for {type(config).__name__}, expected "
+                        f"{hf_class.__name__}")
+    return hf
+
+
+def check_tying(lm: Any, hf_lm: nn.Module, family: str) -> None:
+    """``RuntimeError`` when the exported language model ``hf_lm`` does not tie its embeddings as ``lm`` does."""
+    if is_tied(lm.model) != is_tied(hf_lm):
+        raise RuntimeError(f"to_hf: embedding tying differs after export (vlm tied={is_tied(lm.model)}, "
+                           f"{family} tied={is_tied(hf_lm)})")

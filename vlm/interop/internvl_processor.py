@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm.data.templates.jinja import image_rendering, render_messages
-from vlm.interop.processor import BICUBIC
+from vlm.interop.processor import BICUBIC, pixel_options
 from vlm.persistence import DEFAULT_IMAGE_PREPROCESSING
 from vlm.pretrained import PROCESSOR_CONFIG
 
@@ -236,9 +236,7 @@ def hf_image_processor(model: Any) -> Any:
     if tiling is not None:
         extra = {"crop_to_patches": True, "min_patches": int(tiling.get("min_tiles", 1)),
                  "max_patches": int(tiling.get("max_tiles", 12))}
-    return GotOcr2ImageProcessorPil(size={"height": size, "width": size}, image_mean=list(enc.image_mean),
-                                    image_std=list(enc.image_std), resample=BICUBIC, do_resize=True,
-                                    do_rescale=True, rescale_factor=1 / 255, do_normalize=True, do_convert_rgb=True,
+    return GotOcr2ImageProcessorPil(size={"height": size, "width": size}, do_resize=True, **pixel_options(enc),
                                     **extra)
 
 

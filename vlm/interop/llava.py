@@ -16,28 +16,15 @@ Only local directories are read; weights come from safetensors (or ``pytorch_mod
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from vlm import connectors, encoders
-from vlm.dtypes import resolve_dtype
+from vlm.connectors.mlp import MLPConnector
 from vlm.encoders.hf_vision import HFVisionEncoder
-from vlm.interop.common import (
-    arch_config,
-    assemble,
-    copy_state,
-    dtype_name,
-    import_encoder,
-    import_llm,
-    is_tied,
-    lm_problems,
-    load_strict,
-    save_hf,
-    text_config_for_export,
-)
+from vlm.interop import common
 from vlm.interop.formats import FORMATS, HFFormat
 from vlm.interop.mapping import (
     ACT_FROM_HF,
@@ -49,15 +36,14 @@ from vlm.interop.mapping import (
     VISION_MODEL_TYPES,
 )
 from vlm.interop.processor import save_llava_processor
-from vlm.connectors.mlp import MLPConnector
 from vlm.model import VLM
-from vlm.pretrained import CONFIG_FILE, check_weights, read_config
+from vlm.pretrained import CONFIG_FILE
 
 LLAVA_MODEL_TYPE = "llava"
 VISION_PREFIX = "model.vision_tower."
+#: what ``from_hf``'s model_type error adds for a directory of another kind
+NOT_LLAVA_HINT = ". Variants such as llava_next / llava_onevision (image tiling) are not supported"
 
-
-# ----------------------------------------------------------------------------------------------------- reading
 
 # ----------------------------------------------------------------------------------------- LLaVA's projector
 #: connector types that can hold LLaVA's ``linear_1 -> act -> linear_2`` projector: ``{our submodule: LLaVA's}``
@@ -74,9 +60,8 @@ def projector_problems(conn: Any) -> list[str]:
     """What keeps ``conn`` from being LLaVA's projector (empty when it is): an ``mlp`` with exactly 2 linear layers,
     no input norm and a hidden size equal to the LLM's (``out_dim``)."""
     if projector_layers(conn) is None:
-        name = getattr(conn, "registry_name", type(conn).__name__)
-        return [f"the connector is {name!r}; LLaVA's projector is linear_1 -> act -> linear_2, i.e. our 'mlp' "
-                f"connector with depth=2 (no pooling, no norm)"]
+        return [(f"the connector is {common.part_name(conn)!r}; LLaVA's projector is linear_1 -> act -> linear_2, i.e. "
+                 f"our 'mlp' connector with depth=2 (no pooling, no norm)")]
     opts, problems = conn.options, []
     if opts.get("depth") != 2:
         problems.append(f"the mlp connector has depth={opts.get('depth')}; LLaVA's projector has exactly 2 "
@@ -87,20 +72,6 @@ def projector_problems(conn: Any) -> list[str]:
         problems.append(f"the mlp connector has hidden_dim={opts.get('hidden_dim')}; LLaVA's projector's hidden "
                         f"size is the LLM hidden size ({conn.out_dim})")
     return problems
-
-def read_llava_config(path: str | os.PathLike, who: str = "from_hf") -> dict[str, Any]:
-    """The ``config.json`` of a LLaVA directory, or an error naming the file and what was expected."""
-    path = Path(path)
-    cfg_file = path / CONFIG_FILE
-    cfg = read_config(path, who, "the config.json of a transformers LlavaForConditionalGeneration (model_type "
-                                 "'llava') saved with save_pretrained")
-    model_type = cfg.get("model_type")
-    if model_type != LLAVA_MODEL_TYPE:
-        hint = " (it is a vlm directory: use vlm.load, or to_hf to export it)" if cfg.get("format") == "vlm" else ""
-        raise ValueError(f"{who}: {str(cfg_file)!r} has model_type={model_type!r}; expected 'llava' "
-                         f"(LlavaForConditionalGeneration){hint}. Variants such as llava_next / llava_onevision "
-                         f"(image tiling) are not supported")
-    return cfg
 
 
 # ----------------------------------------------------------------------------------------------------- import
@@ -114,14 +85,10 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
     geometry (``model.image_preprocessing``: ``resize`` / ``crop`` / ``pad``, see ``processor.read_preprocessing``;
     ``resize`` without a config).
     """
-    path = Path(path)
-    raw = read_llava_config(path)
-    from transformers import LlavaConfig
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    try:
-        config = LlavaConfig.from_dict(raw)
-    except Exception as e:  # transformers' strict config validation has its own exception types
-        raise ValueError(f"from_hf: {str(path / CONFIG_FILE)!r} is not a valid LlavaConfig: {e}") from e
+    path = Path(path)
+    config = common.read_hf_config(path, LlavaConfig, LLAVA_MODEL_TYPE, LlavaForConditionalGeneration, NOT_LLAVA_HINT)
     vision_type = config.vision_config.model_type
     if vision_type not in VISION_MODEL_TYPES:
         raise ValueError(f"from_hf: vision_config.model_type={vision_type!r} in {str(path / CONFIG_FILE)!r} is not "
@@ -135,52 +102,45 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
     has_cls = encoders.ENCODERS.get(enc_name).has_cls
     if (strategy, has_cls) not in SELECT_FROM_LLAVA:
         raise ValueError(f"from_hf: vision_feature_select_strategy={strategy!r}; expected 'default' or 'full'")
-    torch_dtype = resolve_dtype(dtype) or torch.float32
-    check_weights(path, "from_hf")
-
-    from transformers import LlavaForConditionalGeneration
-
     # LLaVA never runs some vision-tower modules (UNUSED_VISION_MODULES): a checkpoint may omit them
-    hf = load_strict(LlavaForConditionalGeneration, path, torch_dtype,
-                     ignore_missing=[VISION_PREFIX + p for p in UNUSED_VISION_MODULES])
-    tied = is_tied(hf)
+    hf, torch_dtype = common.load_checkpoint(LlavaForConditionalGeneration, path, dtype,
+                                      ignore_missing=[VISION_PREFIX + p for p in UNUSED_VISION_MODULES])
+    tied = common.is_tied(hf)
 
     # modules LLaVA never runs (SigLIP's pooling head) are left out of our encoder: logits are unchanged, and no
     # trainable parameter is left without a gradient
     tower = hf.model.vision_tower.state_dict()
     dropped = [p for p in UNUSED_VISION_MODULES if any(k.startswith(p) for k in tower)]
     tower = {k: v for k, v in tower.items() if not any(k.startswith(p) for p in dropped)}
-    vision_cfg = arch_config(config.vision_config)
+    vision_cfg = common.arch_config(config.vision_config)
     for prefix in dropped:
         vision_cfg.update(UNUSED_VISION_MODULES[prefix])
-    encoder, image_processor, image_processor_file = import_encoder(path, type(config.vision_config), {
+    encoder, image_processor, image_processor_file = common.import_encoder(path, type(config.vision_config), {
         "name": enc_name, "config": vision_cfg, "feature_layer": config.vision_feature_layer,
         "select": SELECT_FROM_LLAVA[(strategy, has_cls)], "attn_implementation": attn_implementation,
-        "dtype": dtype_name(torch_dtype)})
+        "dtype": common.dtype_name(torch_dtype)})
     # what LLaVA actually does (its top-level tying flag can override the text one)
-    lm = import_llm(config.text_config, tied, attn_implementation, torch_dtype)
+    lm = common.import_llm(config.text_config, tied, attn_implementation, torch_dtype)
     connector = connectors.build({"name": "mlp", "depth": 2, "act": ACT_FROM_HF[act],
                                   "bias": bool(config.multimodal_projector_bias)},
                                  in_dim=encoder.hidden_size, out_dim=lm.hidden_size).to(torch_dtype)
 
     with torch.no_grad():
-        copy_state(encoder.model, tower, "from_hf: vision tower")
-        proj = hf.model.multi_modal_projector
-        copy_state(connector, {f"{ours}.{k}": v for ours, theirs in projector_layers(connector).items()
-                                for k, v in getattr(proj, theirs).state_dict().items()}, "from_hf: projector")
-        copy_state(lm.model.base_model, hf.model.language_model.state_dict(), "from_hf: language model")
-        copy_state(lm.model.get_output_embeddings(), hf.lm_head.state_dict(), "from_hf: lm_head")
+        common.copy_state(encoder.model, tower, "from_hf: vision tower")
+        common.copy_projector(connector, hf.model.multi_modal_projector, projector_layers(connector), to_hf=False)
+        common.copy_language_model(lm, hf, to_hf=False)
     del hf
 
-    return assemble(path, config, encoder, connector, lm, image_token_id=int(config.image_token_id),
-                    tokenizer=tokenizer, image_processor=image_processor, image_processor_file=image_processor_file)
+    return common.assemble(path, config, encoder, connector, lm, image_token_id=int(config.image_token_id),
+                           tokenizer=tokenizer, image_processor=image_processor,
+                           image_processor_file=image_processor_file)
 
 
 def llava_problems(model: VLM) -> list[str]:
     """Why ``model`` cannot be written as a LLaVA checkpoint (empty when it can)."""
     problems = []
     enc, conn, lm = model.encoder, model.connector, model.llm
-    enc_name = getattr(enc, "registry_name", type(enc).__name__)
+    enc_name = common.part_name(enc)
     if not isinstance(enc, HFVisionEncoder) or enc_name not in ENCODER_MODEL_TYPES:
         problems.append(f"the encoder is {enc_name!r}; LLaVA's vision tower is a transformers CLIP or SigLIP vision "
                         f"model (our encoders: {sorted(ENCODER_MODEL_TYPES)})")
@@ -188,20 +148,18 @@ def llava_problems(model: VLM) -> list[str]:
     act = getattr(conn, "options", {}).get("act")
     if projector_layers(conn) is not None and act not in ACT_TO_HF:
         problems.append(f"the connector act={act!r} has no LLaVA equivalent; supported: {sorted(ACT_TO_HF)}")
-    return problems + lm_problems(lm, "LLaVA", "LlavaForConditionalGeneration")
+    return problems + common.lm_problems(lm, "LLaVA", "LlavaForConditionalGeneration")
 
 
 def llava_config(model: VLM) -> Any:
     """The ``LlavaConfig`` describing ``model`` (raises ``ValueError`` listing what LLaVA cannot express)."""
-    problems = llava_problems(model)
-    if problems:
-        raise ValueError("to_hf: this model cannot be exported as transformers LLaVA: " + "; ".join(problems))
+    common.refuse_export(llava_problems(model), "LLaVA")
     from transformers import LlavaConfig
 
     enc, conn, lm = model.encoder, model.connector, model.llm
-    tied = is_tied(lm.model)
-    vision_cfg = arch_config(enc.hf_config)
-    text_cfg = text_config_for_export(lm, model)
+    tied = common.is_tied(lm.model)
+    vision_cfg = common.arch_config(enc.hf_config)
+    text_cfg = common.text_config_for_export(lm, model)
     return LlavaConfig(
         vision_config=vision_cfg, text_config=text_cfg, image_token_id=model.image_token_id,
         vision_feature_layer=enc.feature_layer, vision_feature_select_strategy=SELECT_TO_LLAVA[enc.drops_first],
@@ -218,30 +176,19 @@ def to_hf(model: VLM, path: str | os.PathLike, *, dtype: str | torch.dtype | Non
     the ``LlavaProcessor`` config (when the tokenizer encodes
     the image token as the single ``image_token_id``; otherwise it warns and skips just that file).
     """
-    from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
     config = llava_config(model)
     enc, conn, lm = model.encoder, model.connector, model.llm
-    if getattr(enc, "interpolate_pos_encoding", False):
-        warnings.warn("to_hf: the encoder's interpolate_pos_encoding=True has no LlavaConfig field; the exported "
-                      f"model takes only the native {enc.image_size}x{enc.image_size} images (its image processor "
-                      "resizes to that size), where its logits are identical", stacklevel=2)
-    torch_dtype = resolve_dtype(dtype) or next(lm.parameters()).dtype
+    common.warn_fixed_size(enc, "LlavaConfig")
     out = Path(path)
-    hf = AutoModelForImageTextToText.from_config(config, dtype=torch_dtype)  # public API; LlavaConfig -> Llava model
-    assert isinstance(hf, LlavaForConditionalGeneration), type(hf)
+    hf = common.new_hf_model(config, LlavaForConditionalGeneration, common.export_dtype(lm, dtype))
     with torch.no_grad():
-        copy_state(hf.model.vision_tower, enc.model.state_dict(), "to_hf: vision tower")
-        state = conn.state_dict()
-        proj = {f"{theirs}.{k.removeprefix(ours + '.')}": v for ours, theirs in projector_layers(conn).items()
-                for k, v in state.items() if k.startswith(ours + ".")}
-        copy_state(hf.model.multi_modal_projector, proj, "to_hf: projector")
-        copy_state(hf.model.language_model, lm.model.base_model.state_dict(), "to_hf: language model")
-        copy_state(hf.lm_head, lm.model.get_output_embeddings().state_dict(), "to_hf: lm_head")
-    if is_tied(lm.model) != is_tied(hf):
-        raise RuntimeError(f"to_hf: embedding tying differs after export (vlm tied={is_tied(lm.model)}, "
-                           f"LLaVA tied={is_tied(hf)})")
-    save_hf(hf, model, out)
+        common.copy_state(hf.model.vision_tower, enc.model.state_dict(), "to_hf: vision tower")
+        common.copy_projector(conn, hf.model.multi_modal_projector, projector_layers(conn), to_hf=True)
+        common.copy_language_model(lm, hf, to_hf=True)
+    common.check_tying(lm, hf, "LLaVA")
+    common.save_hf(hf, model, out)
     del hf
     if processor:
         save_llava_processor(model, out, strategy=config.vision_feature_select_strategy)

@@ -49,6 +49,14 @@ def _pad(size: int, **common: Any) -> Any:
 HF_IMAGE_PROCESSORS: dict[str, Callable[..., Any]] = {"resize": _squash, "crop": _crop, "pad": _pad}
 
 
+def pixel_options(encoder: Any) -> dict[str, Any]:
+    """The transformers image-processor options that give vlm's pixel values once an image is resized: bicubic
+    resampling, RGB, ``/ 255``, then the encoder's ``image_mean`` / ``image_std`` (every exported processor)."""
+    return {"image_mean": [float(m) for m in encoder.image_mean], "image_std": [float(s) for s in encoder.image_std],
+            "resample": BICUBIC, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "do_convert_rgb": True}
+
+
 def hf_image_processor(model: Any) -> Any:
     """The transformers image processor giving the pixels vlm's ``Processor.for_model(model, ...)`` gives: geometry
     from ``model.image_preprocessing`` (``resize_mode``, ``pad_color``), size and mean/std from the encoder. Warns
@@ -61,16 +69,14 @@ def hf_image_processor(model: Any) -> Any:
                          f"{sorted(HF_IMAGE_PROCESSORS)}")
     size = encoder.image_size
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
-    mean = [float(m) for m in encoder.image_mean]
+    options = pixel_options(encoder)
     pad_color = record.get("pad_color")
-    llava_color = [int(m * 255) for m in mean]
+    llava_color = [int(m * 255) for m in options["image_mean"]]
     if mode == "pad" and pad_color is not None and [int(c) for c in pad_color] != llava_color:
         warnings.warn(f"to_hf: the model pads images with pad_color={list(pad_color)}, but LlavaImageProcessor "
                       f"always pads with int(255 * image_mean) = {llava_color}; the exported processor's padding "
                       f"differs from vlm's (retrain with the default pad_color for exact parity)", stacklevel=3)
-    return HF_IMAGE_PROCESSORS[mode](size, image_mean=mean, image_std=[float(s) for s in encoder.image_std],
-                                     resample=BICUBIC, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-                                     do_convert_rgb=True)
+    return HF_IMAGE_PROCESSORS[mode](size, **options)
 
 
 def processor_problem(tokenizer: Any, image_token: str, image_token_id: int) -> str | None:
