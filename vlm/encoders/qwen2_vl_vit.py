@@ -43,13 +43,19 @@ from transformers import PretrainedConfig, Qwen2VLVisionConfig
 from transformers.activations import ACT2FN
 from transformers.models.qwen2_5_vl import Qwen2_5_VLVisionConfig
 
-from vlm.dtypes import resolve_dtype
 from vlm.encoders.base import VisionEncoder
-from vlm.layers import RMSNorm
 from vlm.encoders.registry import ENCODERS
 from vlm.hf_config import check_config_keys
-from vlm.pretrained import (CONFIG_FILE, FILE_KEYS, check_pretrained_dir, load_strict, read_config,
-                            read_normalization, read_weights)
+from vlm.layers import RMSNorm
+from vlm.pretrained import (
+    CONFIG_FILE,
+    FILE_KEYS,
+    check_pretrained_dir,
+    load_strict,
+    read_config,
+    read_normalization,
+    read_weights,
+)
 
 #: OpenAI CLIP's normalization, which Qwen2-VL's image processor uses
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -402,16 +408,7 @@ class Qwen2VLViT(VisionEncoder):
         self.spatial_merge_size = spec.merge_size
         self.image_size = int(image_size)
         self.grid()  # the default size must be one the tower takes
-        if norm is not None:
-            self.image_mean, self.image_std = tuple(norm[0]), tuple(norm[1])
-        if image_mean is not None:
-            self.image_mean = tuple(image_mean)
-        if image_std is not None:
-            self.image_std = tuple(image_std)
-        if dtype is not None:
-            self.model.to(resolve_dtype(dtype))
-        if freeze:
-            self.requires_grad_(False)
+        self.set_common_options(norm=norm, image_mean=image_mean, image_std=image_std, dtype=dtype, freeze=freeze)
 
     @property
     def patch_dim(self) -> int:
