@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from vlm.interop import blip2, internvl, internvl_original, llava  # noqa: F401  (register the formats)
+from vlm.interop import blip2, internvl, internvl_original, llava, qwen2_vl  # noqa: F401  (register the formats)
 from vlm.interop.formats import FORMATS, HFFormat, format_for_model, format_for_model_type
 
 __all__ = ["FORMATS", "HFFormat", "from_hf", "supported_model_types", "to_hf"]
