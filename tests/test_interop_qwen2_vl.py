@@ -3,6 +3,7 @@ downloads): ``vlm.load`` of a transformers directory gives the class's logits fo
 vlm's processor gives the directory's processor outputs; from_hf -> to_hf -> from_hf is exact; the exported directory
 answers ``model.chat`` exactly under plain transformers over two turns; bad inputs are clear errors."""
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -120,14 +121,24 @@ def test_logits_equal_transformers_for_its_processor_output(saved, case):
     assert diff <= 1e-4, diff
 
 
+def hub_layout(path, min_pixels, max_pixels):
+    """Rewrite ``path``'s processor files as hub checkpoints have them: a flat ``preprocessor_config.json`` with
+    ``min_pixels`` / ``max_pixels`` (no ``size``), no image processor inside ``processor_config.json``."""
+    nested = json.loads((path / "processor_config.json").read_text())
+    image = {k: v for k, v in nested.pop("image_processor").items() if k != "size"}
+    image.update(min_pixels=min_pixels, max_pixels=max_pixels, processor_class=nested["processor_class"])
+    (path / "preprocessor_config.json").write_text(json.dumps(image))
+    (path / "processor_config.json").write_text(json.dumps(nested))
+
+
 def test_processor_for_model_gives_the_directory_processors_outputs(saved):
     _, _, model, processor = saved
-    images = [picture(1, (37, 53)), picture(2, (90, 20))]
-    sample = Sample([Message("user", [ImageRef(0), ImageRef(1), "compare them"]), Message("assistant", ["the same"]),
+    # odd-sized, over max_pixels (scaled down), under min_pixels (scaled up)
+    images = [picture(1, (37, 53)), picture(2, (90, 20)), picture(3, (120, 90)), picture(4, (9, 11))]
+    sample = Sample([Message("user", [*map(ImageRef, range(4)), "compare them"]), Message("assistant", ["the same"]),
                      Message("user", ["sure?"])], images=images)
     ours = Processor.for_model(model, model.tokenizer, "auto")(sample, add_generation_prompt=True)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
-                                             {"type": "text", "text": "compare them"}]},
+    messages = [{"role": "user", "content": [{"type": "image"}] * 4 + [{"type": "text", "text": "compare them"}]},
                 {"role": "assistant", "content": [{"type": "text", "text": "the same"}]},
                 {"role": "user", "content": [{"type": "text", "text": "sure?"}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -135,6 +146,25 @@ def test_processor_for_model_gives_the_directory_processors_outputs(saved):
     assert ours["input_ids"].tolist() == theirs["input_ids"][0].tolist()
     assert ours["image_grid_thw"].tolist() == theirs["image_grid_thw"].tolist()
     assert ours["pixel_values"].shape == theirs["pixel_values"].shape
+    assert (ours["pixel_values"] - theirs["pixel_values"]).abs().max().item() <= 1e-5
+    h, w = ours["image_grid_thw"][2, 1:].tolist()  # the image over max_pixels was scaled into the budget
+    assert h * w * 8 * 8 <= GEOMETRY["max_pixels"] < 120 * 90
+
+
+def test_a_hub_layout_processor_is_read(tmp_path):
+    """Hub checkpoints state the pixel budget as min_pixels / max_pixels in a flat preprocessor_config.json."""
+    path = save_family(tmp_path, "qwen2_vl")
+    hub_layout(path, 32 * 32, 48 * 48)
+    model, processor = from_hf(path), AutoProcessor.from_pretrained(str(path))
+    assert {k: model.image_preprocessing["tiling"][k] for k in ("min_pixels", "max_pixels")} == {
+        "min_pixels": 32 * 32, "max_pixels": 48 * 48}
+    images = [picture(1, (100, 60)), picture(2, (10, 20))]
+    sample = Sample([Message("user", [ImageRef(0), ImageRef(1), "hi"])], images=images)
+    ours = Processor.for_model(model, model.tokenizer, "auto")(sample, add_generation_prompt=True)
+    theirs = processor(text=[processor.apply_chat_template(user(2, "hi"), add_generation_prompt=True)],
+                       images=images, return_tensors="pt")
+    assert ours["input_ids"].tolist() == theirs["input_ids"][0].tolist()
+    assert ours["image_grid_thw"].tolist() == theirs["image_grid_thw"].tolist()
     assert (ours["pixel_values"] - theirs["pixel_values"]).abs().max().item() <= 1e-5
 
 
@@ -194,6 +224,16 @@ def test_grids_that_disagree_with_the_pixels_are_named(saved):
         model(**{**inputs, "mm_token_type_ids": types})
 
 
+def test_video_inputs_are_refused_until_videos_are_wired(saved):
+    _, _, model, processor = saved
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "hi"}]}]
+    frames = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    inputs = processor(text=[processor.apply_chat_template(messages, add_generation_prompt=True)], videos=[frames],
+                       return_tensors="pt")
+    with pytest.raises(NotImplementedError, match="video inputs .*pixel_values_videos"):
+        model(**inputs)
+
+
 def test_other_compositions_are_refused_with_their_problems(tmp_path):
     tok = qwen_tokenizer()
     clip = vlm.build({"encoder": {"name": "clip", "image_size": 32, "patch_size": 8, "hidden_size": 32,
@@ -205,3 +245,42 @@ def test_other_compositions_are_refused_with_their_problems(tmp_path):
     model = from_hf(save_family(tmp_path / "src", "qwen2_5_vl"))
     with pytest.raises(ValueError, match="tower is 'qwen2_5_vl_vision'.*norm='rms_norm'.*'qwen2_5_vl_text'"):
         to_hf(model, tmp_path / "b", format="qwen2_vl")
+
+
+def test_convert_cli_both_ways_keeps_logits(saved, tmp_path):
+    from vlm.convert import main
+
+    _, path, model, processor = saved
+    assert main([str(path), str(tmp_path / "vlm")]) == 0
+    assert main([str(tmp_path / "vlm"), str(tmp_path / "hf")]) == 0
+    text = processor.apply_chat_template(user(1, "hi"), add_generation_prompt=True)
+    inputs = processor(text=[text], images=[picture(3, (33, 47))], return_tensors="pt")
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        for d in ("vlm", "hf"):
+            loaded = vlm.load(tmp_path / d)
+            assert loaded.image_preprocessing == model.image_preprocessing
+            assert torch.equal(loaded(**inputs).logits, ref), d
+
+
+def test_a_model_built_from_parts_exports(tmp_path):
+    """qwen2_vl_vit + patch_merger + qwen2_vl_text built by vlm (not imported) exports as Qwen2-VL with its processor:
+    transformers' class gives our logits for the exported processor's output."""
+    tok = qwen_tokenizer()
+    torch.manual_seed(1)
+    vision = {"model_type": "qwen2_vl_vision", **FAMILIES["qwen2_vl"][4], "patch_size": 8, "spatial_merge_size": 2}
+    model = vlm.build({"encoder": {"name": "qwen2_vl_vit", "image_size": 32, "config": vision},
+                       "connector": {"name": "patch_merger"}, "image_token": "<|image_pad|>",
+                       "llm": {"name": "hf_causal_lm", "config": {**TEXT, "model_type": "qwen2_vl_text"}}},
+                      tokenizer=tok).eval()
+    model.image_preprocessing = {"resize_mode": "resize", "tiling": {"kind": "native", **GEOMETRY,
+                                                                     "resample": "torchvision"}}
+    out = to_hf(model, tmp_path)
+    hf = AutoModelForImageTextToText.from_pretrained(str(out)).eval()
+    processor = AutoProcessor.from_pretrained(str(out))
+    assert type(hf) is Qwen2VLForConditionalGeneration and type(processor) is Qwen2VLProcessor
+    text = processor.apply_chat_template(user(2, "hi"), add_generation_prompt=True)
+    inputs = processor(text=[text], images=[picture(0, (45, 23)), picture(1, (30, 30))], return_tensors="pt")
+    with torch.no_grad():
+        assert (hf(**inputs).logits - model(**inputs).logits).abs().max().item() <= 1e-4
+    assert from_hf(out).image_preprocessing == model.image_preprocessing

@@ -296,8 +296,8 @@ class VLM(nn.Module):
         ``lm_kwargs``: keywords of the LM's forward (``use_cache``, ``num_items_in_batch``, ``output_hidden_states``,
         ...); any other raises ``TypeError`` naming it (``check_keywords``).
         """
-        self.check_keywords(lm_kwargs, "forward")
         self.check_mm_token_types(input_ids, mm_token_type_ids)
+        self.check_keywords(lm_kwargs, "forward")
         lm_inputs = self.lm_inputs(input_ids, pixel_values, attention_mask, position_ids, segment_ids, image_grid_thw)
         if labels is not None and segment_ids is not None:
             labels = mask_segment_starts(labels, segment_ids)
@@ -307,9 +307,13 @@ class VLM(nn.Module):
     def check_mm_token_types(self, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor | None) -> None:
         """``ValueError`` when ``mm_token_type_ids (B, L)`` (Qwen2-VL's processor: 0 text, 1 image, 2 video) marks
         other positions as image tokens (1) than ``input_ids == image_token_id``, naming the first row that
-        differs; ``None`` passes."""
+        differs; ``NotImplementedError`` for video tokens (2); ``None`` passes."""
         if mm_token_type_ids is None:
             return
+        if (mm_token_type_ids == 2).any():  # until videos are wired through the model
+            raise NotImplementedError("mm_token_type_ids marks video tokens (value 2): video inputs "
+                                      "(pixel_values_videos, video_grid_thw) are not supported by VLM.forward yet; "
+                                      "pass images only")
         if tuple(mm_token_type_ids.shape) != tuple(input_ids.shape):
             raise ValueError(f"mm_token_type_ids has shape {tuple(mm_token_type_ids.shape)}; expected input_ids' "
                              f"{tuple(input_ids.shape)}")
@@ -387,8 +391,8 @@ class VLM(nn.Module):
         turn; ``set_template``) and pads with its ``pad_token_id``, unless given here. The prompt's positions are
         the LLM's position scheme's (``generation_inputs``: mRoPE's ``(3, B, L)`` from ``media_tokens``, continued by the
         rope delta while decoding)."""
-        self.check_keywords(generate_kwargs, "generate", moved_only=True)  # transformers checks the others
         self.check_mm_token_types(input_ids, mm_token_type_ids)  # derivable from input_ids: checked, not used
+        self.check_keywords(generate_kwargs, "generate", moved_only=True)  # transformers checks the others
         embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
