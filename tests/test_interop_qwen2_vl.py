@@ -4,6 +4,7 @@ vlm's processor gives the directory's processor outputs; from_hf -> to_hf -> fro
 answers ``model.chat`` exactly under plain transformers over two turns; bad inputs are clear errors."""
 import copy
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ from tests.conftest import TINY_TEXT
 from vlm.data.processor import Processor
 from vlm.data.sample import ImageRef, Message, Sample
 from vlm.data.tokenizer import byte_tokenizer
-from vlm.inference.chat import processor_for, prompt_item
+from vlm.inference.chat import image_placement, processor_for, prompt_item
 from vlm.inference.generate import decode
 from vlm.interop import from_hf, to_hf
 
@@ -186,11 +187,11 @@ def test_round_trip_is_exact(tmp_path, tied):
                          == second.llm.model.get_input_embeddings().weight.data_ptr()))
 
 
-def test_the_exported_directory_answers_as_model_chat(saved, tmp_path):
-    family, _, model, _ = saved
-    out = to_hf(model, tmp_path / "out")
+def assert_answers_as_model_chat(model, out):
+    """The exported directory ``out``, under plain transformers (``AutoModelForImageTextToText`` + ``AutoProcessor``,
+    ``apply_chat_template``, greedy ``generate``), answers two turns as ``model.chat``, and vlm's second-turn prompt
+    is transformers' token for token."""
     hf = AutoModelForImageTextToText.from_pretrained(str(out)).eval()
-    assert type(hf) is FAMILIES[family][1]
     processor = AutoProcessor.from_pretrained(str(out))
     image, new = picture(5, (41, 29)), 6
     r1, history = model.chat(image, "what is it?", max_new_tokens=new)
@@ -205,10 +206,16 @@ def test_the_exported_directory_answers_as_model_chat(saved, tmp_path):
         messages += [{"role": "assistant", "content": [{"type": "text", "text": reply}]}]
         if follow_up:
             messages += [{"role": "user", "content": [{"type": "text", "text": follow_up}]}]
-    # and vlm's prompt for the second turn is transformers' prompt
-    ours = prompt_item(processor_for(model), history, None, "and then?")[0]
+    ours = prompt_item(processor_for(model), history, None, "and then?", placement=image_placement(model))[0]
     text = processor.apply_chat_template(messages[:3], add_generation_prompt=True)
     assert ours["input_ids"].tolist() == processor(text=[text], images=[image])["input_ids"][0]
+    return hf
+
+
+def test_the_exported_directory_answers_as_model_chat(saved, tmp_path):
+    family, _, model, _ = saved
+    hf = assert_answers_as_model_chat(model, to_hf(model, tmp_path / "out"))
+    assert type(hf) is FAMILIES[family][1]
 
 
 def test_grids_that_disagree_with_the_pixels_are_named(saved):
@@ -245,6 +252,13 @@ def test_other_compositions_are_refused_with_their_problems(tmp_path):
     model = from_hf(save_family(tmp_path / "src", "qwen2_5_vl"))
     with pytest.raises(ValueError, match="tower is 'qwen2_5_vl_vision'.*norm='rms_norm'.*'qwen2_5_vl_text'"):
         to_hf(model, tmp_path / "b", format="qwen2_vl")
+    # the Qwen2.5-VL tower + merger before a Llama (1-D positions): no format holds it
+    llama = vlm.build({"encoder": model.encoder.export_config(), "connector": {"name": "patch_merger",
+                                                                              "norm": "rms_norm"},
+                       "llm": {"name": "hf_causal_lm", "config": copy.deepcopy(TINY_TEXT["llama"])}}, tokenizer=tok)
+    with pytest.raises(ValueError, match=r"no transformers format can hold.*qwen2_5_vl: the LLM is 'llama'; "
+                                         r"Qwen2.5-VL's text model is 'qwen2_5_vl_text'"):
+        to_hf(llama, tmp_path / "c")
 
 
 def test_convert_cli_both_ways_keeps_logits(saved, tmp_path):
@@ -263,9 +277,11 @@ def test_convert_cli_both_ways_keeps_logits(saved, tmp_path):
             assert torch.equal(loaded(**inputs).logits, ref), d
 
 
-def test_a_model_built_from_parts_exports(tmp_path):
-    """qwen2_vl_vit + patch_merger + qwen2_vl_text built by vlm (not imported) exports as Qwen2-VL with its processor:
-    transformers' class gives our logits for the exported processor's output."""
+@pytest.mark.parametrize("template", [None, "chatml"])
+def test_a_model_built_from_parts_exports(tmp_path, template):
+    """qwen2_vl_vit + patch_merger + qwen2_vl_text built by vlm (not imported; with Qwen's chat template, or trained
+    with vlm's chatml) exports as Qwen2-VL with its processor: transformers' class gives our logits for the exported
+    processor's output and answers as model.chat."""
     tok = qwen_tokenizer()
     torch.manual_seed(1)
     vision = {"model_type": "qwen2_vl_vision", **FAMILIES["qwen2_vl"][4], "patch_size": 8, "spatial_merge_size": 2}
@@ -273,10 +289,14 @@ def test_a_model_built_from_parts_exports(tmp_path):
                        "connector": {"name": "patch_merger"}, "image_token": "<|image_pad|>",
                        "llm": {"name": "hf_causal_lm", "config": {**TEXT, "model_type": "qwen2_vl_text"}}},
                       tokenizer=tok).eval()
+    if template is not None:
+        model.set_template(template)
     model.image_preprocessing = {"resize_mode": "resize", "tiling": {"kind": "native", **GEOMETRY,
                                                                      "resample": "torchvision"}}
-    out = to_hf(model, tmp_path)
-    hf = AutoModelForImageTextToText.from_pretrained(str(out)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the full processor is written
+        out = to_hf(model, tmp_path)
+    hf = assert_answers_as_model_chat(model, out)
     processor = AutoProcessor.from_pretrained(str(out))
     assert type(hf) is Qwen2VLForConditionalGeneration and type(processor) is Qwen2VLProcessor
     text = processor.apply_chat_template(user(2, "hi"), add_generation_prompt=True)
@@ -284,3 +304,13 @@ def test_a_model_built_from_parts_exports(tmp_path):
     with torch.no_grad():
         assert (hf(**inputs).logits - model(**inputs).logits).abs().max().item() <= 1e-4
     assert from_hf(out).image_preprocessing == model.image_preprocessing
+
+
+def test_a_template_without_image_tokens_warns_on_export(saved, tmp_path):
+    _, _, model, _ = saved
+    model = copy.deepcopy(model)
+    model.tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {% if m['content'] is string %}"
+                                     "{{ m['content'] }}{% else %}{% for c in m['content'] %}{% if c['type'] == 'text' %}"
+                                     "{{ c['text'] }}{% endif %}{% endfor %}{% endif %}\n{% endfor %}")
+    with pytest.warns(UserWarning, match=r"chat template writes no <\|image_pad\|> for an image part"):
+        to_hf(model, tmp_path)

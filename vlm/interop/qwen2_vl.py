@@ -230,7 +230,8 @@ def save_processor(model: VLM, out: Path, family: Family) -> bool:
     """Write the family's processor (``Qwen2VLProcessor`` / ``Qwen2_5_VLProcessor``: image processor with the
     recorded pixel budget and the encoder's mean / std, a video processor with the same geometry, the tokenizer
     and its chat template). Warns and writes only the image processor when the model has no tokenizer, or one
-    that does not encode ``<|image_pad|>``-style image token as the single ``image_token_id``."""
+    that does not encode the image token (``<|image_pad|>``) as the single ``image_token_id``; warns when the chat
+    template writes no image token per image."""
     from vlm.interop.processor import processor_problem
 
     t = native_tiling(model)
@@ -249,6 +250,12 @@ def save_processor(model: VLM, out: Path, family: Family) -> bool:
         warnings.warn(f"to_hf: only the image processor was written to {str(out)!r} (no {family.processor_class}): "
                       f"{problem}", stacklevel=3)
         return False
+    from vlm.data.templates.jinja import image_rendering
+
+    if not tok.chat_template or image_rendering(tok, tok.chat_template, model.image_token) is None:
+        warnings.warn(f"to_hf: the tokenizer's chat template writes no {model.image_token} for an image part "
+                      f"({{'type': 'image'}}), so {family.processor_class} finds no place for an image in prompts "
+                      f"from apply_chat_template; set a template that does (model.set_template)", stacklevel=3)
     video_processor = _transformers("Qwen2VLVideoProcessor")(**geometry)
     tok = copy.deepcopy(tok)
     processor = _transformers(family.processor_class)(image_processor=image_processor, tokenizer=tok,
