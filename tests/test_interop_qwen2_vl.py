@@ -314,3 +314,26 @@ def test_a_template_without_image_tokens_warns_on_export(saved, tmp_path):
                                      "{{ c['text'] }}{% endif %}{% endfor %}{% endif %}\n{% endfor %}")
     with pytest.warns(UserWarning, match=r"chat template writes no <\|image_pad\|> for an image part"):
         to_hf(model, tmp_path)
+
+
+def test_a_transformers_4_layout_checkpoint_imports_identically(tmp_path):
+    """Hub checkpoints (e.g. Qwen2.5-VL-3B-Instruct) are in transformers 4's layout: text keys at the top of
+    config.json, weights ``model.layers.*`` / ``visual.*`` / ``lm_head``. transformers 5 converts them on load; the
+    import is the same model, weight for weight (tied embeddings, as the 3B's)."""
+    from safetensors.torch import load_file, save_file
+
+    src = save_family(tmp_path, "qwen2_5_vl", tied=True)
+    ref = from_hf(src)
+    renames = (("model.language_model.", "model."), ("model.visual.", "visual."))
+    legacy = {}
+    for key, value in load_file(str(src / "model.safetensors")).items():
+        old, new = next(((o, n) for o, n in renames if key.startswith(o)), ("", ""))
+        legacy[new + key[len(old):]] = value
+    save_file(legacy, str(src / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config.update({k: v for k, v in config.pop("text_config").items() if k != "model_type"})
+    (src / "config.json").write_text(json.dumps(config))
+    got = from_hf(src)
+    a, b = ref.state_dict(), got.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert got.llm.model.get_output_embeddings().weight.data_ptr() == got.llm.model.get_input_embeddings().weight.data_ptr()
