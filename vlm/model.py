@@ -277,7 +277,8 @@ class VLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
-                image_grid_thw: torch.Tensor | None = None, **lm_kwargs: Any) -> CausalLMOutputWithPast:
+                image_grid_thw: torch.Tensor | None = None, mm_token_type_ids: torch.Tensor | None = None,
+                **lm_kwargs: Any) -> CausalLMOutputWithPast:
         """Returns ``.logits (B, L, V)`` and, when labels are given, ``.loss``: the mean next-token loss over the
         target tokens (labels != -100), the LM's own (transformers') loss, which honours ``num_items_in_batch``.
         Other weightings and the stage's losses are training objectives (``vlm.objectives``).
@@ -288,15 +289,41 @@ class VLM(nn.Module):
         ``image_grid_thw (N, 3)``: with native-resolution images, each image's patch grid (``pixel_values`` then holds
         flat patches, see ``image_features``).
 
+        ``mm_token_type_ids (B, L)``: what Qwen2-VL's processor returns beside ``input_ids`` (1 at image tokens);
+        it is derivable from ``input_ids`` (the image tokens are ``image_token_id``), so it is only checked
+        (``check_mm_token_types``) and the model takes the processor's output whole.
+
         ``lm_kwargs``: keywords of the LM's forward (``use_cache``, ``num_items_in_batch``, ``output_hidden_states``,
         ...); any other raises ``TypeError`` naming it (``check_keywords``).
         """
+        self.check_mm_token_types(input_ids, mm_token_type_ids)
         self.check_keywords(lm_kwargs, "forward")
         lm_inputs = self.lm_inputs(input_ids, pixel_values, attention_mask, position_ids, segment_ids, image_grid_thw)
         if labels is not None and segment_ids is not None:
             labels = mask_segment_starts(labels, segment_ids)
         with self.fusion(input_ids, pixel_values, segment_ids):
             return self.llm(**lm_inputs, labels=labels, **lm_kwargs)
+
+    def check_mm_token_types(self, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor | None) -> None:
+        """``ValueError`` when ``mm_token_type_ids (B, L)`` (Qwen2-VL's processor: 0 text, 1 image, 2 video) marks
+        other positions as image tokens (1) than ``input_ids == image_token_id``, naming the first row that
+        differs; ``NotImplementedError`` for video tokens (2); ``None`` passes."""
+        if mm_token_type_ids is None:
+            return
+        if (mm_token_type_ids == 2).any():  # until videos are wired through the model
+            raise NotImplementedError("mm_token_type_ids marks video tokens (value 2): video inputs "
+                                      "(pixel_values_videos, video_grid_thw) are not supported by VLM.forward yet; "
+                                      "pass images only")
+        if tuple(mm_token_type_ids.shape) != tuple(input_ids.shape):
+            raise ValueError(f"mm_token_type_ids has shape {tuple(mm_token_type_ids.shape)}; expected input_ids' "
+                             f"{tuple(input_ids.shape)}")
+        differs = ((mm_token_type_ids == 1) != (input_ids == self.image_token_id)).any(dim=-1)
+        if differs.any():
+            row = int(differs.nonzero()[0, 0])
+            raise ValueError(f"mm_token_type_ids row {row} marks {int((mm_token_type_ids[row] == 1).sum())} image "
+                             f"tokens (value 1), but input_ids row {row} holds "
+                             f"{int((input_ids[row] == self.image_token_id).sum())} image tokens (id "
+                             f"{self.image_token_id}) at other positions; they must agree")
 
     def check_keywords(self, kwargs: dict[str, Any], where: str, *, decoder: bool = False,
                        moved_only: bool = False) -> None:
@@ -357,13 +384,14 @@ class VLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                 **generate_kwargs: Any) -> torch.Tensor:
+                 mm_token_type_ids: torch.Tensor | None = None, **generate_kwargs: Any) -> torch.Tensor:
         """Greedy by default, with the KV cache. ``input_ids`` left-padded ``(B, L)``; returns new tokens ``(B, T)``.
 
         Stops at any id of ``self.generation["eos_token_id"]`` (the tokenizer's eos and the chat template's end of
         turn; ``set_template``) and pads with its ``pad_token_id``, unless given here. The prompt's positions are
         the LLM's position scheme's (``generation_inputs``: mRoPE's ``(3, B, L)`` from ``media_tokens``, continued by the
         rope delta while decoding)."""
+        self.check_mm_token_types(input_ids, mm_token_type_ids)  # derivable from input_ids: checked, not used
         self.check_keywords(generate_kwargs, "generate", moved_only=True)  # transformers checks the others
         embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
         if attention_mask is None:
