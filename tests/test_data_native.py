@@ -181,7 +181,9 @@ def test_processor_counts_tokens_per_native_view_and_rewrites_boxes():
     item = Processor(tok, "chatml", native(), merged_tokens)(sample)
     (h, w), = seen
     assert (h, w) == LAYOUTS.get("native")(28, check_tiling({"kind": "native", **BUDGET})).view_sizes(640, 480)[0]
-    assert item["pixel_values"].shape == (1, 3, h, w)
+    # the view goes to the encoder as flat patches with its grid (the layout's patch_options)
+    assert item["pixel_values"].shape == (h // 14 * w // 14, 3 * 2 * 14 * 14)
+    assert item["image_grid_thw"].tolist() == [[1, h // 14, w // 14]]
     assert int((item["input_ids"] == tok.convert_tokens_to_ids("<image>")).sum()) == h * w // (28 * 28)
     box = [round(v) for v in (64 * w / 640, 48 * h / 480, 320 * w / 640, h)]
     assert f'"bbox_2d": {box}' in tok.decode(item["input_ids"][item["labels"] != -100])
