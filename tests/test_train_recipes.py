@@ -232,7 +232,9 @@ PUBLISHED_PARAMS = {"llava15": 303_507_456 + (1024 * 4096 + 4096 + 4096 * 4096 +
                     "blip2": 985_952_256 + 107_133_696 + 2_651_596_800,  # ~3.74B
                     # InternVL2-2B: InternViT-300M + LayerNorm(4096) -> 4096x2048 -> 2048x2048 + InternLM2-1.8B (~2.21B)
                     "internvl2": INTERNVIT_300M_PARAMS + (2 * 4096 + 4096 * 2048 + 2048 + 2048 * 2048 + 2048)
-                    + INTERNLM2_1_8B_PARAMS}
+                    + INTERNLM2_1_8B_PARAMS,
+                    # Qwen2.5-VL-3B-Instruct: transformers' Qwen2_5_VLForConditionalGeneration of QWEN25_VL_3B (~3.75B)
+                    "qwen25vl_3b": 3_754_622_976}
 
 
 def create_data_files(cfg) -> None:
@@ -396,7 +398,7 @@ def test_qwen25vl_3b_has_transformers_parameter_count():
     assert count(model.encoder) == count(visual) - count(visual.merger)
     assert count(model.connector) == count(visual.merger) == 5120 * 5120 + 5120 + 5120 * 2048 + 2048 + 1280
     assert count(model.llm) == count(hf.model.language_model)  # tied: the head is the embedding
-    assert count(model) == count(hf) == pytest.approx(3.75e9, rel=1e-2)  # published: 3.75B
+    assert count(model) == count(hf) == PUBLISHED_PARAMS["qwen25vl_3b"]  # published: 3.75B
     assert model.llm.position_scheme == "mrope"
     assert model.num_image_tokens((448, 644)) == (448 // 28) * (644 // 28)
     st = cfg.stage.sft
