@@ -210,9 +210,10 @@ def test_pretrained_full_model_directory(family, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(written))
     enc = encoders.build({"name": "qwen2_vl_vit", "pretrained": str(tmp_path)}).eval()
     visual = full.model.visual
-    merger = connectors.build({"name": "patch_merger", "norm": norm}, in_dim=32, out_dim=24).eval()
-    merger.load_state_dict({k.removeprefix("merger."): v for k, v in visual.state_dict().items()
-                            if k.startswith("merger.")})
+    # the merger's weights load from the same directory (patch_merger's pretrained)
+    merger = connectors.build({"name": "patch_merger", "norm": norm, "pretrained": str(tmp_path)}, in_dim=32,
+                              out_dim=24).eval()
+    assert "pretrained" not in merger.export_config()
     grid = torch.tensor(GRIDS["several_sizes"])
     pixels = flat_pixels(GRIDS["several_sizes"])
     with torch.no_grad():
@@ -237,6 +238,10 @@ def test_pretrained_vision_model_directory_and_bad_directories(tmp_path):
         assert (enc(pixels, grid) - expected).abs().max() <= TOL
     with pytest.raises(FileNotFoundError, match="does not exist"):
         encoders.build({"name": "qwen2_vl_vit", "pretrained": str(tmp_path / "missing")})
+    with pytest.raises(ValueError, match="holds no merger weights"):  # a vision model keeps its merger at the top
+        connectors.build({"name": "patch_merger", "pretrained": str(tmp_path / "visual")}, in_dim=32, out_dim=24)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        connectors.build({"name": "patch_merger", "pretrained": str(tmp_path / "missing")}, in_dim=32, out_dim=24)
     clip_dir = tmp_path / "clip"
     encoders.build(dict(TINY_VISION["clip"])).model.save_pretrained(clip_dir)
     with pytest.raises(ValueError, match="model_type='clip_vision_model'"):

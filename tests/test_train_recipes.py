@@ -179,12 +179,38 @@ def test_blip2_hyperparameters_and_policy(blip2):
     assert trainable == count(model.connector)  # ViT and LLM frozen: Q-Former + projection (+ input LayerNorm)
 
 
+# Qwen2.5-VL-3B-Instruct's config.json (the checkpoint's; transformers' Qwen2_5_VLConfig defaults are other sizes):
+# one directory holds the tower (vision_config), the merger and the text model (text_config)
+QWEN25_VL_3B = {
+    "model_type": "qwen2_5_vl", "tie_word_embeddings": True, "image_token_id": 151655, "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                      "hidden_act": "silu", "in_channels": 3, "patch_size": 14, "temporal_patch_size": 2,
+                      "spatial_merge_size": 2, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
+                      "out_hidden_size": 2048, "tokens_per_second": 2},
+    "text_config": {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+                    "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936,
+                    "max_position_embeddings": 128000, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
+                                        "mrope_section": [16, 24, 24]}}}
+
+
+def part_architecture(arch: dict, module: str) -> dict:
+    """The config of ``module`` (encoder / llm) in a directory of ``arch``: a full vision-language model's
+    ``vision_config`` / ``text_config`` with their ``model_type`` (``<type>_vision`` / ``<type>_text``), else
+    ``arch`` itself."""
+    if "vision_config" not in arch:
+        return dict(arch)
+    part, suffix = {"encoder": ("vision_config", "_vision"), "llm": ("text_config", "_text")}[module]
+    return {**arch[part], "model_type": arch["model_type"] + suffix}
+
+
 # the architecture of each model directory a recipe's `pretrained:` names (its config.json, written out here);
 # {}: a weights file whose architecture the component config names itself (open_clip by model name)
 ARCHITECTURES = {"clip-vit-large-patch14-336": CLIP_L14_336, "vicuna-7b-v1.5": VICUNA_7B,
                  "siglip-so400m-patch14-384": SIGLIP_SO400M, "Qwen2-0.5B-Instruct": QWEN2_0_5B,
                  "Qwen-7B-qwen2": QWEN_7B, "open_clip_pytorch_model.bin": {},
-                 "blip2-eva-vit-g": EVA_VIT_G, "opt-2.7b": OPT_2_7B}
+                 "blip2-eva-vit-g": EVA_VIT_G, "opt-2.7b": OPT_2_7B, "Qwen2.5-VL-3B-Instruct": QWEN25_VL_3B}
 # Qwen-VL's parts: OpenCLIP ViT-bigG/14 at 448 px without its pooling head (1664 wide, 48 blocks, MLP 8192, 32 x 32
 # patches + CLS position embeddings), the resampler at 4096 wide, Qwen-7B
 BIGG_448 = (3 * 14 * 14 * 1664 + 1664 + 1025 * 1664 + 2 * 1664
@@ -206,7 +232,9 @@ PUBLISHED_PARAMS = {"llava15": 303_507_456 + (1024 * 4096 + 4096 + 4096 * 4096 +
                     "blip2": 985_952_256 + 107_133_696 + 2_651_596_800,  # ~3.74B
                     # InternVL2-2B: InternViT-300M + LayerNorm(4096) -> 4096x2048 -> 2048x2048 + InternLM2-1.8B (~2.21B)
                     "internvl2": INTERNVIT_300M_PARAMS + (2 * 4096 + 4096 * 2048 + 2048 + 2048 * 2048 + 2048)
-                    + INTERNLM2_1_8B_PARAMS}
+                    + INTERNLM2_1_8B_PARAMS,
+                    # Qwen2.5-VL-3B-Instruct: transformers' Qwen2_5_VLForConditionalGeneration of QWEN25_VL_3B (~3.75B)
+                    "qwen25vl_3b": 3_754_622_976}
 
 
 def create_data_files(cfg) -> None:
@@ -235,7 +263,8 @@ def meta_model_config(cfg):
             arch = ARCHITECTURES.get(Path(pretrained).name)
             assert arch is not None, f"add the architecture of {pretrained!r} to ARCHITECTURES"
             if arch:
-                mc[module]["config"] = dict(arch)
+                mc[module]["config"] = part_architecture(arch, module)
+    mc["connector"].pop("pretrained", None)  # a connector loading its weights from a directory (patch_merger)
     if cfg.tokenizer.get("path") is not None:  # a tokenizer directory (next to the weights): not here
         mc["image_token_id"] = mc["llm"]["config"]["vocab_size"] - 1
         return mc, None
@@ -351,3 +380,34 @@ def test_internvl2_recipe():
         model = vlm.build(mc)
     assert model.encoder.grid() == (32, 32) and model.num_image_tokens() == 256  # 1024 patches, pixel-shuffled
     assert count(model.llm) == INTERNLM2_1_8B_PARAMS
+
+
+def test_qwen25vl_3b_has_transformers_parameter_count():
+    """Tower + rms_norm merger + Qwen2.5-VL text model at the 3B's dimensions have exactly the parameters of
+    transformers' Qwen2_5_VLForConditionalGeneration built from the same config (tied embeddings counted once)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    cfg = compose("qwen25vl_3b")
+    mc, tok = meta_model_config(cfg)
+    assert tok is None and mc["connector"] == {"name": "patch_merger", "merge_size": 2, "norm": "rms_norm"}
+    with torch.device("meta"):
+        model = vlm.build(mc)
+        hf = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**{k: v for k, v in QWEN25_VL_3B.items()
+                                                                     if k != "model_type"}))
+    visual = hf.model.visual
+    assert count(model.encoder) == count(visual) - count(visual.merger)
+    assert count(model.connector) == count(visual.merger) == 5120 * 5120 + 5120 + 5120 * 2048 + 2048 + 1280
+    assert count(model.llm) == count(hf.model.language_model)  # tied: the head is the embedding
+    assert count(model) == count(hf) == PUBLISHED_PARAMS["qwen25vl_3b"]  # published: 3.75B
+    assert model.llm.position_scheme == "mrope"
+    assert model.num_image_tokens((448, 644)) == (448 // 28) * (644 // 28)
+    st = cfg.stage.sft
+    assert list(cfg.stages) == ["sft"] and st.tiling.kind == "native" and st.template.name == "tokenizer"
+    assert (st.tiling.min_pixels, st.tiling.max_pixels) == (256 * 28 * 28, 1280 * 28 * 28)
+    with torch.device("meta"):
+        apply_policies(model, st)
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"llm"} and all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    per_layer = 64 * ((2048 + 2048) * 2 + (2048 + 256) * 2 + (2048 + 11008) * 3)  # q, o; k, v; gate, up, down
+    assert lora == 36 * per_layer

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 from PIL import Image
-from test_train_recipes import ARCHITECTURES
+from test_train_recipes import ARCHITECTURES, part_architecture
 from transformers import PreTrainedModel
 
 import vlm
@@ -36,6 +36,9 @@ def tiny_llm_config(config: dict, vocab_size: int) -> dict:
     out.update({k: v for k, v in LLM_DIMS.items() if k in config})
     if "num_key_value_heads" in config:  # grouped-query attention stays grouped, multi-head stays multi-head
         out["num_key_value_heads"] = 1 if config["num_key_value_heads"] < config["num_attention_heads"] else 2
+    if "mrope_section" in (config.get("rope_parameters") or {}):  # mRoPE: the sections split the tiny head's
+        half = out["hidden_size"] // out["num_attention_heads"] // 2  # rotary frequencies
+        out["rope_parameters"] = {**config["rope_parameters"], "mrope_section": [half // 2, half // 4, half // 4]}
     return out
 
 
@@ -71,6 +74,21 @@ def stand_in_encoder(spec: dict) -> dict:
     return spec
 
 
+def save_full_model(path: Path, arch: dict, vocab_size: int) -> None:
+    """A tiny random vision-language model of ``arch``'s family (e.g. Qwen2.5-VL: tower, merger and text model in
+    one directory) saved at ``path``, where a recipe's encoder, connector and LLM all read it."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    text = tiny_llm_config(part_architecture(arch, "llm"), vocab_size)
+    text.pop("model_type")
+    vision = {**arch["vision_config"], "depth": 2, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
+              "out_hidden_size": text["hidden_size"], "fullatt_block_indexes": [1]}
+    top = {k: v for k, v in arch.items() if k not in ("model_type", "vision_config", "text_config")
+           and not k.endswith("token_id")}
+    config = AutoConfig.for_model(arch["model_type"], vision_config=vision, text_config=text, **top)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(str(path))
+
+
 def shrink_encoder(spec: dict) -> dict:
     for key, value in TOWER.items():
         if key in spec:
@@ -100,8 +118,16 @@ def write_records(spec: dict, n: int = 4) -> None:
 def shrink(cfg, root: Path):
     """``cfg`` (a composed recipe) at tiny size, its files written under ``root``."""
     c = OmegaConf.to_container(cfg, resolve=True)
+    tok_path = c["tokenizer"].get("path")  # a tokenizer directory: the byte tokenizer there, the LLM sized to it
+    vocab = save_tokenizer(Path(tok_path), cfg) + 8 if tok_path else None
+    full = {}  # a directory holding a whole vision-language model: every part reads it
     if c["encoder"].get("pretrained"):
-        c["encoder"] = stand_in_encoder(c["encoder"])
+        arch = ARCHITECTURES.get(Path(c["encoder"]["pretrained"]).name, {})
+        if "vision_config" in arch:
+            save_full_model(Path(c["encoder"]["pretrained"]), arch, vocab)
+            full = {c["encoder"]["pretrained"]}
+        else:
+            c["encoder"] = stand_in_encoder(c["encoder"])
     else:
         c["encoder"] = shrink_encoder(c["encoder"])
     conn = c["connector"]
@@ -111,10 +137,10 @@ def shrink(cfg, root: Path):
             conn[key] = value
     if "corpus_samples" in c["tokenizer"]:  # a tokenizer trained on the recipe's data: on fewer samples
         c["tokenizer"]["corpus_samples"] = 64
-    tok_path = c["tokenizer"].get("path")  # a tokenizer directory: the byte tokenizer there, the LLM sized to it
-    vocab = save_tokenizer(Path(tok_path), cfg) + 8 if tok_path else None
     llm = c["llm"]
-    if llm.get("pretrained"):
+    if llm.get("pretrained") in full:
+        pass
+    elif llm.get("pretrained"):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         arch = ARCHITECTURES[Path(llm["pretrained"]).name]
@@ -134,6 +160,10 @@ def shrink(cfg, root: Path):
         st.update(max_steps=STEPS, global_batch_size=2, micro_batch_size=1, save_every=None, eval_every=None)
         if st.get("warmup_steps"):
             st["warmup_steps"] = 1
+        if st.get("tiling") and st["tiling"].get("kind") == "native":  # a few patches per image
+            t = st["tiling"]
+            factor = t.get("patch_size", 14) * t.get("merge_size", 2)
+            t.update(min_pixels=4 * factor ** 2, max_pixels=16 * factor ** 2)
         if st.get("tiling") and st["tiling"].get("kind") == "dynamic":
             t = st["tiling"]
             t["max_tiles"] = max(2, t.get("min_tiles", 1))

@@ -19,8 +19,32 @@ from torch import nn
 from vlm.connectors.base import Connector, flat_grids
 from vlm.connectors.registry import CONNECTORS
 from vlm.layers import RMSNorm
+from vlm.pretrained import check_pretrained_dir, load_strict, read_weights
 
 NORMS = ("layer_norm", "rms_norm")
+#: where a transformers Qwen2-VL / Qwen2.5-VL directory keeps the merger (transformers 5 / older files)
+MERGER_PREFIXES = ("model.visual.merger.", "visual.merger.")
+
+
+def read_merger(path: str) -> dict[str, torch.Tensor]:
+    """The merger's weights (``ln_q.*``, ``mlp.0.*``, ``mlp.2.*``) of a local transformers Qwen2-VL / Qwen2.5-VL
+    model directory.
+
+    Raises:
+        FileNotFoundError: no directory, ``config.json`` or weights.
+        ValueError: no key under ``model.visual.merger.`` / ``visual.merger.`` (naming the directory).
+    """
+    root = check_pretrained_dir(path, "patch_merger")
+    state = {}
+    for key, value in read_weights(root, "patch_merger").items():
+        prefix = next((p for p in MERGER_PREFIXES if key.startswith(p)), None)
+        if prefix is not None:
+            state[key[len(prefix):]] = value
+    if not state:
+        raise ValueError(f"patch_merger: {str(root)!r} holds no merger weights (keys starting with "
+                         f"{' or '.join(repr(p) for p in MERGER_PREFIXES)}); expected a transformers Qwen2-VL / "
+                         f"Qwen2.5-VL model directory")
+    return state
 
 
 def block_order(grids: Sequence[tuple[int, int, int]], merge: int, device: torch.device | None = None) -> torch.Tensor:
@@ -47,7 +71,8 @@ class PatchMerger(Connector):
             token count other than the grid's.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, merge_size: int = 2, norm: str = "layer_norm") -> None:
+    def __init__(self, in_dim: int, out_dim: int, merge_size: int = 2, norm: str = "layer_norm",
+                 pretrained: str | None = None) -> None:
         super().__init__()
         if merge_size < 1:
             raise ValueError(f"patch_merger merge_size={merge_size}; expected an integer >= 1")
@@ -58,6 +83,9 @@ class PatchMerger(Connector):
         folded = in_dim * merge_size ** 2
         self.ln_q = nn.LayerNorm(in_dim, eps=1e-6) if norm == "layer_norm" else RMSNorm(in_dim, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(folded, folded), nn.GELU(), nn.Linear(folded, out_dim))
+        self.options.pop("pretrained")  # a saved model holds the weights themselves
+        if pretrained is not None:
+            load_strict(self, read_merger(pretrained), f"patch_merger: {pretrained!r}")
 
     def check_grid(self, grid: Sequence[int], where: str = "") -> None:
         """``ValueError`` unless the grid's ``h`` and ``w`` (its last two entries) are multiples of ``m``."""
