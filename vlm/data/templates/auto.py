@@ -37,6 +37,11 @@ class AutoTemplate(Template):
         out.own, out.fallback = self.own.for_image_token(image_token), self.fallback.for_image_token(image_token)
         return out
 
+    def for_video_token(self, video_token: str | None) -> AutoTemplate:
+        out = copy.copy(self)
+        out.own, out.fallback = self.own.for_video_token(video_token), self.fallback.for_video_token(video_token)
+        return out
+
     def pick(self, tokenizer: Any) -> Template:
         """The template actually used with ``tokenizer``."""
         return self.own if getattr(tokenizer, "chat_template", None) else self.fallback
