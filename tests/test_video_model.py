@@ -233,3 +233,55 @@ def test_bad_video_input_is_named(model, proc, tmp_path):
               video_grid_thw=item["video_grid_thw"] * torch.tensor([[2, 1, 1]]))
     with pytest.raises(ValueError, match="no pixel_values_videos"):
         model(item["input_ids"][None])
+
+
+@pytest.mark.parametrize("tower", sorted(TOWERS))
+def test_logits_equal_transformers_for_videos_and_images(tower, tmp_path):
+    """Our model with transformers' weights (tower ``visual.*`` -> ``encoder.model.``, ``visual.merger.*`` ->
+    ``connector.``, the text model and head -> ``llm.model``) gives transformers' logits for a batch of a video, an
+    image and a video + image sample (left-padded), fp32."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, \
+        Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    tok = byte_tokenizer()
+    norm = {"qwen2_vl": "layer_norm", "qwen2_5_vl": "rms_norm"}[tower]
+    ours = vlm.build({"encoder": {"name": "qwen2_vl_vit", "image_size": 32, "config": copy.deepcopy(TOWERS[tower])},
+                      "connector": {"name": "patch_merger", "norm": norm},
+                      "llm": {"name": "hf_causal_lm", "config": copy.deepcopy(TEXT)}}, tokenizer=tok).eval()
+    ours.image_preprocessing = {"resize_mode": "resize", "tiling": NATIVE, "video": VIDEO}
+    cls, cfg_cls = {"qwen2_vl": (Qwen2VLForConditionalGeneration, Qwen2VLConfig),
+                    "qwen2_5_vl": (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig)}[tower]
+    vision = {k: v for k, v in TOWERS[tower].items() if k != "model_type"}
+    text = {k: v for k, v in TEXT.items() if k != "model_type"}
+    text.update(vocab_size=ours.llm.vocab_size, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    ref = cls(cfg_cls(text_config=text, vision_config=vision, image_token_id=ours.image_token_id,
+                      video_token_id=ours.video_token_id, tie_word_embeddings=False)).eval()
+    state = ref.state_dict()
+    mapped = {}
+    for k, v in state.items():
+        if k.startswith("model.visual.merger."):
+            mapped["connector." + k.removeprefix("model.visual.merger.")] = v
+        elif k.startswith("model.visual."):
+            mapped["encoder.model." + k.removeprefix("model.visual.")] = v
+        elif k.startswith("model.language_model."):
+            mapped["llm.model.model." + k.removeprefix("model.language_model.")] = v
+        else:
+            mapped["llm.model." + k] = v
+    missing, unexpected = ours.load_state_dict(mapped, strict=False)
+    assert not unexpected and not [k for k in missing if "rotary" not in k and "inv_freq" not in k]
+    proc = Processor.for_model(ours, tok)
+    clips = [write_clip(tmp_path / f"{i}.mkv", n=n, rate=r, seed=i) for i, (n, r) in enumerate([(6, 4), (8, 5)])]
+    items = [proc(video_sample(clips[1], "v", fps=2.5)), proc(image_sample((24, 40), 3, "i")),
+             proc(mixed_sample(clips[0]))]
+    batch = PadCollator(0, padding_side="left")(items)
+    ids = batch["input_ids"]
+    types = (ids == ours.image_token_id).long() + 2 * (ids == ours.video_token_id).long()
+    media = {k: batch[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")}
+    extra = {"second_per_grid_ts": batch["second_per_grid_ts"]} if tower == "qwen2_5_vl" else {}
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=batch["attention_mask"], mm_token_type_ids=types, **media,
+                   **extra).logits
+        got = ours(**inputs(batch)).logits
+    real = batch["attention_mask"].bool()
+    assert (got - want)[real].abs().max() <= 1e-4
