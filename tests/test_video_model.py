@@ -285,3 +285,19 @@ def test_logits_equal_transformers_for_videos_and_images(tower, tmp_path):
         got = ours(**inputs(batch)).logits
     real = batch["attention_mask"].bool()
     assert (got - want)[real].abs().max() <= 1e-4
+
+
+def test_eval_answers_video_samples_as_chat_does(model, proc, tmp_path):
+    """``vlm.eval``'s evaluator on samples with videos (and an image sample in the same batch): each prediction is
+    the one it gets alone (batch size 1)."""
+    from vlm.eval.evaluator import OneProcess, evaluate
+
+    clips = [write_clip(tmp_path / f"{i}.mkv", n=4, seed=i) for i in range(2)]
+    samples = [video_sample(clips[0], "v0"), image_sample((24, 24), 40, "i0"), video_sample(clips[1], "v1")]
+    metrics, records = evaluate(model, OneProcess("cpu"), proc, samples, batch_size=3, max_new_tokens=3,
+                                precision=torch.float32)
+    assert "eval_dropped" not in metrics and [r["id"] for r in records] == ["v0", "i0", "v1"]
+    assert all(isinstance(r["prediction"], str) for r in records)
+    _, alone = evaluate(model, OneProcess("cpu"), proc, samples, batch_size=1, max_new_tokens=3,
+                        precision=torch.float32)
+    assert [r["prediction"] for r in alone] == [r["prediction"] for r in records]
