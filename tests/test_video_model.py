@@ -301,3 +301,30 @@ def test_eval_answers_video_samples_as_chat_does(model, proc, tmp_path):
     _, alone = evaluate(model, OneProcess("cpu"), proc, samples, batch_size=1, max_new_tokens=3,
                         precision=torch.float32)
     assert [r["prediction"] for r in alone] == [r["prediction"] for r in records]
+
+
+@pytest.mark.parametrize("template", ["chatml", {"name": "chatml", "image_start": "<vision>", "image_end": "</vision>"}])
+def test_video_prompts_are_the_same_through_the_exported_chat_template(template, tmp_path):
+    """``set_template`` writes video parts into the Jinja chat template (``{"type": "video"}`` -> ``image_start +
+    video token + image_end``): the ``tokenizer`` template then builds the same ids as vlm's template, plain
+    transformers renders the video token, and a saved directory answers the same."""
+    model = copy.deepcopy(build())
+    model.tokenizer = copy.deepcopy(model.tokenizer)
+    if isinstance(template, dict):
+        model.tokenizer.add_special_tokens({"additional_special_tokens": ["<vision>", "</vision>"]})
+        model.llm.resize_token_embeddings(len(model.tokenizer))
+    model.set_template(template)
+    clip = write_clip(tmp_path / "j.mkv", n=4)
+    sample = video_sample(clip, answer="it moves")
+    ours = Processor.for_model(model, model.tokenizer, template)(sample)
+    theirs = Processor.for_model(model, model.tokenizer, "tokenizer")(sample)
+    assert torch.equal(ours["input_ids"], theirs["input_ids"]) and torch.equal(ours["labels"], theirs["labels"])
+    text = model.tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "video"},
+                                                                             {"type": "text", "text": "hi"}]}],
+                                               tokenize=False)
+    assert text.count(model.video_token) == 1  # plain transformers renders the video part
+    model.save_pretrained(tmp_path / "m")
+    loaded = vlm.load(tmp_path / "m")
+    video = {"type": "video", "video": clip}
+    assert loaded.chat(video, "what happens?", max_new_tokens=3)[0] == \
+        model.chat(video, "what happens?", max_new_tokens=3, template=template)[0]

@@ -157,8 +157,9 @@ class VLM(nn.Module):
             raise ValueError("set_template needs model.tokenizer (the template's tokens are looked up in it)")
         template = build_template(template)
         self.generation = generation_settings(self.tokenizer, template)
+        videos = {"video_token": self.video_token} if self.video_token_id is not None else {}
         jinja = template.as_jinja(self.tokenizer, self.image_token,
-                                  image_placement=ImagePlacement.from_dict(self.image_placement))
+                                  image_placement=ImagePlacement.from_dict(self.image_placement), **videos)
         if jinja is None:
             warnings.warn(f"template {template!r} has no Jinja equivalent; the tokenizer keeps its own chat "
                           f"template", stacklevel=2)

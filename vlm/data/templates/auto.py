@@ -58,5 +58,7 @@ class AutoTemplate(Template):
     def places_images(self, tokenizer: Any = None) -> bool:
         return self.pick(tokenizer).places_images(tokenizer)
 
-    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>", image_placement: Any = None) -> str | None:
-        return self.pick(tokenizer).as_jinja(tokenizer, image_token, image_placement=image_placement)
+    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>", image_placement: Any = None,
+                 video_token: str | None = None) -> str | None:
+        extra = {"video_token": video_token} if video_token else {}
+        return self.pick(tokenizer).as_jinja(tokenizer, image_token, image_placement=image_placement, **extra)

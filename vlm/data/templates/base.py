@@ -90,13 +90,14 @@ class Template:
         return [t for t in (self.image_start, self.image_end) if t]
 
     def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>",
-                 image_placement: Any = None) -> str | None:
+                 image_placement: Any = None, video_token: str | None = None) -> str | None:
         """This template as a Jinja chat template (what ``tokenizer.chat_template`` and transformers' processors
         render): the text of :meth:`render` with each image slot written ``image_start + image_token + image_end``.
         Messages' ``content`` may be a string or a list of ``{"type": "text" | "image"}`` parts; list parts are
         joined with ``image_placement`` (``vlm.data.image_placement.ImagePlacement``: each image's label and
-        separator, as ``model.chat`` joins them; ``None``: nothing added). ``None`` when the template has no Jinja
-        equivalent."""
+        separator, as ``model.chat`` joins them; ``None``: nothing added). ``video_token``: a ``{"type": "video"}``
+        part is written ``image_start + video_token + image_end`` (``None``: the model takes no videos; templates
+        whose Jinja has no video parts ignore it). ``None`` when the template has no Jinja equivalent."""
         return None
 
     def for_image_token(self, image_token: str) -> Template:

@@ -44,11 +44,13 @@ def jinja_literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def content_macro(image_text: str, keep_text: bool = True, name: str = "content", image_placement: Any = None) -> str:
+def content_macro(image_text: str, keep_text: bool = True, name: str = "content", image_placement: Any = None,
+                  video_text: str | None = None) -> str:
     """A Jinja macro ``name(c)`` (default ``content(c)``): a string content as is, a list content as its parts in order (``image`` parts
     as ``image_text``, ``text`` parts as their text; only the images when ``keep_text`` is false). With an
     ``image_placement`` (``vlm.data.image_placement.ImagePlacement``) each image part also gets its label and separator
-    (text, so not with ``keep_text`` false), as ``model.chat`` joins a turn's images and text."""
+    (text, so not with ``keep_text`` false), as ``model.chat`` joins a turn's images and text. ``video_text``: what
+    a ``{"type": "video"}`` part is written as (``None``: video parts are left out)."""
     text = "{{- p['text'] -}}" if keep_text else ""
     plain = "{{- c -}}" if keep_text else ""
     image = "{{- " + jinja_literal(image_text) + " -}}"
@@ -56,8 +58,9 @@ def content_macro(image_text: str, keep_text: bool = True, name: str = "content"
     if image_placement is not None and keep_text:
         image = image_placement.jinja_image(image_text)
         setup = image_placement.JINJA_SETUP
+    video = "{%- elif p['type'] == 'video' -%}{{- " + jinja_literal(video_text) + " -}}" if video_text else ""
     return ("{%- macro " + name + "(c) -%}{%- if c is string -%}" + plain + "{%- else -%}" + setup +
-            "{%- for p in c -%}{%- if p['type'] == 'image' -%}" + image +
+            "{%- for p in c -%}{%- if p['type'] == 'image' -%}" + image + video +
             "{%- elif p['type'] == 'text' -%}" + text + "{%- endif -%}{%- endfor -%}{%- endif -%}{%- endmacro -%}")
 
 
@@ -274,7 +277,8 @@ class TokenizerTemplate(Template):
         ph = [] if placeholder in (SENTINEL, None) else [placeholder]
         return ph + super().special_tokens(tokenizer)
 
-    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>", image_placement: Any = None) -> str | None:
+    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>", image_placement: Any = None,
+                 video_token: str | None = None) -> str | None:
         """The Jinja template this template renders with (it places images itself: ``image_placement`` is not
         applied); ``None`` with image markers (added around image slots
         outside the Jinja template, so it alone does not reproduce them)."""
