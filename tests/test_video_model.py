@@ -328,3 +328,23 @@ def test_video_prompts_are_the_same_through_the_exported_chat_template(template,
     video = {"type": "video", "video": clip}
     assert loaded.chat(video, "what happens?", max_new_tokens=3)[0] == \
         model.chat(video, "what happens?", max_new_tokens=3, template=template)[0]
+
+
+def test_stage_video_options_are_checked_and_recorded_in_the_export(model, tmp_path):
+    """``stage.<name>.video`` is checked when a recipe is composed; the run's video options are recorded in
+    ``final/`` (``image_preprocessing["video"]``) and a loaded model's processor samples videos with them."""
+    from vlm.train import compose
+    from vlm.train.config_check import ConfigError
+    from vlm.train.export import export_final
+
+    with pytest.raises(ConfigError, match=r"stage.sft.video: .*patch_size"):
+        compose("micro", ["+stage.sft.video={patch_size: 7}"])
+    with pytest.raises(ConfigError, match=r"stage.sft.video: .*fps=2.0 and num_frames=4 exclude each other"):
+        compose("micro", ["+stage.sft.video={fps: 2, num_frames: 4}"])
+    proc = Processor.for_model(model, model.tokenizer, video={"num_frames": 2, "max_pixels": 16 * 32})
+    export_final(tmp_path / "final", model, model.state_dict(), model.tokenizer, image_processor=proc.image_processor,
+                 video_processor=proc.video_processor)
+    loaded = vlm.load(tmp_path / "final")
+    assert loaded.image_preprocessing["video"]["num_frames"] == 2
+    again = Processor.for_model(loaded, loaded.tokenizer)
+    assert again.video_processor.options == proc.video_processor.options

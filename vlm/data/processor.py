@@ -138,7 +138,9 @@ class Processor:
 
         ``resize_mode``/``tiling``/``pad_color`` configure the ``ImageProcessor``; they default to the model's
         record of how it was trained (``model.image_preprocessing``; else ``resize``, no tiling and the
-        ``ImageProcessor`` default). Other ``options`` go to :class:`Processor` (``max_length``,
+        ``ImageProcessor`` default). A model that takes videos (``video_geometry()``) gets a ``VideoProcessor``:
+        ``video={...}`` (``vlm.data.video.PER_VIDEO`` options) over the record's ``image_preprocessing["video"]``
+        over ``vlm.data.video.DEFAULTS``, the encoder's mean/std and patch geometry. Other ``options`` go to :class:`Processor` (``max_length``,
         ``truncation``, ``max_tiles_per_sample``, ...).
         """
         from vlm.data.images import ImageProcessor
@@ -163,7 +165,8 @@ class Processor:
         if geometry is not None:  # the model takes videos: frames sampled and sized as recorded (or given)
             from vlm.data.video import VideoProcessor
 
-            video_options = dict(video_options if video_options is not None else record.get("video") or {})
+            # given options override the run's record key by key
+            video_options = {**(record.get("video") or {}), **(video_options or {})}
             options["video_processor"] = VideoProcessor(model.image_mean, model.image_std,
                                                         root=options.get("image_root"),
                                                         allow_urls=options.get("allow_urls", False),
