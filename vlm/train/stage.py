@@ -195,7 +195,7 @@ class StageRunner:
 
         processor = Processor.for_model(model, self.tokenizer, template=plain(st.template),
                                         max_length=st.max_length, tiling=plain(st.tiling),
-                                        max_tiles_per_sample=st.max_tiles_per_sample, video=plain(st.get("video")))
+                                        max_tiles_per_sample=st.max_tiles_per_sample, video=plain(st.video))
         dataset = stage_dataset(self.cfg, self.name, processor)
         if module.objective.images_per_sample is not None and hasattr(dataset, "images_per_sample"):
             dataset.images_per_sample = module.objective.images_per_sample  # others: counted, named skips
@@ -236,7 +236,7 @@ class StageRunner:
         st = stage_config(self.cfg, name)
         return Processor.for_model(model, self.tokenizer, template=plain(st.template), max_length=st.max_length,
                                    tiling=plain(st.tiling), max_tiles_per_sample=st.max_tiles_per_sample,
-                                   video=plain(st.get("video")))
+                                   video=plain(st.video))
 
     def resume_from_checkpoint(self, t: "Training") -> tuple[int, LoopState, str | None, dict[str, Any] | None]:
         """``(start step, loop state, checkpoint, model RNG state)``: the latest checkpoint of this stage when
