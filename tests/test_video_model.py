@@ -151,10 +151,11 @@ def test_a_training_step_on_videos_and_images(model, proc, tmp_path):
 
 def reference_index(tower: str, tokens_per_second: int = 2):
     """transformers' ``get_rope_index`` on a config alone (tests/test_mrope.py's helper)."""
-    from tests.test_mrope import RopeIndex
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+
+    from tests.test_mrope import RopeIndex
 
     if tower == "qwen2_vl":
         return RopeIndex(Qwen2VLModel, Qwen2VLConfig(vision_config={"spatial_merge_size": MERGE}))
@@ -240,8 +241,12 @@ def test_logits_equal_transformers_for_videos_and_images(tower, tmp_path):
     """Our model with transformers' weights (tower ``visual.*`` -> ``encoder.model.``, ``visual.merger.*`` ->
     ``connector.``, the text model and head -> ``llm.model``) gives transformers' logits for a batch of a video, an
     image and a video + image sample (left-padded), fp32."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, \
-        Qwen2VLForConditionalGeneration
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
 
     torch.manual_seed(0)
     tok = byte_tokenizer()
