@@ -62,3 +62,34 @@ def test_every_encoder_with_every_connector_trains_one_step(encoder, connector):
     opt.step()
     assert any(not torch.equal(a, p) for a, p in zip(before, trained))
     assert all(not torch.equal(a, p) for a, p in zip(before, model.connector.parameters()))
+
+
+MROPE_TEXT = {"model_type": "qwen2_vl_text", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128,
+              "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}}
+
+
+@pytest.mark.parametrize("connector", ["mlp", "patch_merger", "resampler"])
+@pytest.mark.parametrize("encoder", ["clip", "qwen2_vl_vit"])
+def test_an_mrope_llm_composes_with_other_towers_and_connectors(encoder, connector):
+    """Qwen2-VL's text model (3-D mRoPE) after a CLIP tower (images on CLIP's grid) or the Qwen2.5-VL tower, through
+    a token-wise, a merging and a query connector: positions come from each image's LLM-token grid, and one step
+    trains."""
+    torch.manual_seed(0)
+    model = vlm.build({"encoder": copy.deepcopy(TINY_ENCODERS[encoder]),
+                       "connector": {"name": connector, **TINY_CONNECTORS[connector]},
+                       "llm": {"name": "hf_causal_lm", "config": copy.deepcopy(MROPE_TEXT)}})
+    assert model.llm.position_scheme == "mrope"
+    model.train()
+    ids = image_batch_ids(model, [1, 2])
+    pixels = torch.randn(3, 3, 32, 32)
+    media = model.media_tokens(ids, pixels)
+    out_grid = model.connector.output_grid(model.encoder.grid(32))
+    assert media.grids == [(1, *out_grid) if out_grid else (1, 1, model.num_image_tokens())] * 3
+    positions = model.lm_inputs(ids, pixels)["position_ids"]
+    assert positions.shape == (3, 2, ids.shape[1])
+    if out_grid and out_grid[0] > 1:  # an image's rows and columns get their own height / width indices
+        assert not torch.equal(positions[1], positions[2])
+    loss = model(ids, pixels, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.connector.parameters())

@@ -17,7 +17,7 @@ from vlm.interop import FORMATS
 from vlm.interop.common import assemble, copy_projector, refuse_export, tying_problems
 
 #: the formats that read a transformers config.json (``internvl_chat`` reads the original remote-code layout)
-TRANSFORMERS_FORMATS = ["llava", "blip2", "internvl"]
+TRANSFORMERS_FORMATS = ["llava", "blip2", "internvl", "qwen2_vl", "qwen2_5_vl"]
 
 
 @pytest.mark.parametrize("name", TRANSFORMERS_FORMATS)

@@ -19,7 +19,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransforme
 
 from tests.conftest import TINY_VISION
 from vlm import connectors, encoders
-from vlm.encoders.qwen2_vl_vit import block_to_row_major
+from vlm.encoders.qwen2_vl_blocks import block_to_row_major
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TOL = 1e-4

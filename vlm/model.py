@@ -385,8 +385,9 @@ class VLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
-                image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
-                video_grid_thw: torch.Tensor | None = None, second_per_grid_ts: torch.Tensor | None = None,
+                image_grid_thw: torch.Tensor | None = None, mm_token_type_ids: torch.Tensor | None = None,
+                pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
+                second_per_grid_ts: torch.Tensor | None = None,
                 **lm_kwargs: Any) -> CausalLMOutputWithPast:
         """Returns ``.logits (B, L, V)`` and, when labels are given, ``.loss``: the mean next-token loss over the
         target tokens (labels != -100), the LM's own (transformers') loss, which honours ``num_items_in_batch``.
@@ -400,9 +401,14 @@ class VLM(nn.Module):
         and ``second_per_grid_ts (M,)`` (seconds per temporal patch; Qwen2.5-VL's temporal positions), as
         transformers' Qwen2-VL processors return them.
 
+        ``mm_token_type_ids (B, L)``: what Qwen2-VL's processor returns beside ``input_ids`` (1 at image tokens);
+        it is derivable from ``input_ids`` (the image tokens are ``image_token_id``), so it is only checked
+        (``check_mm_token_types``) and the model takes the processor's output whole.
+
         ``lm_kwargs``: keywords of the LM's forward (``use_cache``, ``num_items_in_batch``, ``output_hidden_states``,
         ...); any other raises ``TypeError`` naming it (``check_keywords``).
         """
+        self.check_mm_token_types(input_ids, mm_token_type_ids)
         self.check_keywords(lm_kwargs, "forward")
         lm_inputs = self.lm_inputs(input_ids, pixel_values, attention_mask, position_ids, segment_ids, image_grid_thw,
                                    pixel_values_videos, video_grid_thw, second_per_grid_ts)
@@ -410,6 +416,25 @@ class VLM(nn.Module):
             labels = mask_segment_starts(labels, segment_ids)
         with self.fusion(input_ids, pixel_values, segment_ids):
             return self.llm(**lm_inputs, labels=labels, **lm_kwargs)
+
+    def check_mm_token_types(self, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor | None) -> None:
+        """``ValueError`` when ``mm_token_type_ids (B, L)`` (Qwen2-VL's processor: 0 text, 1 image, 2 video) marks
+        other positions as image tokens (1) than ``input_ids == image_token_id``, or as video tokens (2) than
+        ``input_ids == video_token_id``, naming the first row that differs; ``None`` passes."""
+        if mm_token_type_ids is None:
+            return
+        if tuple(mm_token_type_ids.shape) != tuple(input_ids.shape):
+            raise ValueError(f"mm_token_type_ids has shape {tuple(mm_token_type_ids.shape)}; expected input_ids' "
+                             f"{tuple(input_ids.shape)}")
+        for value, kind, token_id in ((1, "image", self.image_token_id), (2, "video", self.video_token_id)):
+            is_token = input_ids == token_id if token_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+            differs = ((mm_token_type_ids == value) != is_token).any(dim=-1)
+            if differs.any():
+                row = int(differs.nonzero()[0, 0])
+                raise ValueError(f"mm_token_type_ids row {row} marks {int((mm_token_type_ids[row] == value).sum())} "
+                                 f"{kind} tokens (value {value}), but input_ids row {row} holds "
+                                 f"{int(is_token[row].sum())} {kind} tokens (id {token_id}) at other positions; "
+                                 f"they must agree")
 
     def check_keywords(self, kwargs: dict[str, Any], where: str, *, decoder: bool = False,
                        moved_only: bool = False) -> None:
@@ -474,14 +499,16 @@ class VLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                 pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
-                 second_per_grid_ts: torch.Tensor | None = None, **generate_kwargs: Any) -> torch.Tensor:
+                 mm_token_type_ids: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
+                 video_grid_thw: torch.Tensor | None = None, second_per_grid_ts: torch.Tensor | None = None,
+                 **generate_kwargs: Any) -> torch.Tensor:
         """Greedy by default, with the KV cache. ``input_ids`` left-padded ``(B, L)``; returns new tokens ``(B, T)``.
 
         Stops at any id of ``self.generation["eos_token_id"]`` (the tokenizer's eos and the chat template's end of
         turn; ``set_template``) and pads with its ``pad_token_id``, unless given here. The prompt's positions are
         the LLM's position scheme's (``generation_inputs``: mRoPE's ``(3, B, L)`` from ``media_tokens``, continued by the
         rope delta while decoding)."""
+        self.check_mm_token_types(input_ids, mm_token_type_ids)  # derivable from input_ids: checked, not used
         self.check_keywords(generate_kwargs, "generate", moved_only=True)  # transformers checks the others
         embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         if attention_mask is None:

@@ -28,11 +28,12 @@ and the video: ``MissingVideo``, ``CorruptVideo`` (unreadable, no video stream),
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,41 +199,39 @@ def decode_video(source: Any, *, root: str | os.PathLike | None = None, allow_ur
     av = _av()
     target, file = _open_target(source, root=root, allow_urls=allow_urls, sample_id=sample_id, timeout=timeout)
 
-    def read(keep: set[int]) -> tuple[dict[int, np.ndarray], int, float | None]:
-        """Decode the whole stream: ``({index: RGB frame} for the indices in keep, frames decoded, rate)``."""
+    @contextlib.contextmanager
+    def stream(what: str) -> Iterator[Any]:
+        """``(container, its first video stream)``, opened from the start; PyAV's errors become ``CorruptVideo``
+        ("cannot <what> video: ...")."""
         if isinstance(target, io.BytesIO):
             target.seek(0)
         try:
             with av.open(target) as container:
                 if not container.streams.video:
                     raise CorruptVideo("the file has no video stream", sample_id=sample_id, file=file)
-                stream = container.streams.video[0]
-                rate = float(stream.average_rate) if stream.average_rate else None
-                kept, count = {}, 0
-                for count, frame in enumerate(container.decode(stream), start=1):
-                    if count - 1 in keep:
-                        kept[count - 1] = frame.to_ndarray(format="rgb24")
-                return kept, count, rate
+                yield container, container.streams.video[0]
         except DataError:
             raise
         except (av.FFmpegError, OSError, ValueError, EOFError) as e:
-            raise CorruptVideo(f"cannot decode video: {type(e).__name__}: {e}", sample_id=sample_id,
+            raise CorruptVideo(f"cannot {what} video: {type(e).__name__}: {e}", sample_id=sample_id,
                                file=file) from e
+
+    def rate_of(video: Any) -> float | None:
+        return float(video.average_rate) if video.average_rate else None
+
+    def read(keep: set[int]) -> tuple[dict[int, np.ndarray], int, float | None]:
+        """Decode the whole stream: ``({index: RGB frame} for the indices in keep, frames decoded, rate)``."""
+        with stream("decode") as (container, video):
+            kept, count = {}, 0
+            for count, frame in enumerate(container.decode(video), start=1):
+                if count - 1 in keep:
+                    kept[count - 1] = frame.to_ndarray(format="rgb24")
+            return kept, count, rate_of(video)
 
     def probe() -> tuple[int, float | None]:
         """The stream's stated frame count and rate (0 when the container does not say)."""
-        if isinstance(target, io.BytesIO):
-            target.seek(0)
-        try:
-            with av.open(target) as container:
-                if not container.streams.video:
-                    raise CorruptVideo("the file has no video stream", sample_id=sample_id, file=file)
-                stream = container.streams.video[0]
-                return int(stream.frames or 0), float(stream.average_rate) if stream.average_rate else None
-        except DataError:
-            raise
-        except (av.FFmpegError, OSError, ValueError, EOFError) as e:
-            raise CorruptVideo(f"cannot open video: {type(e).__name__}: {e}", sample_id=sample_id, file=file) from e
+        with stream("open") as (_, video):
+            return int(video.frames or 0), rate_of(video)
 
     stated, rate = probe()
     if stated <= 0:  # the container does not say: count by decoding, keeping nothing

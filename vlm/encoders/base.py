@@ -65,6 +65,24 @@ class VisionEncoder(nn.Module):
         self.check_image_size((h, w), grid)
         return grid
 
+    def set_common_options(self, *, norm: tuple[Any, Any] | None = None, image_mean: Any = None, image_std: Any = None,
+                           dtype: str | None = None, freeze: bool = False) -> None:
+        """The options every tower takes, applied in one order at the end of its ``__init__``: normalization
+        constants (``norm = (mean, std)`` read from a checkpoint, then explicit ``image_mean`` / ``image_std`` over
+        them), the parameter ``dtype`` of ``self.model`` (``"bfloat16"``, ...), and ``freeze`` (no parameter trains)."""
+        if norm is not None:
+            self.image_mean, self.image_std = tuple(norm[0]), tuple(norm[1])
+        if image_mean is not None:
+            self.image_mean = tuple(image_mean)
+        if image_std is not None:
+            self.image_std = tuple(image_std)
+        if dtype is not None:
+            from vlm.dtypes import resolve_dtype
+
+            self.model.to(resolve_dtype(dtype))
+        if freeze:
+            self.requires_grad_(False)
+
     def check_image_size(self, size: tuple[int, int], grid: tuple[int, int]) -> None:
         """Raise ``ValueError`` if the backbone cannot take an input of ``size = (H, W)`` (floored patch ``grid``).
 

@@ -101,14 +101,7 @@ class HFVisionEncoder(VisionEncoder):
         self.image_size = self.config_image_size(cfg)
         self.grid()  # the native size itself must be one the tower takes (e.g. at least one patch)
         self.hidden_size = cfg.hidden_size * len(layers)
-        if norm is not None:
-            self.image_mean, self.image_std = tuple(norm[0]), tuple(norm[1])
-        if image_mean is not None:
-            self.image_mean = tuple(image_mean)
-        if image_std is not None:
-            self.image_std = tuple(image_std)
-        if freeze:
-            self.requires_grad_(False)
+        self.set_common_options(norm=norm, image_mean=image_mean, image_std=image_std, freeze=freeze)
 
     def load_pretrained(self, pretrained: str, attn_implementation: str,
                         dtype: str | None) -> tuple[PreTrainedModel, tuple | None]:

@@ -24,11 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm.dtypes import resolve_dtype
 from vlm.encoders.base import SELECT_STRATEGIES, VisionEncoder
-from vlm.layers import RMSNorm
 from vlm.encoders.internvit_keys import hf_to_ours
 from vlm.encoders.registry import ENCODERS
+from vlm.layers import RMSNorm
 from vlm.pretrained import CONFIG_FILE, check_pretrained_dir, load_strict, read_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -219,14 +218,7 @@ class InternViTEncoder(VisionEncoder):
         self.feature_layer, self.select = feature_layer, select
         self.patch_size, self.image_size = int(dims["patch_size"]), int(dims["image_size"])
         self.hidden_size = int(dims["hidden_size"])
-        if image_mean is not None:
-            self.image_mean = tuple(image_mean)
-        if image_std is not None:
-            self.image_std = tuple(image_std)
-        if dtype is not None:
-            self.model.to(resolve_dtype(dtype))
-        if freeze:
-            self.requires_grad_(False)
+        self.set_common_options(image_mean=image_mean, image_std=image_std, dtype=dtype, freeze=freeze)
 
     def blocks(self) -> nn.ModuleList:
         return self.model.layers
