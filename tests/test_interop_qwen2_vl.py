@@ -231,14 +231,18 @@ def test_grids_that_disagree_with_the_pixels_are_named(saved):
         model(**{**inputs, "mm_token_type_ids": types})
 
 
-def test_video_inputs_are_refused_until_videos_are_wired(saved):
-    _, _, model, processor = saved
-    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "hi"}]}]
+def test_video_inputs_give_transformers_logits(saved):
+    """The processor's video output, whole (``pixel_values_videos``, ``video_grid_thw``, ``second_per_grid_ts``,
+    ``mm_token_type_ids``), beside an image."""
+    family, path, model, processor = saved
+    hf = FAMILIES[family][1].from_pretrained(str(path)).eval()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "video"}, {"type": "text", "text": "hi"}]}]
     frames = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
     inputs = processor(text=[processor.apply_chat_template(messages, add_generation_prompt=True)], videos=[frames],
-                       return_tensors="pt")
-    with pytest.raises(NotImplementedError, match="video inputs .*pixel_values_videos"):
-        model(**inputs)
+                       images=[picture(0, (40, 40))], return_tensors="pt")
+    assert "pixel_values_videos" in inputs and model.video_token_id == hf.config.video_token_id
+    with torch.no_grad():
+        assert (hf(**inputs).logits - model(**inputs).logits).abs().max().item() <= 1e-4
 
 
 def test_other_compositions_are_refused_with_their_problems(tmp_path):

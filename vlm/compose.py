@@ -11,7 +11,17 @@ from vlm.model import VLM, param_dtype
 from vlm.persistence import DEFAULT_IMAGE_PREPROCESSING
 from vlm.registry import to_dict
 
-BUILD_KEYS = ("encoder", "connector", "llm", "image_token", "image_token_id")
+BUILD_KEYS = ("encoder", "connector", "llm", "image_token", "image_token_id", "video_token", "video_token_id")
+
+
+def add_token(tokenizer: Any, token: str) -> int:
+    """``token``'s id in ``tokenizer``, added as a special token when missing."""
+    if token not in tokenizer.get_vocab():
+        from tokenizers import AddedToken
+
+        # add_tokens appends; add_special_tokens({"additional_special_tokens": ...}) would replace the list
+        tokenizer.add_tokens([AddedToken(token, special=True, normalized=False)], special_tokens=True)
+    return tokenizer.convert_tokens_to_ids(token)
 
 
 def build(cfg: Any, tokenizer: Any = None) -> VLM:
@@ -19,7 +29,8 @@ def build(cfg: Any, tokenizer: Any = None) -> VLM:
 
     With a ``tokenizer``: adds the image token to it if missing, resizes the LLM embeddings to ``len(tokenizer)``
     when needed, and attaches it as ``model.tokenizer``. Without one (and no ``image_token_id``), a fresh id is
-    appended to the embedding table so the placeholder never collides with a real token.
+    appended to the embedding table so the placeholder never collides with a real token. An encoder that states
+    ``native_resolution`` also takes videos: a ``video_token`` (default ``<video>``) is added the same way.
     """
     cfg = to_dict(cfg)
     unknown = sorted(set(cfg) - set(BUILD_KEYS))
@@ -35,19 +46,24 @@ def build(cfg: Any, tokenizer: Any = None) -> VLM:
                                  out_dim=lm.hidden_size)
     image_token = cfg.get("image_token", "<image>")
     image_token_id = cfg.get("image_token_id")
+    video_token = cfg.get("video_token", "<video>")
+    video_token_id = cfg.get("video_token_id")
+    takes_videos = bool(getattr(encoder, "native_resolution", False))
     if tokenizer is not None:
-        if image_token not in tokenizer.get_vocab():
-            from tokenizers import AddedToken
-
-            # add_tokens appends; add_special_tokens({"additional_special_tokens": ...}) would replace the list
-            tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
-        image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        image_token_id = add_token(tokenizer, image_token)
+        if takes_videos:
+            video_token_id = add_token(tokenizer, video_token)
         if len(tokenizer) > lm.vocab_size:
             lm.resize_token_embeddings(len(tokenizer))
-    elif image_token_id is None:
-        image_token_id = lm.vocab_size
-        lm.resize_token_embeddings(lm.vocab_size + 1)
-    model = VLM(encoder, connector, lm, image_token_id=image_token_id, image_token=image_token)
+    else:
+        if image_token_id is None:
+            image_token_id = lm.vocab_size
+            lm.resize_token_embeddings(lm.vocab_size + 1)
+        if takes_videos and video_token_id is None:
+            video_token_id = lm.vocab_size
+            lm.resize_token_embeddings(lm.vocab_size + 1)
+    model = VLM(encoder, connector, lm, image_token_id=image_token_id, image_token=image_token,
+                video_token_id=video_token_id if takes_videos else None, video_token=video_token)
     try:  # every image (or tile) is encoder.image_size square: the parts must agree on its token count
         model.num_image_tokens()
     except ValueError as e:
@@ -64,7 +80,8 @@ def from_config(config: dict[str, Any]) -> VLM:
     lm = llms.build(config["llm"])
     connector = connectors.build(config["connector"], default_dtype=param_dtype(lm))  # older configs: no dtype
     model = VLM(encoder, connector, lm, image_token_id=config["image_token_id"],
-                image_token=config.get("image_token", "<image>"))
+                image_token=config.get("image_token", "<image>"), video_token_id=config.get("video_token_id"),
+                video_token=config.get("video_token") or "<video>")
     model.generation = dict(config.get("generation") or {})
     # configs written before the preprocessing was recorded: ImageProcessor's default
     model.image_preprocessing = dict(config.get("image_preprocessing") or DEFAULT_IMAGE_PREPROCESSING)

@@ -33,6 +33,14 @@ class InjectionSite:
               image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
         return embeds
 
+    def embed_videos(self, model: Any, embeds: torch.Tensor, input_ids: torch.Tensor,
+                     pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) -> torch.Tensor:
+        """``embeds (B, L, D)`` with the videos' features at the video placeholders. Default: ``ValueError`` (this
+        site takes no videos)."""
+        raise ValueError(f"the {model.connector.component_name} connector injects features at "
+                         f"{model.connector.injection_site!r}, which takes no videos; use a connector that replaces "
+                         f"placeholder embeddings (injection_site 'input_embeddings')")
+
     @contextlib.contextmanager
     def context(self, model: Any, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
                 segment_ids: torch.Tensor | None = None) -> Iterator[None]:
@@ -48,6 +56,12 @@ class InputEmbeddings(InjectionSite):
               image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
         feats = model.image_features(pixel_values, image_grid_thw)
         return model.llm.inject(embeds, input_ids, feats.reshape(-1, feats.shape[-1]), model.image_token_id)
+
+    def embed_videos(self, model: Any, embeds: torch.Tensor, input_ids: torch.Tensor,
+                     pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) -> torch.Tensor:
+        """Video features ``(K_total, D)`` written into the ``video_token_id`` positions in row-major order."""
+        feats = model.video_features(pixel_values_videos, video_grid_thw)
+        return model.llm.inject(embeds, input_ids, feats, model.video_token_id)
 
 
 @INJECTION_SITES.register("cross_attention")

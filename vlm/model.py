@@ -57,19 +57,48 @@ def eval_mode(*modules: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
+def interleave(kinds: list[bool], image_grids: list, video_grids: list, video_steps: list[float]
+               ) -> tuple[list[tuple[int, int, int]], list[float]]:
+    """Image and video entries in order of appearance: ``kinds`` is, for every image / video placeholder token in
+    row-major order, whether it is a video token; each entry consumes ``t * h * w`` tokens of its kind (counted,
+    never grouped). Returns ``(grids, time_steps)`` (images step 1). ``ValueError`` when the placeholders do not
+    fill the grids exactly."""
+    grids, steps, k = [], [], 0
+    images, videos = iter(image_grids), iter(zip(video_grids, video_steps))
+    while k < len(kinds):
+        video = kinds[k]
+        grid, step = next(videos, (None, None)) if video else (next(images, None), 1.0)
+        if grid is None:
+            kind = "video" if video else "image"
+            raise ValueError(f"input_ids hold more {kind} placeholder tokens than the {kind}s given fill "
+                             f"(grids: images {image_grids}, videos {video_grids})")
+        n = grid[0] * grid[1] * grid[2]
+        if len(kinds) < k + n or any(v != video for v in kinds[k:k + n]):
+            raise ValueError(f"a {'video' if video else 'image'} of LLM-token grid {grid} needs {n} consecutive "
+                             f"placeholder tokens of its kind at placeholder {k}; input_ids disagree with the grids")
+        grids.append(grid)
+        steps.append(step)
+        k += n
+    return grids, steps
+
+
 class VLM(nn.Module):
     """A vision-language model made of swappable parts.
 
     ``forward`` takes ``input_ids`` whose image placeholders are already expanded: each image contributes exactly
-    ``num_image_tokens((H, W))`` ids equal to ``config.image_token_id``, images in batch order.
+    ``num_image_tokens((H, W))`` ids equal to ``config.image_token_id``, images in batch order. A video (native
+    resolution encoders only, ``video_geometry``) contributes ``t * num_image_tokens((H, W))`` ids equal to
+    ``video_token_id`` (``t`` temporal patches of frames ``H x W``).
     """
 
     def __init__(self, encoder: VisionEncoder, connector: Connector, llm: HFCausalLM, image_token_id: int,
-                 image_token: str = "<image>") -> None:
+                 image_token: str = "<image>", video_token_id: int | None = None,
+                 video_token: str = "<video>") -> None:
         super().__init__()
-        if not 0 <= image_token_id < llm.vocab_size:
-            raise ValueError(f"image_token_id {image_token_id} is outside the LLM's embedding table "
-                             f"(vocab size {llm.vocab_size}); add the token and resize the embeddings first")
+        for name, value in (("image_token_id", image_token_id), ("video_token_id", video_token_id)):
+            if value is not None and not 0 <= value < llm.vocab_size:
+                raise ValueError(f"{name} {value} is outside the LLM's embedding table "
+                                 f"(vocab size {llm.vocab_size}); add the token and resize the embeddings first")
         self.encoder, self.connector, self.llm = encoder, connector, llm
         # capabilities the parts state: where features enter the LLM, how the LLM numbers its positions
         self.injection = INJECTION_SITES.get(connector.injection_site)()
@@ -77,6 +106,8 @@ class VLM(nn.Module):
         if connector.fuses_by_cross_attention:  # its blocks go into the LLM's decoder layers
             connector.install(llm)
         self.image_token_id, self.image_token = image_token_id, image_token
+        # the video placeholder (``None``: the model takes no videos)
+        self.video_token_id, self.video_token = video_token_id, video_token
         self.tokenizer: Any = None
         # eos (tokenizer eos + the chat template's end of turn), pad, bos ids: generate's defaults, saved and exported
         self.generation: dict[str, Any] = {}
@@ -110,7 +141,8 @@ class VLM(nn.Module):
                          llm=self.llm.export_config(), image_token_id=self.image_token_id,
                          image_token=self.image_token, generation=dict(self.generation),
                          image_preprocessing=dict(self.image_preprocessing),
-                         image_placement=placement_record(self.image_placement))
+                         image_placement=placement_record(self.image_placement),
+                         video_token_id=self.video_token_id, video_token=self.video_token)
 
     def set_template(self, template: Any) -> None:
         """Serve with chat ``template`` (a name, config or ``Template``): its end-of-turn token joins the stop ids
@@ -125,8 +157,9 @@ class VLM(nn.Module):
             raise ValueError("set_template needs model.tokenizer (the template's tokens are looked up in it)")
         template = build_template(template)
         self.generation = generation_settings(self.tokenizer, template)
+        videos = {"video_token": self.video_token} if self.video_token_id is not None else {}
         jinja = template.as_jinja(self.tokenizer, self.image_token,
-                                  image_placement=ImagePlacement.from_dict(self.image_placement))
+                                  image_placement=ImagePlacement.from_dict(self.image_placement), **videos)
         if jinja is None:
             warnings.warn(f"template {template!r} has no Jinja equivalent; the tokenizer keeps its own chat "
                           f"template", stacklevel=2)
@@ -150,6 +183,17 @@ class VLM(nn.Module):
         connector: the image reaches the LLM by cross-attention)."""
         size = as_pair(self.encoder.image_size if image_size is None else image_size)
         return self.connector.num_tokens(self.encoder.num_tokens(size), self.encoder.grid(size))
+
+    def video_geometry(self) -> dict[str, int] | None:
+        """How the encoder takes video frames, ``{"patch_size", "temporal_patch_size", "merge_size"}`` (what
+        ``vlm.data.video.VideoProcessor`` and ``vlm.data.patches.to_patches`` need), when the model takes videos: an
+        encoder stating ``native_resolution`` (flat patches of ``temporal_patch_size`` frames) and a
+        ``video_token_id``; ``None`` otherwise."""
+        if not getattr(self.encoder, "native_resolution", False) or self.video_token_id is None:
+            return None
+        return {"patch_size": int(self.encoder.patch_size),
+                "temporal_patch_size": int(self.encoder.temporal_patch_size),
+                "merge_size": int(getattr(self.encoder, "spatial_merge_size", 1))}
 
     def image_tokens(self) -> ImageTokens:
         """``num_image_tokens`` as a picklable callable (``vlm.image_tokens``): what the data pipeline carries into
@@ -190,25 +234,76 @@ class VLM(nn.Module):
         grids = [tuple(int(v) for v in g) for g in image_grid_thw.tolist()]
         return self.connector.forward_flat(tokens.to(param_dtype(self.connector, tokens.dtype)), grids)
 
+    def video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) -> torch.Tensor:
+        """Flat patches ``(P, D_in)`` of videos + ``video_grid_thw (M, 3)`` (patch units, ``t`` temporal patches) ->
+        ``(K_total, D)``: the native-resolution path of ``native_image_features`` (each temporal patch attends
+        within itself in the tower; the connector merges each frame group). ``ValueError`` naming the keys for a
+        model that takes no videos or patches that disagree with their grids."""
+        geometry = self.video_geometry()
+        if geometry is None:
+            raise ValueError(f"pixel_values_videos were given but this model takes no videos: the "
+                             f"{self.encoder.component_name} encoder states no native_resolution or the model has no "
+                             f"video_token_id; give the frames as images, or use a native-resolution encoder "
+                             f"(qwen2_vl_vit)")
+        from vlm.data.patches import check_patches
+
+        check_patches(pixel_values_videos, video_grid_thw, patch_size=geometry["patch_size"],
+                      temporal_patch_size=geometry["temporal_patch_size"], merge_size=geometry["merge_size"],
+                      names=("pixel_values_videos", "video_grid_thw"))
+        return self.native_image_features(pixel_values_videos, video_grid_thw)
+
+    def time_steps(self, video_grid_thw: torch.Tensor, second_per_grid_ts: torch.Tensor | None) -> list[float]:
+        """Each video's temporal position step: ``tokens_per_second * second_per_grid_t`` when the encoder states
+        ``tokens_per_second`` (Qwen2.5-VL's tower, from its vision config; 1 second per temporal patch when
+        ``second_per_grid_ts`` is not given, as transformers), else 1 per temporal patch (Qwen2-VL)."""
+        rate = getattr(self.encoder, "tokens_per_second", None)
+        n = int(video_grid_thw.shape[0])
+        if rate is None:
+            return [1.0] * n
+        if second_per_grid_ts is None:
+            return [float(rate)] * n
+        seconds = second_per_grid_ts.reshape(-1).tolist()
+        if len(seconds) != n:
+            raise ValueError(f"second_per_grid_ts has {len(seconds)} entries for {n} video(s) in video_grid_thw")
+        return [float(rate) * float(s) for s in seconds]
+
     def media_tokens(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-                     image_grid_thw: torch.Tensor | None = None) -> MediaTokens | None:
+                     image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
+                     video_grid_thw: torch.Tensor | None = None,
+                     second_per_grid_ts: torch.Tensor | None = None) -> MediaTokens | None:
         """Where the image tokens of ``input_ids (B, L)`` are and the LLM-token grid ``(t, h', w')`` each image
         (tile) fills, for a position scheme that places them (``reads_media``: mRoPE); ``None`` otherwise, without
         images, or with a fusion connector (its ``<image>`` is a text token). The grid is the connector's
         ``output_grid`` of the encoder's patch grid (``patch_merger``: ``(h/2, w/2)``); a connector without one
-        (resamplers: ``K`` queries) gives a ``(1, 1, K)`` run."""
-        if not self.positions.reads_media or pixel_values is None or self.connector.fuses_by_cross_attention:
+        (resamplers: ``K`` queries) gives a ``(1, 1, K)`` run.
+
+        Videos (``video_grid_thw``) are entries too, images and videos in their order of appearance in
+        ``input_ids`` (row-major), each video with its temporal step (``time_steps``; images 1)."""
+        has_videos = pixel_values_videos is not None and video_grid_thw is not None
+        if not self.positions.reads_media or (pixel_values is None and not has_videos) \
+                or self.connector.fuses_by_cross_attention:
             return None
-        if image_grid_thw is not None:  # native resolution: patch units, no prefix tokens
+        images: list = []
+        if pixel_values is not None and image_grid_thw is not None:  # native resolution: patch units, no prefix
             images = [((h, w), t, h * w) for t, h, w in image_grid_thw.tolist()]
-        else:  # tiles of one size
+        elif pixel_values is not None:  # tiles of one size
             size = tuple(pixel_values.shape[-2:])
             images = [(self.encoder.grid(size), 1, self.encoder.num_tokens(size))] * pixel_values.shape[0]
-        grids = []
-        for (h, w), t, n in images:
+        videos = [((h, w), t, h * w) for t, h, w in video_grid_thw.tolist()] if has_videos else []
+
+        def llm_grid(entry: tuple) -> tuple[int, int, int]:
+            (h, w), t, n = entry
             out = self.connector.output_grid((h, w))
-            grids.append((t, *out) if out is not None else (t, 1, self.connector.num_tokens(n, (h, w))))
-        return MediaTokens(input_ids == self.image_token_id, grids)
+            return (t, *out) if out is not None else (t, 1, self.connector.num_tokens(n, (h, w)))
+
+        image_grids, video_grids = [llm_grid(e) for e in images], [llm_grid(e) for e in videos]
+        is_image = input_ids == self.image_token_id
+        if not video_grids:
+            return MediaTokens(is_image, image_grids)
+        is_video = input_ids == self.video_token_id
+        steps = self.time_steps(video_grid_thw, second_per_grid_ts)
+        return MediaTokens(is_image | is_video, *interleave(is_video[is_image | is_video].tolist(), image_grids,
+                                                            video_grids, steps))
 
     def trains_image_path(self) -> bool:
         """Whether this forward computes gradients for the encoder or the connector (grad enabled and one of their
@@ -250,16 +345,29 @@ class VLM(nn.Module):
         return total * 0.0
 
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                     image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+                     image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
+                     video_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
         """``input_ids (B, L)`` (+ images: ``pixel_values`` and, for native-resolution images, ``image_grid_thw``;
-        see ``image_features``) -> ``inputs_embeds (B, L, D)`` with image features injected. Without
+        see ``image_features``; + videos: ``pixel_values_videos (P, D_in)`` and ``video_grid_thw (M, 3)``, see
+        ``video_features``) -> ``inputs_embeds (B, L, D)`` with image and video features injected. Without
         images, ``stand_in_zero`` is added when the image path trains or runs in lockstep (values unchanged)."""
         embeds = self.llm.embed(input_ids)
+        n_video = int((input_ids == self.video_token_id).sum()) if self.video_token_id is not None else 0
+        if (pixel_values_videos is None) != (video_grid_thw is None):
+            raise ValueError("videos need both pixel_values_videos (flat patches) and video_grid_thw (M, 3); got "
+                             + ("only pixel_values_videos" if video_grid_thw is None else "only video_grid_thw"))
+        if pixel_values_videos is None and n_video:
+            raise ValueError(f"input_ids hold {n_video} video tokens (id {self.video_token_id}) but no "
+                             f"pixel_values_videos were given")
+        if pixel_values_videos is not None:
+            embeds = self.injection.embed_videos(self, embeds, input_ids, pixel_values_videos, video_grid_thw)
         if pixel_values is None:
             n = int((input_ids == self.image_token_id).sum())
             if n:
                 raise ValueError(f"input_ids hold {n} image tokens (id {self.image_token_id}) but no pixel_values "
                                  f"were given")
+            if pixel_values_videos is not None:  # the image path ran on the videos: nothing to stand in for
+                return embeds
             zero = self.stand_in_zero(input_ids.device)
             return embeds if zero is None else embeds + zero.to(embeds.dtype)
         # where the connector's features enter
@@ -278,6 +386,8 @@ class VLM(nn.Module):
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
                 image_grid_thw: torch.Tensor | None = None, mm_token_type_ids: torch.Tensor | None = None,
+                pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
+                second_per_grid_ts: torch.Tensor | None = None,
                 **lm_kwargs: Any) -> CausalLMOutputWithPast:
         """Returns ``.logits (B, L, V)`` and, when labels are given, ``.loss``: the mean next-token loss over the
         target tokens (labels != -100), the LM's own (transformers') loss, which honours ``num_items_in_batch``.
@@ -287,7 +397,9 @@ class VLM(nn.Module):
         restart per segment, and a segment's first token is never a target of the previous segment.
 
         ``image_grid_thw (N, 3)``: with native-resolution images, each image's patch grid (``pixel_values`` then holds
-        flat patches, see ``image_features``).
+        flat patches, see ``image_features``). Videos: ``pixel_values_videos (P, D_in)``, ``video_grid_thw (M, 3)``
+        and ``second_per_grid_ts (M,)`` (seconds per temporal patch; Qwen2.5-VL's temporal positions), as
+        transformers' Qwen2-VL processors return them.
 
         ``mm_token_type_ids (B, L)``: what Qwen2-VL's processor returns beside ``input_ids`` (1 at image tokens);
         it is derivable from ``input_ids`` (the image tokens are ``image_token_id``), so it is only checked
@@ -298,7 +410,8 @@ class VLM(nn.Module):
         """
         self.check_mm_token_types(input_ids, mm_token_type_ids)
         self.check_keywords(lm_kwargs, "forward")
-        lm_inputs = self.lm_inputs(input_ids, pixel_values, attention_mask, position_ids, segment_ids, image_grid_thw)
+        lm_inputs = self.lm_inputs(input_ids, pixel_values, attention_mask, position_ids, segment_ids, image_grid_thw,
+                                   pixel_values_videos, video_grid_thw, second_per_grid_ts)
         if labels is not None and segment_ids is not None:
             labels = mask_segment_starts(labels, segment_ids)
         with self.fusion(input_ids, pixel_values, segment_ids):
@@ -306,24 +419,22 @@ class VLM(nn.Module):
 
     def check_mm_token_types(self, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor | None) -> None:
         """``ValueError`` when ``mm_token_type_ids (B, L)`` (Qwen2-VL's processor: 0 text, 1 image, 2 video) marks
-        other positions as image tokens (1) than ``input_ids == image_token_id``, naming the first row that
-        differs; ``NotImplementedError`` for video tokens (2); ``None`` passes."""
+        other positions as image tokens (1) than ``input_ids == image_token_id``, or as video tokens (2) than
+        ``input_ids == video_token_id``, naming the first row that differs; ``None`` passes."""
         if mm_token_type_ids is None:
             return
-        if (mm_token_type_ids == 2).any():  # until videos are wired through the model
-            raise NotImplementedError("mm_token_type_ids marks video tokens (value 2): video inputs "
-                                      "(pixel_values_videos, video_grid_thw) are not supported by VLM.forward yet; "
-                                      "pass images only")
         if tuple(mm_token_type_ids.shape) != tuple(input_ids.shape):
             raise ValueError(f"mm_token_type_ids has shape {tuple(mm_token_type_ids.shape)}; expected input_ids' "
                              f"{tuple(input_ids.shape)}")
-        differs = ((mm_token_type_ids == 1) != (input_ids == self.image_token_id)).any(dim=-1)
-        if differs.any():
-            row = int(differs.nonzero()[0, 0])
-            raise ValueError(f"mm_token_type_ids row {row} marks {int((mm_token_type_ids[row] == 1).sum())} image "
-                             f"tokens (value 1), but input_ids row {row} holds "
-                             f"{int((input_ids[row] == self.image_token_id).sum())} image tokens (id "
-                             f"{self.image_token_id}) at other positions; they must agree")
+        for value, kind, token_id in ((1, "image", self.image_token_id), (2, "video", self.video_token_id)):
+            is_token = input_ids == token_id if token_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+            differs = ((mm_token_type_ids == value) != is_token).any(dim=-1)
+            if differs.any():
+                row = int(differs.nonzero()[0, 0])
+                raise ValueError(f"mm_token_type_ids row {row} marks {int((mm_token_type_ids[row] == value).sum())} "
+                                 f"{kind} tokens (value {value}), but input_ids row {row} holds "
+                                 f"{int(is_token[row].sum())} {kind} tokens (id {token_id}) at other positions; "
+                                 f"they must agree")
 
     def check_keywords(self, kwargs: dict[str, Any], where: str, *, decoder: bool = False,
                        moved_only: bool = False) -> None:
@@ -344,17 +455,19 @@ class VLM(nn.Module):
 
     def lm_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                   attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                  segment_ids: torch.Tensor | None = None,
-                  image_grid_thw: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+                  segment_ids: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+                  pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
+                  second_per_grid_ts: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
         """What the LM is called with: ``inputs_embeds (B, L, D)`` (images injected), the attention mask (the
         packed 4D mask with ``segment_ids``) and ``position_ids`` from the LLM's position scheme (restarting per
         segment when packed; ``(3, B, L)`` for mRoPE, which places the image tokens on their grids: ``media_tokens``)."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (B, L); got shape {tuple(input_ids.shape)}")
-        embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
+        embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        media = self.media_tokens(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                                  second_per_grid_ts)
         position_ids = self.positions.position_ids(input_ids, attention_mask=attention_mask, segment_ids=segment_ids,
-                                                   position_ids=position_ids,
-                                                   media=self.media_tokens(input_ids, pixel_values, image_grid_thw))
+                                                   position_ids=position_ids, media=media)
         if segment_ids is not None:
             attention_mask = segment_mask(segment_ids, self.llm.attn_implementation, embeds.dtype)
         return {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids}
@@ -372,19 +485,23 @@ class VLM(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                       attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                       segment_ids: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                      **lm_kwargs: Any) -> torch.Tensor:
+                      pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
+                      second_per_grid_ts: torch.Tensor | None = None, **lm_kwargs: Any) -> torch.Tensor:
         """``forward`` without the vocabulary projection: the LM's last hidden states ``(B, L, D)``, so a loss
         can project only the positions it needs (``vlm.loss.label_only_lm_loss``). Needs
         ``supports_label_only_head``."""
         self.check_keywords(lm_kwargs, "hidden_states", decoder=True)
-        lm_inputs = self.lm_inputs(input_ids, pixel_values, attention_mask, position_ids, segment_ids, image_grid_thw)
+        lm_inputs = self.lm_inputs(input_ids, pixel_values, attention_mask, position_ids, segment_ids, image_grid_thw,
+                                   pixel_values_videos, video_grid_thw, second_per_grid_ts)
         with self.fusion(input_ids, pixel_values, segment_ids):
             return self.llm.hidden_states(**lm_inputs, **lm_kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                 mm_token_type_ids: torch.Tensor | None = None, **generate_kwargs: Any) -> torch.Tensor:
+                 mm_token_type_ids: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
+                 video_grid_thw: torch.Tensor | None = None, second_per_grid_ts: torch.Tensor | None = None,
+                 **generate_kwargs: Any) -> torch.Tensor:
         """Greedy by default, with the KV cache. ``input_ids`` left-padded ``(B, L)``; returns new tokens ``(B, T)``.
 
         Stops at any id of ``self.generation["eos_token_id"]`` (the tokenizer's eos and the chat template's end of
@@ -393,7 +510,7 @@ class VLM(nn.Module):
         rope delta while decoding)."""
         self.check_mm_token_types(input_ids, mm_token_type_ids)  # derivable from input_ids: checked, not used
         self.check_keywords(generate_kwargs, "generate", moved_only=True)  # transformers checks the others
-        embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw)
+        embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         generate_kwargs.setdefault("do_sample", False)
@@ -402,8 +519,10 @@ class VLM(nn.Module):
             if key in settings:
                 generate_kwargs.setdefault(key, settings[key])
         for key, value in self.positions.generation_inputs(input_ids, attention_mask=attention_mask,
-                                                           media=self.media_tokens(input_ids, pixel_values,
-                                                                                   image_grid_thw)).items():
+                                                           media=self.media_tokens(
+                                                               input_ids, pixel_values, image_grid_thw,
+                                                               pixel_values_videos, video_grid_thw,
+                                                               second_per_grid_ts)).items():
             generate_kwargs.setdefault(key, value)
         with self.fusion(input_ids, pixel_values):
             return self.llm.model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)

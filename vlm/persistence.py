@@ -48,6 +48,9 @@ class VLMConfig:
     # how a turn's images and text are joined (vlm.data.image_placement): recorded from the training data; None: the
     # chat template places images (imported transformers directories)
     image_placement: dict[str, Any] | None = field(default_factory=lambda: DEFAULT_IMAGE_LAYOUT.to_dict())
+    # the video placeholder token (None: the model takes no videos; configs written before videos: None)
+    video_token_id: int | None = None
+    video_token: str = "<video>"
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}

@@ -290,6 +290,9 @@ def rewrite_segment_boxes(segments: list[Any], infos: dict[int, Any], *, rewrite
             index = seg.index
             out.append(seg)
             continue
+        if not hasattr(seg, "text"):  # a video slot: boxes stay tied to the last image
+            out.append(seg)
+            continue
         info = infos.get(index) if index is not None else None
         text = seg.text
         if info is None or not hasattr(info, "transform_box") or not has_box(text):

@@ -10,7 +10,8 @@
 Every batch's ``meta`` holds ``ids`` (per row: the sample ids in it), ``padding`` = ``{"tokens": real,
 "padded": total, "waste": 1 - real/total}`` and ``skipped`` (bad samples a dataset skipped to build this batch).
 ``pixel_values`` concatenates every item's tiles in row-major token order (with ``image_grid_thw`` for native-resolution
-images: ``MEDIA_KEYS``); it is omitted when no item has images.
+images: ``MEDIA_KEYS``); it is omitted when no item has images. Videos: ``pixel_values_videos``, ``video_grid_thw`` and
+``second_per_grid_ts`` concatenated the same way (present when any item has a video).
 """
 from __future__ import annotations
 
@@ -44,8 +45,11 @@ def _meta(items: Sequence[dict], rows: list[list[Any]] | None = None) -> dict[st
 
 #: Per-image keys concatenated along dim 0 in item order (image ``k``'s rows follow image ``k - 1``'s): the pixels
 #: (``(N, 3, H, W)`` tiles, or ``(P, 3 * t * p * p)`` flat patches of native-resolution images) and, for the latter,
-#: each image's patch grid ``image_grid_thw (N, 3)`` (Qwen2-VL's convention, ``vlm.data.patches``)
-MEDIA_KEYS = ("pixel_values", "image_grid_thw")
+#: each image's patch grid ``image_grid_thw (N, 3)`` (Qwen2-VL's convention, ``vlm.data.patches``); videos' flat
+#: patches ``pixel_values_videos (P, D)``, their grids ``video_grid_thw (M, 3)`` and ``second_per_grid_ts (M,)``
+MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+#: the per-video keys: every item with videos has all three
+VIDEO_KEYS = MEDIA_KEYS[2:]
 
 
 def _pixels(items: Sequence[dict]) -> torch.Tensor | None:
@@ -63,6 +67,10 @@ def _media(items: Sequence[dict]) -> dict[str, torch.Tensor]:
     items with flat patches (``image_grid_thw``) meet items with tiles (``(n, 3, H, W)`` pixels): one batch holds one
     kind of pixels."""
     out: dict[str, torch.Tensor] = {}
+    for key in VIDEO_KEYS:
+        parts = [it[key] for it in items if it.get(key) is not None]
+        if parts:
+            out[key] = torch.cat(parts)
     pv = _pixels(items)
     if pv is None:
         return out

@@ -2,7 +2,9 @@
 
 Each image (all its tiles, thumbnail/base image included, contiguous) becomes the text
 ``image_start + image_token * sum(num_image_tokens((H, W)) over its tiles) + image_end``; images appear in
-``pixel_values`` in the order their tokens appear. Labels are the ids on trainable template text (assistant content +
+``pixel_values`` in the order their tokens appear. Each video (``video_processor``: decoded, sampled, resized frames
+``(T, 3, H, W)``) becomes ``image_start + video_token * (t * num_image_tokens((H, W))) + image_end`` with ``t`` its
+temporal patches, and its flat patches go to ``pixel_values_videos`` / ``video_grid_thw`` / ``second_per_grid_ts``. Labels are the ids on trainable template text (assistant content +
 end-of-turn) and -100 everywhere else (role headers, user/system text, markers, image tokens, padding).
 
 Tokenization: the rendered prompt (text segments joined, each image slot written out as its markers and
@@ -26,7 +28,7 @@ import torch
 from vlm.data.errors import DataError
 from vlm.data.readers.base import SampleError, locate
 from vlm.data.sample import Sample
-from vlm.data.templates import ImageSlot, Template, Text, build_template
+from vlm.data.templates import ImageSlot, Template, Text, VideoSlot, build_template
 from vlm.labels import IGNORE_INDEX
 
 
@@ -70,6 +72,11 @@ class Processor:
         check_boxes: validate the boxes in the text of samples with images: a malformed box, a Qwen-VL box outside
             ``[0, 1000)`` or an absolute JSON box outside its image raises a ``SampleError`` (reason ``box``) naming
             the sample, the image file and the problem.
+        video_processor: ``(video, sample_id=..., allow_urls=...) -> (frames (T, 3, H, W), VideoInfo)``
+            (``vlm.data.video.VideoProcessor``, its ``options`` holding the patch geometry); ``None``: samples with
+            videos raise a ``SampleError`` (reason ``config``).
+        video_token: the placeholder token repeated for every video feature (needed only with a
+            ``video_processor``).
     """
 
     def __init__(self, tokenizer: Any, template: str | dict | Template = "chatml", image_processor: Any = None,
@@ -77,7 +84,8 @@ class Processor:
                  max_length: int | None = None, truncation: str = "drop", *, image_root: str | None = None,
                  allow_urls: bool = False, max_tiles_per_sample: int | None = None,
                  image_loader: Callable[..., Any] | None = None, require_labels: bool = True,
-                 rewrite_boxes: bool = True, check_boxes: bool = True) -> None:
+                 rewrite_boxes: bool = True, check_boxes: bool = True, video_processor: Any = None,
+                 video_token: str = "<video>") -> None:
         if max_tiles_per_sample is not None and int(max_tiles_per_sample) < 1:
             raise ValueError(f"max_tiles_per_sample={max_tiles_per_sample!r}: a tile budget must be at least 1 tile "
                              f"per sample (null: no budget)")
@@ -95,6 +103,10 @@ class Processor:
             from vlm.data.images import load_image as image_loader
         self.image_loader = image_loader
         self.image_token_id = self._single_id(image_token, "image_token")
+        self.video_processor, self.video_token = video_processor, video_token
+        if video_processor is not None:
+            self.template = self.template.for_video_token(video_token)
+        self.video_token_id = self._single_id(video_token, "video_token") if video_processor is not None else None
         for tok in self.template.special_tokens(tokenizer):
             self._single_id(tok, f"template {self.template.name!r} token")
         # character offsets let the whole prompt be tokenized in one call (fast tokenizers have them)
@@ -126,7 +138,9 @@ class Processor:
 
         ``resize_mode``/``tiling``/``pad_color`` configure the ``ImageProcessor``; they default to the model's
         record of how it was trained (``model.image_preprocessing``; else ``resize``, no tiling and the
-        ``ImageProcessor`` default). Other ``options`` go to :class:`Processor` (``max_length``,
+        ``ImageProcessor`` default). A model that takes videos (``video_geometry()``) gets a ``VideoProcessor``:
+        ``video={...}`` (``vlm.data.video.PER_VIDEO`` options) over the record's ``image_preprocessing["video"]``
+        over ``vlm.data.video.DEFAULTS``, the encoder's mean/std and patch geometry. Other ``options`` go to :class:`Processor` (``max_length``,
         ``truncation``, ``max_tiles_per_sample``, ...).
         """
         from vlm.data.images import ImageProcessor
@@ -146,11 +160,30 @@ class Processor:
         # count sizes the main process never asked (native-resolution images)
         rule = model.image_tokens() if hasattr(model, "image_tokens") else model.num_image_tokens
         count = TokenCount(rule, {size: int(model.num_image_tokens(size))})
+        video_options = options.pop("video", None)
+        geometry = model.video_geometry() if hasattr(model, "video_geometry") else None
+        if geometry is not None:  # the model takes videos: frames sampled and sized as recorded (or given)
+            from vlm.data.video import VideoProcessor
+
+            # given options override the run's record key by key
+            video_options = {**(record.get("video") or {}), **(video_options or {})}
+            options["video_processor"] = VideoProcessor(model.image_mean, model.image_std,
+                                                        root=options.get("image_root"),
+                                                        allow_urls=options.get("allow_urls", False),
+                                                        **{**video_options, **geometry})
+            options["video_token"] = getattr(config, "video_token", None) or "<video>"
+        elif video_options:
+            raise ValueError(f"video options {video_options} were given but the model takes no videos (its encoder "
+                             f"states no native_resolution)")
         proc = cls(tokenizer, template, image_processor, count, image_token=image_token, **options)
         model_id = getattr(config, "image_token_id", getattr(model, "image_token_id", None))
         if model_id is not None and model_id != proc.image_token_id:
             raise ValueError(f"the model's image_token_id is {model_id} but the tokenizer maps {image_token!r} to "
                              f"{proc.image_token_id}; use the tokenizer the model was built with")
+        video_id = getattr(config, "video_token_id", None)
+        if video_id is not None and proc.video_token_id is not None and video_id != proc.video_token_id:
+            raise ValueError(f"the model's video_token_id is {video_id} but the tokenizer maps {proc.video_token!r} "
+                             f"to {proc.video_token_id}; use the tokenizer the model was built with")
         return proc
 
     # --------------------------------------------------------------------------------------------- images
@@ -186,20 +219,37 @@ class Processor:
                                 reason="tile_budget", sample_id=sample.id)
         return tiles, infos
 
+    def _videos(self, sample: Sample, order: list[int], allow_urls: bool) -> tuple[list[torch.Tensor], list[Any]]:
+        """Each video of ``order`` as normalized frames ``(T, 3, H, W)`` and its ``VideoInfo``."""
+        if order and self.video_processor is None:
+            raise SampleError(f"sample has {len(order)} video(s) but the processor has no video_processor: the model "
+                              f"takes no videos (only an encoder stating native_resolution, e.g. qwen2_vl_vit, "
+                              f"does); give the frames as images instead", reason="config", sample_id=sample.id)
+        out = [self.video_processor(sample.videos[i], sample_id=sample.id, allow_urls=allow_urls) for i in order]
+        return [f for f, _ in out], [info for _, info in out]
+
+    def _video_tokens(self, frames: torch.Tensor) -> int:
+        """Placeholders of one video: its temporal patches x the tokens of one frame of its size."""
+        tp = int(self.video_processor.options["temporal_patch_size"])
+        return -(-frames.shape[0] // tp) * int(self.num_image_tokens(tuple(frames.shape[-2:])))
+
     # ------------------------------------------------------------------------------------------- tokenize
-    def _layout(self, segments: list[Any], tiles: list[torch.Tensor], add_generation_prompt: bool
-                ) -> tuple[str, list[Piece]]:
+    def _layout(self, segments: list[Any], tiles: list[torch.Tensor], add_generation_prompt: bool,
+                videos: list[torch.Tensor] = ()) -> tuple[str, list[Piece]]:
         """The prompt as one string and its pieces. Each image slot is written as ``image_start``, ``image_token``
         repeated ``tiles x num_image_tokens((H, W))`` times, ``image_end`` (what ``LlavaProcessor`` puts in the
         text before it tokenizes); nothing is trainable under ``add_generation_prompt``."""
         parts: list[str] = []
         pieces: list[Piece] = []
         pos = 0
-        image_iter = iter(tiles)
+        image_iter, video_iter = iter(tiles), iter(videos)
         markers = (self.template.image_start or "", self.template.image_end or "")
         for seg in segments:
             if isinstance(seg, Text):
                 piece_text, train, n = seg.text, seg.trainable and not add_generation_prompt, None
+            elif isinstance(seg, VideoSlot):
+                n = self._video_tokens(next(video_iter))
+                piece_text, train = markers[0] + self.video_token * n + markers[1], False
             else:
                 t = next(image_iter)
                 n = t.shape[0] * int(self.num_image_tokens(tuple(t.shape[-2:])))
@@ -259,7 +309,12 @@ class Processor:
         if sorted(order) != list(range(len(sample.images))):
             raise SampleError(f"template rendered images {order} for {len(sample.images)} image(s)",
                               reason="image_count", sample_id=sample.id)
+        video_order = [s.index for s in segments if isinstance(s, VideoSlot)]
+        if sorted(video_order) != list(range(len(sample.videos))):
+            raise SampleError(f"template rendered videos {video_order} for {len(sample.videos)} video(s)",
+                              reason="video_count", sample_id=sample.id)
         tiles, infos = self._images(sample, order, allow_urls)
+        videos, video_infos = self._videos(sample, video_order, allow_urls)
         if (self.rewrite_boxes or self.check_boxes) and infos:
             files = {i: src if isinstance(src, str) and not src.startswith("data:") else None
                      for i, src in enumerate(sample.images)}
@@ -267,16 +322,19 @@ class Processor:
 
             segments = rewrite_segment_boxes(segments, dict(zip(order, infos)), rewrite=self.rewrite_boxes,
                                              check=self.check_boxes, files=files)
-        text, pieces = self._layout(segments, tiles, add_generation_prompt)
+        text, pieces = self._layout(segments, tiles, add_generation_prompt, videos)
         ids, starts, ends = self._tokenize(text, pieces)
         input_ids = torch.tensor(ids, dtype=torch.long)
         blocks = [p for p in pieces if p.image_tokens is not None]
-        n_expected = sum(p.image_tokens for p in blocks)
-        n_found = int((input_ids == self.image_token_id).sum())
-        if n_found != n_expected:
-            raise SampleError(f"the text contains the image token {self.image_token!r} itself ({n_found - n_expected} "
-                              f"extra); it would be fed image features", reason="image_token_in_text",
-                              sample_id=sample.id)
+        n_video = sum(p.image_tokens for p, seg in zip(pieces, segments) if isinstance(seg, VideoSlot))
+        n_media = sum(p.image_tokens for p in blocks)
+        for token, token_id, kind, n_expected in ((self.image_token, self.image_token_id, "image", n_media - n_video),
+                                                  (self.video_token, self.video_token_id, "video", n_video)):
+            n_found = int((input_ids == token_id).sum()) if token_id is not None else 0
+            if n_found != n_expected:
+                raise SampleError(f"the text contains the {kind} token {token!r} itself ({n_found - n_expected} "
+                                  f"extra); it would be fed {kind} features", reason=f"{kind}_token_in_text",
+                                  sample_id=sample.id)
         # image blocks are never trained, even when a special token that strips whitespace (``rstrip=True``) took in
         # a trained character next to it
         trained = _overlaps(starts, ends, [p for p in pieces if p.trainable]) & ~_overlaps(starts, ends, blocks)
@@ -302,7 +360,24 @@ class Processor:
         meta.update(num_tokens=int(input_ids.numel()), num_images=len(order), tiles=[t.shape[0] for t in tiles],
                     image_sizes=[tuple(i.original_size) if hasattr(i, "original_size") else None for i in infos],
                     image_info=infos, truncated=truncated)
-        return {"input_ids": input_ids, "labels": labels, **self._pixels(tiles), "meta": meta}
+        if videos:
+            meta.update(num_videos=len(videos), video_info=video_infos)
+        return {"input_ids": input_ids, "labels": labels, **self._pixels(tiles), **self._video_pixels(videos, video_infos),
+                "meta": meta}
+
+    def _video_pixels(self, videos: list[torch.Tensor], infos: list[Any]) -> dict[str, torch.Tensor]:
+        """The item's videos as flat patches: ``pixel_values_videos (P, D)``, ``video_grid_thw (M, 3)`` (patch units)
+        and ``second_per_grid_ts (M,)`` (seconds one temporal patch spans); nothing without videos."""
+        if not videos:
+            return {}
+        from vlm.data.patches import concat_patches
+
+        o = self.video_processor.options
+        pixels, grid_thw = concat_patches(videos, patch_size=int(o["patch_size"]),
+                                          temporal_patch_size=int(o["temporal_patch_size"]),
+                                          merge_size=int(o["merge_size"]))
+        seconds = torch.tensor([float(i.second_per_grid_t) for i in infos], dtype=torch.float32)
+        return {"pixel_values_videos": pixels, "video_grid_thw": grid_thw, "second_per_grid_ts": seconds}
 
     def _pixels(self, tiles: list[torch.Tensor]) -> dict[str, torch.Tensor | None]:
         """The item's pixels: every view ``(n, 3, H, W)`` concatenated, or, when the layout hands its views to the

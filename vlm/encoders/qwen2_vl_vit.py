@@ -108,7 +108,8 @@ class Qwen2VLViT(VisionEncoder):
 
     ``image_size``: the default square side of a fixed-size ``(N, 3, H, W)`` input (any multiple of the patch size
     works). ``attn_implementation``: ``sdpa`` (default), ``eager`` or ``flash_attention_2`` (used on CUDA).
-    States ``native_resolution = True``, ``spatial_merge_size``, ``temporal_patch_size``.
+    States ``native_resolution = True``, ``spatial_merge_size``, ``temporal_patch_size`` and ``tokens_per_second``
+    (videos' temporal positions).
 
     Raises:
         ValueError: neither or both of ``config`` / ``pretrained``, an unknown ``model_type``, an unknown
@@ -151,6 +152,14 @@ class Qwen2VLViT(VisionEncoder):
         self.image_size = int(image_size)
         self.grid()  # the default size must be one the tower takes
         self.set_common_options(norm=norm, image_mean=image_mean, image_std=image_std, dtype=dtype, freeze=freeze)
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Temporal mRoPE positions per second of video (Qwen2.5-VL's vision config ``tokens_per_second``: a video's
+        temporal step is this times its ``second_per_grid_t``); ``None`` for Qwen2-VL's tower (step 1 per temporal
+        patch). ``VLM.time_steps`` asks it."""
+        rate = getattr(self.hf_config, "tokens_per_second", None)
+        return None if rate is None else float(rate)
 
     @property
     def patch_dim(self) -> int:

@@ -5,7 +5,9 @@ The history is a plain list of OpenAI/transformers-style messages, which can be 
     [{"role": "user", "content": [{"type": "image", "image": "cat.png"}, {"type": "text", "text": "What is it?"}]},
      {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}]
 
-An image entry holds a path, a ``PIL.Image`` or an array. Prompts are built by the training ``Processor`` (same
+An image entry holds a path, a ``PIL.Image`` or an array. A video is a ``{"type": "video", "video": path or list of
+frames}`` entry (or a ``vlm.data.sample.Video``) among a turn's images (models whose encoder takes videos:
+``VLM.video_geometry``). Prompts are built by the training ``Processor`` (same
 template, tokenization, image preprocessing and box rewriting as training and evaluation) with
 ``add_generation_prompt=True``, so a model answers in chat exactly as it was evaluated. A message's image and text
 parts are joined as the model's training data joined them (``model.image_placement``, ``vlm.data.image_placement``: e.g.
@@ -39,6 +41,14 @@ def processor_for(model: Any, template: Any = None, **options: Any) -> Any:
 
 
 def _image_part(src: Any) -> dict[str, Any]:
+    """One entry of a turn's ``images``: an image source, or a video (a ``{"type": "video", "video": path or frame
+    list, ...options}`` part as the ``messages`` reader takes it, or a ``vlm.data.sample.Video``)."""
+    from vlm.data.sample import Video
+
+    if isinstance(src, Video):
+        return {"type": "video", "video": src.source, **src.options}
+    if isinstance(src, dict) and src.get("type") == "video":
+        return dict(src)
     if isinstance(src, np.ndarray):
         if src.ndim not in (2, 3):
             raise ValueError(f"an image array must be (H, W) or (H, W, C); got shape {src.shape}")

@@ -15,7 +15,8 @@ for weight (one module, two formats: ``qwen2_vl`` and ``qwen2_5_vl``; ``FAMILIES
 
 The imported model takes what the family's processor returns, whole: ``input_ids``, ``attention_mask``,
 ``pixel_values`` (flat patches), ``image_grid_thw`` and ``mm_token_type_ids`` (checked against ``input_ids``, see
-``VLM.forward``). Video inputs (``pixel_values_videos``) are not wired yet. Only local directories are read; no
+``VLM.forward``); videos too (``pixel_values_videos``, ``video_grid_thw``, ``second_per_grid_ts``: the directory's
+``video_token_id``). Only local directories are read; no
 remote code is ever run.
 """
 from __future__ import annotations
@@ -161,6 +162,10 @@ def from_hf(path: str | os.PathLike, *, family: Family, dtype: str | torch.dtype
 
     def prepare(model: VLM) -> None:
         import_chat_template(path, model.tokenizer, model.image_token)
+        video_id = getattr(config, "video_token_id", None)  # the model takes the processor's videos too
+        if video_id is not None and 0 <= int(video_id) < model.llm.vocab_size:
+            model.video_token_id = int(video_id)
+            model.video_token = common.token_string(model.tokenizer, int(video_id), "<|video_pad|>")
 
     return common.assemble(path, config, encoder, connector, lm, image_token_id=int(config.image_token_id),
                            tokenizer=tokenizer, image_processor=image_processor,

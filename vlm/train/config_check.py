@@ -273,6 +273,7 @@ def check_stage_parts(cfg: DictConfig) -> None:
                 raise unknown_choice(f"{pre}.policy.{module}", st.policy[module], "policy", POLICIES.names())
         check_stage_counts(st, pre)
         check_stage_tiling(st, pre)
+        check_stage_video(st, pre)
         check_stage_policies(cfg, name)
 
 
@@ -287,6 +288,19 @@ def check_stage_tiling(st: Any, pre: str) -> None:
         check_tiling(plain(st.tiling))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{pre}.tiling: {e}") from e
+
+
+def check_stage_video(st: Any, pre: str) -> None:
+    """A stage's ``video`` options (``vlm.data.video.PER_VIDEO`` keys, valid values)."""
+    from vlm.data.video import PER_VIDEO, check_video_options
+    from vlm.registry import plain
+
+    if st.get("video") is None:
+        return
+    try:
+        check_video_options(plain(st.video), accepted=PER_VIDEO)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{pre}.video: {e}") from e
 
 
 #: stage keys that count something: (key, smallest valid value, whether null is allowed)

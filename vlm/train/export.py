@@ -144,13 +144,15 @@ def image_preprocessing(image_processor: Any) -> dict[str, Any] | None:
 
 
 def export_final(directory: Path, live: nn.Module, merged: dict[str, torch.Tensor], tokenizer: Any,
-                 template: Any = None, image_processor: Any = None, image_placement: Any = None) -> Path:
+                 template: Any = None, image_processor: Any = None, image_placement: Any = None,
+                 video_processor: Any = None) -> Path:
     """Write a ``vlm.load``-able directory from the merged full state dict. With the stage's chat ``template``, the
     directory's tokenizer carries it as its Jinja chat template and its end of turn is a saved stop id
     (``VLM.set_template``); with the stage's ``image_processor``, its geometry is recorded
     (``VLM.image_preprocessing``); with the data's ``image_placement`` (``vlm.data.image_placement``), chat and the Jinja
     template join a turn's images and text as the data did (``VLM.image_placement``). So ``vlm.load`` and an export of
-    the directory answer as the run's evaluation did."""
+    the directory answer as the run's evaluation did. With the stage's ``video_processor``, its sampling and budget
+    options are recorded too (``image_preprocessing["video"]``, what ``Processor.for_model`` reads back)."""
     plain = plain_model(live, merged, copy.deepcopy(tokenizer) if tokenizer is not None else None)
     if image_placement is not None:
         plain.image_placement = image_placement  # before set_template: its Jinja writes the placement
@@ -159,4 +161,9 @@ def export_final(directory: Path, live: nn.Module, merged: dict[str, torch.Tenso
     record = image_preprocessing(image_processor)
     if record is not None:
         plain.image_preprocessing = record
+    if video_processor is not None:
+        from vlm.data.video import PER_VIDEO
+
+        plain.image_preprocessing = {**plain.image_preprocessing,
+                                     "video": {k: video_processor.options[k] for k in PER_VIDEO}}
     return plain.save_pretrained(directory)

@@ -80,6 +80,9 @@ class StageConfig:
     # tiles; {kind: anyres, pinpoints} = LLaVA-NeXT) and the tile budget over all images of a sample
     tiling: Optional[dict[str, Any]] = None
     max_tiles_per_sample: Optional[int] = None
+    # videos (models whose encoder takes them): sampling and budget, vlm.data.video.PER_VIDEO (fps | num_frames,
+    # min_frames, max_frames, min_pixels, max_pixels, total_pixels, frame_rate); null: the model's record / defaults
+    video: Optional[dict[str, Any]] = None
     packing: bool = False
     cache_features: bool = False             # frozen encoder: its outputs cached on disk (vlm.encoders.cache)
     eval_every: Optional[int] = None

@@ -195,7 +195,7 @@ class StageRunner:
 
         processor = Processor.for_model(model, self.tokenizer, template=plain(st.template),
                                         max_length=st.max_length, tiling=plain(st.tiling),
-                                        max_tiles_per_sample=st.max_tiles_per_sample)
+                                        max_tiles_per_sample=st.max_tiles_per_sample, video=plain(st.video))
         dataset = stage_dataset(self.cfg, self.name, processor)
         if module.objective.images_per_sample is not None and hasattr(dataset, "images_per_sample"):
             dataset.images_per_sample = module.objective.images_per_sample  # others: counted, named skips
@@ -235,7 +235,8 @@ class StageRunner:
 
         st = stage_config(self.cfg, name)
         return Processor.for_model(model, self.tokenizer, template=plain(st.template), max_length=st.max_length,
-                                   tiling=plain(st.tiling), max_tiles_per_sample=st.max_tiles_per_sample)
+                                   tiling=plain(st.tiling), max_tiles_per_sample=st.max_tiles_per_sample,
+                                   video=plain(st.video))
 
     def resume_from_checkpoint(self, t: "Training") -> tuple[int, LoopState, str | None, dict[str, Any] | None]:
         """``(start step, loop state, checkpoint, model RNG state)``: the latest checkpoint of this stage when
@@ -296,7 +297,8 @@ class StageRunner:
             write_stage_weights(self.dir / STAGE_WEIGHTS, merged, self.carried | trained_names(t.model))
             if self.is_last:
                 export_final(self.run_dir / "final", t.model, merged, self.tokenizer, t.processor.template,
-                             t.processor.image_processor, image_placement=self.image_placement(t))
+                             t.processor.image_processor, image_placement=self.image_placement(t),
+                             video_processor=getattr(t.processor, "video_processor", None))
         s.barrier()
 
     def image_placement(self, t: "Training") -> Any:

@@ -6,10 +6,10 @@ tokenizer has a chat template, else ``chatml``). Build one with ``build_template
 ``build_template({"name": "chatml", "image_start": "<img>", "image_end": "</img>"})``.
 """
 from vlm.data.templates.auto import AutoTemplate
-from vlm.data.templates.base import TEMPLATES, ImageSlot, Segment, Template, Text, build_template, merge
+from vlm.data.templates.base import TEMPLATES, ImageSlot, Segment, Template, Text, VideoSlot, build_template, merge
 from vlm.data.templates.chat import ChatML, Llama3, Plain, RoleTemplate
 from vlm.data.templates.jinja import TokenizerTemplate
 from vlm.data.templates.vicuna import VICUNA_SYSTEM, VicunaV1
 
 __all__ = ["TEMPLATES", "VICUNA_SYSTEM", "AutoTemplate", "ChatML", "ImageSlot", "Llama3", "Plain", "RoleTemplate",
-           "Segment", "Template", "Text", "TokenizerTemplate", "VicunaV1", "build_template", "merge"]
+           "Segment", "Template", "Text", "TokenizerTemplate", "VicunaV1", "VideoSlot", "build_template", "merge"]

@@ -37,6 +37,11 @@ class AutoTemplate(Template):
         out.own, out.fallback = self.own.for_image_token(image_token), self.fallback.for_image_token(image_token)
         return out
 
+    def for_video_token(self, video_token: str | None) -> AutoTemplate:
+        out = copy.copy(self)
+        out.own, out.fallback = self.own.for_video_token(video_token), self.fallback.for_video_token(video_token)
+        return out
+
     def pick(self, tokenizer: Any) -> Template:
         """The template actually used with ``tokenizer``."""
         return self.own if getattr(tokenizer, "chat_template", None) else self.fallback
@@ -53,5 +58,7 @@ class AutoTemplate(Template):
     def places_images(self, tokenizer: Any = None) -> bool:
         return self.pick(tokenizer).places_images(tokenizer)
 
-    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>", image_placement: Any = None) -> str | None:
-        return self.pick(tokenizer).as_jinja(tokenizer, image_token, image_placement=image_placement)
+    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>", image_placement: Any = None,
+                 video_token: str | None = None) -> str | None:
+        extra = {"video_token": video_token} if video_token else {}
+        return self.pick(tokenizer).as_jinja(tokenizer, image_token, image_placement=image_placement, **extra)

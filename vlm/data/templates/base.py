@@ -1,7 +1,8 @@
-"""Template base: a conversation -> a flat list of segments (text with a *trainable* flag, image slots).
+"""Template base: a conversation -> a flat list of segments (text with a *trainable* flag, image and video slots).
 
 The processor tokenizes each text segment, expands each image slot to ``[image_start] + image tokens +
-[image_end]``, and sets labels = ids on trainable text, -100 everywhere else. Templates mark as trainable exactly the
+[image_end]`` (a video slot: ``[image_start] + video tokens + [image_end]``, the same markers, as Qwen2-VL's
+``<|vision_start|>`` / ``<|vision_end|>`` wrap both), and sets labels = ids on trainable text, -100 everywhere else. Templates mark as trainable exactly the
 assistant content plus the end-of-turn token that closes it; role headers, system/user text, separators after the
 end-of-turn token, image markers and image tokens are never trained.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vlm.data.sample import ImageRef, Message, Sample
+from vlm.data.sample import ImageRef, Message, Sample, VideoRef
 from vlm.registry import Registry
 
 TEMPLATES: Registry = Registry("template")
@@ -31,7 +32,15 @@ class ImageSlot:
     index: int
 
 
-Segment = Text | ImageSlot
+@dataclass(frozen=True)
+class VideoSlot:
+    """Where video ``index`` (into ``sample.videos``) goes; the processor writes its video tokens between the
+    template's image markers."""
+
+    index: int
+
+
+Segment = Text | ImageSlot | VideoSlot
 
 
 def merge(segments: list[Segment]) -> list[Segment]:
@@ -49,9 +58,9 @@ def merge(segments: list[Segment]) -> list[Segment]:
 
 
 def content(message: Message, trainable: bool, keep_text: bool = True) -> list[Segment]:
-    """A message's parts as segments: text carries ``trainable``; images become slots (never trained)."""
-    return [ImageSlot(p.index) if isinstance(p, ImageRef) else Text(p, trainable)
-            for p in message.parts if keep_text or isinstance(p, ImageRef)]
+    """A message's parts as segments: text carries ``trainable``; images and videos become slots (never trained)."""
+    return [ImageSlot(p.index) if isinstance(p, ImageRef) else VideoSlot(p.index) if isinstance(p, VideoRef)
+            else Text(p, trainable) for p in message.parts if keep_text or isinstance(p, (ImageRef, VideoRef))]
 
 
 class Template:
@@ -81,18 +90,24 @@ class Template:
         return [t for t in (self.image_start, self.image_end) if t]
 
     def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>",
-                 image_placement: Any = None) -> str | None:
+                 image_placement: Any = None, video_token: str | None = None) -> str | None:
         """This template as a Jinja chat template (what ``tokenizer.chat_template`` and transformers' processors
         render): the text of :meth:`render` with each image slot written ``image_start + image_token + image_end``.
         Messages' ``content`` may be a string or a list of ``{"type": "text" | "image"}`` parts; list parts are
         joined with ``image_placement`` (``vlm.data.image_placement.ImagePlacement``: each image's label and
-        separator, as ``model.chat`` joins them; ``None``: nothing added). ``None`` when the template has no Jinja
-        equivalent."""
+        separator, as ``model.chat`` joins them; ``None``: nothing added). ``video_token``: a ``{"type": "video"}``
+        part is written ``image_start + video_token + image_end`` (``None``: the model takes no videos; templates
+        whose Jinja has no video parts ignore it). ``None`` when the template has no Jinja equivalent."""
         return None
 
     def for_image_token(self, image_token: str) -> Template:
         """This template for a processor whose image placeholder token is ``image_token`` (the ``tokenizer``
         template looks for it in what its Jinja template writes per image); others return themselves."""
+        return self
+
+    def for_video_token(self, video_token: str | None) -> Template:
+        """This template for a processor whose video placeholder token is ``video_token`` (the ``tokenizer``
+        template looks for it in what its Jinja template writes per video); others return themselves."""
         return self
 
     def places_images(self, tokenizer: Any = None) -> bool:

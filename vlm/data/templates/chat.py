@@ -45,16 +45,18 @@ class RoleTemplate(Template):
     def special_tokens(self, tokenizer: Any = None) -> list[str]:
         return [self.eot, *(t for t in (self.bos,) if t), *super().special_tokens(tokenizer)]
 
-    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>", image_placement: Any = None) -> str:
+    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>", image_placement: Any = None,
+                 video_token: str | None = None) -> str:
         """The same format as Jinja (assistant content + end of turn inside ``{% generation %}``; list content
-        joined with ``image_placement``)."""
+        joined with ``image_placement``; video parts written with ``video_token``)."""
         pre, _, post = self.header.partition("{role}")
 
         def header(role: str) -> str:
             return f"{q(pre)} + {role} + {q(post)}"
 
         turn_end = f"{q(self.eot)}"
-        out = [content_macro(self.image_text(image_token), image_placement=image_placement)]
+        video = self.image_text(video_token) if video_token else None
+        out = [content_macro(self.image_text(image_token), image_placement=image_placement, video_text=video)]
         if self.bos:
             out.append(f"{{{{- {q(self.bos)} -}}}}")
         if self.default_system is not None:
@@ -131,7 +133,8 @@ class Plain(Template):
     def special_tokens(self, tokenizer: Any = None) -> list[str]:
         return [self.end_of_turn(tokenizer), *super().special_tokens(tokenizer)]
 
-    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>", image_placement: Any = None) -> str:
+    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>", image_placement: Any = None,
+                 video_token: str | None = None) -> str:
         """The same format as Jinja: images (+ user text with ``keep_user_text``, joined with ``image_placement``),
         caption + end token."""
         bos = f"{{{{- {q(tokenizer.bos_token)} -}}}}" if self.add_bos and tokenizer.bos_token else ""

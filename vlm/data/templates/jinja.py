@@ -22,6 +22,10 @@ instead; whatever the template writes around it (``<|vision_start|>``, ``<img>``
 message rendered with and without an image part): ``list`` with the processor's image token as the placeholder when
 what an image part adds holds that token once (so images render exactly as transformers' ``apply_chat_template``
 renders them), else ``string`` (also whenever ``image_start`` / ``image_end`` are configured).
+
+Videos: in list content a ``{"type": "video"}`` part when the template writes the processor's video token for one
+(Qwen2-VL's ``<|vision_start|><|video_pad|><|vision_end|>``), located like an image's placeholder; otherwise (string
+content, or a template that writes nothing for video parts) a second private sentinel character inside the text.
 """
 from __future__ import annotations
 
@@ -32,19 +36,21 @@ import os
 import re
 from typing import Any
 
-from vlm.data.sample import ImageRef, Sample
-from vlm.data.templates.base import TEMPLATES, ImageSlot, Segment, Template, Text, merge
+from vlm.data.sample import ImageRef, Sample, VideoRef
+from vlm.data.templates.base import TEMPLATES, ImageSlot, Segment, Template, Text, VideoSlot, merge
 
 def jinja_literal(text: str) -> str:
     """``text`` as a Jinja string literal (escapes decoded by Jinja's lexer give back exactly ``text``)."""
     return json.dumps(text, ensure_ascii=False)
 
 
-def content_macro(image_text: str, keep_text: bool = True, name: str = "content", image_placement: Any = None) -> str:
+def content_macro(image_text: str, keep_text: bool = True, name: str = "content", image_placement: Any = None,
+                  video_text: str | None = None) -> str:
     """A Jinja macro ``name(c)`` (default ``content(c)``): a string content as is, a list content as its parts in order (``image`` parts
     as ``image_text``, ``text`` parts as their text; only the images when ``keep_text`` is false). With an
     ``image_placement`` (``vlm.data.image_placement.ImagePlacement``) each image part also gets its label and separator
-    (text, so not with ``keep_text`` false), as ``model.chat`` joins a turn's images and text."""
+    (text, so not with ``keep_text`` false), as ``model.chat`` joins a turn's images and text. ``video_text``: what
+    a ``{"type": "video"}`` part is written as (``None``: video parts are left out)."""
     text = "{{- p['text'] -}}" if keep_text else ""
     plain = "{{- c -}}" if keep_text else ""
     image = "{{- " + jinja_literal(image_text) + " -}}"
@@ -52,12 +58,14 @@ def content_macro(image_text: str, keep_text: bool = True, name: str = "content"
     if image_placement is not None and keep_text:
         image = image_placement.jinja_image(image_text)
         setup = image_placement.JINJA_SETUP
+    video = "{%- elif p['type'] == 'video' -%}{{- " + jinja_literal(video_text) + " -}}" if video_text else ""
     return ("{%- macro " + name + "(c) -%}{%- if c is string -%}" + plain + "{%- else -%}" + setup +
-            "{%- for p in c -%}{%- if p['type'] == 'image' -%}" + image +
+            "{%- for p in c -%}{%- if p['type'] == 'image' -%}" + image + video +
             "{%- elif p['type'] == 'text' -%}" + text + "{%- endif -%}{%- endfor -%}{%- endif -%}{%- endmacro -%}")
 
 
 SENTINEL = "\ue000"  # a private-use character: never in real text, survives Jinja filters like trim
+VIDEO_SENTINEL = "\ue001"  # the same for a video the template does not write itself
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 #: the text parts of the probe message :func:`image_rendering` renders (an image part goes between them)
 PROBE_TEXT = ("(probe text before)", "[probe text after]")
@@ -71,18 +79,19 @@ def render_messages(tokenizer: Any, chat_template: str, messages: list[dict[str,
                                          chat_template=chat_template)
 
 
-def image_rendering(tokenizer: Any, chat_template: str, image_token: str) -> str | None:
+def image_rendering(tokenizer: Any, chat_template: str, image_token: str, kind: str = "image") -> str | None:
     """What ``chat_template`` writes for one ``{"type": "image"}`` part of a list content (e.g.
     ``"<img><IMG_CONTEXT></img>"``, ``"<IMG_CONTEXT>\\n"``), found by rendering a probe user message as
     ``[text, image, text]`` and as ``[text, text]`` and taking what the image part adds. ``None`` when the template
     does not take list content (it fails, or prints the list itself), the image part adds more than one insertion,
-    or what it adds does not hold ``image_token`` exactly once."""
+    or what it adds does not hold ``image_token`` exactly once. ``kind="video"``: the same for a ``{"type":
+    "video"}`` part (``image_token`` then the video token)."""
     before, after = PROBE_TEXT
     text = [{"type": "text", "text": before}, {"type": "text", "text": after}]
     try:
         plain = render_messages(tokenizer, chat_template, [{"role": "user", "content": text}])
         with_image = render_messages(tokenizer, chat_template,
-                                     [{"role": "user", "content": [text[0], {"type": "image"}, text[1]]}])
+                                     [{"role": "user", "content": [text[0], {"type": kind}, text[1]]}])
     except Exception:  # noqa: BLE001 - a template rejecting list content (or images) raises its own errors
         return None
     if before not in plain or after not in plain:
@@ -113,12 +122,31 @@ class TokenizerTemplate(Template):
         self.image_placeholder = image_placeholder or {"list": "<image>", "string": SENTINEL}.get(content_format)
         self.eot, self.chat_template = end_of_turn, chat_template
         self.image_token: str | None = None  # the processor's (for_image_token); content_format="auto" looks for it
+        self.video_token: str | None = None  # the processor's (for_video_token): a list content's video part writes it
 
     def for_image_token(self, image_token: str) -> TokenizerTemplate:
         """A copy whose ``content_format="auto"`` looks for ``image_token`` in what the template writes per image."""
         out = copy.copy(self)
         out.image_token = image_token
         return out
+
+    def for_video_token(self, video_token: str | None) -> TokenizerTemplate:
+        """A copy that looks for ``video_token`` in what the template writes per video part."""
+        out = copy.copy(self)
+        out.video_token = video_token
+        return out
+
+    def video_placeholder(self, tokenizer: Any, content_format: str) -> tuple[bool, str]:
+        """``(as a video part, placeholder)``: in list content, a ``{"type": "video"}`` part located by the video
+        token when the template writes it for one; otherwise a sentinel character in the text."""
+        if content_format == "list" and self.video_token:
+            key = (self._template(tokenizer), self.video_token, "video")
+            cache = self.__dict__.setdefault("_modes", {})
+            if key not in cache:
+                cache[key] = image_rendering(tokenizer, key[0], self.video_token, kind="video") is not None
+            if cache[key]:
+                return True, self.video_token
+        return False, VIDEO_SENTINEL
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _template(self, tokenizer: Any) -> str:
@@ -159,14 +187,16 @@ class TokenizerTemplate(Template):
         model's image placement), so chat passes a turn's parts unjoined."""
         return tokenizer is not None and self.content_mode(tokenizer)[0] == "list"
 
-    def _messages(self, sample: Sample, content_format: str) -> list[dict[str, Any]]:
+    def _messages(self, sample: Sample, content_format: str, video_part: bool = False) -> list[dict[str, Any]]:
         out = []
         for m in sample.messages:
             if content_format == "string":
-                body: Any = "".join(SENTINEL if isinstance(p, ImageRef) else p for p in m.parts)
+                body: Any = "".join(SENTINEL if isinstance(p, ImageRef) else VIDEO_SENTINEL if isinstance(p, VideoRef)
+                                    else p for p in m.parts)
             else:
-                body = [{"type": "image"} if isinstance(p, ImageRef) else {"type": "text", "text": p}
-                        for p in m.parts]
+                body = [{"type": "image"} if isinstance(p, ImageRef) else
+                        ({"type": "video"} if video_part else {"type": "text", "text": VIDEO_SENTINEL})
+                        if isinstance(p, VideoRef) else {"type": "text", "text": p} for p in m.parts]
             out.append({"role": m.role, "content": body})
         return out
 
@@ -207,29 +237,36 @@ class TokenizerTemplate(Template):
     # ---------------------------------------------------------------------------------------------- render
     def render(self, sample: Sample, tokenizer: Any = None, add_generation_prompt: bool = False) -> list[Segment]:
         content_format, placeholder = self.content_mode(tokenizer)
-        messages = self._messages(sample, content_format)
+        video_part, video_ph = self.video_placeholder(tokenizer, content_format) if sample.videos else (False, None)
+        messages = self._messages(sample, content_format, video_part)
         method = self.resolved_method(tokenizer)
         find = self._generation_spans if method == "generation" else self._prefix_spans
         text, spans = find(tokenizer, messages, add_generation_prompt)
         return self._segments(text, spans, [p.index for p in sample.image_refs()], sample.id, placeholder,
-                              content_format)
+                              content_format, [p.index for p in sample.video_refs()], video_ph)
 
     def _segments(self, text: str, spans: list[tuple[int, int]], image_order: list[int], sample_id: Any,
-                  ph: str, content_format: str) -> list[Segment]:
-        starts = [m.start() for m in re.finditer(re.escape(ph), text)]
-        if len(starts) != len(image_order):
-            raise ValueError(f"sample {sample_id!r}: the chat template rendered {len(starts)} image placeholder(s) "
-                             f"{ph!r} for {len(image_order)} image(s) (does it support images in "
-                             f"content_format={content_format!r}?)")
-        image_at = {s: image_order[k] for k, s in enumerate(starts)}
-        bounds = sorted({0, len(text), *(e for sp in spans for e in sp), *starts, *(s + len(ph) for s in starts)})
+                  ph: str, content_format: str, video_order: list[int] = (),
+                  video_ph: str | None = None) -> list[Segment]:
+        slots: dict[int, tuple[Segment, int]] = {}  # start -> (slot, placeholder length)
+        for kind, placeholder, order, slot in (("image", ph, image_order, ImageSlot),
+                                               ("video", video_ph, video_order, VideoSlot)):
+            if placeholder is None:
+                continue
+            starts = [m.start() for m in re.finditer(re.escape(placeholder), text)]
+            if len(starts) != len(order):
+                raise ValueError(f"sample {sample_id!r}: the chat template rendered {len(starts)} {kind} "
+                                 f"placeholder(s) {placeholder!r} for {len(order)} {kind}(s) (does it support {kind}s "
+                                 f"in content_format={content_format!r}?)")
+            slots.update({s: (slot(order[k]), len(placeholder)) for k, s in enumerate(starts)})
+        bounds = sorted({0, len(text), *(e for sp in spans for e in sp), *slots, *(s + n for s, (_, n) in slots.items())})
         out: list[Segment] = []
         for lo, hi in itertools.pairwise(bounds):
-            if lo in image_at:
-                if hi != lo + len(ph):
-                    raise ValueError(f"sample {sample_id!r}: an assistant span boundary falls inside an image "
+            if lo in slots:
+                if hi != lo + slots[lo][1]:
+                    raise ValueError(f"sample {sample_id!r}: an assistant span boundary falls inside an image / video "
                                      f"placeholder at character {lo}")
-                out.append(ImageSlot(image_at[lo]))
+                out.append(slots[lo][0])
             else:
                 out.append(Text(text[lo:hi], any(s <= lo and hi <= e for s, e in spans)))
         return merge(out)
@@ -240,7 +277,8 @@ class TokenizerTemplate(Template):
         ph = [] if placeholder in (SENTINEL, None) else [placeholder]
         return ph + super().special_tokens(tokenizer)
 
-    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>", image_placement: Any = None) -> str | None:
+    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>", image_placement: Any = None,
+                 video_token: str | None = None) -> str | None:
         """The Jinja template this template renders with (it places images itself: ``image_placement`` is not
         applied); ``None`` with image markers (added around image slots
         outside the Jinja template, so it alone does not reproduce them)."""

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlm.data.sample import ImageRef, Message, Sample
-from vlm.data.templates.base import TEMPLATES, ImageSlot, Segment, Template, Text, content, merge
+from vlm.data.sample import ImageRef, Message, Sample, VideoRef
+from vlm.data.templates.base import TEMPLATES, ImageSlot, Segment, Template, Text, VideoSlot, content, merge
 from vlm.data.templates.jinja import jinja_literal as q
 
 #: LLaVA's ``conv_vicuna_v1`` system prompt (what LLaVA-1.5 trains and evaluates with: ``--version v1``,
@@ -65,13 +65,13 @@ class VicunaV1(Template):
         return getattr(tokenizer, "bos_token", None) if self.add_bos else None
 
     def _content(self, message: Message, trainable: bool) -> list[Segment]:
-        images = [p for p in message.parts if isinstance(p, ImageRef)]
+        images = [p for p in message.parts if isinstance(p, (ImageRef, VideoRef))]
         if not (self.images_first and images):
             return content(message, trainable)
         text = "".join(p for p in message.parts if isinstance(p, str)).strip()
         out: list[Segment] = []
-        for p in images:
-            out += [ImageSlot(p.index), Text("\n", trainable)]
+        for p in images:  # videos first too, each followed by "\n"
+            out += [ImageSlot(p.index) if isinstance(p, ImageRef) else VideoSlot(p.index), Text("\n", trainable)]
         return out + [Text(text, trainable)]
 
     def render(self, sample: Sample, tokenizer: Any = None, add_generation_prompt: bool = False) -> list[Segment]:
@@ -97,12 +97,15 @@ class VicunaV1(Template):
     def end_of_turn(self, tokenizer: Any = None) -> str:
         return self.eos
 
-    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>", image_placement: Any = None) -> str:
+    def as_jinja(self, tokenizer: Any = None, image_token: str = "<image>", image_placement: Any = None,
+                 video_token: str | None = None) -> str:
         """The same layout as Jinja (the trained reply inside ``{% generation %}``; with ``images_first`` the
         template places images itself, each followed by ``\\n``; otherwise list content is joined with
         ``image_placement``, as chat joins it); string content may hold
         ``image_token`` placeholders, list content ``{"type": "image"}`` parts. ``bos_token`` comes from the
-        tokenizer rendering it (transformers passes its special tokens), as :meth:`render` takes it from the tokenizer."""
+        tokenizer rendering it (transformers passes its special tokens), as :meth:`render` takes it from the tokenizer.
+        ``video_token`` is not used: video parts are left out of this Jinja (chat still renders them with vlm's
+        template)."""
         img, tok = q(self.image_text(image_token) + "\n"), q(image_token)
         parts = ("{%- if n -%}{{- " + img + " * n + text | trim -}}{%- else -%}{{- text -}}{%- endif -%}"
                  if self.images_first else "{{- raw -}}")
