@@ -267,6 +267,7 @@ def meta_model_config(cfg):
     mc["connector"].pop("pretrained", None)  # a connector loading its weights from a directory (patch_merger)
     if cfg.tokenizer.get("path") is not None:  # a tokenizer directory (next to the weights): not here
         mc["image_token_id"] = mc["llm"]["config"]["vocab_size"] - 1
+        mc["video_token_id"] = mc["llm"]["config"]["vocab_size"] - 2  # (a tower taking videos: Qwen's <|video_pad|>)
         return mc, None
     tok = build_tokenizer(cfg, [cfg.stage[n].template for n in cfg.stages])
     tok.add_tokens(["<image>"], special_tokens=True)

@@ -146,7 +146,11 @@ class HFCausalLM(nn.Module):
         return stacks[0][1]
 
     def resize_token_embeddings(self, n: int) -> None:
-        self.model.resize_token_embeddings(n)
+        """Grow (or shrink) the embedding table to ``n`` rows. New rows are initialized as transformers does (from the
+        old rows' mean and covariance), except on the ``meta`` device (a model built to count or shard parameters),
+        where there are no values to take statistics of."""
+        on_meta = self.model.get_input_embeddings().weight.is_meta
+        self.model.resize_token_embeddings(n, **({"mean_resizing": False} if on_meta else {}))
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``(B, L) -> (B, L, D)``."""
