@@ -11,7 +11,7 @@ from vlm.bench import BENCHES
 from vlm.bench.__main__ import main
 from vlm.bench.common import table
 from vlm.bench.mfu import counted
-from vlm.bench.models import SIZES
+from vlm.bench.models import FAMILIES, SIZES, build_pair, get_family, size
 
 QUICK = ["--quick", "--repeats", "1", "--warmup", "0", "--memory-repeats", "1"]
 # columns that may be 0 or blank by design: waste of a perfect packing, a row that has no such measurement
@@ -46,6 +46,46 @@ def test_train_step_compares_identical_models(tmp_path):
     assert [r["model"] for r in result["rows"]] == ["transformers", "ours", "ours_selective", "ours_full_logits"]
     assert result["rows"][0]["time_ratio"] == 1.0 and result["rows"][0]["memory_ratio"] == 1.0
     assert result["first_loss_abs_diff"] <= 1e-5      # same weights, same batch: the same loss
+
+
+def test_train_step_qwen2_5_vl_compares_identical_models(tmp_path, capsys):
+    """Ours (qwen2_vl_vit + rms_norm patch_merger + Qwen2.5-VL text) vs Qwen2_5_VLForConditionalGeneration loaded
+    from its to_hf export, on native-resolution images of different sizes: the same first loss, measured numbers."""
+    result = main(["train_step", "--family", "qwen2_5_vl", *QUICK, "--out", str(tmp_path / "q.json")])
+    assert result["setup"]["family"] == "qwen2_5_vl"
+    assert [r["model"] for r in result["rows"]] == ["transformers", "ours", "ours_selective", "ours_full_logits"]
+    for col, v in numbers(result["rows"], result["columns"]):
+        assert math.isfinite(v) and v > 0, (col, v)
+    assert result["first_loss_abs_diff"] <= 1e-4      # same weights, same batch: the same loss
+    assert "Qwen2_5_VL" in FAMILIES["qwen2_5_vl"].hf_class and "ours_selective" in capsys.readouterr().out
+
+
+def test_qwen2_5_vl_batch_is_what_the_processor_returns():
+    """The bench batch: images of different sizes as flat patches + image_grid_thw, one placeholder per merged
+    token, mm_token_type_ids 1 exactly there, equally long rows; transformers gets mm_token_type_ids, ours not."""
+    import torch
+
+    spec = size(True, None, "qwen2_5_vl")
+    ours, theirs = build_pair(spec, torch.device("cpu"), family="qwen2_5_vl")
+    fam = get_family("qwen2_5_vl")
+    b = fam.batch(ours, spec, torch.device("cpu"))
+    grid = b["image_grid_thw"]
+    assert len({tuple(g) for g in grid.tolist()}) == grid.shape[0] > 1
+    assert b["pixel_values"].shape[0] == int(grid.prod(dim=1).sum())
+    assert int((b["input_ids"] == ours.image_token_id).sum()) == int(grid.prod(dim=1).sum()) // 4
+    assert torch.equal(b["mm_token_type_ids"].bool(), b["input_ids"] == ours.image_token_id)
+    assert "mm_token_type_ids" not in fam.ours_batch(b) and set(fam.ours_batch(b)) < set(b)
+    with torch.no_grad():
+        ref = theirs(**b).logits
+        got = ours(**fam.ours_batch(b)).logits
+    assert (ref - got).abs().max().item() <= 1e-4
+
+
+def test_unknown_family_or_size_is_a_clear_error():
+    with pytest.raises(ValueError, match="--family 'nope'; expected one of .*qwen2_5_vl"):
+        get_family("nope")
+    with pytest.raises(ValueError, match="--size 'gpu_1b' for --family qwen2_5_vl; expected one of"):
+        size(False, "gpu_1b", "qwen2_5_vl")
 
 
 def test_mfu_counts_the_head_only_where_labels_are():

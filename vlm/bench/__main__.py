@@ -10,13 +10,16 @@ import torch
 
 from vlm.bench import BENCHES
 from vlm.bench.common import machine, table, write_json
+from vlm.bench.models import FAMILIES
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vlm.bench", description=__doc__)
     p.add_argument("name", choices=BENCHES.names(), help="which bench")
     p.add_argument("--quick", action="store_true", help="tiny sizes (seconds): checks the bench runs, measures little")
-    p.add_argument("--size", default=None, help="model size from vlm.bench.models.SIZES (default: full, or quick)")
+    p.add_argument("--size", default=None, help="model size from the family's sizes (default: full, or quick)")
+    p.add_argument("--family", default="llava", choices=sorted(FAMILIES),
+                   help="train_step: the model family, ours vs transformers' class (vlm.bench.models.FAMILIES)")
     p.add_argument("--out", default=None, help="JSON file to write (default: bench/<name>.json)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -1,4 +1,5 @@
-"""``train_step``: forward + backward + AdamW step, ours vs transformers' LLaVA on identical weights and batches.
+"""``train_step``: forward + backward + AdamW step, ours vs transformers' class of a model family (``--family``:
+LLaVA by default, ``qwen2_5_vl``; see ``vlm.bench.models.FAMILIES``) on identical weights and batches.
 
 Variants, interleaved: ``transformers`` (``LlavaForConditionalGeneration(..., labels=...)``: logits and loss over
 every position), ``ours`` (the ``lm`` objective: label-only LM head), ``ours_selective`` (the same plus
@@ -16,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from vlm.bench.common import interleaved, median, peak_memory
-from vlm.bench.models import batch, build_pair, size
+from vlm.bench.models import build_pair, get_family, size
 from vlm.bench.registry import BENCHES
 
 
@@ -45,10 +46,11 @@ def selective_copy(ours: Any) -> Any:
     return other.train()
 
 
-def variants(ours: Any, theirs: Any, b: dict[str, torch.Tensor], compile_layers: bool = False) \
-        -> dict[str, Callable[[], float]]:
-    """The steps to compare: transformers, ours (label-only head), ours with selective activation checkpointing
-    and ours with the full logits."""
+def variants(ours: Any, theirs: Any, b: dict[str, torch.Tensor], compile_layers: bool = False,
+             ours_b: dict[str, torch.Tensor] | None = None) -> dict[str, Callable[[], float]]:
+    """The steps to compare: transformers (on ``b``), ours (label-only head), ours with selective activation
+    checkpointing and ours with the full logits (on ``ours_b``, default ``b``)."""
+    ob = b if ours_b is None else ours_b
     from vlm.objectives import build as build_objective
 
     selective = selective_copy(ours)
@@ -61,22 +63,26 @@ def variants(ours: Any, theirs: Any, b: dict[str, torch.Tensor], compile_layers:
         compile_layers(ours)   # what trainer.compile=true does
         compile_layers(selective)
     return {"transformers": step_fn(theirs, lambda: theirs(**b).loss),
-            "ours": step_fn(ours, lambda: fast(ours, b).loss),
-            "ours_selective": step_fn(selective, lambda: fast_selective(selective, b).loss),
-            "ours_full_logits": step_fn(ours, lambda: full(ours, b).loss)}
+            "ours": step_fn(ours, lambda: fast(ours, ob).loss),
+            "ours_selective": step_fn(selective, lambda: fast_selective(selective, ob).loss),
+            "ours_full_logits": step_fn(ours, lambda: full(ours, ob).loss)}
 
 
 @BENCHES.register("train_step")
 def train_step(args: argparse.Namespace) -> dict[str, Any]:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    spec = size(args.quick, args.size)
-    ours, theirs = build_pair(spec, device, dtype)
-    b = batch(ours, spec, device, dtype)
+    family = getattr(args, "family", "llava")
+    spec = size(args.quick, args.size, family)
+    ours, theirs = build_pair(spec, device, dtype, family=family)
+    fam = get_family(family)
+    b = fam.batch(ours, spec, device, dtype)
+    ours_b = fam.ours_batch(b)
     from vlm.objectives import build as build_objective
 
     with torch.no_grad():
-        loss_diff = abs(float(build_objective({"name": "lm"}, model=ours)(ours, b).loss) - float(theirs(**b).loss))
-    steps = variants(ours, theirs, b, compile_layers=args.compile)
+        loss_diff = abs(float(build_objective({"name": "lm"}, model=ours)(ours, ours_b).loss)
+                        - float(theirs(**b).loss))
+    steps = variants(ours, theirs, b, compile_layers=args.compile, ours_b=ours_b)
     times = interleaved(steps, repeats=args.repeats, warmup=args.warmup, device=device)
     memory: dict[str, list[float]] = {name: [] for name in steps}
     for r in range(args.memory_repeats):
@@ -90,7 +96,7 @@ def train_step(args: argparse.Namespace) -> dict[str, Any]:
             for name in steps]
     tokens = b["input_ids"].numel()
     return {"rows": rows, "columns": ["model", "step_s", "time_ratio", "peak_mib", "memory_ratio"],
-            "setup": {"size": "quick" if args.quick else "full", "spec": spec, "tokens_per_step": tokens,
+            "setup": {"family": family, "size": args.size or ("quick" if args.quick else "full"), "spec": spec, "tokens_per_step": tokens,
                       "labelled_tokens": int((b["labels"] != -100).sum()), "dtype": args.dtype,
                       "repeats": args.repeats, "warmup": args.warmup, "memory_repeats": args.memory_repeats,
                       "compile": args.compile},
