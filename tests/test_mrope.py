@@ -413,3 +413,13 @@ def test_vlm_generate_continues_mrope_positions_as_a_full_recompute():
             nxt = model.llm(**inputs).logits[:, -1].argmax(-1)
             assert torch.equal(nxt, new[:, step]), step
             seq, m = torch.cat([seq, nxt[:, None]], 1), torch.cat([m, torch.ones_like(m[:, :1])], 1)
+
+
+def test_an_mrope_section_that_does_not_fit_the_head_is_named():
+    """transformers would fail inside attention at the first step (a bare split error); the config says so first."""
+    from vlm import llm as llms
+
+    cfg = dict(TEXT_CFG, model_type="qwen2_vl_text", hidden_size=64)  # head_dim 16: 8 frequencies, section sums to 4
+    with pytest.raises(ValueError, match=r"mrope_section=\[2, 1, 1\] sums to 4, but the attention heads have "
+                                         r"head_dim=16 .* expected a section summing to 8, e.g. \[4, 2, 2\]"):
+        llms.build({"name": "hf_causal_lm", "config": cfg})

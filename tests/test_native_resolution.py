@@ -98,3 +98,16 @@ def test_flat_patches_with_a_fixed_size_encoder_are_refused(model_and_processor)
     item = proc(sample((32, 32), 5, "x"))
     with pytest.raises(ValueError, match="takes fixed-size images"):
         clip.image_features(item["pixel_values"], item["image_grid_thw"])
+
+
+def test_a_prompt_too_long_because_of_its_image_says_so(model_and_processor):
+    """A large image at native resolution can fill the context window by itself: the error counts its tokens and
+    names what to change."""
+    model, _ = model_and_processor
+    model = copy.deepcopy(model)
+    limit = model.llm.model.config.max_position_embeddings = 512
+    big = Image.new("RGB", (8 * 2 * 32, 8 * 2 * 32))  # 1024 merged patches: more than the window holds
+    model.image_preprocessing = {"resize_mode": "resize", "tiling": {**NATIVE, "max_pixels": 1024 * 1024}}
+    with pytest.raises(ValueError, match=rf"context window of {limit} tokens; \d+ of them are image / video tokens: "
+                                         r"use fewer or smaller images .*max_pixels"):
+        model.chat(big, "what is it?")

@@ -168,5 +168,5 @@ def chat_stream(model: Any, images: Images, text: str, history: Sequence[Message
     """:func:`chat`, streamed. Bad input (empty prompt, unopenable image, too long) raises here, before iterating."""
     processor = processor or processor_for(model, template)
     item, messages = prompt_item(processor, history, images, text, placement=image_placement(model, processor))
-    check_context(model, [int(item["input_ids"].numel())], int(generate_kwargs.get("max_new_tokens", 128)))
+    check_context(model, [item], int(generate_kwargs.get("max_new_tokens", 128)))
     return ChatStream(stream_reply(model, item, processor.tokenizer, stop=stop, **generate_kwargs), messages)

@@ -113,15 +113,23 @@ def _options(model: Any, tokenizer: Any, stop: Sequence[str], kwargs: dict[str, 
     return opts
 
 
-def check_context(model: Any, lengths: Sequence[int], max_new_tokens: int) -> None:
-    """Raise when a prompt leaves no room in the LLM's context window (``max_position_embeddings``)."""
+def check_context(model: Any, items: Sequence[dict[str, Any]], max_new_tokens: int) -> None:
+    """Raise when a prompt (a processed item) leaves no room in the LLM's context window
+    (``max_position_embeddings``); the message says how many of its tokens are image / video placeholders."""
     limit = getattr(getattr(model.llm.model, "config", None), "max_position_embeddings", None)
     if limit is None:
         return
-    for i, n in enumerate(lengths):
+    media_ids = [i for i in (getattr(model, "image_token_id", None), getattr(model, "video_token_id", None))
+                 if i is not None]
+    for i, item in enumerate(items):
+        ids = item["input_ids"]
+        n = int(ids.numel())
         if n >= limit:
-            raise ValueError(f"prompt {i} has {n} tokens, more than the model's context window of {limit} tokens; "
-                             f"shorten the prompt or the history (e.g. /reset)")
+            media = sum(int((ids == t).sum()) for t in media_ids)
+            hint = (f"; {media} of them are image / video tokens: use fewer or smaller images (a native-resolution "
+                    f"model: a lower max_pixels in its tiling)" if media else "")
+            raise ValueError(f"prompt {i} has {n} tokens, more than the model's context window of {limit} tokens"
+                             f"{hint}; shorten the prompt or the history (e.g. /reset)")
         if n + max_new_tokens > limit:
             warnings.warn(f"prompt {i} ({n} tokens) + max_new_tokens={max_new_tokens} exceeds the context window of "
                           f"{limit}; the reply may be cut", stacklevel=3)
@@ -151,7 +159,7 @@ def generate_replies(model: Any, items: Sequence[dict[str, Any]], tokenizer: Any
     if not items:
         return []
     opts = _options(model, tokenizer, stop, generate_kwargs)
-    check_context(model, [int(it["input_ids"].numel()) for it in items], opts["max_new_tokens"])
+    check_context(model, items, opts["max_new_tokens"])
     stops = model_stop_ids(model, opts.pop("eos_token_id", None))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
     batch = _batch(model, items, pad)

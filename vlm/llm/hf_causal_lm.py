@@ -249,4 +249,24 @@ def make_config(config: dict[str, Any], strict: bool = True) -> PretrainedConfig
         check_config_keys(config_class, config, "hf_causal_lm config", model_type=model_type)
     for k in FILE_KEYS:
         config.pop(k, None)
-    return AutoConfig.for_model(model_type, **config)
+    built = AutoConfig.for_model(model_type, **config)
+    check_mrope_section(built)
+    return built
+
+
+def check_mrope_section(config: PretrainedConfig) -> None:
+    """An mRoPE config's ``rope_parameters.mrope_section`` (temporal, height, width frequencies) must split the head's
+    ``head_dim / 2`` rotary frequencies exactly (transformers splits by it inside attention, where a mismatch is a bare
+    shape error at the first step). Raises ``ValueError`` naming the key, the head size and a split that fits."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    section = rope.get("mrope_section") if isinstance(rope, dict) else None
+    if not section:
+        return
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if sum(section) != head_dim // 2:
+        half = head_dim // 2
+        fit = [half - 2 * (half // 4), half // 4, half // 4]
+        raise ValueError(f"llm.config.rope_parameters.mrope_section={list(section)} sums to {sum(section)}, but the "
+                         f"attention heads have head_dim={head_dim} (hidden_size / num_attention_heads), i.e. "
+                         f"{half} rotary frequencies to split into temporal, height and width; expected a section "
+                         f"summing to {half}, e.g. {fit}")
