@@ -341,3 +341,23 @@ def test_a_transformers_4_layout_checkpoint_imports_identically(tmp_path):
     a, b = ref.state_dict(), got.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert got.llm.model.get_output_embeddings().weight.data_ptr() == got.llm.model.get_input_embeddings().weight.data_ptr()
+
+
+def test_the_label_only_head_takes_the_processor_output_too():
+    """The lm objective's label-only path (``VLM.hidden_states``; the model supports it) takes the batch the family's processor returns,
+    ``mm_token_type_ids`` included, and gives forward's loss."""
+    import vlm
+    from vlm.objectives import build as build_objective
+    from tests.test_native_resolution import LLMS, TOWER
+
+    torch.manual_seed(0)
+    model = vlm.build({"encoder": dict(TOWER), "connector": {"name": "patch_merger"},
+                       "llm": {"name": "hf_causal_lm", "config": dict(LLMS["qwen2_vl_text"])}})
+    grid = torch.tensor([[1, 4, 4]])
+    ids = torch.tensor([[5, 6] + [model.image_token_id] * 4 + [7, 8, 9]])
+    assert model.supports_label_only_head
+    batch = {"input_ids": ids, "labels": ids.clone(), "pixel_values": torch.randn(16, 3 * 2 * 8 * 8),
+             "image_grid_thw": grid, "mm_token_type_ids": (ids == model.image_token_id).long()}
+    head = build_objective({"name": "lm", "label_only_head": True})(model, batch).loss
+    full = build_objective({"name": "lm", "label_only_head": False})(model, batch).loss
+    torch.testing.assert_close(head, full, atol=1e-5, rtol=1e-5)

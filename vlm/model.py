@@ -486,10 +486,13 @@ class VLM(nn.Module):
                       attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                       segment_ids: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
                       pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
-                      second_per_grid_ts: torch.Tensor | None = None, **lm_kwargs: Any) -> torch.Tensor:
+                      second_per_grid_ts: torch.Tensor | None = None, mm_token_type_ids: torch.Tensor | None = None,
+                      **lm_kwargs: Any) -> torch.Tensor:
         """``forward`` without the vocabulary projection: the LM's last hidden states ``(B, L, D)``, so a loss
         can project only the positions it needs (``vlm.loss.label_only_lm_loss``). Needs
-        ``supports_label_only_head``."""
+        ``supports_label_only_head``. Takes what ``forward`` takes (``mm_token_type_ids`` checked the same way), so
+        a batch the family's processor returns trains through either."""
+        self.check_mm_token_types(input_ids, mm_token_type_ids)
         self.check_keywords(lm_kwargs, "hidden_states", decoder=True)
         lm_inputs = self.lm_inputs(input_ids, pixel_values, attention_mask, position_ids, segment_ids, image_grid_thw,
                                    pixel_values_videos, video_grid_thw, second_per_grid_ts)
