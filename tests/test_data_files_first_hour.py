@@ -16,6 +16,7 @@ from vlm.data.readers import SampleError, make_reader
 from vlm.data.synthetic_text import make_split
 from vlm.train import ConfigError, compose, run
 from vlm.train.resolvers import data_image_size
+from short_runs import short_run
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +28,7 @@ def data(tmp_path_factory) -> Path:
 
 
 def quick(stages: list[str]) -> list[str]:
-    out = ["trainer.num_workers=0", "trainer.progress=false", "eval.limit=2", "eval.max_new_tokens=2",
-           "eval.batch_size=2"]
-    for s in stages:
-        out += [f"stage.{s}.max_steps=1", f"stage.{s}.global_batch_size=4", f"stage.{s}.micro_batch_size=2",
-                f"stage.{s}.save_every=null", f"stage.{s}.eval_every=null"]
-    return out
+    return short_run(stages, steps=1, max_new_tokens=2)
 
 
 def text_records(n: int, start: int = 0) -> list[dict]:

@@ -17,17 +17,13 @@ from vlm.data.datasets import build_dataset
 from vlm.eval.score import score_samples
 from vlm.data.files import heldout_indices
 from vlm.train.config import stage_config
+from short_runs import short_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def small_steps(cfg_stages: list[str]) -> list[str]:
-    out = ["trainer.num_workers=0", "trainer.progress=false", "eval.limit=4", "eval.max_new_tokens=6",
-           "eval.batch_size=4"]
-    for s in cfg_stages:
-        out += [f"stage.{s}.max_steps=2", f"stage.{s}.global_batch_size=4", f"stage.{s}.micro_batch_size=2",
-                f"stage.{s}.save_every=null", f"stage.{s}.eval_every=null"]
-    return out
+    return short_run(cfg_stages, eval_limit=4, max_new_tokens=6, eval_batch_size=4)
 
 
 @pytest.fixture(scope="module")

@@ -92,20 +92,18 @@ def split_placeholders(text: str, token: str, first_index: int) -> tuple[list[Pa
 
     Returns ``(parts, next_index)``; empty text pieces are dropped.
     """
-    parts: list[Part] = []
-    index = first_index
-    for i, piece in enumerate(text.split(token)):
-        if i > 0:
-            parts.append(ImageRef(index))
-            index += 1
-        if piece:
-            parts.append(piece)
-    return parts, index
+    return split_refs([text], token, ImageRef, first_index)
 
 
 def split_videos(parts: list[Part], token: str, first_index: int) -> tuple[list[Part], int]:
     """Split the text parts of ``parts`` on ``token`` (``<video>``) into text and ``VideoRef``s numbered from
     ``first_index``; other parts are kept. Returns ``(parts, next_index)``; empty text pieces are dropped."""
+    return split_refs(parts, token, VideoRef, first_index)
+
+
+def split_refs(parts: list[Part], token: str, ref: Any, first_index: int) -> tuple[list[Part], int]:
+    """Split the text parts of ``parts`` on ``token`` into text and ``ref(index)`` parts numbered from
+    ``first_index`` (other parts kept, empty text pieces dropped); returns ``(parts, next_index)``."""
     out: list[Part] = []
     index = first_index
     for part in parts:
@@ -114,7 +112,7 @@ def split_videos(parts: list[Part], token: str, first_index: int) -> tuple[list[
             continue
         for i, piece in enumerate(part.split(token)):
             if i > 0:
-                out.append(VideoRef(index))
+                out.append(ref(index))
                 index += 1
             if piece:
                 out.append(piece)
