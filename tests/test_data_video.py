@@ -176,7 +176,7 @@ def test_unreadable_and_missing_files_are_named(tmp_path):
 def test_without_pyav_the_extra_is_named(tmp_path, monkeypatch):
     path = write_clip(tmp_path / "clip.mov", COLOURS[:2])
     monkeypatch.setitem(sys.modules, "av", None)
-    with pytest.raises(ImportError, match=r"vlm\[video\]"):
+    with pytest.raises(ImportError, match=r"pip install -e .\.\[video\]. from a vlm checkout"):
         processor()(str(path))
     processor()([Image.new("RGB", (32, 32))] * 2)  # frames need no PyAV
 

@@ -1,6 +1,6 @@
 """Videos: decoding, frame sampling and the per-video pixel budget (Qwen2-VL's video processing).
 
-A video is a file (decoded with PyAV, the optional extra ``video``: ``pip install 'vlm[video]'``) or a list of frames
+A video is a file (decoded with PyAV, the optional extra ``video``: ``pip install -e '.[video]'``) or a list of frames
 (image sources, loaded with ``vlm.data.images.load_image``). ``VideoProcessor`` turns one into normalized frames
 ``(T, 3, H, W)`` float32 plus a ``VideoInfo`` (which source frames were kept, the frame rate, timestamps, the patch
 grid and ``second_per_grid_t`` for Qwen2.5-VL's temporal positions); ``vlm.data.patches.to_patches`` makes them the
@@ -146,8 +146,8 @@ def _av():
     try:
         import av
     except ImportError as e:
-        raise ImportError("decoding a video file needs PyAV: pip install 'vlm[video]' (or pip install av); a video "
-                          "given as a list of frames needs nothing more") from e
+        raise ImportError("decoding a video file needs PyAV: pip install -e '.[video]' from a vlm checkout (or pip "
+                          "install av); a video given as a list of frames needs nothing more") from e
     return av
 
 
