@@ -60,6 +60,13 @@ def test_unknown_key_is_an_error(override):
         compose("tiny", [override])
 
 
+def test_an_unknown_key_with_no_near_spelling_lists_the_keys_there_are():
+    """``learning_rate`` is nowhere near ``lr`` by spelling: the error lists the stage's keys instead."""
+    with pytest.raises(ConfigError, match=r"stage.sft.learning_rate=1e-3: unknown key; expected a key of stage.sft "
+                                          r"\(no close match; its keys: .*\blr\b"):
+        compose("tiny", ["stage.sft.learning_rate=1e-3"])
+
+
 def test_unknown_option_lists_the_known_ones():
     with pytest.raises(ConfigError, match="connector") as e:
         compose("tiny", ["connector=qformer_xl"])

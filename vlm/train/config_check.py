@@ -80,7 +80,10 @@ def unknown_key(setting: str, full_key: str, candidates: Iterable[str]) -> Confi
         owners = options_defining(parent, key)
         if owners:
             hint = f"; {key!r} is a key of {' / '.join(f'{parent}={o}' for o in owners)}: add that option"
-    return ConfigError(f"{setting}: unknown key; expected a key of {where} ({did_you_mean(key, candidates)}){hint}")
+    close = did_you_mean(key, candidates)
+    if close == "no close match" and candidates:  # no near spelling (learning_rate for lr): list what there is
+        close = f"no close match; its keys: {', '.join(candidates[:40])}{', ...' if len(candidates) > 40 else ''}"
+    return ConfigError(f"{setting}: unknown key; expected a key of {where} ({close}){hint}")
 
 
 def options_defining(group: str, key: str) -> list[str]:
