@@ -234,10 +234,10 @@ def test_original_opengvlab_checkpoint_imports_without_remote_code(tmp_path):
     save_original(tmp_path / "v1", model, tok, ps_version="v1")
     with pytest.raises(ValueError, match="ps_version='v1'; pixel_shuffle_mlp is InternVL's 'v2' pixel shuffle"):
         from_hf(tmp_path / "v1")
-    save_original(tmp_path / "lm2", model, tok, llm_config={"model_type": "internlm2",
-                                                           "architectures": ["InternLM2ForCausalLM"]})
-    with pytest.raises(ValueError, match="llm_config.model_type='internlm2'.*needs remote code"):
-        from_hf(tmp_path / "lm2")
+    save_original(tmp_path / "remote", model, tok, llm_config={"model_type": "remote_lm",
+                                                              "architectures": ["RemoteLMForCausalLM"]})
+    with pytest.raises(ValueError, match="llm_config.model_type='remote_lm'.*needs remote code.*'internlm2'"):
+        from_hf(tmp_path / "remote")  # (InternLM2: tests/test_interop_internlm2.py)
 
 
 def test_tiled_multi_image_batches_train_and_generate(tmp_path):

@@ -71,9 +71,9 @@ def load_vlm_directory(path: Path, config: dict[str, Any], *, tokenizer: bool = 
         raise ValueError(f"vlm.load: {str(weights)!r} does not match the config: missing {sorted(missing)[:8]}, "
                          f"unexpected {sorted(unexpected)[:8]}")
     if tokenizer and (path / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
+        from vlm.data.tokenizer import load_tokenizer
 
-        model.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model.tokenizer = load_tokenizer(path)
     # directories written before generation settings were saved: the tokenizer's
     model.generation = dict(config.get("generation") or generation_settings(model.tokenizer))
     return model.eval()

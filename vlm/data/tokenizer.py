@@ -14,6 +14,7 @@ local transformers tokenizer directory; ``byte_bpe``: byte-level BPE trained on 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -155,15 +156,24 @@ def load_tokenizer(path_or_name: str | os.PathLike, *, trust_remote_code: bool =
 
     ``"byte"`` / ``"byte:chatml"`` / ``"byte:llama3"`` / ``"byte:vicuna_v1"`` build :func:`byte_tokenizer`. Anything
     else goes to ``AutoTokenizer.from_pretrained(..., local_files_only=True)`` (a local directory or an already-cached
-    hub name); remote code runs only when the caller opts in (the ``trust_remote_code`` flag, off by default).
+    hub name); remote code runs only when the caller opts in (the ``trust_remote_code`` flag, off by default), and
+    no question is ever asked (the flag is passed explicitly). A directory whose ``tokenizer_config.json`` names a
+    remote-code class vlm reads as data (``vlm.data.sentencepiece_tokenizer.REMOTE_TOKENIZERS``: InternLM2's) is
+    built without its code.
     """
     from transformers import AutoTokenizer
+
+    from vlm.data.sentencepiece_tokenizer import remote_tokenizer
 
     name = os.fspath(path_or_name)
     kind, sep, chat_template = name.partition(":")
     built_in = BUILT_IN_TOKENIZERS.get(kind)
     if built_in is not None:
         return built_in(chat_template if sep else "chatml", **kwargs)
+    if os.path.isdir(name) and not trust_remote_code:
+        ours = remote_tokenizer(Path(name))
+        if ours is not None:
+            return ours
     try:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, local_files_only=True,
                                              **kwargs)

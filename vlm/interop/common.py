@@ -36,7 +36,7 @@ from vlm.hf_config import unknown_config_keys
 from vlm.pretrained import CONFIG_FILE, FILE_KEYS, check_weights, read_config
 
 GENERATION_FILE = "generation_config.json"
-TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
 LM_PREFIX = "model.language_model."
 
 
@@ -122,12 +122,13 @@ def lm_problems(lm: Any, family: str, hf_class_name: str) -> list[str]:
 
 
 def load_tokenizer(path: Path, wanted: bool = True) -> Any:
-    """The directory's tokenizer (``AutoTokenizer``, local files only), or ``None`` when not ``wanted`` or absent."""
+    """The directory's tokenizer (``vlm.data.tokenizer.load_tokenizer``: local files only, no remote code, no
+    prompt), or ``None`` when not ``wanted`` or absent."""
     if not wanted or not any((path / f).is_file() for f in TOKENIZER_FILES):
         return None
-    from transformers import AutoTokenizer
+    from vlm.data.tokenizer import load_tokenizer as load
 
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return load(path)
 
 
 def token_string(tokenizer: Any, token_id: int, default: str = "<image>") -> str:

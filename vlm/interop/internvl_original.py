@@ -12,12 +12,14 @@ tensors are renamed.
 | ``<IMG_CONTEXT>`` (the tokenizer's id)              | ``image_token`` / ``image_token_id``                 |
 | ``dynamic_image_size``, ``min/max_dynamic_patch``   | ``image_preprocessing.tiling``                       |
 
-Only ``ps_version: v2`` (every InternVL >= 1.5) is the pixel shuffle ``pixel_shuffle_mlp`` computes; an LLM that
-needs remote code (InternLM2) is refused with the way out. Export goes to the transformers layout (format
-``internvl``).
+Only ``ps_version: v2`` (every InternVL >= 1.5) is the pixel shuffle ``pixel_shuffle_mlp`` computes. A remote-code
+LLM listed in ``vlm.interop.internlm2.REMOTE_LLMS`` (InternLM2, the LLM of InternVL2 / InternVL2.5) becomes its exact
+transformers counterpart (Llama); any other remote-code LLM is refused. Export goes to the transformers layout (format
+``internvl``, the default) or, with ``format="internvl_chat"``, back to this layout (a Llama LLM written as InternLM2).
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -30,9 +32,10 @@ from vlm.dtypes import resolve_dtype
 from vlm.encoders.internvit import IMAGENET_MEAN, IMAGENET_STD
 from vlm.encoders.internvit_keys import original_to_ours
 from vlm.interop.common import dtype_name, load_tokenizer
+from vlm.interop.internlm2 import REMOTE_LLMS
 from vlm.interop.formats import FORMATS, HFFormat
 from vlm.model import VLM
-from vlm.pretrained import CONFIG_FILE, FILE_KEYS, load_strict, read_config, read_weights
+from vlm.pretrained import CONFIG_FILE, FILE_KEYS, check_weights, load_strict, read_config, read_weights
 
 MODEL_TYPE = "internvl_chat"
 IMG_CONTEXT = "<IMG_CONTEXT>"
@@ -69,10 +72,15 @@ def from_original(path: str | os.PathLike, *, dtype: str | torch.dtype | None = 
     model_type = text.get("model_type")
     from transformers import CONFIG_MAPPING
 
-    if model_type not in CONFIG_MAPPING:
+    remote = REMOTE_LLMS.get(model_type)
+    if remote is None and model_type not in CONFIG_MAPPING:
         raise ValueError(f"{where}: llm_config.model_type={model_type!r} ({text.get('architectures')}) needs remote "
-                         f"code, which vlm never runs; convert the LLM to a transformers architecture first (e.g. "
-                         f"InternLM2 to Llama format) and set llm_config accordingly")
+                         f"code, which vlm never runs, and is not one vlm maps to a transformers architecture "
+                         f"({sorted(REMOTE_LLMS)}); convert the LLM to a transformers architecture first and set "
+                         f"llm_config accordingly")
+    text_cfg = {k: v for k, v in text.items() if k not in FILE_KEYS and k != "architectures"}
+    if remote is not None:  # before anything is read or built: a bad llm_config stops here
+        text_cfg = remote.to_config(text, f"{where} llm_config")
     if not tokenizer:
         raise ValueError(f"from_hf: an original InternVL directory names its image token only in its tokenizer "
                          f"({IMG_CONTEXT}); import it with tokenizer=True")
@@ -81,23 +89,25 @@ def from_original(path: str | os.PathLike, *, dtype: str | torch.dtype | None = 
         raise ValueError(f"from_hf: {str(path)!r} has no tokenizer holding {IMG_CONTEXT!r} (the original InternVL "
                          f"image token); expected tokenizer.json / tokenizer_config.json next to config.json")
     torch_dtype = resolve_dtype(dtype) or torch.float32
+    weights = f"from_hf: {str(check_weights(path, 'from_hf'))!r}"
     state = read_weights(path, "from_hf")
+    lm_state = _split(state, "language_model.")
+    if remote is not None:  # renamed and unpacked before anything is built (shape errors name the file and key)
+        lm_state = remote.to_state(lm_state, text_cfg, weights)
     encoder = encoders.build({"name": "internvit", **dims, "feature_layer": int(cfg.get("select_layer", -1)),
                               "select": "patch", "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD),
                               "dtype": dtype_name(torch_dtype)})
-    text_cfg = {k: v for k, v in text.items() if k not in FILE_KEYS and k != "architectures"}
     lm = llms.build({"name": "hf_causal_lm", "config": text_cfg, "attn_implementation": attn_implementation,
                      "dtype": dtype_name(torch_dtype), "strict_config": False})
     connector = connectors.build({"name": "pixel_shuffle_mlp", "scale": float(cfg.get("downsample_ratio", 0.5))},
                                  in_dim=encoder.hidden_size, out_dim=lm.hidden_size).to(torch_dtype)
     with torch.no_grad():
-        load_strict(encoder.model, original_to_ours(_split(state, "vision_model.")), "from_hf: vision_model")
+        load_strict(encoder.model, original_to_ours(_split(state, "vision_model.")), f"{weights} vision_model")
         load_strict(connector, {PROJECTOR_LAYERS.get(k[:7], k) + k[7:]: v for k, v in _split(state, "").items()
-                                if k.startswith("mlp1.")}, "from_hf: mlp1")
-        lm_state = _split(state, "language_model.")
+                                if k.startswith("mlp1.")}, f"{weights} mlp1")
         if lm.model.get_output_embeddings() is not None and "lm_head.weight" not in lm_state:
             lm_state["lm_head.weight"] = lm_state.get("model.embed_tokens.weight")  # a tied LLM saves one copy
-        load_strict(lm.model, {k: v for k, v in lm_state.items() if v is not None}, "from_hf: language_model")
+        load_strict(lm.model, {k: v for k, v in lm_state.items() if v is not None}, f"{weights} language_model")
     model = VLM(encoder, connector, lm, image_token_id=tok.convert_tokens_to_ids(IMG_CONTEXT), image_token=IMG_CONTEXT)
     model.tokenizer = tok
     if cfg.get("dynamic_image_size"):
@@ -110,16 +120,102 @@ def from_original(path: str | os.PathLike, *, dtype: str | torch.dtype | None = 
     return model.eval()
 
 
-def no_export(model: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
-    raise ValueError("vlm writes InternVL in the transformers layout (format 'internvl'), not the remote-code one")
+#: the remote-code files a published original directory names (written as data; vlm writes no code)
+AUTO_MAP = {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+            "AutoModel": "modeling_internvl_chat.InternVLChatModel",
+            "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel"}
+#: the tokenizer class the original InternLM2 tokenizer files name (``vlm.data.sentencepiece_tokenizer`` reads it)
+INTERNLM2_TOKENIZER = {"tokenizer_class": "InternLM2Tokenizer",
+                       "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]}}
+DEFAULT_TEMPLATE = "internlm2-chat"
+
+
+def original_problems(model: Any) -> list[str]:
+    """Why ``model`` cannot be written as an original InternVL directory (empty when it can): InternVL's parts
+    (``vlm.interop.internvl.internvl_problems``), a tokenizer holding the image token, and an LLM the original
+    layout holds (a Llama is written as InternLM2: ``vlm.interop.internlm2.llama_problems``)."""
+    from vlm.interop.internlm2 import EXPORT_AS
+    from vlm.interop.internvl import internvl_problems
+
+    problems = internvl_problems(model)
+    if problems:
+        return problems
+    if model.tokenizer is None or model.image_token not in model.tokenizer.get_vocab():
+        problems.append(f"the original layout names its image token only in the tokenizer; model.tokenizer must "
+                        f"hold {model.image_token!r}")
+    text = model.llm.text_config
+    remote = REMOTE_LLMS.get(EXPORT_AS.get(text.model_type, ""))
+    if remote is not None:
+        problems += [f"the LLM cannot be written as {remote.architectures[0]}: {p}"
+                     for p in remote.problems(text.to_dict())]
+    return problems
+
+
+def to_original(model: Any, path: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
+                processor: bool = True) -> Path:
+    """Write ``model`` as an original OpenGVLab InternVL directory (``model_type: internvl_chat``, safetensors):
+    ``vision_model.*`` (fused qkv), ``mlp1.*``, ``language_model.*`` (a Llama LLM as InternLM2, packed ``wqkv``;
+    another transformers LLM under its own names), the config with ``vision_config`` / ``llm_config`` and the
+    tiling, and the tokenizer (an InternLM2 one naming ``InternLM2Tokenizer``). The remote-code ``.py`` files the
+    config's ``auto_map`` names are not written (vlm writes no code): engines that run them need them copied from
+    the original release. ``processor`` is accepted for the ``HFFormat`` signature; the tokenizer is always written."""
+    from safetensors.torch import save_file
+
+    from vlm.encoders.internvit_keys import ours_to_original
+    from vlm.interop import common
+    from vlm.interop.internlm2 import EXPORT_AS
+
+    problems = original_problems(model)
+    if problems:
+        raise ValueError("to_hf: this model cannot be written as an original InternVL directory (internvl_chat): "
+                         + "; ".join(problems))
+    enc, conn, lm = model.encoder, model.connector, model.llm
+    out_dtype = common.export_dtype(lm, dtype)
+    text = common.text_config_for_export(lm, model)
+    remote_name = EXPORT_AS.get(text["model_type"])
+    lm_state = {k: v for k, v in lm.model.state_dict().items()}
+    if common.is_tied(lm.model):
+        lm_state.pop("lm_head.weight", None)  # one copy, as a tied original saves it
+    if remote_name is not None:
+        llm_config = REMOTE_LLMS[remote_name].from_config(text)
+        lm_state = REMOTE_LLMS[remote_name].from_state(lm_state, text)
+    else:
+        llm_config = {**text, "architectures": [type(lm.model).__name__]}
+    dims = enc.dims
+    vision = {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
+              **{theirs: dims[ours] for theirs, (ours, _) in VISION_KEYS.items() if ours in dims}}
+    tiling = (model.image_preprocessing or {}).get("tiling") or {}
+    dynamic = tiling.get("kind") == "dynamic"
+    cfg = {"architectures": ["InternVLChatModel"], "model_type": MODEL_TYPE, "auto_map": dict(AUTO_MAP),
+           "vision_config": vision, "llm_config": llm_config, "select_layer": enc.feature_layer,
+           "force_image_size": dims["image_size"], "downsample_ratio": float(conn.scale), "ps_version": "v2",
+           "template": getattr(model, "original_template", None) or DEFAULT_TEMPLATE,
+           "dynamic_image_size": dynamic, "use_thumbnail": bool(tiling.get("thumbnail", False)),
+           "min_dynamic_patch": int(tiling.get("min_tiles", 1)), "max_dynamic_patch": int(tiling.get("max_tiles", 1)),
+           "use_backbone_lora": 0, "use_llm_lora": 0, "torch_dtype": dtype_name(out_dtype)}
+    state = {f"vision_model.{k}": v for k, v in ours_to_original(enc.model.state_dict()).items()}
+    state.update({f"mlp1.{k.removeprefix('layers.')}": v for k, v in conn.state_dict().items()})
+    state.update({f"language_model.{k}": v for k, v in lm_state.items()})
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().to(out_dtype).contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    model.tokenizer.save_pretrained(str(out))
+    if remote_name is not None:
+        tok_file = out / "tokenizer_config.json"
+        tok_cfg = json.loads(tok_file.read_text())
+        if tok_cfg.get("tokenizer_class") == "SentencePieceTokenizer":  # InternLM2's own tokenizer, as published
+            tok_file.write_text(json.dumps({**tok_cfg, **INTERNLM2_TOKENIZER}, indent=2, ensure_ascii=False) + "\n")
+    return out
 
 
 @FORMATS.register("internvl_chat")
 class InternVLChatFormat(HFFormat):
-    """Original OpenGVLab InternVL checkpoints (import only)."""
+    """Original OpenGVLab InternVL checkpoints (remote-code ``InternVLChatModel``), read and written as data."""
 
     model_type = MODEL_TYPE
     hf_class = "InternVLChatModel (original OpenGVLab checkpoint, imported without its remote code)"
     from_hf = staticmethod(from_original)
-    to_hf = staticmethod(no_export)
-    problems = staticmethod(lambda model: ["import only: vlm exports InternVL as format 'internvl'"])
+    to_hf = staticmethod(to_original)
+    problems = staticmethod(original_problems)
