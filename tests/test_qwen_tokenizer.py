@@ -10,8 +10,15 @@ import pytest
 import tiktoken
 
 from tests.qwen_vl_fixtures import train_ranks, write_tiktoken
-from vlm.data.qwen_tokenizer import (IMAGE_PAD, PAT_STR, SPECIAL_TOKENS, load_qwen_tokenizer, qwen_tokenizer,
-                                     read_ranks, save_qwen_tiktoken)
+from vlm.data.qwen_tokenizer import (
+    IMAGE_PAD,
+    PAT_STR,
+    SPECIAL_TOKENS,
+    load_qwen_tokenizer,
+    qwen_tokenizer,
+    read_ranks,
+    save_qwen_tiktoken,
+)
 from vlm.data.tokenizer import load_tokenizer
 
 CORPUS = [
