@@ -14,9 +14,9 @@ features; here the processor writes the image token 256 times there (``num_queri
 features are injected at them, so the LLM sees the same sequence. Boxes stay text, ``<ref>..</ref><box>(x1,y1),
 (x2,y2)</box>`` with coordinates in ``[0, 1000)``.
 
-Data in Qwen-VL's own JSON (the ``qwen_vl`` reader) already carries ``Picture N: `` and the newline after each image:
-the template adds a label or newline only where the message does not have it, so the data's text and a chat turn
-given as ``[image, image, question]`` render the same.
+Data in Qwen-VL's own JSON (the ``qwen_vl`` reader) already writes ``Picture N: `` and the newline around each image:
+its text is kept as it is. A message that gives its images apart (a chat turn ``[image, image, question]``) gets them
+written that way, so both render the same prompt.
 """
 from __future__ import annotations
 
@@ -32,24 +32,19 @@ LABEL = "Picture {n}: "
 
 
 def label_images(message: Message) -> Message:
-    """``message`` with each image preceded by ``Picture N: `` and followed by ``\\n`` where its text lacks them."""
-    parts: list[Any] = []
-    k = 0
-    items = list(message.parts)
-    for i, part in enumerate(items):
-        if not isinstance(part, ImageRef):
-            parts.append(part)
-            continue
-        k += 1
-        label = LABEL.format(n=k)
-        before = parts[-1] if parts and isinstance(parts[-1], str) else ""
-        if not before.endswith(label):
-            parts.append(label)
-        parts.append(part)
-        after = items[i + 1] if i + 1 < len(items) and isinstance(items[i + 1], str) else ""
-        if not after.startswith("\n"):
-            parts.append("\n")
-    return Message(message.role, parts)
+    """A message that gives its images apart (they lead it, no text among them: a chat turn ``[image, image,
+    question]``) with each image written ``Picture N: IMAGE\n``; any other message as it is (its text places its
+    images itself, as Qwen-VL's data does)."""
+    parts = list(message.parts)
+    n = 0
+    while n < len(parts) and isinstance(parts[n], ImageRef):
+        n += 1
+    if n == 0 or any(isinstance(p, ImageRef) for p in parts[n:]):
+        return message
+    labelled: list[Any] = []
+    for k, image in enumerate(parts[:n], 1):
+        labelled += [LABEL.format(n=k), image, "\n"]
+    return Message(message.role, labelled + parts[n:])
 
 
 class PictureLabels:
