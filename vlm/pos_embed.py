@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch.nn import functional as F
 
 
 def sincos_2d(h: int, w: int, dim: int, temperature: float = 10000.0, col_first: bool = False) -> torch.Tensor:
@@ -25,3 +26,13 @@ def sincos_2d(h: int, w: int, dim: int, temperature: float = 10000.0, col_first:
         parts += [angles.sin(), angles.cos()]
     out = torch.cat(parts, dim=1)
     return torch.nn.functional.pad(out, (0, dim - out.shape[1]))
+
+
+def resize_pos_grid(pos: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]) -> torch.Tensor:
+    """``(src_h*src_w, C) -> (dst_h*dst_w, C)``: a row-major grid of position codes resized bicubically
+    (``align_corners=False``, computed in fp32, returned in ``pos``'s dtype); unchanged when ``src == dst``."""
+    if tuple(src) == tuple(dst):
+        return pos
+    grid = pos.float().reshape(1, src[0], src[1], -1).permute(0, 3, 1, 2)
+    out = F.interpolate(grid, size=tuple(dst), mode="bicubic", align_corners=False)
+    return out.permute(0, 2, 3, 1).reshape(dst[0] * dst[1], -1).to(pos.dtype)

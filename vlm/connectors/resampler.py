@@ -28,17 +28,7 @@ from torch.nn import functional as F
 
 from vlm.connectors.base import Connector, Grid, image_grids
 from vlm.connectors.registry import CONNECTORS
-from vlm.pos_embed import sincos_2d
-
-
-def resize_pos_grid(pos: torch.Tensor, src: Grid, dst: Grid) -> torch.Tensor:
-    """``(src_h*src_w, C) -> (dst_h*dst_w, C)``: a row-major grid of position codes resized bicubically
-    (``align_corners=False``, computed in fp32, returned in ``pos``'s dtype); unchanged when ``src == dst``."""
-    if tuple(src) == tuple(dst):
-        return pos
-    grid = pos.float().reshape(1, src[0], src[1], -1).permute(0, 3, 1, 2)
-    out = F.interpolate(grid, size=tuple(dst), mode="bicubic", align_corners=False)
-    return out.permute(0, 2, 3, 1).reshape(dst[0] * dst[1], -1).to(pos.dtype)
+from vlm.pos_embed import resize_pos_grid, sincos_2d
 
 
 @CONNECTORS.register("resampler")

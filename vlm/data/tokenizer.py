@@ -20,6 +20,7 @@ from typing import Any
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+from vlm.data.byte_level import bytes_to_unicode as _bytes_to_unicode
 from vlm.data.templates.vicuna import VicunaV1
 from vlm.registry import Registry
 
@@ -64,19 +65,6 @@ _TEMPLATE_TOKENS: dict[str, tuple[str, ...]] = {"vicuna_v1": ("</s>",)}
 def _special_tokens(chat_template: str, extra_tokens: Sequence[str]) -> list[str]:
     """:data:`SPECIAL_TOKENS`, then the chat template's own tokens, then ``extra_tokens`` (no repeats)."""
     return list(dict.fromkeys([*SPECIAL_TOKENS, *_TEMPLATE_TOKENS.get(chat_template, ()), *extra_tokens]))
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable unicode map (the ``ByteLevel`` pre-tokenizer's alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def byte_tokenizer(chat_template: str = "chatml", extra_tokens: Sequence[str] = (), generation_tags: bool = True,
@@ -151,15 +139,54 @@ def byte_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512, chat_templat
 BUILT_IN_TOKENIZERS = {"byte": byte_tokenizer}
 
 
+def qwen_tiktoken(path: str | os.PathLike) -> Any:
+    """``vlm.data.qwen_tokenizer.load_qwen_tokenizer`` (imported when a directory needs it)."""
+    from vlm.data.qwen_tokenizer import load_qwen_tokenizer
+
+    return load_qwen_tokenizer(path)
+
+
+#: vocabulary files that make a directory's tokenizer one we build in code (no remote code): file name -> builder
+DIRECTORY_TOKENIZERS = {"qwen.tiktoken": qwen_tiktoken}
+#: ``config.json`` ``model_type`` of directories whose tokenizer is only one of those files -> the file
+REQUIRED_VOCAB_FILES = {"qwen": "qwen.tiktoken"}
+
+
+def directory_tokenizer(name: str) -> Any:
+    """The builder of a local directory whose tokenizer is a :data:`DIRECTORY_TOKENIZERS` file, else ``None``.
+    ``FileNotFoundError`` naming the file when the directory's ``config.json`` says its tokenizer is such a file
+    (e.g. ``model_type: qwen`` and ``qwen.tiktoken``) and the file is missing."""
+    import json
+    from pathlib import Path
+
+    path = Path(name)
+    if not path.is_dir():
+        return None
+    for file, builder in DIRECTORY_TOKENIZERS.items():
+        if (path / file).is_file():
+            return builder
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    required = REQUIRED_VOCAB_FILES.get(model_type) if isinstance(model_type, str) else None
+    if required is not None:
+        raise FileNotFoundError(f"{str(path / required)!r} does not exist: {str(path / 'config.json')!r} says "
+                                f"model_type {model_type!r}, whose tokenizer is that vocabulary file (vlm builds it "
+                                f"without remote code); copy {required} from the published checkpoint")
+    return None
+
+
 def load_tokenizer(path_or_name: str | os.PathLike, *, trust_remote_code: bool = False, **kwargs: Any) -> Any:
     """Load a tokenizer from a local directory (never the network).
 
-    ``"byte"`` / ``"byte:chatml"`` / ``"byte:llama3"`` / ``"byte:vicuna_v1"`` build :func:`byte_tokenizer`. Anything
-    else goes to ``AutoTokenizer.from_pretrained(..., local_files_only=True)`` (a local directory or an already-cached
-    hub name); remote code runs only when the caller opts in (the ``trust_remote_code`` flag, off by default), and
-    no question is ever asked (the flag is passed explicitly). A directory whose ``tokenizer_config.json`` names a
+    ``"byte"`` / ``"byte:chatml"`` / ``"byte:llama3"`` / ``"byte:vicuna_v1"`` build :func:`byte_tokenizer`. A directory
+    holding ``qwen.tiktoken`` (Qwen / Qwen-VL) gets Qwen's tokenizer built from it (:data:`DIRECTORY_TOKENIZERS`,
+    ``vlm.data.qwen_tokenizer``), never its remote code. A directory whose ``tokenizer_config.json`` names a
     remote-code class vlm reads as data (``vlm.data.sentencepiece_tokenizer.REMOTE_TOKENIZERS``: InternLM2's) is
-    built without its code.
+    built without its code. Anything else goes to ``AutoTokenizer.from_pretrained(..., local_files_only=True)`` (a
+    local directory or an already-cached hub name); remote code runs only when the caller opts in (the
+    ``trust_remote_code`` flag, off by default), and no question is ever asked (the flag is passed explicitly).
     """
     from transformers import AutoTokenizer
 
@@ -170,6 +197,9 @@ def load_tokenizer(path_or_name: str | os.PathLike, *, trust_remote_code: bool =
     built_in = BUILT_IN_TOKENIZERS.get(kind)
     if built_in is not None:
         return built_in(chat_template if sep else "chatml", **kwargs)
+    directory = directory_tokenizer(name)
+    if directory is not None:
+        return directory(name)
     if os.path.isdir(name) and not trust_remote_code:
         ours = remote_tokenizer(Path(name))
         if ours is not None:

@@ -9,6 +9,8 @@ before any final norm, pooling or projection: those head modules are removed, as
 - open_clip's own ``VisionTransformer`` (OpenAI / LAION CLIP, ViT-bigG-14 as Qwen-VL uses it): ``image_size``
   rebuilds it at another resolution, and a weights file made for another grid gets its position embeddings resized
   (bicubic, open_clip's ``resize_pos_embed``), as Qwen-VL's 448 px ViT-bigG was made from the 224 px one;
+- the same without a class token, with one learned position table resized to each image's grid at every forward
+  (``class_token=False``, ``pos_grid``: Qwen-VL's own ViT, imported by ``vlm.interop.qwen_vl``);
 - a ``TimmModel`` around a timm ViT trunk (the SigLIP variants): its native size only.
 
 ``pretrained``: a ``.safetensors`` or ``torch.load``-able (``weights_only=True``) file holding a full open_clip model
@@ -61,6 +63,35 @@ class NativeViT:
         wrapped = {"visual.positional_embedding": state["positional_embedding"]}
         resize_pos_embed(wrapped, SimpleNamespace(visual=self.visual))
         state["positional_embedding"] = wrapped["visual.positional_embedding"]
+
+
+class GridPosViT(NativeViT):
+    """open_clip's ``VisionTransformer`` without a class token, its learned positions one ``pos_grid x pos_grid``
+    table (``positional_embedding``: ``(pos_grid**2, C)``) resized bicubically to each image's patch grid at every
+    forward (``align_corners=False``, in fp32): Qwen-VL's ViT (``get_abs_pos``), whose 16 x 16 table serves its
+    32 x 32 grid at 448 px."""
+
+    def __init__(self, visual: nn.Module, pos_grid: int) -> None:
+        super().__init__(visual)
+        self.has_cls = False
+        self.pos_grid = (int(pos_grid), int(pos_grid))
+        visual.class_embedding = None
+        visual.positional_embedding = nn.Parameter(
+            self.hidden_size ** -0.5 * torch.randn(self.pos_grid[0] * self.pos_grid[1], self.hidden_size))
+
+    def tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, H, W) -> (N, h*w, C)``: patches + resized positions, ``ln_pre``, the blocks."""
+        from vlm.pos_embed import resize_pos_grid
+
+        v = self.visual
+        x = v.conv1(pixel_values)
+        grid = (x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2)
+        x = x + resize_pos_grid(v.positional_embedding, self.pos_grid, grid).to(x.dtype)
+        return v.transformer(v.ln_pre(x))
+
+    def resize_pos_embed(self, state: dict[str, torch.Tensor]) -> None:
+        pass  # the table is resized at every forward
 
 
 class TimmTrunkViT:
@@ -131,7 +162,7 @@ class OpenCLIPEncoder(VisionEncoder):
                  image_size: int | None = None, pretrained: str | None = None, pretrained_tag: str | None = None,
                  feature_layer: int = -1, select: str = "patch", freeze: bool = False,
                  image_mean: list[float] | None = None, image_std: list[float] | None = None,
-                 dtype: str | None = None) -> None:
+                 dtype: str | None = None, class_token: bool = True, pos_grid: int | None = None) -> None:
         super().__init__()
         from open_clip.model import _build_vision_tower
 
@@ -151,7 +182,15 @@ class OpenCLIPEncoder(VisionEncoder):
             raise ValueError(f"open_clip encoder: {label}'s vision tower is a {type(visual).__name__}; expected a "
                              f"ViT (open_clip's VisionTransformer or a timm ViT trunk) whose patch tokens are the "
                              f"features")
-        self.tower = kind(visual)
+        if not class_token:
+            if kind is not NativeViT:
+                raise ValueError(f"open_clip encoder: class_token=False needs open_clip's own VisionTransformer; "
+                                 f"{label}'s tower is a {type(visual).__name__}")
+            self.tower = GridPosViT(visual, pos_grid or int(vision_cfg["image_size"]) // int(vision_cfg["patch_size"]))
+        elif pos_grid is not None:
+            raise ValueError("open_clip encoder: pos_grid (a position table resized per image) needs class_token=False")
+        else:
+            self.tower = kind(visual)
         self.model = visual
         if image_size is not None and int(image_size) != self.tower.image_size:
             raise ValueError(f"open_clip encoder: {label}'s timm trunk takes its native {self.tower.image_size} px "
@@ -167,6 +206,7 @@ class OpenCLIPEncoder(VisionEncoder):
         # the resolved config is saved: a saved model rebuilds without the name being registered with open_clip
         self.model_name, self.model_config, self.pretrained_tag = model_name, dict(config), pretrained_tag
         self.feature_layer, self.select = feature_layer, select
+        self.class_token, self.pos_grid = bool(class_token), (self.tower.pos_grid[0] if not class_token else None)
         self.hidden_size, self.patch_size = self.tower.hidden_size, self.tower.patch_size
         self.image_size = self.tower.image_size
         self.has_cls, self.num_register_tokens = self.tower.has_cls, self.tower.num_register_tokens
@@ -255,5 +295,5 @@ class OpenCLIPEncoder(VisionEncoder):
         return {"name": "open_clip", "model_name": self.model_name, "model_config": self.model_config,
                 "image_size": self.image_size, "pretrained_tag": self.pretrained_tag,
                 "feature_layer": self.feature_layer, "select": self.select, "image_mean": list(self.image_mean),
-                "image_std": list(self.image_std),
+                "image_std": list(self.image_std), "class_token": self.class_token, "pos_grid": self.pos_grid,
                 "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch.")}
