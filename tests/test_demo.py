@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 import vlm
 from tests.conftest import chat_model
 from vlm.demo.turns import chatbot_messages, drawings, image_folders, input_turn, save_drawing
-from vlm.inference.history import load_history, save_history
+from vlm.inference.history import load_history
 
 CHROMIUM = "/usr/bin/chromium"
 NEW = 8
@@ -61,12 +61,15 @@ def demo(model):
     return Demo(model)
 
 
-def grounding_history(root: Path, ball: str) -> list[dict]:
-    """A saved conversation whose assistant turn answered with a box (as a grounding data set's answer does)."""
-    history = [{"role": "user", "content": [{"type": "image", "image": ball},
-                                            {"type": "text", "text": "Where is the red ball?"}]},
-               {"role": "assistant", "content": [{"type": "text", "text": BOX_REPLY}]}]
-    return load_history(save_history(history, root / "talk.json"))
+RECORDED = Path(__file__).resolve().parents[1] / "docs" / "chat_history.json"
+
+
+def recorded_history() -> list[dict]:
+    """The recorded `python -m vlm.chat` session of docs/inference.md: the default job's trained checkpoint answered
+    a grounding question about a shapes image with a box."""
+    history = load_history(RECORDED)
+    assert drawings(history), "docs/chat_history.json should hold a reply with a box"
+    return history
 
 
 # ------------------------------------------------------------------------------------------------------------ turns
@@ -134,8 +137,8 @@ def run_turn(demo, value, history, *controls):
 def test_the_chat_function_answers_as_model_chat(demo, model, files):
     """The streamed turn ends with model.chat's reply and history (greedy; and sampled with the same seed), each
     step shows a prefix of it, and a box reply of the history is drawn on its image."""
-    root, _, ball, square = files
-    history = grounding_history(root, ball)
+    square = files[3]
+    history = recorded_history()
     steps, (shown, new_history, box_value, latest) = run_turn(demo, {"text": QUESTION, "files": [square]}, history,
                                                               0.0, 1.0, NEW)
     reply, expected = model.chat(square, QUESTION, history, max_new_tokens=NEW)
@@ -144,10 +147,9 @@ def test_the_chat_function_answers_as_model_chat(demo, model, files):
     streamed = [s[0][-1]["content"][0]["text"] for s in steps[:-1]]
     assert all(reply.startswith(t) for t in streamed) and streamed[-1] == reply
     assert shown[2]["content"][0] == {"path": square, "alt_text": "image square.png"}
-    drawn = drawings(new_history)  # the saved box reply (first), and the new reply's boxes if it has any
-    assert drawn[0].index == 1 and np.array_equal(np.asarray(drawn[0].image),
-                                                  np.asarray(vlm.draw_boxes(history[0]["content"][0]["image"],
-                                                                            BOX_REPLY)))
+    drawn = drawings(new_history)  # the recorded box reply (first), and the new reply's boxes if it has any
+    assert drawn[0].index == 1 and np.array_equal(np.asarray(drawn[0].image), np.asarray(
+        vlm.draw_boxes(history[0]["content"][0]["image"], history[1]["content"][0]["text"])))
     assert np.array_equal(np.asarray(Image.open(latest).convert("RGB")), np.asarray(drawn[-1].image))
     # a follow-up text-only turn continues the conversation
     _, (_, h2, _, _) = run_turn(demo, {"text": "Why?", "files": []}, new_history, 0.0, 1.0, NEW)
@@ -209,16 +211,16 @@ def image_at(page, url: str) -> np.ndarray:
 
 
 def test_the_page_in_chromium(files, model):
-    """`python -m vlm.demo DIR --history talk.json` on a free port of 127.0.0.1; in headless Chromium: the saved
-    turn's box is drawn, an uploaded image + a grounding question get model.chat's reply, every drawn box image
+    """`python -m vlm.demo DIR --history docs/chat_history.json` on a free port of 127.0.0.1; in headless Chromium: the
+    recorded turn's box is drawn, an uploaded image + a grounding question get model.chat's reply, every drawn box image
     equals vlm.draw_boxes of its reply, Clear empties the page, and no request goes to another host."""
     sync_playwright = browser_or_skip()
     from vlm.demo.__main__ import main
 
-    root, model_dir, ball, square = files
-    history = grounding_history(root, ball)
+    _, model_dir, _, square = files
+    history = recorded_history()
     port = free_port()
-    app = main([str(model_dir), "--port", str(port), "--history", str(root / "talk.json"),
+    app = main([str(model_dir), "--port", str(port), "--history", str(RECORDED),
                 "--max-new-tokens", str(NEW)], block=False)
     requests: list[str] = []
     try:
@@ -229,11 +231,11 @@ def test_the_page_in_chromium(files, model):
                 "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                 "--disable-sync", "--no-first-run"])
             try:
-                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                page = browser.new_page(viewport={"width": 1280, "height": 960})
                 page.on("request", lambda r: requests.append(r.url))
                 page.goto(f"http://127.0.0.1:{port}/", wait_until="load")
                 bot_images = page.locator('#chatbot [data-testid="bot"] img')
-                bot_images.first.wait_for(timeout=30_000)  # the saved turn's box, drawn on load
+                bot_images.first.wait_for(timeout=30_000)  # the recorded turn's box, drawn on load
                 assert bot_images.count() == 1
 
                 page.set_input_files("#question input[type=file]", square)
@@ -246,10 +248,10 @@ def test_the_page_in_chromium(files, model):
                     time.sleep(0.2)
                 assert texts.count() == 2 and texts.last.text_content() == reply
                 users = page.locator('#chatbot [data-testid="user"]')
-                assert page.locator('#chatbot [data-testid="user"] img').count() == 2  # ball (saved) + square
+                assert page.locator('#chatbot [data-testid="user"] img').count() == 2  # the recorded image + square
                 assert users.last.text_content().strip() == QUESTION
 
-                expected = drawings(final)  # the saved box reply, and the new reply's boxes if it has any
+                expected = drawings(final)  # the recorded box reply, and the new reply's boxes if it has any
                 page.wait_for_function(f"document.querySelectorAll('#chatbot [data-testid=\"bot\"] img').length"
                                        f" == {len(expected)}", timeout=10_000)
                 for img, drawing in zip(bot_images.all(), expected):

@@ -27,6 +27,14 @@ OFFLINE_ENV = {"GRADIO_ANALYTICS_ENABLED": "False",  # no telemetry, no PyPI ver
                "GRADIO_SSR_MODE": "False",  # no Node server-side rendering
                "HF_HUB_OFFLINE": "1"}
 
+#: Images in the conversation at a readable size (a model's 48-px question image too), upscaled without blur so a
+#: drawn box stays sharp.
+CSS = """
+#chatbot .image-frame img { height: 150px; width: auto; max-width: 100%; object-fit: contain;
+                            image-rendering: pixelated; }
+#boxes img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
+"""
+
 Message = dict[str, Any]
 
 
@@ -124,7 +132,7 @@ def build_app(model: Any, *, processor: Any = None, template: Any = None, histor
         conversation = gr.State(start)
         with gr.Row():
             with gr.Column(scale=3):
-                chatbot = gr.Chatbot(shown, label="conversation", elem_id="chatbot", height=520,
+                chatbot = gr.Chatbot(shown, label="conversation", elem_id="chatbot", height=620,
                                      render_markdown=False, feedback_options=None, buttons=["copy"])
                 box = gr.MultimodalTextbox(placeholder="Ask about the image (drop or paste images here)",
                                            file_types=["image"], file_count="multiple", sources=["upload"],
@@ -157,5 +165,5 @@ def launch(app: Any, *, host: str = "127.0.0.1", port: int | None = None, share:
 
     kwargs = {"server_name": host, "server_port": port, "share": share, "prevent_thread_lock": not block,
               "ssr_mode": False, "show_error": True, "quiet": not block, "inbrowser": False,
-              "theme": gr.themes.Default(), "allowed_paths": list(getattr(app, "allowed", [])), **options}
+              "theme": gr.themes.Default(), "css": CSS, "allowed_paths": list(getattr(app, "allowed", [])), **options}
     return app.launch(**kwargs)
