@@ -146,10 +146,11 @@ def chat_batch(model: Any, images: Sequence[Images], texts: Sequence[str],
 
 class ChatStream:
     """Iterate to get the reply's text pieces as they are generated; afterwards ``reply`` and ``history`` hold the
-    whole reply and the updated history (as :func:`chat` returns them)."""
+    whole reply and the updated history (as :func:`chat` returns them). ``messages``: the conversation the reply
+    answers (the history + the new user turn, as the model reads it), known before the first piece."""
 
     def __init__(self, pieces: Iterator[str], messages: list[Message]) -> None:
-        self._pieces, self._messages = pieces, messages
+        self._pieces, self.messages = pieces, messages
         self.reply: str | None = None
         self.history: list[Message] | None = None
 
@@ -159,7 +160,7 @@ class ChatStream:
             parts.append(piece)
             yield piece
         self.reply = "".join(parts)
-        self.history = [*self._messages, assistant_turn(self.reply)]
+        self.history = [*self.messages, assistant_turn(self.reply)]
 
 
 def chat_stream(model: Any, images: Images, text: str, history: Sequence[Message] | None = None, *,
