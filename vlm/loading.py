@@ -18,11 +18,30 @@ from vlm.persistence import FORMAT
 from vlm.pretrained import CONFIG_FILE, WEIGHTS_FILE
 
 
-def load(directory: str | os.PathLike, *, tokenizer: bool = True, device: str | torch.device | None = None) -> VLM:
+def load(directory: str | os.PathLike, *, tokenizer: bool = True, device: str | torch.device | None = None,
+         quantize: str | None = None, quantize_vision: bool = False, quantize_head: bool = False) -> VLM:
     """Load a model directory for inference, in eval mode (as transformers' ``from_pretrained``): one written by
     ``VLM.save_pretrained``, or a transformers directory of a format ``vlm.interop`` imports (LLaVA, BLIP-2,
     InternVL; imported on the fly with ``vlm.interop.from_hf``). Raises naming any missing or foreign file, and
-    for a transformers directory its ``model_type`` and the formats vlm imports. Call ``model.train()`` to train."""
+    for a transformers directory its ``model_type`` and the formats vlm imports. Call ``model.train()`` to train.
+
+    ``quantize``: ``None`` (the saved dtype), or a weight-only scheme of ``vlm.quantize.SCHEMES`` (``"int8"``,
+    ``"int4"``: CPU and CUDA; ``"nf4"``: CUDA) applied to the LLM's linear layers (the output head with
+    ``quantize_head``, the vision tower's with ``quantize_vision``) once the weights are on ``device``. Any other
+    value is a ``ValueError`` naming the accepted ones, checked before anything is read."""
+    if quantize is not None:
+        from vlm.quantize import scheme_for
+
+        scheme_for(quantize, device)  # a bad name or device fails before the weights are read
+    model = _load(directory, tokenizer=tokenizer, device=device)
+    if quantize is not None:
+        from vlm.quantize import quantize_model
+
+        quantize_model(model, quantize, vision=quantize_vision, head=quantize_head, device=device)
+    return model
+
+
+def _load(directory: str | os.PathLike, *, tokenizer: bool, device: str | torch.device | None) -> VLM:
     path = Path(directory)
     if not path.is_dir():
         raise FileNotFoundError(f"vlm.load: {str(path)!r} is not a directory")

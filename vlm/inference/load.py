@@ -21,8 +21,10 @@ class Opened:
     directory: Path
 
 
-def open_model(path: str | os.PathLike, *, device: str | None = None) -> Opened:
-    """Open ``path``. Raises ``FileNotFoundError`` / ``ValueError`` saying what was found and what was expected."""
+def open_model(path: str | os.PathLike, *, device: str | None = None, quantize: str | None = None,
+               quantize_vision: bool = False) -> Opened:
+    """Open ``path`` (``quantize``, ``quantize_vision``: as ``vlm.load``'s). Raises ``FileNotFoundError`` /
+    ``ValueError`` saying what was found and what was expected."""
     import vlm
     from vlm.pretrained import CONFIG_FILE
 
@@ -42,5 +44,6 @@ def open_model(path: str | os.PathLike, *, device: str | None = None) -> Opened:
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{str(root)!r} is not a model directory: no {CONFIG_FILE} (expected a vlm.load "
                                 f"directory, a run directory with final/, or a transformers directory)")
-    model = vlm.load(weights, device=device)  # one loader: vlm directories and transformers ones, eval mode
+    # one loader: vlm directories and transformers ones, eval mode
+    model = vlm.load(weights, device=device, quantize=quantize, quantize_vision=quantize_vision)
     return Opened(model.eval(), template, run_cfg, weights)
