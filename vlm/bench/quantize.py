@@ -10,9 +10,12 @@ on a trained checkpoint, fp32 vs ``int8`` vs ``int4`` (plus ``nf4`` on CUDA when
 - the evaluation table (``vlm.eval.evaluator.evaluate``, as training's final evaluation and ``vlm.eval`` run it) of
   each model, and ``max_drop_points``: the largest drop of any row against fp32, in points (score x 100).
 
-``--model`` is a run directory (its ``final/``, its evaluation set and template) or a model directory (the shapes
+``--quantize int8,int4`` picks the schemes (default int8 and int4, plus nf4 on CUDA with bitsandbytes). ``--model``
+is a run directory (its ``final/``, its evaluation set and template) or a model directory (the shapes
 validation split); default: the newest ``runs/tiny/*`` (the default job's). ``--quick`` builds a tiny random model
 instead (seconds; checks the bench runs, measures nothing meaningful).
+
+``python -m vlm.bench quantize --model runs/tiny/<timestamp>`` (docs/deploy.md, "Quantized inference").
 """
 from __future__ import annotations
 
@@ -108,12 +111,18 @@ def quantize_bench(args: argparse.Namespace) -> dict[str, Any]:
     from vlm.inference.generate import model_stop_ids
     from vlm.inference.load import open_model
     from vlm.metrics import score_keys
-    from vlm.quantize import linear_weight_bytes, target_names
+    from vlm.quantize import linear_weight_bytes, scheme_for, target_names
 
     device = torch.device(args.device)
     tmp = tempfile.TemporaryDirectory() if args.quick else None
     path = tiny_random_model(Path(tmp.name)) if tmp else Path(args.model) if args.model else default_model()
-    schemes = list(SCHEMES) + (["nf4"] if device.type == "cuda" and importlib.util.find_spec("bitsandbytes") else [])
+    if getattr(args, "quantize", None):
+        schemes = [s.strip() for s in args.quantize.split(",")]
+        for s in schemes:
+            scheme_for(s, device)  # ValueError naming the accepted schemes
+    else:
+        nf4 = device.type == "cuda" and importlib.util.find_spec("bitsandbytes") is not None
+        schemes = list(SCHEMES) + (["nf4"] if nf4 else [])
     opened = {None: open_model(path, device=str(device))}
     for s in schemes:
         opened[s] = open_model(path, device=str(device), quantize=s)
