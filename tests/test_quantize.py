@@ -156,3 +156,14 @@ def test_vision_and_head_options(model_dir):
         from vlm.quantize import quantize_model
 
         quantize_model(q, "int4")
+
+
+def test_a_pre_quantized_transformers_checkpoint_is_refused_by_name(tmp_path):
+    """A GPTQ / AWQ directory (config.json with quantization_config) is named as such, not misread."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava", "quantization_config":
+                                                      {"quant_method": "awq", "bits": 4}}))
+    with pytest.raises(ValueError, match=r"pre-quantized checkpoint \(quantization_config.quant_method='awq'\); "
+                                         r"vlm does not import GPTQ / AWQ"):
+        vlm.load(tmp_path)

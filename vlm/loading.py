@@ -69,6 +69,13 @@ def load_transformers_directory(path: Path, config: dict[str, Any], *, tokenizer
         raise ValueError(f"vlm.load: {str(path / CONFIG_FILE)!r} is neither a vlm config (format="
                          f"{config.get('format')!r}, expected 'vlm') nor a transformers config (no model_type)")
     format_for_model_type(config["model_type"], f"vlm.load: {str(path / CONFIG_FILE)!r}")  # names the supported
+    quantized = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+    if quantized:
+        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else "?"
+        raise ValueError(f"vlm.load: {str(path)!r} is a pre-quantized checkpoint (quantization_config.quant_method="
+                         f"{method!r}); vlm does not import GPTQ / AWQ / bitsandbytes weights. Serve it with the "
+                         f"engine it was made for (vLLM, LMDeploy, transformers on CUDA), or load the unquantized "
+                         f"model with vlm.load(DIR, quantize='int8' | 'int4') (docs/deploy.md)")
     model = from_hf(path, tokenizer=tokenizer)
     if device is not None:
         model.to(device)
