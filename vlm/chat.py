@@ -141,6 +141,8 @@ class Session:
 def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None) -> int:
     import argparse
 
+    from vlm.quantize import SCHEMES
+
     ap = argparse.ArgumentParser(prog="python -m vlm.chat", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir")
@@ -155,15 +157,17 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None) -> int:
     ap.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     ap.add_argument("--out-dir", default="chat_images", help="where images with drawn boxes are saved")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--quantize", default=None, choices=SCHEMES.names(),
+                    help="weight-only quantization of the LLM's linear layers (vlm.quantize; default: none)")
     a = ap.parse_args(argv)
     from vlm.data.errors import DataError
     from vlm.inference.chat import chat, processor_for
     from vlm.inference.load import open_model
 
     try:
-        opened = open_model(a.model_dir, device=a.device)
+        opened = open_model(a.model_dir, device=a.device, quantize=a.quantize)
         processor = processor_for(opened.model, a.template or opened.template)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, ImportError) as e:
         print(f"vlm.chat: {e}", file=sys.stderr)
         return 2
     options = {k: v for k, v in {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p,

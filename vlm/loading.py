@@ -18,11 +18,30 @@ from vlm.persistence import FORMAT
 from vlm.pretrained import CONFIG_FILE, WEIGHTS_FILE
 
 
-def load(directory: str | os.PathLike, *, tokenizer: bool = True, device: str | torch.device | None = None) -> VLM:
+def load(directory: str | os.PathLike, *, tokenizer: bool = True, device: str | torch.device | None = None,
+         quantize: str | None = None, quantize_vision: bool = False, quantize_head: bool = False) -> VLM:
     """Load a model directory for inference, in eval mode (as transformers' ``from_pretrained``): one written by
     ``VLM.save_pretrained``, or a transformers directory of a format ``vlm.interop`` imports (LLaVA, BLIP-2,
     InternVL; imported on the fly with ``vlm.interop.from_hf``). Raises naming any missing or foreign file, and
-    for a transformers directory its ``model_type`` and the formats vlm imports. Call ``model.train()`` to train."""
+    for a transformers directory its ``model_type`` and the formats vlm imports. Call ``model.train()`` to train.
+
+    ``quantize``: ``None`` (the saved dtype), or a weight-only scheme of ``vlm.quantize.SCHEMES`` (``"int8"``,
+    ``"int4"``: CPU and CUDA; ``"nf4"``: CUDA) applied to the LLM's linear layers (the output head with
+    ``quantize_head``, the vision tower's with ``quantize_vision``) once the weights are on ``device``. Any other
+    value is a ``ValueError`` naming the accepted ones, checked before anything is read."""
+    if quantize is not None:
+        from vlm.quantize import scheme_for
+
+        scheme_for(quantize, device)  # a bad name or device fails before the weights are read
+    model = _load(directory, tokenizer=tokenizer, device=device)
+    if quantize is not None:
+        from vlm.quantize import quantize_model
+
+        quantize_model(model, quantize, vision=quantize_vision, head=quantize_head, device=device)
+    return model
+
+
+def _load(directory: str | os.PathLike, *, tokenizer: bool, device: str | torch.device | None) -> VLM:
     path = Path(directory)
     if not path.is_dir():
         raise FileNotFoundError(f"vlm.load: {str(path)!r} is not a directory")
@@ -50,6 +69,13 @@ def load_transformers_directory(path: Path, config: dict[str, Any], *, tokenizer
         raise ValueError(f"vlm.load: {str(path / CONFIG_FILE)!r} is neither a vlm config (format="
                          f"{config.get('format')!r}, expected 'vlm') nor a transformers config (no model_type)")
     format_for_model_type(config["model_type"], f"vlm.load: {str(path / CONFIG_FILE)!r}")  # names the supported
+    quantized = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+    if quantized:
+        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else "?"
+        raise ValueError(f"vlm.load: {str(path)!r} is a pre-quantized checkpoint (quantization_config.quant_method="
+                         f"{method!r}); vlm does not import GPTQ / AWQ / bitsandbytes weights. Serve it with the "
+                         f"engine it was made for (vLLM, LMDeploy, transformers on CUDA), or load the unquantized "
+                         f"model with vlm.load(DIR, quantize='int8' | 'int4') (docs/deploy.md)")
     model = from_hf(path, tokenizer=tokenizer)
     if device is not None:
         model.to(device)

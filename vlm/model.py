@@ -533,7 +533,13 @@ class VLM(nn.Module):
     # -- persistence -----------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``config.json``, ``model.safetensors`` and the tokenizer (if set). Files are replaced atomically
-        (``vlm.persistence.save_directory``); returns the directory."""
+        (``vlm.persistence.save_directory``); returns the directory. A quantized model (``vlm.load(...,
+        quantize=...)``) is refused: see ``vlm.quantize``."""
+        if getattr(self, "quantization", None):
+            raise ValueError(f"save_pretrained: this model is quantized ({self.quantization['scheme']}, for inference "
+                             f"only); saving would write lossy weights in a format vlm.load cannot read. Save the "
+                             f"unquantized model and load it with vlm.load(DIR, quantize="
+                             f"{self.quantization['scheme']!r}).")
         return save_directory(self, self.config, self.tokenizer, directory)
 
     # -- chat (vlm.inference.chat) ----------------------------------------------------------------------------

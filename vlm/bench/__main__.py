@@ -29,7 +29,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile our decoder layers")
     p.add_argument("--cache", default="dynamic", choices=["dynamic", "static"], help="generate: KV cache kind")
     p.add_argument("--workers", type=int, default=2, help="dataloader: worker processes")
-    p.add_argument("--samples", type=int, default=None, help="packing/dataloader: samples (default per bench)")
+    p.add_argument("--samples", type=int, default=None, help="packing/dataloader/quantize: samples (default per bench)")
+    p.add_argument("--quantize", default=None,
+                   help="quantize: schemes compared with fp32, comma-separated (default int8,int4; + nf4 on CUDA)")
+    p.add_argument("--model", default=None, help="quantize: a run or model directory (default: newest runs/tiny/*)")
     return p
 
 

@@ -63,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     from vlm.eval.report import write_report
     from vlm.inference.chat import processor_for
     from vlm.inference.load import open_model
+    from vlm.quantize import SCHEMES
 
     ap = argparse.ArgumentParser(prog="python -m vlm.eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,18 +76,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     ap.add_argument("--limit", type=int, default=None, help="evaluate the first N samples only")
     ap.add_argument("--gallery", type=int, default=12, help="gallery PNGs to write (0: none)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--quantize", default=None, choices=SCHEMES.names(),
+                    help="weight-only quantization of the LLM's linear layers (vlm.quantize; default: none)")
     a = ap.parse_args(argv)
     bad = [o for o in a.overrides if "=" not in o]
     if bad:
         raise SystemExit(f"vlm.eval: {bad} are not KEY=VALUE overrides (e.g. data=files data.eval=val.json)")
-    try:
-        opened = open_model(a.model_dir)
-    except (FileNotFoundError, ValueError) as e:
+    workers = OneProcess(a.device)
+    try:  # a quantized model is quantized where it runs
+        opened = open_model(a.model_dir, device=str(workers.device) if a.quantize else None, quantize=a.quantize)
+    except (FileNotFoundError, ValueError, ImportError) as e:
         raise SystemExit(f"vlm.eval: {e}") from None
     model = opened.model
     spec, data_name = data_spec(opened, a.overrides, model.image_size)
     samples = build_dataset(spec)
-    workers = OneProcess(a.device)
     model.to(workers.device)
     processor = processor_for(model, a.template or opened.template, truncation="drop")
     metrics, records = evaluate(model, workers, processor, samples, batch_size=a.batch_size,
@@ -95,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     out = Path(a.out) if a.out else Path(a.model_dir) / "eval" / data_name
     n = len(records)
     info = {"model": str(a.model_dir), "data": evaluated(samples, data_name), "template": str(processor.template.name),
-            "samples": n, "max_new_tokens": a.max_new_tokens}
+            "samples": n, "max_new_tokens": a.max_new_tokens, **({"quantize": a.quantize} if a.quantize else {})}
     # the answered samples themselves for the gallery (indexing a skipping dataset gives a dropped one's neighbour)
     read = getattr(samples, "sample", None) or samples.__getitem__
     shown = [read(i) if r.get("prediction") is not None else None for i, r in enumerate(records)]

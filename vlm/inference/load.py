@@ -21,9 +21,10 @@ class Opened:
     directory: Path
 
 
-def open_model(path: str | os.PathLike, *, device: str | None = None, **load_options: Any) -> Opened:
-    """Open ``path``; ``load_options``: more ``vlm.load`` keywords. Raises ``FileNotFoundError`` / ``ValueError``
-    saying what was found and what was expected."""
+def open_model(path: str | os.PathLike, *, device: str | None = None, quantize: str | None = None,
+               quantize_vision: bool = False, **load_options: Any) -> Opened:
+    """Open ``path`` (``quantize``, ``quantize_vision``: as ``vlm.load``'s; ``load_options``: more ``vlm.load``
+    keywords). Raises ``FileNotFoundError`` / ``ValueError`` saying what was found and what was expected."""
     import vlm
     from vlm.pretrained import CONFIG_FILE
 
@@ -44,5 +45,5 @@ def open_model(path: str | os.PathLike, *, device: str | None = None, **load_opt
         raise FileNotFoundError(f"{str(root)!r} is not a model directory: no {CONFIG_FILE} (expected a vlm.load "
                                 f"directory, a run directory with final/, or a transformers directory)")
     # one loader: vlm directories and transformers ones, eval mode
-    model = vlm.load(weights, device=device, **load_options)
+    model = vlm.load(weights, device=device, quantize=quantize, quantize_vision=quantize_vision, **load_options)
     return Opened(model.eval(), template, run_cfg, weights)
