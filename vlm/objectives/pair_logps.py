@@ -62,12 +62,13 @@ def pair_mask(part: torch.Tensor, attn_implementation: str, dtype: torch.dtype) 
 def target_logps(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, source: torch.Tensor,
                  chunk: int = 4096) -> torch.Tensor:
     """``(B, L)`` log-prob of ``labels`` at each target position (0 elsewhere), predicted from the hidden state at
-    ``source (B, L)`` (``hidden (B, L, D)``; ``head``: ``(N, D) -> (N, V)``); float32."""
-    out = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+    ``source (B, L)`` (``hidden (B, L, D)``; ``head``: ``(N, D) -> (N, V)``); float32 or wider."""
+    dtype = torch.promote_types(hidden.dtype, torch.float32)  # float32 at least (bf16 / fp16 hidden states)
+    out = torch.zeros(labels.shape, dtype=dtype, device=labels.device)
     b, t = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
     for s in range(0, len(b), chunk):
         bb, tt = b[s:s + chunk], t[s:s + chunk]
-        logits = head(hidden[bb, source[bb, tt]]).float()
+        logits = head(hidden[bb, source[bb, tt]]).to(dtype)
         lp = torch.log_softmax(logits, -1).gather(1, labels[bb, tt][:, None]).squeeze(1)
         out = out.index_put((bb, tt), lp)
     return out
