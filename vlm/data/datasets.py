@@ -99,4 +99,4 @@ def build_dataset(spec: Any, processor: Any = None, add_generation_prompt: bool 
     return DATASETS.build(spec, processor=processor, add_generation_prompt=add_generation_prompt)
 
 
-from vlm.data import files  # noqa: E402,F401  (registers 'files': known wherever DATASETS is)
+from vlm.data import files, preference  # noqa: E402,F401  (register 'files', 'preference', 'shapes_preference')

@@ -2,11 +2,11 @@
 
 ``lm`` (next-token prediction, the default; ``stage.<name>.loss_weighting`` applies), ``siglip`` (contrastive
 alignment of the vision tower) and ``siglip_tokens`` (the same, token by token) and ``readout`` (the tower answers the questions directly, byte by
-byte) are registered in ``OBJECTIVES``; see ``vlm.objectives.base`` for the interface, the
+byte) and ``dpo`` (preference tuning on pairs: DPO / IPO / hinge, MPO's terms) are registered in ``OBJECTIVES``; see ``vlm.objectives.base`` for the interface, the
 step normalization and the capabilities an objective states. The stage builds one with ``build(cfg, **context)``
 and trains ``TrainModule(model, objective)``.
 """
-from vlm.objectives import lm, readout, siglip, siglip_tokens  # noqa: F401  (registration)
+from vlm.objectives import dpo, lm, readout, siglip, siglip_tokens  # noqa: F401  (registration)
 from vlm.objectives.base import Objective, ObjectiveOutput, TrainModule
 from vlm.objectives.registry import LM, OBJECTIVES, build
 

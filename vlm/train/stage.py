@@ -226,8 +226,31 @@ class StageRunner:
         self.log.info(f"[{self.name}] {len(dataset)} samples, {total} steps of {st.global_batch_size} "
                       f"({plan.accumulation} x {st.micro_batch_size} per process x {s.world_size} processes), "
                       f"precision {str(precision).replace('torch.', '')}, device {s.device}")
-        return Training(model, module, wrapped, optimizer, scheduler, processor, dataset, make_collator(self.tokenizer, st),
-                        plan, total, precision, ckpt, fp, shapes)
+        collator = make_collator(self.tokenizer, st, dataset)
+        pairs = self.preference_setup(module, dataset, collator, processor, precision)
+        return Training(model, module, wrapped, optimizer, scheduler, processor, dataset, collator,
+                        plan, total, precision, ckpt, fp, shapes, pairs)
+
+    def preference_setup(self, module: TrainModule, dataset: Any, collator: Any, processor: Any,
+                         precision: torch.dtype) -> Any:
+        """For an objective on preference pairs (``dpo``): its held-out pairs (``objective.eval_data``, a key of
+        ``data``; ``None`` without) and, with a ``precomputed`` reference, the reference log-probs of every training
+        and held-out pair under the starting model, stored with the data (before any checkpoint is loaded: a resumed
+        run computes the same table)."""
+        objective = module.objective
+        key = getattr(objective, "eval_data", None)
+        held_out = build_dataset(self.cfg.data[key], processor) if key else None
+        if getattr(objective, "precomputes", False):
+            t0 = time.perf_counter()
+            with isolated(derive_seed("reference", self.cfg.seed, self.name), self.strategy.device):
+                for data in (dataset, held_out):
+                    if data is not None:
+                        data.ref_logps = objective.reference_table(module.model, data, collator,
+                                                                   self.strategy.device, precision)
+            self.log.info(f"[{self.name}] reference log-probs of {len(dataset)} training"
+                          + (f" and {len(held_out)} held-out" if held_out is not None else "")
+                          + f" pairs computed before training ({time.perf_counter() - t0:.1f}s)")
+        return held_out
 
     def processor_for(self, model: torch.nn.Module, name: str) -> Any:
         """The processor of stage ``name`` for ``model`` (its template, ``max_length`` and tiling)."""
@@ -323,9 +346,23 @@ class StageRunner:
         """Generation-based evaluation after ``step``, with its own random stream (seeded by seed, stage, step):
         whatever it draws is reproducible and leaves the model's training stream untouched."""
         with isolated(derive_seed("eval", self.cfg.seed, self.name, step), self.strategy.device):
-            return evaluate(t.wrapped, self.strategy, t.processor, self.eval_samples,
-                            batch_size=self.cfg.eval.batch_size, max_new_tokens=self.cfg.eval.max_new_tokens,
-                            precision=t.precision, limit=limit, lockstep=self.strategy.collective_forward)
+            metrics, records = evaluate(t.wrapped, self.strategy, t.processor, self.eval_samples,
+                                        batch_size=self.cfg.eval.batch_size,
+                                        max_new_tokens=self.cfg.eval.max_new_tokens, precision=t.precision,
+                                        limit=limit, lockstep=self.strategy.collective_forward)
+            if t.held_out_pairs is not None:
+                metrics.update(self.evaluate_pairs(t))
+        return metrics, records
+
+    def evaluate_pairs(self, t: "Training") -> dict[str, float]:
+        """The objective's held-out preference metrics (``pairs/preference_accuracy``, ...) over every held-out
+        pair; each process scores the same pairs (they are few), so every process returns the same numbers."""
+        from vlm.train.loop import to_device
+
+        data, size = t.held_out_pairs, self.cfg.eval.batch_size
+        batches = (to_device({k: v for k, v in t.collator([data[i] for i in range(s, min(s + size, len(data)))])
+                              .items() if k != "meta"}, self.strategy.device) for s in range(0, len(data), size))
+        return t.module.objective.evaluate_pairs(t.model, batches, t.precision)
 
     def final_eval(self, t: "Training") -> dict[str, float]:
         metrics, records = self.evaluate(t, self.cfg.eval.limit, t.total)
@@ -356,6 +393,7 @@ class Training:
     ckpt: CheckpointManager
     fingerprint: str
     param_shapes: dict[str, list[int]]
+    held_out_pairs: Any = None      # preference objectives: held-out pairs scored in every evaluation
 
 
 def stage_dataset(cfg: DictConfig, name: str, processor: Any, only_checking: bool = False) -> Any:
@@ -435,8 +473,12 @@ class SkipCounting:
         return getattr(self.loader, name)
 
 
-def make_collator(tokenizer: Any, stage: StageConfig) -> Any:
+def make_collator(tokenizer: Any, stage: StageConfig, dataset: Any = None) -> Any:
     from vlm.data.collate import PackCollator, PadCollator
+    from vlm.data.preference import PairCollator
+
+    if getattr(dataset, "is_preference", False):  # one row per pair: prompt + chosen + rejected
+        return PairCollator(tokenizer.pad_token_id)
 
     if stage.packing:  # (config.check: packing has a max_length)
         return PackCollator(tokenizer.pad_token_id, int(stage.max_length))

@@ -1,0 +1,87 @@
+"""Synthetic preference pairs on shapes scenes (data set ``shapes_preference``): chosen = the right answer, rejected
+= a plausible wrong one.
+
+Each pair is a one-turn ``shapes`` sample (``vlm.data.shapes.ShapesDataset``, its options) and the same prompt with
+a wrong answer of the same kind, drawn from a generator seeded by the sample's own seed: ``vqa_color`` another
+colour, ``vqa_shape`` another shape, ``vqa_count`` one more or one fewer, ``vqa_position`` the other of yes/no,
+``grounding`` the box of another shape in the scene (or the box moved by a third of the image when it is alone),
+``referring`` another shape's name, ``caption`` one shape's colour changed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any
+
+from vlm.data import boxes
+from vlm.data.shapes.dataset import ShapesDataset, sample_seed
+from vlm.data.shapes.scene import COLORS, DEFAULT_SHAPES
+from vlm.data.sample import Message, Sample
+
+#: tasks of the default pairs: the answers a preference can fix (colour, count, box, ...)
+DEFAULT_TASKS = {"vqa_color": 1.0, "vqa_count": 1.0, "vqa_shape": 1.0, "grounding": 1.0}
+
+
+def _other(rng: random.Random, options: Any, right: str) -> str:
+    return rng.choice([o for o in options if o != right])
+
+
+def wrong_answer(sample: Sample, rng: random.Random) -> str:
+    """A plausible wrong answer to ``sample``'s (one-turn shapes sample) question."""
+    meta, right = sample.meta, sample.meta["answer"]
+    task = meta["task"]
+    shapes = meta["scenes"][0]["shapes"]
+    if task == "vqa_color":
+        return _other(rng, COLORS, right)
+    if task == "vqa_shape":
+        return _other(rng, DEFAULT_SHAPES, right)
+    if task == "vqa_count":
+        n = int(right)
+        return str(n + 1 if n == 1 or rng.random() < 0.5 else n - 1)
+    if task == "vqa_position":
+        return "no" if right == "yes" else "yes"
+    size = meta["image_size"]
+    others = [s for s in shapes if s["color"] + " " + s["shape"] != meta.get("target")]
+    if task == "referring":
+        return rng.choice(others)["color"] + " " + rng.choice(others)["shape"] if others else \
+            _other(rng, COLORS, right.split()[0]) + " " + right.split()[1]
+    if task == "grounding":
+        if others:
+            box = boxes.from_pixels(rng.choice(others)["box"], size, size)
+        else:
+            x1, y1, x2, y2 = meta["box_norm"]
+            d = 333 if x2 + 333 < 1000 else -333
+            box = (x1 + d, y1, x2 + d, y2)
+        return boxes.format(meta["target"], box, style=meta.get("box_style", "qwen"))
+    if task == "caption":
+        s = rng.choice(shapes)
+        return right.replace(f"{s['color']} {s['shape']}", f"{_other(rng, COLORS, s['color'])} {s['shape']}", 1)
+    raise KeyError(f"shapes_preference: no wrong answer for task {task!r}; expected one of "
+                   f"{sorted(DEFAULT_TASKS) + ['vqa_position', 'referring', 'caption']}")
+
+
+class ShapesPairs:
+    """``sample(i)`` -> ``Pair`` of shapes sample ``i`` (its right answer) and the same prompt with a wrong one;
+    ``len``, ``__getitem__`` (the chosen ``Sample``, for what reads samples: image placement, evaluation)."""
+
+    def __init__(self, split: str = "train", size: int | None = None, tasks: Any = None, seed: int = 0,
+                 **options: Any) -> None:
+        self.shapes = ShapesDataset(split=split, size=size, tasks=DEFAULT_TASKS if tasks is None else tasks,
+                                    seed=seed, turns=1, **options)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, index: int) -> Sample:
+        return self.shapes[index]
+
+    def sample(self, index: int) -> Any:
+        from vlm.data.preference import Pair
+
+        chosen = self.shapes[index]
+        chosen.meta.setdefault("index", index)
+        rng = random.Random(sample_seed(self.shapes.seed, self.shapes.split + "/rejected", index))
+        wrong = wrong_answer(chosen, rng)
+        rejected = dataclasses.replace(chosen, messages=chosen.messages[:-1] + [Message("assistant", [wrong])],
+                                       meta={**chosen.meta, "answer": wrong})
+        return Pair(chosen, rejected)
