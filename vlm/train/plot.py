@@ -69,3 +69,48 @@ def plot_metrics(metrics_file: Path, out: Path) -> Path | None:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def job_label(row: dict[str, Any], override_keys: list[str]) -> str:
+    """A job's name on the chart: its varying overrides (``connector=mlp``), else ``job N``."""
+    parts = [f"{k}={row[k]}" for k in override_keys if k in row]
+    return ", ".join(parts) if parts else f"job {row.get('job')}"
+
+
+def plot_summary(rows: list[dict[str, Any]], columns: list[str], out: Path,
+                 metrics: tuple[str, ...] = ()) -> Path | None:
+    """Write ``out`` (PNG): a grouped bar chart of a sweep's table, one group per metric and one bar per job; the
+    evaluation metrics (scores in [0, 1], ``metrics``, in that order) on the left, the final loss of each stage on
+    the right. Jobs that did not finish are left out. ``None`` when no finished job has a value to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r.get("status") == "done"]
+    overrides = columns[1:columns.index("status")] if "status" in columns else []
+    scores = [m for m in metrics if any(isinstance(r.get(m), (int, float)) for r in done)]
+    losses = [c for c in columns if c.endswith(" loss") and any(isinstance(r.get(c), (int, float)) for r in done)]
+    panels = [(title, keys) for title, keys in (("evaluation", scores), ("final training loss", losses)) if keys]
+    if not done or not panels:
+        return None
+    widths = [max(3.0, 0.45 * len(keys) * max(2, len(done)) + 1.0) for _, keys in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths), 4.2), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
+    bar = 0.8 / len(done)
+    for ax, (title, keys) in zip(axes[0], panels):
+        for j, r in enumerate(done):
+            xs = [i + (j - (len(done) - 1) / 2) * bar for i in range(len(keys))]
+            ys = [float(r[k]) if isinstance(r.get(k), (int, float)) else 0.0 for k in keys]
+            ax.bar(xs, ys, width=bar, label=job_label(r, overrides))
+        ax.set_xticks(range(len(keys)), [k.removesuffix(" loss") for k in keys], rotation=30, ha="right")
+        ax.set_title(title)
+        if title == "evaluation":
+            ax.set_ylim(0, 1.05)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    rows_of_legend = -(-len(done) // 4)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(done), 4), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * rows_of_legend + 0.02, 1, 1))
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -133,7 +133,8 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def summarize_sweep(sweep_dir: str | Path) -> Path:
-    """Write ``summary.md``, ``summary.csv`` and ``summary.json`` (``{"sweep", "status", "columns", "rows"}``) into
+    """Write ``summary.md``, ``summary.csv``, ``summary.json`` (``{"sweep", "status", "columns", "rows"}``) and
+    ``summary.png`` (a grouped bar chart of the metrics and final losses per job, when a job finished) into
     ``sweep_dir``; returns the markdown path."""
     sweep_dir = Path(sweep_dir)
     rows = job_rows(sweep_dir)
@@ -142,8 +143,19 @@ def summarize_sweep(sweep_dir: str | Path) -> Path:
                                                         "columns": columns(rows), "rows": rows}, indent=1))
     md = sweep_dir / "summary.md"
     md.write_text(f"# Sweep {sweep_dir}\n\n{status_line(rows)}. Job N's run directory is `N/` here; "
-                  f"errors in full: summary.csv or `<job>/error.json`.\n\n" + to_markdown(rows))
+                  f"errors in full: summary.csv or `<job>/error.json`.\n\n" + to_markdown(rows)
+                  + ("\n![metrics per job](summary.png)\n" if _plot(rows, sweep_dir / "summary.png") else ""))
     return md
+
+
+def _plot(rows: list[dict[str, Any]], out: Path) -> Path | None:
+    from vlm.train.plot import plot_summary
+
+    try:
+        return plot_summary(rows, columns(rows), out, SUMMARY_METRICS)
+    except Exception as e:  # a chart must never fail a finished sweep
+        print(f"[vlm.train] could not write {out}: {e}", file=sys.stderr)
+        return None
 
 
 def status_line(rows: list[dict[str, Any]]) -> str:
