@@ -20,7 +20,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from vlm.demo.turns import DRAWN_ALT, chatbot_messages, drawings, image_folders, input_turn, save_drawing
+from vlm.demo.turns import (DRAWN_ALT, chatbot_messages, drawings, image_folders, input_turn, save_drawing,
+                             shown_text)
 
 #: Environment the demo sets before Gradio is imported (``setdefault``: a user's own setting wins).
 OFFLINE_ENV = {"GRADIO_ANALYTICS_ENABLED": "False",  # no telemetry, no PyPI version check at start
@@ -108,7 +109,7 @@ class Demo:
 
 
 def _assistant(text: str) -> Message:
-    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+    return {"role": "assistant", "content": [{"type": "text", "text": shown_text(text)}]}
 
 
 def build_app(model: Any, *, processor: Any = None, template: Any = None, history: Sequence[Message] | None = None,
