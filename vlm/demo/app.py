@@ -101,6 +101,9 @@ class Demo:
             reply += piece
             yield [*shown, *pending, _assistant(reply)], history, value, latest
         history = stream.history
+        if not stream.reply.strip():
+            gr.Warning("the reply is empty (the model ended its turn at once, as an untrained model often does); a "
+                       "temperature above 0 shows what it would say")
         shown, latest = self.render(history)
         yield shown, history, {"text": "", "files": []}, latest
 
@@ -141,7 +144,8 @@ def build_app(model: Any, *, processor: Any = None, template: Any = None, histor
                 clear = gr.Button("Clear", elem_id="clear")
             with gr.Column(scale=2):
                 boxes = gr.Image(latest, type="filepath", label=f"latest reply: {DRAWN_ALT} its image",
-                                 interactive=False, elem_id="boxes", height=300)
+                                 interactive=False, elem_id="boxes", height=300,
+                                 buttons=["download", "fullscreen"])
                 with gr.Accordion("sampling", open=True):
                     temp = gr.Slider(0.0, 2.0, value=temperature, step=0.05, label="temperature (0: greedy)",
                                      elem_id="temperature")
