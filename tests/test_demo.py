@@ -260,6 +260,7 @@ def test_the_page_in_chromium(files, model):
             try:
                 page = browser.new_page(viewport={"width": 1280, "height": 960})
                 page.on("request", lambda r: requests.append(r.url))
+                page.on("websocket", lambda ws: requests.append(ws.url))
                 page.goto(f"http://127.0.0.1:{port}/", wait_until="load")
                 bot_images = page.locator('#chatbot [data-testid="bot"] img')
                 bot_images.first.wait_for(timeout=30_000)  # the recorded turn's box, drawn on load
