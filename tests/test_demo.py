@@ -7,6 +7,7 @@ where it fails. VLM_DEMO_SCREENSHOT=PATH saves a screenshot of the page (docs/im
 """
 from __future__ import annotations
 
+import base64
 import io
 import os
 import socket
@@ -21,7 +22,7 @@ from PIL import Image, ImageDraw
 
 import vlm
 from tests.conftest import chat_model
-from vlm.demo.turns import chatbot_messages, drawings, image_folders, input_turn, save_drawing
+from vlm.demo.turns import chatbot_messages, drawings, image_folders, input_turn, save_drawing, shown_text
 from vlm.inference.history import load_history
 
 CHROMIUM = "/usr/bin/chromium"
@@ -114,6 +115,9 @@ def test_chatbot_messages_and_drawings_of_a_multi_image_conversation(files, tmp_
     assert shown[1]["content"][0] == {"type": "text", "text": BOX_REPLY}
     assert shown[1]["content"][1]["path"] == drawn[1] and len(shown[1]["content"]) == 2
     assert shown[3]["content"] == [{"type": "text", "text": "blue"}]
+    # control characters, which a browser drops, are shown as escapes; the conversation keeps them
+    weird = [{"role": "assistant", "content": [{"type": "text", "text": "a\x00b\n\tc\x7f\u00e9"}]}]
+    assert chatbot_messages(weird)[0]["content"] == [{"type": "text", "text": "a\\x00b\n\tc\\x7f\u00e9"}]
     assert np.array_equal(np.asarray(Image.open(drawn[1]).convert("RGB")), np.asarray(found[0].image))
     assert image_folders(history) == [str(Path(ball).resolve().parent)]
     assert drawings([{"role": "assistant", "content": BOX_REPLY}]) == []  # no image to draw on
@@ -142,10 +146,10 @@ def test_the_chat_function_answers_as_model_chat(demo, model, files):
     steps, (shown, new_history, box_value, latest) = run_turn(demo, {"text": QUESTION, "files": [square]}, history,
                                                               0.0, 1.0, NEW)
     reply, expected = model.chat(square, QUESTION, history, max_new_tokens=NEW)
-    assert new_history == expected and shown[-1]["content"] == [{"type": "text", "text": reply}]
+    assert new_history == expected and shown[-1]["content"] == [{"type": "text", "text": shown_text(reply)}]
     assert box_value == {"text": "", "files": []}
     streamed = [s[0][-1]["content"][0]["text"] for s in steps[:-1]]
-    assert all(reply.startswith(t) for t in streamed) and streamed[-1] == reply
+    assert all(shown_text(reply).startswith(t) for t in streamed) and streamed[-1] == shown_text(reply)
     assert shown[2]["content"][0] == {"path": square, "alt_text": "image square.png"}
     drawn = drawings(new_history)  # the recorded box reply (first), and the new reply's boxes if it has any
     assert drawn[0].index == 1 and np.array_equal(np.asarray(drawn[0].image), np.asarray(
@@ -204,6 +208,28 @@ def browser_or_skip():
     return sync_playwright
 
 
+PASTE = """b64 => {
+    const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+    const data = new DataTransfer();
+    data.items.add(new File([bytes], "pasted.png", {type: "image/png"}));
+    document.querySelector("#question textarea").dispatchEvent(
+        new ClipboardEvent("paste", {clipboardData: data, bubbles: true, cancelable: true}));
+}"""
+
+
+def ask(page, text: str, reply: str, n: int) -> None:
+    """Wait for the input box's image thumbnail, type ``text``, press Enter, wait for the ``n``-th reply to read
+    ``reply`` (as the page shows text: ``shown_text``; failing with what the page shows after 60 s)."""
+    page.locator("#question img").first.wait_for(timeout=30_000)
+    page.fill("#question textarea", text)
+    page.press("#question textarea", "Enter")
+    texts = page.locator('#chatbot [data-testid="bot"] .message-content')
+    deadline = time.monotonic() + 60
+    while (texts.count() < n or texts.last.text_content() != shown_text(reply)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert texts.count() == n and texts.last.text_content() == shown_text(reply)
+
+
 def image_at(page, url: str) -> np.ndarray:
     response = page.request.get(url)
     assert response.ok, url
@@ -213,11 +239,12 @@ def image_at(page, url: str) -> np.ndarray:
 def test_the_page_in_chromium(files, model):
     """`python -m vlm.demo DIR --history docs/chat_history.json` on a free port of 127.0.0.1; in headless Chromium: the
     recorded turn's box is drawn, an uploaded image + a grounding question get model.chat's reply, every drawn box image
-    equals vlm.draw_boxes of its reply, Clear empties the page, and no request goes to another host."""
+    equals vlm.draw_boxes of its reply, a pasted image + a follow-up get model.chat's reply, Clear empties the page,
+    and no request goes to another host."""
     sync_playwright = browser_or_skip()
     from vlm.demo.__main__ import main
 
-    _, model_dir, _, square = files
+    _, model_dir, ball, square = files
     history = recorded_history()
     port = free_port()
     app = main([str(model_dir), "--port", str(port), "--history", str(RECORDED),
@@ -233,20 +260,14 @@ def test_the_page_in_chromium(files, model):
             try:
                 page = browser.new_page(viewport={"width": 1280, "height": 960})
                 page.on("request", lambda r: requests.append(r.url))
+                page.on("websocket", lambda ws: requests.append(ws.url))
                 page.goto(f"http://127.0.0.1:{port}/", wait_until="load")
                 bot_images = page.locator('#chatbot [data-testid="bot"] img')
                 bot_images.first.wait_for(timeout=30_000)  # the recorded turn's box, drawn on load
                 assert bot_images.count() == 1
 
                 page.set_input_files("#question input[type=file]", square)
-                page.locator("#question img").first.wait_for(timeout=30_000)  # the upload's thumbnail
-                page.fill("#question textarea", QUESTION)
-                page.press("#question textarea", "Enter")
-                texts = page.locator('#chatbot [data-testid="bot"] .message-content')
-                deadline = time.monotonic() + 60
-                while (texts.count() < 2 or texts.last.text_content() != reply) and time.monotonic() < deadline:
-                    time.sleep(0.2)
-                assert texts.count() == 2 and texts.last.text_content() == reply
+                ask(page, QUESTION, reply, 2)
                 users = page.locator('#chatbot [data-testid="user"]')
                 assert page.locator('#chatbot [data-testid="user"] img').count() == 2  # the recorded image + square
                 assert users.last.text_content().strip() == QUESTION
@@ -260,6 +281,14 @@ def test_the_page_in_chromium(files, model):
                 assert np.array_equal(image_at(page, side.get_attribute("src")), np.asarray(expected[-1].image))
                 if os.environ.get("VLM_DEMO_SCREENSHOT"):
                     page.screenshot(path=os.environ["VLM_DEMO_SCREENSHOT"])
+
+                # a pasted image (the clipboard's file, as Ctrl+V of a copied image gives) and a follow-up question
+                reply2, final2 = model.chat(ball, "And this one?", final, max_new_tokens=NEW)
+                assert reply2.strip(), "the tiny model's second reply is empty"
+                page.evaluate(PASTE, base64.b64encode(Path(ball).read_bytes()).decode())
+                ask(page, "And this one?", reply2, 3)
+                assert page.locator('#chatbot [data-testid="user"] img').count() == 3
+                assert bot_images.count() == len(drawings(final2))
 
                 page.click("#clear")
                 page.wait_for_function("document.querySelectorAll('#chatbot [data-testid=\"bot\"], "

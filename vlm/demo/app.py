@@ -20,7 +20,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from vlm.demo.turns import DRAWN_ALT, chatbot_messages, drawings, image_folders, input_turn, save_drawing
+from vlm.demo.turns import (DRAWN_ALT, chatbot_messages, drawings, image_folders, input_turn, save_drawing,
+                             shown_text)
 
 #: Environment the demo sets before Gradio is imported (``setdefault``: a user's own setting wins).
 OFFLINE_ENV = {"GRADIO_ANALYTICS_ENABLED": "False",  # no telemetry, no PyPI version check at start
@@ -100,6 +101,9 @@ class Demo:
             reply += piece
             yield [*shown, *pending, _assistant(reply)], history, value, latest
         history = stream.history
+        if not stream.reply.strip():
+            gr.Warning("the reply is empty (the model ended its turn at once, as an untrained model often does); a "
+                       "temperature above 0 shows what it would say")
         shown, latest = self.render(history)
         yield shown, history, {"text": "", "files": []}, latest
 
@@ -108,7 +112,7 @@ class Demo:
 
 
 def _assistant(text: str) -> Message:
-    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+    return {"role": "assistant", "content": [{"type": "text", "text": shown_text(text)}]}
 
 
 def build_app(model: Any, *, processor: Any = None, template: Any = None, history: Sequence[Message] | None = None,
@@ -140,7 +144,8 @@ def build_app(model: Any, *, processor: Any = None, template: Any = None, histor
                 clear = gr.Button("Clear", elem_id="clear")
             with gr.Column(scale=2):
                 boxes = gr.Image(latest, type="filepath", label=f"latest reply: {DRAWN_ALT} its image",
-                                 interactive=False, elem_id="boxes", height=300)
+                                 interactive=False, elem_id="boxes", height=300,
+                                 buttons=["download", "fullscreen"])
                 with gr.Accordion("sampling", open=True):
                     temp = gr.Slider(0.0, 2.0, value=temperature, step=0.05, label="temperature (0: greedy)",
                                      elem_id="temperature")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,17 @@ def input_turn(value: dict[str, Any] | str | None) -> tuple[list[str], str]:
     if not text.strip():
         raise ValueError("type a question (an image alone is not a question)" if files else "type a question")
     return files, text
+
+
+#: Control characters a browser drops or hides (all of C0 but tab and newline, DEL, C1): shown as escapes.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def shown_text(text: str) -> str:
+    """``text`` as the page shows it: control characters (a tiny or broken model can emit NUL; a browser drops them)
+    written as visible escapes (NUL as the four characters backslash, x, 0, 0), everything else as is. The
+    conversation keeps the text unchanged."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def _parts(message: Message) -> list[dict[str, Any]]:
@@ -114,7 +126,7 @@ def chatbot_messages(history: Sequence[Message], drawn: dict[int, str] | None = 
     """The Gradio ``Chatbot`` messages of a conversation: each user message's images (``{"path"}``, file paths only:
     the demo's conversations hold uploaded files) then its text, each assistant reply's text followed by the file of
     its drawing when ``drawn`` (assistant message index -> PNG path, from :func:`drawings` + :func:`save_drawing`)
-    has one."""
+    has one. Texts are shown with :func:`shown_text`."""
     out = []
     drawn = drawn or {}
     for i, message in enumerate(history):
@@ -126,7 +138,7 @@ def chatbot_messages(history: Sequence[Message], drawn: dict[int, str] | None = 
                     raise ValueError(f"message {i}: the demo shows images given as file paths; got {type(src)}")
                 content.append({"path": os.fspath(src), "alt_text": f"image {Path(src).name}"})
             elif part.get("type") == "text":
-                content.append({"type": "text", "text": part["text"]})
+                content.append({"type": "text", "text": shown_text(part["text"])})
         if i in drawn:
             content.append({"path": drawn[i], "alt_text": f"{DRAWN_ALT} the image"})
         out.append({"role": message["role"], "content": content})
