@@ -9,11 +9,18 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from short_runs import short_run
 
 import vlm
-from short_runs import short_run
-from tests.qwen_vl_fixtures import TEXT, VISUAL, qwen2_reference, qwen_text_state, random_visual_state, train_ranks, \
-    write_qwen_vl_dir
+from tests.qwen_vl_fixtures import (
+    TEXT,
+    VISUAL,
+    qwen2_reference,
+    qwen_text_state,
+    random_visual_state,
+    train_ranks,
+    write_qwen_vl_dir,
+)
 from vlm.interop import from_hf, to_hf
 from vlm.train import compose, run
 
@@ -27,7 +34,7 @@ TINY = [f"encoder.model_config.vision_cfg.{k}={v}" for k, v in
          "max_position_embeddings": TEXT["max_position_embeddings"]}.items()] + \
        ["encoder.model_config.embed_dim=128", "stage.sft.lora.r=4", "stage.sft.lora.alpha=8",
         "stage.sft.lr=1e-2", "stage.sft.warmup_ratio=0.0", "trainer.precision=fp32",
-        "trainer.gradient_checkpointing=false", "stage.sft.max_length=1024"]
+        "trainer.gradient_checkpointing=false", "stage.sft.max_length=1024", "trainer.threads=1"]
 
 
 def test_recipe_composes_with_the_seed_targets():
