@@ -199,3 +199,15 @@ def test_text_only_qwen_is_refused(tmp_path, original):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"config\.json.*without a 'visual' sub-config"):
         from_hf(tmp_path)
+
+
+def test_chat_cli_answers_from_the_original_directory(tmp_path, original):
+    """python -m vlm.chat DIR --prompt: the original directory loads (no remote code, no question asked)."""
+    from PIL import Image
+
+    from vlm.chat import main
+
+    Image.new("RGB", (40, 30), (200, 20, 20)).save(tmp_path / "red.png")
+    code = main([str(original), "--image", str(tmp_path / "red.png"), "--prompt", "What color?",
+                 "--max-new-tokens", "2", "--out-dir", str(tmp_path / "boxes")], stdin=None)
+    assert code == 0

@@ -217,6 +217,8 @@ BIGG_448 = (3 * 14 * 14 * 1664 + 1664 + 1025 * 1664 + 2 * 1664
             + 48 * (4 * 1664 * 1664 + 2 * 1664 * 8192 + 8192 + 9 * 1664))
 QWENVL_RESAMPLER = 256 * 4096 + 1664 * 4096 + 4 * 4096 * 4096 + 4 * 4096 + 6 * 4096 + 4096 * 4096
 QWEN_7B_PARAMS = 7_721_324_544
+# Qwen-VL's own ViT (recipe qwenvl_chat_lora): ViT-bigG/14 at 448 px without the class token, a 256-row position table
+QWENVL_VIT = BIGG_448 - 1664 - 1025 * 1664 + 256 * 1664
 # towers built from their own arguments (no transformers ``config``): the arguments a `pretrained:` directory gives
 INTERNVIT_300M = {"hidden_size": 1024, "num_layers": 24, "num_heads": 16, "intermediate_size": 4096, "image_size": 448,
                   "patch_size": 14, "norm_type": "layer_norm", "qkv_bias": True, "qk_norm": False}
@@ -234,7 +236,8 @@ PUBLISHED_PARAMS = {"llava15": 303_507_456 + (1024 * 4096 + 4096 + 4096 * 4096 +
                     "internvl2": INTERNVIT_300M_PARAMS + (2 * 4096 + 4096 * 2048 + 2048 + 2048 * 2048 + 2048)
                     + INTERNLM2_1_8B_PARAMS,
                     # Qwen2.5-VL-3B-Instruct: transformers' Qwen2_5_VLForConditionalGeneration of QWEN25_VL_3B (~3.75B)
-                    "qwen25vl_3b": 3_754_622_976}
+                    "qwen25vl_3b": 3_754_622_976,
+                    "qwenvl_chat_lora": QWENVL_VIT + QWENVL_RESAMPLER + QWEN_7B_PARAMS}  # ~9.6B, Qwen-VL-Chat
 
 
 def create_data_files(cfg) -> None:
@@ -246,6 +249,9 @@ def create_data_files(cfg) -> None:
             Path(spec.path).touch()
         if spec.get("image_root") is not None:
             Path(spec.image_root).mkdir(parents=True, exist_ok=True)
+    if cfg.get("init_from") is not None:  # a checkpoint directory to start from (qwenvl_chat_lora: Qwen-VL-Chat)
+        Path(cfg.init_from).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.init_from) / "model.safetensors").touch()
 
 
 def meta_model_config(cfg):

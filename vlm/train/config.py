@@ -201,8 +201,12 @@ def data_sets(data: DictConfig) -> list[str]:
 
 
 def model_config(cfg: DictConfig) -> dict[str, Any]:
-    """The ``vlm.build`` config of a run: ``{encoder, connector, llm}`` as plain dicts."""
-    return {k: OmegaConf.to_container(cfg[k], resolve=True) for k in MODULES}
+    """The ``vlm.build`` config of a run: ``{encoder, connector, llm}`` as plain dicts (+ ``image_token`` when the
+    run names one, e.g. Qwen-VL's ``<imgpad>``)."""
+    out = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in MODULES}
+    if cfg.get("image_token") is not None:
+        out["image_token"] = cfg.image_token
+    return out
 
 
 def to_yaml(cfg: DictConfig) -> str:

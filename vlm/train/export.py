@@ -87,11 +87,66 @@ def load_weights(model: nn.Module, source: str | Path) -> list[str]:
     return [str(f) for f in files]
 
 
-def resolve_weights(source: Path) -> list[Path]:
+def is_original(source: Path) -> bool:
+    """Whether ``source`` is a directory in a format ``vlm.interop.from_hf`` imports (``config.json`` with such a
+    ``model_type``, not a vlm directory): a transformers or an original checkpoint (InternVL, Qwen-VL, ...)."""
+    import json
+
+    cfg_file = source / "config.json"
+    if not (source.is_dir() and cfg_file.is_file()):
+        return False
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except ValueError:
+        return False
+    if not isinstance(cfg, dict) or cfg.get("format") == "vlm":
+        return False
+    from vlm.interop import supported_model_types
+
+    return cfg.get("model_type") in supported_model_types()
+
+
+def imported_weights(source: Path, import_dir: Path) -> Path:
+    """``import_dir/model.safetensors``: the weights of the checkpoint directory ``source`` imported with
+    ``vlm.interop.from_hf`` (its own dtype kept for safetensors), written once (atomically)."""
+    import os
+
+    out = import_dir / "model.safetensors"
+    if out.is_file():
+        return out
+    from vlm.interop import from_hf
+    from vlm.pretrained import check_weights
+
+    dtype = None
+    weights = check_weights(source, "init_from")
+    if weights.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            first = next(iter(f.keys()), None)
+            dtype = f.get_slice(first).get_dtype() if first is not None else None
+    model = from_hf(source, dtype={"BF16": "bfloat16", "F16": "float16"}.get(dtype), tokenizer=False)
+    import_dir.mkdir(parents=True, exist_ok=True)
+    tmp = import_dir / f".model.{os.getpid()}.safetensors"
+    save_tensors({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def resolve_weights(source: Path, import_dir: Path | None = None) -> list[Path]:
+    """The weights files ``init_from=source`` names. A checkpoint directory vlm imports (``is_original``) is
+    converted into ``import_dir`` (the run's ``init_from/``); without ``import_dir`` only its weights file is
+    checked to exist."""
     if source.is_file():
         return [source]
     if not source.is_dir():
         raise FileNotFoundError(f"init_from={str(source)!r} does not exist")
+    if is_original(source):
+        if import_dir is None:
+            from vlm.pretrained import check_weights
+
+            return [check_weights(source, "init_from")]
+        return [imported_weights(source, import_dir)]
     for name in (STAGE_WEIGHTS, "model.safetensors"):
         if (source / name).is_file():
             return [source / name]

@@ -160,7 +160,8 @@ def _run(cfg: DictConfig, strategy: Any, t0: float, overrides: list[str] | None,
             log.info(f"[vlm.train] {why}: no evaluation at the end and no periodic evaluation ({', '.join(periodic)})")
 
     result = RunResult(run_dir)
-    init_files = [Path(p) for p in resolve_weights(Path(cfg.init_from))] if cfg.init_from else []
+    init_files = ([Path(p) for p in resolve_weights(Path(cfg.init_from), import_dir=run_dir / "init_from")]
+                  if cfg.init_from else [])
     carried: set[str] = set()
     offset = 0
     base_model = json.loads((run_dir / "run.json").read_text()).get("model") if resuming else None

@@ -150,6 +150,7 @@ class RunConfig:
     output_dir: Optional[str] = None
     resume: Optional[str] = None
     init_from: Optional[str] = None
+    image_token: Optional[str] = None   # the image placeholder token (null: <image>, added to the tokenizer)
     stages: list[str] = field(default_factory=lambda: ["pretrain", "sft"])
     encoder: dict[str, Any] = field(default_factory=dict)
     connector: dict[str, Any] = field(default_factory=dict)
