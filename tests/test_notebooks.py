@@ -22,7 +22,7 @@ _spec.loader.exec_module(hook)
 
 
 def test_the_notebooks_are_there():
-    assert {p.stem for p in NOTEBOOKS} >= {"quickstart", "ablate"}
+    assert {p.stem for p in NOTEBOOKS} >= {"quickstart", "ablate", "your_data", "interop", "inspect"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
