@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"{result['machine']['torch_threads']} threads)")
     print(table(result["rows"], result.get("columns")))
     out = write_json(args.out or Path("bench") / f"{args.name}.json", result)
-    try:  # a plot must never fail a finished bench
+    try:
         png = plot_table(result, out.with_suffix(".png"))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - a plot must never fail a finished bench
         png = None
         print(f"could not plot the table: {e}", file=sys.stderr)
     print(f"wrote {out}" + (f" and {png}" if png else ""))
