@@ -33,6 +33,7 @@ def test_bench_quick_writes_its_json(tmp_path, name):
     returned = main([name, *QUICK, "--workers", "1", "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["bench"] == name and result["rows"] == json.loads(json.dumps(returned["rows"], default=str))
+    assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")  # the plot of its table, beside the JSON
     for key in ("cpu", "torch", "transformers", "device"):
         assert result["machine"][key]
     assert result["machine"]["device"] == "cpu"

@@ -26,7 +26,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 def build(config: Path, site: Path, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config), "-d", str(site)],
-                          cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300)
+                          cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300, check=False)
 
 
 def warnings_of(proc: subprocess.CompletedProcess) -> list[str]:

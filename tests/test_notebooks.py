@@ -1,4 +1,4 @@
-"""Every notebook in notebooks/ runs top to bottom (nbclient, kernel ``python3`` of this interpreter, a scratch
+"""Every notebook in notebooks/ runs top to bottom (nbclient, an ipykernel of this interpreter, a scratch
 working directory, this repository on ``PYTHONPATH``); a cell error fails with the cell's traceback. Notebooks are
 kept without outputs in the repository. A notebook that needs a GPU or a download carries
 ``metadata.vlm.skip_reason`` and is skipped with that reason. The executed notebooks render to site pages with their
@@ -22,7 +22,7 @@ _spec.loader.exec_module(hook)
 
 
 def test_the_notebooks_are_there():
-    assert {p.stem for p in NOTEBOOKS} >= {"quickstart", "ablate"}
+    assert {p.stem for p in NOTEBOOKS} >= {"quickstart", "ablate", "your_data", "interop", "inspect"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -66,3 +66,13 @@ def test_renderer_rewrites_links_and_drops_noise():
                     nbformat.v4.new_output("stream", name="stderr", text="W1207 x torch/utils/_pytree.py:630] y\n")]
     md, _ = hook.render(nbformat.v4.new_notebook(cells=[cell]), "n")
     assert "```text\na\nb\n```" in md and "_pytree" not in md
+
+
+def test_the_kernel_is_this_interpreter_with_this_checkout(tmp_path):
+    import sys
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import sys, vlm; print(sys.executable); "
+                                                                   "print(vlm.__file__)")])
+    hook.execute(nb, tmp_path)
+    out = "".join(o.get("text", "") for o in nb.cells[0].outputs if o.get("name") == "stdout").split()
+    assert out == [sys.executable, str(ROOT / "vlm" / "__init__.py")]

@@ -3,7 +3,7 @@
 A tiny renderer (``nbformat`` only, no nbconvert): markdown cells as they are (``../docs/`` links rewritten to the
 site's pages), code cells in ``python`` blocks, text outputs in ``text`` blocks, PNG outputs as image files beside the
 page, errors as their traceback (colours stripped). At build time each notebook is executed (``execute``: nbclient,
-kernel ``python3``, a scratch working directory, ``PYTHONPATH`` = the repository) and the executed copy cached in
+an ipykernel of this interpreter, a scratch working directory, ``PYTHONPATH`` = the repository) and the executed copy cached in
 ``.cache/notebooks/`` under the hash of its cells, so an unchanged notebook runs once. ``VLM_DOCS_EXECUTE=0``
 renders the notebooks without executing them (CI's quick strict build); ``VLM_DOCS_NOTEBOOKS=DIR`` takes executed
 copies from ``DIR/<name>.ipynb`` (e.g. the ones ``tests/test_notebooks.py`` ran). A notebook marked
@@ -26,8 +26,9 @@ NOTEBOOKS = ROOT / "notebooks"
 CACHE = ROOT / ".cache" / "notebooks"
 NB_LINK = re.compile(r"\]\(([\w-]+)\.ipynb")
 # stderr lines of dependencies that say nothing about the notebook (torch's pytree notices at import, tqdm without
-# ipywidgets); dropped from the rendered page only
-NOISE = re.compile(r"_pytree\.py:\d+\]|TqdmWarning: IProgress not found|from \.autonotebook import tqdm")
+# ipywidgets, tqdm progress bars); dropped from the rendered page only
+NOISE = re.compile(r"_pytree\.py:\d+\]|TqdmWarning: IProgress not found|from \.autonotebook import tqdm"
+                   r"|^[\w ]*:\s+\d+%\|")
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 TIMEOUT_S = 600  # per cell
 
@@ -45,22 +46,37 @@ def source_hash(nb: Any) -> str:
     return h.hexdigest()[:16]
 
 
+KERNEL = "vlm-python3"  # a kernel spec of this interpreter, written for the run (not a python3 spec found elsewhere)
+
+
 def execute(nb: Any, cwd: str | os.PathLike, timeout: int = TIMEOUT_S) -> Any:
-    """Run ``nb`` top to bottom in place (kernel ``python3`` of this interpreter, ``cwd``, this repository on
-    ``PYTHONPATH``); a cell error raises ``nbclient.exceptions.CellExecutionError`` naming the cell."""
+    """Run ``nb`` top to bottom in place: an ipykernel of this very interpreter (``sys.executable``: the current
+    virtualenv, whatever ``python3`` kernel specs are installed elsewhere), in ``cwd``, with this repository on
+    ``PYTHONPATH``; a cell error raises ``nbclient.exceptions.CellExecutionError`` naming the cell."""
+    import json
+    import sys
+
     from nbclient import NotebookClient
 
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [old])])
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-    try:
-        NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
-    finally:
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "JUPYTER_PATH", "TOKENIZERS_PARALLELISM")}
+    with tempfile.TemporaryDirectory() as specs:
+        spec = Path(specs) / "kernels" / KERNEL
+        spec.mkdir(parents=True)
+        spec.joinpath("kernel.json").write_text(json.dumps({
+            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": f"Python ({sys.executable})", "language": "python"}))
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [saved["PYTHONPATH"]])])
+        os.environ["JUPYTER_PATH"] = os.pathsep.join([specs, *filter(None, [saved["JUPYTER_PATH"]])])
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        try:
+            NotebookClient(nb, timeout=timeout, kernel_name=KERNEL,
+                           resources={"metadata": {"path": str(cwd)}}).execute()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
     return nb
 
 

@@ -1,4 +1,5 @@
-"""``python -m vlm.bench NAME [--quick] [--out FILE] ...``: run one bench, print its table, write its JSON."""
+"""``python -m vlm.bench NAME [--quick] [--out FILE] ...``: run one bench, print its table, write its JSON and a plot
+of its table (the same path, ``.png``)."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,7 @@ from pathlib import Path
 import torch
 
 from vlm.bench import BENCHES
-from vlm.bench.common import machine, table, write_json
+from vlm.bench.common import machine, plot_table, table, write_json
 from vlm.bench.models import FAMILIES
 
 
@@ -47,7 +48,12 @@ def main(argv: list[str] | None = None) -> dict:
           f"{result['machine']['torch_threads']} threads)")
     print(table(result["rows"], result.get("columns")))
     out = write_json(args.out or Path("bench") / f"{args.name}.json", result)
-    print(f"wrote {out}")
+    try:
+        png = plot_table(result, out.with_suffix(".png"))
+    except Exception as e:  # noqa: BLE001 - a plot must never fail a finished bench
+        png = None
+        print(f"could not plot the table: {e}", file=sys.stderr)
+    print(f"wrote {out}" + (f" and {png}" if png else ""))
     return result
 
 

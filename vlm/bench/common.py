@@ -132,3 +132,40 @@ def write_json(path: str | os.PathLike, result: dict[str, Any]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))
     return out
+
+
+PLOT_COLUMNS = 4  # numeric columns drawn, at most (the first ones of the table)
+
+
+def plot_table(result: dict[str, Any], out: str | os.PathLike) -> Path | None:
+    """Write ``out`` (PNG): a bench's table as horizontal bars, one panel per numeric column (the first
+    ``PLOT_COLUMNS``), one bar per row, rows named by their text columns. ``None`` when the table has no numbers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result.get("rows") or []
+    columns = result.get("columns") or (list(rows[0]) if rows else [])
+    numeric = [c for c in columns if any(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool)
+                                         for r in rows)]
+    text = [c for c in columns if c not in numeric]
+    if not rows or not numeric:
+        return None
+    names = [" / ".join(str(r.get(c, "")) for c in text) or f"row {i}" for i, r in enumerate(rows)]
+    numeric = numeric[:PLOT_COLUMNS]
+    fig, axes = plt.subplots(1, len(numeric), figsize=(3.2 * len(numeric) + 1.5, 0.35 * len(rows) + 1.4),
+                             squeeze=False, sharey=True)
+    for ax, col in zip(axes[0], numeric):
+        vals = [float(r[col]) if isinstance(r.get(col), (int, float)) else 0.0 for r in rows]
+        ax.barh(range(len(rows)), vals, color="#3f51b5")
+        ax.set_title(col, fontsize=9)
+        ax.tick_params(labelsize=8)
+    axes[0][0].set_yticks(range(len(rows)), names)
+    axes[0][0].invert_yaxis()
+    fig.suptitle(f"vlm.bench {result.get('bench', '')}", fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

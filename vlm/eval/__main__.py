@@ -5,7 +5,7 @@ and mean IoU, captioning BLEU-4 / CIDEr-D; a dataset with its own ``evaluate``, 
 MODEL_DIR: a ``vlm.load`` directory, a run directory (then its evaluation set and chat template are the default) or
 a transformers directory. ``data=files data.eval=my/val.json`` evaluates your own file; ``data=shapes`` the
 built-in shapes validation split; any ``recipes/data`` option works (its ``eval.data`` entry is the set). Writes
-``eval.json``, ``predictions.jsonl``, ``report.md`` and ``gallery/*.png`` to ``--out`` (default
+``eval.json``, ``predictions.jsonl``, ``report.md``, ``report.html`` and ``gallery/*.png`` to ``--out`` (default
 ``MODEL_DIR/eval/<data>``) and prints the table. This is the same function training's evaluation calls
 (``vlm.eval.evaluator.evaluate``)."""
 from __future__ import annotations
@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     report = write_report(out, metrics, records, shown, title=f"vlm.eval: {a.model_dir}", info=info,
                           gallery=a.gallery, json_frame=model_frame(processor), data_config=spec)
     print(format_table(metrics))
-    print(f"\nwrote {out / 'eval.json'}, {report} and {out / 'predictions.jsonl'}", file=sys.stderr)
+    print(f"\nwrote {out / 'eval.json'}, {report}, {out / 'report.html'} and {out / 'predictions.jsonl'}", file=sys.stderr)
     return metrics
 
 

@@ -1,8 +1,11 @@
 """What ``python -m vlm.eval`` writes: ``eval.json``, ``predictions.jsonl``, ``report.md`` (the tables and the
-gallery) and ``gallery/NNN.png``: each sample's first image with the boxes of its prediction (and of its
-reference, labelled ``ref: ...``) drawn, under it the question, the reference, the prediction and the score."""
+gallery), ``gallery/NNN.png``: each sample's first image with the boxes of its prediction (and of its
+reference, labelled ``ref: ...``) drawn, under it the question, the reference, the prediction and the score, and
+``report.html``: the same gallery as a web page (one row per sample: the image with its boxes, ``images/NNN.png``,
+beside the question, reference, prediction and score as text, HTML-escaped), opened in any browser."""
 from __future__ import annotations
 
+import html
 import json
 import textwrap
 from collections.abc import Sequence
@@ -20,15 +23,13 @@ def _question(sample: Any) -> str:
     return users[-1].text() if users else ""
 
 
-def gallery_panel(sample: Any, record: dict[str, Any], *, json_frame: tuple[int, int] | None = None) -> Image.Image:
-    """One gallery PNG: image with boxes (prediction in palette colours, reference labelled ``ref``), then text."""
+def marked_image(sample: Any, record: dict[str, Any], *,
+                 json_frame: tuple[int, int] | None = None) -> Image.Image | None:
+    """The sample's first image with the prediction's boxes (palette colours) and the reference's (``ref: ...``)
+    drawn, scaled to fit ``PANEL_WIDTH`` (nearest neighbour: small images stay sharp); None without an image."""
     from vlm.data.images import load_image
     from vlm.inference.draw import draw_boxes, reply_boxes
 
-    lines = [f"Q: {_question(sample)}", f"reference: {record.get('target')}",
-             f"prediction: {record.get('prediction')}"]
-    if record.get("score") is not None:
-        lines.append(f"score: {record['score']:.3f}" + (f"  IoU {record['iou']:.3f}" if "iou" in record else ""))
     img = None
     if sample.images:
         pil = load_image(sample.images[0])
@@ -41,6 +42,22 @@ def gallery_panel(sample: Any, record: dict[str, Any], *, json_frame: tuple[int,
         scale = min(PANEL_WIDTH / marked.width, PANEL_WIDTH / marked.height, 8.0)
         img = marked.resize((max(1, round(marked.width * scale)), max(1, round(marked.height * scale))),
                             Image.NEAREST)
+    return img
+
+
+def _score(record: dict[str, Any]) -> str | None:
+    if record.get("score") is None:
+        return None
+    return f"{record['score']:.3f}" + (f"  IoU {record['iou']:.3f}" if "iou" in record else "")
+
+
+def gallery_panel(sample: Any, record: dict[str, Any], *, json_frame: tuple[int, int] | None = None) -> Image.Image:
+    """One gallery PNG: image with boxes (prediction in palette colours, reference labelled ``ref``), then text."""
+    lines = [f"Q: {_question(sample)}", f"reference: {record.get('target')}",
+             f"prediction: {record.get('prediction')}"]
+    if _score(record) is not None:
+        lines.append(f"score: {_score(record)}")
+    img = marked_image(sample, record, json_frame=json_frame)
     font = ImageFont.load_default()
     wrapped = [w for line in lines for w in (textwrap.wrap(line, 58) or [""])]
     top = img.height + 8 if img else 4
@@ -68,7 +85,8 @@ def write_report(out: Path, metrics: dict[str, float], records: Sequence[dict[st
     with (out / "predictions.jsonl").open("w") as f:
         for r in records:
             f.write(json.dumps(r, default=str) + "\n")
-    shown = []
+    shown: list[str] = []
+    entries: list[tuple[str | None, Any, dict[str, Any]]] = []
     if gallery:
         (out / "gallery").mkdir(exist_ok=True)
         for k, (r, s) in enumerate(zip(records, samples)):
@@ -78,9 +96,42 @@ def write_report(out: Path, metrics: dict[str, float], records: Sequence[dict[st
                 continue
             name = f"gallery/{k:03d}.png"
             gallery_panel(s, r, json_frame=json_frame).save(out / name)
+            image = marked_image(s, r, json_frame=json_frame)
+            page_image = f"images/{k:03d}.png"
+            if image is not None:
+                (out / "images").mkdir(exist_ok=True)
+                image.save(out / page_image)
             shown.append(name)
+            entries.append((page_image if image is not None else None, s, r))
     body = [f"# {title}", "", *(f"- {k}: `{v}`" for k, v in info.items()), "", format_table(metrics), ""]
     if shown:
         body += ["## Gallery", "", *(f"![{n}]({n})" for n in shown), ""]
     (out / "report.md").write_text("\n".join(body))
+    (out / "report.html").write_text(report_html(title, info, metrics, entries))
     return out / "report.md"
+
+
+def report_html(title: str, info: dict[str, Any], metrics: dict[str, float],
+                entries: Sequence[tuple[str | None, Any, dict[str, Any]]]) -> str:
+    """``report.html``: the info list, the metrics table and one gallery row per ``(image file or None, sample,
+    record)``; every text is HTML-escaped (questions and predictions are untrusted), images are files beside it."""
+    e = html.escape
+    rows = "".join(f"<tr><td>{e(k)}</td><td>{v:.4f}</td></tr>" if isinstance(v, float) else
+                   f"<tr><td>{e(k)}</td><td>{e(str(v))}</td></tr>" for k, v in metrics.items())
+    cards = []
+    for image, sample, r in entries:
+        pic = f'<img src="{e(image)}" alt="{e(str(r.get("id", "")))}">' if image else "<div>(no image)</div>"
+        score = _score(r)
+        cards.append(
+            f'<div class="card">{pic}<dl><dt>question</dt><dd>{e(_question(sample))}</dd>'
+            f'<dt>reference</dt><dd>{e(str(r.get("target")))}</dd>'
+            f'<dt>prediction</dt><dd>{e(str(r.get("prediction")))}</dd>'
+            + (f"<dt>score</dt><dd>{e(score)}</dd>" if score is not None else "") + "</dl></div>")
+    items = "".join(f"<li>{e(str(k))}: <code>{e(str(v))}</code></li>" for k, v in info.items())
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}"
+             "td{border:1px solid #ccc;padding:2px 8px}.card{display:flex;gap:1em;border-top:1px solid #ddd;"
+             "padding:.8em 0}.card img{width:240px;height:auto;flex:none;image-rendering:pixelated;align-self:flex-start}"
+             "dt{font-weight:bold;color:#555}dd{margin:0 0 .4em 0;white-space:pre-wrap}")
+    return (f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{e(title)}</title><style>{style}</style>'
+            f"</head><body><h1>{e(title)}</h1><ul>{items}</ul><h2>Metrics</h2><table>{rows}</table>"
+            f"<h2>Gallery</h2>{''.join(cards) or '<p>(no answered samples)</p>'}</body></html>\n")

@@ -153,7 +153,7 @@ def _plot(rows: list[dict[str, Any]], out: Path) -> Path | None:
 
     try:
         return plot_summary(rows, columns(rows), out, SUMMARY_METRICS)
-    except Exception as e:  # a chart must never fail a finished sweep
+    except Exception as e:  # noqa: BLE001 - a chart must never fail a finished sweep
         print(f"[vlm.train] could not write {out}: {e}", file=sys.stderr)
         return None
 
