@@ -12,8 +12,8 @@ on a trained checkpoint, fp32 vs ``int8`` vs ``int4`` (plus ``nf4`` on CUDA when
 
 ``--quantize int8,int4`` picks the schemes (default int8 and int4, plus nf4 on CUDA with bitsandbytes). ``--model``
 is a run directory (its ``final/``, its evaluation set and template) or a model directory (the shapes
-validation split); default: the newest ``runs/tiny/*`` (the default job's). ``--quick`` builds a tiny random model
-instead (seconds; checks the bench runs, measures nothing meaningful).
+validation split); default: the newest ``runs/tiny/*`` (the default job's). ``--quick``: a few prompts and samples,
+on a tiny random model unless ``--model`` is given (seconds; checks the bench runs, measures nothing meaningful).
 
 ``python -m vlm.bench quantize --model runs/tiny/<timestamp>`` (docs/deploy.md, "Quantized inference").
 """
@@ -114,8 +114,8 @@ def quantize_bench(args: argparse.Namespace) -> dict[str, Any]:
     from vlm.quantize import linear_weight_bytes, scheme_for, target_names
 
     device = torch.device(args.device)
-    tmp = tempfile.TemporaryDirectory() if args.quick else None
-    path = tiny_random_model(Path(tmp.name)) if tmp else Path(args.model) if args.model else default_model()
+    tmp = tempfile.TemporaryDirectory() if args.quick and not args.model else None
+    path = Path(args.model) if args.model else tiny_random_model(Path(tmp.name)) if tmp else default_model()
     if getattr(args, "quantize", None):
         schemes = [s.strip() for s in args.quantize.split(",")]
         for s in schemes:
@@ -171,7 +171,7 @@ def quantize_bench(args: argparse.Namespace) -> dict[str, Any]:
             "columns": ["scheme", "linear_mib", "bytes_ratio", "tokens_per_s", "agreement_pct", "same_reply_pct",
                         "max_drop_points"],
             "eval_table": rows_table,
-            "setup": {"model": "tiny random (--quick)" if args.quick else str(path), "data": data_name,
+            "setup": {"model": "tiny random (--quick)" if tmp else str(path), "data": data_name,
                       "eval_samples": len(samples) if limit is None else min(limit, len(samples)),
                       "prompts": sum(b["input_ids"].shape[0] for b in batches), "new_tokens": new_tokens,
                       "quantized_modules": len(names), "repeats": args.repeats, "warmup": args.warmup},
