@@ -22,8 +22,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -150,7 +151,10 @@ def quantize_bench(args: argparse.Namespace) -> dict[str, Any]:
     generated = sum(b["input_ids"].shape[0] for b in batches) * new_tokens
     workers = OneProcess(str(device))
     limit = 8 if args.quick else None
-    tables = {s: evaluate(o.model, workers, processor, samples, batch_size=64, max_new_tokens=new_tokens,
+    run_eval = ref.run_config.eval if ref.run_config is not None else {}  # the run's own evaluation settings
+    eval_batch = int(run_eval.get("batch_size", 64))
+    eval_tokens = 4 if args.quick else int(run_eval.get("max_new_tokens", 32))
+    tables = {s: evaluate(o.model, workers, processor, samples, batch_size=eval_batch, max_new_tokens=eval_tokens,
                           precision=torch.float32, limit=limit)[0] for s, o in opened.items()}
     names = target_names(ref.model)
     fp32 = linear_weight_bytes(ref.model, names)
@@ -158,22 +162,25 @@ def quantize_bench(args: argparse.Namespace) -> dict[str, Any]:
                    **{f"{s}_delta_points": 100.0 * (tables[s][k] - tables[None][k]) for s in schemes}}
                   for k in score_keys(tables[None])]
     rows = []
+    fp32_tps = generated / median(times["None"])
     for s, o in opened.items():
         stored = linear_weight_bytes(o.model, names)["bytes"]
         agree, same = agreement(replies[None], replies[s])
         drop = max([100.0 * (tables[None][k] - tables[s][k]) for k in score_keys(tables[None])] + [0.0])
         rows.append({"scheme": s or "fp32", "linear_mib": stored / 2**20, "bytes_ratio": stored / fp32["fp32_bytes"],
-                     "tokens_per_s": generated / median(times[str(s)]), "agreement_pct": agree,
+                     "tokens_per_s": generated / median(times[str(s)]),
+                     "speed_ratio": generated / median(times[str(s)]) / fp32_tps, "agreement_pct": agree,
                      "same_reply_pct": same, "max_drop_points": drop})
     if tmp:
         tmp.cleanup()
     return {"rows": rows,
-            "columns": ["scheme", "linear_mib", "bytes_ratio", "tokens_per_s", "agreement_pct", "same_reply_pct",
-                        "max_drop_points"],
+            "columns": ["scheme", "linear_mib", "bytes_ratio", "tokens_per_s", "speed_ratio", "agreement_pct",
+                        "same_reply_pct", "max_drop_points"],
             "eval_table": rows_table,
             "setup": {"model": "tiny random (--quick)" if tmp else str(path), "data": data_name,
                       "eval_samples": len(samples) if limit is None else min(limit, len(samples)),
                       "prompts": sum(b["input_ids"].shape[0] for b in batches), "new_tokens": new_tokens,
+                      "eval_batch_size": eval_batch, "eval_max_new_tokens": eval_tokens,
                       "quantized_modules": len(names), "repeats": args.repeats, "warmup": args.warmup},
             "targets": {"bytes_ratio": {"int8": 0.3, "int4": 0.2}, "agreement_pct": {"int8": 80.0},
                         "max_drop_points": {"int8": 1.0}}}
