@@ -12,9 +12,8 @@ scheme    library                devices         storage of one weight
 
 What is quantized: every ``nn.Linear`` of the language model except its output head (``quantize_head=True``
 includes it; a head tied to the input embeddings cannot be); the vision tower's with ``quantize_vision=True``.
-Embeddings, norms, biases and the connector stay in the model's dtype. Activations are not quantized: each layer
-computes in the model's dtype from its dequantized weights (``int4`` on CPU dequantizes the packed weights on every
-call: it saves memory, not time).
+Embeddings, norms, biases and the connector stay in the model's dtype. Activations are not quantized (weight-only);
+``int4`` on CPU unpacks and dequantizes its packed weights on every call: it saves memory, not time.
 
 A quantized model is for inference: ``save_pretrained`` refuses it (saving the dequantized weights would silently
 write lossy fp32 weights; saving the packed ones would write a directory ``vlm.load`` cannot read). Save the

@@ -3,8 +3,8 @@ on a trained checkpoint, fp32 vs ``int8`` vs ``int4`` (plus ``nf4`` on CUDA when
 
 - ``linear_mib`` / ``bytes_ratio``: the stored bytes of the quantized LLM linear weights (packed data + scales + zero
   points, ``vlm.quantize.linear_weight_bytes``) against the same weights in fp32;
-- ``tokens_per_s``: greedy generation of exactly ``--new-tokens`` tokens for every prompt, batched, interleaved
-  timing (``vlm.bench.common.interleaved``), median of ``--repeats``;
+- ``tokens_per_s`` (``speed_ratio``: over fp32's): greedy generation of exactly 32 new tokens for the first two
+  batches of 32 prompts, interleaved timing (``vlm.bench.common.interleaved``), median of ``--repeats``;
 - ``agreement_pct``: greedy tokens equal to the fp32 model's at the same position, over the fp32 model's reply tokens
   (up to and including its stop token), on the evaluation prompts; ``same_reply_pct``: replies identical throughout;
 - the evaluation table (``vlm.eval.evaluator.evaluate``, as training's final evaluation and ``vlm.eval`` run it) of
@@ -12,8 +12,8 @@ on a trained checkpoint, fp32 vs ``int8`` vs ``int4`` (plus ``nf4`` on CUDA when
 
 ``--quantize int8,int4`` picks the schemes (default int8 and int4, plus nf4 on CUDA with bitsandbytes). ``--model``
 is a run directory (its ``final/``, its evaluation set and template) or a model directory (the shapes
-validation split); default: the newest ``runs/tiny/*`` (the default job's). ``--quick`` builds a tiny random model
-instead (seconds; checks the bench runs, measures nothing meaningful).
+validation split); default: the newest ``runs/tiny/*`` (the default job's). ``--quick``: a few prompts and samples,
+on a tiny random model unless ``--model`` is given (seconds; checks the bench runs, measures nothing meaningful).
 
 ``python -m vlm.bench quantize --model runs/tiny/<timestamp>`` (docs/deploy.md, "Quantized inference").
 """
@@ -22,8 +22,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -114,8 +115,8 @@ def quantize_bench(args: argparse.Namespace) -> dict[str, Any]:
     from vlm.quantize import linear_weight_bytes, scheme_for, target_names
 
     device = torch.device(args.device)
-    tmp = tempfile.TemporaryDirectory() if args.quick else None
-    path = tiny_random_model(Path(tmp.name)) if tmp else Path(args.model) if args.model else default_model()
+    tmp = tempfile.TemporaryDirectory() if args.quick and not args.model else None
+    path = Path(args.model) if args.model else tiny_random_model(Path(tmp.name)) if tmp else default_model()
     if getattr(args, "quantize", None):
         schemes = [s.strip() for s in args.quantize.split(",")]
         for s in schemes:
@@ -142,15 +143,20 @@ def quantize_bench(args: argparse.Namespace) -> dict[str, Any]:
     stops = model_stop_ids(ref.model) or None
     replies = {s: greedy(o.model, batches, new_tokens, stops, pad) for s, o in opened.items()}
 
+    timed_batches = batches[:2]  # timing: the first two batches (the agreement covers every prompt)
+
     def timed(model: Any) -> Callable[[], None]:
-        return lambda: greedy(model, batches, new_tokens, None, pad)
+        return lambda: greedy(model, timed_batches, new_tokens, None, pad)
 
     times = interleaved({str(s): timed(o.model) for s, o in opened.items()}, repeats=args.repeats,
                         warmup=args.warmup, device=device)
-    generated = sum(b["input_ids"].shape[0] for b in batches) * new_tokens
+    generated = sum(b["input_ids"].shape[0] for b in timed_batches) * new_tokens
     workers = OneProcess(str(device))
     limit = 8 if args.quick else None
-    tables = {s: evaluate(o.model, workers, processor, samples, batch_size=64, max_new_tokens=new_tokens,
+    run_eval = ref.run_config.eval if ref.run_config is not None else {}  # the run's own evaluation settings
+    eval_batch = int(run_eval.get("batch_size", 64))
+    eval_tokens = 4 if args.quick else int(run_eval.get("max_new_tokens", 32))
+    tables = {s: evaluate(o.model, workers, processor, samples, batch_size=eval_batch, max_new_tokens=eval_tokens,
                           precision=torch.float32, limit=limit)[0] for s, o in opened.items()}
     names = target_names(ref.model)
     fp32 = linear_weight_bytes(ref.model, names)
@@ -158,22 +164,25 @@ def quantize_bench(args: argparse.Namespace) -> dict[str, Any]:
                    **{f"{s}_delta_points": 100.0 * (tables[s][k] - tables[None][k]) for s in schemes}}
                   for k in score_keys(tables[None])]
     rows = []
+    fp32_tps = generated / median(times["None"])
     for s, o in opened.items():
         stored = linear_weight_bytes(o.model, names)["bytes"]
         agree, same = agreement(replies[None], replies[s])
         drop = max([100.0 * (tables[None][k] - tables[s][k]) for k in score_keys(tables[None])] + [0.0])
         rows.append({"scheme": s or "fp32", "linear_mib": stored / 2**20, "bytes_ratio": stored / fp32["fp32_bytes"],
-                     "tokens_per_s": generated / median(times[str(s)]), "agreement_pct": agree,
+                     "tokens_per_s": generated / median(times[str(s)]),
+                     "speed_ratio": generated / median(times[str(s)]) / fp32_tps, "agreement_pct": agree,
                      "same_reply_pct": same, "max_drop_points": drop})
     if tmp:
         tmp.cleanup()
     return {"rows": rows,
-            "columns": ["scheme", "linear_mib", "bytes_ratio", "tokens_per_s", "agreement_pct", "same_reply_pct",
-                        "max_drop_points"],
+            "columns": ["scheme", "linear_mib", "bytes_ratio", "tokens_per_s", "speed_ratio", "agreement_pct",
+                        "same_reply_pct", "max_drop_points"],
             "eval_table": rows_table,
-            "setup": {"model": "tiny random (--quick)" if args.quick else str(path), "data": data_name,
+            "setup": {"model": "tiny random (--quick)" if tmp else str(path), "data": data_name,
                       "eval_samples": len(samples) if limit is None else min(limit, len(samples)),
                       "prompts": sum(b["input_ids"].shape[0] for b in batches), "new_tokens": new_tokens,
+                      "eval_batch_size": eval_batch, "eval_max_new_tokens": eval_tokens,
                       "quantized_modules": len(names), "repeats": args.repeats, "warmup": args.warmup},
             "targets": {"bytes_ratio": {"int8": 0.3, "int4": 0.2}, "agreement_pct": {"int8": 80.0},
                         "max_drop_points": {"int8": 1.0}}}
