@@ -8,21 +8,15 @@ from a conversation saved by ``vlm.chat``'s ``/save`` (``vlm.inference.save_hist
 """
 from __future__ import annotations
 
-import inspect
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 
-def load_accepts(option: str) -> bool:
-    """Whether ``vlm.load`` takes keyword ``option`` (``quantize`` is offered only where it does)."""
-    import vlm
-
-    return option in inspect.signature(vlm.load).parameters
-
-
 def parser() -> Any:
     import argparse
+
+    from vlm.quantize import SCHEMES
 
     ap = argparse.ArgumentParser(prog="python -m vlm.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,8 +31,8 @@ def parser() -> Any:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: where vlm.load puts it)")
-    if load_accepts("quantize"):
-        ap.add_argument("--quantize", default=None, help="quantize the weights on load (see vlm.load)")
+    ap.add_argument("--quantize", default=None, choices=SCHEMES.names(),
+                    help="weight-only quantization of the LLM's linear layers (vlm.quantize; default: none)")
     return ap
 
 
@@ -52,9 +46,8 @@ def main(argv: Sequence[str] | None = None, *, block: bool = True) -> Any:
     from vlm.inference.load import open_model
     from pathlib import Path
 
-    load_options = {"quantize": a.quantize} if getattr(a, "quantize", None) else {}
     try:
-        opened = open_model(a.model_dir, device=a.device, **load_options)
+        opened = open_model(a.model_dir, device=a.device, quantize=a.quantize)
         processor = processor_for(opened.model, a.template or opened.template)
         history = load_history(a.history) if a.history else None
     except (FileNotFoundError, ValueError) as e:
