@@ -312,3 +312,17 @@ def test_sigterm_answers_the_request_in_flight_then_exits_0(server, served, clie
     assert got and got[0].choices[0].message.content == model.chat(None, "last", max_new_tokens=40)[0]
 
 
+
+
+def test_quantize_reaches_the_loader_only_where_it_takes_it(monkeypatch):
+    """``--quantize`` is passed as ``quantize=`` to a loader that takes it; a loader without it is a clear error."""
+    import vlm.inference.load as load
+    from vlm.serve.__main__ import open_for_serving
+
+    calls = []
+    monkeypatch.setattr(load, "open_model", lambda path, *, device=None: calls.append((path, device)) or "opened")
+    assert open_for_serving("dir", None, None) == "opened" and calls == [("dir", None)]
+    with pytest.raises(ValueError, match="--quantize 'int8': .*does not take quantize="):
+        open_for_serving("dir", None, "int8")
+    monkeypatch.setattr(load, "open_model", lambda path, *, device=None, quantize=None: (path, quantize))
+    assert open_for_serving("dir", "cpu", "int4") == ("dir", "int4")
