@@ -89,12 +89,13 @@ class Served:
     def spawn(self) -> None:
         self.port = free_port()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        self.log = open(self.tmp / f"server_{self.port}.log", "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vlm.serve", str(self.tmp / NAME), "--port", str(self.port), "--api-key", KEY,
-             "--image-root", str(self.root), "--max-queue", "16", "--max-batch", "16", "--batch-wait-ms", "20",
-             "--default-max-tokens", str(NEW), "--max-image-pixels", "4096"],
-            env=env, cwd=self.tmp, stdout=self.log, stderr=subprocess.STDOUT)
+        self.log = self.tmp / f"server_{self.port}.log"
+        with self.log.open("w") as log:   # the child keeps its own copy of the file descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "vlm.serve", str(self.tmp / NAME), "--port", str(self.port), "--api-key",
+                 KEY, "--image-root", str(self.root), "--max-queue", "16", "--max-batch", "16", "--batch-wait-ms",
+                 "20", "--default-max-tokens", str(NEW), "--max-image-pixels", "4096"],
+                env=env, cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT)
 
     @property
     def url(self) -> str:
@@ -110,24 +111,22 @@ class Served:
                 pass
             if self.proc.poll() is not None or time.time() > deadline:
                 self.stop()
-                pytest.fail(f"the server did not start:\n{Path(self.log.name).read_text()[-3000:]}")
+                pytest.fail(f"the server did not start:\n{self.output()}")
             time.sleep(0.2)
 
-    def alive(self) -> "Served":
+    def alive(self) -> Served:
         if self.proc.poll() is not None:
             self.spawn()
             self.ready()
         return self
 
     def output(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text()[-3000:]
+        return self.log.read_text()[-3000:]
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -316,7 +315,7 @@ def test_sigterm_answers_the_request_in_flight_then_exits_0(server, served, clie
 
 def test_quantize_reaches_the_loader_only_where_it_takes_it(monkeypatch):
     """``--quantize`` is passed as ``quantize=`` to a loader that takes it; a loader without it is a clear error."""
-    import vlm.inference.load as load
+    from vlm.inference import load
     from vlm.serve.__main__ import open_for_serving
 
     calls = []
