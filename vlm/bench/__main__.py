@@ -30,6 +30,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default="dynamic", choices=["dynamic", "static"], help="generate: KV cache kind")
     p.add_argument("--workers", type=int, default=2, help="dataloader: worker processes")
     p.add_argument("--samples", type=int, default=None, help="packing/dataloader: samples (default per bench)")
+    p.add_argument("--server-threads", type=int, default=None,
+                   help="serve: torch threads of each server subprocess (OMP_NUM_THREADS; default: torch's own)")
     return p
 
 
