@@ -59,52 +59,91 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Served:
+    """The server subprocess over a saved tiny model: ``start`` (again after a test stopped it: under pytest-xdist
+    any test of this module may run after the SIGTERM test on the same worker), ``stop``."""
+
+    def __init__(self, tmp: Path) -> None:
+        import torch
+
+        import vlm
+        from vlm.data.tokenizer import byte_tokenizer
+
+        self.tmp = tmp
+        torch.manual_seed(0)
+        cfg = tiny_cfg("clip", "llama")
+        cfg["llm"]["config"]["max_position_embeddings"] = CONTEXT
+        model = vlm.build(cfg, tokenizer=byte_tokenizer("chatml"))
+        model.set_template("chatml")
+        model.save_pretrained(tmp / NAME)
+        self.root = tmp / "images"
+        self.root.mkdir()
+        picture(1).save(self.root / "one.png")
+        picture(2).save(tmp / "outside.png")
+        os.symlink(tmp / "outside.png", self.root / "link.png")
+        self.proc: subprocess.Popen | None = None
+        self.spawn()
+        self.model = vlm.load(tmp / NAME)   # the reference: the same directory, loaded while the server starts
+        self.ready()
+
+    def spawn(self) -> None:
+        self.port = free_port()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        self.log = self.tmp / f"server_{self.port}.log"
+        with self.log.open("w") as log:   # the child keeps its own copy of the file descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "vlm.serve", str(self.tmp / NAME), "--port", str(self.port), "--api-key",
+                 KEY, "--image-root", str(self.root), "--max-queue", "16", "--max-batch", "16", "--batch-wait-ms",
+                 "20", "--default-max-tokens", str(NEW), "--max-image-pixels", "4096"],
+                env=env, cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def ready(self) -> None:
+        deadline = time.time() + 180
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                pytest.fail(f"the server did not start:\n{self.output()}")
+            time.sleep(0.2)
+
+    def alive(self) -> Served:
+        if self.proc.poll() is not None:
+            self.spawn()
+            self.ready()
+        return self
+
+    def output(self) -> str:
+        return self.log.read_text()[-3000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """``(model, base_url, proc, image_root)``: the server runs while the module's tests do."""
-    import torch
-
-    import vlm
-    from vlm.data.tokenizer import byte_tokenizer
-
-    tmp = tmp_path_factory.mktemp("serve")
-    torch.manual_seed(0)
-    cfg = tiny_cfg("clip", "llama")
-    cfg["llm"]["config"]["max_position_embeddings"] = CONTEXT
-    model = vlm.build(cfg, tokenizer=byte_tokenizer("chatml"))
-    model.set_template("chatml")
-    model.save_pretrained(tmp / NAME)
-    root = tmp / "images"
-    root.mkdir()
-    picture(1).save(root / "one.png")
-    picture(2).save(tmp / "outside.png")
-    os.symlink(tmp / "outside.png", root / "link.png")
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "vlm.serve", str(tmp / NAME), "--port", str(port), "--api-key", KEY,
-                             "--image-root", str(root), "--max-queue", "16", "--max-batch", "16",
-                             "--batch-wait-ms", "20", "--default-max-tokens", str(NEW), "--max-image-pixels", "4096"],
-                            env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    model = vlm.load(tmp / NAME)   # the reference: the same directory, loaded in-process, while the server starts
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"the server did not start:\n{proc.stdout.read()}")
-        time.sleep(0.2)
-    yield model, url, proc, root
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+def server(tmp_path_factory):
+    s = Served(tmp_path_factory.mktemp("serve"))
+    yield s
+    s.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
+def served(server):
+    """``(model, base_url, proc, image_root)`` of a running server."""
+    server.alive()
+    return server.model, server.url, server.proc, server.root
+
+
+@pytest.fixture
 def client(served):
     return openai.OpenAI(base_url=served[1] + "/v1", api_key=KEY, max_retries=0, timeout=120)
 
@@ -145,7 +184,7 @@ def test_stream_joins_to_the_reply(served, client):
 
 def test_sixteen_concurrent_clients_get_their_solo_replies(served, client):
     model, url = served[0], served[1]
-    prompts = [(picture(10 + i) if i % 2 else None, f"Question {i}?", 4 + i % 5) for i in range(8)]
+    prompts = [(picture(10 + i) if i % 2 else None, f"Question {i}?", 4 + i) for i in range(4)]
     solo = [model.chat(img, text, max_new_tokens=n)[0] for img, text, n in prompts]
     before = httpx.get(f"{url}/health").json()
 
@@ -256,8 +295,8 @@ def test_full_queue_is_503_and_a_disconnect_frees_its_slot(served):
     http.close()
 
 
-def test_sigterm_answers_the_request_in_flight_then_exits_0(served, client):
-    """Runs last: the server stops here."""
+def test_sigterm_answers_the_request_in_flight_then_exits_0(server, served, client):
+    """The server stops here (a later test of this module on the same worker starts it again)."""
     model, url, proc = served[0], served[1], served[2]
     got: list = []
     worker = threading.Thread(target=lambda: got.append(ask(client, [{"role": "user", "content": "last"}],
@@ -268,7 +307,29 @@ def test_sigterm_answers_the_request_in_flight_then_exits_0(served, client):
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     worker.join(60)
-    assert proc.wait(60) == 0, proc.stdout.read()
+    assert proc.wait(60) == 0, server.output()
     assert got and got[0].choices[0].message.content == model.chat(None, "last", max_new_tokens=40)[0]
 
 
+
+
+def test_quantize_reaches_the_loader(monkeypatch, capsys):
+    """``--quantize`` offers the schemes ``vlm.quantize`` registers and passes the one chosen to the loader as
+    ``quantize=``; any other value is refused by the parser, naming the choices."""
+    from vlm.inference import load
+    from vlm.quantize import SCHEMES
+    from vlm.serve.__main__ import main
+
+    calls = []
+
+    def refuse(path, *, device=None, quantize=None):
+        calls.append((path, quantize))
+        raise ValueError("no such directory")
+
+    monkeypatch.setattr(load, "open_model", refuse)
+    for scheme in SCHEMES.names():
+        assert main(["some_dir", "--quantize", scheme]) == 2
+    assert calls == [("some_dir", s) for s in SCHEMES.names()]
+    with pytest.raises(SystemExit):
+        main(["some_dir", "--quantize", "int3"])
+    assert "invalid choice: 'int3'" in capsys.readouterr().err

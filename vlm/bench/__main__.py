@@ -34,6 +34,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", default=None,
                    help="quantize: schemes compared with fp32, comma-separated (default int8,int4; + nf4 on CUDA)")
     p.add_argument("--model", default=None, help="quantize: a run or model directory (default: newest runs/tiny/*)")
+    p.add_argument("--server-threads", type=int, default=None,
+                   help="serve: torch threads of each server subprocess (OMP_NUM_THREADS; default: torch's own)")
     return p
 
 

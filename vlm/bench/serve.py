@@ -7,7 +7,8 @@ with ``save_pretrained`` (what ``vlm.serve`` opens) and exported with ``vlm.inte
 the official ``openai`` client in threads: one image + a question, greedy, ``max_tokens`` fixed. tokens/s is the
 sum of the replies' ``usage.completion_tokens`` over the wall time of a concurrency level; latency is each request's
 wall time. ``transformers serve`` runs twice when it starts: as it comes (``transformers``: one request at a time)
-and with ``--continuous-batching`` (``transformers_cb``). ``--quick`` serves ours only (1 and 4 clients: one server
+and with ``--continuous-batching`` (``transformers_cb``). ``--server-threads N`` sets ``OMP_NUM_THREADS`` of every
+server alike (on an oversubscribed CPU, torch's intra-op threads wait on each other). ``--quick`` serves ours only (1 and 4 clients: one server
 start) and says so. A server that cannot start gets a row saying why.
 """
 from __future__ import annotations
@@ -53,12 +54,14 @@ def _image_url(seed: int, px: int) -> str:
 class Server:
     """A server subprocess: started, waited for (``/health``), stopped with SIGTERM."""
 
-    def __init__(self, cmd: list[str], port: int, log: Path, startup_s: float = 600) -> None:
+    def __init__(self, cmd: list[str], port: int, log: Path, startup_s: float = 600,
+                 threads: int | None = None) -> None:
         import httpx
 
         self.port, self.log = port, log
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
+               "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]),
+               **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
         self.proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
         deadline = time.time() + startup_s
         while True:
@@ -155,7 +158,8 @@ def serve(args: argparse.Namespace) -> dict[str, Any]:
         for name, cmd, model_id in _servers(args.quick, tmp / "bench-vlm", tmp / "bench-hf", args.device):
             port = _port()
             try:
-                server = Server([*cmd, str(port)], port, tmp / f"{name}.log")
+                server = Server([*cmd, str(port)], port, tmp / f"{name}.log",
+                                threads=getattr(args, "server_threads", None))
             except (RuntimeError, OSError) as e:
                 notes[name] = f"could not start: {e}"
                 continue
@@ -176,6 +180,7 @@ def serve(args: argparse.Namespace) -> dict[str, Any]:
                                       "p95_s", "throughput_ratio"],
             "setup": {"size": args.size or ("quick" if args.quick else "full"), "spec": spec,
                       "per_client": per_client, "max_tokens": max_tokens, "levels": list(levels),
+                      "server_threads": getattr(args, "server_threads", None),
                       "ratio_reference": "transformers_cb" if any(r["server"] == "transformers_cb" for r in rows)
                       else "transformers"},
             "notes": notes, "targets": {"throughput_ratio_at_16_clients": 1.0}}

@@ -8,7 +8,6 @@ flight, exit 0.
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import signal
 import sys
@@ -18,6 +17,8 @@ from typing import Any
 
 
 def parser() -> argparse.ArgumentParser:
+    from vlm.quantize import SCHEMES
+
     ap = argparse.ArgumentParser(prog="python -m vlm.serve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir")
@@ -28,8 +29,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--model-name", default=None, help="the served model id (default: MODEL_DIR's name)")
     ap.add_argument("--template", default=None, help="chat template (default: the run's, else the directory's)")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--quantize", default=None,
-                    help="weight-only quantization passed to the loader (int8 / int4), where the loader takes it")
+    ap.add_argument("--quantize", default=None, choices=SCHEMES.names(),
+                    help="weight-only quantization of the LLM's linear layers (vlm.quantize; default: none)")
     ap.add_argument("--max-queue", type=int, default=64, help="requests waiting or running; more get 503")
     ap.add_argument("--max-batch", type=int, default=16, help="rows of one batched generate call")
     ap.add_argument("--batch-wait-ms", type=float, default=10.0,
@@ -42,19 +43,6 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--allow-urls", action="store_true", help="fetch http(s) image URLs (off by default)")
     ap.add_argument("--log-level", default="warning")
     return ap
-
-
-def open_for_serving(model_dir: str, device: str | None, quantize: str | None) -> Any:
-    """``vlm.inference.load.open_model`` with ``quantize=`` passed only when given, and only to a loader that
-    takes it (``ValueError`` otherwise)."""
-    from vlm.inference.load import open_model
-
-    if quantize is None:
-        return open_model(model_dir, device=device)
-    if "quantize" not in inspect.signature(open_model).parameters:
-        raise ValueError(f"--quantize {quantize!r}: this build's loader (vlm.inference.load.open_model) does not take "
-                         f"quantize=; quantized inference is not available here")
-    return open_model(model_dir, device=device, quantize=quantize)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,7 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vlm.serve: --image-root {a.image_root!r} is not a directory", file=sys.stderr)
         return 2
     try:
-        opened = open_for_serving(a.model_dir, a.device, a.quantize)
+        from vlm.inference.load import open_model
+
+        opened = open_model(a.model_dir, device=a.device, quantize=a.quantize)
         processor = processor_for(opened.model, a.template or opened.template)
     except (FileNotFoundError, ValueError, TypeError) as e:
         print(f"vlm.serve: {e}", file=sys.stderr)

@@ -126,18 +126,21 @@ def create_app(model: Any, processor: Any, scheduler: Scheduler, cfg: ServeConfi
         if req.model != cfg.model_name:
             raise APIError(404, f"the model {req.model!r} does not exist; this server serves {cfg.model_name!r} "
                            f"(GET /v1/models)", type="not_found_error", param="model", code="model_not_found")
-        item, budget = await asyncio.to_thread(prepare, req)
         sampling: dict[str, Any] = {}
         if req.temperature not in (None, 0) or req.top_p is not None and req.temperature != 0:
             sampling = {"do_sample": True, **({"temperature": req.temperature} if req.temperature else {}),
                         **({"top_p": req.top_p} if req.top_p is not None else {})}
-        job = Job(item, budget, sampling, req.stop_strings(), req.seed, req.stream, asyncio.get_running_loop(),
-                  asyncio.Queue())
+        scheduler.arrive()   # a batch about to start waits (briefly) for this request's prompt
         try:
+            item, budget = await asyncio.to_thread(prepare, req)
+            job = Job(item, budget, sampling, req.stop_strings(), req.seed, req.stream, asyncio.get_running_loop(),
+                      asyncio.Queue())
             scheduler.submit(job)
         except Overloaded as e:
             raise APIError(503, f"server busy: {e}; retry after {cfg.retry_after_s} s", type="server_error",
                            code="server_overloaded", headers={"Retry-After": str(cfg.retry_after_s)}) from None
+        finally:
+            scheduler.arrived()
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": cfg.model_name}
         usage = {"prompt_tokens": int(item["input_ids"].numel())}
         if req.stream:

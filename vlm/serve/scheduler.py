@@ -1,7 +1,9 @@
 """The batching queue between the HTTP handlers (asyncio) and the model (one worker thread).
 
 Handlers ``submit`` a :class:`Job` (a processed prompt + its options); the worker takes the oldest job, waits
-``batch_wait_s`` for others to arrive, and runs every waiting job that samples the same way (greedy, or the same
+``batch_wait_s`` for others to arrive — and, up to ``gather_s``, for requests that have arrived but whose images and
+prompt are still being prepared (``arrive`` / ``arrived``; prompts are built one at a time, so requests that arrive
+together reach the queue one by one) — and runs every waiting job that samples the same way (greedy, or the same
 temperature / top_p; a seeded job always runs alone, so its seed gives the same reply every time) in ONE left-padded
 ``VLM.generate`` call, at most ``max_batch`` rows. Each row is watched token by token (:class:`_Rows`): it ends at a
 stop id, a complete stop string, its own ``max_tokens`` or its client's disconnect, then its generation stops
@@ -120,11 +122,13 @@ class Scheduler:
     """Owns the model: ``submit`` jobs from any thread; ``start`` / ``stop`` the worker thread."""
 
     def __init__(self, model: Any, tokenizer: Any, *, max_queue: int = 64, max_batch: int = 16,
-                 batch_wait_s: float = 0.01) -> None:
+                 batch_wait_s: float = 0.01, gather_s: float = 0.5) -> None:
         if max_queue < 1 or max_batch < 1:
             raise ValueError(f"max_queue and max_batch must be >= 1; got {max_queue}, {max_batch}")
         self.model, self.tokenizer = model, tokenizer
         self.max_queue, self.max_batch, self.batch_wait_s = max_queue, max_batch, batch_wait_s
+        self.gather_s = max(gather_s, batch_wait_s)
+        self.arriving = 0        # requests received whose prompt is still being prepared
         self.pending: collections.deque[Job] = collections.deque()
         self.active = 0          # jobs holding a slot: waiting or running
         self.stats = {"served": 0, "cancelled": 0, "batches": 0, "rejected": 0}
@@ -151,6 +155,16 @@ class Scheduler:
                 raise Overloaded(f"{self.active} requests are queued or running (--max-queue {self.max_queue})")
             self.active += 1
             self.pending.append(job)
+            self.cond.notify_all()
+
+    def arrive(self) -> None:
+        """A request came in; its job follows (``submit``) once its prompt is built, then call ``arrived``."""
+        with self.cond:
+            self.arriving += 1
+
+    def arrived(self) -> None:
+        with self.cond:
+            self.arriving -= 1
             self.cond.notify_all()
 
     def cancel(self, job: Job) -> None:
@@ -183,8 +197,12 @@ class Scheduler:
                     return None
                 self.cond.wait()
             first = self.pending[0]
-        time.sleep(self.batch_wait_s)  # let requests that arrive together join this batch
-        with self.cond:
+            t0 = time.monotonic()
+            while not self.stopping and len(self.pending) < self.max_batch:   # let requests arriving together join
+                waited = time.monotonic() - t0
+                if waited >= self.gather_s or waited >= self.batch_wait_s and not self.arriving:
+                    break
+                self.cond.wait(timeout=0.005)
             jobs = [j for j in self.pending if j.key == first.key][:self.max_batch]
             for j in jobs:
                 self.pending.remove(j)
