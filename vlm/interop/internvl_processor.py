@@ -259,7 +259,7 @@ def save_processor(model: Any, path: Path) -> bool:
     cfg = json.loads(cfg_file.read_text())
     cfg.update(dict(zip(NAMED_TOKENS, (START, END, model.image_token, VIDEO))))
     cfg_file.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     # each image is the context token alone: InternVLProcessor adds <img> ... </img> itself
     template = served_chat_template(model.tokenizer, model.tokenizer.chat_template, model.image_token)[0]
     tokenizer.chat_template = template
