@@ -175,7 +175,10 @@ def test_round_trips_are_bit_for_bit(dirs, tmp_path):
     again = to_hf(from_hf(orig), tmp_path / "orig2", format="internvl_chat")  # original -> vlm -> original
     a, b = load_file(str(orig / "model.safetensors")), load_file(str(again / "model.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((orig / "config.json").read_text()) == json.loads((again / "config.json").read_text())
+    first, second = (json.loads((d / "config.json").read_text()) for d in (orig, again))
+    # the import adds the template's end of turn (<|im_end|>) to the stop ids, which the export writes with the eos
+    eos = first["llm_config"].pop("eos_token_id")
+    assert second["llm_config"].pop("eos_token_id")[:1] == eos and first == second
     back = to_hf(from_hf(orig), tmp_path / "hf2", format="internvl", processor=False)  # original -> transformers
     theirs = InternVLForConditionalGeneration.from_pretrained(str(back)).state_dict()
     ours = hf.state_dict()
@@ -198,6 +201,11 @@ def test_sentencepiece_tokenizer_matches_sentencepiece_without_remote_code(tok_d
         mixed = "  two<img><IMG_CONTEXT></img>\n图 12 😀"
         want = sp.encode("  two") + [vocab - 3, vocab - 1, vocab - 2] + sp.encode("\n图 12 😀")
         assert tok(mixed, add_special_tokens=False)["input_ids"] == want
+        for text in [*CORPUS, mixed]:  # the offsets vlm's processor tokenizes a whole prompt with
+            ids, offsets = tok.encode_with_offsets(text)
+            assert ids == tok(text, add_special_tokens=False)["input_ids"]
+            assert all(0 <= a <= b <= len(text) for a, b in offsets)
+            assert [a for a, _ in offsets] == sorted(a for a, _ in offsets)
     saved = path.parent / "tok_saved"
     load_tokenizer(path).save_pretrained(saved)
     assert load_tokenizer(saved)(CORPUS[1])["input_ids"] == [sp.bos_id()] + sp.encode(CORPUS[1])
@@ -290,3 +298,59 @@ def test_rope_scaling_is_internlm2s(kind):
             angles = pos[0, :, None].double() / factor / base ** (torch.arange(0, d, 2).double() / d)
         want = torch.cat([angles, angles], -1).cos().float()
         assert torch.allclose(cos[0], want, atol=1e-5), (kind, length)
+
+
+#: what original InternVL's conversation templates write (public conversation.py, MPT style):
+#: (system turn with the default system message, user role, assistant role, separator)
+ORIGINAL = {
+    "internlm2-chat": ("<|im_start|>system\n你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
+                       "是一个有用无害的人工智能助手。", "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>"),
+    "internvl2_5": ("<|im_start|>system\n你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的"
+                    "多模态大语言模型。", "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>\n"),
+}
+
+
+def original_chat_prompt(template, history, question, tiles):
+    """The prompt original ``chat()`` builds: ``<image>\\n`` before the question of the turn with the image, the MPT
+    conversation (system + sep, then role + message + sep per turn, then the assistant role), each ``<image>``
+    replaced by ``<img>`` + ``<IMG_CONTEXT>`` x (tokens per tile x tiles) + ``</img>``."""
+    system, user, assistant, sep = ORIGINAL[template]
+    query = system + sep
+    for old_q, old_a in history:
+        query += user + old_q + sep + assistant + old_a + sep
+    query += user + question + sep + assistant
+    return query.replace("<image>", "<img>" + "<IMG_CONTEXT>" * (TOKENS_PER_TILE * tiles) + "</img>", 1)
+
+
+@pytest.mark.parametrize("template", ["internlm2-chat", "internvl2_5"])
+def test_chat_builds_the_original_chat_prompt(dirs, tmp_path, template):
+    """``model.chat``'s prompt ids on an imported original = the tokenizer's ids of original ``chat()``'s prompt
+    (BOS in front): one image of several tiles, then a text-only second turn after the first answer."""
+    import numpy as np
+    from PIL import Image
+
+    from vlm.inference.chat import assistant_turn, image_placement, processor_for, prompt_item
+
+    _, _, orig = dirs
+    d = tmp_path / template
+    d.mkdir()
+    for f in orig.iterdir():
+        d.joinpath(f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((orig / "config.json").read_text())
+    cfg.update(template=template, dynamic_image_size=True, max_dynamic_patch=4, use_thumbnail=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    model = from_hf(d)
+    tok = model.tokenizer
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 70, 3), dtype=np.uint8))
+    processor = processor_for(model)
+    item, history = prompt_item(processor, None, picture, "What is in the image?", placement=image_placement(model))
+    tiles = item["pixel_values"].shape[0]
+    assert tiles > 1
+    want = original_chat_prompt(template, [], "<image>\nWhat is in the image?", tiles)
+    assert item["input_ids"].tolist() == tok(want)["input_ids"]
+    history = [*history, assistant_turn("A red square.")]
+    item, _ = prompt_item(processor, history, None, "And its size?", placement=image_placement(model))
+    want = original_chat_prompt(template, [("<image>\nWhat is in the image?", "A red square.")], "And its size?",
+                                tiles)
+    assert item["input_ids"].tolist() == tok(want)["input_ids"]
+    assert tok.convert_tokens_to_ids("<|im_end|>") in model.generation["eos_token_id"]
