@@ -354,3 +354,23 @@ def test_chat_builds_the_original_chat_prompt(dirs, tmp_path, template):
                                 tiles)
     assert item["input_ids"].tolist() == tok(want)["input_ids"]
     assert tok.convert_tokens_to_ids("<|im_end|>") in model.generation["eos_token_id"]
+
+
+def test_imported_original_trains_on_the_reply_only(dirs):
+    """A training sample through the imported model's own template and tokenizer: the labels are the reply and its
+    separator (what original InternVL trains), the loss is finite and has gradients in the Llama LLM."""
+    import numpy as np
+    from PIL import Image
+
+    from vlm.inference.chat import assistant_turn, processor_for, to_sample, user_turn
+
+    _, _, orig = dirs
+    model = from_hf(orig).train()
+    picture = Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    messages = [user_turn(picture, "What is it?"), assistant_turn("A red square.")]
+    item = processor_for(model)(to_sample(messages))
+    labels = item["labels"]
+    assert model.tokenizer.decode(labels[labels != -100].tolist()) == "A red square.<|im_end|>"
+    out = model(input_ids=item["input_ids"][None], pixel_values=item["pixel_values"], labels=labels[None])
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and model.llm.model.model.layers[0].self_attn.q_proj.weight.grad is not None
