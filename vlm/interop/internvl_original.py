@@ -32,9 +32,9 @@ from vlm.dtypes import resolve_dtype
 from vlm.encoders.internvit import IMAGENET_MEAN, IMAGENET_STD
 from vlm.encoders.internvit_keys import original_to_ours
 from vlm.interop.common import dtype_name, load_tokenizer
+from vlm.interop.formats import FORMATS, HFFormat
 from vlm.interop.internlm2 import REMOTE_LLMS
 from vlm.interop.internvl_templates import ORIGINAL_TEMPLATES, chat_template
-from vlm.interop.formats import FORMATS, HFFormat
 from vlm.model import VLM
 from vlm.pretrained import CONFIG_FILE, FILE_KEYS, check_weights, load_strict, read_config, read_weights
 
