@@ -253,6 +253,10 @@ def test_no_remote_code_question_anywhere(gqa, monkeypatch, tmp_path):
     load_tokenizer(orig)
     assert convert.main([str(orig), str(tmp_path / "ours")]) == 0
     vlm.load(tmp_path / "ours")
+    from vlm import chat as chat_cli
+
+    # python -m vlm.chat DIR on the original directory, one-shot, stdin empty
+    assert chat_cli.main([str(orig), "--prompt", "Hi", "--max-new-tokens", "2"], stdin=io.StringIO("")) == 0
     assert asked == []
 
 
