@@ -29,6 +29,8 @@ class SentencePieceTokenizer(SentencePieceBackend):
     """``tokenizer.model`` + added tokens; BOS / EOS added as ``add_bos_token`` / ``add_eos_token`` say."""
 
     vocab_files_names = {"vocab_file": SP_MODEL_FILE}
+    #: transformers' ``AutoTokenizer`` does not know this class (a transformers export writes no processor with it)
+    loads_in_transformers = False
     model_input_names = ["input_ids", "attention_mask"]
 
     def __init__(self, vocab_file: str, add_bos_token: bool = True, add_eos_token: bool = False,

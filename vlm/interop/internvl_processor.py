@@ -216,6 +216,9 @@ def processor_problems(model: Any) -> list[str]:
     tok = model.tokenizer
     if tok is None:
         return problems + ["model.tokenizer is not set"]
+    if not getattr(tok, "loads_in_transformers", True):
+        problems.append(f"the tokenizer is vlm's {type(tok).__name__} (read from remote-code tokenizer files), which "
+                        f"transformers' AutoTokenizer does not load; its files are written for vlm.load")
     for token in (START, END, model.image_token):
         ids = tok.encode(token, add_special_tokens=False)
         if len(ids) != 1:
