@@ -23,8 +23,8 @@ import vlm
 from tests.conftest import TINY_TEXT
 from vlm import convert
 from vlm.data.tokenizer import load_tokenizer
-from vlm.interop import from_hf, to_hf
 from vlm.generation import generation_settings
+from vlm.interop import from_hf, to_hf
 from vlm.interop.internlm2 import llama_config
 
 spm = pytest.importorskip("sentencepiece")
@@ -83,16 +83,34 @@ def save_llama_internvl(path, vocab, kv_heads, seed=0):
     return hf
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=["gqa", "mha"])
-def dirs(request, tmp_path_factory, tok_dir):
-    """``(transformers model, its directory, the original directory written from it)``."""
-    root = tmp_path_factory.mktemp(f"kv{request.param}")
-    hf = save_llama_internvl(root / "hf", tok_dir[1], request.param)
-    model = from_hf(root / "hf", tokenizer=False)
-    model.tokenizer = load_tokenizer(tok_dir[0])
-    model.generation = generation_settings(model.tokenizer)  # as an original directory's import reads them
-    to_hf(model, root / "orig", format="internvl_chat")
-    return hf, root / "hf", root / "orig"
+KV_HEADS = {"gqa": 2, "mha": 4}  # of 4 query heads
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tok_dir):
+    """``{name: (transformers model, its directory, the original directory written from it)}`` per ``KV_HEADS``."""
+    out = {}
+    for name, kv in KV_HEADS.items():
+        root = tmp_path_factory.mktemp(name)
+        hf = save_llama_internvl(root / "hf", tok_dir[1], kv)
+        model = from_hf(root / "hf", tokenizer=False)
+        model.tokenizer = load_tokenizer(tok_dir[0])
+        model.generation = generation_settings(model.tokenizer)  # as an original directory's import reads them
+        to_hf(model, root / "orig", format="internvl_chat")
+        out[name] = (hf, root / "hf", root / "orig")
+    return out
+
+
+@pytest.fixture(params=list(KV_HEADS))
+def dirs(request, built):
+    """Each configuration in turn (the tests about the packing and the round trips)."""
+    return built[request.param]
+
+
+@pytest.fixture
+def gqa(built):
+    """The GQA configuration only (the tests that do not depend on the head layout)."""
+    return built["gqa"]
 
 
 def batch(tiles_per_image, image_token_id, seed=0):
@@ -119,7 +137,7 @@ def packed_by_hand(hf, layer, heads, kv):
     g * q_per_kv .. (g + 1) * q_per_kv - 1, then key head g, then value head g (rows of head_dim each)."""
     attn = hf.model.language_model.layers[layer].self_attn
     d = attn.q_proj.weight.shape[0] // heads
-    head = lambda w, i: w[i * d:(i + 1) * d]  # noqa: E731
+    head = lambda w, i: w[i * d:(i + 1) * d]
     rows = []
     for g in range(kv):
         rows += [head(attn.q_proj.weight, g * (heads // kv) + j) for j in range(heads // kv)]
@@ -171,12 +189,16 @@ def test_a_wrong_packing_gives_other_logits(dirs, tmp_path):
 
 
 def test_round_trips_are_bit_for_bit(dirs, tmp_path):
-    hf, hf_dir, orig = dirs
+    hf, _, orig = dirs
     again = to_hf(from_hf(orig), tmp_path / "orig2", format="internvl_chat")  # original -> vlm -> original
     a, b = load_file(str(orig / "model.safetensors")), load_file(str(again / "model.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((orig / "config.json").read_text()) == json.loads((again / "config.json").read_text())
-    back = to_hf(from_hf(orig), tmp_path / "hf2", format="internvl", processor=False)  # original -> transformers
+    first, second = (json.loads((d / "config.json").read_text()) for d in (orig, again))
+    # the import adds the template's end of turn (<|im_end|>) to the stop ids, which the export writes with the eos
+    eos = first["llm_config"].pop("eos_token_id")
+    assert second["llm_config"].pop("eos_token_id")[:1] == eos and first == second
+    with pytest.warns(UserWarning, match="no InternVLProcessor.*SentencePieceTokenizer.*AutoTokenizer does not load"):
+        back = to_hf(from_hf(orig), tmp_path / "hf2")  # original -> transformers (auto-detected format)
     theirs = InternVLForConditionalGeneration.from_pretrained(str(back)).state_dict()
     ours = hf.state_dict()
     assert set(theirs) == set(ours) and all(torch.equal(theirs[k], ours[k]) for k in ours)
@@ -186,10 +208,10 @@ def test_round_trips_are_bit_for_bit(dirs, tmp_path):
     assert set(a) == set(c) and all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_sentencepiece_tokenizer_matches_sentencepiece_without_remote_code(tok_dir, dirs):
+def test_sentencepiece_tokenizer_matches_sentencepiece_without_remote_code(tok_dir, gqa):
     path, vocab = tok_dir
     sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
-    for tok in (load_tokenizer(path), from_hf(dirs[2]).tokenizer, vlm.load(dirs[2]).tokenizer):
+    for tok in (load_tokenizer(path), from_hf(gqa[2]).tokenizer, vlm.load(gqa[2]).tokenizer):
         assert len(tok) == vocab and tok.convert_tokens_to_ids("<IMG_CONTEXT>") == vocab - 1
         for text in CORPUS:
             assert tok(text)["input_ids"] == [sp.bos_id()] + sp.encode(text)
@@ -198,15 +220,20 @@ def test_sentencepiece_tokenizer_matches_sentencepiece_without_remote_code(tok_d
         mixed = "  two<img><IMG_CONTEXT></img>\n图 12 😀"
         want = sp.encode("  two") + [vocab - 3, vocab - 1, vocab - 2] + sp.encode("\n图 12 😀")
         assert tok(mixed, add_special_tokens=False)["input_ids"] == want
+        for text in [*CORPUS, mixed]:  # the offsets vlm's processor tokenizes a whole prompt with
+            ids, offsets = tok.encode_with_offsets(text)
+            assert ids == tok(text, add_special_tokens=False)["input_ids"]
+            assert all(0 <= a <= b <= len(text) for a, b in offsets)
+            assert [a for a, _ in offsets] == sorted(a for a, _ in offsets)
     saved = path.parent / "tok_saved"
     load_tokenizer(path).save_pretrained(saved)
     assert load_tokenizer(saved)(CORPUS[1])["input_ids"] == [sp.bos_id()] + sp.encode(CORPUS[1])
 
 
-def test_no_remote_code_question_anywhere(dirs, monkeypatch, tmp_path):
+def test_no_remote_code_question_anywhere(gqa, monkeypatch, tmp_path):
     """Every read of an original directory (config.json and tokenizer_config.json carry ``auto_map``) passes
     ``trust_remote_code=False``: ``input`` is never called. transformers' own default would ask."""
-    _, _, orig = dirs
+    _, _, orig = gqa
     cfg = json.loads((orig / "config.json").read_text())
     assert "auto_map" in cfg and "auto_map" in json.loads((orig / "tokenizer_config.json").read_text())
     asked = []
@@ -227,11 +254,15 @@ def test_no_remote_code_question_anywhere(dirs, monkeypatch, tmp_path):
     load_tokenizer(orig)
     assert convert.main([str(orig), str(tmp_path / "ours")]) == 0
     vlm.load(tmp_path / "ours")
+    from vlm import chat as chat_cli
+
+    # python -m vlm.chat DIR on the original directory, one-shot, stdin empty
+    assert chat_cli.main([str(orig), "--prompt", "Hi", "--max-new-tokens", "2"], stdin=io.StringIO("")) == 0
     assert asked == []
 
 
-def test_bad_original_directories_name_file_and_key(dirs, tmp_path):
-    _, _, orig = dirs
+def test_bad_original_directories_name_file_and_key(gqa, tmp_path):
+    _, _, orig = gqa
     cfg = json.loads((orig / "config.json").read_text())
 
     def variant(name, config=None, state=None):
@@ -290,3 +321,79 @@ def test_rope_scaling_is_internlm2s(kind):
             angles = pos[0, :, None].double() / factor / base ** (torch.arange(0, d, 2).double() / d)
         want = torch.cat([angles, angles], -1).cos().float()
         assert torch.allclose(cos[0], want, atol=1e-5), (kind, length)
+
+
+#: what original InternVL's conversation templates write (public conversation.py, MPT style):
+#: (system turn with the default system message, user role, assistant role, separator)
+ORIGINAL = {
+    "internlm2-chat": (("<|im_start|>system\n你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
+                        "是一个有用无害的人工智能助手。"), "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>"),
+    "internvl2_5": (("<|im_start|>system\n你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的"
+                     "多模态大语言模型。"), "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>\n"),
+}
+
+
+def original_chat_prompt(template, history, question, tiles):
+    """The prompt original ``chat()`` builds: ``<image>\\n`` before the question of the turn with the image, the MPT
+    conversation (system + sep, then role + message + sep per turn, then the assistant role), each ``<image>``
+    replaced by ``<img>`` + ``<IMG_CONTEXT>`` x (tokens per tile x tiles) + ``</img>``."""
+    system, user, assistant, sep = ORIGINAL[template]
+    query = system + sep
+    for old_q, old_a in history:
+        query += user + old_q + sep + assistant + old_a + sep
+    query += user + question + sep + assistant
+    return query.replace("<image>", "<img>" + "<IMG_CONTEXT>" * (TOKENS_PER_TILE * tiles) + "</img>", 1)
+
+
+@pytest.mark.parametrize("template", ["internlm2-chat", "internvl2_5"])
+def test_chat_builds_the_original_chat_prompt(gqa, tmp_path, template):
+    """``model.chat``'s prompt ids on an imported original = the tokenizer's ids of original ``chat()``'s prompt
+    (BOS in front): one image of several tiles, then a text-only second turn after the first answer."""
+    import numpy as np
+    from PIL import Image
+
+    from vlm.inference.chat import assistant_turn, image_placement, processor_for, prompt_item
+
+    _, _, orig = gqa
+    d = tmp_path / template
+    d.mkdir()
+    for f in orig.iterdir():
+        d.joinpath(f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((orig / "config.json").read_text())
+    cfg.update(template=template, dynamic_image_size=True, max_dynamic_patch=4, use_thumbnail=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    model = from_hf(d)
+    tok = model.tokenizer
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 70, 3), dtype=np.uint8))
+    processor = processor_for(model)
+    item, history = prompt_item(processor, None, picture, "What is in the image?", placement=image_placement(model))
+    tiles = item["pixel_values"].shape[0]
+    assert tiles > 1
+    want = original_chat_prompt(template, [], "<image>\nWhat is in the image?", tiles)
+    assert item["input_ids"].tolist() == tok(want)["input_ids"]
+    history = [*history, assistant_turn("A red square.")]
+    item, _ = prompt_item(processor, history, None, "And its size?", placement=image_placement(model))
+    want = original_chat_prompt(template, [("<image>\nWhat is in the image?", "A red square.")], "And its size?",
+                                tiles)
+    assert item["input_ids"].tolist() == tok(want)["input_ids"]
+    assert tok.convert_tokens_to_ids("<|im_end|>") in model.generation["eos_token_id"]
+
+
+def test_imported_original_trains_on_the_reply_only(gqa):
+    """A training sample through the imported model's own template and tokenizer: the labels are the reply and its
+    separator (what original InternVL trains), the loss is finite and has gradients in the Llama LLM."""
+    import numpy as np
+    from PIL import Image
+
+    from vlm.inference.chat import assistant_turn, processor_for, to_sample, user_turn
+
+    _, _, orig = gqa
+    model = from_hf(orig).train()
+    picture = Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    messages = [user_turn(picture, "What is it?"), assistant_turn("A red square.")]
+    item = processor_for(model)(to_sample(messages))
+    labels = item["labels"]
+    assert model.tokenizer.decode(labels[labels != -100].tolist()) == "A red square.<|im_end|>"
+    out = model(input_ids=item["input_ids"][None], pixel_values=item["pixel_values"], labels=labels[None])
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and model.llm.model.model.layers[0].self_attn.q_proj.weight.grad is not None

@@ -110,7 +110,8 @@ class Processor:
         for tok in self.template.special_tokens(tokenizer):
             self._single_id(tok, f"template {self.template.name!r} token")
         # character offsets let the whole prompt be tokenized in one call (fast tokenizers have them)
-        self._offsets = bool(getattr(tokenizer, "is_fast", False))
+        # (or ``encode_with_offsets(text) -> (ids, offsets)``: vlm's SentencePiece tokenizer, read without remote code)
+        self._offsets = bool(getattr(tokenizer, "is_fast", False)) or hasattr(tokenizer, "encode_with_offsets")
         if not self._offsets:
             warnings.warn(f"{type(tokenizer).__name__} gives no character offsets (not a fast tokenizer): prompts are "
                           f"tokenized piece by piece, so ids can differ from tokenizing the whole prompt at once "
@@ -264,7 +265,9 @@ class Processor:
 
         One call on the whole text when the tokenizer gives offsets; otherwise piece by piece, each token spanning
         its whole piece."""
-        if self._offsets:
+        if self._offsets and hasattr(self.tokenizer, "encode_with_offsets"):
+            ids, offsets = self.tokenizer.encode_with_offsets(text)
+        elif self._offsets:
             enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
         else:

@@ -29,6 +29,8 @@ class SentencePieceTokenizer(SentencePieceBackend):
     """``tokenizer.model`` + added tokens; BOS / EOS added as ``add_bos_token`` / ``add_eos_token`` say."""
 
     vocab_files_names = {"vocab_file": SP_MODEL_FILE}
+    #: transformers' ``AutoTokenizer`` does not know this class (a transformers export writes no processor with it)
+    loads_in_transformers = False
     model_input_names = ["input_ids", "attention_mask"]
 
     def __init__(self, vocab_file: str, add_bos_token: bool = True, add_eos_token: bool = False,
@@ -42,6 +44,29 @@ class SentencePieceTokenizer(SentencePieceBackend):
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         return self.sp_model.decode_pieces(tokens)
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """``(ids, character offsets [start, end) per id)`` of ``text`` without special tokens around it: the
+        ids of ``self(text, add_special_tokens=False)`` (added tokens split out first, each text run
+        ``sentencepiece``'s encoding), with the offsets ``vlm.data.processor`` needs to tokenize a whole prompt in
+        one call as a fast tokenizer's ``offset_mapping`` gives them (a byte-fallback piece spans its character)."""
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        pos = 0
+        for chunk in self.tokens_trie.split(text):
+            if chunk in self._added_tokens_encoder:
+                ids.append(self._added_tokens_encoder[chunk])
+                offsets.append((pos, pos + len(chunk)))
+            elif chunk:
+                raw = chunk.encode("utf-8")
+                char_of = [i for i, ch in enumerate(chunk) for _ in range(len(ch.encode("utf-8")))]
+                for piece in self.sp_model.encode(chunk, return_type="proto").pieces:
+                    start = char_of[piece.begin] if piece.begin < len(raw) else len(chunk)
+                    end = char_of[piece.end - 1] + 1 if piece.end > piece.begin else start
+                    ids.append(piece.id)
+                    offsets.append((pos + start, pos + end))
+            pos += len(chunk)
+        return ids, offsets
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> tuple[str, ...]:
         """transformers drops ``add_bos_token`` / ``add_eos_token`` from the written config; they are written back."""

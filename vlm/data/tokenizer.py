@@ -14,8 +14,8 @@ local transformers tokenizer directory; ``byte_bpe``: byte-level BPE trained on 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers

@@ -32,8 +32,9 @@ from vlm.dtypes import resolve_dtype
 from vlm.encoders.internvit import IMAGENET_MEAN, IMAGENET_STD
 from vlm.encoders.internvit_keys import original_to_ours
 from vlm.interop.common import dtype_name, load_tokenizer
-from vlm.interop.internlm2 import REMOTE_LLMS
 from vlm.interop.formats import FORMATS, HFFormat
+from vlm.interop.internlm2 import REMOTE_LLMS
+from vlm.interop.internvl_templates import ORIGINAL_TEMPLATES, chat_template
 from vlm.model import VLM
 from vlm.pretrained import CONFIG_FILE, FILE_KEYS, check_weights, load_strict, read_config, read_weights
 
@@ -108,8 +109,12 @@ def from_original(path: str | os.PathLike, *, dtype: str | torch.dtype | None = 
         if lm.model.get_output_embeddings() is not None and "lm_head.weight" not in lm_state:
             lm_state["lm_head.weight"] = lm_state.get("model.embed_tokens.weight")  # a tied LLM saves one copy
         load_strict(lm.model, {k: v for k, v in lm_state.items() if v is not None}, f"{weights} language_model")
+    conv = ORIGINAL_TEMPLATES.get(str(cfg.get("template")))
+    if conv is not None:  # the prompt original chat() builds (vlm.interop.internvl_templates)
+        tok.chat_template = chat_template(conv, IMG_CONTEXT)
     model = VLM(encoder, connector, lm, image_token_id=tok.convert_tokens_to_ids(IMG_CONTEXT), image_token=IMG_CONTEXT)
     model.tokenizer = tok
+    model.original_template = cfg.get("template")
     if cfg.get("dynamic_image_size"):
         model.image_preprocessing = {"resize_mode": "resize", "tiling": {
             "kind": "dynamic", "min_tiles": int(cfg.get("min_dynamic_patch", 1)),
@@ -117,6 +122,10 @@ def from_original(path: str | os.PathLike, *, dtype: str | torch.dtype | None = 
     from vlm.generation import generation_settings
 
     model.generation = generation_settings(tok)
+    if conv is not None and conv.end_of_turn in tok.get_vocab():  # original chat() stops at the separator too
+        stop = tok.convert_tokens_to_ids(conv.end_of_turn)
+        eos = list(model.generation.get("eos_token_id") or [])
+        model.generation["eos_token_id"] = eos + [stop] * (stop not in eos)
     return model.eval()
 
 

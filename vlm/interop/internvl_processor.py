@@ -216,6 +216,9 @@ def processor_problems(model: Any) -> list[str]:
     tok = model.tokenizer
     if tok is None:
         return problems + ["model.tokenizer is not set"]
+    if not getattr(tok, "loads_in_transformers", True):
+        problems.append(f"the tokenizer is vlm's {type(tok).__name__} (read from remote-code tokenizer files), which "
+                        f"transformers' AutoTokenizer does not load; its files are written for vlm.load")
     for token in (START, END, model.image_token):
         ids = tok.encode(token, add_special_tokens=False)
         if len(ids) != 1:
@@ -259,7 +262,7 @@ def save_processor(model: Any, path: Path) -> bool:
     cfg = json.loads(cfg_file.read_text())
     cfg.update(dict(zip(NAMED_TOKENS, (START, END, model.image_token, VIDEO))))
     cfg_file.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     # each image is the context token alone: InternVLProcessor adds <img> ... </img> itself
     template = served_chat_template(model.tokenizer, model.tokenizer.chat_template, model.image_token)[0]
     tokenizer.chat_template = template
