@@ -5,7 +5,7 @@ adds the machine description, prints the bench's table and writes everything as 
 run both models in the same process on identical weights and batches, interleaved, and report ratios (ours / theirs
 for times and memory, theirs / ours never): on a shared machine absolute times drift, ratios hold.
 """
-from vlm.bench import cached_features, dataloader, generate, mfu, packing, train_step  # noqa: F401  (registration)
+from vlm.bench import cached_features, dataloader, dpo_forward, generate, mfu, packing, train_step  # noqa: F401  (registration)
 from vlm.bench.registry import BENCHES
 
 __all__ = ["BENCHES"]
