@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from vlm.bench.common import interleaved, median
+from vlm.bench.common import median, sync
 from vlm.bench.registry import BENCHES
 
 
@@ -28,8 +28,8 @@ def setup(quick: bool, batch_size: int, device: torch.device) -> tuple[Any, Any,
     from vlm.train import compose
     from vlm.train.build import build_model, build_tokenizer, seed_everything
 
-    size = 32 if quick else 64
-    hidden = 32 if quick else 128
+    size = 32 if quick else 48
+    hidden = 32 if quick else 64
     cfg = compose("micro", [f"encoder.image_size={size}", "encoder.patch_size=4", f"encoder.hidden_size={hidden}",
                             f"llm.config.hidden_size={hidden}", f"llm.config.intermediate_size={4 * hidden}",
                             "llm.config.num_attention_heads=4", "llm.config.num_key_value_heads=2",
@@ -50,7 +50,7 @@ def dpo_forward(args: argparse.Namespace) -> dict[str, Any]:
     from vlm.objectives import build as build_objective
 
     device = torch.device(args.device)
-    batch_size = 4 if args.quick else 16
+    batch_size = 4 if args.quick else 8
     model, tok, batch = setup(args.quick, batch_size, device)
     objectives = {name: build_objective({"name": "dpo", "reference": "copy", "shared_prompt": shared}, model=model)
                   for name, shared in (("shared_prompt", True), ("two_forwards", False))}
@@ -59,14 +59,22 @@ def dpo_forward(args: argparse.Namespace) -> dict[str, Any]:
         model.zero_grad(set_to_none=True)
         objectives[name](model, batch).loss.backward()
 
-    wall = interleaved({name: (lambda n=name: step(n)) for name in objectives}, args.repeats, args.warmup, device)
-    # on a shared CPU the wall time measures the other processes too: the process's CPU time is the cost
-    cpu: dict[str, list[float]] = {name: [] for name in objectives}
-    for r in range(args.repeats if device.type == "cpu" else 0):
-        for name in (list(objectives) if r % 2 == 0 else list(objectives)[::-1]):
-            t0 = time.process_time()
+    names = list(objectives)
+    for _ in range(args.warmup):
+        for name in names:
             step(name)
-            cpu[name].append(time.process_time() - t0)
+    # one interleaved loop (a b, b a, ...) measuring wall and process CPU seconds of every step: on a shared CPU
+    # the wall time also counts the other processes, the CPU time is this step's own cost
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(args.repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            sync(device)
+            w0, c0 = time.perf_counter(), time.process_time()
+            step(name)
+            sync(device)
+            wall[name].append(time.perf_counter() - w0)
+            cpu[name].append(time.process_time() - c0)
     times = cpu if device.type == "cpu" else wall
     prompt = int((batch["part"] == 1).sum()) / batch_size
     answers = int((batch["part"] > 1).sum()) / batch_size
