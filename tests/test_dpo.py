@@ -171,7 +171,11 @@ def test_record_forms():
 @pytest.fixture(scope="module")
 def pair_file(tmp_path_factory):
     """A JSONL file of preference records: 8 good, one of each bad kind."""
-    d = tmp_path_factory.mktemp("pairs")
+    return write_pairs(tmp_path_factory.mktemp("pairs"))
+
+
+def write_pairs(d):
+    """``d/pairs.jsonl``: 8 good preference records (two images), then one of each bad kind; returns its path."""
     for name, colour in (("r.png", (220, 30, 30)), ("b.png", (30, 80, 230))):
         Image.new("RGB", (32, 32), colour).save(d / name)
     good = [{"id": f"g{i}", "images": ["r.png" if i % 2 else "b.png"], "prompt": "<image>\nWhat colour is it?",

@@ -6,7 +6,7 @@ run both models in the same process on identical weights and batches, interleave
 for times and memory, theirs / ours never): on a shared machine absolute times drift, ratios hold.
 """
 from vlm.bench import (  # noqa: F401  (registration)
-    cached_features, dataloader, generate, mfu, packing, quantize, serve, train_step)
+    cached_features, dataloader, dpo_forward, generate, mfu, packing, quantize, serve, train_step)
 from vlm.bench.registry import BENCHES
 
 __all__ = ["BENCHES"]

@@ -99,4 +99,5 @@ def build_dataset(spec: Any, processor: Any = None, add_generation_prompt: bool 
     return DATASETS.build(spec, processor=processor, add_generation_prompt=add_generation_prompt)
 
 
-from vlm.data import files, preference  # noqa: E402,F401  (register 'files', 'preference', 'shapes_preference')
+from vlm.data import files, preference  # noqa: E402,F401  (register 'files', 'preference')
+from vlm.data.shapes import preference as shapes_preference  # noqa: E402,F401  (registers 'shapes_preference')

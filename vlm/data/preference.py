@@ -260,11 +260,3 @@ def preference(train: str, eval: str | None = None, part: str = "train", heldout
         samples.indices = keep
         samples.selection = f"{part}: {len(keep)} of the {len(samples.records)} pairs of {source}"
     return processed_pairs(samples, processor)
-
-
-@DATASETS.register("shapes_preference")
-def shapes_preference(processor: Any = None, add_generation_prompt: bool = False, **options: Any) -> Any:
-    """Synthetic pairs on shapes scenes (``vlm.data.shapes.preference.ShapesPairs`` options)."""
-    from vlm.data.shapes.preference import ShapesPairs
-
-    return processed_pairs(ShapesPairs(**options), processor)

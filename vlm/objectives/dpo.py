@@ -162,23 +162,25 @@ class DPO(Objective):
             loss = loss * ((self.weight(batch) if weight is None else weight) / max(total, 1e-12))
         return ObjectiveOutput(loss=loss, metrics=metrics)
 
+    @staticmethod
     @torch.no_grad()
-    def evaluate_pairs(self, model: nn.Module, batches: Any, precision: torch.dtype) -> dict[str, float]:
-        """Held-out preference metrics over ``batches`` (collated pair rows on the model's device): the means over
-        pairs of the rewards, the margin and ``preference_accuracy``."""
+    def evaluate_pairs(module: nn.Module, batches: Any, precision: torch.dtype) -> dict[str, float]:
+        """Held-out preference metrics over ``batches`` (collated pair rows on the model's device), computed by
+        ``module(batch)`` (the stage's wrapped ``TrainModule``: DDP / FSDP see an ordinary forward) in eval mode: the
+        means over pairs of the rewards, the margin and ``preference_accuracy``, keyed ``pairs/<metric>``."""
         sums: dict[str, float] = {}
         n = 0
-        was = model.training
-        model.eval()
+        was = module.training
+        module.eval()
         try:
             for batch in batches:
                 device = batch["input_ids"].device
                 with torch.autocast(device.type, dtype=precision, enabled=precision != torch.float32):
-                    _, metrics = self.losses(model, batch)
+                    metrics = module(batch).metrics
                 k = batch["input_ids"].shape[0]
                 for key, v in metrics.items():
                     sums[key] = sums.get(key, 0.0) + v * k
                 n += k
         finally:
-            model.train(was)
+            module.train(was)
         return {f"pairs/{k}": v / max(n, 1) for k, v in sums.items()}

@@ -241,6 +241,10 @@ class StageRunner:
         key = getattr(objective, "eval_data", None)
         held_out = build_dataset(self.cfg.data[key], processor) if key else None
         if getattr(objective, "precomputes", False):
+            if self.strategy.shards_parameters:  # the pass calls the model's parts, not the sharded root
+                raise ConfigError(f"stage.{self.name}.objective.reference=precomputed is not supported with "
+                                  f"trainer.strategy={self.trainer.strategy}; expected reference=copy (or adapters "
+                                  f"with a LoRA policy), or trainer.strategy=ddp")
             t0 = time.perf_counter()
             with isolated(derive_seed("reference", self.cfg.seed, self.name), self.strategy.device):
                 for data in (dataset, held_out):
@@ -362,7 +366,7 @@ class StageRunner:
         data, size = t.held_out_pairs, self.cfg.eval.batch_size
         batches = (to_device({k: v for k, v in t.collator([data[i] for i in range(s, min(s + size, len(data)))])
                               .items() if k != "meta"}, self.strategy.device) for s in range(0, len(data), size))
-        return t.module.objective.evaluate_pairs(t.model, batches, t.precision)
+        return t.module.objective.evaluate_pairs(t.wrapped, batches, t.precision)
 
     def final_eval(self, t: "Training") -> dict[str, float]:
         metrics, records = self.evaluate(t, self.cfg.eval.limit, t.total)

@@ -14,6 +14,8 @@ import random
 from typing import Any
 
 from vlm.data import boxes
+from vlm.data.dataset_registry import DATASETS
+from vlm.data.preference import Pair, processed_pairs
 from vlm.data.shapes.dataset import ShapesDataset, sample_seed
 from vlm.data.shapes.scene import COLORS, DEFAULT_SHAPES
 from vlm.data.sample import Message, Sample
@@ -75,9 +77,7 @@ class ShapesPairs:
     def __getitem__(self, index: int) -> Sample:
         return self.shapes[index]
 
-    def sample(self, index: int) -> Any:
-        from vlm.data.preference import Pair
-
+    def sample(self, index: int) -> Pair:
         chosen = self.shapes[index]
         chosen.meta.setdefault("index", index)
         rng = random.Random(sample_seed(self.shapes.seed, self.shapes.split + "/rejected", index))
@@ -85,3 +85,10 @@ class ShapesPairs:
         rejected = dataclasses.replace(chosen, messages=chosen.messages[:-1] + [Message("assistant", [wrong])],
                                        meta={**chosen.meta, "answer": wrong})
         return Pair(chosen, rejected)
+
+
+@DATASETS.register("shapes_preference")
+def shapes_preference(processor: Any = None, add_generation_prompt: bool = False, **options: Any) -> Any:
+    """Synthetic pairs on shapes scenes (``ShapesPairs`` options: ``split``, ``size``, ``tasks``, ``seed`` and
+    ``ShapesDataset``'s)."""
+    return processed_pairs(ShapesPairs(**options), processor)
