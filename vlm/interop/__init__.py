@@ -1,7 +1,8 @@
 """Exact interop with transformers model formats (``vlm.interop.formats``: one module per family).
 
 ``from_hf(path)`` imports a local transformers directory (``LlavaForConditionalGeneration``,
-``Blip2ForConditionalGeneration``, ``InternVLForConditionalGeneration``, ``Qwen2VLForConditionalGeneration``,
+``LlavaNextForConditionalGeneration``, ``Blip2ForConditionalGeneration``, ``InternVLForConditionalGeneration``,
+``Qwen2VLForConditionalGeneration``,
 ``Qwen2_5_VLForConditionalGeneration``) as a ``vlm.VLM``,
 dispatching on its ``config.json``'s ``model_type``; ``to_hf(model, path)`` exports a ``VLM`` in the first format that
 can hold it (or ``format=NAME``), e.g. a CLIP/SigLIP tower + ``mlp`` depth-2 connector + transformers causal LM as
@@ -16,7 +17,14 @@ from typing import Any
 
 import torch
 
-from vlm.interop import blip2, internvl, internvl_original, llava, qwen2_vl  # noqa: F401  (register the formats)
+from vlm.interop import (  # noqa: F401  (register the formats)
+    blip2,
+    internvl,
+    internvl_original,
+    llava,
+    llava_next,
+    qwen2_vl,
+)
 from vlm.interop.formats import FORMATS, HFFormat, format_for_model, format_for_model_type
 
 __all__ = ["FORMATS", "HFFormat", "from_hf", "supported_model_types", "to_hf"]

@@ -201,8 +201,12 @@ def data_sets(data: DictConfig) -> list[str]:
 
 
 def model_config(cfg: DictConfig) -> dict[str, Any]:
-    """The ``vlm.build`` config of a run: ``{encoder, connector, llm}`` as plain dicts."""
-    return {k: OmegaConf.to_container(cfg[k], resolve=True) for k in MODULES}
+    """The ``vlm.build`` config of a run: ``{encoder, connector, llm}`` (+ ``arrangement`` when set) as plain
+    dicts."""
+    out = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in MODULES}
+    if cfg.get("arrangement") is not None:
+        out["arrangement"] = OmegaConf.to_container(cfg.arrangement, resolve=True)
+    return out
 
 
 def to_yaml(cfg: DictConfig) -> str:
