@@ -154,3 +154,38 @@ def test_llava_next_bench_batch_gives_transformers_logits():
     assert len({tuple(s) for s in b["image_sizes"].tolist()}) == b["image_sizes"].shape[0] > 1
     with torch.no_grad():
         assert (theirs(**b).logits - ours(**b).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("max_tiles", [1, 2])
+def test_anyres_max_pooling_equals_transformers_onevision(max_tiles):
+    """``max_tiles`` (OneVision's ``anyres_max_N``): features equal ``LlavaOnevisionModel.pack_image_features`` and
+    counts equal ``LlavaOnevisionProcessor``'s, for sizes pooled and not."""
+    from types import SimpleNamespace
+
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+    from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
+
+    torch.manual_seed(0)
+    m = vlm.build(cfg(max_tiles=max_tiles)).eval()
+    arr = m.arrangement
+    sizes = torch.tensor([[20, 60], [64, 50], [30, 30], [64, 64], [90, 31]])
+    counts = [arr.num_views(h, w) for h, w in sizes.tolist()]
+    feats = torch.randn(sum(counts), 16, 32)
+    theirs_self = SimpleNamespace(config=SimpleNamespace(
+        vision_config=SimpleNamespace(image_size=32, patch_size=8), image_grid_pinpoints=PINPOINTS))
+    with torch.no_grad():
+        theirs, lens = LlavaOnevisionModel.pack_image_features(
+            theirs_self, list(feats.split(counts)), sizes, image_newline=arr.image_newline,
+            vision_aspect_ratio=f"anyres_max_{max_tiles}")
+        ours = arr(feats, sizes)
+    assert torch.allclose(torch.cat(theirs), ours, atol=1e-6)
+    proc = LlavaOnevisionProcessor.__new__(LlavaOnevisionProcessor)
+    proc.image_processor = SimpleNamespace(image_grid_pinpoints=PINPOINTS)
+    proc.num_image_tokens = 16  # a tile's 4x4 tokens
+    proc.vision_aspect_ratio = f"anyres_max_{max_tiles}"
+    pooled = 0
+    for (h, w), n in zip(sizes.tolist(), lens.tolist()):
+        assert arr.num_tokens(h, w) == n == proc._get_number_of_features(h, w, 32, 32), (h, w)
+        (r0, r1), (c0, c1) = arr.kept(h, w)
+        pooled += arr.pooled(r1 - r0, c1 - c0) is not None
+    assert 0 < pooled < len(sizes)  # both paths taken

@@ -1,5 +1,5 @@
 """LLaVA-NeXT's spatial arrangement (``arrangement: {name: anyres_grid, pinpoints: [[height, width], ...], unpad,
-newline}``), for the ``anyres`` image layout (a base view, then the best pinpoint's ``rows x cols`` tiles of
+newline, max_tiles}``), for the ``anyres`` image layout (a base view, then the best pinpoint's ``rows x cols`` tiles of
 ``S x S``, row-major; ``vlm.data.layouts.anyres``).
 
 Per image of original ``H x W`` pixels, with ``(h', w')`` the LLM-token grid of one tile:
@@ -10,9 +10,12 @@ Per image of original ``H x W`` pixels, with ``(h', w')`` the LLM-token grid of 
 3. ``unpad``: the rows (or columns) of that grid that fall on the layout's centred padding are dropped: the image
    fills the canvas's width when its aspect ``W / H`` is wider than the grid's, and ``round(H * grid_w / W)`` rows
    centred are kept (else the same over columns), as LLaVA-NeXT's ``unpad_image``;
-4. ``newline``: a learned vector ``image_newline (D,)`` after every row of the grid;
+4. ``max_tiles`` (LLaVA-OneVision's ``anyres_max_N``; ``null``: LLaVA-NeXT, no budget): when the kept grid holds more
+   than about ``N`` tiles' tokens (``ratio = sqrt(rows_kept * cols_kept / (N * h'w')) > 1.1``), it is pooled
+   bilinearly to ``int(rows_kept // ratio) x int(cols_kept // ratio)``;
+5. ``newline``: a learned vector ``image_newline (D,)`` after every row of the grid;
 
-so one image is ``h'w' + rows_kept * (cols_kept + newline)`` tokens (``num_tokens``). An image of one view (no
+so one image is ``h'w' + rows * (cols + newline)`` tokens, ``rows x cols`` the grid after 3 and 4 (``num_tokens``). An image of one view (no
 tiles) is its view's tokens, plus one ``image_newline`` with ``newline``.
 """
 from __future__ import annotations
@@ -21,6 +24,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlm.arrangements.base import Arrangement, views_per_image
@@ -45,14 +49,17 @@ def unpadded_grid(height: int, width: int, rows: int, cols: int) -> tuple[tuple[
 class AnyresGrid(Arrangement):
     """Base view tokens, then the tiles' tokens on their spatial grid, unpadded, a newline after each row."""
 
-    def __init__(self, dim: int, pinpoints: list[list[int]], unpad: bool = True, newline: bool = True) -> None:
+    def __init__(self, dim: int, pinpoints: list[list[int]], unpad: bool = True, newline: bool = True,
+                 max_tiles: int | None = None) -> None:
         super().__init__()
         if not pinpoints or any(len(p) != 2 or min(int(v) for v in p) < 1 for p in pinpoints):
             raise ValueError(f"anyres_grid: pinpoints={pinpoints!r}; expected a non-empty list of [height, width] "
                              f"pairs of positive pixel sizes")
+        if max_tiles is not None and int(max_tiles) < 1:
+            raise ValueError(f"anyres_grid: max_tiles={max_tiles!r}; expected a tile budget >= 1 or null (no pooling)")
         self.dim = int(dim)
         self.options = {"pinpoints": [[int(h), int(w)] for h, w in pinpoints], "unpad": bool(unpad),
-                        "newline": bool(newline)}
+                        "newline": bool(newline), "max_tiles": None if max_tiles is None else int(max_tiles)}
         # LLaVA-NeXT's initialization: N(0, 1/sqrt(D))
         self.image_newline = nn.Parameter(torch.randn(self.dim) / math.sqrt(self.dim)) if newline else None
         self.tile_size: int | None = None
@@ -107,10 +114,21 @@ class AnyresGrid(Arrangement):
         # the newlines of its kept rows follow the base view's tokens
         return (r0, max(r0, r1)), (c0, max(c0, c1))
 
+    def pooled(self, rows: int, cols: int) -> tuple[int, int] | None:
+        """The grid a kept ``rows x cols`` grid is pooled to past the ``max_tiles`` budget (OneVision's
+        ``anyres_max``), or ``None`` when it is kept as is."""
+        budget = self.options["max_tiles"]
+        if budget is None:
+            return None
+        gh, gw = self.tile_grid
+        ratio = math.sqrt(rows * cols / (budget * gh * gw))
+        return (int(rows // ratio), int(cols // ratio)) if ratio > 1.1 else None
+
     def num_tokens(self, height: int, width: int) -> int:
         (r0, r1), (c0, c1) = self.kept(height, width)
         gh, gw = self.tile_grid
-        return gh * gw + (r1 - r0) * (c1 - c0 + int(self.options["newline"]))
+        rows, cols = self.pooled(r1 - r0, c1 - c0) or (r1 - r0, c1 - c0)
+        return gh * gw + rows * (cols + int(self.options["newline"]))
 
     # -------------------------------------------------------------------------------------------- forward
     def forward(self, features: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
@@ -127,6 +145,9 @@ class AnyresGrid(Arrangement):
             grid = feats[1:].reshape(rows, cols, gh, gw, d).permute(0, 2, 1, 3, 4).reshape(rows * gh, cols * gw, d)
             (r0, r1), (c0, c1) = self.kept(int(h), int(w))
             grid = grid[r0:r1, c0:c1]
+            pooled = self.pooled(*grid.shape[:2])
+            if pooled is not None:  # (h, w, D) -> (D, h, w), bilinear, back
+                grid = F.interpolate(grid.permute(2, 0, 1)[None], list(pooled), mode="bilinear")[0].permute(1, 2, 0)
             if self.image_newline is not None:
                 nl = self.image_newline.to(grid.dtype).expand(grid.shape[0], 1, d)
                 grid = torch.cat([grid, nl], dim=1)

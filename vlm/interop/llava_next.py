@@ -81,9 +81,10 @@ def llava_next_problems(model: VLM) -> list[str]:
     if arr is None or getattr(arr, "registry_name", None) != ARRANGEMENT["name"]:
         problems.append(f"the model's arrangement is {getattr(arr, 'registry_name', None)!r}; LLaVA-NeXT arranges "
                         f"each image's tiles with 'anyres_grid'")
-    elif not (arr.options["unpad"] and arr.options["newline"]):
+    elif not (arr.options["unpad"] and arr.options["newline"]) or arr.options.get("max_tiles") is not None:
         problems.append(f"the anyres_grid arrangement has unpad={arr.options['unpad']}, newline="
-                        f"{arr.options['newline']}; LLaVA-NeXT always unpads and adds image_newline")
+                        f"{arr.options['newline']}, max_tiles={arr.options.get('max_tiles')}; LLaVA-NeXT always "
+                        f"unpads and adds image_newline, and never pools (max_tiles: null)")
     elif getattr(model.encoder, "has_cls", False) and not model.encoder.drops_first:
         problems.append("the encoder keeps its CLS token (select='all'); LLaVA-NeXT arranges the patch grid only "
                         "(select='patch')")
