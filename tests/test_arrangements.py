@@ -189,3 +189,19 @@ def test_anyres_max_pooling_equals_transformers_onevision(max_tiles):
         (r0, r1), (c0, c1) = arr.kept(h, w)
         pooled += arr.pooled(r1 - r0, c1 - c0) is not None
     assert 0 < pooled < len(sizes)  # both paths taken
+
+
+def test_an_arranged_model_exports_only_as_its_family(tmp_path):
+    """A model with an arrangement is never written in a format that would drop it (InternVL's parts + anyres_grid:
+    refused by every format, naming the arrangement); LLaVA's parts + anyres_grid export as llava_next only."""
+    from vlm.interop import llava, to_hf
+    from vlm.interop.formats import format_for_model
+
+    torch.manual_seed(0)
+    internvl_like = vlm.build({**cfg("internvit", {"name": "pixel_shuffle_mlp", "scale": 0.5})})
+    with pytest.raises(ValueError, match=r"internvl: the model's feature arrangement is 'anyres_grid'"):
+        to_hf(internvl_like, tmp_path / "a")
+    llava_like = vlm.build(cfg())
+    assert format_for_model(llava_like).hf_class == "LlavaNextForConditionalGeneration"
+    with pytest.raises(ValueError, match="feature arrangement is 'anyres_grid'; LlavaForConditionalGeneration"):
+        llava.to_hf(llava_like, tmp_path / "b")

@@ -158,11 +158,7 @@ def import_parts(path: Path, config: Any, hf_class: type, dtype: str | torch.dty
 
 def llava_problems(model: VLM) -> list[str]:
     """Why ``model`` cannot be written as a LLaVA checkpoint (empty when it can)."""
-    problems = []
-    if getattr(model, "arrangement", None) is not None:
-        problems.append(f"the model arranges each image's view tokens ({model.arrangement.registry_name}); LLaVA "
-                        f"gives every image one view's tokens (LLaVA-NeXT's anyres_grid exports as llava_next)")
-    return problems + parts_problems(model, "LLaVA", "LlavaForConditionalGeneration")
+    return parts_problems(model, "LLaVA", "LlavaForConditionalGeneration")
 
 
 def parts_problems(model: VLM, family: str, hf_class_name: str) -> list[str]:
@@ -183,7 +179,9 @@ def parts_problems(model: VLM, family: str, hf_class_name: str) -> list[str]:
 
 def llava_config(model: VLM) -> Any:
     """The ``LlavaConfig`` describing ``model`` (raises ``ValueError`` listing what LLaVA cannot express)."""
-    common.refuse_export(llava_problems(model), "LLaVA")
+    from vlm.interop.formats import all_problems
+
+    common.refuse_export(all_problems(LlavaFormat, model), "LLaVA")
     from transformers import LlavaConfig
 
     enc, conn, lm = model.encoder, model.connector, model.llm

@@ -79,8 +79,7 @@ def llava_next_problems(model: VLM) -> list[str]:
     problems = []
     arr = getattr(model, "arrangement", None)
     if arr is None or getattr(arr, "registry_name", None) != ARRANGEMENT["name"]:
-        problems.append(f"the model's arrangement is {getattr(arr, 'registry_name', None)!r}; LLaVA-NeXT arranges "
-                        f"each image's tiles with 'anyres_grid'")
+        pass  # vlm.interop.formats.all_problems names it
     elif not (arr.options["unpad"] and arr.options["newline"]) or arr.options.get("max_tiles") is not None:
         problems.append(f"the anyres_grid arrangement has unpad={arr.options['unpad']}, newline="
                         f"{arr.options['newline']}, max_tiles={arr.options.get('max_tiles')}; LLaVA-NeXT always "
@@ -93,7 +92,9 @@ def llava_next_problems(model: VLM) -> list[str]:
 
 def llava_next_config(model: VLM) -> Any:
     """The ``LlavaNextConfig`` describing ``model`` (``ValueError`` listing what LLaVA-NeXT cannot express)."""
-    common.refuse_export(llava_next_problems(model), "LLaVA-NeXT")
+    from vlm.interop.formats import all_problems
+
+    common.refuse_export(all_problems(LlavaNextFormat, model), "LLaVA-NeXT")
     from transformers import LlavaNextConfig
 
     enc, conn, lm, arr = model.encoder, model.connector, model.llm, model.arrangement
@@ -137,6 +138,7 @@ class LlavaNextFormat(HFFormat):
 
     model_type = LLAVA_NEXT_MODEL_TYPE
     hf_class = "LlavaNextForConditionalGeneration"
+    arrangement = ARRANGEMENT["name"]
     from_hf = staticmethod(from_hf)
     to_hf = staticmethod(to_hf)
     problems = staticmethod(llava_next_problems)
