@@ -93,3 +93,42 @@ def test_an_mrope_llm_composes_with_other_towers_and_connectors(encoder, connect
     loss = model(ids, pixels, labels=ids).loss
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in model.connector.parameters())
+
+
+GRID_CONNECTORS = [n for n in TOKEN_CONNECTORS if n in TINY_CONNECTORS and CONNECTORS.get(n).token_wise
+                   or n in ("pixel_shuffle_mlp", "patch_merger")]
+
+
+@pytest.mark.parametrize("encoder,connector", [(e, "mlp") for e in ENCODERS.names()]
+                         + [("clip", c) for c in GRID_CONNECTORS if c != "mlp"])
+def test_the_anyres_grid_arrangement_composes_with_every_encoder_and_grid_connector(encoder, connector):
+    """LLaVA-NeXT's arrangement (``vlm.arrangements.anyres_grid``) after every encoder (with ``mlp``) and every
+    grid-keeping connector (after CLIP): images of two sizes in one batch, the processor's count of placeholders
+    per image, one step trains image_newline and the connector; query connectors are refused when composed."""
+    torch.manual_seed(0)
+    enc = copy.deepcopy(TINY_ENCODERS[encoder])
+    if enc.get("name") in ("clip", "blip2"):
+        enc["select"] = "patch"  # the patch grid only (CLS has no place on it)
+    model = vlm.build({"encoder": enc, "connector": {"name": connector, **TINY_CONNECTORS[connector]},
+                       "llm": {"name": "hf_causal_lm", "config": copy.deepcopy(TINY_TEXT["llama"])},
+                       "arrangement": {"name": "anyres_grid", "pinpoints": [[32, 64], [64, 32], [64, 64]]}})
+    model.train()
+    sizes = torch.tensor([[20, 50], [40, 33]])
+    counts = [model.image_token_count(h, w) for h, w in sizes.tolist()]
+    ids = torch.full((2, max(counts) + 4), 7)
+    for row, n in enumerate(counts):
+        ids[row, 2:2 + n] = model.image_token_id
+    pixels = torch.randn(sum(model.arrangement.num_views(h, w) for h, w in sizes.tolist()), 3, 32, 32)
+    loss = model(ids, pixels, labels=ids, image_sizes=sizes).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.arrangement.image_newline.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in model.connector.parameters())
+
+
+@pytest.mark.parametrize("connector", [n for n in TOKEN_CONNECTORS if n not in GRID_CONNECTORS])
+def test_the_anyres_grid_arrangement_refuses_connectors_without_a_grid(connector):
+    with pytest.raises(ValueError, match="anyres_grid"):
+        vlm.build({"encoder": {**copy.deepcopy(TINY_ENCODERS["clip"]), "select": "patch"},
+                   "connector": {"name": connector, **TINY_CONNECTORS[connector]},
+                   "llm": {"name": "hf_causal_lm", "config": copy.deepcopy(TINY_TEXT["llama"])},
+                   "arrangement": {"name": "anyres_grid", "pinpoints": [[32, 64]]}})

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlm import connectors, encoders, llm as llms
+from vlm import arrangements, connectors, encoders, llm as llms
 from vlm.data.image_placement import DEFAULT as DEFAULT_IMAGE_LAYOUT, ImagePlacement
 from vlm.generation import generation_settings
 from vlm.model import VLM, param_dtype
 from vlm.persistence import DEFAULT_IMAGE_PREPROCESSING
 from vlm.registry import to_dict
 
-BUILD_KEYS = ("encoder", "connector", "llm", "image_token", "image_token_id", "video_token", "video_token_id")
+BUILD_KEYS = ("encoder", "connector", "llm", "image_token", "image_token_id", "video_token", "video_token_id",
+              "arrangement")
 
 
 def add_token(tokenizer: Any, token: str) -> int:
@@ -25,7 +26,8 @@ def add_token(tokenizer: Any, token: str) -> int:
 
 
 def build(cfg: Any, tokenizer: Any = None) -> VLM:
-    """Compose a ``VLM`` from ``{encoder: {...}, connector: {...}, llm: {...}}`` (+ optional ``image_token``).
+    """Compose a ``VLM`` from ``{encoder: {...}, connector: {...}, llm: {...}}`` (+ optional ``image_token``, and
+    ``arrangement: {name: ...}``: how each image's view tokens are arranged, ``vlm.arrangements``).
 
     With a ``tokenizer``: adds the image token to it if missing, resizes the LLM embeddings to ``len(tokenizer)``
     when needed, and attaches it as ``model.tokenizer``. Without one (and no ``image_token_id``), a fresh id is
@@ -62,8 +64,10 @@ def build(cfg: Any, tokenizer: Any = None) -> VLM:
         if takes_videos and video_token_id is None:
             video_token_id = lm.vocab_size
             lm.resize_token_embeddings(lm.vocab_size + 1)
+    arrangement = build_arrangement(cfg.get("arrangement"), lm)
     model = VLM(encoder, connector, lm, image_token_id=image_token_id, image_token=image_token,
-                video_token_id=video_token_id if takes_videos else None, video_token=video_token)
+                video_token_id=video_token_id if takes_videos else None, video_token=video_token,
+                arrangement=arrangement)
     try:  # every image (or tile) is encoder.image_size square: the parts must agree on its token count
         model.num_image_tokens()
     except ValueError as e:
@@ -74,6 +78,13 @@ def build(cfg: Any, tokenizer: Any = None) -> VLM:
     return model
 
 
+def build_arrangement(cfg: Any, lm: Any) -> Any:
+    """The arrangement of ``cfg`` (``None`` stays ``None``) for ``lm``'s hidden size, in its dtype."""
+    if cfg is None:
+        return None
+    return arrangements.build(cfg, dim=lm.hidden_size).to(param_dtype(lm))
+
+
 def from_config(config: dict[str, Any]) -> VLM:
     """Rebuild the architecture described by a saved ``config.json`` (random weights)."""
     encoder = encoders.build(config["encoder"])
@@ -81,7 +92,8 @@ def from_config(config: dict[str, Any]) -> VLM:
     connector = connectors.build(config["connector"], default_dtype=param_dtype(lm))  # older configs: no dtype
     model = VLM(encoder, connector, lm, image_token_id=config["image_token_id"],
                 image_token=config.get("image_token", "<image>"), video_token_id=config.get("video_token_id"),
-                video_token=config.get("video_token") or "<video>")
+                video_token=config.get("video_token") or "<video>",
+                arrangement=build_arrangement(config.get("arrangement"), lm))
     model.generation = dict(config.get("generation") or {})
     # configs written before the preprocessing was recorded: ImageProcessor's default
     model.image_preprocessing = dict(config.get("image_preprocessing") or DEFAULT_IMAGE_PREPROCESSING)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlm import connectors, encoders
+from vlm import arrangements, connectors, encoders
 from vlm.encoders.base import as_pair
 
 
@@ -24,22 +24,53 @@ class ImageTokens:
     #: ``vlm.data.processor.TokenCount`` keeps it when pickled (it holds configs, not the model)
     pickles_without_model = True
 
-    def __init__(self, encoder: nn.Module, connector: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module, connector: nn.Module, arrangement: nn.Module | None = None) -> None:
         self.encoder_config: dict[str, Any] = encoder.export_config()
         self.connector_config: dict[str, Any] = connector.export_config()
-        self._parts: tuple[Any, Any] | None = (encoder, connector)
+        self.arrangement_config: dict[str, Any] | None = \
+            arrangement.export_config() if arrangement is not None else None
+        self._parts: tuple[Any, Any, Any] | None = (encoder, connector, arrangement)
 
-    def parts(self) -> tuple[Any, Any]:
-        """``(encoder, connector)``: the model's, or rebuilt from their configs on the ``meta`` device."""
+    def parts(self) -> tuple[Any, Any, Any]:
+        """``(encoder, connector, arrangement)``: the model's, or rebuilt from their configs on the ``meta``
+        device (``arrangement`` ``None`` when the model has none)."""
         if self._parts is None:
             with torch.device("meta"):
-                self._parts = (encoders.build(self.encoder_config), connectors.build(self.connector_config))
+                encoder, connector = encoders.build(self.encoder_config), connectors.build(self.connector_config)
+                arrangement = None
+                if self.arrangement_config is not None:
+                    arrangement = arrangements.build(self.arrangement_config)
+                    arrangement.attach(encoder, connector)
+            self._parts = (encoder, connector, arrangement)
         return self._parts
 
+    @property
+    def arranges(self) -> bool:
+        """Whether an image's count depends on its original size (the model has an arrangement): ask
+        ``image(height, width)`` then."""
+        return self.arrangement_config is not None
+
+    def image(self, height: int, width: int) -> int:
+        """Tokens one whole image of original ``height x width`` pixels becomes (``Arrangement.num_tokens``);
+        ``ValueError`` when the model has no arrangement."""
+        arrangement = self.parts()[2]
+        if arrangement is None:
+            raise ValueError("this model has no arrangement: an image is its views' tokens (call with a view size)")
+        return int(arrangement.num_tokens(int(height), int(width)))
+
+    def views(self, height: int, width: int) -> int:
+        """Views (base + tiles) the arrangement expects for an image of original ``height x width`` pixels."""
+        return int(self.parts()[2].num_views(int(height), int(width)))
+
+    def layout(self) -> dict[str, Any]:
+        """The image layout (``tiling`` config) the arrangement expects."""
+        return self.parts()[2].layout()
+
     def __call__(self, image_size: int | tuple[int, int]) -> int:
-        encoder, connector = self.parts()
+        encoder, connector, _ = self.parts()
         size = as_pair(image_size)
         return int(connector.num_tokens(encoder.num_tokens(size), encoder.grid(size)))
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"encoder_config": self.encoder_config, "connector_config": self.connector_config, "_parts": None}
+        return {"encoder_config": self.encoder_config, "connector_config": self.connector_config,
+                "arrangement_config": self.arrangement_config, "_parts": None}

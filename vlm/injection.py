@@ -25,12 +25,12 @@ INJECTION_SITES: Registry = Registry("injection site")
 
 
 class InjectionSite:
-    """``embed(model, embeds, input_ids, pixel_values, image_grid_thw)`` -> the LLM's input embeddings ``(B, L, D)``;
+    """``embed(model, embeds, input_ids, pixel_values, image_grid_thw, image_sizes)`` -> the LLM's input embeddings ``(B, L, D)``;
     ``context(model, input_ids, pixel_values, segment_ids)`` -> the context the LLM runs in. ``model`` is the ``VLM``
     (``image_features``, ``llm``, ``connector``, ``image_token_id``)."""
 
     def embed(self, model: Any, embeds: torch.Tensor, input_ids: torch.Tensor, pixel_values: torch.Tensor,
-              image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+              image_grid_thw: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
         return embeds
 
     def embed_videos(self, model: Any, embeds: torch.Tensor, input_ids: torch.Tensor,
@@ -53,8 +53,8 @@ class InputEmbeddings(InjectionSite):
     positions of ``input_ids`` in row-major order."""
 
     def embed(self, model: Any, embeds: torch.Tensor, input_ids: torch.Tensor, pixel_values: torch.Tensor,
-              image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
-        feats = model.image_features(pixel_values, image_grid_thw)
+              image_grid_thw: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+        feats = model.image_features(pixel_values, image_grid_thw, image_sizes)
         return model.llm.inject(embeds, input_ids, feats.reshape(-1, feats.shape[-1]), model.image_token_id)
 
     def embed_videos(self, model: Any, embeds: torch.Tensor, input_ids: torch.Tensor,

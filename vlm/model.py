@@ -93,7 +93,7 @@ class VLM(nn.Module):
 
     def __init__(self, encoder: VisionEncoder, connector: Connector, llm: HFCausalLM, image_token_id: int,
                  image_token: str = "<image>", video_token_id: int | None = None,
-                 video_token: str = "<video>") -> None:
+                 video_token: str = "<video>", arrangement: nn.Module | None = None) -> None:
         super().__init__()
         for name, value in (("image_token_id", image_token_id), ("video_token_id", video_token_id)):
             if value is not None and not 0 <= value < llm.vocab_size:
@@ -105,6 +105,14 @@ class VLM(nn.Module):
         self.positions = POSITION_SCHEMES.get(llm.position_scheme)()
         if connector.fuses_by_cross_attention:  # its blocks go into the LLM's decoder layers
             connector.install(llm)
+        # how each image's view tokens become its sequence (``vlm.arrangements``; ``None``: views one after another)
+        self.arrangement = arrangement
+        if arrangement is not None:
+            if self.positions.reads_media:
+                raise ValueError(f"the {arrangement.registry_name} arrangement gives an image a token sequence of its "
+                                 f"own length, but the LLM's position scheme {llm.position_scheme!r} places image "
+                                 f"tokens on their grids; use an LLM with 1-D positions")
+            arrangement.attach(encoder, connector)  # refuses parts that do not fit, naming them
         self.image_token_id, self.image_token = image_token_id, image_token
         # the video placeholder (``None``: the model takes no videos)
         self.video_token_id, self.video_token = video_token_id, video_token
@@ -142,7 +150,8 @@ class VLM(nn.Module):
                          image_token=self.image_token, generation=dict(self.generation),
                          image_preprocessing=dict(self.image_preprocessing),
                          image_placement=placement_record(self.image_placement),
-                         video_token_id=self.video_token_id, video_token=self.video_token)
+                         video_token_id=self.video_token_id, video_token=self.video_token,
+                         arrangement=self.arrangement.export_config() if self.arrangement is not None else None)
 
     def set_template(self, template: Any) -> None:
         """Serve with chat ``template`` (a name, config or ``Template``): its end-of-turn token joins the stop ids
@@ -184,6 +193,15 @@ class VLM(nn.Module):
         size = as_pair(self.encoder.image_size if image_size is None else image_size)
         return self.connector.num_tokens(self.encoder.num_tokens(size), self.encoder.grid(size))
 
+    def image_token_count(self, height: int, width: int, num_views: int = 1,
+                          view_size: int | tuple[int, int] | None = None) -> int:
+        """How many placeholder ids one whole image becomes: with an arrangement, its count for the image's
+        original ``height x width`` pixels (``Arrangement.num_tokens``); else ``num_views`` views of ``view_size``
+        ``(H, W)`` each (``num_image_tokens``)."""
+        if self.arrangement is not None:
+            return int(self.arrangement.num_tokens(int(height), int(width)))
+        return int(num_views) * self.num_image_tokens(view_size)
+
     def video_geometry(self) -> dict[str, int] | None:
         """How the encoder takes video frames, ``{"patch_size", "temporal_patch_size", "merge_size"}`` (what
         ``vlm.data.video.VideoProcessor`` and ``vlm.data.patches.to_patches`` need), when the model takes videos: an
@@ -198,16 +216,26 @@ class VLM(nn.Module):
     def image_tokens(self) -> ImageTokens:
         """``num_image_tokens`` as a picklable callable (``vlm.image_tokens``): what the data pipeline carries into
         DataLoader workers."""
-        return ImageTokens(self.encoder, self.connector)
+        return ImageTokens(self.encoder, self.connector, self.arrangement)
 
     # -- forward ---------------------------------------------------------------------------------------------
-    def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+    def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
+                       image_sizes: torch.Tensor | None = None) -> torch.Tensor:
         """``(N, 3, H, W) -> (N, K, D)`` LLM-space image tokens; for native-resolution images (an encoder stating
         ``native_resolution``), flat patches ``(P, 3 * t * p * p)`` + ``image_grid_thw (N, 3)`` (patch units, the
         Qwen2-VL processor's convention) -> ``(K_1 + ... + K_N, D)``, image by image (``Connector.forward_flat``).
-        Raises ``ValueError`` for ``image_grid_thw`` with an encoder that takes fixed-size images."""
+        With an arrangement (``vlm.arrangements``): ``arranged_image_features`` -> ``(K_1 + ... + K_N, D)``
+        (``image_sizes (N, 2)`` needed). Raises ``ValueError`` for ``image_grid_thw`` with an encoder that takes
+        fixed-size images."""
+        if self.arrangement is not None:
+            return self.arranged_image_features(pixel_values, image_sizes)
         if image_grid_thw is not None:
             return self.native_image_features(pixel_values, image_grid_thw)
+        return self.view_features(pixel_values)
+
+    def view_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Views of one size ``(N, 3, H, W)`` -> their LLM-space tokens ``(N, K, D)``: the encoder (or the feature
+        cache), then the connector."""
         grid = self.encoder.grid(tuple(pixel_values.shape[-2:])) if pixel_values.ndim == 4 else (0, 0)
         trainable = any(p.requires_grad for p in self.encoder.parameters())
         pixels = pixel_values.to(param_dtype(self.encoder, pixel_values.dtype))
@@ -219,6 +247,35 @@ class VLM(nn.Module):
         # each part may have its own dtype: features enter the connector in its dtype (the LLM side is cast by
         # ``inject``); under autocast the matmuls still run in the autocast dtype
         return self.connector(feats.to(param_dtype(self.connector, feats.dtype)), grid)
+
+    def arranged_image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> torch.Tensor:
+        """Images through the arrangement (``vlm.arrangements``): ``pixel_values`` every image's views
+        ``(V, 3, S, S)`` one image after another (vlm's processor), or ``(N, max_views, 3, S, S)`` padded per image
+        (LLaVA-NeXT's processor: image ``i``'s first ``num_views`` rows are used); ``image_sizes (N, 2)``: each
+        image's original ``(height, width)`` -> ``(K_1 + ... + K_N, D)``. ``ValueError`` naming the counts when the
+        pixels do not hold the views the sizes need."""
+        from vlm.arrangements.base import views_per_image
+
+        if image_sizes is None:
+            raise ValueError(f"the {self.arrangement.registry_name} arrangement needs image_sizes (N, 2): each image's "
+                             f"original (height, width), which the processor returns beside pixel_values")
+        image_sizes = image_sizes.reshape(-1, 2)
+        counts = views_per_image(self.arrangement, image_sizes)
+        if pixel_values.ndim == 5:
+            if pixel_values.shape[0] != len(counts) or pixel_values.shape[1] < max(counts, default=0):
+                raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)} (images, views, 3, H, W) for "
+                                 f"image_sizes {image_sizes.tolist()}, which need {counts} views")
+            pixel_values = torch.cat([p[:n] for p, n in zip(pixel_values, counts)])
+        elif pixel_values.ndim != 4 or pixel_values.shape[0] != sum(counts):
+            raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)} for image_sizes "
+                             f"{image_sizes.tolist()} (height, width), which need {counts} views ({sum(counts)} in "
+                             f"all) of (3, {self.arrangement.tile_size}, {self.arrangement.tile_size})")
+        s = self.arrangement.tile_size
+        if tuple(pixel_values.shape[-2:]) != (s, s):
+            raise ValueError(f"pixel_values views are {tuple(pixel_values.shape[-2:])} pixels; the arrangement's "
+                             f"tiles are the encoder's {s} x {s}")
+        feats = self.view_features(pixel_values)
+        return self.arrangement(feats.to(param_dtype(self.arrangement, feats.dtype)), image_sizes)
 
     def native_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
         """Flat patches ``(P, D_in)`` of images of their own sizes -> ``(K_total, D)``: the encoder's row-major tokens
@@ -308,8 +365,8 @@ class VLM(nn.Module):
     def trains_image_path(self) -> bool:
         """Whether this forward computes gradients for the encoder or the connector (grad enabled and one of their
         parameters trainable)."""
-        return torch.is_grad_enabled() and any(
-            p.requires_grad for part in (self.encoder, self.connector) for p in part.parameters())
+        parts = (self.encoder, self.connector) + ((self.arrangement,) if self.arrangement is not None else ())
+        return torch.is_grad_enabled() and any(p.requires_grad for part in parts for p in part.parameters())
 
     def stand_in_zero(self, device: torch.device) -> torch.Tensor | None:
         """For a forward without images: a scalar that is exactly 0 yet depends on every trainable encoder and
@@ -339,14 +396,16 @@ class VLM(nn.Module):
                 tokens = torch.zeros(1, self.encoder.num_tokens(size), self.encoder.hidden_size, device=device)
             feats = self.connector(tokens.to(param_dtype(self.connector, tokens.dtype)), self.encoder.grid(size))
         total = feats.float().sum()
-        for p in self.connector.parameters():
+        arranged = self.arrangement.parameters() if self.arrangement is not None else ()
+        for p in [*self.connector.parameters(), *arranged]:
             if p.requires_grad:
                 total = total + p.float().sum()
         return total * 0.0
 
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                      image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
-                     video_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+                     video_grid_thw: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None
+                     ) -> torch.Tensor:
         """``input_ids (B, L)`` (+ images: ``pixel_values`` and, for native-resolution images, ``image_grid_thw``;
         see ``image_features``; + videos: ``pixel_values_videos (P, D_in)`` and ``video_grid_thw (M, 3)``, see
         ``video_features``) -> ``inputs_embeds (B, L, D)`` with image and video features injected. Without
@@ -371,7 +430,7 @@ class VLM(nn.Module):
             zero = self.stand_in_zero(input_ids.device)
             return embeds if zero is None else embeds + zero.to(embeds.dtype)
         # where the connector's features enter
-        return self.injection.embed(self, embeds, input_ids, pixel_values, image_grid_thw)
+        return self.injection.embed(self, embeds, input_ids, pixel_values, image_grid_thw, image_sizes)
 
     @contextlib.contextmanager
     def fusion(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
@@ -387,7 +446,7 @@ class VLM(nn.Module):
                 position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
                 image_grid_thw: torch.Tensor | None = None, mm_token_type_ids: torch.Tensor | None = None,
                 pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
-                second_per_grid_ts: torch.Tensor | None = None,
+                second_per_grid_ts: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
                 **lm_kwargs: Any) -> CausalLMOutputWithPast:
         """Returns ``.logits (B, L, V)`` and, when labels are given, ``.loss``: the mean next-token loss over the
         target tokens (labels != -100), the LM's own (transformers') loss, which honours ``num_items_in_batch``.
@@ -401,6 +460,9 @@ class VLM(nn.Module):
         and ``second_per_grid_ts (M,)`` (seconds per temporal patch; Qwen2.5-VL's temporal positions), as
         transformers' Qwen2-VL processors return them.
 
+        ``image_sizes (N, 2)``: each image's original ``(height, width)`` in pixels, for a model with an arrangement
+        (``vlm.arrangements``: LLaVA-NeXT's processor returns it beside ``pixel_values``).
+
         ``mm_token_type_ids (B, L)``: what Qwen2-VL's processor returns beside ``input_ids`` (1 at image tokens);
         it is derivable from ``input_ids`` (the image tokens are ``image_token_id``), so it is only checked
         (``check_mm_token_types``) and the model takes the processor's output whole.
@@ -411,7 +473,7 @@ class VLM(nn.Module):
         self.check_mm_token_types(input_ids, mm_token_type_ids)
         self.check_keywords(lm_kwargs, "forward")
         lm_inputs = self.lm_inputs(input_ids, pixel_values, attention_mask, position_ids, segment_ids, image_grid_thw,
-                                   pixel_values_videos, video_grid_thw, second_per_grid_ts)
+                                   pixel_values_videos, video_grid_thw, second_per_grid_ts, image_sizes)
         if labels is not None and segment_ids is not None:
             labels = mask_segment_starts(labels, segment_ids)
         with self.fusion(input_ids, pixel_values, segment_ids):
@@ -457,13 +519,15 @@ class VLM(nn.Module):
                   attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                   segment_ids: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
                   pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
-                  second_per_grid_ts: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+                  second_per_grid_ts: torch.Tensor | None = None,
+                  image_sizes: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
         """What the LM is called with: ``inputs_embeds (B, L, D)`` (images injected), the attention mask (the
         packed 4D mask with ``segment_ids``) and ``position_ids`` from the LLM's position scheme (restarting per
         segment when packed; ``(3, B, L)`` for mRoPE, which places the image tokens on their grids: ``media_tokens``)."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (B, L); got shape {tuple(input_ids.shape)}")
-        embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                                   image_sizes)
         media = self.media_tokens(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
                                   second_per_grid_ts)
         position_ids = self.positions.position_ids(input_ids, attention_mask=attention_mask, segment_ids=segment_ids,
@@ -487,7 +551,7 @@ class VLM(nn.Module):
                       segment_ids: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
                       pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
                       second_per_grid_ts: torch.Tensor | None = None, mm_token_type_ids: torch.Tensor | None = None,
-                      **lm_kwargs: Any) -> torch.Tensor:
+                      image_sizes: torch.Tensor | None = None, **lm_kwargs: Any) -> torch.Tensor:
         """``forward`` without the vocabulary projection: the LM's last hidden states ``(B, L, D)``, so a loss
         can project only the positions it needs (``vlm.loss.label_only_lm_loss``). Needs
         ``supports_label_only_head``. Takes what ``forward`` takes (``mm_token_type_ids`` checked the same way), so
@@ -495,7 +559,7 @@ class VLM(nn.Module):
         self.check_mm_token_types(input_ids, mm_token_type_ids)
         self.check_keywords(lm_kwargs, "hidden_states", decoder=True)
         lm_inputs = self.lm_inputs(input_ids, pixel_values, attention_mask, position_ids, segment_ids, image_grid_thw,
-                                   pixel_values_videos, video_grid_thw, second_per_grid_ts)
+                                   pixel_values_videos, video_grid_thw, second_per_grid_ts, image_sizes)
         with self.fusion(input_ids, pixel_values, segment_ids):
             return self.llm.hidden_states(**lm_inputs, **lm_kwargs)
 
@@ -504,7 +568,7 @@ class VLM(nn.Module):
                  attention_mask: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
                  mm_token_type_ids: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
                  video_grid_thw: torch.Tensor | None = None, second_per_grid_ts: torch.Tensor | None = None,
-                 **generate_kwargs: Any) -> torch.Tensor:
+                 image_sizes: torch.Tensor | None = None, **generate_kwargs: Any) -> torch.Tensor:
         """Greedy by default, with the KV cache. ``input_ids`` left-padded ``(B, L)``; returns new tokens ``(B, T)``.
 
         Stops at any id of ``self.generation["eos_token_id"]`` (the tokenizer's eos and the chat template's end of
@@ -513,7 +577,8 @@ class VLM(nn.Module):
         rope delta while decoding)."""
         self.check_mm_token_types(input_ids, mm_token_type_ids)  # derivable from input_ids: checked, not used
         self.check_keywords(generate_kwargs, "generate", moved_only=True)  # transformers checks the others
-        embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                                   image_sizes)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         generate_kwargs.setdefault("do_sample", False)

@@ -51,6 +51,8 @@ class VLMConfig:
     # the video placeholder token (None: the model takes no videos; configs written before videos: None)
     video_token_id: int | None = None
     video_token: str = "<video>"
+    # how each image's view tokens are arranged (vlm.arrangements; None: one view after another)
+    arrangement: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}

@@ -9,6 +9,11 @@ shapes scaled down to seconds (what the tests run). Theirs: ``LlavaForConditiona
 SwiGLU) at native resolution, the ``patch_merger`` (``rms_norm``) and the Qwen2.5-VL text model (mRoPE); ``full`` is
 CPU-sized with Qwen's real vocabulary (151936). Theirs: ``Qwen2_5_VLForConditionalGeneration``. Its batch holds
 images of different sizes as flat patches + ``image_grid_thw`` and ``mm_token_type_ids`` (see ``qwen_batch``).
+
+``llava_next``: ``llava``'s parts and sizes plus the ``anyres_grid`` arrangement (pinpoints 1x2, 2x1, 2x2 tiles of
+the tower's size); each row holds one image of its own size (``image_sizes``: wide, tall, square, ...), every view
+through the tower, the tiles' tokens unpadded with ``image_newline``. Theirs: ``LlavaNextForConditionalGeneration``
+(see ``next_batch``).
 """
 from __future__ import annotations
 
@@ -184,6 +189,43 @@ def qwen_batch(model: Any, spec: dict[str, Any], device: torch.device, dtype: to
             "pixel_values": pixels.to(device, dtype), "image_grid_thw": grid.to(device)}
 
 
+#: LLaVA-NeXT sizes: ``llava``'s, each row one image of ``image_sizes[row % len]`` original ``(height, width)`` pixels
+LLAVA_NEXT_SIZES: dict[str, dict[str, Any]] = {
+    name: {**spec, "image_sizes": [(s * 4 // 3, s * 9 // 4), (s * 9 // 4, s * 4 // 3), (2 * s, 2 * s), (s, s * 3 // 2)]}
+    for name, spec in SIZES.items() for s in [spec["encoder"]["image_size"]]}
+
+
+def next_config(spec: dict[str, Any], attn_implementation: str = "sdpa") -> dict[str, Any]:
+    """``model_config`` + the ``anyres_grid`` arrangement (1x2, 2x1, 2x2 tiles of the tower's size): what ``to_hf``
+    writes as ``LlavaNextForConditionalGeneration``."""
+    s = spec["encoder"]["image_size"]
+    return {**model_config(spec, attn_implementation),
+            "arrangement": {"name": "anyres_grid", "pinpoints": [[s, 2 * s], [2 * s, s], [2 * s, 2 * s]]}}
+
+
+def next_batch(model: Any, spec: dict[str, Any], device: torch.device, dtype: torch.dtype = torch.float32,
+               seed: int = 0, rows: int | None = None) -> dict[str, torch.Tensor]:
+    """``rows`` rows, each one image of its own size (``spec["image_sizes"]`` in turn): its arranged placeholders
+    (``model.image_token_count``), then random text so that rows are equally long (``text_tokens`` or more), the
+    last ``answer_tokens`` labelled; ``pixel_values (V, 3, S, S)`` every image's views (random) and ``image_sizes
+    (N, 2)``: what both models take (transformers' also takes the views concatenated)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = rows or spec["batch"]
+    sizes = [spec["image_sizes"][r % len(spec["image_sizes"])] for r in range(rows)]
+    counts = [model.image_token_count(h, w) for h, w in sizes]
+    length = max(counts) + spec["text_tokens"]
+    vocab = spec["llm"]["vocab_size"]
+    ids = torch.stack([torch.cat([torch.full((k,), model.image_token_id),
+                                  torch.randint(3, vocab, (length - k,), generator=g)]) for k in counts])
+    labels = torch.full_like(ids, -100)
+    labels[:, -spec["answer_tokens"]:] = ids[:, -spec["answer_tokens"]:]
+    s = spec["encoder"]["image_size"]
+    views = sum(model.arrangement.num_views(h, w) for h, w in sizes)
+    pixels = torch.randn(views, 3, s, s, generator=g)
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": torch.ones_like(ids).to(device),
+            "pixel_values": pixels.to(device, dtype), "image_sizes": torch.tensor(sizes, dtype=torch.long).to(device)}
+
+
 @dataclass(frozen=True)
 class Family:
     """A model family the benches compare: its sizes (``quick``, ``full``, ...), our ``vlm.build`` config for a
@@ -205,6 +247,7 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "llava": Family(SIZES, model_config, "LlavaForConditionalGeneration", batch),
+    "llava_next": Family(LLAVA_NEXT_SIZES, next_config, "LlavaNextForConditionalGeneration", next_batch),
     "qwen2_5_vl": Family(QWEN2_5_VL_SIZES, qwen_config, "Qwen2_5_VLForConditionalGeneration", qwen_batch,
                          theirs_only=("mm_token_type_ids",)),
 }

@@ -46,10 +46,13 @@ def _meta(items: Sequence[dict], rows: list[list[Any]] | None = None) -> dict[st
 #: Per-image keys concatenated along dim 0 in item order (image ``k``'s rows follow image ``k - 1``'s): the pixels
 #: (``(N, 3, H, W)`` tiles, or ``(P, 3 * t * p * p)`` flat patches of native-resolution images) and, for the latter,
 #: each image's patch grid ``image_grid_thw (N, 3)`` (Qwen2-VL's convention, ``vlm.data.patches``); videos' flat
-#: patches ``pixel_values_videos (P, D)``, their grids ``video_grid_thw (M, 3)`` and ``second_per_grid_ts (M,)``
-MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+#: patches ``pixel_values_videos (P, D)``, their grids ``video_grid_thw (M, 3)`` and ``second_per_grid_ts (M,)``;
+#: each image's original ``(height, width)`` ``image_sizes (N, 2)`` for a model that arranges its views by it
+#: (``vlm.arrangements``)
+MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts",
+              "image_sizes")
 #: the per-video keys: every item with videos has all three
-VIDEO_KEYS = MEDIA_KEYS[2:]
+VIDEO_KEYS = MEDIA_KEYS[2:5]
 
 
 def _pixels(items: Sequence[dict]) -> torch.Tensor | None:
@@ -67,7 +70,7 @@ def _media(items: Sequence[dict]) -> dict[str, torch.Tensor]:
     items with flat patches (``image_grid_thw``) meet items with tiles (``(n, 3, H, W)`` pixels): one batch holds one
     kind of pixels."""
     out: dict[str, torch.Tensor] = {}
-    for key in VIDEO_KEYS:
+    for key in (*VIDEO_KEYS, "image_sizes"):
         parts = [it[key] for it in items if it.get(key) is not None]
         if parts:
             out[key] = torch.cat(parts)

@@ -150,6 +150,9 @@ class Processor:
         resize_mode = resize_mode or record.get("resize_mode", "resize")
         pad_color = pad_color if pad_color is not None else record.get("pad_color")
         tiling = tiling if tiling is not None else record.get("tiling")
+        arrangement = getattr(model, "arrangement", None)
+        if tiling is None and arrangement is not None:  # the layout whose views the model's arrangement takes
+            tiling = arrangement.layout()
         image_options = {"resize_mode": resize_mode, "tiling": tiling}
         if pad_color is not None:
             image_options["pad_color"] = pad_color
@@ -236,14 +239,17 @@ class Processor:
 
     # ------------------------------------------------------------------------------------------- tokenize
     def _layout(self, segments: list[Any], tiles: list[torch.Tensor], add_generation_prompt: bool,
-                videos: list[torch.Tensor] = ()) -> tuple[str, list[Piece]]:
+                videos: list[torch.Tensor] = (), infos: list[Any] = (), sample_id: Any = None
+                ) -> tuple[str, list[Piece]]:
         """The prompt as one string and its pieces. Each image slot is written as ``image_start``, ``image_token``
-        repeated ``tiles x num_image_tokens((H, W))`` times, ``image_end`` (what ``LlavaProcessor`` puts in the
-        text before it tokenizes); nothing is trainable under ``add_generation_prompt``."""
+        repeated ``tiles x num_image_tokens((H, W))`` times (with a model that arranges its views,
+        ``vlm.arrangements``: the arrangement's count for the image's original size), ``image_end`` (what
+        ``LlavaProcessor`` puts in the text before it tokenizes); nothing is trainable under
+        ``add_generation_prompt``."""
         parts: list[str] = []
         pieces: list[Piece] = []
         pos = 0
-        image_iter, video_iter = iter(tiles), iter(videos)
+        image_iter, video_iter, info_iter = iter(tiles), iter(videos), iter(infos)
         markers = (self.template.image_start or "", self.template.image_end or "")
         for seg in segments:
             if isinstance(seg, Text):
@@ -252,13 +258,32 @@ class Processor:
                 n = self._video_tokens(next(video_iter))
                 piece_text, train = markers[0] + self.video_token * n + markers[1], False
             else:
-                t = next(image_iter)
-                n = t.shape[0] * int(self.num_image_tokens(tuple(t.shape[-2:])))
+                t, info = next(image_iter), next(info_iter, None)
+                n = self._image_tokens(t, info, sample_id)
                 piece_text, train = markers[0] + self.image_token * n + markers[1], False
             parts.append(piece_text)
             pieces.append(Piece(pos, pos + len(piece_text), train, n))
             pos += len(piece_text)
         return "".join(parts), pieces
+
+    def _image_tokens(self, views: torch.Tensor, info: Any, sample_id: Any) -> int:
+        """Placeholders of one image of ``views (n, 3, H, W)``: ``n x num_image_tokens((H, W))``, or, when the
+        count arranges views (``TokenCount.arranges``), its count for the image's original size (``SampleError``
+        naming the sample when it refuses the size, or when the image's views are not the ones it expects)."""
+        if not getattr(self.num_image_tokens, "arranges", False):
+            return views.shape[0] * int(self.num_image_tokens(tuple(views.shape[-2:])))
+        w, h = info.original_size
+        try:
+            n = self.num_image_tokens.image(h, w)
+            expected = self.num_image_tokens.views(h, w)
+        except ValueError as e:
+            raise SampleError(str(e), reason="image_size", sample_id=sample_id) from None
+        if views.shape[0] != expected:
+            raise SampleError(f"an image of {w}x{h} pixels (width x height) became {views.shape[0]} views, but the "
+                              f"model's arrangement expects {expected} (a base view + its pinpoint's tiles): the "
+                              f"image layout (tiling) must be the model's ({self.num_image_tokens.layout()})",
+                              reason="config", sample_id=sample_id)
+        return n
 
     def _tokenize(self, text: str, pieces: list[Piece]) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         """``(ids, starts, ends)``: the ids of ``text`` and each token's character range ``[start, end)`` (L,).
@@ -325,7 +350,7 @@ class Processor:
 
             segments = rewrite_segment_boxes(segments, dict(zip(order, infos)), rewrite=self.rewrite_boxes,
                                              check=self.check_boxes, files=files)
-        text, pieces = self._layout(segments, tiles, add_generation_prompt, videos)
+        text, pieces = self._layout(segments, tiles, add_generation_prompt, videos, infos, sample.id)
         ids, starts, ends = self._tokenize(text, pieces)
         input_ids = torch.tensor(ids, dtype=torch.long)
         blocks = [p for p in pieces if p.image_tokens is not None]
@@ -365,7 +390,7 @@ class Processor:
                     image_info=infos, truncated=truncated)
         if videos:
             meta.update(num_videos=len(videos), video_info=video_infos)
-        return {"input_ids": input_ids, "labels": labels, **self._pixels(tiles), **self._video_pixels(videos, video_infos),
+        return {"input_ids": input_ids, "labels": labels, **self._pixels(tiles, infos), **self._video_pixels(videos, video_infos),
                 "meta": meta}
 
     def _video_pixels(self, videos: list[torch.Tensor], infos: list[Any]) -> dict[str, torch.Tensor]:
@@ -382,13 +407,19 @@ class Processor:
         seconds = torch.tensor([float(i.second_per_grid_t) for i in infos], dtype=torch.float32)
         return {"pixel_values_videos": pixels, "video_grid_thw": grid_thw, "second_per_grid_ts": seconds}
 
-    def _pixels(self, tiles: list[torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    def _pixels(self, tiles: list[torch.Tensor], infos: list[Any] = ()) -> dict[str, torch.Tensor | None]:
         """The item's pixels: every view ``(n, 3, H, W)`` concatenated, or, when the layout hands its views to the
         encoder as flat patches (``Layout.patch_options``: native resolution, each view its own size), ``pixel_values
-        (P, D)`` + ``image_grid_thw (N, 3)`` (``vlm.data.patches.concat_patches``)."""
+        (P, D)`` + ``image_grid_thw (N, 3)`` (``vlm.data.patches.concat_patches``). A model that arranges its views
+        (``TokenCount.arranges``) also gets ``image_sizes (N, 2)``: each image's original ``(height, width)``."""
         if not tiles:
             return {"pixel_values": None}
         options = getattr(getattr(self.image_processor, "layout", None), "patch_options", None)
+        if options is None and getattr(self.num_image_tokens, "arranges", False):
+            # the model arranges each image's views by its original size: image_sizes (N, 2) (height, width)
+            return {"pixel_values": torch.cat(tiles),
+                    "image_sizes": torch.tensor([(i.original_size[1], i.original_size[0]) for i in infos],
+                                                dtype=torch.long).reshape(-1, 2)}
         if options is None:
             return {"pixel_values": torch.cat(tiles)}
         from vlm.data.patches import concat_patches
@@ -430,6 +461,24 @@ class TokenCount:
                 raise ValueError(f"num_image_tokens for tile size {hw} unknown in this process (only {sorted(self.known)})")
             self.known[hw] = int(self.fn(hw))
         return self.known[hw]
+
+    @property
+    def arranges(self) -> bool:
+        """Whether the model arranges each image's views (``vlm.arrangements``): its count then depends on the
+        image's original size (``image``)."""
+        return bool(getattr(self.fn, "arranges", False))
+
+    def image(self, height: int, width: int) -> int:
+        """Tokens of one whole image of original ``height x width`` pixels (a model with an arrangement)."""
+        return int(self.fn.image(height, width))
+
+    def views(self, height: int, width: int) -> int:
+        """Views the model's arrangement expects for an image of original ``height x width`` pixels."""
+        return int(self.fn.views(height, width))
+
+    def layout(self) -> dict:
+        """The image layout (``tiling``) the model's arrangement expects."""
+        return self.fn.layout()
 
     def __getstate__(self) -> dict:
         portable = getattr(self.fn, "pickles_without_model", False)

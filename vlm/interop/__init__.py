@@ -1,8 +1,9 @@
 """Exact interop with transformers model formats (``vlm.interop.formats``: one module per family).
 
 ``from_hf(path)`` imports a local transformers directory (``LlavaForConditionalGeneration``,
-``Blip2ForConditionalGeneration``, ``InternVLForConditionalGeneration``, ``Qwen2VLForConditionalGeneration``,
-``Qwen2_5_VLForConditionalGeneration``, original OpenGVLab InternVL and Qwen-VL checkpoints) as a ``vlm.VLM``,
+``LlavaNextForConditionalGeneration``, ``Blip2ForConditionalGeneration``, ``InternVLForConditionalGeneration``,
+``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``, original OpenGVLab InternVL and Qwen-VL
+checkpoints) as a ``vlm.VLM``,
 dispatching on its ``config.json``'s ``model_type``; ``to_hf(model, path)`` exports a ``VLM`` in the first format that
 can hold it (or ``format=NAME``), e.g. a CLIP/SigLIP tower + ``mlp`` depth-2 connector + transformers causal LM as
 LLaVA, a directory that transformers (and LLaVA-serving engines) load. Both directions keep logits identical for
@@ -16,7 +17,15 @@ from typing import Any
 
 import torch
 
-from vlm.interop import blip2, internvl, internvl_original, llava, qwen2_vl, qwen_vl  # noqa: F401  (register the formats)
+from vlm.interop import (  # noqa: F401  (register the formats)
+    blip2,
+    internvl,
+    internvl_original,
+    llava,
+    llava_next,
+    qwen2_vl,
+    qwen_vl,
+)
 from vlm.interop.formats import FORMATS, HFFormat, format_for_model, format_for_model_type
 
 __all__ = ["FORMATS", "HFFormat", "from_hf", "supported_model_types", "to_hf"]

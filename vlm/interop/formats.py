@@ -24,6 +24,9 @@ class HFFormat:
     model_type: ClassVar[str]
     #: the transformers class a directory of this format loads with (for messages and docs)
     hf_class: ClassVar[str]
+    #: the feature arrangement (``vlm.arrangements`` name) the family's models have; ``None``: none (each image's
+    #: view tokens one after another). A model whose arrangement differs is refused (``all_problems``)
+    arrangement: ClassVar[str | None] = None
 
     @staticmethod
     def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, tokenizer: bool = True,
@@ -44,6 +47,17 @@ class HFFormat:
 FORMATS: Registry[HFFormat] = Registry("interop format")
 
 
+def all_problems(fmt: type[HFFormat], model: Any) -> list[str]:
+    """``fmt.problems(model)``, after the one every format shares: the model's arrangement must be the format's."""
+    arrangement = getattr(model, "arrangement", None)
+    name = getattr(arrangement, "registry_name", None) if arrangement is not None else None
+    problems = []
+    if name != fmt.arrangement:
+        problems.append(f"the model's feature arrangement is {name!r}; {fmt.hf_class} has "
+                        f"{fmt.arrangement!r} (vlm.arrangements)")
+    return problems + fmt.problems(model)
+
+
 def format_for_model_type(model_type: Any, where: str) -> type[HFFormat]:
     """The registered format whose ``model_type`` equals ``model_type``; ``ValueError`` naming those supported."""
     for name in FORMATS.names():
@@ -59,14 +73,14 @@ def format_for_model(model: Any, name: str | None = None) -> type[HFFormat]:
     format's problems otherwise."""
     if name is not None:
         fmt = FORMATS.get(name)
-        problems = fmt.problems(model)
+        problems = all_problems(fmt, model)
         if problems:
             raise ValueError(f"to_hf: this model cannot be exported as {fmt.hf_class}: " + "; ".join(problems))
         return fmt
     reasons = {}
     for n in FORMATS.names():
         fmt = FORMATS.get(n)
-        problems = fmt.problems(model)
+        problems = all_problems(fmt, model)
         if not problems:
             return fmt
         reasons[n] = "; ".join(problems)

@@ -117,7 +117,9 @@ def internvl_problems(model: VLM) -> list[str]:
 
 def internvl_config(model: VLM) -> Any:
     """The ``InternVLConfig`` describing ``model`` (``ValueError`` listing what InternVL cannot express)."""
-    common.refuse_export(internvl_problems(model), "InternVL")
+    from vlm.interop.formats import all_problems
+
+    common.refuse_export(all_problems(InternVLFormat, model), "InternVL")
     from transformers import InternVLConfig
 
     enc, conn = model.encoder, model.connector

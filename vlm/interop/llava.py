@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -42,7 +42,7 @@ from vlm.pretrained import CONFIG_FILE
 LLAVA_MODEL_TYPE = "llava"
 VISION_PREFIX = "model.vision_tower."
 #: what ``from_hf``'s model_type error adds for a directory of another kind
-NOT_LLAVA_HINT = ". Variants such as llava_next / llava_onevision (image tiling) are not supported"
+NOT_LLAVA_HINT = ". LLaVA-NeXT (llava_next) has its own format; llava_onevision is not supported"
 
 
 # ----------------------------------------------------------------------------------------- LLaVA's projector
@@ -89,6 +89,30 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
 
     path = Path(path)
     config = common.read_hf_config(path, LlavaConfig, LLAVA_MODEL_TYPE, LlavaForConditionalGeneration, NOT_LLAVA_HINT)
+    parts = import_parts(path, config, LlavaForConditionalGeneration, dtype, attn_implementation)._replace(hf=None)
+    return common.assemble(path, config, parts.encoder, parts.connector, parts.lm,
+                           image_token_id=int(config.image_token_id), tokenizer=tokenizer,
+                           image_processor=parts.image_processor, image_processor_file=parts.image_processor_file)
+
+
+class ImportedParts(NamedTuple):
+    """What ``import_parts`` reads from a LLaVA-layout directory; ``hf``: the loaded transformers model (for
+    family-specific weights such as LLaVA-NeXT's ``image_newline``)."""
+
+    encoder: Any
+    connector: Any
+    lm: Any
+    image_processor: dict[str, Any] | None
+    image_processor_file: Path
+    hf: Any
+    dtype: torch.dtype
+
+
+def import_parts(path: Path, config: Any, hf_class: type, dtype: str | torch.dtype | None,
+                 attn_implementation: str) -> ImportedParts:
+    """The encoder, ``mlp`` connector and LLM of a LLaVA-layout directory (``model.vision_tower``,
+    ``model.multi_modal_projector``, ``model.language_model`` + ``lm_head``: LLaVA and LLaVA-NeXT), weights copied;
+    ``ValueError`` naming the config key a vlm part cannot express."""
     vision_type = config.vision_config.model_type
     if vision_type not in VISION_MODEL_TYPES:
         raise ValueError(f"from_hf: vision_config.model_type={vision_type!r} in {str(path / CONFIG_FILE)!r} is not "
@@ -103,8 +127,8 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
     if (strategy, has_cls) not in SELECT_FROM_LLAVA:
         raise ValueError(f"from_hf: vision_feature_select_strategy={strategy!r}; expected 'default' or 'full'")
     # LLaVA never runs some vision-tower modules (UNUSED_VISION_MODULES): a checkpoint may omit them
-    hf, torch_dtype = common.load_checkpoint(LlavaForConditionalGeneration, path, dtype,
-                                      ignore_missing=[VISION_PREFIX + p for p in UNUSED_VISION_MODULES])
+    hf, torch_dtype = common.load_checkpoint(hf_class, path, dtype,
+                                             ignore_missing=[VISION_PREFIX + p for p in UNUSED_VISION_MODULES])
     tied = common.is_tied(hf)
 
     # modules LLaVA never runs (SigLIP's pooling head) are left out of our encoder: logits are unchanged, and no
@@ -129,15 +153,17 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
         common.copy_state(encoder.model, tower, "from_hf: vision tower")
         common.copy_projector(connector, hf.model.multi_modal_projector, projector_layers(connector), to_hf=False)
         common.copy_language_model(lm, hf, to_hf=False)
-    del hf
-
-    return common.assemble(path, config, encoder, connector, lm, image_token_id=int(config.image_token_id),
-                           tokenizer=tokenizer, image_processor=image_processor,
-                           image_processor_file=image_processor_file)
+    return ImportedParts(encoder, connector, lm, image_processor, image_processor_file, hf, torch_dtype)
 
 
 def llava_problems(model: VLM) -> list[str]:
     """Why ``model`` cannot be written as a LLaVA checkpoint (empty when it can)."""
+    return parts_problems(model, "LLaVA", "LlavaForConditionalGeneration")
+
+
+def parts_problems(model: VLM, family: str, hf_class_name: str) -> list[str]:
+    """Why ``model``'s encoder, connector and LLM are not a LLaVA-layout model's (LLaVA, LLaVA-NeXT) (empty when
+    they are)."""
     problems = []
     enc, conn, lm = model.encoder, model.connector, model.llm
     enc_name = common.part_name(enc)
@@ -148,12 +174,14 @@ def llava_problems(model: VLM) -> list[str]:
     act = getattr(conn, "options", {}).get("act")
     if projector_layers(conn) is not None and act not in ACT_TO_HF:
         problems.append(f"the connector act={act!r} has no LLaVA equivalent; supported: {sorted(ACT_TO_HF)}")
-    return problems + common.lm_problems(lm, "LLaVA", "LlavaForConditionalGeneration")
+    return problems + common.lm_problems(lm, family, hf_class_name)
 
 
 def llava_config(model: VLM) -> Any:
     """The ``LlavaConfig`` describing ``model`` (raises ``ValueError`` listing what LLaVA cannot express)."""
-    common.refuse_export(llava_problems(model), "LLaVA")
+    from vlm.interop.formats import all_problems
+
+    common.refuse_export(all_problems(LlavaFormat, model), "LLaVA")
     from transformers import LlavaConfig
 
     enc, conn, lm = model.encoder, model.connector, model.llm
@@ -179,20 +207,27 @@ def to_hf(model: VLM, path: str | os.PathLike, *, dtype: str | torch.dtype | Non
     from transformers import LlavaForConditionalGeneration
 
     config = llava_config(model)
-    enc, conn, lm = model.encoder, model.connector, model.llm
-    common.warn_fixed_size(enc, "LlavaConfig")
+    lm = model.llm
+    common.warn_fixed_size(model.encoder, "LlavaConfig")
     out = Path(path)
     hf = common.new_hf_model(config, LlavaForConditionalGeneration, common.export_dtype(lm, dtype))
-    with torch.no_grad():
-        common.copy_state(hf.model.vision_tower, enc.model.state_dict(), "to_hf: vision tower")
-        common.copy_projector(conn, hf.model.multi_modal_projector, projector_layers(conn), to_hf=True)
-        common.copy_language_model(lm, hf, to_hf=True)
-    common.check_tying(lm, hf, "LLaVA")
+    export_parts(model, hf, "LLaVA")
     common.save_hf(hf, model, out)
     del hf
     if processor:
         save_llava_processor(model, out, strategy=config.vision_feature_select_strategy)
     return out
+
+
+def export_parts(model: VLM, hf: Any, family: str) -> None:
+    """Copy ``model``'s encoder, connector and LLM weights into a LLaVA-layout transformers model ``hf``; checks the
+    embedding tying came out as ``model``'s."""
+    enc, conn, lm = model.encoder, model.connector, model.llm
+    with torch.no_grad():
+        common.copy_state(hf.model.vision_tower, enc.model.state_dict(), "to_hf: vision tower")
+        common.copy_projector(conn, hf.model.multi_modal_projector, projector_layers(conn), to_hf=True)
+        common.copy_language_model(lm, hf, to_hf=True)
+    common.check_tying(lm, hf, family)
 
 
 @FORMATS.register("llava")

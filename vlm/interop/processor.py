@@ -96,7 +96,7 @@ def processor_problem(tokenizer: Any, image_token: str, image_token_id: int) -> 
 
 
 def save_processor(model: Any, path: Path, *, processor_class: type, options: dict[str, Any],
-                   image_token: str) -> bool:
+                   image_token: str, image_processor: Any = None) -> bool:
     """Write the image processor, the tokenizer (if ``model.tokenizer``) and, when the tokenizer allows it, a flat
     ``processor_config.json`` naming ``processor_class`` (e.g. ``LlavaProcessor``, ``Blip2Processor``) with its
     ``options``. The processor class must find ``image_token`` as the single id ``model.image_token_id`` in the
@@ -104,7 +104,7 @@ def save_processor(model: Any, path: Path, *, processor_class: type, options: di
     ``AutoProcessor`` will on load. Returns whether the full processor was written; warns saying why when not."""
     import copy
 
-    image_processor = hf_image_processor(model)
+    image_processor = image_processor if image_processor is not None else hf_image_processor(model)
     image_processor.save_pretrained(str(path))
     tokenizer = model.tokenizer
     if tokenizer is None:
@@ -138,6 +138,25 @@ def save_llava_processor(model: Any, path: Path, *, strategy: str) -> bool:
                "num_additional_image_tokens": int(encoder.has_cls), "vision_feature_select_strategy": strategy}
     return save_processor(model, path, processor_class=LlavaProcessor, options=options,
                           image_token=model.image_token)
+
+
+def save_llava_next_processor(model: Any, path: Path, *, strategy: str) -> bool:
+    """``save_processor`` for ``LlavaNextProcessor``: ``LlavaNextImageProcessorPil`` (the ``anyres`` tiles of the
+    model's arrangement's pinpoints: a base view squashed to ``S x S``, then the image resized keeping its aspect
+    ratio, padded centred in black and cut into ``S x S`` tiles; vlm's pixels), and LLaVA's processor options."""
+    from transformers import LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    encoder = model.encoder
+    size = encoder.image_size
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_center_crop=True, do_pad=True,
+        image_grid_pinpoints=[list(p) for p in model.arrangement.options["pinpoints"]], **pixel_options(encoder))
+    options = {"image_token": model.image_token, "patch_size": int(encoder.patch_size),
+               "num_additional_image_tokens": int(encoder.has_cls), "vision_feature_select_strategy": strategy}
+    return save_processor(model, path, processor_class=LlavaNextProcessor, options=options,
+                          image_token=model.image_token, image_processor=image_processor)
 
 
 def _square(d: Any) -> int | None:

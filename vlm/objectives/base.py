@@ -49,14 +49,19 @@ class Objective(nn.Module):
         """This batch's share of the step's normalizer (``batch`` on the CPU, before the forward)."""
         return 1.0
 
-    def image_text_batch(self, batch: dict[str, Any], text: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def image_text_batch(self, batch: dict[str, Any], text: str, model: Any = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(input_ids, labels, pixel_values)`` of a batch with labels (``text``: what they are, for the message)
         and exactly one image per sample, ``pixel_values (B, 3, H, W)``; ``ValueError`` naming the objective
-        otherwise."""
+        otherwise. A ``model`` with an arrangement (``vlm.arrangements``) gets each image's views (``image_sizes``
+        in the batch): its first view, the whole image (``Arrangement.whole_view``), stands for it."""
         name = getattr(self, "registry_name", type(self).__name__)
         input_ids, pixel_values, labels = batch["input_ids"], batch.get("pixel_values"), batch.get("labels")
         if labels is None or pixel_values is None:
             raise ValueError(f"objective {name!r} needs labels ({text}) and pixel_values (the images)")
+        arrangement = getattr(model, "arrangement", None)
+        if arrangement is not None and batch.get("image_sizes") is not None:
+            pixel_values = arrangement.whole_views(pixel_values, batch["image_sizes"])
         if pixel_values.ndim != 4 or pixel_values.shape[0] != input_ids.shape[0]:
             raise ValueError(f"objective {name!r} needs exactly one image per sample: got pixel_values of shape "
                              f"{tuple(pixel_values.shape)} for {input_ids.shape[0]} samples")

@@ -141,7 +141,7 @@ class ReadOut(Objective):
                 total: float | None = None) -> ObjectiveOutput:
         """``batch``: ``input_ids``/``labels (B, L)`` (the chat template's prompt and answer), ``pixel_values
         (B, 3, H, W)``: one image per sample. ``logits`` of the output: ``(B, max_chars, 257)``."""
-        input_ids, labels, pixel_values = self.image_text_batch(batch, "the answers")
+        input_ids, labels, pixel_values = self.image_text_batch(batch, "the answers", model)
         feats = model.encoder(pixel_values)                                          # (B, T, C)
         if feats.shape[1] != self.num_tokens:
             raise ValueError(f"objective 'readout': the encoder gave {feats.shape[1]} tokens per image; its "

@@ -85,7 +85,7 @@ class SigLIP(Objective):
                 total: float | None = None) -> ObjectiveOutput:
         """``batch``: ``input_ids``/``labels (B, L)``, ``pixel_values (B, 3, H, W)``: one image per sample.
         ``logits`` of the output: the ``(B, B)`` image-text logits."""
-        _, labels, pixel_values = self.image_text_batch(batch, "the text")
+        _, labels, pixel_values = self.image_text_batch(batch, "the text", model)
         logits = self.similarity(model, pixel_values, labels) * self.log_scale.exp() + self.bias
         sign = 2 * torch.eye(len(logits), device=logits.device, dtype=logits.dtype) - 1
         loss = -F.logsigmoid(sign * logits).sum() / len(logits)

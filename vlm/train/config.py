@@ -201,9 +201,11 @@ def data_sets(data: DictConfig) -> list[str]:
 
 
 def model_config(cfg: DictConfig) -> dict[str, Any]:
-    """The ``vlm.build`` config of a run: ``{encoder, connector, llm}`` as plain dicts (+ ``image_token`` when the
-    run names one, e.g. Qwen-VL's ``<imgpad>``)."""
+    """The ``vlm.build`` config of a run: ``{encoder, connector, llm}`` as plain dicts (+ ``arrangement`` when set,
+    + ``image_token`` when the run names one, e.g. Qwen-VL's ``<imgpad>``)."""
     out = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in MODULES}
+    if cfg.get("arrangement") is not None:
+        out["arrangement"] = OmegaConf.to_container(cfg.arrangement, resolve=True)
     if cfg.get("image_token") is not None:
         out["image_token"] = cfg.image_token
     return out

@@ -161,13 +161,14 @@ def _missing_option(exc: Any, overrides: Sequence[str]) -> ConfigError:
 # ------------------------------------------------------------------------------------------------ registry checks
 def _registries() -> dict[str, tuple[Registry[Any], tuple[str, ...]]]:
     """Config group -> (registry, arguments the composer passes itself)."""
-    from vlm import connectors, encoders, llm
+    from vlm import arrangements, connectors, encoders, llm
     from vlm.data.datasets import DATASETS
     from vlm.data.tokenizer import TOKENIZERS
 
     return {"encoder": (encoders.ENCODERS, ()), "connector": (connectors.CONNECTORS, ("in_dim", "out_dim")),
             "llm": (llm.LLMS, ()), "tokenizer": (TOKENIZERS, ("data",)),
-            "data": (DATASETS, ("processor", "add_generation_prompt"))}
+            "data": (DATASETS, ("processor", "add_generation_prompt")),
+            "arrangement": (arrangements.ARRANGEMENTS, ("dim",))}
 
 
 def _registry_at(path: Sequence[str]) -> tuple[Registry[Any], tuple[str, ...]] | None:
@@ -247,6 +248,8 @@ def check_components(cfg: DictConfig) -> None:
     regs = _registries()
     for group in MODULES:
         check_component(group, cfg[group], *regs[group])
+    if cfg.get("arrangement") is not None:
+        check_component("arrangement", cfg.arrangement, *regs["arrangement"])
     check_component("tokenizer", cfg.tokenizer, *regs["tokenizer"], context={"data": to_dict(cfg.data)})
     for key in used_data_keys(cfg):
         check_component(f"data.{key}", cfg.data[key], *regs["data"])
@@ -276,6 +279,7 @@ def check_stage_parts(cfg: DictConfig) -> None:
                 raise unknown_choice(f"{pre}.policy.{module}", st.policy[module], "policy", POLICIES.names())
         check_stage_counts(st, pre)
         check_stage_tiling(st, pre)
+        check_stage_arrangement(cfg, st, pre)
         check_stage_video(st, pre)
         check_stage_policies(cfg, name)
 
@@ -291,6 +295,24 @@ def check_stage_tiling(st: Any, pre: str) -> None:
         check_tiling(plain(st.tiling))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{pre}.tiling: {e}") from e
+
+
+def check_stage_arrangement(cfg: DictConfig, st: Any, pre: str) -> None:
+    """With an ``arrangement`` (``vlm.arrangements``), a stage's ``tiling`` is null (the arrangement's layout is
+    used) or exactly the layout the arrangement arranges (``Arrangement.layout()``: e.g. ``anyres`` with the same
+    pinpoints); anything else would give the model views it cannot place."""
+    from vlm.arrangements import ARRANGEMENTS
+    from vlm.registry import plain
+
+    if cfg.get("arrangement") is None or st.get("tiling") is None:
+        return
+    spec = to_dict(cfg.arrangement)
+    expected = ARRANGEMENTS.get(spec["name"]).expected_layout(spec)
+    tiling = plain(st.tiling)
+    differs = {k: tiling.get(k) for k, v in expected.items() if tiling.get(k) != v}
+    if differs:
+        raise ConfigError(f"{pre}.tiling={tiling}: the {spec['name']} arrangement arranges the views of "
+                          f"{expected}; {differs} differ (set {pre}.tiling=null to use the arrangement's layout)")
 
 
 def check_stage_video(st: Any, pre: str) -> None:

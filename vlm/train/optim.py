@@ -58,11 +58,14 @@ def param_groups(model: nn.Module, stage: StageConfig, objective: nn.Module | No
     """
     groups = []
     parts = [(m, getattr(model, m)) for m in MODULES]
+    if getattr(model, "arrangement", None) is not None:  # trains with the connector (its lr)
+        parts.append(("arrangement", model.arrangement))
     if objective is not None:
         parts.append(("objective_head", objective))
     for module_name, module in parts:
         exempt = no_decay_names(module)
-        lr = getattr(stage.module_lr, module_name) if module_name in MODULES else None
+        lr_of = "connector" if module_name == "arrangement" else module_name
+        lr = getattr(stage.module_lr, lr_of) if lr_of in MODULES else None
         lr = float(stage.lr if lr is None else lr)
         buckets: dict[str, tuple[list[str], list[nn.Parameter]]] = {"decay": ([], []), "no_decay": ([], [])}
         for name, p in module.named_parameters():

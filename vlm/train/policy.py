@@ -198,12 +198,17 @@ def check_policies(stage: StageConfig, device: torch.device | None = None) -> No
 
 
 def apply_policies(model: nn.Module, stage: StageConfig) -> dict[str, str]:
-    """Set ``requires_grad`` (and inject adapters) on ``model.encoder/connector/llm`` per ``stage.policy``."""
+    """Set ``requires_grad`` (and inject adapters) on ``model.encoder/connector/llm`` per ``stage.policy``. A
+    model's arrangement (``vlm.arrangements``: e.g. LLaVA-NeXT's ``image_newline``) trains with the connector:
+    frozen when the connector is, else whole."""
     applied = {}
     for module_name in MODULES:
         name = getattr(stage.policy, module_name)
         POLICIES.get(name)().apply(getattr(model, module_name), module_name, stage)
         applied[module_name] = name
+    arrangement = getattr(model, "arrangement", None)
+    if arrangement is not None:
+        arrangement.requires_grad_(stage.policy.connector != "frozen")
     freeze_unused_encoder_layers(model)
     return applied
 

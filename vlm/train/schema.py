@@ -155,6 +155,8 @@ class RunConfig:
     encoder: dict[str, Any] = field(default_factory=dict)
     connector: dict[str, Any] = field(default_factory=dict)
     llm: dict[str, Any] = field(default_factory=dict)
+    # how each image's view tokens are arranged (vlm.arrangements, e.g. LLaVA-NeXT's anyres_grid); null: none
+    arrangement: Optional[dict[str, Any]] = None
     tokenizer: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     stage: dict[str, StageConfig] = field(default_factory=dict)

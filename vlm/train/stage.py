@@ -438,14 +438,15 @@ def max_bad_fraction_key(cfg: DictConfig, data: str) -> str:
 
 
 def model_facts(model: torch.nn.Module) -> dict[str, int | None]:
-    """``trainable_params``, ``image_tokens`` (per image of the encoder's size, in the LLM's sequence) and
+    """``trainable_params``, ``image_tokens`` (per image of the encoder's size, in the LLM's sequence: with an
+    arrangement, a square image of that size, its base view and tiles arranged) and
     ``media_tokens`` (the keys per image a fusion connector's cross-attention reads; None for token connectors)."""
     size = as_pair(model.image_size)
     connector = model.connector
     media = connector.num_media_tokens(model.encoder.num_tokens(size), model.encoder.grid(size)) \
         if connector.fuses_by_cross_attention else None
     return {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "image_tokens": int(model.num_image_tokens()), "media_tokens": media}
+            "image_tokens": int(model.image_token_count(*size, view_size=size)), "media_tokens": media}
 
 
 def skipped_result(name: str, stage_dir: Path) -> StageResult:
