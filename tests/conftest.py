@@ -5,6 +5,7 @@ import copy
 import os
 import sys
 import types
+from typing import Any
 
 import pytest
 import torch
@@ -94,3 +95,17 @@ def chat_model(seed: int = 0):
     model = vlm.build(tiny_cfg("clip", "llama"), tokenizer=byte_tokenizer("chatml"))
     model.set_template("chatml")
     return model.eval()
+
+
+def picture(seed: int, size: tuple[int, int]) -> Any:
+    """A random RGB picture of ``size`` = (width, height) pixels, the same for the same ``seed``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def user(n_images: int, text: str) -> list[dict]:
+    """A transformers chat-template conversation: one user turn with ``n_images`` images, then ``text``."""
+    return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}]

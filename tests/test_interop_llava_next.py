@@ -6,10 +6,8 @@ the same ids and logits; from_hf -> to_hf is exact; the exported directory answe
 transformers; ``python -m vlm.convert`` both ways; bad geometry is refused when the model is composed."""
 import copy
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -20,7 +18,7 @@ from transformers import (
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 import vlm
-from tests.conftest import TINY_TEXT
+from tests.conftest import TINY_TEXT, picture, user
 from vlm.data.sample import ImageRef, Message, Sample
 from vlm.data.tokenizer import byte_tokenizer
 from vlm.inference.chat import processor_for
@@ -72,15 +70,6 @@ def save_llava_next(path, family, seed=0, pinpoints=PINPOINTS):
                        vision_feature_select_strategy=strategy, num_additional_image_tokens=int(tower == "clip"),
                        chat_template=TEMPLATE).save_pretrained(str(path))
     return path
-
-
-def picture(seed, size):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
-
-
-def user(n_images, text):
-    return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}]
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))

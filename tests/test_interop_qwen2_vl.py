@@ -9,7 +9,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -24,7 +23,7 @@ from transformers import (
 )
 
 import vlm
-from tests.conftest import TINY_TEXT
+from tests.conftest import TINY_TEXT, picture, user
 from vlm.data.processor import Processor
 from vlm.data.sample import ImageRef, Message, Sample
 from vlm.data.tokenizer import byte_tokenizer
@@ -79,15 +78,6 @@ def save_family(path, family, tied=False, seed=0):
     processor_class(image_processor=Qwen2VLImageProcessor(**geometry), tokenizer=tok,
                     video_processor=Qwen2VLVideoProcessor(**geometry), chat_template=TEMPLATE).save_pretrained(str(path))
     return path
-
-
-def picture(seed, size):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
-
-
-def user(n_images, text):
-    return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}]
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
