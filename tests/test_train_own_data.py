@@ -61,6 +61,11 @@ def test_every_shipped_recipe_takes_data_files(recipe, text_data):
     """``data=files`` with any shipped recipe: every stage reads the user's file (no shapes option merged into it)."""
     cfg = compose(recipe, files_overrides(text_data))
     for name in cfg.stages:
+        if cfg.stage[name].objective.name == "dpo":
+            # preference pairs are not SFT records: the user's pairs go in data.pairs.train (stage.dpo.data=pairs,
+            # docs/training.md "Preference tuning"; tests/test_dpo_stage.py trains on such a file)
+            assert cfg.data.pairs.name == "preference", recipe
+            continue
         data = cfg.data[cfg.stage[name].data]
         assert data.name == "files" and data.train == str(text_data / "train.json"), (recipe, name)
 
