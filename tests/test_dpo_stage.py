@@ -4,6 +4,10 @@ reference (LoRA dropout draws randomness), a precomputed reference and periodic 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -85,3 +89,17 @@ def test_dpo_trains_on_a_users_file(tmp_path):
     assert skipped["num_samples"] == 12 and skipped["total"] >= 4
     assert set(skipped["by_reason"]) <= {"same_answers", "no_answer", "too_long", "mismatched_images",
                                          "mismatched_prompt", "missing_image"}
+
+
+def test_too_many_bad_pairs_stop_the_run_naming_the_override(tmp_path):
+    """Bad pairs found in a DataLoader worker over ``max_bad_fraction``: the command exits 2 (it hung at exit, its
+    other workers waiting) and the message names the override that exists (``+data.pairs.max_bad_fraction``)."""
+    path = write_pairs(tmp_path)  # 6 of its 14 records are bad
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "vlm.train", *SMALL, "stage.dpo.data=pairs", f"data.pairs.train={path}",
+                           "data.pairs.heldout=2", "stage.dpo.max_steps=3", "eval.enabled=false",
+                           f"output_dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "+data.pairs.max_bad_fraction=FRACTION" in proc.stderr, proc.stderr[-3000:]

@@ -204,6 +204,25 @@ class ProcessedPairs(Dataset):
             item["ref_logps"] = torch.tensor(self.ref_logps[item["meta"]["index"]], dtype=torch.float64)
         return item
 
+    @property
+    def config_key(self) -> str | None:
+        """Where the pairs are configured (``data.pairs``), named in their errors; the wrapped dataset's."""
+        return self.samples.config_key
+
+    @config_key.setter
+    def config_key(self, key: str | None) -> None:
+        self.samples.config_key = key
+
+    @property
+    def max_bad_fraction_key(self) -> str | None:
+        """The override that raises ``max_bad_fraction`` (e.g. ``+data.pairs.max_bad_fraction``), named in its
+        errors; the wrapped dataset's."""
+        return self.samples.max_bad_fraction_key
+
+    @max_bad_fraction_key.setter
+    def max_bad_fraction_key(self, key: str | None) -> None:
+        self.samples.max_bad_fraction_key = key
+
     def __getattr__(self, name: str) -> Any:
         if name == "samples":
             raise AttributeError(name)

@@ -117,7 +117,8 @@ class ImagePolicy:
                                       f"{self.max_pixels}", param=where, code="image_too_large")
                 return load_image(img, sample_id=where)
         except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise bad_request(f"{where}: not an image that can be opened ({type(e).__name__}: {e}); expected PNG, "
+            reason = type(e).__name__ if isinstance(e, UnidentifiedImageError) else f"{type(e).__name__}: {e}"
+            raise bad_request(f"{where}: not an image that can be opened ({reason}); expected PNG, "
                               f"JPEG, WebP, GIF or another format Pillow reads", param=where,
                               code="invalid_image") from None
         except (DataError, OSError, SyntaxError, ValueError) as e:

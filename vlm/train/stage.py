@@ -464,12 +464,22 @@ class SkipCounting:
         self.loader, self.bad, self.check = loader, bad, check
 
     def __iter__(self) -> Iterator[Any]:
-        for batch in self.loader:
-            skipped = (batch.get("meta") or {}).get("skipped") if isinstance(batch, dict) else None
-            if skipped:
-                self.bad.update(skipped)
-                self.check()
-            yield batch
+        batches = iter(self.loader)
+        try:
+            for batch in batches:
+                skipped = (batch.get("meta") or {}).get("skipped") if isinstance(batch, dict) else None
+                if skipped:
+                    self.bad.update(skipped)
+                    self.check()
+                yield batch
+        except Exception:
+            # an error raised in a DataLoader worker (too many bad samples, a data error) leaves the other workers
+            # waiting for indices, and the process would hang at exit joining them: stop them now (torch does it
+            # only when the iterator is collected, which the error's traceback prevents)
+            stop = getattr(batches, "_shutdown_workers", None)
+            if callable(stop):
+                stop()
+            raise
 
     def __len__(self) -> int:
         return len(self.loader)
