@@ -55,6 +55,13 @@ def main(argv: Sequence[str] | None = None, *, block: bool = True) -> Any:
         return 2
     app = build_app(opened.model, processor=processor, history=history, temperature=a.temperature, top_p=a.top_p,
                     max_new_tokens=a.max_new_tokens, stop=a.stop, title=f"vlm demo: {Path(a.model_dir).resolve().name}")
+    if block:  # SIGTERM stops the page as Ctrl-C does (gradio closes the server on KeyboardInterrupt): exit 0
+        import signal
+
+        def stop(*_: Any) -> None:
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, stop)
     launch(app, host=a.host, port=a.port, share=a.share, block=block)
     return app if not block else 0
 
