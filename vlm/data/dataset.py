@@ -263,7 +263,40 @@ class SampleDataset(Dataset):
         return self.bad.summary()
 
 
-class ProcessedDataset(Dataset):
+class WrapsSamples:
+    """A dataset over ``self.samples`` (a :class:`SampleDataset` or any dataset): the wrapped dataset's attributes
+    (``bad``, ``max_bad_fraction``, ``check_bad``, ``report``, ...) are read through, and ``config_key`` /
+    ``max_bad_fraction_key`` (set by the stage, named in errors) are written through, so that the skips a worker
+    counts and the errors it raises name the configured data set."""
+
+    samples: Any
+
+    @property
+    def config_key(self) -> str | None:
+        """Where the dataset is configured (``data.sft``), named in its errors; the wrapped dataset's."""
+        return self.samples.config_key
+
+    @config_key.setter
+    def config_key(self, key: str | None) -> None:
+        self.samples.config_key = key
+
+    @property
+    def max_bad_fraction_key(self) -> str | None:
+        """The override that raises ``max_bad_fraction``, named in its errors; the wrapped dataset's."""
+        return self.samples.max_bad_fraction_key
+
+    @max_bad_fraction_key.setter
+    def max_bad_fraction_key(self, key: str | None) -> None:
+        self.samples.max_bad_fraction_key = key
+
+    def __getattr__(self, name: str) -> Any:
+        """The wrapped dataset's attributes (``bad``, ``max_bad_fraction``, ``check_bad``, ``report``, ...)."""
+        if name == "samples":  # not set yet (unpickling)
+            raise AttributeError(name)
+        return getattr(self.samples, name)
+
+
+class ProcessedDataset(WrapsSamples, Dataset):
     """``processor(samples[i], add_generation_prompt)`` lazily (in DataLoader workers when there are any), for any
     dataset of ``Sample``s.
 
@@ -303,30 +336,6 @@ class ProcessedDataset(Dataset):
         if isinstance(self.samples, SampleDataset):
             return self.samples.iterate(self.process)
         return (self.process(self.samples[i]) for i in range(len(self)))
-
-    @property
-    def config_key(self) -> str | None:
-        """Where the dataset is configured (``data.sft``), named in its errors; the wrapped dataset's."""
-        return self.samples.config_key
-
-    @config_key.setter
-    def config_key(self, key: str | None) -> None:
-        self.samples.config_key = key
-
-    @property
-    def max_bad_fraction_key(self) -> str | None:
-        """The override that raises ``max_bad_fraction``, named in its errors; the wrapped dataset's."""
-        return self.samples.max_bad_fraction_key
-
-    @max_bad_fraction_key.setter
-    def max_bad_fraction_key(self, key: str | None) -> None:
-        self.samples.max_bad_fraction_key = key
-
-    def __getattr__(self, name: str) -> Any:
-        """The wrapped dataset's attributes (``bad``, ``max_bad_fraction``, ``check_bad``, ``report``, ...)."""
-        if name == "samples":  # not set yet (unpickling)
-            raise AttributeError(name)
-        return getattr(self.samples, name)
 
 
 def read_samples(source: Any, format: str = "auto", **options: Any) -> Iterator[Sample]:

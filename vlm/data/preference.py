@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vlm.data.collate import PadCollator
-from vlm.data.dataset import SampleDataset
+from vlm.data.dataset import SampleDataset, WrapsSamples
 from vlm.data.dataset_registry import DATASETS
 from vlm.data.processor import SampleDropped
 from vlm.data.readers.base import SampleError
@@ -91,10 +91,9 @@ def sft_records(record: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, An
     if chosen == rejected:
         raise SampleError(f"'chosen' equals 'rejected' ({str(chosen)[:60]!r}): the pair prefers nothing",
                           reason="same_answers")
-    if record.get("chosen_images") is not None or record.get("rejected_images") is not None:
-        if record.get("chosen_images") != record.get("rejected_images"):
-            raise SampleError("'chosen_images' and 'rejected_images' differ; both answers must be about the same "
-                              "images", reason="mismatched_images")
+    if record.get("chosen_images") != record.get("rejected_images"):  # both absent: the record's own images
+        raise SampleError("'chosen_images' and 'rejected_images' differ; both answers must be about the same "
+                          "images", reason="mismatched_images")
     key = next((k for k in PROMPT_KEYS if record.get(k) is not None), None)
     if p_c != p_r:
         raise SampleError("'chosen' and 'rejected' are conversations with different turns before their answers; "
@@ -176,7 +175,7 @@ def pair_row(chosen: dict[str, Any], rejected: dict[str, Any], max_length: int |
     return {**out, "input_ids": row, "labels": torch.cat([cl, rl[p:]]), "part": part, "meta": meta}
 
 
-class ProcessedPairs(Dataset):
+class ProcessedPairs(WrapsSamples, Dataset):
     """``pair_row`` of each ``Pair`` (processed by ``processor``, the stage's), lazily; bad pairs skipped and counted
     by the wrapped ``PreferenceSamples``. ``ref_logps``: reference log-probs by record index (``{i: (chosen,
     rejected)}``, the ``precomputed`` reference's table), attached to the items as ``ref_logps (2,)``."""
@@ -203,30 +202,6 @@ class ProcessedPairs(Dataset):
         if self.ref_logps is not None:
             item["ref_logps"] = torch.tensor(self.ref_logps[item["meta"]["index"]], dtype=torch.float64)
         return item
-
-    @property
-    def config_key(self) -> str | None:
-        """Where the pairs are configured (``data.pairs``), named in their errors; the wrapped dataset's."""
-        return self.samples.config_key
-
-    @config_key.setter
-    def config_key(self, key: str | None) -> None:
-        self.samples.config_key = key
-
-    @property
-    def max_bad_fraction_key(self) -> str | None:
-        """The override that raises ``max_bad_fraction`` (e.g. ``+data.pairs.max_bad_fraction``), named in its
-        errors; the wrapped dataset's."""
-        return self.samples.max_bad_fraction_key
-
-    @max_bad_fraction_key.setter
-    def max_bad_fraction_key(self, key: str | None) -> None:
-        self.samples.max_bad_fraction_key = key
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "samples":
-            raise AttributeError(name)
-        return getattr(self.samples, name)
 
 
 class PairCollator:
