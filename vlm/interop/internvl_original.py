@@ -166,8 +166,8 @@ def to_original(model: Any, path: str | os.PathLike, *, dtype: str | torch.dtype
     ``vision_model.*`` (fused qkv), ``mlp1.*``, ``language_model.*`` (a Llama LLM as InternLM2, packed ``wqkv``;
     another transformers LLM under its own names), the config with ``vision_config`` / ``llm_config`` and the
     tiling, and the tokenizer (an InternLM2 one naming ``InternLM2Tokenizer``). The remote-code ``.py`` files the
-    config's ``auto_map`` names are not written (vlm writes no code): engines that run them need them copied from
-    the original release. ``processor`` is accepted for the ``HFFormat`` signature; the tokenizer is always written."""
+    config's ``auto_map`` names are not written (vlm writes no code): an engine that runs that code needs the
+    release's own ``.py`` files placed in the directory. ``processor`` is accepted for the ``HFFormat`` signature; the tokenizer is always written."""
     from safetensors.torch import save_file
 
     from vlm.encoders.internvit_keys import ours_to_original

@@ -37,6 +37,7 @@ from vlm.train.loop import LoopState, StageLoop
 from vlm.train.optim import build_optimizer, build_scheduler
 from vlm.data.files import TooLongError
 from vlm.train.policy import apply_policies, trainable_summary
+from vlm.train.preference import evaluate_pairs, preference_setup
 from vlm.train.resources import PeakMemory, typical_step_seconds
 from vlm.train.rng import derive_seed, isolated
 from vlm.train.schema import StageConfig, TrainerConfig
@@ -227,34 +228,9 @@ class StageRunner:
                       f"({plan.accumulation} x {st.micro_batch_size} per process x {s.world_size} processes), "
                       f"precision {str(precision).replace('torch.', '')}, device {s.device}")
         collator = make_collator(self.tokenizer, st, dataset)
-        pairs = self.preference_setup(module, dataset, collator, processor, precision)
+        pairs = preference_setup(self, module, dataset, collator, processor, precision)
         return Training(model, module, wrapped, optimizer, scheduler, processor, dataset, collator,
                         plan, total, precision, ckpt, fp, shapes, pairs)
-
-    def preference_setup(self, module: TrainModule, dataset: Any, collator: Any, processor: Any,
-                         precision: torch.dtype) -> Any:
-        """For an objective on preference pairs (``dpo``): its held-out pairs (``objective.eval_data``, a key of
-        ``data``; ``None`` without) and, with a ``precomputed`` reference, the reference log-probs of every training
-        and held-out pair under the starting model, stored with the data (before any checkpoint is loaded: a resumed
-        run computes the same table)."""
-        objective = module.objective
-        key = getattr(objective, "eval_data", None)
-        held_out = build_dataset(self.cfg.data[key], processor) if key else None
-        if getattr(objective, "precomputes", False):
-            if self.strategy.shards_parameters:  # the pass calls the model's parts, not the sharded root
-                raise ConfigError(f"stage.{self.name}.objective.reference=precomputed is not supported with "
-                                  f"trainer.strategy={self.trainer.strategy}; expected reference=copy (or adapters "
-                                  f"with a LoRA policy), or trainer.strategy=ddp")
-            t0 = time.perf_counter()
-            with isolated(derive_seed("reference", self.cfg.seed, self.name), self.strategy.device):
-                for data in (dataset, held_out):
-                    if data is not None:
-                        data.ref_logps = objective.reference_table(module.model, data, collator,
-                                                                   self.strategy.device, precision)
-            self.log.info(f"[{self.name}] reference log-probs of {len(dataset)} training"
-                          + (f" and {len(held_out)} held-out" if held_out is not None else "")
-                          + f" pairs computed before training ({time.perf_counter() - t0:.1f}s)")
-        return held_out
 
     def processor_for(self, model: torch.nn.Module, name: str) -> Any:
         """The processor of stage ``name`` for ``model`` (its template, ``max_length`` and tiling)."""
@@ -355,18 +331,8 @@ class StageRunner:
                                         max_new_tokens=self.cfg.eval.max_new_tokens, precision=t.precision,
                                         limit=limit, lockstep=self.strategy.collective_forward)
             if t.held_out_pairs is not None:
-                metrics.update(self.evaluate_pairs(t))
+                metrics.update(evaluate_pairs(self, t))
         return metrics, records
-
-    def evaluate_pairs(self, t: "Training") -> dict[str, float]:
-        """The objective's held-out preference metrics (``pairs/preference_accuracy``, ...) over every held-out
-        pair; each process scores the same pairs (they are few), so every process returns the same numbers."""
-        from vlm.train.loop import to_device
-
-        data, size = t.held_out_pairs, self.cfg.eval.batch_size
-        batches = (to_device({k: v for k, v in t.collator([data[i] for i in range(s, min(s + size, len(data)))])
-                              .items() if k != "meta"}, self.strategy.device) for s in range(0, len(data), size))
-        return t.module.objective.evaluate_pairs(t.wrapped, batches, t.precision)
 
     def final_eval(self, t: "Training") -> dict[str, float]:
         metrics, records = self.evaluate(t, self.cfg.eval.limit, t.total)
