@@ -1,9 +1,9 @@
 """Feature arrangements (``vlm.arrangements.base``): how one image's view tokens become its token sequence, one file
 per arrangement, registered in ``ARRANGEMENTS`` (``anyres_grid``: LLaVA-NeXT's spatial grid, unpadding and
-``image_newline``). ``build(cfg, dim=...)``; a model without one (``arrangement: null``) joins its views' tokens."""
+``image_newline``; ``onevision``: LLaVA-OneVision's single-image / multi-image / video layouts). ``build(cfg, dim=...)``; a model without one (``arrangement: null``) joins its views' tokens."""
 from typing import Any
 
-from vlm.arrangements import anyres_grid  # noqa: F401  (registration)
+from vlm.arrangements import anyres_grid, onevision  # noqa: F401  (registration)
 from vlm.arrangements.base import Arrangement
 from vlm.arrangements.registry import ARRANGEMENTS
 from vlm.registry import to_dict

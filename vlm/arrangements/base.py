@@ -29,6 +29,12 @@ class Arrangement(nn.Module):
 
     dim: int
     options: dict[str, Any]
+    #: whether an image that shares its sample with others is laid out otherwise than an image alone (OneVision:
+    #: one view each); such an arrangement's ``num_views`` / ``num_tokens`` / ``forward`` take ``alone`` /
+    #: ``batch_num_images``; the others lay every image out alone
+    lays_out_multi_image: bool = False
+    #: whether it arranges fixed-size video frames ``(M, F, 3, S, S)`` (``video_tokens``, ``video_forward``)
+    takes_videos: bool = False
 
     def attach(self, encoder: Any, connector: Any) -> None:
         """Check that the parts fit (``ValueError`` naming what does not) and record the tile size ``S`` and the
@@ -75,6 +81,26 @@ class Arrangement(nn.Module):
         return {"name": self.registry_name, "dim": self.dim, **self.options}
 
 
-def views_per_image(arrangement: Arrangement, image_sizes: torch.Tensor) -> list[int]:
-    """``[num_views(h, w) for each (h, w) row of image_sizes (N, 2)]``."""
-    return [arrangement.num_views(int(h), int(w)) for h, w in image_sizes.tolist()]
+def views_per_image(arrangement: Arrangement, image_sizes: torch.Tensor, batch_num_images: Any = None) -> list[int]:
+    """``[num_views(h, w) for each (h, w) row of image_sizes (N, 2)]``; with ``batch_num_images`` (images per
+    sample) and an arrangement that ``lays_out_multi_image``, each image's count for being alone in its sample or
+    not."""
+    sizes = [(int(h), int(w)) for h, w in image_sizes.tolist()]
+    if batch_num_images is None or not arrangement.lays_out_multi_image:
+        return [arrangement.num_views(h, w) for h, w in sizes]
+    alone = alone_flags(batch_num_images, len(sizes))
+    return [arrangement.num_views(h, w, alone=a) for (h, w), a in zip(sizes, alone)]
+
+
+def alone_flags(batch_num_images: Any, num_images: int) -> list[bool]:
+    """Whether each of ``num_images`` images (in batch order) is the only image of its sample, from
+    ``batch_num_images`` (images per sample, ``(B,)`` tensor or list; samples without images may be listed as 0);
+    ``None``: all of them. ``ValueError`` when the counts do not add up to ``num_images``."""
+    if batch_num_images is None:
+        return [True] * num_images
+    counts = [int(n) for n in (batch_num_images.reshape(-1).tolist() if torch.is_tensor(batch_num_images)
+                               else batch_num_images)]
+    if sum(counts) != num_images or min(counts, default=0) < 0:
+        raise ValueError(f"batch_num_images={counts} (images per sample) adds up to {sum(counts)} images, but "
+                         f"image_sizes holds {num_images}")
+    return [n == 1 for n in counts for _ in range(n)]
