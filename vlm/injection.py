@@ -25,16 +25,17 @@ INJECTION_SITES: Registry = Registry("injection site")
 
 
 class InjectionSite:
-    """``embed(model, embeds, input_ids, pixel_values, image_grid_thw, image_sizes)`` -> the LLM's input embeddings ``(B, L, D)``;
+    """``embed(model, embeds, input_ids, pixel_values, image_grid_thw, image_sizes, batch_num_images)`` -> the LLM's input embeddings ``(B, L, D)``;
     ``context(model, input_ids, pixel_values, segment_ids)`` -> the context the LLM runs in. ``model`` is the ``VLM``
     (``image_features``, ``llm``, ``connector``, ``image_token_id``)."""
 
     def embed(self, model: Any, embeds: torch.Tensor, input_ids: torch.Tensor, pixel_values: torch.Tensor,
-              image_grid_thw: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+              image_grid_thw: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
+              batch_num_images: torch.Tensor | None = None) -> torch.Tensor:
         return embeds
 
     def embed_videos(self, model: Any, embeds: torch.Tensor, input_ids: torch.Tensor,
-                     pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) -> torch.Tensor:
+                     pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor | None) -> torch.Tensor:
         """``embeds (B, L, D)`` with the videos' features at the video placeholders. Default: ``ValueError`` (this
         site takes no videos)."""
         raise ValueError(f"the {model.connector.component_name} connector injects features at "
@@ -53,12 +54,13 @@ class InputEmbeddings(InjectionSite):
     positions of ``input_ids`` in row-major order."""
 
     def embed(self, model: Any, embeds: torch.Tensor, input_ids: torch.Tensor, pixel_values: torch.Tensor,
-              image_grid_thw: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
-        feats = model.image_features(pixel_values, image_grid_thw, image_sizes)
+              image_grid_thw: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
+              batch_num_images: torch.Tensor | None = None) -> torch.Tensor:
+        feats = model.image_features(pixel_values, image_grid_thw, image_sizes, batch_num_images)
         return model.llm.inject(embeds, input_ids, feats.reshape(-1, feats.shape[-1]), model.image_token_id)
 
     def embed_videos(self, model: Any, embeds: torch.Tensor, input_ids: torch.Tensor,
-                     pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) -> torch.Tensor:
+                     pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor | None) -> torch.Tensor:
         """Video features ``(K_total, D)`` written into the ``video_token_id`` positions in row-major order."""
         feats = model.video_features(pixel_values_videos, video_grid_thw)
         return model.llm.inject(embeds, input_ids, feats, model.video_token_id)

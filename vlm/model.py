@@ -220,15 +220,17 @@ class VLM(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------------------
     def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
-                       image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+                       image_sizes: torch.Tensor | None = None, batch_num_images: torch.Tensor | None = None
+                       ) -> torch.Tensor:
         """``(N, 3, H, W) -> (N, K, D)`` LLM-space image tokens; for native-resolution images (an encoder stating
         ``native_resolution``), flat patches ``(P, 3 * t * p * p)`` + ``image_grid_thw (N, 3)`` (patch units, the
         Qwen2-VL processor's convention) -> ``(K_1 + ... + K_N, D)``, image by image (``Connector.forward_flat``).
         With an arrangement (``vlm.arrangements``): ``arranged_image_features`` -> ``(K_1 + ... + K_N, D)``
-        (``image_sizes (N, 2)`` needed). Raises ``ValueError`` for ``image_grid_thw`` with an encoder that takes
+        (``image_sizes (N, 2)`` needed; ``batch_num_images (B,)``: images per sample, for an arrangement that lays
+        out the images of a multi-image sample otherwise). Raises ``ValueError`` for ``image_grid_thw`` with an encoder that takes
         fixed-size images."""
         if self.arrangement is not None:
-            return self.arranged_image_features(pixel_values, image_sizes)
+            return self.arranged_image_features(pixel_values, image_sizes, batch_num_images)
         if image_grid_thw is not None:
             return self.native_image_features(pixel_values, image_grid_thw)
         return self.view_features(pixel_values)
@@ -248,11 +250,14 @@ class VLM(nn.Module):
         # ``inject``); under autocast the matmuls still run in the autocast dtype
         return self.connector(feats.to(param_dtype(self.connector, feats.dtype)), grid)
 
-    def arranged_image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> torch.Tensor:
+    def arranged_image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None,
+                                batch_num_images: torch.Tensor | None = None) -> torch.Tensor:
         """Images through the arrangement (``vlm.arrangements``): ``pixel_values`` every image's views
         ``(V, 3, S, S)`` one image after another (vlm's processor), or ``(N, max_views, 3, S, S)`` padded per image
         (LLaVA-NeXT's processor: image ``i``'s first ``num_views`` rows are used); ``image_sizes (N, 2)``: each
-        image's original ``(height, width)`` -> ``(K_1 + ... + K_N, D)``. ``ValueError`` naming the counts when the
+        image's original ``(height, width)`` -> ``(K_1 + ... + K_N, D)``; ``batch_num_images (B,)``: images per
+        sample (LLaVA-OneVision's processor; an arrangement that ``lays_out_multi_image`` lays out the images of a
+        multi-image sample otherwise; ignored by the others). ``ValueError`` naming the counts when the
         pixels do not hold the views the sizes need."""
         from vlm.arrangements.base import views_per_image
 
@@ -260,7 +265,8 @@ class VLM(nn.Module):
             raise ValueError(f"the {self.arrangement.registry_name} arrangement needs image_sizes (N, 2): each image's "
                              f"original (height, width), which the processor returns beside pixel_values")
         image_sizes = image_sizes.reshape(-1, 2)
-        counts = views_per_image(self.arrangement, image_sizes)
+        multi = batch_num_images if self.arrangement.lays_out_multi_image else None
+        counts = views_per_image(self.arrangement, image_sizes, multi)
         if pixel_values.ndim == 5:
             if pixel_values.shape[0] != len(counts) or pixel_values.shape[1] < max(counts, default=0):
                 raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)} (images, views, 3, H, W) for "
@@ -275,7 +281,10 @@ class VLM(nn.Module):
             raise ValueError(f"pixel_values views are {tuple(pixel_values.shape[-2:])} pixels; the arrangement's "
                              f"tiles are the encoder's {s} x {s}")
         feats = self.view_features(pixel_values)
-        return self.arrangement(feats.to(param_dtype(self.arrangement, feats.dtype)), image_sizes)
+        feats = feats.to(param_dtype(self.arrangement, feats.dtype))
+        if multi is not None:
+            return self.arrangement(feats, image_sizes, multi)
+        return self.arrangement(feats, image_sizes)
 
     def native_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
         """Flat patches ``(P, D_in)`` of images of their own sizes -> ``(K_total, D)``: the encoder's row-major tokens
@@ -291,11 +300,14 @@ class VLM(nn.Module):
         grids = [tuple(int(v) for v in g) for g in image_grid_thw.tolist()]
         return self.connector.forward_flat(tokens.to(param_dtype(self.connector, tokens.dtype)), grids)
 
-    def video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) -> torch.Tensor:
+    def video_features(self, pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor | None) -> torch.Tensor:
         """Flat patches ``(P, D_in)`` of videos + ``video_grid_thw (M, 3)`` (patch units, ``t`` temporal patches) ->
         ``(K_total, D)``: the native-resolution path of ``native_image_features`` (each temporal patch attends
         within itself in the tower; the connector merges each frame group). ``ValueError`` naming the keys for a
-        model that takes no videos or patches that disagree with their grids."""
+        model that takes no videos or patches that disagree with their grids. Without ``video_grid_thw``: fixed-size
+        frames ``(M, F, 3, S, S)`` through the arrangement (``arranged_video_features``)."""
+        if video_grid_thw is None:
+            return self.arranged_video_features(pixel_values_videos)
         geometry = self.video_geometry()
         if geometry is None:
             raise ValueError(f"pixel_values_videos were given but this model takes no videos: the "
@@ -308,6 +320,27 @@ class VLM(nn.Module):
                       temporal_patch_size=geometry["temporal_patch_size"], merge_size=geometry["merge_size"],
                       names=("pixel_values_videos", "video_grid_thw"))
         return self.native_image_features(pixel_values_videos, video_grid_thw)
+
+    def arranged_video_features(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
+        """Fixed-size video frames ``(M, F, 3, S, S)`` (LLaVA-OneVision's video processor) -> ``(K_1 + ... + K_M,
+        D)``: every frame through the encoder and the connector as a view, then the arrangement's
+        ``video_forward`` (OneVision: each frame's grid pooled, a newline after each video). ``ValueError`` for a
+        model whose arrangement takes no videos, or frames of another shape."""
+        arr = self.arrangement
+        if arr is None or not getattr(arr, "takes_videos", False):
+            raise ValueError(f"pixel_values_videos of shape {tuple(pixel_values_videos.shape)} (videos, frames, 3, H, "
+                             f"W) without video_grid_thw: fixed-size video frames need an arrangement that takes "
+                             f"videos (onevision); this model's arrangement is "
+                             f"{getattr(arr, 'registry_name', None)!r}")
+        if self.video_token_id is None:
+            raise ValueError("pixel_values_videos were given but the model has no video_token_id (it takes no videos)")
+        s = arr.tile_size
+        if pixel_values_videos.ndim != 5 or tuple(pixel_values_videos.shape[2:]) != (3, s, s):
+            raise ValueError(f"pixel_values_videos of shape {tuple(pixel_values_videos.shape)}; expected (videos, "
+                             f"frames, 3, {s}, {s}): every frame resized to the encoder's {s} x {s}")
+        m, f = pixel_values_videos.shape[:2]
+        feats = self.view_features(pixel_values_videos.reshape(m * f, 3, s, s))
+        return arr.video_forward(feats.to(param_dtype(arr, feats.dtype)), [int(f)] * int(m))
 
     def time_steps(self, video_grid_thw: torch.Tensor, second_per_grid_ts: torch.Tensor | None) -> list[float]:
         """Each video's temporal position step: ``tokens_per_second * second_per_grid_t`` when the encoder states
@@ -404,15 +437,16 @@ class VLM(nn.Module):
 
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                      image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
-                     video_grid_thw: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None
-                     ) -> torch.Tensor:
+                     video_grid_thw: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
+                     batch_num_images: torch.Tensor | None = None) -> torch.Tensor:
         """``input_ids (B, L)`` (+ images: ``pixel_values`` and, for native-resolution images, ``image_grid_thw``;
         see ``image_features``; + videos: ``pixel_values_videos (P, D_in)`` and ``video_grid_thw (M, 3)``, see
         ``video_features``) -> ``inputs_embeds (B, L, D)`` with image and video features injected. Without
         images, ``stand_in_zero`` is added when the image path trains or runs in lockstep (values unchanged)."""
         embeds = self.llm.embed(input_ids)
         n_video = int((input_ids == self.video_token_id).sum()) if self.video_token_id is not None else 0
-        if (pixel_values_videos is None) != (video_grid_thw is None):
+        fixed_frames = pixel_values_videos is not None and pixel_values_videos.ndim == 5  # (M, F, 3, S, S)
+        if (pixel_values_videos is None) != (video_grid_thw is None) and not fixed_frames:
             raise ValueError("videos need both pixel_values_videos (flat patches) and video_grid_thw (M, 3); got "
                              + ("only pixel_values_videos" if video_grid_thw is None else "only video_grid_thw"))
         if pixel_values_videos is None and n_video:
@@ -430,7 +464,8 @@ class VLM(nn.Module):
             zero = self.stand_in_zero(input_ids.device)
             return embeds if zero is None else embeds + zero.to(embeds.dtype)
         # where the connector's features enter
-        return self.injection.embed(self, embeds, input_ids, pixel_values, image_grid_thw, image_sizes)
+        return self.injection.embed(self, embeds, input_ids, pixel_values, image_grid_thw, image_sizes,
+                                    batch_num_images)
 
     @contextlib.contextmanager
     def fusion(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
@@ -447,7 +482,7 @@ class VLM(nn.Module):
                 image_grid_thw: torch.Tensor | None = None, mm_token_type_ids: torch.Tensor | None = None,
                 pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
                 second_per_grid_ts: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
-                **lm_kwargs: Any) -> CausalLMOutputWithPast:
+                batch_num_images: torch.Tensor | None = None, **lm_kwargs: Any) -> CausalLMOutputWithPast:
         """Returns ``.logits (B, L, V)`` and, when labels are given, ``.loss``: the mean next-token loss over the
         target tokens (labels != -100), the LM's own (transformers') loss, which honours ``num_items_in_batch``.
         Other weightings and the stage's losses are training objectives (``vlm.objectives``).
@@ -461,7 +496,10 @@ class VLM(nn.Module):
         transformers' Qwen2-VL processors return them.
 
         ``image_sizes (N, 2)``: each image's original ``(height, width)`` in pixels, for a model with an arrangement
-        (``vlm.arrangements``: LLaVA-NeXT's processor returns it beside ``pixel_values``).
+        (``vlm.arrangements``: LLaVA-NeXT's processor returns it beside ``pixel_values``). ``batch_num_images (B,)``:
+        images per sample (LLaVA-OneVision's processor: the images of a multi-image sample are one view each).
+        Fixed-size video frames ``pixel_values_videos (M, F, 3, S, S)`` (no ``video_grid_thw``) go through an
+        arrangement that takes videos (``arranged_video_features``).
 
         ``mm_token_type_ids (B, L)``: what Qwen2-VL's processor returns beside ``input_ids`` (1 at image tokens);
         it is derivable from ``input_ids`` (the image tokens are ``image_token_id``), so it is only checked
@@ -473,7 +511,8 @@ class VLM(nn.Module):
         self.check_mm_token_types(input_ids, mm_token_type_ids)
         self.check_keywords(lm_kwargs, "forward")
         lm_inputs = self.lm_inputs(input_ids, pixel_values, attention_mask, position_ids, segment_ids, image_grid_thw,
-                                   pixel_values_videos, video_grid_thw, second_per_grid_ts, image_sizes)
+                                   pixel_values_videos, video_grid_thw, second_per_grid_ts, image_sizes,
+                                   batch_num_images)
         if labels is not None and segment_ids is not None:
             labels = mask_segment_starts(labels, segment_ids)
         with self.fusion(input_ids, pixel_values, segment_ids):
@@ -520,14 +559,15 @@ class VLM(nn.Module):
                   segment_ids: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
                   pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
                   second_per_grid_ts: torch.Tensor | None = None,
-                  image_sizes: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+                  image_sizes: torch.Tensor | None = None,
+                  batch_num_images: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
         """What the LM is called with: ``inputs_embeds (B, L, D)`` (images injected), the attention mask (the
         packed 4D mask with ``segment_ids``) and ``position_ids`` from the LLM's position scheme (restarting per
         segment when packed; ``(3, B, L)`` for mRoPE, which places the image tokens on their grids: ``media_tokens``)."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (B, L); got shape {tuple(input_ids.shape)}")
         embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-                                   image_sizes)
+                                   image_sizes, batch_num_images)
         media = self.media_tokens(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
                                   second_per_grid_ts)
         position_ids = self.positions.position_ids(input_ids, attention_mask=attention_mask, segment_ids=segment_ids,
@@ -551,7 +591,8 @@ class VLM(nn.Module):
                       segment_ids: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
                       pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
                       second_per_grid_ts: torch.Tensor | None = None, mm_token_type_ids: torch.Tensor | None = None,
-                      image_sizes: torch.Tensor | None = None, **lm_kwargs: Any) -> torch.Tensor:
+                      image_sizes: torch.Tensor | None = None, batch_num_images: torch.Tensor | None = None,
+                      **lm_kwargs: Any) -> torch.Tensor:
         """``forward`` without the vocabulary projection: the LM's last hidden states ``(B, L, D)``, so a loss
         can project only the positions it needs (``vlm.loss.label_only_lm_loss``). Needs
         ``supports_label_only_head``. Takes what ``forward`` takes (``mm_token_type_ids`` checked the same way), so
@@ -559,7 +600,8 @@ class VLM(nn.Module):
         self.check_mm_token_types(input_ids, mm_token_type_ids)
         self.check_keywords(lm_kwargs, "hidden_states", decoder=True)
         lm_inputs = self.lm_inputs(input_ids, pixel_values, attention_mask, position_ids, segment_ids, image_grid_thw,
-                                   pixel_values_videos, video_grid_thw, second_per_grid_ts, image_sizes)
+                                   pixel_values_videos, video_grid_thw, second_per_grid_ts, image_sizes,
+                                   batch_num_images)
         with self.fusion(input_ids, pixel_values, segment_ids):
             return self.llm.hidden_states(**lm_inputs, **lm_kwargs)
 
@@ -568,7 +610,8 @@ class VLM(nn.Module):
                  attention_mask: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
                  mm_token_type_ids: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
                  video_grid_thw: torch.Tensor | None = None, second_per_grid_ts: torch.Tensor | None = None,
-                 image_sizes: torch.Tensor | None = None, **generate_kwargs: Any) -> torch.Tensor:
+                 image_sizes: torch.Tensor | None = None, batch_num_images: torch.Tensor | None = None,
+                 **generate_kwargs: Any) -> torch.Tensor:
         """Greedy by default, with the KV cache. ``input_ids`` left-padded ``(B, L)``; returns new tokens ``(B, T)``.
 
         Stops at any id of ``self.generation["eos_token_id"]`` (the tokenizer's eos and the chat template's end of
@@ -578,7 +621,7 @@ class VLM(nn.Module):
         self.check_mm_token_types(input_ids, mm_token_type_ids)  # derivable from input_ids: checked, not used
         self.check_keywords(generate_kwargs, "generate", moved_only=True)  # transformers checks the others
         embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-                                   image_sizes)
+                                   image_sizes, batch_num_images)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         generate_kwargs.setdefault("do_sample", False)

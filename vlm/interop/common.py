@@ -250,7 +250,8 @@ PreprocessingReader = Callable[[dict[str, Any] | None, int, str], dict[str, Any]
 def assemble(path: Path, config: Any, encoder: Any, connector: Any, lm: Any, *, image_token_id: int,
              tokenizer: bool, image_processor: dict[str, Any] | None, image_processor_file: Path,
              image_token: str = "<image>", prepare: Callable[[Any], None] | None = None,
-             preprocessing: PreprocessingReader | None = None, arrangement: Any = None) -> Any:
+             preprocessing: PreprocessingReader | None = None, arrangement: Any = None,
+             video_token_id: int | None = None) -> Any:
     """The imported ``vlm.VLM`` (eval mode) with the directory's tokenizer (``tokenizer=False``: none), generation
     settings and image preprocessing.
 
@@ -259,13 +260,17 @@ def assemble(path: Path, config: Any, encoder: Any, connector: Any, lm: Any, *, 
     the model against the directory, or its chat template rewritten to vlm's convention). ``preprocessing``
     (default ``vlm.interop.processor.read_preprocessing``: resize / crop / pad, so ``Processor.for_model``
     preprocesses as the source did) reads the image-processor config for the encoder's image size. ``arrangement``:
-    how each image's view tokens are arranged (``vlm.arrangements``; LLaVA-NeXT's ``anyres_grid``)."""
+    how each image's view tokens are arranged (``vlm.arrangements``; LLaVA-NeXT's ``anyres_grid``).
+    ``video_token_id``: the video placeholder of a model that takes videos (its string from the tokenizer, else
+    ``<video>``)."""
     from vlm.interop.processor import read_preprocessing
     from vlm.model import VLM
 
     tok = load_tokenizer(path, tokenizer)
     model = VLM(encoder, connector, lm, image_token_id=image_token_id,
-                image_token=token_string(tok, image_token_id, image_token), arrangement=arrangement)
+                image_token=token_string(tok, image_token_id, image_token), arrangement=arrangement,
+                video_token_id=video_token_id,
+                video_token=token_string(tok, video_token_id, "<video>") if video_token_id is not None else "<video>")
     model.tokenizer = tok
     if prepare is not None:
         prepare(model)
