@@ -32,7 +32,8 @@ def build(cfg: Any, tokenizer: Any = None) -> VLM:
     With a ``tokenizer``: adds the image token to it if missing, resizes the LLM embeddings to ``len(tokenizer)``
     when needed, and attaches it as ``model.tokenizer``. Without one (and no ``image_token_id``), a fresh id is
     appended to the embedding table so the placeholder never collides with a real token. An encoder that states
-    ``native_resolution`` also takes videos: a ``video_token`` (default ``<video>``) is added the same way.
+    ``native_resolution`` (or an arrangement that ``takes_videos``: onevision) also takes videos: a ``video_token``
+    (default ``<video>``) is added the same way.
     """
     cfg = to_dict(cfg)
     unknown = sorted(set(cfg) - set(BUILD_KEYS))
@@ -50,7 +51,11 @@ def build(cfg: Any, tokenizer: Any = None) -> VLM:
     image_token_id = cfg.get("image_token_id")
     video_token = cfg.get("video_token", "<video>")
     video_token_id = cfg.get("video_token_id")
-    takes_videos = bool(getattr(encoder, "native_resolution", False))
+    # videos: as flat patches by a native-resolution encoder, or as fixed-size frames by an arrangement (onevision)
+    arr_cfg = to_dict(cfg["arrangement"]) if cfg.get("arrangement") is not None else None
+    arranges_videos = arr_cfg is not None and bool(getattr(arrangements.ARRANGEMENTS.get(arr_cfg.get("name")),
+                                                           "takes_videos", False))
+    takes_videos = bool(getattr(encoder, "native_resolution", False)) or arranges_videos
     if tokenizer is not None:
         image_token_id = add_token(tokenizer, image_token)
         if takes_videos:

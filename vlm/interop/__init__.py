@@ -1,7 +1,7 @@
 """Exact interop with transformers model formats (``vlm.interop.formats``: one module per family).
 
 ``from_hf(path)`` imports a local transformers directory (``LlavaForConditionalGeneration``,
-``LlavaNextForConditionalGeneration``, ``Blip2ForConditionalGeneration``, ``InternVLForConditionalGeneration``,
+``LlavaNextForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration``, ``Blip2ForConditionalGeneration``, ``InternVLForConditionalGeneration``,
 ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``, original OpenGVLab InternVL and Qwen-VL
 checkpoints) as a ``vlm.VLM``,
 dispatching on its ``config.json``'s ``model_type``; ``to_hf(model, path)`` exports a ``VLM`` in the first format that
@@ -23,6 +23,7 @@ from vlm.interop import (  # noqa: F401  (register the formats)
     internvl_original,
     llava,
     llava_next,
+    llava_onevision,
     qwen2_vl,
     qwen_vl,
 )

@@ -42,7 +42,7 @@ from vlm.pretrained import CONFIG_FILE
 LLAVA_MODEL_TYPE = "llava"
 VISION_PREFIX = "model.vision_tower."
 #: what ``from_hf``'s model_type error adds for a directory of another kind
-NOT_LLAVA_HINT = ". LLaVA-NeXT (llava_next) has its own format; llava_onevision is not supported"
+NOT_LLAVA_HINT = ". LLaVA-NeXT (llava_next) and LLaVA-OneVision (llava_onevision) have their own formats"
 
 
 # ----------------------------------------------------------------------------------------- LLaVA's projector

@@ -159,6 +159,36 @@ def save_llava_next_processor(model: Any, path: Path, *, strategy: str) -> bool:
                           image_token=model.image_token, image_processor=image_processor)
 
 
+def save_llava_onevision_processor(model: Any, path: Path, *, strategy: str, vision_aspect_ratio: str) -> bool:
+    """``save_processor`` for ``LlavaOnevisionProcessor``: ``LlavaOnevisionImageProcessorPil`` (the ``anyres``
+    tiles of the arrangement's pinpoints for an image alone in its sample; one view padded to a square with the
+    mean colour for each image of a multi-image sample), ``LlavaOnevisionVideoProcessor`` (frames resized to ``S x
+    S``), and the processor's options: ``num_image_tokens`` (one view's tokens as the tower returns them, the CLS
+    token counted under 'default'), ``vision_feature_select_strategy``, ``vision_aspect_ratio``, the image and
+    video tokens."""
+    from transformers import LlavaOnevisionProcessor
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+    from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
+
+    encoder, arr = model.encoder, model.arrangement
+    size = int(arr.tile_size)
+    square = {"height": size, "width": size}
+    pixels = pixel_options(encoder)
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size=square, do_pad=True, image_grid_pinpoints=[list(p) for p in arr.options["pinpoints"]], **pixels)
+    video_processor = LlavaOnevisionVideoProcessor(size=square, **{k: v for k, v in pixels.items()
+                                                                   if k != "resample"}, resample=pixels["resample"])
+    video_processor.save_pretrained(str(path))
+    gh, gw = arr.tile_grid
+    options = {"image_token": model.image_token, "video_token": model.video_token,
+               "num_image_tokens": gh * gw + int(strategy == "default"),
+               "vision_feature_select_strategy": strategy, "vision_aspect_ratio": vision_aspect_ratio}
+    return save_processor(model, path, processor_class=LlavaOnevisionProcessor, options=options,
+                          image_token=model.image_token, image_processor=image_processor)
+
+
 def _square(d: Any) -> int | None:
     """``n`` for a ``{"height": n, "width": n}`` size (or a bare int), else ``None``."""
     if isinstance(d, int):

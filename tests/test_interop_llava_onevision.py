@@ -1,0 +1,154 @@
+"""LLaVA-OneVision interop against transformers' own classes (tiny random models saved to tmp_path, no downloads):
+``vlm.load`` of a ``LlavaOnevisionForConditionalGeneration`` directory gives the class's logits for what
+``LlavaOnevisionProcessor`` returns, whole (``pixel_values (N, max_views, 3, S, S)``, ``image_sizes``,
+``batch_num_images``, ``pixel_values_videos (M, F, 3, S, S)``), for images of three aspect ratios (tiles pooled past
+the ``anyres_max`` budget), several images in one sample (one view + a newline each), a batch with different image
+counts (0 included) and videos (frames pooled 2x2, a newline after each video); vlm's own processor gives the same ids
+and logits for one image; from_hf -> to_hf is exact; the exported directory answers ``model.chat`` exactly under
+plain transformers; ``python -m vlm.convert`` both ways; bad input is refused, named."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionProcessor,
+)
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
+
+import vlm
+from tests.conftest import TINY_TEXT, picture
+from vlm.data.sample import ImageRef, Message, Sample
+from vlm.data.tokenizer import byte_tokenizer
+from vlm.inference.chat import processor_for
+from vlm.inference.generate import decode
+from vlm.interop import from_hf, to_hf
+
+#: a chat template that writes each image as ``<image>`` and each video as ``<video>`` (OneVision's convention),
+#: chatml turns
+TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+            "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+            "{% for content in message['content'] %}{% if content['type'] == 'image' %}<image>\n"
+            "{% elif content['type'] == 'video' %}<video>\n"
+            "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+            "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+S = 42  # tile size: 42 px, patch 14 -> a 3x3 token grid per tile (odd: a video frame pools to ceil(3/2) = 2)
+#: OneVision's pinpoints pattern (every 1..3 x 1..3 tiles) at 42 px
+PINPOINTS = [[S * r, S * c] for r in (1, 2, 3) for c in (1, 2, 3)]
+VISION = {"clip": {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "image_size": S, "patch_size": 14},
+          "siglip": {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": S, "patch_size": 14,
+                     "vision_use_head": False}}
+#: (tower, text, strategy): SigLIP + Qwen2 keeping every token (OneVision's 'full'); CLIP drops its CLS ('default')
+FAMILIES = {"siglip-qwen2": ("siglip", "qwen2", "full"), "clip-llama": ("clip", "llama", "default")}
+#: a budget of 2 tiles' tokens: a 2x2-tile image's 6x6 grid pools to 4x4 (ratio sqrt(36 / 18) > 1.1)
+ASPECT = "anyres_max_2"
+
+
+def tokenizer():
+    return byte_tokenizer(TEMPLATE, extra_tokens=["<|im_start|>", "<|im_end|>", "<image>", "<video>"],
+                          eos_token="<|im_end|>")
+
+
+def save_onevision(path, family, seed=0, pinpoints=PINPOINTS, aspect=ASPECT):
+    """A tiny random ``LlavaOnevisionForConditionalGeneration`` (every tensor randomized) + its processor."""
+    tower, text, strategy = FAMILIES[family]
+    tok = tokenizer()
+    text_cfg = {**copy.deepcopy(TINY_TEXT[text]), "vocab_size": len(tok), "eos_token_id": tok.eos_token_id,
+                "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id}
+    cfg = LlavaOnevisionConfig(vision_config=copy.deepcopy(VISION[tower]), text_config=text_cfg,
+                               image_token_id=tok.convert_tokens_to_ids("<image>"),
+                               video_token_id=tok.convert_tokens_to_ids("<video>"), image_grid_pinpoints=pinpoints,
+                               vision_feature_select_strategy=strategy, vision_feature_layer=-1,
+                               vision_aspect_ratio=aspect, tie_word_embeddings=text == "qwen2")
+    torch.manual_seed(seed)
+    hf = LlavaOnevisionForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.2)
+    hf.generation_config.eos_token_id = tok.eos_token_id
+    hf.generation_config.pad_token_id = tok.pad_token_id
+    hf.save_pretrained(str(path))
+    square = {"height": S, "width": S}
+    ip = LlavaOnevisionImageProcessorPil(size=square, image_grid_pinpoints=pinpoints)
+    vp = LlavaOnevisionVideoProcessor(size=square)
+    LlavaOnevisionProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, image_token="<image>",
+                            video_token="<video>", num_image_tokens=9 + int(tower == "clip"),
+                            vision_feature_select_strategy=strategy, vision_aspect_ratio=aspect,
+                            chat_template=TEMPLATE).save_pretrained(str(path))
+    return path
+
+
+def hf_processor(path):
+    """``AutoProcessor`` of ``path`` with the PIL image backend (it computes vlm's pixels exactly; transformers'
+    torchvision backend rounds bicubic resizes differently; the video processor has only the torchvision one)."""
+    return AutoProcessor.from_pretrained(str(path), image_processor=AutoImageProcessor.from_pretrained(
+        str(path), backend="pil"))
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def saved(request, tmp_path_factory):
+    path = save_onevision(tmp_path_factory.mktemp(request.param), request.param)
+    hf = LlavaOnevisionForConditionalGeneration.from_pretrained(str(path)).eval()
+    return request.param, path, vlm.load(path), hf_processor(path), hf
+
+
+def video(seed, frames=3, size=(50, 30)):
+    """``frames`` random RGB frames of ``size`` (width, height), ``(F, H, W, 3)`` uint8."""
+    return np.random.default_rng(seed).integers(0, 255, (frames, size[1], size[0], 3), dtype=np.uint8)
+
+
+def turn(n_images, text, n_videos=0):
+    return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos
+             + [{"type": "text", "text": text}]}]
+
+
+FRAMES = 3  # frames per video (transformers' video processor stacks a batch's videos: one count)
+# (width, height) per image of each sample: one image alone (wide: rows unpadded, pooled 3x1 -> ...; tall; about
+# square: 2x2 tiles pooled 6x6 -> 4x4), several per sample (one view each, padded to a square), a batch with 1, 2
+# and 0 images; and videos (with and without an image beside them)
+CASES = {
+    "three_aspect_ratios": ([[(150, 40)], [(30, 90)], [(80, 75)]], [0, 0, 0]),
+    "several_in_one_sample": ([[(150, 40), (30, 90), (45, 45), (300, 4)]], [0]),
+    "batch_different_counts": ([[(80, 33)], [(24, 70), (45, 45)], []], [0, 0, 0]),
+    "videos": ([[], [(61, 57)]], [1, 1]),
+}
+
+
+def processor_inputs(processor, case):
+    processor.tokenizer.padding_side = "left"
+    sizes, n_videos = CASES[case]
+    texts, images, videos = [], [], []
+    for i, (row, nv) in enumerate(zip(sizes, n_videos)):
+        texts.append(processor.apply_chat_template(turn(len(row), "what is it?" * (i + 1), nv),
+                                                   add_generation_prompt=True))
+        images.append([picture(10 * i + j, s) for j, s in enumerate(row)])
+        videos += [video(i + 100, frames=FRAMES)] * nv
+    kwargs = {"images": images} if any(images) else {}
+    if videos:
+        kwargs["videos"] = videos
+    return processor(text=texts, padding=True, return_tensors="pt", **kwargs)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_equal_transformers_for_its_processor_output(saved, case):
+    _, _, model, processor, hf = saved
+    inputs = processor_inputs(processor, case)
+    with torch.no_grad():
+        ref, ours = hf(**inputs).logits, model(**inputs).logits
+    keep = inputs["attention_mask"].bool()
+    assert (ref - ours).abs()[keep].max().item() <= 1e-4
+    # the placeholders the processor wrote are the arrangement's counts: alone or not, and per video
+    rows, n_videos = CASES[case]
+    expected = sum(model.arrangement.num_tokens(h, w, alone=len(row) == 1) for row in rows for w, h in row)
+    assert int((inputs["input_ids"] == model.image_token_id).sum()) == expected
+    frames = [FRAMES] * sum(n_videos)
+    assert int((inputs["input_ids"] == model.video_token_id).sum()) == sum(model.arrangement.video_tokens(f)
+                                                                           for f in frames)
