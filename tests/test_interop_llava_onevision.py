@@ -152,3 +152,81 @@ def test_logits_equal_transformers_for_its_processor_output(saved, case):
     frames = [FRAMES] * sum(n_videos)
     assert int((inputs["input_ids"] == model.video_token_id).sum()) == sum(model.arrangement.video_tokens(f)
                                                                            for f in frames)
+
+
+def test_vlm_processor_gives_the_same_ids_and_logits_for_one_image(saved):
+    """vlm's processor (Processor.for_model: the anyres layout the arrangement states) gives
+    LlavaOnevisionProcessor's input_ids for an image alone in its sample (pooled past the budget), and its pixels
+    (every view concatenated, with image_sizes) give transformers' logits."""
+    _, _, model, processor, hf = saved
+    size = (80, 75)  # 2x2 tiles: 6x6 grid pooled to 4x4
+    image = picture(3, size)
+    item = processor_for(model)(Sample([Message("user", [ImageRef(0), "what is it?"])], images=[image]),
+                                add_generation_prompt=True)
+    theirs = processor(text=[processor.apply_chat_template(turn(1, "what is it?"), add_generation_prompt=True)],
+                       images=[image], return_tensors="pt")
+    assert item["input_ids"].tolist() == theirs["input_ids"][0].tolist()
+    assert item["image_sizes"].tolist() == theirs["image_sizes"].tolist()
+    n = model.arrangement.num_views(size[1], size[0])
+    assert (item["pixel_values"] - theirs["pixel_values"][0, :n]).abs().max().item() <= 1e-5
+    with torch.no_grad():
+        ref = hf(**theirs).logits
+        got = model(input_ids=item["input_ids"][None], pixel_values=item["pixel_values"],
+                    image_sizes=item["image_sizes"]).logits
+    assert (ref - got).abs().max().item() <= 1e-4
+
+
+def test_round_trip_is_exact_and_the_export_answers_as_model_chat(saved, tmp_path):
+    family, _, model, processor, hf = saved
+    out = to_hf(model, tmp_path / "out")
+    back = LlavaOnevisionForConditionalGeneration.from_pretrained(str(out)).eval()
+    theirs, ours = hf.state_dict(), back.state_dict()
+    assert set(theirs) == set(ours) and all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    assert back.config.vision_aspect_ratio == ASPECT and back.config.video_token_id == model.video_token_id
+    proc = hf_processor(out)
+    assert type(proc).__name__ == "LlavaOnevisionProcessor"
+    # the exported processor counts what the original does, images and videos alike
+    case = processor_inputs(processor, "videos")
+    again = processor_inputs(proc, "videos")
+    assert torch.equal(case["input_ids"], again["input_ids"])
+    assert torch.equal(case["pixel_values_videos"], again["pixel_values_videos"])
+    # model.chat (vlm's processor and generate) == plain transformers on the exported directory
+    exported = AutoModelForImageTextToText.from_pretrained(str(out)).eval()
+    image, new = picture(5, (71, 30)), 6
+    reply, _ = model.chat(image, "what is it?", max_new_tokens=new)
+    inputs = proc(text=[proc.apply_chat_template(turn(1, "what is it?"), add_generation_prompt=True)],
+                  images=[image], return_tensors="pt")
+    with torch.no_grad():
+        ids = exported.generate(**inputs, max_new_tokens=new, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    assert decode(proc.tokenizer, ids, model.generation["eos_token_id"])[0] == reply
+    assert len(reply) > 0
+
+
+def test_generate_with_a_video_equals_transformers(saved):
+    """Greedy generation from the processor's output with a video (and an image beside it): vlm's generate gives
+    transformers' tokens."""
+    _, _, model, processor, hf = saved
+    inputs = processor_inputs(processor, "videos")
+    with torch.no_grad():
+        ref = hf.generate(**inputs, max_new_tokens=5, do_sample=False, eos_token_id=None,
+                          pad_token_id=processor.tokenizer.pad_token_id)[:, inputs["input_ids"].shape[1]:]
+        ours = model.generate(**inputs, max_new_tokens=5, eos_token_id=None)
+    assert ours.tolist() == ref.tolist()
+
+
+def test_convert_cli_both_ways_and_save_load(saved, tmp_path):
+    from vlm.convert import main
+
+    _, path, model, processor, _ = saved
+    assert main([str(path), str(tmp_path / "vlm")]) == 0
+    assert main([str(tmp_path / "vlm"), str(tmp_path / "hf")]) == 0
+    inputs = {**processor_inputs(processor, "several_in_one_sample")}
+    videos = processor_inputs(processor, "videos")
+    with torch.no_grad():
+        ref, ref_videos = model(**inputs).logits, model(**videos).logits
+        for d in ("vlm", "hf"):
+            loaded = vlm.load(tmp_path / d)
+            assert loaded.arrangement.export_config() == model.arrangement.export_config()
+            assert loaded.video_token_id == model.video_token_id
+            assert torch.equal(loaded(**inputs).logits, ref), d
+            assert torch.equal(loaded(**videos).logits, ref_videos), d

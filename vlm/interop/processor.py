@@ -96,12 +96,13 @@ def processor_problem(tokenizer: Any, image_token: str, image_token_id: int) -> 
 
 
 def save_processor(model: Any, path: Path, *, processor_class: type, options: dict[str, Any],
-                   image_token: str, image_processor: Any = None) -> bool:
+                   image_token: str, image_processor: Any = None, parts: dict[str, Any] | None = None) -> bool:
     """Write the image processor, the tokenizer (if ``model.tokenizer``) and, when the tokenizer allows it, a flat
     ``processor_config.json`` naming ``processor_class`` (e.g. ``LlavaProcessor``, ``Blip2Processor``) with its
     ``options``. The processor class must find ``image_token`` as the single id ``model.image_token_id`` in the
     tokenizer; it is constructed once (on a copy of the tokenizer) to validate the combination exactly as
-    ``AutoProcessor`` will on load. Returns whether the full processor was written; warns saying why when not."""
+    ``AutoProcessor`` will on load. ``parts``: the processor's other sub-processors (e.g. ``video_processor``),
+    saved by the caller, passed to that construction. Returns whether the full processor was written; warns saying why when not."""
     import copy
 
     image_processor = image_processor if image_processor is not None else hf_image_processor(model)
@@ -118,7 +119,8 @@ def save_processor(model: Any, path: Path, *, processor_class: type, options: di
         warnings.warn(f"to_hf: no {PROCESSOR_CONFIG} written to {str(path)!r}: {problem}", stacklevel=3)
         return False
     try:
-        processor_class(image_processor=image_processor, tokenizer=copy.deepcopy(tokenizer), **options)
+        processor_class(image_processor=image_processor, tokenizer=copy.deepcopy(tokenizer), **(parts or {}),
+                        **options)
     except (TypeError, ValueError, AttributeError) as e:
         warnings.warn(f"to_hf: no {PROCESSOR_CONFIG} written to {str(path)!r}: transformers' "
                       f"{processor_class.__name__} rejects this tokenizer / image processor: {e}", stacklevel=3)
@@ -186,7 +188,8 @@ def save_llava_onevision_processor(model: Any, path: Path, *, strategy: str, vis
                "num_image_tokens": gh * gw + int(strategy == "default"),
                "vision_feature_select_strategy": strategy, "vision_aspect_ratio": vision_aspect_ratio}
     return save_processor(model, path, processor_class=LlavaOnevisionProcessor, options=options,
-                          image_token=model.image_token, image_processor=image_processor)
+                          image_token=model.image_token, image_processor=image_processor,
+                          parts={"video_processor": video_processor})
 
 
 def _square(d: Any) -> int | None:
