@@ -132,3 +132,47 @@ def test_the_anyres_grid_arrangement_refuses_connectors_without_a_grid(connector
                    "connector": {"name": connector, **TINY_CONNECTORS[connector]},
                    "llm": {"name": "hf_causal_lm", "config": copy.deepcopy(TINY_TEXT["llama"])},
                    "arrangement": {"name": "anyres_grid", "pinpoints": [[32, 64]]}})
+
+
+@pytest.mark.parametrize("encoder,connector", [(e, "mlp") for e in ENCODERS.names()]
+                         + [("clip", c) for c in GRID_CONNECTORS if c != "mlp"])
+def test_the_onevision_arrangement_composes_with_every_encoder_and_grid_connector(encoder, connector):
+    """LLaVA-OneVision's arrangement (``vlm.arrangements.onevision``) after every encoder (with ``mlp``) and every
+    grid-keeping connector (after CLIP): one batch with an image alone (its tiles pooled past a 1-tile budget), two
+    images sharing a sample (one view each) and a video of 3 frames (pooled 2x2); the counts the model states fill the
+    placeholders, and one step trains image_newline and the connector."""
+    torch.manual_seed(0)
+    enc = copy.deepcopy(TINY_ENCODERS[encoder])
+    if enc.get("name") in ("clip", "blip2"):
+        enc["select"] = "patch"
+    model = vlm.build({"encoder": enc, "connector": {"name": connector, **TINY_CONNECTORS[connector]},
+                       "llm": {"name": "hf_causal_lm", "config": copy.deepcopy(TINY_TEXT["llama"])},
+                       "arrangement": {"name": "onevision", "pinpoints": [[32, 64], [64, 32], [64, 64]],
+                                       "max_tiles": 1}})
+    model.train()
+    arr = model.arrangement
+    sizes, per_sample = torch.tensor([[40, 50], [20, 50], [40, 33]]), torch.tensor([1, 2])
+    alone = [True, False, False]
+    counts = [arr.num_tokens(h, w, alone=a) for (h, w), a in zip(sizes.tolist(), alone)]
+    (r0, r1), (c0, c1) = arr.kept(40, 50)
+    assert arr.pooled(r1 - r0, c1 - c0) is not None  # the image alone is past its budget: pooled
+    video = arr.video_tokens(3)
+    ids = torch.full((2, max(counts[0], counts[1] + counts[2] + video) + 4), 7)
+    ids[0, 2:2 + counts[0]] = model.image_token_id
+    ids[1, 2:2 + counts[1] + counts[2]] = model.image_token_id
+    ids[1, 2 + counts[1] + counts[2]:2 + counts[1] + counts[2] + video] = model.video_token_id
+    views = sum(arr.num_views(h, w, alone=a) for (h, w), a in zip(sizes.tolist(), alone))
+    loss = model(ids, torch.randn(views, 3, 32, 32), labels=ids, image_sizes=sizes, batch_num_images=per_sample,
+                 pixel_values_videos=torch.randn(1, 3, 3, 32, 32)).loss
+    loss.backward()
+    assert torch.isfinite(loss) and arr.image_newline.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in model.connector.parameters())
+
+
+@pytest.mark.parametrize("connector", [n for n in TOKEN_CONNECTORS if n not in GRID_CONNECTORS])
+def test_the_onevision_arrangement_refuses_connectors_without_a_grid(connector):
+    with pytest.raises(ValueError, match="onevision arranges the tokens of a tile on its grid"):
+        vlm.build({"encoder": {**copy.deepcopy(TINY_ENCODERS["clip"]), "select": "patch"},
+                   "connector": {"name": connector, **TINY_CONNECTORS[connector]},
+                   "llm": {"name": "hf_causal_lm", "config": copy.deepcopy(TINY_TEXT["llama"])},
+                   "arrangement": {"name": "onevision", "pinpoints": [[32, 64]]}})

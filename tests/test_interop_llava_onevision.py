@@ -177,7 +177,7 @@ def test_vlm_processor_gives_the_same_ids_and_logits_for_one_image(saved):
 
 
 def test_round_trip_is_exact_and_the_export_answers_as_model_chat(saved, tmp_path):
-    family, _, model, processor, hf = saved
+    _, _, model, processor, hf = saved
     out = to_hf(model, tmp_path / "out")
     back = LlavaOnevisionForConditionalGeneration.from_pretrained(str(out)).eval()
     theirs, ours = hf.state_dict(), back.state_dict()

@@ -227,8 +227,8 @@ class VLM(nn.Module):
         Qwen2-VL processor's convention) -> ``(K_1 + ... + K_N, D)``, image by image (``Connector.forward_flat``).
         With an arrangement (``vlm.arrangements``): ``arranged_image_features`` -> ``(K_1 + ... + K_N, D)``
         (``image_sizes (N, 2)`` needed; ``batch_num_images (B,)``: images per sample, for an arrangement that lays
-        out the images of a multi-image sample otherwise). Raises ``ValueError`` for ``image_grid_thw`` with an encoder that takes
-        fixed-size images."""
+        out the images of a multi-image sample otherwise). Raises ``ValueError`` for ``image_grid_thw`` with an
+        encoder that takes fixed-size images."""
         if self.arrangement is not None:
             return self.arranged_image_features(pixel_values, image_sizes, batch_num_images)
         if image_grid_thw is not None:

@@ -1,6 +1,7 @@
 """Feature arrangements (``vlm.arrangements.base``): how one image's view tokens become its token sequence, one file
 per arrangement, registered in ``ARRANGEMENTS`` (``anyres_grid``: LLaVA-NeXT's spatial grid, unpadding and
-``image_newline``; ``onevision``: LLaVA-OneVision's single-image / multi-image / video layouts). ``build(cfg, dim=...)``; a model without one (``arrangement: null``) joins its views' tokens."""
+``image_newline``; ``onevision``: LLaVA-OneVision's single-image / multi-image / video layouts).
+``build(cfg, dim=...)``; a model without one (``arrangement: null``) joins its views' tokens."""
 from typing import Any
 
 from vlm.arrangements import anyres_grid, onevision  # noqa: F401  (registration)

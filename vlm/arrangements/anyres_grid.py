@@ -53,10 +53,11 @@ class AnyresGrid(Arrangement):
                  max_tiles: int | None = None) -> None:
         super().__init__()
         if not pinpoints or any(len(p) != 2 or min(int(v) for v in p) < 1 for p in pinpoints):
-            raise ValueError(f"anyres_grid: pinpoints={pinpoints!r}; expected a non-empty list of [height, width] "
-                             f"pairs of positive pixel sizes")
+            raise ValueError(f"{self.registry_name}: pinpoints={pinpoints!r}; expected a non-empty list of [height, "
+                             f"width] pairs of positive pixel sizes")
         if max_tiles is not None and int(max_tiles) < 1:
-            raise ValueError(f"anyres_grid: max_tiles={max_tiles!r}; expected a tile budget >= 1 or null (no pooling)")
+            raise ValueError(f"{self.registry_name}: max_tiles={max_tiles!r}; expected a tile budget >= 1 or null (no "
+                             f"pooling)")
         self.dim = int(dim)
         self.options = {"pinpoints": [[int(h), int(w)] for h, w in pinpoints], "unpad": bool(unpad),
                         "newline": bool(newline), "max_tiles": None if max_tiles is None else int(max_tiles)}
@@ -71,19 +72,21 @@ class AnyresGrid(Arrangement):
         s = int(s[0] if isinstance(s, (tuple, list)) else s)
         bad = [p for p in self.options["pinpoints"] if p[0] % s or p[1] % s]
         if bad:
-            raise ValueError(f"anyres_grid: pinpoints {bad} are not multiples of the encoder's image (tile) size {s}: "
+            raise ValueError(f"{self.registry_name}: pinpoints {bad} are not multiples of the encoder's image (tile) "
+                             f"size {s}: "
                              f"every pinpoint [height, width] must be a whole number of {s} x {s} tiles (e.g. "
                              f"{[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]]})")
         grid = connector.output_grid(encoder.grid((s, s))) \
             if not getattr(connector, "fuses_by_cross_attention", False) else None
         if grid is None:
-            raise ValueError(f"anyres_grid arranges the tokens of a tile on its grid, but the "
+            raise ValueError(f"{self.registry_name} arranges the tokens of a tile on its grid, but the "
                              f"{getattr(connector, 'registry_name', type(connector).__name__)!r} connector's tokens have "
                              f"no grid (a resampler's queries or cross-attention); use a token-wise or grid-keeping "
                              f"connector (mlp, linear, pixel_shuffle_mlp, patch_merger)")
         tokens = connector.num_tokens(encoder.num_tokens((s, s)), encoder.grid((s, s)))
         if tokens != grid[0] * grid[1]:
-            raise ValueError(f"anyres_grid arranges a tile's {grid[0]}x{grid[1]} token grid, but a tile gives {tokens} "
+            raise ValueError(f"{self.registry_name} arranges a tile's {grid[0]}x{grid[1]} token grid, but a tile gives "
+                             f"{tokens} "
                              f"tokens (the encoder keeps tokens off its patch grid, e.g. CLS: use select='patch')")
         self.tile_size, self.tile_grid = s, (int(grid[0]), int(grid[1]))
 
@@ -95,7 +98,8 @@ class AnyresGrid(Arrangement):
     def tiles(self, height: int, width: int) -> tuple[int, int]:
         """``(rows, cols)`` of tiles of an image of ``height x width`` pixels (its best pinpoint / ``S``)."""
         if height < 1 or width < 1:
-            raise ValueError(f"anyres_grid: image size (height, width) = {(height, width)}; expected positive sizes")
+            raise ValueError(f"{self.registry_name}: image size (height, width) = {(height, width)}; expected positive "
+                             f"sizes")
         bh, bw = best_resolution(height, width, self.options["pinpoints"])
         return bh // self.tile_size, bw // self.tile_size
 
@@ -135,7 +139,7 @@ class AnyresGrid(Arrangement):
         gh, gw = self.tile_grid
         counts = views_per_image(self, image_sizes)
         if sum(counts) != features.shape[0] or features.shape[1] != gh * gw:
-            raise ValueError(f"anyres_grid: features of shape {tuple(features.shape)} for images of sizes "
+            raise ValueError(f"{self.registry_name}: features of shape {tuple(features.shape)} for images of sizes "
                              f"{image_sizes.tolist()} (height, width), which need {counts} views of {gh * gw} tokens")
         out = []
         for feats, (h, w) in zip(features.split(counts), image_sizes.tolist()):
