@@ -230,3 +230,37 @@ def test_convert_cli_both_ways_and_save_load(saved, tmp_path):
             assert loaded.video_token_id == model.video_token_id
             assert torch.equal(loaded(**inputs).logits, ref), d
             assert torch.equal(loaded(**videos).logits, ref_videos), d
+
+
+def test_llava_ov_0_5b_recipe_has_transformers_parameter_count():
+    """The recipe on ``meta``: SigLIP So400m (27 layers, features of the 26th) + mlp + Qwen2-0.5B + image_newline has
+    the parameters of transformers' class built from the same config; the released checkpoint's tower has 26 layers
+    (one fewer, never run by either); token counts are OneVision's."""
+    from tests.test_train_recipes import QWEN2_0_5B, SIGLIP_SO400M, inline
+
+    mc, run = inline("llava_ov_0_5b", SIGLIP_SO400M, QWEN2_0_5B)
+    mc["video_token_id"] = QWEN2_0_5B["vocab_size"] - 2  # (as the image token: no resizing on meta)
+    assert run.encoder.feature_layer == -2 and run.arrangement.max_tiles == 9
+    with torch.device("meta"):
+        model = vlm.build(mc)
+        vision = {"model_type": "siglip_vision_model", **SIGLIP_SO400M}
+        hf = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(
+            vision_config=vision, text_config=QWEN2_0_5B, image_grid_pinpoints=mc["arrangement"]["pinpoints"],
+            vision_feature_layer=-2, vision_aspect_ratio="anyres_max_9"))
+        released = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(
+            vision_config={**vision, "num_hidden_layers": 26}, text_config=QWEN2_0_5B, vision_feature_layer=-1))
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    layer = count(hf.model.vision_tower.encoder.layers[-1])
+    # So400m 412,987,248 (no pooling head) + Qwen2-0.5B 494,032,768 + projector 1,836,800 + image_newline 896
+    assert count(model) == count(hf) == 908_857_712
+    assert count(released) == count(hf) - layer == 893_618_208
+    assert count(model.arrangement) == hf.model.image_newline.numel() == 896
+    arr = model.arrangement
+    assert arr.tile_grid == (27, 27) and arr.frame_grid() == (14, 14)
+    # a 384 px square: base 729 + its 1x1 pinpoint's 27x27 grid, a newline per row
+    assert model.image_token_count(384, 384) == 729 + 27 * 28
+    # 1152 px square: 3x3 tiles = 81x81 tokens pooled (ratio sqrt(81*81 / (9*729)) = 1.0 <= 1.1: not pooled)
+    assert model.image_token_count(1152, 1152) == 729 + 81 * 82
+    # 2304 px square: 6x6 tiles = 162x162 pooled by ratio 2 to 81x81
+    assert model.image_token_count(2304, 2304) == 729 + 81 * 82
+    assert arr.num_tokens(500, 700, alone=False) == 730 and arr.video_tokens(8) == 8 * 196 + 1
