@@ -264,3 +264,66 @@ def test_llava_ov_0_5b_recipe_has_transformers_parameter_count():
     # 2304 px square: 6x6 tiles = 162x162 pooled by ratio 2 to 81x81
     assert model.image_token_count(2304, 2304) == 729 + 81 * 82
     assert arr.num_tokens(500, 700, alone=False) == 730 and arr.video_tokens(8) == 8 * 196 + 1
+
+
+def build_cfg(pinpoints=((S, 2 * S), (2 * S, S)), image_size=S, **arrangement):
+    return {"encoder": {"name": "siglip", "image_size": image_size, "patch_size": 14, "hidden_size": 32,
+                        "num_layers": 1, "num_heads": 4, "intermediate_size": 64},
+            "connector": {"name": "mlp", "depth": 2},
+            "llm": {"name": "hf_causal_lm", "config": copy.deepcopy(TINY_TEXT["qwen2"])},
+            "arrangement": {"name": "onevision", "pinpoints": [list(p) for p in pinpoints], **arrangement}}
+
+
+def test_bad_geometry_is_refused_when_composed_or_imported(tmp_path):
+    with pytest.raises(ValueError, match=r"onevision: pinpoints \[\[42, 100\]\] are not multiples of the encoder's"):
+        vlm.build(build_cfg([[S, 2 * S], [S, 100]]))
+    with pytest.raises(ValueError, match=r"onevision: max_tiles=0; expected a tile budget >= 1"):
+        vlm.build(build_cfg(max_tiles=0))
+    with pytest.raises(ValueError, match=r"onevision: video_pool=0; expected a pooling stride >= 1"):
+        vlm.build(build_cfg(video_pool=0))
+    with pytest.raises(ValueError, match="onevision arranges the tokens of a tile on its grid"):
+        vlm.build({**build_cfg(), "connector": {"name": "resampler", "num_queries": 4, "num_heads": 4}})
+    # a transformers directory whose pinpoints do not fit its tower, or whose budget is not anyres_max_N, names the
+    # config keys
+    save_onevision(tmp_path / "pins", "siglip-qwen2", pinpoints=[[S, 2 * S], [50, S]])
+    with pytest.raises(ValueError, match=r"config.json.*image_grid_pinpoints=.*vision_aspect_ratio=.*not multiples"):
+        from_hf(tmp_path / "pins")
+    save_onevision(tmp_path / "aspect", "siglip-qwen2", aspect="anyres")
+    with pytest.raises(ValueError, match=r"config.json.*vision_aspect_ratio='anyres'; expected 'anyres_max_N'"):
+        from_hf(tmp_path / "aspect")
+
+
+def test_bad_inputs_are_named_before_the_model_runs(saved):
+    _, _, model, processor, _ = saved
+    inputs = processor_inputs(processor, "videos")
+    with torch.no_grad():
+        # video frames of another size than the tower's (e.g. resized by another processor)
+        small = torch.zeros(1, 3, 3, S - 14, S - 14)
+        with pytest.raises(ValueError, match=r"pixel_values_videos of shape \(1, 3, 3, 28, 28\); expected \(videos, "
+                                             r"frames, 3, 42, 42\)"):
+            model(**{**inputs, "pixel_values_videos": small})
+        # frames of a flat (N, 3, S, S) batch without the video axis
+        with pytest.raises(ValueError, match=r"pixel_values_videos of shape \(3, 3, 42, 42\); expected \(videos, frames"):
+            model(**{**inputs, "pixel_values_videos": inputs["pixel_values_videos"][0]})
+        # a video short of frames for the placeholders the processor wrote
+        with pytest.raises(ValueError, match=r"video placeholder count mismatch: input_ids hold \d+ video tokens"):
+            model(**{**inputs, "pixel_values_videos": inputs["pixel_values_videos"][:, :2]})
+        # images per sample that do not add up to the images given
+        several = processor_inputs(processor, "several_in_one_sample")
+        with pytest.raises(ValueError, match=r"batch_num_images=\[3\] \(images per sample\) adds up to 3 images, but "
+                                             r"image_sizes holds 4"):
+            model(**{**several, "batch_num_images": torch.tensor([3])})
+    # a model whose arrangement takes no videos (LLaVA-NeXT's) refuses fixed-size frames, naming it
+    other = vlm.build({**build_cfg(), "arrangement": {"name": "anyres_grid", "pinpoints": [[S, 2 * S]]}})
+    with pytest.raises(ValueError, match="fixed-size video frames need an arrangement that takes videos"):
+        other(torch.zeros(1, 4, dtype=torch.long), pixel_values_videos=torch.zeros(1, 2, 3, S, S))
+
+
+def test_export_refuses_what_onevision_cannot_express(tmp_path):
+    model = vlm.build(build_cfg(max_tiles=None, video_pool=1))
+    with pytest.raises(ValueError, match=r"video_pool.*LLaVA-OneVision has.*max_tiles=null"):
+        to_hf(model, tmp_path, format="llava_onevision")
+    # LLaVA-NeXT's arrangement is LLaVA-NeXT's format, not OneVision's
+    nxt = vlm.build({**build_cfg(), "arrangement": {"name": "anyres_grid", "pinpoints": [[S, 2 * S]]}})
+    with pytest.raises(ValueError, match="feature arrangement is 'anyres_grid'; LlavaOnevisionForConditionalGeneration"):
+        to_hf(nxt, tmp_path, format="llava_onevision")

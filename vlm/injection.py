@@ -63,7 +63,7 @@ class InputEmbeddings(InjectionSite):
                      pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor | None) -> torch.Tensor:
         """Video features ``(K_total, D)`` written into the ``video_token_id`` positions in row-major order."""
         feats = model.video_features(pixel_values_videos, video_grid_thw)
-        return model.llm.inject(embeds, input_ids, feats, model.video_token_id)
+        return model.llm.inject(embeds, input_ids, feats, model.video_token_id, kind="video")
 
 
 @INJECTION_SITES.register("cross_attention")

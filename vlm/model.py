@@ -445,7 +445,9 @@ class VLM(nn.Module):
         images, ``stand_in_zero`` is added when the image path trains or runs in lockstep (values unchanged)."""
         embeds = self.llm.embed(input_ids)
         n_video = int((input_ids == self.video_token_id).sum()) if self.video_token_id is not None else 0
-        fixed_frames = pixel_values_videos is not None and pixel_values_videos.ndim == 5  # (M, F, 3, S, S)
+        # fixed-size frames (M, F, 3, S, S), for an arrangement that takes videos (arranged_video_features checks them)
+        fixed_frames = pixel_values_videos is not None and (
+            pixel_values_videos.ndim == 5 or bool(getattr(self.arrangement, "takes_videos", False)))
         if (pixel_values_videos is None) != (video_grid_thw is None) and not fixed_frames:
             raise ValueError("videos need both pixel_values_videos (flat patches) and video_grid_thw (M, 3); got "
                              + ("only pixel_values_videos" if video_grid_thw is None else "only video_grid_thw"))

@@ -176,8 +176,9 @@ class HFCausalLM(nn.Module):
 
     @staticmethod
     def inject(embeds: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor,
-               image_token_id: int) -> torch.Tensor:
+               image_token_id: int, kind: str = "image") -> torch.Tensor:
         """Scatter ``features (M, D)`` into the ``M`` placeholder positions of ``embeds (B, L, D)``, in row-major order.
+        ``kind``: what the placeholders stand for (``image`` / ``video``), for the count error.
 
         Writes into ``embeds`` in place (the embedding lookup's output, which its backward does not need), so no
         second ``(B, L, D)`` copy is made, and returns it. Autograd forbids writing into a leaf that requires grad
@@ -187,8 +188,8 @@ class HFCausalLM(nn.Module):
         mask = input_ids == image_token_id
         n_tokens, n_feats = int(mask.sum()), features.shape[0]
         if n_tokens != n_feats:
-            raise ValueError(f"image placeholder count mismatch: input_ids hold {n_tokens} image tokens "
-                             f"(id {image_token_id}) but the images produced {n_feats} feature vectors")
+            raise ValueError(f"{kind} placeholder count mismatch: input_ids hold {n_tokens} {kind} tokens "
+                             f"(id {image_token_id}) but the {kind}s produced {n_feats} feature vectors")
         if n_feats == 0:
             return embeds
         values = features.to(embeds.dtype)
