@@ -176,6 +176,40 @@ def test_vlm_processor_gives_the_same_ids_and_logits_for_one_image(saved):
     assert (ref - got).abs().max().item() <= 1e-4
 
 
+def test_vlm_processor_lays_out_a_multi_image_sample_as_onevision(saved):
+    """Several images in one sample: vlm's processor lays each out as one view padded to a square (the arrangement's
+    ``multi_image_layout``), gives LlavaOnevisionProcessor's ids and pixels and ``batch_num_images``; batched with a
+    one-image sample by vlm's collator, the model gives transformers' logits."""
+    from vlm.data.collate import PadCollator
+
+    _, _, model, processor, hf = saved
+    sizes = [(150, 40), (30, 90), (45, 45)]
+    images = [picture(j, s) for j, s in enumerate(sizes)]
+    ours = processor_for(model)
+    item = ours(Sample([Message("user", [ImageRef(0), ImageRef(1), ImageRef(2), "what is it?"])], images=images),
+                add_generation_prompt=True)
+    theirs = processor(text=[processor.apply_chat_template(turn(3, "what is it?"), add_generation_prompt=True)],
+                       images=[images], return_tensors="pt")
+    assert item["input_ids"].tolist() == theirs["input_ids"][0].tolist()
+    assert item["batch_num_images"].tolist() == [3] and item["pixel_values"].shape[0] == 3
+    assert (item["pixel_values"] - theirs["pixel_values"][:, 0]).abs().max().item() <= 1e-5
+    # a batch: a one-image sample (tiles) beside the three-image one, through vlm's collator
+    one = ours(Sample([Message("user", [ImageRef(0), "and this?"])], images=[picture(9, (80, 75))]),
+               add_generation_prompt=True)
+    batch = PadCollator(model.tokenizer.pad_token_id, padding_side="left")([item, one])
+    assert batch["batch_num_images"].tolist() == [3, 1]
+    texts = [processor.apply_chat_template(turn(3, "what is it?"), add_generation_prompt=True),
+             processor.apply_chat_template(turn(1, "and this?"), add_generation_prompt=True)]
+    processor.tokenizer.padding_side = "left"
+    ref_inputs = processor(text=texts, images=[images, [picture(9, (80, 75))]], padding=True, return_tensors="pt")
+    assert torch.equal(batch["input_ids"], ref_inputs["input_ids"])
+    with torch.no_grad():
+        ref = hf(**ref_inputs).logits
+        got = model(**{k: v for k, v in batch.items() if k not in ("labels", "meta")}).logits
+    keep = batch["attention_mask"].bool()
+    assert (ref - got).abs()[keep].max().item() <= 1e-4
+
+
 def test_round_trip_is_exact_and_the_export_answers_as_model_chat(saved, tmp_path):
     _, _, model, processor, hf = saved
     out = to_hf(model, tmp_path / "out")
@@ -200,6 +234,14 @@ def test_round_trip_is_exact_and_the_export_answers_as_model_chat(saved, tmp_pat
         ids = exported.generate(**inputs, max_new_tokens=new, do_sample=False)[:, inputs["input_ids"].shape[1]:]
     assert decode(proc.tokenizer, ids, model.generation["eos_token_id"])[0] == reply
     assert len(reply) > 0
+    # several images in one turn: one view each, on both sides
+    pair = [picture(6, (40, 90)), picture(7, (64, 64))]
+    reply, _ = model.chat(pair, "which is larger?", max_new_tokens=new)
+    inputs = proc(text=[proc.apply_chat_template(turn(2, "which is larger?"), add_generation_prompt=True)],
+                  images=[pair], return_tensors="pt")
+    with torch.no_grad():
+        ids = exported.generate(**inputs, max_new_tokens=new, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    assert decode(proc.tokenizer, ids, model.generation["eos_token_id"])[0] == reply
 
 
 def test_generate_with_a_video_equals_transformers(saved):

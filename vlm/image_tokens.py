@@ -50,17 +50,29 @@ class ImageTokens:
         ``image(height, width)`` then."""
         return self.arrangement_config is not None
 
-    def image(self, height: int, width: int) -> int:
-        """Tokens one whole image of original ``height x width`` pixels becomes (``Arrangement.num_tokens``);
-        ``ValueError`` when the model has no arrangement."""
+    @property
+    def lays_out_multi_image(self) -> bool:
+        """Whether the arrangement lays out the images of a multi-image sample otherwise than an image alone
+        (``Arrangement.lays_out_multi_image``: OneVision)."""
+        return self.arrangement_config is not None and bool(self.parts()[2].lays_out_multi_image)
+
+    def image(self, height: int, width: int, alone: bool = True) -> int:
+        """Tokens one whole image of original ``height x width`` pixels becomes (``Arrangement.num_tokens``;
+        ``alone``: the only image of its sample, for an arrangement that ``lays_out_multi_image``); ``ValueError``
+        when the model has no arrangement."""
         arrangement = self.parts()[2]
         if arrangement is None:
             raise ValueError("this model has no arrangement: an image is its views' tokens (call with a view size)")
+        if arrangement.lays_out_multi_image:
+            return int(arrangement.num_tokens(int(height), int(width), alone=alone))
         return int(arrangement.num_tokens(int(height), int(width)))
 
-    def views(self, height: int, width: int) -> int:
+    def views(self, height: int, width: int, alone: bool = True) -> int:
         """Views (base + tiles) the arrangement expects for an image of original ``height x width`` pixels."""
-        return int(self.parts()[2].num_views(int(height), int(width)))
+        arrangement = self.parts()[2]
+        if arrangement.lays_out_multi_image:
+            return int(arrangement.num_views(int(height), int(width), alone=alone))
+        return int(arrangement.num_views(int(height), int(width)))
 
     def layout(self) -> dict[str, Any]:
         """The image layout (``tiling`` config) the arrangement expects."""

@@ -52,6 +52,11 @@ class Arrangement(nn.Module):
         ``tiling`` with it)."""
         raise NotImplementedError
 
+    def multi_image_layout(self) -> dict[str, Any] | None:
+        """How an image that shares its sample with others is preprocessed (``ImageProcessor`` options:
+        ``resize_mode``, ``tiling``) when the arrangement ``lays_out_multi_image``; ``None``: as an image alone."""
+        return None
+
     def num_views(self, height: int, width: int) -> int:
         """How many views (base + tiles) an image of ``height x width`` original pixels has."""
         raise NotImplementedError

@@ -47,6 +47,11 @@ class OneVision(AnyresGrid):
             raise ValueError(f"onevision: video_pool={video_pool!r}; expected a pooling stride >= 1 (1: no pooling)")
         self.options["video_pool"] = int(video_pool)
 
+    def multi_image_layout(self) -> dict[str, Any]:
+        """An image of a multi-image sample: one view, padded to a centred square with ``int(255 * image_mean)``
+        then resized to ``S x S`` (``resize_mode: pad``, no tiling; ``LlavaOnevisionImageProcessor.pad_to_square``)."""
+        return {"resize_mode": "pad", "tiling": None}
+
     # ------------------------------------------------------------------------------------------- geometry
     def num_views(self, height: int, width: int, alone: bool = True) -> int:
         if alone:

@@ -48,9 +48,10 @@ def _meta(items: Sequence[dict], rows: list[list[Any]] | None = None) -> dict[st
 #: each image's patch grid ``image_grid_thw (N, 3)`` (Qwen2-VL's convention, ``vlm.data.patches``); videos' flat
 #: patches ``pixel_values_videos (P, D)``, their grids ``video_grid_thw (M, 3)`` and ``second_per_grid_ts (M,)``;
 #: each image's original ``(height, width)`` ``image_sizes (N, 2)`` for a model that arranges its views by it
-#: (``vlm.arrangements``)
+#: (``vlm.arrangements``), and, for an arrangement that lays out multi-image samples otherwise (OneVision), each
+#: sample's image count ``batch_num_images (B,)`` (samples without images left out)
 MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts",
-              "image_sizes")
+              "image_sizes", "batch_num_images")
 #: the per-video keys: every item with videos has all three
 VIDEO_KEYS = MEDIA_KEYS[2:5]
 
@@ -70,7 +71,7 @@ def _media(items: Sequence[dict]) -> dict[str, torch.Tensor]:
     items with flat patches (``image_grid_thw``) meet items with tiles (``(n, 3, H, W)`` pixels): one batch holds one
     kind of pixels."""
     out: dict[str, torch.Tensor] = {}
-    for key in (*VIDEO_KEYS, "image_sizes"):
+    for key in (*VIDEO_KEYS, "image_sizes", "batch_num_images"):
         parts = [it[key] for it in items if it.get(key) is not None]
         if parts:
             out[key] = torch.cat(parts)

@@ -77,6 +77,9 @@ class Processor:
             videos raise a ``SampleError`` (reason ``config``).
         video_token: the placeholder token repeated for every video feature (needed only with a
             ``video_processor``).
+        multi_image_processor: the image processor for the images of a sample with several, when the model's
+            arrangement lays them out otherwise (``Arrangement.multi_image_layout``: OneVision's one padded view
+            each); ``None``: every image through ``image_processor``.
     """
 
     def __init__(self, tokenizer: Any, template: str | dict | Template = "chatml", image_processor: Any = None,
@@ -85,7 +88,7 @@ class Processor:
                  allow_urls: bool = False, max_tiles_per_sample: int | None = None,
                  image_loader: Callable[..., Any] | None = None, require_labels: bool = True,
                  rewrite_boxes: bool = True, check_boxes: bool = True, video_processor: Any = None,
-                 video_token: str = "<video>") -> None:
+                 video_token: str = "<video>", multi_image_processor: Any = None) -> None:
         if max_tiles_per_sample is not None and int(max_tiles_per_sample) < 1:
             raise ValueError(f"max_tiles_per_sample={max_tiles_per_sample!r}: a tile budget must be at least 1 tile "
                              f"per sample (null: no budget)")
@@ -93,7 +96,7 @@ class Processor:
             raise ValueError(f"truncation must be 'drop' or 'error'; got {truncation!r}")
         self.tokenizer = tokenizer
         self.template = build_template(template).for_image_token(image_token)
-        self.image_processor = image_processor
+        self.image_processor, self.multi_image_processor = image_processor, multi_image_processor
         self.num_image_tokens = TokenCount(num_image_tokens) if isinstance(num_image_tokens, int) \
             else num_image_tokens
         self.image_token, self.max_length, self.truncation = image_token, max_length, truncation
@@ -179,6 +182,9 @@ class Processor:
         elif video_options:
             raise ValueError(f"video options {video_options} were given but the model takes no videos (its encoder "
                              f"states no native_resolution)")
+        multi = arrangement.multi_image_layout() if arrangement is not None else None
+        if multi is not None:  # the images of a multi-image sample, as the arrangement lays them out
+            options.setdefault("multi_image_processor", ImageProcessor.from_model(model, **multi))
         proc = cls(tokenizer, template, image_processor, count, image_token=image_token, **options)
         model_id = getattr(config, "image_token_id", getattr(model, "image_token_id", None))
         if model_id is not None and model_id != proc.image_token_id:
@@ -210,11 +216,13 @@ class Processor:
                               sample_id=sample.id)
         pils = [self.image_loader(sample.images[i], root=self.image_root, allow_urls=allow_urls, sample_id=sample.id)
                 for i in order]
-        cap = self._tile_cap([p.size for p in pils], sample.id)
+        several = len(pils) > 1 and self.multi_image_processor is not None
+        cap = None if several else self._tile_cap([p.size for p in pils], sample.id)
         kwargs = {"max_tiles": cap} if cap is not None else {}
+        processor = self.multi_image_processor if several else self.image_processor
         tiles, infos = [], []
         for pil in pils:
-            t, info = self.image_processor(pil, **kwargs)
+            t, info = processor(pil, **kwargs)
             tiles.append(t)
             infos.append(info)
         total = sum(t.shape[0] for t in tiles)
@@ -259,30 +267,31 @@ class Processor:
                 piece_text, train = markers[0] + self.video_token * n + markers[1], False
             else:
                 t, info = next(image_iter), next(info_iter, None)
-                n = self._image_tokens(t, info, sample_id)
+                n = self._image_tokens(t, info, sample_id, alone=len(tiles) == 1)
                 piece_text, train = markers[0] + self.image_token * n + markers[1], False
             parts.append(piece_text)
             pieces.append(Piece(pos, pos + len(piece_text), train, n))
             pos += len(piece_text)
         return "".join(parts), pieces
 
-    def _image_tokens(self, views: torch.Tensor, info: Any, sample_id: Any) -> int:
+    def _image_tokens(self, views: torch.Tensor, info: Any, sample_id: Any, alone: bool = True) -> int:
         """Placeholders of one image of ``views (n, 3, H, W)``: ``n x num_image_tokens((H, W))``, or, when the
-        count arranges views (``TokenCount.arranges``), its count for the image's original size (``SampleError``
-        naming the sample when it refuses the size, or when the image's views are not the ones it expects)."""
+        count arranges views (``TokenCount.arranges``), its count for the image's original size (and whether it is
+        ``alone`` in its sample; ``SampleError`` naming the sample when it refuses the size, or when the image's
+        views are not the ones it expects)."""
         if not getattr(self.num_image_tokens, "arranges", False):
             return views.shape[0] * int(self.num_image_tokens(tuple(views.shape[-2:])))
         w, h = info.original_size
         try:
-            n = self.num_image_tokens.image(h, w)
-            expected = self.num_image_tokens.views(h, w)
+            n = self.num_image_tokens.image(h, w, alone=alone)
+            expected = self.num_image_tokens.views(h, w, alone=alone)
         except ValueError as e:
             raise SampleError(str(e), reason="image_size", sample_id=sample_id) from None
         if views.shape[0] != expected:
+            what = "a base view + its pinpoint's tiles" if alone else "one view: the image shares its sample"
             raise SampleError(f"an image of {w}x{h} pixels (width x height) became {views.shape[0]} views, but the "
-                              f"model's arrangement expects {expected} (a base view + its pinpoint's tiles): the "
-                              f"image layout (tiling) must be the model's ({self.num_image_tokens.layout()})",
-                              reason="config", sample_id=sample_id)
+                              f"model's arrangement expects {expected} ({what}): the image layout (tiling) must be "
+                              f"the model's ({self.num_image_tokens.layout()})", reason="config", sample_id=sample_id)
         return n
 
     def _tokenize(self, text: str, pieces: list[Piece]) -> tuple[list[int], torch.Tensor, torch.Tensor]:
@@ -417,9 +426,12 @@ class Processor:
         options = getattr(getattr(self.image_processor, "layout", None), "patch_options", None)
         if options is None and getattr(self.num_image_tokens, "arranges", False):
             # the model arranges each image's views by its original size: image_sizes (N, 2) (height, width)
-            return {"pixel_values": torch.cat(tiles),
-                    "image_sizes": torch.tensor([(i.original_size[1], i.original_size[0]) for i in infos],
-                                                dtype=torch.long).reshape(-1, 2)}
+            out = {"pixel_values": torch.cat(tiles),
+                   "image_sizes": torch.tensor([(i.original_size[1], i.original_size[0]) for i in infos],
+                                               dtype=torch.long).reshape(-1, 2)}
+            if self.num_image_tokens.lays_out_multi_image:  # which images share their sample (OneVision)
+                out["batch_num_images"] = torch.tensor([len(tiles)], dtype=torch.long)
+            return out
         if options is None:
             return {"pixel_values": torch.cat(tiles)}
         from vlm.data.patches import concat_patches
@@ -468,12 +480,22 @@ class TokenCount:
         image's original size (``image``)."""
         return bool(getattr(self.fn, "arranges", False))
 
-    def image(self, height: int, width: int) -> int:
-        """Tokens of one whole image of original ``height x width`` pixels (a model with an arrangement)."""
+    @property
+    def lays_out_multi_image(self) -> bool:
+        """Whether the model's arrangement lays out the images of a multi-image sample otherwise (OneVision)."""
+        return bool(getattr(self.fn, "lays_out_multi_image", False))
+
+    def image(self, height: int, width: int, alone: bool = True) -> int:
+        """Tokens of one whole image of original ``height x width`` pixels (a model with an arrangement; ``alone``:
+        the only image of its sample)."""
+        if self.lays_out_multi_image:
+            return int(self.fn.image(height, width, alone=alone))
         return int(self.fn.image(height, width))
 
-    def views(self, height: int, width: int) -> int:
+    def views(self, height: int, width: int, alone: bool = True) -> int:
         """Views the model's arrangement expects for an image of original ``height x width`` pixels."""
+        if self.lays_out_multi_image:
+            return int(self.fn.views(height, width, alone=alone))
         return int(self.fn.views(height, width))
 
     def layout(self) -> dict:
