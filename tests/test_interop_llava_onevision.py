@@ -210,6 +210,38 @@ def test_vlm_processor_lays_out_a_multi_image_sample_as_onevision(saved):
     assert (ref - got).abs()[keep].max().item() <= 1e-4
 
 
+def test_vlm_processor_reads_a_video_as_onevision(saved):
+    """A video (a frame list) beside an image: vlm's processor resizes every frame to the tower's size (the video
+    processor's ``size``, from ``model.video_geometry()``), writes LlavaOnevisionProcessor's ids, its frames equal the
+    video processor's, and its item gives transformers' logits; videos of other frame counts are refused, named."""
+    from PIL import Image
+
+    from vlm.data.collate import PadCollator
+    from vlm.data.sample import Video, VideoRef
+
+    _, _, model, processor, hf = saved
+    clip, image = video(100), picture(1, (61, 57))
+    ours = processor_for(model)
+    sample = Sample([Message("user", [ImageRef(0), VideoRef(0), "what is it?"])], images=[image],
+                    videos=[Video([Image.fromarray(f) for f in clip])], id="clip-1")
+    item = ours(sample, add_generation_prompt=True)
+    theirs = processor(text=[processor.apply_chat_template(turn(1, "what is it?", 1), add_generation_prompt=True)],
+                       images=[[image]], videos=[clip], return_tensors="pt")
+    assert item["input_ids"].tolist() == theirs["input_ids"][0].tolist()
+    assert item["pixel_values_videos"].shape == theirs["pixel_values_videos"].shape == (1, FRAMES, 3, S, S)
+    assert (item["pixel_values_videos"] - theirs["pixel_values_videos"]).abs().max().item() <= 1e-5
+    batch = PadCollator(model.tokenizer.pad_token_id)([item])
+    with torch.no_grad():
+        ref = hf(**theirs).logits
+        got = model(**{k: v for k, v in batch.items() if k not in ("labels", "meta")}).logits
+    assert (ref - got).abs().max().item() <= 1e-4
+    # a batch of videos with other frame counts cannot be stacked: the collator says so
+    other = ours(Sample([Message("user", [VideoRef(0), "and?"])], videos=[Video(
+        [Image.fromarray(f) for f in video(7, frames=2)])]), add_generation_prompt=True)
+    with pytest.raises(ValueError, match=r"cannot batch fixed-size videos of different shapes.*num_frames"):
+        PadCollator(model.tokenizer.pad_token_id)([item, other])
+
+
 def test_round_trip_is_exact_and_the_export_answers_as_model_chat(saved, tmp_path):
     _, _, model, processor, hf = saved
     out = to_hf(model, tmp_path / "out")
@@ -234,6 +266,18 @@ def test_round_trip_is_exact_and_the_export_answers_as_model_chat(saved, tmp_pat
         ids = exported.generate(**inputs, max_new_tokens=new, do_sample=False)[:, inputs["input_ids"].shape[1]:]
     assert decode(proc.tokenizer, ids, model.generation["eos_token_id"])[0] == reply
     assert len(reply) > 0
+    # a video (a frame list): frames resized to the tower's size on both sides
+    from PIL import Image
+
+    from vlm.data.sample import Video
+
+    clip = video(11)
+    reply, _ = model.chat(Video([Image.fromarray(f) for f in clip]), "what happens?", max_new_tokens=new)
+    inputs = proc(text=[proc.apply_chat_template(turn(0, "what happens?", 1), add_generation_prompt=True)],
+                  videos=[clip], return_tensors="pt")
+    with torch.no_grad():
+        ids = exported.generate(**inputs, max_new_tokens=new, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    assert decode(proc.tokenizer, ids, model.generation["eos_token_id"])[0] == reply
     # several images in one turn: one view each, on both sides
     pair = [picture(6, (40, 90)), picture(7, (64, 64))]
     reply, _ = model.chat(pair, "which is larger?", max_new_tokens=new)

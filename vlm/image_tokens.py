@@ -74,6 +74,11 @@ class ImageTokens:
             return int(arrangement.num_views(int(height), int(width), alone=alone))
         return int(arrangement.num_views(int(height), int(width)))
 
+    def video(self, num_frames: int) -> int:
+        """Tokens of a video of ``num_frames`` fixed-size frames (``Arrangement.video_tokens``: an arrangement that
+        takes videos)."""
+        return int(self.parts()[2].video_tokens(int(num_frames)))
+
     def layout(self) -> dict[str, Any]:
         """The image layout (``tiling`` config) the arrangement expects."""
         return self.parts()[2].layout()

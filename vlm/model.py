@@ -206,8 +206,14 @@ class VLM(nn.Module):
         """How the encoder takes video frames, ``{"patch_size", "temporal_patch_size", "merge_size"}`` (what
         ``vlm.data.video.VideoProcessor`` and ``vlm.data.patches.to_patches`` need), when the model takes videos: an
         encoder stating ``native_resolution`` (flat patches of ``temporal_patch_size`` frames) and a
-        ``video_token_id``; ``None`` otherwise."""
-        if not getattr(self.encoder, "native_resolution", False) or self.video_token_id is None:
+        ``video_token_id``; or an arrangement that ``takes_videos`` (OneVision): then also ``size``, every frame
+        resized to the tower's ``S x S`` and given whole (``(M, F, 3, S, S)``); ``None`` otherwise."""
+        if self.video_token_id is None:
+            return None
+        if getattr(self.arrangement, "takes_videos", False):  # fixed-size frames (M, F, 3, S, S), one per step
+            return {"size": int(self.arrangement.tile_size), "patch_size": int(self.encoder.patch_size),
+                    "temporal_patch_size": 1, "merge_size": 1}
+        if not getattr(self.encoder, "native_resolution", False):
             return None
         return {"patch_size": int(self.encoder.patch_size),
                 "temporal_patch_size": int(self.encoder.temporal_patch_size),

@@ -71,6 +71,12 @@ def _media(items: Sequence[dict]) -> dict[str, torch.Tensor]:
     items with flat patches (``image_grid_thw``) meet items with tiles (``(n, 3, H, W)`` pixels): one batch holds one
     kind of pixels."""
     out: dict[str, torch.Tensor] = {}
+    frames = {tuple(it["pixel_values_videos"].shape[1:]) for it in items
+              if it.get("pixel_values_videos") is not None and it["pixel_values_videos"].ndim == 5}
+    if len(frames) > 1:
+        raise ValueError(f"cannot batch fixed-size videos of different shapes (frames, 3, H, W) {sorted(frames)}: "
+                         f"pixel_values_videos stacks them (videos, frames, 3, H, W); sample every video to one "
+                         f"frame count (video option num_frames)")
     for key in (*VIDEO_KEYS, "image_sizes", "batch_num_images"):
         parts = [it[key] for it in items if it.get(key) is not None]
         if parts:

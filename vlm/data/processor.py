@@ -241,7 +241,10 @@ class Processor:
         return [f for f, _ in out], [info for _, info in out]
 
     def _video_tokens(self, frames: torch.Tensor) -> int:
-        """Placeholders of one video: its temporal patches x the tokens of one frame of its size."""
+        """Placeholders of one video: its temporal patches x the tokens of one frame of its size; fixed-size frames
+        (the video processor's ``size``): the arrangement's count for its frame count."""
+        if self.video_processor.options.get("size") is not None:
+            return self.num_image_tokens.video(frames.shape[0])
         tp = int(self.video_processor.options["temporal_patch_size"])
         return -(-frames.shape[0] // tp) * int(self.num_image_tokens(tuple(frames.shape[-2:])))
 
@@ -399,14 +402,25 @@ class Processor:
                     image_info=infos, truncated=truncated)
         if videos:
             meta.update(num_videos=len(videos), video_info=video_infos)
-        return {"input_ids": input_ids, "labels": labels, **self._pixels(tiles, infos), **self._video_pixels(videos, video_infos),
+        return {"input_ids": input_ids, "labels": labels, **self._pixels(tiles, infos),
+                **self._video_pixels(videos, video_infos, sample.id),
                 "meta": meta}
 
-    def _video_pixels(self, videos: list[torch.Tensor], infos: list[Any]) -> dict[str, torch.Tensor]:
+    def _video_pixels(self, videos: list[torch.Tensor], infos: list[Any], sample_id: Any = None
+                      ) -> dict[str, torch.Tensor]:
         """The item's videos as flat patches: ``pixel_values_videos (P, D)``, ``video_grid_thw (M, 3)`` (patch units)
-        and ``second_per_grid_ts (M,)`` (seconds one temporal patch spans); nothing without videos."""
+        and ``second_per_grid_ts (M,)`` (seconds one temporal patch spans); nothing without videos. Fixed-size frames
+        (the video processor's ``size``: OneVision): ``pixel_values_videos (M, F, 3, S, S)`` stacked (``SampleError``
+        for videos of different frame counts)."""
         if not videos:
             return {}
+        if self.video_processor.options.get("size") is not None:  # fixed-size frames: (M, F, 3, S, S)
+            counts = sorted({v.shape[0] for v in videos})
+            if len(counts) > 1:
+                raise SampleError(f"the sample's videos have {counts} frames; fixed-size frames are stacked "
+                                  f"(videos, frames, 3, S, S): give its videos one frame count (num_frames)",
+                                  reason="video_frames", sample_id=sample_id)
+            return {"pixel_values_videos": torch.stack(videos)}
         from vlm.data.patches import concat_patches
 
         o = self.video_processor.options
@@ -497,6 +511,10 @@ class TokenCount:
         if self.lays_out_multi_image:
             return int(self.fn.views(height, width, alone=alone))
         return int(self.fn.views(height, width))
+
+    def video(self, num_frames: int) -> int:
+        """Tokens of a video of ``num_frames`` fixed-size frames (a model whose arrangement takes videos)."""
+        return int(self.fn.video(num_frames))
 
     def layout(self) -> dict:
         """The image layout (``tiling``) the model's arrangement expects."""

@@ -55,7 +55,7 @@ UNKNOWN_FPS = 24.0
 DEFAULTS: dict[str, Any] = {
     "fps": None, "num_frames": None, "min_frames": 4, "max_frames": 768, "min_pixels": MIN_PIXELS,
     "max_pixels": MAX_PIXELS, "total_pixels": TOTAL_PIXELS, "patch_size": 14, "temporal_patch_size": 2,
-    "merge_size": 2, "frame_rate": None,
+    "merge_size": 2, "frame_rate": None, "size": None,
 }
 #: options a single ``Video`` may override (the patch geometry belongs to the model)
 PER_VIDEO = ("fps", "num_frames", "min_frames", "max_frames", "min_pixels", "max_pixels", "total_pixels", "frame_rate")
@@ -79,7 +79,7 @@ def check_video_options(options: Mapping[str, Any], *, accepted: Sequence[str] =
         if o[k] is not None and not float(o[k]) > 0:
             raise ValueError(f"video option {k}={o[k]!r} must be > 0")
     for k in ("num_frames", "min_frames", "max_frames", "min_pixels", "max_pixels", "patch_size",
-              "temporal_patch_size", "merge_size"):
+              "temporal_patch_size", "merge_size", "size"):
         if o[k] is not None and int(o[k]) < 1:
             raise ValueError(f"video option {k}={o[k]!r} must be a positive integer")
     if o["total_pixels"] is not None and int(o["total_pixels"]) < 1:
@@ -321,9 +321,10 @@ class VideoProcessor:
     override the sampling and budget ones, ``PER_VIDEO``): ``fps`` | ``num_frames``, ``min_frames``, ``max_frames``
     (sampling, files only), ``min_pixels``, ``max_pixels``, ``total_pixels`` (size per frame and per video),
     ``patch_size``, ``temporal_patch_size``, ``merge_size`` (the encoder's patch geometry), ``frame_rate`` (frames
-    per second of a frame list, for timestamps; a file states its own). ``root`` / ``allow_urls``: as
-    ``load_image``. Frames of ``T`` not a multiple of ``temporal_patch_size`` are returned as they are;
-    ``to_patches`` repeats the last one."""
+    per second of a frame list, for timestamps; a file states its own), ``size`` (fixed-size frames: every frame
+    resized to ``size x size``, aspect ratio not kept, the pixel bounds unused: LLaVA-OneVision's video processor;
+    ``None``: ``smart_resize``). ``root`` / ``allow_urls``: as ``load_image``. Frames of ``T`` not a multiple of
+    ``temporal_patch_size`` are returned as they are; ``to_patches`` repeats the last one."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], *, root: str | os.PathLike | None = None,
                  allow_urls: bool = False, **options: Any) -> None:
@@ -372,9 +373,10 @@ class VideoProcessor:
                                                            sample_id=sample_id, select=select)
         h, w = raw.shape[-2:]
         try:
-            rh, rw = frame_size(h, w, raw.shape[0], min_pixels=o["min_pixels"], max_pixels=o["max_pixels"],
-                                total_pixels=o["total_pixels"], patch_size=o["patch_size"],
-                                merge_size=o["merge_size"], temporal_patch_size=tp)
+            rh, rw = (o["size"], o["size"]) if o["size"] is not None else frame_size(
+                h, w, raw.shape[0], min_pixels=o["min_pixels"], max_pixels=o["max_pixels"],
+                total_pixels=o["total_pixels"], patch_size=o["patch_size"], merge_size=o["merge_size"],
+                temporal_patch_size=tp)
         except ValueError as e:
             raise DataError(str(e), sample_id=sample_id, file=file, media="video") from None
         frames = self.normalize(resize_uint8(raw, (rh, rw)))
