@@ -110,6 +110,11 @@ def test_layout_axis_and_llava_next_recipe_compose():
     assert anyres["arrangement"]["name"] == "anyres_grid"
     with pytest.raises(ConfigError, match=r"stage\.sft\.tiling=.*arranges the views of"):
         compose("ablation", ["layout=anyres", "+stage.sft.tiling={kind: dynamic, max_tiles: 4}"])
+    onevision = model_config(compose("ablation", ["layout=onevision"]))
+    assert onevision["arrangement"]["name"] == "onevision" and onevision["arrangement"]["max_tiles"] == 2
+    torch.manual_seed(0)
+    assert vlm.build(onevision).arrangement.layout() == {"kind": "anyres",
+                                                         "pinpoints": onevision["arrangement"]["pinpoints"]}
 
 
 def test_llava_next_7b_recipe_has_transformers_parameter_count():
