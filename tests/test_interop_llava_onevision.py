@@ -210,6 +210,31 @@ def test_vlm_processor_lays_out_a_multi_image_sample_as_onevision(saved):
     assert (ref - got).abs()[keep].max().item() <= 1e-4
 
 
+def test_packed_multi_image_and_single_image_samples_give_their_own_logits(saved):
+    """A three-image sample and a one-image sample packed into one row (vlm's PackCollator: batch_num_images [3, 1]
+    concatenated in order) give each sample's own logits."""
+    from vlm.data.collate import PackCollator
+
+    _, _, model, _, _ = saved
+    ours = processor_for(model)
+    items = [ours(Sample([Message("user", [ImageRef(0), ImageRef(1), ImageRef(2), "what?"]),
+                          Message("assistant", ["shapes"])], images=[picture(j, (40 + 20 * j, 90 - 20 * j))
+                                                                      for j in range(3)])),
+             ours(Sample([Message("user", [ImageRef(0), "this?"]), Message("assistant", ["one"])],
+                         images=[picture(5, (80, 75))]))]
+    packed = PackCollator(model.tokenizer.pad_token_id, max_length=4096)(items)
+    assert packed["input_ids"].shape[0] == 1 and packed["batch_num_images"].tolist() == [3, 1]
+    with torch.no_grad():
+        row = model(**{k: v for k, v in packed.items() if k not in ("labels", "meta")}).logits[0]
+        start = 0
+        for it in items:
+            alone = model(input_ids=it["input_ids"][None], pixel_values=it["pixel_values"],
+                          image_sizes=it["image_sizes"], batch_num_images=it["batch_num_images"]).logits[0]
+            n = it["input_ids"].numel()
+            assert (row[start:start + n] - alone).abs().max().item() <= 1e-4
+            start += n
+
+
 def test_vlm_processor_reads_a_video_as_onevision(saved):
     """A video (a frame list) beside an image: vlm's processor resizes every frame to the tower's size (the video
     processor's ``size``, from ``model.video_geometry()``), writes LlavaOnevisionProcessor's ids, its frames equal the
@@ -335,7 +360,7 @@ def test_llava_ov_0_5b_recipe_has_transformers_parameter_count():
             vision_feature_layer=-2, vision_aspect_ratio="anyres_max_9"))
         released = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(
             vision_config={**vision, "num_hidden_layers": 26}, text_config=QWEN2_0_5B, vision_feature_layer=-1))
-    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    count = lambda module: sum(p.numel() for p in module.parameters())
     layer = count(hf.model.vision_tower.encoder.layers[-1])
     # So400m 412,987,248 (no pooling head) + Qwen2-0.5B 494,032,768 + projector 1,836,800 + image_newline 896
     assert count(model) == count(hf) == 908_857_712
