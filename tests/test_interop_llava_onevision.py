@@ -438,3 +438,16 @@ def test_export_refuses_what_onevision_cannot_express(tmp_path):
     nxt = vlm.build({**build_cfg(), "arrangement": {"name": "anyres_grid", "pinpoints": [[S, 2 * S]]}})
     with pytest.raises(ValueError, match="feature arrangement is 'anyres_grid'; LlavaOnevisionForConditionalGeneration"):
         to_hf(nxt, tmp_path, format="llava_onevision")
+
+
+def test_onevision_bench_batch_gives_transformers_logits():
+    """``vlm.bench``'s ``llava_onevision`` family: rows alternating one image alone and two images sharing a row
+    (``batch_num_images``); ours and transformers' class (loaded from ``to_hf``) give the same logits on it."""
+    from vlm.bench.models import build_pair, get_family, size
+
+    spec = size(True, None, "llava_onevision")
+    ours, theirs = build_pair(spec, torch.device("cpu"), family="llava_onevision")
+    b = get_family("llava_onevision").batch(ours, spec, torch.device("cpu"))
+    assert b["batch_num_images"].tolist() == [1, 2]
+    with torch.no_grad():
+        assert (theirs(**b).logits - ours(**b).logits).abs().max().item() <= 1e-4

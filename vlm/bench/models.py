@@ -14,6 +14,10 @@ images of different sizes as flat patches + ``image_grid_thw`` and ``mm_token_ty
 the tower's size); each row holds one image of its own size (``image_sizes``: wide, tall, square, ...), every view
 through the tower, the tiles' tokens unpadded with ``image_newline``. Theirs: ``LlavaNextForConditionalGeneration``
 (see ``next_batch``).
+
+``llava_onevision``: ``llava_next``'s parts and sizes with the ``onevision`` arrangement (a 1-tile budget, so that
+2x2-tile images pool); rows alternate one image alone (tiles) and two images sharing the row (one view each,
+``batch_num_images``). Theirs: ``LlavaOnevisionForConditionalGeneration`` (see ``onevision_batch``).
 """
 from __future__ import annotations
 
@@ -226,6 +230,40 @@ def next_batch(model: Any, spec: dict[str, Any], device: torch.device, dtype: to
             "pixel_values": pixels.to(device, dtype), "image_sizes": torch.tensor(sizes, dtype=torch.long).to(device)}
 
 
+def onevision_config(spec: dict[str, Any], attn_implementation: str = "sdpa") -> dict[str, Any]:
+    """``next_config`` with the ``onevision`` arrangement (a budget of 1 tile's tokens): what ``to_hf`` writes as
+    ``LlavaOnevisionForConditionalGeneration``."""
+    cfg = next_config(spec, attn_implementation)
+    return {**cfg, "arrangement": {**cfg["arrangement"], "name": "onevision", "max_tiles": 1}}
+
+
+def onevision_batch(model: Any, spec: dict[str, Any], device: torch.device, dtype: torch.dtype = torch.float32,
+                    seed: int = 0, rows: int | None = None) -> dict[str, torch.Tensor]:
+    """``rows`` rows alternating one image alone and two images (sizes ``spec["image_sizes"]`` in turn): their
+    placeholders (``Arrangement.num_tokens(h, w, alone=...)``), then random text so that rows are equally long, the
+    last ``answer_tokens`` labelled; ``pixel_values (V, 3, S, S)`` every image's views (random), ``image_sizes (N,
+    2)`` and ``batch_num_images (B,)``: what both models take."""
+    g = torch.Generator().manual_seed(seed)
+    rows = rows or spec["batch"]
+    arr, sizes = model.arrangement, spec["image_sizes"]
+    per_row = [1 + r % 2 for r in range(rows)]
+    images = [[sizes[(sum(per_row[:r]) + j) % len(sizes)] for j in range(n)] for r, n in enumerate(per_row)]
+    counts = [sum(arr.num_tokens(h, w, alone=len(row) == 1) for h, w in row) for row in images]
+    length = max(counts) + spec["text_tokens"]
+    vocab = spec["llm"]["vocab_size"]
+    ids = torch.stack([torch.cat([torch.full((k,), model.image_token_id),
+                                  torch.randint(3, vocab, (length - k,), generator=g)]) for k in counts])
+    labels = torch.full_like(ids, -100)
+    labels[:, -spec["answer_tokens"]:] = ids[:, -spec["answer_tokens"]:]
+    s = spec["encoder"]["image_size"]
+    views = sum(arr.num_views(h, w, alone=len(row) == 1) for row in images for h, w in row)
+    pixels = torch.randn(views, 3, s, s, generator=g)
+    flat = [size for row in images for size in row]
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": torch.ones_like(ids).to(device),
+            "pixel_values": pixels.to(device, dtype), "image_sizes": torch.tensor(flat, dtype=torch.long).to(device),
+            "batch_num_images": torch.tensor(per_row, dtype=torch.long).to(device)}
+
+
 @dataclass(frozen=True)
 class Family:
     """A model family the benches compare: its sizes (``quick``, ``full``, ...), our ``vlm.build`` config for a
@@ -248,6 +286,8 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "llava": Family(SIZES, model_config, "LlavaForConditionalGeneration", batch),
     "llava_next": Family(LLAVA_NEXT_SIZES, next_config, "LlavaNextForConditionalGeneration", next_batch),
+    "llava_onevision": Family(LLAVA_NEXT_SIZES, onevision_config, "LlavaOnevisionForConditionalGeneration",
+                              onevision_batch),
     "qwen2_5_vl": Family(QWEN2_5_VL_SIZES, qwen_config, "Qwen2_5_VLForConditionalGeneration", qwen_batch,
                          theirs_only=("mm_token_type_ids",)),
 }
