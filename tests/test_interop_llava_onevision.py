@@ -451,3 +451,44 @@ def test_onevision_bench_batch_gives_transformers_logits():
     assert b["batch_num_images"].tolist() == [1, 2]
     with torch.no_grad():
         assert (theirs(**b).logits - ours(**b).logits).abs().max().item() <= 1e-4
+
+
+def test_a_model_built_from_parts_exports_and_answers_as_model_chat(tmp_path):
+    """SigLIP + mlp + Qwen2 + the onevision arrangement built by vlm (not imported) and served with vlm's chatml:
+    exports as LLaVA-OneVision with its processor and chat template (images and videos); plain transformers answers
+    as model.chat for one image, two images and a video."""
+    import warnings
+
+    from PIL import Image
+
+    from vlm.data.sample import Video
+
+    torch.manual_seed(2)
+    tok = byte_tokenizer("chatml", extra_tokens=["<image>", "<video>"])
+    model = vlm.build({**build_cfg(PINPOINTS, max_tiles=2), "encoder": {
+        "name": "siglip", "config": {k: v for k, v in VISION["siglip"].items() if k != "model_type"}}},
+        tokenizer=tok).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    model.set_template("chatml")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the full processor is written
+        out = to_hf(model, tmp_path / "out")
+    exported = AutoModelForImageTextToText.from_pretrained(str(out)).eval()
+    proc = hf_processor(out)
+    assert type(exported) is LlavaOnevisionForConditionalGeneration and type(proc) is LlavaOnevisionProcessor
+    clip = video(4)
+    cases = [([picture(0, (90, 40))], [], turn(1, "what?")),
+             ([picture(1, (40, 90)), picture(2, (50, 50))], [], turn(2, "which?")),
+             ([], [clip], turn(0, "what happens?", 1))]
+    for images, videos, conversation in cases:
+        media = images or [Video([Image.fromarray(f) for f in clip])]
+        reply, _ = model.chat(media if len(media) > 1 else media[0], conversation[0]["content"][-1]["text"],
+                              max_new_tokens=5)
+        kwargs = {"images": [images]} if images else {"videos": videos}
+        inputs = proc(text=[proc.apply_chat_template(conversation, add_generation_prompt=True)], return_tensors="pt",
+                      **kwargs)
+        with torch.no_grad():
+            ids = exported.generate(**inputs, max_new_tokens=5, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+        assert decode(proc.tokenizer, ids, model.generation["eos_token_id"])[0] == reply and reply, conversation
