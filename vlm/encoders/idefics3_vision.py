@@ -16,11 +16,19 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import Idefics3VisionConfig
+from transformers import Idefics3VisionConfig, PreTrainedModel, SiglipVisionModel
 from transformers.models.idefics3.modeling_idefics3 import Idefics3VisionTransformer
 
 from vlm.encoders.hf_vision import HFVisionEncoder
 from vlm.encoders.registry import ENCODERS
+from vlm.dtypes import resolve_dtype
+from vlm.pretrained import check_pretrained_dir, load_strict, read_config, read_normalization
+
+#: ``config.json`` model types of SigLIP checkpoints this tower starts from
+SIGLIP_MODEL_TYPES = ("siglip", "siglip_vision_model")
+#: the SigLIP vision-config keys an ``Idefics3VisionConfig`` takes
+INHERITED_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+                  "image_size", "patch_size", "hidden_act", "layer_norm_eps", "attention_dropout")
 
 
 @ENCODERS.register("idefics3_vision")
@@ -40,6 +48,29 @@ class Idefics3VisionEncoder(HFVisionEncoder):
             raise ValueError(f"idefics3_vision encoder: post_layernorm=True normalizes the last layer's output "
                              f"(Idefics3's last_hidden_state); feature_layer={self.feature_layer!r} selects other "
                              f"layers: use feature_layer=-1, or post_layernorm=False")
+
+    def load_pretrained(self, pretrained: str, attn_implementation: str,
+                        dtype: str | None) -> tuple[PreTrainedModel, tuple | None]:
+        """The tower of a local directory: an Idefics3 / SmolVLM vision tower as saved by transformers, or a SigLIP
+        checkpoint (``SiglipModel`` / ``SiglipVisionModel``, e.g. ``google/siglip-base-patch16-512``: how SmolVLM
+        starts), whose weights load under the same names (its pooling head, which Idefics3 has not, is left out)."""
+        path = check_pretrained_dir(pretrained, "idefics3_vision encoder")
+        model_type = read_config(path, "idefics3_vision encoder", "a SigLIP or Idefics3 vision checkpoint"
+                                 ).get("model_type")
+        if model_type not in SIGLIP_MODEL_TYPES:
+            return super().load_pretrained(pretrained, attn_implementation, dtype)
+        siglip, info = SiglipVisionModel.from_pretrained(
+            str(path), attn_implementation=attn_implementation, dtype=resolve_dtype(dtype) or torch.float32,
+            local_files_only=True, output_loading_info=True, vision_use_head=False)
+        if info.get("missing_keys"):
+            raise ValueError(f"idefics3_vision encoder: {str(path)!r} holds no weights for "
+                             f"{len(info['missing_keys'])} tensors of a SigLIP vision tower (e.g. "
+                             f"{sorted(info['missing_keys'])[:4]})")
+        cfg = self.config_class(**{k: v for k, v in siglip.config.to_dict().items() if k in INHERITED_KEYS})
+        cfg._attn_implementation = attn_implementation
+        tower = self.model_class(cfg).to(next(siglip.parameters()).dtype)
+        load_strict(tower, siglip.state_dict(), f"idefics3_vision encoder: {str(path)!r}")
+        return tower, read_normalization(path)
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``(N, 3, H, W) -> (N, h*w, C)``, every patch valid (a patch mask of ones)."""

@@ -85,6 +85,12 @@ class Layout:
         """Lay out one RGB image."""
         raise NotImplementedError
 
+    @classmethod
+    def special_tokens(cls, options: Mapping[str, Any]) -> list[str]:
+        """Strings ``image_text`` writes that a run adds to its tokenizer as single tokens (``check``ed
+        ``options``). Default: none."""
+        return []
+
     def image_text(self, info: Any, image_token: str, view_tokens: list[int]) -> str:
         """The text one laid-out image (``info``: its ``ImageInfo``) is written as, between the template's image
         markers: ``view_tokens[k]`` placeholders for view ``k``. Default: every view's placeholders one after

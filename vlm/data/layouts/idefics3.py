@@ -91,6 +91,12 @@ class Idefics3Split(Layout):
         return {"kind": "idefics3", "longest_edge": None if edge is None else int(edge),
                 "split": bool(options.get("split", True))}
 
+    @classmethod
+    def special_tokens(cls, options: Mapping[str, Any]) -> list[str]:
+        """``<fake_token_around_image>``, ``<global-img>`` and ``<row_r_col_c>`` for ``r, c`` in 1..6 (the table
+        transformers' Idefics3 / SmolVLM processors and tokenizers hold)."""
+        return [FAKE_TOKEN, GLOBAL_TOKEN, *(crop_token(r, c) for r in range(1, 7) for c in range(1, 7))]
+
     @property
     def longest_edge(self) -> int:
         """Step 1's target, in pixels (``4 * S`` unless configured)."""
