@@ -1,5 +1,6 @@
 """transformers ``Idefics3ForConditionalGeneration`` and ``SmolVLMForConditionalGeneration`` <-> ``vlm.VLM``, weight
-for weight (one architecture, two registrations: ``idefics3`` and ``smolvlm``).
+for weight (one architecture, two registrations: ``idefics3`` and ``smolvlm``; ``to_hf`` without ``format`` tries formats in
+name order, so a model that fits is written as Idefics3 unless ``format="smolvlm"``).
 
 | Idefics3 / SmolVLM                                    | vlm                                                        |
 | ----------------------------------------------------- | ---------------------------------------------------------- |
