@@ -6,14 +6,8 @@ import torch
 from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
 
 import vlm
-from tests.test_train_recipes import inline
+from tests.test_train_recipes import PUBLISHED_PARAMS, SIGLIP_B16_512, SMOLLM2_135M, inline
 
-SIGLIP_B16_512 = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-                  "image_size": 512, "patch_size": 16, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}
-SMOLLM2_135M = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49280,
-                "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-                "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}}
 
 
 def test_smolvlm_256m_recipe_has_transformers_parameter_count():
@@ -26,7 +20,7 @@ def test_smolvlm_256m_recipe_has_transformers_parameter_count():
         hf = SmolVLMForConditionalGeneration(SmolVLMConfig(
             vision_config=SIGLIP_B16_512, text_config=SMOLLM2_135M, scale_factor=4, tie_word_embeddings=False))
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
-    assert count(model) == count(hf) == 256_484_928
+    assert count(model) == count(hf) == PUBLISHED_PARAMS["smolvlm_256m"]
     assert count(model.encoder) == count(hf.model.vision_model)
     assert count(model.connector) == count(hf.model.connector) == 768 * 16 * 576  # one Linear, no bias
     assert model.num_image_tokens() == 64  # (512 / 16 / 4)^2
