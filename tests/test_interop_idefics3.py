@@ -148,8 +148,8 @@ def test_logits_equal_transformers_for_its_processor_output(saved, case):
 
 def test_vlm_processor_gives_the_same_ids_and_pixels(saved):
     """vlm's processor (Processor.for_model: the idefics3 layout recorded at import) writes the family's prompt
-    (``<fake_token_around_image>``, ``<row_r_col_c>``, ``\\n``, ``<global-img>``) and pixels, for a split image, an
-    image of one view (longest edge 96 px -> 3 crops... or one: a 30x90 image is 1x3 crops) and a second image."""
+    (``<fake_token_around_image>``, ``<row_r_col_c>``, ``\\n``, ``<global-img>``) and pixels, for three images in one
+    sample: wide (1 x 3 crops at longest edge 96 px), tall (3 x 1) and one smaller than a crop (scaled up to 3 x 3)."""
     _, _, model, processor, hf = saved
     sizes = [(150, 40), (30, 90), (20, 14)]
     images = [picture(j, s) for j, s in enumerate(sizes)]
@@ -197,7 +197,7 @@ def test_single_view_images_without_splitting(saved, tmp_path):
 
 
 def test_round_trip_is_exact_and_the_export_answers_as_model_chat(saved, tmp_path):
-    family, _, model, processor, hf = saved
+    family, _, model, _, hf = saved
     model_cls, processor_cls = FAMILIES[family][1], FAMILIES[family][2]
     out = to_hf(model, tmp_path / "out", format=family)
     back = model_cls.from_pretrained(str(out)).eval()

@@ -9,7 +9,6 @@ import vlm
 from tests.test_train_recipes import PUBLISHED_PARAMS, SIGLIP_B16_512, SMOLLM2_135M, inline
 
 
-
 def test_smolvlm_256m_recipe_has_transformers_parameter_count():
     mc, run = inline("smolvlm_256m", SIGLIP_B16_512, SMOLLM2_135M)
     assert run.encoder.name == "idefics3_vision" and run.encoder.post_layernorm
@@ -19,7 +18,7 @@ def test_smolvlm_256m_recipe_has_transformers_parameter_count():
         model = vlm.build(mc)
         hf = SmolVLMForConditionalGeneration(SmolVLMConfig(
             vision_config=SIGLIP_B16_512, text_config=SMOLLM2_135M, scale_factor=4, tie_word_embeddings=False))
-    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    count = lambda module: sum(p.numel() for p in module.parameters())
     assert count(model) == count(hf) == PUBLISHED_PARAMS["smolvlm_256m"]
     assert count(model.encoder) == count(hf.model.vision_model)
     assert count(model.connector) == count(hf.model.connector) == 768 * 16 * 576  # one Linear, no bias

@@ -19,9 +19,9 @@ import torch
 from transformers import Idefics3VisionConfig, PreTrainedModel, SiglipVisionModel
 from transformers.models.idefics3.modeling_idefics3 import Idefics3VisionTransformer
 
+from vlm.dtypes import resolve_dtype
 from vlm.encoders.hf_vision import HFVisionEncoder
 from vlm.encoders.registry import ENCODERS
-from vlm.dtypes import resolve_dtype
 from vlm.pretrained import check_pretrained_dir, load_strict, read_config, read_normalization
 
 #: ``config.json`` model types of SigLIP checkpoints this tower starts from
