@@ -1,7 +1,8 @@
 """Processor: a ``Sample`` -> model-ready tensors (template, tokenization, image tensors, placeholder expansion, labels).
 
 Each image (all its tiles, thumbnail/base image included, contiguous) becomes the text
-``image_start + image_token * sum(num_image_tokens((H, W)) over its tiles) + image_end``; images appear in
+``image_start + image_token * sum(num_image_tokens((H, W)) over its tiles) + image_end`` (an image layout that
+writes text between its views, Idefics3's ``<row_1_col_1>``, gives the middle: ``Layout.image_text``); images appear in
 ``pixel_values`` in the order their tokens appear. Each video (``video_processor``: decoded, sampled, resized frames
 ``(T, 3, H, W)``) becomes ``image_start + video_token * (t * num_image_tokens((H, W))) + image_end`` with ``t`` its
 temporal patches, and its flat patches go to ``pixel_values_videos`` / ``video_grid_thw`` / ``second_per_grid_ts``. Labels are the ids on trainable template text (assistant content +
