@@ -61,3 +61,38 @@ def test_bad_options_are_named():
     lay = LAYOUTS.get("idefics3")(S, check_tiling({"kind": "idefics3", "longest_edge": 96}))
     with pytest.raises(ValueError, match=r"image size 0x5 \(width x height\); expected positive sizes"):
         lay.num_views(0, 5)
+
+
+@pytest.mark.parametrize("encoder", ["clip", "siglip", "internvit", "idefics3_vision"])
+@pytest.mark.parametrize("connector", [{"name": "mlp", "depth": 2},
+                                       {"name": "pixel_shuffle_mlp", "scale": 0.5, "head": "linear"},
+                                       {"name": "resampler", "num_queries": 4, "num_heads": 2}])
+def test_the_layout_composes_with_any_encoder_and_connector(encoder, connector):
+    """No arrangement: any tower stating a grid and any connector (a resampler too) takes the layout's views; the
+    placeholders the processor writes between the family's text are views x the model's tokens per view, and one
+    training forward runs on them."""
+    import copy
+
+    import torch
+
+    import vlm
+    from tests.conftest import TINY_TEXT, TINY_VISION
+    from vlm.data.layouts.idefics3 import Idefics3Split
+    from vlm.data.processor import Processor
+    from vlm.data.sample import ImageRef, Message, Sample
+    from vlm.data.tokenizer import byte_tokenizer
+
+    tiling = check_tiling({"kind": "idefics3", "longest_edge": 64})
+    tok = byte_tokenizer("chatml", extra_tokens=["<image>", *Idefics3Split.special_tokens(tiling)])
+    enc = copy.deepcopy(TINY_VISION.get(encoder, {**TINY_VISION["siglip"], "name": encoder}))
+    text = {**copy.deepcopy(TINY_TEXT["llama"]), "vocab_size": len(tok)}
+    model = vlm.build({"encoder": enc, "connector": connector, "llm": {"name": "hf_causal_lm", "config": text}}, tok)
+    proc = Processor.for_model(model, tok, "chatml", tiling=tiling)
+    images = [picture(1, (70, 30)), picture(2, (20, 20))]  # 1 x 2 crops + global; 2 x 2 crops + global
+    item = proc(Sample([Message("user", [ImageRef(0), ImageRef(1), "what?"]), Message("assistant", ["a"])],
+                       images=images))
+    views = item["pixel_values"].shape[0]
+    assert views == 3 + 5 and int((item["input_ids"] == model.image_token_id).sum()) == views * model.num_image_tokens()
+    assert int((item["input_ids"] == tok.convert_tokens_to_ids("<row_2_col_2>")).sum()) == 1
+    out = model(item["input_ids"][None], item["pixel_values"], labels=item["labels"][None])
+    assert torch.isfinite(out.loss)
