@@ -47,12 +47,14 @@ class Family(NamedTuple):
     config_class: str
     processor_class: str
     image_processor_class: str
+    #: the video processor the processor class requires (``None``: it takes none)
+    video_processor_class: str | None = None
 
 
 IDEFICS3 = Family("idefics3", "Idefics3ForConditionalGeneration", "Idefics3Config", "Idefics3Processor",
                   "Idefics3ImageProcessorPil")
 SMOLVLM = Family("smolvlm", "SmolVLMForConditionalGeneration", "SmolVLMConfig", "SmolVLMProcessor",
-                 "SmolVLMImageProcessorPil")
+                 "SmolVLMImageProcessorPil", "SmolVLMVideoProcessor")
 
 
 def _hf(name: str) -> Any:
@@ -232,8 +234,8 @@ def save_idefics3_processor(model: VLM, path: Path, family: Family = SMOLVLM) ->
     tok = copy.deepcopy(tok)
     size = len(tok)
     extra = {}
-    if family.processor_class == "SmolVLMProcessor":
-        extra["video_processor"] = _hf("SmolVLMVideoProcessor")()
+    if family.video_processor_class is not None:
+        extra["video_processor"] = _hf(family.video_processor_class)()
     try:
         proc = _hf(family.processor_class)(image_processor=image_processor, tokenizer=tok,
                                            image_seq_len=model.num_image_tokens(s),
