@@ -101,3 +101,22 @@ def test_mfu_counts_the_head_only_where_labels_are():
 def test_table_formats_rows():
     text = table([{"a": 1.23456, "b": "x"}, {"a": 2.0, "b": "yy"}])
     assert text.splitlines()[0].split() == ["a", "b"] and "1.235" in text
+
+
+def test_train_step_smolvlm_compares_identical_models(tmp_path):
+    """Ours (idefics3_vision + pixel_shuffle_mlp head=linear + Llama) vs SmolVLMForConditionalGeneration loaded from
+    its to_hf export, on rows of 5, 3 (2, 1) views padded per row as SmolVLM's processor pads: the same first loss
+    and logits, measured numbers."""
+    import torch
+
+    result = main(["train_step", "--family", "smolvlm", *QUICK, "--out", str(tmp_path / "s.json")])
+    assert result["setup"]["family"] == "smolvlm"
+    assert [r["model"] for r in result["rows"]] == ["transformers", "ours", "ours_selective", "ours_full_logits"]
+    assert result["first_loss_abs_diff"] <= 1e-4
+    spec = size(True, None, "smolvlm")
+    ours, theirs = build_pair(spec, torch.device("cpu"), family="smolvlm")
+    assert type(theirs).__name__ == "SmolVLMForConditionalGeneration"
+    b = get_family("smolvlm").batch(ours, spec, torch.device("cpu"))
+    assert b["pixel_values"].ndim == 5 and int(b["pixel_attention_mask"].flatten(2).any(2).sum()) == 5 + 3
+    with torch.no_grad():
+        assert (theirs(**b).logits - ours(**b).logits).abs().max().item() <= 1e-4

@@ -20,6 +20,8 @@ TINY_ENCODERS = {
              "model_kwargs": {"channels": [8, 16, 32, 32], "stem_width": 8}},
     "open_clip": {"name": "open_clip", "model_config": {"embed_dim": 16, "vision_cfg": {
         "image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8}}},
+    "idefics3_vision": {"name": "idefics3_vision", "image_size": 32, "patch_size": 8, "hidden_size": 32,
+                        "num_layers": 2, "num_heads": 4, "intermediate_size": 64},
     "blip2": {"name": "blip2", "image_size": 32, "patch_size": 8, "hidden_size": 32, "num_layers": 2, "num_heads": 4,
               "intermediate_size": 64},
     "qwen2_vl_vit": {"name": "qwen2_vl_vit", "image_size": 32, "config": {

@@ -7,7 +7,8 @@ from vlm.data.layouts import LAYOUTS, Layout
 
 OPTIONS = {"dynamic": {"kind": "dynamic", "min_tiles": 1, "max_tiles": 6},
            "anyres": {"kind": "anyres", "pinpoints": [[64, 64], [64, 128], [128, 64], [128, 128]]},
-           "native": {"kind": "native", "min_pixels": 28 * 28, "max_pixels": 28 * 28 * 16}}
+           "native": {"kind": "native", "min_pixels": 28 * 28, "max_pixels": 28 * 28 * 16},
+           "idefics3": {"kind": "idefics3", "longest_edge": 96}}
 SIZES = [(32, 32), (100, 37), (37, 100), (250, 120), (64, 200)]
 
 
@@ -36,7 +37,7 @@ def test_stated_views_equal_produced_views(kind, size, max_tiles):
 
 def test_unknown_kind_lists_registered_layouts():
     with pytest.raises(ValueError,
-                       match=r"tiling kind 'tiles' unknown; expected one of \['anyres', 'dynamic', 'native'\]"):
+                       match=r"tiling kind 'tiles' unknown; expected one of \['anyres', 'dynamic', 'idefics3', 'native'\]"):
         check_tiling({"kind": "tiles"})
 
 

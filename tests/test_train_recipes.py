@@ -207,7 +207,16 @@ def part_architecture(arch: dict, module: str) -> dict:
 
 # the architecture of each model directory a recipe's `pretrained:` names (its config.json, written out here);
 # {}: a weights file whose architecture the component config names itself (open_clip by model name)
+# SmolVLM-256M's parts (recipe smolvlm_256m): SigLIP-B/16-512 as its tower, SmolLM2-135M with SmolVLM's 49,280-token
+# vocabulary and untied output embeddings
+SIGLIP_B16_512 = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                  "image_size": 512, "patch_size": 16, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}
+SMOLLM2_135M = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49280,
+                "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}}
 ARCHITECTURES = {"clip-vit-large-patch14-336": CLIP_L14_336, "vicuna-7b-v1.5": VICUNA_7B,
+                 "siglip-base-patch16-512": SIGLIP_B16_512, "SmolLM2-135M-Instruct": SMOLLM2_135M,
                  "siglip-so400m-patch14-384": SIGLIP_SO400M, "Qwen2-0.5B-Instruct": QWEN2_0_5B,
                  "Qwen-7B-qwen2": QWEN_7B, "open_clip_pytorch_model.bin": {},
                  "blip2-eva-vit-g": EVA_VIT_G, "opt-2.7b": OPT_2_7B, "Qwen2.5-VL-3B-Instruct": QWEN25_VL_3B}
@@ -237,7 +246,9 @@ PUBLISHED_PARAMS = {"llava15": 303_507_456 + (1024 * 4096 + 4096 + 4096 * 4096 +
                     + INTERNLM2_1_8B_PARAMS,
                     # Qwen2.5-VL-3B-Instruct: transformers' Qwen2_5_VLForConditionalGeneration of QWEN25_VL_3B (~3.75B)
                     "qwen25vl_3b": 3_754_622_976,
-                    "qwenvl_chat_lora": QWENVL_VIT + QWENVL_RESAMPLER + QWEN_7B_PARAMS}  # ~9.6B, Qwen-VL-Chat
+                    "qwenvl_chat_lora": QWENVL_VIT + QWENVL_RESAMPLER + QWEN_7B_PARAMS,  # ~9.6B, Qwen-VL-Chat
+                    # SmolVLM-256M: transformers' SmolVLMForConditionalGeneration of the same parts
+                    "smolvlm_256m": 256_484_928}
 
 
 def create_data_files(cfg) -> None:

@@ -53,16 +53,17 @@ def save_tokenizer(path: Path, cfg) -> int:
     return len(tok)
 
 
-def stand_in_encoder(spec: dict) -> dict:
-    """The encoder config with its ``pretrained`` weights replaced by a tiny random tower of the same family, saved
-    where a run reads it (a transformers directory) or described inline (open_clip: a model config)."""
+def stand_in_encoder(spec: dict, image: int = IMAGE) -> dict:
+    """The encoder config with its ``pretrained`` weights replaced by a tiny random tower of the same family (at
+    ``image`` px, patch 14), saved where a run reads it (a transformers directory) or described inline (open_clip: a
+    model config)."""
     if spec.get("name") == "open_clip":
         spec.update(model_name=None, pretrained=None, pretrained_tag=None, image_size=IMAGE,
                     model_config={"embed_dim": 16, "vision_cfg": {"image_size": IMAGE, "patch_size": 14,
                                                                   "width": 16, "layers": 2, "head_width": 8}})
         return spec
     path = Path(spec.pop("pretrained"))
-    dims = {**TOWER, "image_size": IMAGE, "patch_size": 14}
+    dims = {**TOWER, "image_size": image, "patch_size": 14}
     tower = vlm.encoders.build({"name": spec["name"], **dims})
     if isinstance(tower.model, PreTrainedModel):
         tower.model.save_pretrained(str(path))
@@ -124,13 +125,15 @@ def shrink(cfg, root: Path):
     tok_path = c["tokenizer"].get("path")  # a tokenizer directory: the byte tokenizer there, the LLM sized to it
     vocab = save_tokenizer(Path(tok_path), cfg) + 8 if tok_path else None
     full = {}  # a directory holding a whole vision-language model: every part reads it
+    # a pixel shuffle of 1/k needs a patch grid of multiples of k (SmolVLM's k = 4: a 4 x 4 grid, 56 px)
+    image = 14 * max(2, round(1 / c["connector"].get("scale", 0.5)))
     if c["encoder"].get("pretrained"):
         arch = ARCHITECTURES.get(Path(c["encoder"]["pretrained"]).name, {})
         if "vision_config" in arch:
             save_full_model(Path(c["encoder"]["pretrained"]), arch, vocab)
             full = {c["encoder"]["pretrained"]}
         else:
-            c["encoder"] = stand_in_encoder(c["encoder"])
+            c["encoder"] = stand_in_encoder(c["encoder"], image)
     else:
         c["encoder"] = shrink_encoder(c["encoder"])
     conn = c["connector"]
@@ -171,6 +174,8 @@ def shrink(cfg, root: Path):
             t = st["tiling"]
             t["max_tiles"] = max(2, t.get("min_tiles", 1))
             st["max_tiles_per_sample"] = t["max_tiles"] + int(bool(t.get("thumbnail")))
+        if st.get("tiling") and st["tiling"].get("kind") == "idefics3":  # up to 2 x 2 crops of the stand-in tower
+            st["tiling"]["longest_edge"] = 2 * image
         if st.get("objective") and "dim" in st["objective"]:
             st["objective"]["dim"] = 16
     c["trainer"].update(num_workers=0, progress=False, threads=None, log_every=1,

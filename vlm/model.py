@@ -292,6 +292,36 @@ class VLM(nn.Module):
             return self.arrangement(feats, image_sizes, multi)
         return self.arrangement(feats, image_sizes)
 
+    def real_views(self, pixel_values: torch.Tensor | None,
+                   pixel_attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Idefics3 / SmolVLM's batch layout -> vlm's: ``pixel_values (B, N, 3, H, W)`` (each sample's views, padded
+        to ``N`` with all-zero views) -> the real views ``(V, 3, H, W)`` in order. A view is real when its
+        ``pixel_attention_mask (B, N, H, W)`` has any 1, or, without a mask, when any of its values is non-zero
+        (transformers' own rule). Anything else (4-D views, flat patches, a model with an arrangement, which reads
+        5-D pixels itself) passes unchanged. ``ValueError`` for a mask of another shape, or one that covers part of
+        a real view (the towers take whole views; Idefics3's processors pad only with whole padding views)."""
+        if pixel_values is None or pixel_values.ndim != 5 or self.arrangement is not None:
+            if pixel_attention_mask is not None and not bool(pixel_attention_mask.bool().all()):
+                raise ValueError("pixel_attention_mask marks padded pixels, but pixel_values are not (B, N, 3, H, W) "
+                                 "views padded per sample (Idefics3's processor): vlm's towers take whole views")
+            return pixel_values
+        views = pixel_values.flatten(0, 1)
+        if pixel_attention_mask is None:
+            return views[views.flatten(1).ne(0).any(dim=1)]
+        b, n, _, h, w = pixel_values.shape
+        if tuple(pixel_attention_mask.shape) != (b, n, h, w):
+            raise ValueError(f"pixel_attention_mask has shape {tuple(pixel_attention_mask.shape)}; expected (B, N, H, W) "
+                             f"= {(b, n, h, w)} for pixel_values of shape {tuple(pixel_values.shape)}")
+        mask = pixel_attention_mask.flatten(0, 1).flatten(1).bool()
+        real = mask.any(dim=1)
+        partial = (real & ~mask.all(dim=1)).nonzero()
+        if len(partial):
+            k = int(partial[0, 0])
+            raise ValueError(f"pixel_attention_mask covers only part of view {k % n} of sample {k // n} "
+                             f"({int(mask[k].sum())} of {h * w} pixels): vlm's towers take whole views (Idefics3's "
+                             f"processors pad a batch only with whole, all-zero views)")
+        return views[real]
+
     def native_image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
         """Flat patches ``(P, D_in)`` of images of their own sizes -> ``(K_total, D)``: the encoder's row-major tokens
         ``(P, C)`` per image, then the connector image by image on each one's grid ``(t, h, w)``."""
@@ -490,7 +520,8 @@ class VLM(nn.Module):
                 image_grid_thw: torch.Tensor | None = None, mm_token_type_ids: torch.Tensor | None = None,
                 pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
                 second_per_grid_ts: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
-                batch_num_images: torch.Tensor | None = None, **lm_kwargs: Any) -> CausalLMOutputWithPast:
+                batch_num_images: torch.Tensor | None = None, pixel_attention_mask: torch.Tensor | None = None,
+                **lm_kwargs: Any) -> CausalLMOutputWithPast:
         """Returns ``.logits (B, L, V)`` and, when labels are given, ``.loss``: the mean next-token loss over the
         target tokens (labels != -100), the LM's own (transformers') loss, which honours ``num_items_in_batch``.
         Other weightings and the stage's losses are training objectives (``vlm.objectives``).
@@ -509,6 +540,10 @@ class VLM(nn.Module):
         Fixed-size video frames ``pixel_values_videos (M, F, 3, S, S)`` (no ``video_grid_thw``) go through an
         arrangement that takes videos (``arranged_video_features``).
 
+        ``pixel_values (B, N, 3, H, W)`` without an arrangement (Idefics3 / SmolVLM's processors: each sample's
+        views padded with all-zero views to ``N``) + ``pixel_attention_mask (B, N, H, W)``: the real views are
+        taken in order (``real_views``).
+
         ``mm_token_type_ids (B, L)``: what Qwen2-VL's processor returns beside ``input_ids`` (1 at image tokens);
         it is derivable from ``input_ids`` (the image tokens are ``image_token_id``), so it is only checked
         (``check_mm_token_types``) and the model takes the processor's output whole.
@@ -518,6 +553,7 @@ class VLM(nn.Module):
         """
         self.check_mm_token_types(input_ids, mm_token_type_ids)
         self.check_keywords(lm_kwargs, "forward")
+        pixel_values = self.real_views(pixel_values, pixel_attention_mask)
         lm_inputs = self.lm_inputs(input_ids, pixel_values, attention_mask, position_ids, segment_ids, image_grid_thw,
                                    pixel_values_videos, video_grid_thw, second_per_grid_ts, image_sizes,
                                    batch_num_images)
@@ -600,6 +636,7 @@ class VLM(nn.Module):
                       pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
                       second_per_grid_ts: torch.Tensor | None = None, mm_token_type_ids: torch.Tensor | None = None,
                       image_sizes: torch.Tensor | None = None, batch_num_images: torch.Tensor | None = None,
+                      pixel_attention_mask: torch.Tensor | None = None,
                       **lm_kwargs: Any) -> torch.Tensor:
         """``forward`` without the vocabulary projection: the LM's last hidden states ``(B, L, D)``, so a loss
         can project only the positions it needs (``vlm.loss.label_only_lm_loss``). Needs
@@ -607,6 +644,7 @@ class VLM(nn.Module):
         a batch the family's processor returns trains through either."""
         self.check_mm_token_types(input_ids, mm_token_type_ids)
         self.check_keywords(lm_kwargs, "hidden_states", decoder=True)
+        pixel_values = self.real_views(pixel_values, pixel_attention_mask)
         lm_inputs = self.lm_inputs(input_ids, pixel_values, attention_mask, position_ids, segment_ids, image_grid_thw,
                                    pixel_values_videos, video_grid_thw, second_per_grid_ts, image_sizes,
                                    batch_num_images)
@@ -619,6 +657,7 @@ class VLM(nn.Module):
                  mm_token_type_ids: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
                  video_grid_thw: torch.Tensor | None = None, second_per_grid_ts: torch.Tensor | None = None,
                  image_sizes: torch.Tensor | None = None, batch_num_images: torch.Tensor | None = None,
+                 pixel_attention_mask: torch.Tensor | None = None,
                  **generate_kwargs: Any) -> torch.Tensor:
         """Greedy by default, with the KV cache. ``input_ids`` left-padded ``(B, L)``; returns new tokens ``(B, T)``.
 
@@ -628,6 +667,7 @@ class VLM(nn.Module):
         rope delta while decoding)."""
         self.check_mm_token_types(input_ids, mm_token_type_ids)  # derivable from input_ids: checked, not used
         self.check_keywords(generate_kwargs, "generate", moved_only=True)  # transformers checks the others
+        pixel_values = self.real_views(pixel_values, pixel_attention_mask)
         embeds = self.embed_inputs(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
                                    image_sizes, batch_num_images)
         if attention_mask is None:

@@ -18,6 +18,10 @@ through the tower, the tiles' tokens unpadded with ``image_newline``. Theirs: ``
 ``llava_onevision``: ``llava_next``'s parts and sizes with the ``onevision`` arrangement (a 1-tile budget, so that
 2x2-tile images pool); rows alternate one image alone (tiles) and two images sharing the row (one view each,
 ``batch_num_images``). Theirs: ``LlavaOnevisionForConditionalGeneration`` (see ``onevision_batch``).
+
+``smolvlm``: ``llava``'s sizes as Idefics3's parts (``idefics3_vision`` tower, pixel shuffle 2 + one Linear); each
+row one image of 5, 3, 2 or 1 views, padded per row as SmolVLM's processor pads (``pixel_values (B, N, 3, S, S)`` +
+``pixel_attention_mask``). Theirs: ``SmolVLMForConditionalGeneration`` (see ``smolvlm_batch``).
 """
 from __future__ import annotations
 
@@ -81,9 +85,11 @@ def build_pair(spec: dict[str, Any], device: torch.device, dtype: torch.dtype = 
     fam = get_family(family)
     torch.manual_seed(seed)
     ours = vlm.build(fam.config(spec))
+    if fam.setup is not None:
+        fam.setup(ours)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        to_hf(ours, tmp)
+        to_hf(ours, tmp, format=fam.format)
         theirs = getattr(transformers, fam.hf_class).from_pretrained(tmp, dtype=torch.float32,
                                                                      attn_implementation="sdpa")
     return ours.to(device, dtype).train(), theirs.to(device, dtype).train()
@@ -264,19 +270,71 @@ def onevision_batch(model: Any, spec: dict[str, Any], device: torch.device, dtyp
             "batch_num_images": torch.tensor(per_row, dtype=torch.long).to(device)}
 
 
+#: SmolVLM sizes: ``llava``'s tower dimensions as an ``idefics3_vision`` tower, a pixel shuffle (scale 2) + one
+#: Linear, ``llava``'s LLM; each row holds one image of ``views[row % len]`` views (crops + the global image)
+SMOLVLM_SIZES: dict[str, dict[str, Any]] = {
+    name: {**spec, "encoder": {**{k: v for k, v in spec["encoder"].items() if k != "select"},
+                               "name": "idefics3_vision"}, "views": [5, 3, 2, 1]}
+    for name, spec in SIZES.items()}
+
+
+def smolvlm_config(spec: dict[str, Any], attn_implementation: str = "sdpa") -> dict[str, Any]:
+    """``model_config`` with the ``idefics3_vision`` tower and ``pixel_shuffle_mlp`` (scale 0.5, ``head: linear``,
+    no bias): what ``to_hf`` writes as ``SmolVLMForConditionalGeneration`` (with the ``idefics3`` layout,
+    ``smolvlm_setup``)."""
+    return {**model_config(spec, attn_implementation),
+            "connector": {"name": "pixel_shuffle_mlp", "scale": 0.5, "head": "linear", "bias": False}}
+
+
+def smolvlm_setup(model: Any) -> None:
+    """Record the ``idefics3`` image layout (what SmolVLM's export needs)."""
+    model.image_preprocessing = {"resize_mode": "resize", "tiling": {"kind": "idefics3", "longest_edge": None,
+                                                                     "split": True}}
+
+
+def smolvlm_batch(model: Any, spec: dict[str, Any], device: torch.device, dtype: torch.dtype = torch.float32,
+                  seed: int = 0, rows: int | None = None) -> dict[str, torch.Tensor]:
+    """``rows`` rows, each one image of ``spec["views"]`` views in turn: its placeholders (views x
+    ``num_image_tokens``), then random text so that rows are equally long, the last ``answer_tokens`` labelled;
+    ``pixel_values (B, N, 3, S, S)`` (random views, each row padded with all-zero views to the longest) and
+    ``pixel_attention_mask (B, N, S, S)``: what SmolVLM's processor returns and both models take."""
+    g = torch.Generator().manual_seed(seed)
+    rows = rows or spec["batch"]
+    views = [spec["views"][r % len(spec["views"])] for r in range(rows)]
+    counts = [v * model.num_image_tokens() for v in views]
+    length = max(counts) + spec["text_tokens"]
+    vocab = spec["llm"]["vocab_size"]
+    ids = torch.stack([torch.cat([torch.full((k,), model.image_token_id),
+                                  torch.randint(3, vocab, (length - k,), generator=g)]) for k in counts])
+    labels = torch.full_like(ids, -100)
+    labels[:, -spec["answer_tokens"]:] = ids[:, -spec["answer_tokens"]:]
+    s = spec["encoder"]["image_size"]
+    pixels = torch.zeros(rows, max(views), 3, s, s)
+    mask = torch.zeros(rows, max(views), s, s, dtype=torch.long)
+    for r, v in enumerate(views):
+        pixels[r, :v] = torch.randn(v, 3, s, s, generator=g)
+        mask[r, :v] = 1
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": torch.ones_like(ids).to(device),
+            "pixel_values": pixels.to(device, dtype), "pixel_attention_mask": mask.to(device)}
+
+
 @dataclass(frozen=True)
 class Family:
     """A model family the benches compare: its sizes (``quick``, ``full``, ...), our ``vlm.build`` config for a
     size, the transformers class (a name in ``transformers``) that loads our ``to_hf`` export, and the batch both
     take: ``batch(model, spec, device, dtype, seed=0, rows=None) -> dict`` with ``labels``. ``theirs_only``: batch
     keys only transformers' class is given (ours infers them: ``mm_token_type_ids`` is 1 exactly at image tokens,
-    and the ``lm`` objective's label-only path takes no such argument)."""
+    and the ``lm`` objective's label-only path takes no such argument). ``setup(model)``: what our built model needs
+    before ``to_hf`` can write it as ``hf_class`` (SmolVLM: its image layout), or ``None``; ``format``: the
+    ``vlm.interop.FORMATS`` name to export as when another format can hold the model too (SmolVLM / Idefics3)."""
 
     sizes: dict[str, dict[str, Any]]
     config: Callable[..., dict[str, Any]]
     hf_class: str
     batch: Callable[..., dict[str, torch.Tensor]]
     theirs_only: tuple[str, ...] = ()
+    setup: Callable[[Any], None] | None = None
+    format: str | None = None
 
     def ours_batch(self, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``b`` without the ``theirs_only`` keys: what our model and objective take."""
@@ -290,6 +348,8 @@ FAMILIES: dict[str, Family] = {
                               onevision_batch),
     "qwen2_5_vl": Family(QWEN2_5_VL_SIZES, qwen_config, "Qwen2_5_VLForConditionalGeneration", qwen_batch,
                          theirs_only=("mm_token_type_ids",)),
+    "smolvlm": Family(SMOLVLM_SIZES, smolvlm_config, "SmolVLMForConditionalGeneration", smolvlm_batch,
+                      setup=smolvlm_setup, format="smolvlm"),
 }
 
 

@@ -8,8 +8,15 @@ then LayerNorm + 2-layer GELU MLP. ``(N, h*w, C) -> (N, h*w/k^2, C') -> (N, K, D
   ``pixel_shuffle`` (``ps_version='v2'``) element for element; ``pixel_unshuffle`` inverts it.
 - ``avg_pool``: average the block's tokens, ``C' = C`` (a smaller MLP; loses the within-block layout).
 
-The MLP's parameters sit at InternVL's ``mlp1`` indices (``layers.0`` LayerNorm, ``layers.1`` and ``layers.3``
-Linear).
+``head`` says what projects the folded tokens to the LLM's width:
+
+- ``mlp`` (default, InternVL's ``mlp1``): LayerNorm + Linear + GELU + Linear, at InternVL's indices (``layers.0``
+  LayerNorm, ``layers.1`` and ``layers.3`` Linear);
+- ``linear`` (Idefics3 / SmolVLM's ``Idefics3Connector``): one ``Linear(C*k^2, D)`` at ``layers.0``, without bias
+  unless ``bias=True`` (``Idefics3SimpleMLP.proj`` has none). Idefics3's ``pixel_shuffle`` (``scale_factor`` 2-4 =
+  ``k``) performs the same operations in the same order as InternVL's v2 shuffle above, so ``reducer='shuffle'``
+  with ``scale = 1/scale_factor`` reproduces it element for element (tests/test_connector_pixel_shuffle.py compares
+  with transformers' ``Idefics3Connector``).
 """
 from __future__ import annotations
 
@@ -55,23 +62,42 @@ def avg_pool_blocks(x: torch.Tensor, scale: float) -> torch.Tensor:
 REDUCERS = {"shuffle": (pixel_shuffle, lambda k: k * k), "avg_pool": (avg_pool_blocks, lambda k: 1)}
 
 
+def mlp_head(folded: int, hidden: int, out_dim: int, bias: bool | None) -> nn.Sequential:
+    """InternVL's ``mlp1``: LayerNorm + Linear + GELU + Linear (``bias``: the Linears', default True)."""
+    b = True if bias is None else bool(bias)
+    return nn.Sequential(nn.LayerNorm(folded), nn.Linear(folded, hidden, bias=b), nn.GELU(),
+                         nn.Linear(hidden, out_dim, bias=b))
+
+
+def linear_head(folded: int, hidden: int, out_dim: int, bias: bool | None) -> nn.Sequential:
+    """Idefics3's ``modality_projection``: one Linear (``bias`` default False, as ``Idefics3SimpleMLP``)."""
+    return nn.Sequential(nn.Linear(folded, out_dim, bias=bool(bias)))
+
+
+#: head name -> builder of ``(folded channels, hidden, out_dim, bias)``
+HEADS = {"mlp": mlp_head, "linear": linear_head}
+
+
 @CONNECTORS.register("pixel_shuffle_mlp")
 class PixelShuffleMLP(Connector):
     def __init__(self, in_dim: int, out_dim: int, scale: float = 0.5, hidden_dim: int | None = None,
-                 reducer: str = "shuffle") -> None:
+                 reducer: str = "shuffle", head: str = "mlp", bias: bool | None = None) -> None:
         super().__init__()
         inv = round(1 / scale) if scale > 0 else 0
         if not 0 < scale <= 1 or abs(inv * scale - 1) > 1e-9:
             raise ValueError(f"pixel_shuffle_mlp scale must be 1/k for an integer k (e.g. 0.5); got {scale}")
         if reducer not in REDUCERS:
             raise ValueError(f"pixel_shuffle_mlp reducer={reducer!r}; expected one of {sorted(REDUCERS)}")
+        if head not in HEADS:
+            raise ValueError(f"pixel_shuffle_mlp head={head!r}; expected one of {list(HEADS)}")
+        if head == "linear" and hidden_dim is not None:
+            raise ValueError(f"pixel_shuffle_mlp head='linear' is one Linear layer: hidden_dim={hidden_dim} does not "
+                             f"apply (use head='mlp')")
         self.in_dim, self.out_dim, self.scale, self.factor = in_dim, out_dim, scale, inv
         self.record_options(locals())
         self.reduce, channels = REDUCERS[reducer]
         folded = in_dim * channels(inv)
-        hidden = hidden_dim or out_dim
-        self.layers = nn.Sequential(nn.LayerNorm(folded), nn.Linear(folded, hidden), nn.GELU(),
-                                    nn.Linear(hidden, out_dim))
+        self.layers = HEADS[head](folded, hidden_dim or out_dim, out_dim, bias)
 
     def _check_grid(self, num_input_tokens: int, grid: tuple[int, int]) -> None:
         h, w = grid

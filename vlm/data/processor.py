@@ -1,7 +1,8 @@
 """Processor: a ``Sample`` -> model-ready tensors (template, tokenization, image tensors, placeholder expansion, labels).
 
 Each image (all its tiles, thumbnail/base image included, contiguous) becomes the text
-``image_start + image_token * sum(num_image_tokens((H, W)) over its tiles) + image_end``; images appear in
+``image_start + image_token * sum(num_image_tokens((H, W)) over its tiles) + image_end`` (an image layout that
+writes text between its views, Idefics3's ``<row_1_col_1>``, gives the middle: ``Layout.image_text``); images appear in
 ``pixel_values`` in the order their tokens appear. Each video (``video_processor``: decoded, sampled, resized frames
 ``(T, 3, H, W)``) becomes ``image_start + video_token * (t * num_image_tokens((H, W))) + image_end`` with ``t`` its
 temporal patches, and its flat patches go to ``pixel_values_videos`` / ``video_grid_thw`` / ``second_per_grid_ts``. Labels are the ids on trainable template text (assistant content +
@@ -271,11 +272,21 @@ class Processor:
             else:
                 t, info = next(image_iter), next(info_iter, None)
                 n = self._image_tokens(t, info, sample_id, alone=len(tiles) == 1)
-                piece_text, train = markers[0] + self.image_token * n + markers[1], False
+                piece_text, train = markers[0] + self._image_text(t, info, n) + markers[1], False
             parts.append(piece_text)
             pieces.append(Piece(pos, pos + len(piece_text), train, n))
             pos += len(piece_text)
         return "".join(parts), pieces
+
+    def _image_text(self, views: torch.Tensor, info: Any, n: int) -> str:
+        """The text of one image's ``n`` placeholders: the image layout's (``Layout.image_text``: Idefics3 writes
+        ``<row_r_col_c>`` before each crop's tokens), or ``image_token * n`` (no layout, or a model that arranges
+        its views)."""
+        layout = getattr(self.image_processor, "layout", None)
+        if layout is None or info is None or getattr(self.num_image_tokens, "arranges", False):
+            return self.image_token * n
+        per_view = int(self.num_image_tokens(tuple(views.shape[-2:])))
+        return layout.image_text(info, self.image_token, [per_view] * views.shape[0])
 
     def _image_tokens(self, views: torch.Tensor, info: Any, sample_id: Any, alone: bool = True) -> int:
         """Placeholders of one image of ``views (n, 3, H, W)``: ``n x num_image_tokens((H, W))``, or, when the

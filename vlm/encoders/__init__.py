@@ -4,7 +4,7 @@ from typing import Any
 from vlm.encoders.base import VisionEncoder
 from vlm.encoders.registry import ENCODERS
 from vlm.encoders import (  # noqa: F401  (registration)
-    blip2, clip, internvit, open_clip_tower, qwen2_vl_vit, siglip, siglip2, timm_tower)
+    blip2, clip, idefics3_vision, internvit, open_clip_tower, qwen2_vl_vit, siglip, siglip2, timm_tower)
 
 
 def build(cfg: Any) -> VisionEncoder:

@@ -1,8 +1,9 @@
 """Exact interop with transformers model formats (``vlm.interop.formats``: one module per family).
 
 ``from_hf(path)`` imports a local transformers directory (``LlavaForConditionalGeneration``,
-``LlavaNextForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration``, ``Blip2ForConditionalGeneration``, ``InternVLForConditionalGeneration``,
-``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``, original OpenGVLab InternVL and Qwen-VL
+``LlavaNextForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration``, ``Blip2ForConditionalGeneration``,
+``InternVLForConditionalGeneration``, ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
+``Idefics3ForConditionalGeneration``, ``SmolVLMForConditionalGeneration``, original OpenGVLab InternVL and Qwen-VL
 checkpoints) as a ``vlm.VLM``,
 dispatching on its ``config.json``'s ``model_type``; ``to_hf(model, path)`` exports a ``VLM`` in the first format that
 can hold it (or ``format=NAME``), e.g. a CLIP/SigLIP tower + ``mlp`` depth-2 connector + transformers causal LM as
@@ -19,6 +20,7 @@ import torch
 
 from vlm.interop import (  # noqa: F401  (register the formats)
     blip2,
+    idefics3,
     internvl,
     internvl_original,
     llava,

@@ -109,6 +109,11 @@ def internvl_problems(model: VLM) -> list[str]:
         problems.append(f"the encoder select={enc.select!r} keeps the CLS token; InternVL drops it ('patch')")
     if not isinstance(conn, PixelShuffleMLP):
         problems.append(f"the connector is {common.part_name(conn)!r}; InternVL's projector is 'pixel_shuffle_mlp'")
+    elif conn.options.get("head", "mlp") != "mlp" or conn.options.get("bias") not in (None, True) \
+            or conn.options.get("reducer", "shuffle") != "shuffle":
+        problems.append(f"the pixel_shuffle_mlp connector has head={conn.options.get('head')!r}, bias="
+                        f"{conn.options.get('bias')!r}, reducer={conn.options.get('reducer')!r}; InternVL's projector "
+                        f"is a shuffle + LayerNorm + 2-layer MLP with bias (head='mlp')")
     elif conn.options.get("hidden_dim") not in (None, conn.out_dim):
         problems.append(f"the connector hidden_dim={conn.options['hidden_dim']} differs from the LLM width "
                         f"{conn.out_dim}; InternVL's projector is LayerNorm -> Linear(in, D) -> GELU -> Linear(D, D)")

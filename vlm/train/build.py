@@ -22,18 +22,26 @@ from vlm.registry import plain
 from vlm.train.config import model_config
 
 
-def build_tokenizer(cfg: DictConfig, templates: Iterable[Any] = ()) -> Any:
-    """The run's tokenizer, with every special token of ``templates`` (names or configs) present."""
+def build_tokenizer(cfg: DictConfig, templates: Iterable[Any] = (), tilings: Iterable[Any] = ()) -> Any:
+    """The run's tokenizer, with every special token of ``templates`` (names or configs) and of the image layouts
+    ``tilings`` (``tiling`` configs or ``None``; ``Layout.special_tokens``: Idefics3's ``<row_1_col_1>``, ...)
+    present."""
+    from vlm.data.images import check_tiling
+    from vlm.data.layouts import LAYOUTS
     from vlm.data.templates import build_template
 
     factory = TOKENIZERS.get(cfg.tokenizer.name)
     extra = {"data": cfg.data} if "data" in inspect.signature(factory).parameters else {}
     tok = TOKENIZERS.build(cfg.tokenizer, **extra)
+    wanted = [t for spec in templates for t in build_template(plain(spec)).special_tokens(tok)]
+    for tiling in tilings:
+        options = check_tiling(plain(tiling))
+        if options is not None:
+            wanted += LAYOUTS.get(options["kind"]).special_tokens(options)
     missing: list[str] = []
-    for spec in templates:
-        for t in build_template(plain(spec)).special_tokens(tok):
-            if t not in tok.get_vocab() and t not in missing:
-                missing.append(t)
+    for t in wanted:
+        if t not in tok.get_vocab() and t not in missing:
+            missing.append(t)
     if missing:
         tok.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     return tok

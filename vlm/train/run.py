@@ -147,7 +147,8 @@ def _run(cfg: DictConfig, strategy: Any, t0: float, overrides: list[str] | None,
             if resume.overrides is not None else "the config given"
         log.info(f"[vlm.train] resuming with {given}; changes against the saved config: "
                  + ("; ".join(resume.changes) if resume.changes else "none"))
-    tokenizer = build_tokenizer(cfg, [cfg.stage[n].template for n in cfg.stages])
+    tokenizer = build_tokenizer(cfg, [cfg.stage[n].template for n in cfg.stages],
+                                [cfg.stage[n].get("tiling") for n in cfg.stages])
     eval_samples = None
     if cfg.eval.enabled and cfg.eval.data is not None:
         eval_samples = build_dataset(cfg.data[cfg.eval.data])

@@ -84,3 +84,16 @@ class Layout:
     def layout(self, img: Image.Image, *, max_tiles: int | None = None) -> Views:
         """Lay out one RGB image."""
         raise NotImplementedError
+
+    @classmethod
+    def special_tokens(cls, options: Mapping[str, Any]) -> list[str]:
+        """Strings ``image_text`` writes that a run adds to its tokenizer as single tokens (``check``ed
+        ``options``). Default: none."""
+        return []
+
+    def image_text(self, info: Any, image_token: str, view_tokens: list[int]) -> str:
+        """The text one laid-out image (``info``: its ``ImageInfo``) is written as, between the template's image
+        markers: ``view_tokens[k]`` placeholders for view ``k``. Default: every view's placeholders one after
+        another; a layout whose family writes text between its views (Idefics3's ``<row_1_col_1>``) overrides it.
+        The processor counts only ``image_token``, so the placeholders must stay ``sum(view_tokens)``."""
+        return image_token * sum(view_tokens)
