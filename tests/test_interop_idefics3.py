@@ -58,7 +58,8 @@ def has_num2words():
 def family_processor(family, path):
     """The family's transformers processor for ``path`` (PIL backend)."""
     if family == "idefics3" or has_num2words():
-        return AutoProcessor.from_pretrained(str(path), backend="pil")
+        # the PIL image processor given whole: SmolVLM's video processor has no PIL backend (backend="pil" fails)
+        return AutoProcessor.from_pretrained(str(path), image_processor=FAMILIES[family][3].from_pretrained(str(path)))
     from transformers import AutoTokenizer
 
     ip = SmolVLMImageProcessorPil.from_pretrained(str(path))
@@ -126,8 +127,8 @@ def processor_inputs(processor, case):
     for i, sizes in enumerate(CASES[case]):
         texts.append(processor.apply_chat_template(user(len(sizes), "what is it?" * (i + 1)),
                                                    add_generation_prompt=True))
-        images += [picture(10 * i + j, s) for j, s in enumerate(sizes)]
-    return processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+        images.append([picture(10 * i + j, s) for j, s in enumerate(sizes)])  # per sample (SmolVLM's processor)
+    return processor(text=texts, images=images if any(images) else None, padding=True, return_tensors="pt")
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
