@@ -7,7 +7,8 @@ from typing import Any
 from vlm import arrangements, connectors, encoders, llm as llms
 from vlm.data.image_placement import DEFAULT as DEFAULT_IMAGE_LAYOUT, ImagePlacement
 from vlm.generation import generation_settings
-from vlm.model import VLM, param_dtype
+from vlm.dtypes import param_dtype
+from vlm.model import VLM
 from vlm.persistence import DEFAULT_IMAGE_PREPROCESSING
 from vlm.registry import to_dict
 

@@ -56,6 +56,12 @@ def _rebuild(cls: type, problem: str, reason: str, index: Any, sample_id: Any, f
     return cls(problem, reason=reason, index=index, sample_id=sample_id, file=file, source=source, media=media)
 
 
+class SampleDropped(SampleError):
+    """A sample the processor drops by policy (e.g. too long to truncate without cutting an image).
+
+    Datasets always skip and count these, whatever their ``skip_bad`` setting."""
+
+
 def reason_of(err: BaseException) -> str:
     """The cause key of an error: a ``DataError``'s ``reason`` (stated by its class or given), else ``invalid``."""
     return getattr(err, "reason", None) or "invalid"
