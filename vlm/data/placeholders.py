@@ -84,7 +84,7 @@ class Placeholders:
         layout = getattr(self.image_processor, "layout", None)
         if layout is None or info is None or getattr(self.num_image_tokens, "arranges", False):
             return self.image_token * n
-        per_view = int(self.num_image_tokens(tuple(views.shape[-2:])))
+        per_view = n // views.shape[0]  # n = views x num_image_tokens((H, W)) (_image_tokens): not counted again
         return layout.image_text(info, self.image_token, [per_view] * views.shape[0])
 
     def _image_tokens(self, views: torch.Tensor, info: Any, sample_id: Any, alone: bool = True) -> int:
