@@ -492,3 +492,38 @@ def test_a_model_built_from_parts_exports_and_answers_as_model_chat(tmp_path):
         with torch.no_grad():
             ids = exported.generate(**inputs, max_new_tokens=5, do_sample=False)[:, inputs["input_ids"].shape[1]:]
         assert decode(proc.tokenizer, ids, model.generation["eos_token_id"])[0] == reply and reply, conversation
+
+
+def test_export_without_set_template_writes_video_parts(tmp_path):
+    """A parts-built OneVision model whose tokenizer template (byte_tokenizer's chatml) has no video branch, exported
+    without ``set_template``: the written chat template writes ``<video>`` for a video part (the model's own tokenizer
+    unchanged), and plain transformers answers a video question as model.chat does."""
+    import warnings
+
+    from PIL import Image
+
+    from vlm.data.sample import Video
+
+    torch.manual_seed(3)
+    tok = byte_tokenizer("chatml", extra_tokens=["<image>", "<video>"])
+    before = tok.chat_template
+    model = vlm.build({**build_cfg(PINPOINTS, max_tiles=2), "encoder": {
+        "name": "siglip", "config": {k: v for k, v in VISION["siglip"].items() if k != "model_type"}}},
+        tokenizer=tok).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: the template is fixed, not left broken
+        out = to_hf(model, tmp_path / "out")
+    assert model.tokenizer.chat_template == before
+    exported = AutoModelForImageTextToText.from_pretrained(str(out)).eval()
+    proc = hf_processor(out)
+    clip = video(4)
+    conversation = turn(0, "what happens?", 1)
+    reply, _ = model.chat(Video([Image.fromarray(f) for f in clip]), "what happens?", max_new_tokens=5)
+    inputs = proc(text=[proc.apply_chat_template(conversation, add_generation_prompt=True)], return_tensors="pt",
+                  videos=[clip])
+    with torch.no_grad():
+        ids = exported.generate(**inputs, max_new_tokens=5, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    assert reply and decode(proc.tokenizer, ids, model.generation["eos_token_id"])[0] == reply
