@@ -7,6 +7,7 @@ counts (0 included) and videos (frames pooled 2x2, a newline after each video); 
 and logits for one image; from_hf -> to_hf is exact; the exported directory answers ``model.chat`` exactly under
 plain transformers; ``python -m vlm.convert`` both ways; bad input is refused, named."""
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -397,8 +398,18 @@ def test_bad_geometry_is_refused_when_composed_or_imported(tmp_path):
     # a transformers directory whose pinpoints do not fit its tower, or whose budget is not anyres_max_N, names the
     # config keys
     save_onevision(tmp_path / "pins", "siglip-qwen2", pinpoints=[[S, 2 * S], [50, S]])
-    with pytest.raises(ValueError, match=r"config.json.*image_grid_pinpoints=.*vision_aspect_ratio=.*not multiples"):
+    with pytest.raises(ValueError, match=r"config.json': onevision: pinpoints \[\[50, \d+\]\] are not multiples.*"
+                                         r"\(from image_grid_pinpoints=.*vision_aspect_ratio="):
         from_hf(tmp_path / "pins")
+    # OneVision's 36 pinpoints, none fitting: the problem comes first and both lists are shortened
+    pins = [[S * i, S * j + 2] for i in range(1, 7) for j in range(1, 7)]
+    save_onevision(tmp_path / "pins36", "siglip-qwen2", pinpoints=pins)
+    with pytest.raises(ValueError) as e:
+        from_hf(tmp_path / "pins36")
+    msg = str(e.value)
+    assert re.search(r"config.json': onevision: pinpoints \[\[\d+, \d+\], .*, \.\.\.\] \(36 of 36\) are not "
+                     r"multiples", msg), msg
+    assert "image_grid_pinpoints=[" in msg and "(36 in all)" in msg and str(pins[10]) not in msg, msg
     save_onevision(tmp_path / "aspect", "siglip-qwen2", aspect="anyres")
     with pytest.raises(ValueError, match=r"config.json.*vision_aspect_ratio='anyres'; expected 'anyres_max_N'"):
         from_hf(tmp_path / "aspect")

@@ -68,7 +68,8 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
     arrangement = {**ARRANGEMENT, "pinpoints": config.image_grid_pinpoints, "max_tiles": max_tiles}
     return import_arranged(path, config, LlavaOnevisionForConditionalGeneration, arrangement, dtype=dtype,
                            tokenizer=tokenizer, attn_implementation=attn_implementation,
-                           keys=f"image_grid_pinpoints={config.image_grid_pinpoints}, vision_aspect_ratio="
+                           keys=f"image_grid_pinpoints={common.short_list(config.image_grid_pinpoints)}, "
+                                f"vision_aspect_ratio="
                                 f"{config.vision_aspect_ratio!r}",
                            video_token_id=int(config.video_token_id))
 
