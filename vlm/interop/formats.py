@@ -97,5 +97,5 @@ def format_for_model(model: Any, name: str | None = None) -> type[HFFormat]:
 
 #: what serves a model no transformers format holds (the end of ``to_hf``'s error)
 SERVE_INSTEAD = ("It still serves from its vlm directory: `python -m vlm.chat DIR` (DIR: the model directory or the run "
-                 "directory), or `vlm.load(DIR).chat(image, question)` in Python; an HTTP server (`vlm.serve`) is "
-                 "coming. Which encoder x connector compositions export to which format: docs/interop.md")
+                 "directory), `vlm.load(DIR).chat(image, question)` in Python, or the OpenAI-compatible HTTP server "
+                 "`python -m vlm.serve DIR`. Which encoder x connector compositions export to which format: docs/interop.md")
