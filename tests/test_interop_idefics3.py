@@ -279,3 +279,17 @@ def test_a_partial_pixel_mask_is_refused(saved):
     inputs["pixel_attention_mask"][0, 0, :, -1] = 0
     with pytest.raises(ValueError, match=r"covers only part of view 0 of sample 0"):
         model(**inputs)
+
+
+def test_a_video_is_refused_naming_what_the_model_takes(saved, tmp_path):
+    """Idefics3 / SmolVLM take no video input: ``model.chat`` with a video names the model's parts and says to give
+    the frames as images (not the old rule that only native-resolution encoders take videos)."""
+    from vlm.data.readers.base import SampleError
+
+    _, _, model, _, _ = saved
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"\0" * 64)  # never decoded: refused before
+    with pytest.raises(SampleError, match=r"this model \(encoder 'idefics3_vision'.*\) takes no video input, only "
+                                          r"images.*give the video's frames as images") as e:
+        model.chat({"type": "video", "video": str(clip)}, "hi")
+    assert "native_resolution" not in str(e.value)
