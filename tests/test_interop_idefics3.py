@@ -243,7 +243,7 @@ def test_convert_keeps_the_source_format_and_refuses_format_on_import(saved, tmp
     from vlm.convert import main
     from vlm.interop import FORMATS
 
-    family, path, model, _, _ = saved
+    family, path, _, _, _ = saved
     other = "idefics3" if family == "smolvlm" else "smolvlm"
     assert main([str(path), str(tmp_path / "bad"), "--format", other]) == 1
     err = capsys.readouterr().err

@@ -63,7 +63,8 @@ def _image_part(src: Any) -> dict[str, Any]:
     elif isinstance(src, os.PathLike):
         src = os.fspath(src)
     elif not isinstance(src, (str, bytes, bytearray, dict, Image.Image)):
-        raise ValueError(f"bad image source {src!r} (a {type(src).__name__}); {ACCEPTED_IMAGES}")
+        # ValueError, as chat's other bad-input errors (a SampleError is one)
+        raise ValueError(f"bad image source {src!r} (a {type(src).__name__}); {ACCEPTED_IMAGES}")  # noqa: TRY004
     return {"type": "image", "image": src}
 
 
