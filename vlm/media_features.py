@@ -165,10 +165,11 @@ class MediaFeatures:
             return self.arranged_video_features(pixel_values_videos)
         geometry = self.video_geometry()
         if geometry is None:
-            raise ValueError(f"pixel_values_videos were given but this model takes no videos: the "
-                             f"{self.encoder.component_name} encoder states no native_resolution or the model has no "
-                             f"video_token_id; give the frames as images, or use a native-resolution encoder "
-                             f"(qwen2_vl_vit)")
+            raise ValueError(f"pixel_values_videos were given with video_grid_thw (flat patches) but this model "
+                             f"takes no such videos: the {self.encoder.component_name} encoder states no "
+                             f"native_resolution or the model has no video_token_id; give the frames as images, use a "
+                             f"native-resolution encoder (qwen2_vl_vit), or, for an arrangement that takes videos "
+                             f"(onevision), fixed-size frames (M, F, 3, S, S) without video_grid_thw")
         from vlm.data.patches import check_patches
 
         check_patches(pixel_values_videos, video_grid_thw, patch_size=geometry["patch_size"],

@@ -76,6 +76,8 @@ class VLM(MediaFeatures, MediaPositions, InputChecks, nn.Module):
         # the video placeholder (``None``: the model takes no videos)
         self.video_token_id, self.video_token = video_token_id, video_token
         self.tokenizer: Any = None
+        # the vlm.interop format (FORMATS name) the model was imported from, e.g. "smolvlm"; to_hf prefers it
+        self.source_format: str | None = None
         # eos (tokenizer eos + the chat template's end of turn), pad, bos ids: generate's defaults, saved and exported
         self.generation: dict[str, Any] = {}
         # how its images are preprocessed (``resize_mode``, ``pad_color``): Processor.for_model's default, exported
@@ -110,7 +112,8 @@ class VLM(MediaFeatures, MediaPositions, InputChecks, nn.Module):
                          image_preprocessing=dict(self.image_preprocessing),
                          image_placement=placement_record(self.image_placement),
                          video_token_id=self.video_token_id, video_token=self.video_token,
-                         arrangement=self.arrangement.export_config() if self.arrangement is not None else None)
+                         arrangement=self.arrangement.export_config() if self.arrangement is not None else None,
+                         source_format=self.source_format)
 
     def set_template(self, template: Any) -> None:
         """Serve with chat ``template`` (a name, config or ``Template``): its end-of-turn token joins the stop ids

@@ -25,6 +25,9 @@ class MediaInputs:
     max_tiles_per_sample: int | None
     video_processor: Any
     _ip_takes_max_tiles: bool
+    #: why there is no ``video_processor`` (``Processor.for_model`` names the model's parts)
+    no_video_input: str = ("the processor has no video_processor (Processor(video_processor=...), or "
+                           "Processor.for_model of a model that takes videos)")
 
     def _tile_cap(self, sizes: list[tuple[int, int]], sid: Any) -> int | None:
         """The per-image ``max_tiles`` keeping the sample within ``max_tiles_per_sample`` (None: no cap)."""
@@ -63,9 +66,9 @@ class MediaInputs:
     def _videos(self, sample: Sample, order: list[int], allow_urls: bool) -> tuple[list[torch.Tensor], list[Any]]:
         """Each video of ``order`` as normalized frames ``(T, 3, H, W)`` and its ``VideoInfo``."""
         if order and self.video_processor is None:
-            raise SampleError(f"sample has {len(order)} video(s) but the processor has no video_processor: the model "
-                              f"takes no videos (only an encoder stating native_resolution, e.g. qwen2_vl_vit, "
-                              f"does); give the frames as images instead", reason="config", sample_id=sample.id)
+            raise SampleError(f"sample has {len(order)} video(s) but {self.no_video_input}; give the video's frames "
+                              f"as images instead (a list of images, one per frame)", reason="config",
+                              sample_id=sample.id)
         out = [self.video_processor(sample.videos[i], sample_id=sample.id, allow_urls=allow_urls) for i in order]
         return [f for f, _ in out], [info for _, info in out]
 
@@ -115,3 +118,13 @@ class MediaInputs:
 
         pixel_values, grid_thw = concat_patches([view for t in tiles for view in t], **options)
         return {"pixel_values": pixel_values, "image_grid_thw": grid_thw}
+
+
+def no_video_input(model: Any) -> str:
+    """Says that ``model`` takes no video input (``model.video_geometry()`` is ``None``), naming its encoder and
+    arrangement (registry names) so the message says which model it is, for the processor's errors."""
+    parts = [f"{what} {getattr(part, 'registry_name', type(part).__name__)!r}"
+             for what, part in (("encoder", getattr(model, "encoder", None)),
+                                ("arrangement", getattr(model, "arrangement", None))) if part is not None]
+    which = f" ({', '.join(parts)})" if parts else ""
+    return f"this model{which} takes no video input, only images (model.video_geometry() is None)"

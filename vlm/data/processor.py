@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from vlm.data.errors import DataError
-from vlm.data.media_inputs import MediaInputs
+from vlm.data.media_inputs import MediaInputs, no_video_input
 from vlm.data.placeholders import Piece, Placeholders, TokenCount
 from vlm.data.readers.base import SampleDropped, SampleError, locate
 from vlm.data.sample import Sample
@@ -174,12 +174,13 @@ class Processor(Placeholders, MediaInputs):
                                                         **{**video_options, **geometry})
             options["video_token"] = getattr(config, "video_token", None) or "<video>"
         elif video_options:
-            raise ValueError(f"video options {video_options} were given but the model takes no videos (its encoder "
-                             f"states no native_resolution)")
+            raise ValueError(f"video options {video_options} were given but {no_video_input(model)}")
         multi = arrangement.multi_image_layout() if arrangement is not None else None
         if multi is not None:  # the images of a multi-image sample, as the arrangement lays them out
             options.setdefault("multi_image_processor", ImageProcessor.from_model(model, **multi))
         proc = cls(tokenizer, template, image_processor, count, image_token=image_token, **options)
+        if geometry is None:
+            proc.no_video_input = no_video_input(model)
         model_id = getattr(config, "image_token_id", getattr(model, "image_token_id", None))
         if model_id is not None and model_id != proc.image_token_id:
             raise ValueError(f"the model's image_token_id is {model_id} but the tokenizer maps {image_token!r} to "

@@ -220,7 +220,12 @@ class Reader:
         if isinstance(src, os.PathLike):
             src = os.fspath(src)
         if not isinstance(src, str) or not src:
-            raise SampleError(f"bad {media} source {src!r}", reason="format")
+            expected = ("a file path (str or os.PathLike), an http(s):// URL, a data: URI, a PIL image, raw bytes or "
+                        "a {'bytes', 'path'} dict") if media == "image" else \
+                ("a file path (str or os.PathLike), an http(s):// URL, raw bytes, a {'bytes', 'path'} dict or a list "
+                 "of frames (image sources)")
+            raise SampleError(f"bad {media} source {src!r} (a {type(src).__name__}); expected {expected}",
+                              reason="format")
         if URL_RE.match(src):
             if not self.allow_urls:
                 raise SampleError(f"{media} URL {src!r} refused: fetching is off; pass allow_urls=True to enable it",
@@ -236,7 +241,8 @@ class Reader:
                               f"(data.allow_outside_root=true) to read it", reason="outside_root", file=path,
                               media=media)
         if self.check_files and not os.path.isfile(path):
-            raise SampleError(f"{media} file not found", reason=f"missing_{media}", file=path, media=media)
+            what = f"{media} path is a directory, not a file" if os.path.isdir(path) else f"{media} file not found"
+            raise SampleError(what, reason=f"missing_{media}", file=path, media=media)
         return path
 
     def video(self, src: Any, options: Mapping[str, Any] | None = None) -> Video:
