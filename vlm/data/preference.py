@@ -194,6 +194,7 @@ class ProcessedPairs(WrapsSamples, Dataset):
         sid = pair.chosen.id
         row = pair_row(self.processor(pair.chosen), self.processor(pair.rejected), self.processor.max_length, sid)
         row["meta"]["index"] = pair.chosen.meta.get("index")
+        row["meta"]["kind"] = pair.chosen.meta.get("kind", pair.chosen.meta.get("task"))  # per-kind eval metrics
         return row
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -254,3 +255,12 @@ def preference(train: str, eval: str | None = None, part: str = "train", heldout
         samples.indices = keep
         samples.selection = f"{part}: {len(keep)} of the {len(samples.records)} pairs of {source}"
     return processed_pairs(samples, processor)
+
+
+def preference_held_out(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The held-out part of a ``preference`` spec: the same file's ``part: eval`` (its ``eval`` file, or the
+    ``heldout`` pairs its training part leaves out)."""
+    return {**spec, "part": "eval"}
+
+
+preference.held_out = preference_held_out  # type: ignore[attr-defined]

@@ -88,7 +88,17 @@ class ShapesPairs:
 
 
 @DATASETS.register("shapes_preference")
-def shapes_preference(processor: Any = None, add_generation_prompt: bool = False, **options: Any) -> Any:
+def shapes_preference(processor: Any = None, add_generation_prompt: bool = False, heldout: int = 256,
+                      **options: Any) -> Any:
     """Synthetic pairs on shapes scenes (``ShapesPairs`` options: ``split``, ``size``, ``tasks``, ``seed`` and
-    ``ShapesDataset``'s)."""
+    ``ShapesDataset``'s). ``heldout``: the size of the held-out part (``shapes_preference_held_out``)."""
     return processed_pairs(ShapesPairs(**options), processor)
+
+
+def shapes_preference_held_out(spec: dict[str, Any]) -> dict[str, Any]:
+    """The held-out part of a ``shapes_preference`` spec: its ``val`` split (other scenes: ``ShapesDataset`` seeds
+    each split apart), ``heldout`` pairs (256 by default), the other options the same."""
+    return {**spec, "split": "val", "size": int(spec.get("heldout", 256))}
+
+
+shapes_preference.held_out = shapes_preference_held_out  # type: ignore[attr-defined]
