@@ -193,6 +193,8 @@ def test_heldout_pairs_come_from_the_users_file(tmp_path):
     # the recipe's own pairs: the val split of data.dpo; a key of data; a bad key names the keys
     cfg = compose("dpo_micro", [])
     assert held_out_spec(cfg, "dpo", "auto") == {**cfg.data.dpo, "split": "val", "size": cfg.data.dpo.heldout}
+    tiny = compose("dpo_tiny", [])
+    assert held_out_spec(tiny, "dpo", "auto")["size"] == 256  # auto: a tenth of the 4,096 pairs, at most 256
     with pytest.raises(ConfigError, match=r"eval_data='nope' is not a key of data"):
         held_out_spec(cfg, "dpo", "nope")
     assert held_out_spec(cfg, "dpo", None) is None

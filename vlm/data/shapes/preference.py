@@ -88,17 +88,27 @@ class ShapesPairs:
 
 
 @DATASETS.register("shapes_preference")
-def shapes_preference(processor: Any = None, add_generation_prompt: bool = False, heldout: int = 256,
+def shapes_preference(processor: Any = None, add_generation_prompt: bool = False, heldout: int | str = "auto",
                       **options: Any) -> Any:
     """Synthetic pairs on shapes scenes (``ShapesPairs`` options: ``split``, ``size``, ``tasks``, ``seed`` and
     ``ShapesDataset``'s). ``heldout``: the size of the held-out part (``shapes_preference_held_out``)."""
+    heldout_size(heldout, options.get("size"))  # a bad value fails when the set is built
     return processed_pairs(ShapesPairs(**options), processor)
+
+
+def heldout_size(heldout: int | str, size: int | None) -> int:
+    """``heldout`` pairs, or for ``auto`` a tenth of ``size`` within ``[1, 256]`` (256 without a size)."""
+    if heldout == "auto":
+        return 256 if size is None else min(256, max(1, int(size) // 10))
+    if isinstance(heldout, bool) or not isinstance(heldout, int) or heldout < 1:
+        raise ValueError(f"shapes_preference heldout={heldout!r}; expected a positive number of pairs or 'auto'")
+    return heldout
 
 
 def shapes_preference_held_out(spec: dict[str, Any]) -> dict[str, Any]:
     """The held-out part of a ``shapes_preference`` spec: its ``val`` split (other scenes: ``ShapesDataset`` seeds
-    each split apart), ``heldout`` pairs (256 by default), the other options the same."""
-    return {**spec, "split": "val", "size": int(spec.get("heldout", 256))}
+    each split apart) of ``heldout`` pairs (``heldout_size``), the other options the same."""
+    return {**spec, "split": "val", "size": heldout_size(spec.get("heldout", "auto"), spec.get("size"))}
 
 
 shapes_preference.held_out = shapes_preference_held_out  # type: ignore[attr-defined]
