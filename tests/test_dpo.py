@@ -235,3 +235,34 @@ def test_pair_row_refuses_different_pixels(micro):
         pair_row(item, other, 100, "s")
     row = pair_row(item, {**other, "pixel_values": item["pixel_values"]}, 100, "s")
     assert row["input_ids"].tolist() == [1, 2, 3, 4] and row["part"].tolist() == [1, 1, 2, 3]
+
+
+def test_shapes_pairs_reject_a_plausible_wrong_answer_of_the_same_kind():
+    """``shapes_preference``: each rejected answer is a wrong answer to the same question, of the same form: another
+    colour / shape, one more or one fewer, the right box (same size) moved onto another shape or by a third of the
+    image (IoU with the right box < 0.5: a wrong place, not a few units off); each pair carries its kind (task)."""
+    import re
+
+    from vlm.data.shapes.preference import ShapesPairs
+    from vlm.data.shapes.scene import COLORS, DEFAULT_SHAPES
+    from vlm.data.boxes import iou
+
+    pairs = ShapesPairs(split="train", size=200, image_size=48, seed=1)
+    seen = set()
+    for i in range(len(pairs)):
+        p = pairs.sample(i)
+        task, right, wrong = p.chosen.meta["task"], p.chosen.messages[-1].text(), p.rejected.messages[-1].text()
+        seen.add(task)
+        assert p.chosen.messages[:-1] == p.rejected.messages[:-1] and right != wrong
+        if task == "vqa_color":
+            assert right in COLORS and wrong in COLORS
+        elif task == "vqa_shape":
+            assert right in DEFAULT_SHAPES and wrong in DEFAULT_SHAPES
+        elif task == "vqa_count":
+            assert abs(int(right) - int(wrong)) == 1 and int(wrong) >= 1
+        else:
+            a, b = ([int(v) for v in re.findall(r"\d+", t.split("<box>")[1])] for t in (right, wrong))
+            assert right.split("<box>")[0] == wrong.split("<box>")[0]
+            assert (a[2] - a[0], a[3] - a[1]) == (b[2] - b[0], b[3] - b[1]) and 0 <= min(b) and max(b) <= 999
+            assert iou(a, b) < 0.5, (right, wrong)
+    assert seen == {"vqa_color", "vqa_shape", "vqa_count", "grounding"}
