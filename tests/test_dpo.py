@@ -240,14 +240,16 @@ def test_pair_row_refuses_different_pixels(micro):
 def test_shapes_pairs_reject_a_plausible_wrong_answer_of_the_same_kind():
     """``shapes_preference``: each rejected answer is a wrong answer to the same question, of the same form: another
     colour / shape, one more or one fewer, the right box (same size) moved onto another shape or by a third of the
-    image (IoU with the right box < 0.5: a wrong place, not a few units off); each pair carries its kind (task)."""
+    image (IoU with the right box < 0.5: a wrong place, not a few units off), a caption with one colour changed;
+    each pair carries its kind (task)."""
     import re
 
     from vlm.data.shapes.preference import ShapesPairs
     from vlm.data.shapes.scene import COLORS, DEFAULT_SHAPES
     from vlm.data.boxes import iou
 
-    pairs = ShapesPairs(split="train", size=200, image_size=48, seed=1)
+    pairs = ShapesPairs(split="train", size=250, image_size=48, seed=1,
+                        tasks={"vqa_color": 1, "vqa_count": 1, "vqa_shape": 1, "grounding": 1, "caption": 1})
     seen = set()
     for i in range(len(pairs)):
         p = pairs.sample(i)
@@ -260,9 +262,13 @@ def test_shapes_pairs_reject_a_plausible_wrong_answer_of_the_same_kind():
             assert right in DEFAULT_SHAPES and wrong in DEFAULT_SHAPES
         elif task == "vqa_count":
             assert abs(int(right) - int(wrong)) == 1 and int(wrong) >= 1
+        elif task == "caption":  # one colour word changed, its article with it: no grammatical tell
+            changed = [(x, y) for x, y in zip(right.split(), wrong.split()) if x != y]
+            assert len(right.split()) == len(wrong.split()) and 1 <= len(changed) <= 2, (right, wrong)
+            assert changed[-1][1] in COLORS and not re.search(r"\ba [aeiou]|\ban [^aeiou]", wrong), (right, wrong)
         else:
             a, b = ([int(v) for v in re.findall(r"\d+", t.split("<box>")[1])] for t in (right, wrong))
             assert right.split("<box>")[0] == wrong.split("<box>")[0]
             assert (a[2] - a[0], a[3] - a[1]) == (b[2] - b[0], b[3] - b[1]) and 0 <= min(b) and max(b) <= 999
             assert iou(a, b) < 0.5, (right, wrong)
-    assert seen == {"vqa_color", "vqa_shape", "vqa_count", "grounding"}
+    assert seen == {"vqa_color", "vqa_shape", "vqa_count", "grounding", "caption"}

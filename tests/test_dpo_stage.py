@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 import vlm
@@ -56,14 +57,26 @@ def test_dpo_stage_resumes_bit_identically(policy, reference, tmp_path, monkeypa
 
 
 @pytest.mark.slow
-def test_dpo_under_ddp_matches_one_process(tmp_path):
-    args = SMALL + ["stage.dpo.max_steps=3", "eval.enabled=false"]
+@pytest.mark.parametrize("strategy, extra", [
+    ("ddp", []), ("fsdp", []),
+    ("fsdp", ["stage.dpo.policy.llm=lora", "stage.dpo.policy.connector=frozen", "stage.dpo.objective.reference=adapters"]),
+], ids=["ddp", "fsdp-copy", "fsdp-lora-adapters"])
+def test_dpo_under_two_processes_matches_one_process(strategy, extra, tmp_path):
+    """DDP and FSDP2 (each decoder layer and the root sharded; the ``copy`` reference a full copy per process, the
+    ``adapters`` reference the sharded policy with its adapters off): 2 processes (gloo) log the losses of one, the
+    held-out pairs are scored and the export loads."""
+    args = SMALL + ["stage.dpo.max_steps=3"] + extra
     run(compose(overrides=args + [f"output_dir={tmp_path / 'one'}"]))
-    proc = torchrun(args + ["trainer.strategy=ddp", f"output_dir={tmp_path / 'ddp'}"])
+    proc = torchrun(args + [f"trainer.strategy={strategy}", f"output_dir={tmp_path / strategy}"])
     assert proc.returncode == 0, proc.stderr[-4000:]
-    ref, got = losses(tmp_path / "one", "dpo"), losses(tmp_path / "ddp", "dpo")
+    ref, got = losses(tmp_path / "one", "dpo"), losses(tmp_path / strategy, "dpo")
     assert len(got) == len(ref) == 3
     assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-5, (ref, got)
+    one, two = (json.loads((tmp_path / d / "eval.json").read_text())["metrics"] for d in ("one", strategy))
+    assert abs(one["pairs/preference_accuracy"] - two["pairs/preference_accuracy"]) < 1e-6
+    assert abs(one["pairs/reward_margin"] - two["pairs/reward_margin"]) < 1e-4
+    a, b = vlm.load(tmp_path / "one" / "final").state_dict(), vlm.load(tmp_path / strategy / "final").state_dict()
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-4) for k in a)
 
 
 def test_dpo_on_sft_data_is_a_clear_error(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from typing import Any
 
 from vlm.data import boxes
@@ -67,9 +68,11 @@ def wrong_answer(sample: Sample, rng: random.Random) -> str:
     if task == "grounding":
         return boxes.format(meta["target"], moved_box(meta["box_norm"], others, size, rng),
                             style=meta.get("box_style", "qwen"))
-    if task == "caption":
+    if task == "caption":  # one shape's colour changed, and its article ("a red", "an orange")
         s = rng.choice(shapes)
-        return right.replace(f"{s['color']} {s['shape']}", f"{_other(rng, COLORS, s['color'])} {s['shape']}", 1)
+        colour = _other(rng, COLORS, s["color"])
+        article = "an" if colour[0] in "aeiou" else "a"
+        return re.sub(rf"\b(an?) {s['color']} {s['shape']}\b", f"{article} {colour} {s['shape']}", right, count=1)
     raise KeyError(f"shapes_preference: no wrong answer for task {task!r}; expected one of "
                    f"{sorted(DEFAULT_TASKS) + ['vqa_position', 'referring', 'caption']}")
 
