@@ -272,3 +272,19 @@ def test_shapes_pairs_reject_a_plausible_wrong_answer_of_the_same_kind():
             assert (a[2] - a[0], a[3] - a[1]) == (b[2] - b[0], b[3] - b[1]) and 0 <= min(b) and max(b) <= 999
             assert iou(a, b) < 0.5, (right, wrong)
     assert seen == {"vqa_color", "vqa_shape", "vqa_count", "grounding", "caption"}
+
+
+def test_pairs_carry_their_kind(micro, tmp_path):
+    """A record's ``kind`` (shapes pairs: their task) reaches the processed row's meta (per-kind held-out metrics)."""
+    _, _, _, proc = micro
+    Image.new("RGB", (32, 32), (220, 30, 30)).save(tmp_path / "r.png")
+    records = [{"id": "a", "images": ["r.png"], "prompt": "<image>\nColour?", "chosen": "red", "rejected": "blue",
+                "kind": "colour"},
+               {"id": "b", "images": ["r.png"], "prompt": "<image>\nColour?", "chosen": "red", "rejected": "green"}]
+    (tmp_path / "p.json").write_text(json.dumps(records))
+    ds = build_dataset({"name": "preference", "train": str(tmp_path / "p.json"), "eval": str(tmp_path / "p.json")},
+                       proc)
+    assert [ds[i]["meta"]["kind"] for i in range(2)] == ["colour", None]
+    shapes = build_dataset({"name": "shapes_preference", "split": "val", "size": 4, "image_size": 32}, proc)
+    assert [shapes[i]["meta"]["kind"] for i in range(4)] == [shapes.samples.sample(i).chosen.meta["task"]
+                                                              for i in range(4)]
