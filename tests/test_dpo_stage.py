@@ -211,3 +211,4 @@ def test_heldout_pairs_come_from_the_users_file(tmp_path):
     with pytest.raises(ConfigError, match=r"eval_data='nope' is not a key of data"):
         held_out_spec(cfg, "dpo", "nope")
     assert held_out_spec(cfg, "dpo", None) is None
+    assert held_out_spec(compose("dpo_micro", ["stage.dpo.data=sft"]), "dpo", "auto") is None  # no held-out part

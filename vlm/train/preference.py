@@ -19,7 +19,7 @@ def held_out_spec(cfg: Any, stage_name: str, eval_data: str | None) -> dict[str,
     """The data spec of the stage's held-out pairs: ``eval_data`` is ``None`` (none), a key of ``cfg.data``, or
     ``auto``: the training pairs' own held-out part, given by their data set's ``held_out(spec)`` (a user's file,
     ``preference``: its ``eval`` file or ``heldout`` pairs left out of training; ``shapes_preference``: its ``val``
-    split). Raises ``ConfigError`` for an unknown key or a data set without a held-out part."""
+    split; ``None`` for a data set without one). Raises ``ConfigError`` for a key that is not in ``cfg.data``."""
     if eval_data is None:
         return None
     if eval_data != "auto":
@@ -30,10 +30,7 @@ def held_out_spec(cfg: Any, stage_name: str, eval_data: str | None) -> dict[str,
     key = cfg.stage[stage_name].data
     train = to_dict(cfg.data[key])
     held_out = getattr(DATASETS.get(train["name"]), "held_out", None)
-    if held_out is None:
-        raise ConfigError(f"stage.{stage_name}.objective.eval_data=auto: data.{key} (data set {train['name']!r}) has "
-                          f"no held-out part; expected eval_data to name a key of data with held-out pairs, or null")
-    return held_out(train)
+    return held_out(train) if held_out is not None else None
 
 
 def preference_setup(stage: Any, module: TrainModule, dataset: Any, collator: Any, processor: Any,
@@ -45,6 +42,9 @@ def preference_setup(stage: Any, module: TrainModule, dataset: Any, collator: An
     objective = module.objective
     spec = held_out_spec(stage.cfg, stage.name, getattr(objective, "eval_data", None))
     held_out = build_dataset(spec, processor) if spec is not None else None
+    if spec is None and getattr(objective, "eval_data", None) is not None:
+        stage.log.info(f"[{stage.name}] objective.eval_data=auto: data.{stage.stage.data} has no held-out part; no "
+                       f"held-out pairs are scored")
     if held_out is not None and (selection := getattr(getattr(held_out, "samples", None), "selection", None)):
         stage.log.info(f"[{stage.name}] held-out pairs: {selection}")
     if getattr(objective, "precomputes", False):
