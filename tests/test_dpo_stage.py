@@ -169,7 +169,7 @@ def test_dpo_starts_from_a_checkpoint_with_the_tokenizer_saved_with_it(small_tin
     assert load_tokenizer(tmp_path / "dpo" / "final").get_vocab() == saved.get_vocab()
     # the held-out pairs (auto: the val split of data.dpo) scored per kind (the shapes task)
     kinds = {k.rsplit("/", 1)[1] for k in res.eval if k.startswith("pairs/preference_accuracy/")}
-    assert kinds and kinds <= {"vqa_color", "vqa_count", "vqa_shape", "grounding"}, res.eval
+    assert kinds and kinds <= {"vqa_color", "vqa_count", "vqa_shape", "grounding", "caption"}, res.eval
 
 
 def test_weights_of_another_vocabulary_are_a_clear_error(small_tiny_model, tmp_path):
