@@ -59,7 +59,8 @@ def test_dpo_stage_resumes_bit_identically(policy, reference, tmp_path, monkeypa
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy, extra", [
     ("ddp", []), ("fsdp", []),
-    ("fsdp", ["stage.dpo.policy.llm=lora", "stage.dpo.policy.connector=frozen", "stage.dpo.objective.reference=adapters"]),
+    ("fsdp", ["stage.dpo.policy.llm=lora", "stage.dpo.policy.connector=frozen", "stage.dpo.objective.reference=adapters",
+              "stage.dpo.lora.dropout=0.0"]),  # LoRA dropout draws per process: another stream with 2 processes
 ], ids=["ddp", "fsdp-copy", "fsdp-lora-adapters"])
 def test_dpo_under_two_processes_matches_one_process(strategy, extra, tmp_path):
     """DDP and FSDP2 (each decoder layer and the root sharded; the ``copy`` reference a full copy per process, the
