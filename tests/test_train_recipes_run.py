@@ -136,6 +136,11 @@ def shrink(cfg, root: Path):
             c["encoder"] = stand_in_encoder(c["encoder"], image)
     else:
         c["encoder"] = shrink_encoder(c["encoder"])
+    arrangement = c.get("arrangement") or {}
+    if arrangement.get("pinpoints"):  # the same tile grids (1x2, 2x2, ...) of the stand-in tower's tiles
+        base = min(v for point in arrangement["pinpoints"] for v in point)
+        arrangement["pinpoints"] = [[image * round(h / base), image * round(w / base)]
+                                    for h, w in arrangement["pinpoints"]]
     conn = c["connector"]
     for key, value in {"num_queries": 4, "hidden_size": 16, "num_layers": 2, "num_heads": 2,
                        "intermediate_size": 32}.items():
