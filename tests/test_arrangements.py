@@ -210,3 +210,36 @@ def test_an_arranged_model_exports_only_as_its_family(tmp_path):
     assert format_for_model(llava_like).hf_class == "LlavaNextForConditionalGeneration"
     with pytest.raises(ValueError, match="feature arrangement is 'anyres_grid'; LlavaForConditionalGeneration"):
         llava.to_hf(llava_like, tmp_path / "b")
+
+
+def test_idefics3_layout_on_the_ablation():
+    """``recipe=ablation layout=idefics3``: no arrangement; the pretrain and SFT stages split each 64 px shapes image
+    Idefics3's way (longest edge 128 px: 2 x 2 crops of 64 px + the global image, 5 views x 16 tokens), the stem's
+    own stage (align) sees one view; the run's tokenizer holds the row/col tokens; the built model takes the
+    processed samples, and no SFT sample is cut at the stage's max_length."""
+    from vlm.data.datasets import build_dataset
+    from vlm.train.build import build_model, build_tokenizer
+
+    run = compose("ablation", ["layout=idefics3", "data.sft.size=64"])
+    assert model_config(run).get("arrangement") is None
+    assert run.stage.align.get("tiling") is None
+    for name in ("pretrain", "sft"):
+        assert run.stage[name].tiling == {"kind": "idefics3", "longest_edge": 128, "split": True}
+    tok = build_tokenizer(run, [run.stage[n].template for n in run.stages],
+                          [run.stage[n].get("tiling") for n in run.stages])
+    assert {"<fake_token_around_image>", "<global-img>", "<row_2_col_2>"} <= set(tok.get_vocab())
+    torch.manual_seed(0)
+    model = build_model(run, tok).eval()
+    from vlm.data.processor import Processor
+
+    st = run.stage.sft
+    proc = Processor.for_model(model, tok, template=st.template, max_length=None, tiling=dict(st.tiling))
+    items = [proc(s) for s in build_dataset(run.data.sft)]
+    assert all(it["pixel_values"].shape == (5, 3, 64, 64) for it in items)
+    assert all(int((it["input_ids"] == model.image_token_id).sum()) == 5 * 16 for it in items)
+    assert max(len(it["input_ids"]) for it in items) <= st.max_length
+    text = tok.decode(items[0]["input_ids"])
+    assert "<row_1_col_1>" in text and "<row_2_col_2>" in text and "<global-img>" in text
+    with torch.no_grad():
+        out = model(input_ids=items[0]["input_ids"][None], pixel_values=items[0]["pixel_values"])
+    assert out.logits.shape[:2] == (1, len(items[0]["input_ids"]))
