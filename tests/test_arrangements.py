@@ -113,8 +113,24 @@ def test_layout_axis_and_llava_next_recipe_compose():
     onevision = model_config(compose("ablation", ["layout=onevision"]))
     assert onevision["arrangement"]["name"] == "onevision" and onevision["arrangement"]["max_tiles"] == 2
     torch.manual_seed(0)
-    assert vlm.build(onevision).arrangement.layout() == {"kind": "anyres",
-                                                         "pinpoints": onevision["arrangement"]["pinpoints"]}
+    ov = vlm.build(onevision)
+    assert ov.arrangement.layout() == {"kind": "anyres", "pinpoints": onevision["arrangement"]["pinpoints"]}
+    # the shapes data is one 64 px square per sample: alone, the 1x2 pinpoint unpadded to a 4 x 4 grid, under
+    # max_tiles=2's budget (never pooled), so onevision arranges it as anyres_grid does: the same views, tokens and
+    # arranged features for the same weights. Not the same run: onevision takes videos, so the vocabulary gains
+    # <video> and the random init draws differ.
+    torch.manual_seed(0)
+    ny = vlm.build(anyres)
+    assert ov.arrangement.pooled(4, 4) is None and ov.arrangement.pooled(8, 8) is not None
+    assert ov.arrangement.num_views(64, 64) == ny.arrangement.num_views(64, 64) == 3
+    assert ov.image_token_count(64, 64) == ny.image_token_count(64, 64) == 36
+    assert ov.video_token_id is not None and ny.video_token_id is None
+    sizes, n = torch.tensor([[64, 64], [64, 64]]), ny.arrangement.tile_grid[0] * ny.arrangement.tile_grid[1]
+    feats = torch.randn(2 * 3, n, ny.arrangement.dim)
+    with torch.no_grad():
+        ov.arrangement.image_newline.copy_(ny.arrangement.image_newline)
+        assert torch.equal(ov.arrangement(feats, sizes, batch_num_images=torch.tensor([1, 1])),
+                           ny.arrangement(feats, sizes))
 
 
 def test_llava_next_7b_recipe_has_transformers_parameter_count():
