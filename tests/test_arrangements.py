@@ -14,6 +14,7 @@ from tests.conftest import TINY_TEXT, TINY_VISION
 from vlm.train import compose
 from vlm.train.config import model_config
 from vlm.train.errors import ConfigError
+from vlm.train.stage import model_facts
 
 PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96]]
 
@@ -123,7 +124,7 @@ def test_layout_axis_and_llava_next_recipe_compose():
     ny = vlm.build(anyres)
     assert ov.arrangement.pooled(4, 4) is None and ov.arrangement.pooled(8, 8) is not None
     assert ov.arrangement.num_views(64, 64) == ny.arrangement.num_views(64, 64) == 3
-    assert ov.image_token_count(64, 64) == ny.image_token_count(64, 64) == 36
+    assert ov.image_token_count(64, 64) == ny.image_token_count(64, 64) == model_facts(ny)["image_tokens"] == 36
     assert ov.video_token_id is not None and ny.video_token_id is None
     sizes, n = torch.tensor([[64, 64], [64, 64]]), ny.arrangement.tile_grid[0] * ny.arrangement.tile_grid[1]
     feats = torch.randn(2 * 3, n, ny.arrangement.dim)
@@ -232,7 +233,7 @@ def test_idefics3_layout_on_the_ablation():
     """``recipe=ablation layout=idefics3``: no arrangement; the pretrain and SFT stages split each 64 px shapes image
     Idefics3's way (longest edge 128 px: 2 x 2 crops of 64 px + the global image, 5 views x 16 tokens), the stem's
     own stage (align) sees one view; the run's tokenizer holds the row/col tokens; the built model takes the
-    processed samples, and no SFT sample is cut at the stage's max_length."""
+    processed samples, no SFT sample is cut at the stage's max_length, and the sweep's "image tokens" are 5 x 16."""
     from vlm.data.datasets import build_dataset
     from vlm.train.build import build_model, build_tokenizer
 
@@ -253,6 +254,8 @@ def test_idefics3_layout_on_the_ablation():
     items = [proc(s) for s in build_dataset(run.data.sft)]
     assert all(it["pixel_values"].shape == (5, 3, 64, 64) for it in items)
     assert all(int((it["input_ids"] == model.image_token_id).sum()) == 5 * 16 for it in items)
+    # what the sweep's "image tokens" column reports: the stage's layout's views, not one view
+    assert model_facts(model, proc)["image_tokens"] == 5 * 16 and model_facts(model)["image_tokens"] == 16
     assert max(len(it["input_ids"]) for it in items) <= st.max_length
     text = tok.decode(items[0]["input_ids"])
     assert "<row_1_col_1>" in text and "<row_2_col_2>" in text and "<global-img>" in text
