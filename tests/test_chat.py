@@ -140,6 +140,12 @@ def test_bad_input_is_named(model, tmp_path):
         model.chat(str(bad), "What is it?")
     with pytest.raises(ValueError, match="not found"):
         model.chat(str(tmp_path / "missing.png"), "What is it?")
+    with pytest.raises(ValueError, match=r"image path is a directory, not a file") as e:  # not "not found"
+        model.chat(str(tmp_path), "What is it?")
+    assert str(tmp_path) in str(e.value)
+    with pytest.raises(ValueError, match=r"bad image source 42 \(a int\); expected an image file path .*PIL\.Image"
+                                         r"\.Image, a numpy array .*a video"):
+        model.chat(42, "What is it?")
     limit = model.llm.model.config.max_position_embeddings
     with pytest.raises(ValueError, match="context window"):
         model.chat(None, "x" * (limit + 5))

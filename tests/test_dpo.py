@@ -235,3 +235,56 @@ def test_pair_row_refuses_different_pixels(micro):
         pair_row(item, other, 100, "s")
     row = pair_row(item, {**other, "pixel_values": item["pixel_values"]}, 100, "s")
     assert row["input_ids"].tolist() == [1, 2, 3, 4] and row["part"].tolist() == [1, 1, 2, 3]
+
+
+def test_shapes_pairs_reject_a_plausible_wrong_answer_of_the_same_kind():
+    """``shapes_preference``: each rejected answer is a wrong answer to the same question, of the same form: another
+    colour / shape, one more or one fewer, the right box (same size) moved onto another shape or by a third of the
+    image (IoU with the right box < 0.5: a wrong place, not a few units off), a caption with one colour changed;
+    each pair carries its kind (task)."""
+    import re
+
+    from vlm.data.shapes.preference import ShapesPairs
+    from vlm.data.shapes.scene import COLORS, DEFAULT_SHAPES
+    from vlm.data.boxes import iou
+
+    pairs = ShapesPairs(split="train", size=250, image_size=48, seed=1,
+                        tasks={"vqa_color": 1, "vqa_count": 1, "vqa_shape": 1, "grounding": 1, "caption": 1})
+    seen = set()
+    for i in range(len(pairs)):
+        p = pairs.sample(i)
+        task, right, wrong = p.chosen.meta["task"], p.chosen.messages[-1].text(), p.rejected.messages[-1].text()
+        seen.add(task)
+        assert p.chosen.messages[:-1] == p.rejected.messages[:-1] and right != wrong
+        if task == "vqa_color":
+            assert right in COLORS and wrong in COLORS
+        elif task == "vqa_shape":
+            assert right in DEFAULT_SHAPES and wrong in DEFAULT_SHAPES
+        elif task == "vqa_count":
+            assert abs(int(right) - int(wrong)) == 1 and int(wrong) >= 1
+        elif task == "caption":  # one colour word changed, its article with it: no grammatical tell
+            changed = [(x, y) for x, y in zip(right.split(), wrong.split()) if x != y]
+            assert len(right.split()) == len(wrong.split()) and 1 <= len(changed) <= 2, (right, wrong)
+            assert changed[-1][1] in COLORS and not re.search(r"\ba [aeiou]|\ban [^aeiou]", wrong), (right, wrong)
+        else:
+            a, b = ([int(v) for v in re.findall(r"\d+", t.split("<box>")[1])] for t in (right, wrong))
+            assert right.split("<box>")[0] == wrong.split("<box>")[0]
+            assert (a[2] - a[0], a[3] - a[1]) == (b[2] - b[0], b[3] - b[1]) and 0 <= min(b) and max(b) <= 999
+            assert iou(a, b) < 0.5, (right, wrong)
+    assert seen == {"vqa_color", "vqa_shape", "vqa_count", "grounding", "caption"}
+
+
+def test_pairs_carry_their_kind(micro, tmp_path):
+    """A record's ``kind`` (shapes pairs: their task) reaches the processed row's meta (per-kind held-out metrics)."""
+    _, _, _, proc = micro
+    Image.new("RGB", (32, 32), (220, 30, 30)).save(tmp_path / "r.png")
+    records = [{"id": "a", "images": ["r.png"], "prompt": "<image>\nColour?", "chosen": "red", "rejected": "blue",
+                "kind": "colour"},
+               {"id": "b", "images": ["r.png"], "prompt": "<image>\nColour?", "chosen": "red", "rejected": "green"}]
+    (tmp_path / "p.json").write_text(json.dumps(records))
+    ds = build_dataset({"name": "preference", "train": str(tmp_path / "p.json"), "eval": str(tmp_path / "p.json")},
+                       proc)
+    assert [ds[i]["meta"]["kind"] for i in range(2)] == ["colour", None]
+    shapes = build_dataset({"name": "shapes_preference", "split": "val", "size": 4, "image_size": 32}, proc)
+    assert [shapes[i]["meta"]["kind"] for i in range(4)] == [shapes.samples.sample(i).chosen.meta["task"]
+                                                              for i in range(4)]

@@ -130,7 +130,8 @@ def test_interpolate_pos_encoding(name, model_cls, cfg_cls, cls):
     """Off the native grid the position embeddings are interpolated (transformers' ``interpolate_pos_encoding``);
     such sizes must then be multiples of the patch size."""
     torch.manual_seed(0)
-    ref = model_cls(cfg_cls(**TINY_TOWER, image_size=32, patch_size=8)).eval()
+    headless = {"vision_use_head": False} if name == "siglip" else {}  # (as our siglip tower, however built)
+    ref = model_cls(cfg_cls(**TINY_TOWER, image_size=32, patch_size=8, **headless)).eval()
     enc = encoders.build({"name": name, "config": ref.config.to_dict(), "select": "all",
                           "interpolate_pos_encoding": True}).eval()
     enc.model.load_state_dict(ref.state_dict())
@@ -375,3 +376,24 @@ def test_timm_dynamic_image_size():
         encoders.build({"name": "timm", "model_name": "resnet10t", "image_size": 32, "dynamic_img_size": True})
     cnn = encoders.build({"name": "timm", "model_name": "resnet10t", "image_size": 32, "feature_layer": 3})
     assert cnn.num_tokens((32, 64)) == 8 and cnn.num_prefix_tokens == 0  # a CNN takes any multiple of its stride
+
+
+@pytest.mark.parametrize("name", ["siglip", "siglip2"])
+def test_config_built_siglip_drops_the_pooling_head(name):
+    """A tower built from a ``config`` (no weights) has no attention-pooling head, as a ``pretrained`` one: SigLIP
+    So400m/14-384's config (transformers' default ``vision_use_head: true``, or stated) gives transformers'
+    ``SiglipVisionModel`` parameter count without the head, 412,987,248 (the head alone would add 15.2M)."""
+    so400m = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16,
+              "image_size": 384, "patch_size": 14}
+    count = lambda module: sum(p.numel() for p in module.parameters())
+    with torch.device("meta"):
+        headless = count(SiglipVisionModel(SiglipVisionConfig(**so400m, vision_use_head=False)))
+        with_head = count(SiglipVisionModel(SiglipVisionConfig(**so400m)))
+        if name == "siglip2":  # siglip2's config has no image_size (native patches), its own key for positions
+            so400m = {k: v for k, v in so400m.items() if k != "image_size"}
+        for cfg in (so400m, {**so400m, "vision_use_head": True}):
+            enc = encoders.build({"name": name, "config": cfg})
+            assert getattr(enc.model, "head", None) is None and enc.model.config.vision_use_head is False
+            if name == "siglip":
+                assert count(enc) == headless == 412_987_248
+    assert with_head - headless > 15_000_000

@@ -236,6 +236,32 @@ def test_convert_cli_both_ways_and_save_load(saved, tmp_path):
             assert torch.equal(loaded(**inputs).logits, ref), d
 
 
+def test_convert_keeps_the_source_format_and_refuses_format_on_import(saved, tmp_path, capsys):
+    """smolvlm (or idefics3) -> vlm -> (no --format) -> the same format: the import records ``source_format`` in the
+    vlm config.json and the export prefers it; ``--format`` naming another format on an import is refused, an
+    unknown one is a plain message listing the formats (no KeyError quotes)."""
+    from vlm.convert import main
+    from vlm.interop import FORMATS
+
+    family, path, _, _, _ = saved
+    other = "idefics3" if family == "smolvlm" else "smolvlm"
+    assert main([str(path), str(tmp_path / "bad"), "--format", other]) == 1
+    err = capsys.readouterr().err
+    assert f"--format '{other}'" in err and "export (vlm -> transformers) only" in err and f"'{family}'" in err
+    assert not (tmp_path / "bad").exists()
+    assert main([str(path), str(tmp_path / "vlm"), "--format", family]) == 0  # its own format: accepted
+    assert json.loads((tmp_path / "vlm" / "config.json").read_text())["source_format"] == family
+    assert vlm.load(tmp_path / "vlm").source_format == family
+    assert main([str(tmp_path / "vlm"), str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == family
+    assert main([str(tmp_path / "vlm"), str(tmp_path / "hf2"), "--format", other]) == 0  # --format still wins
+    assert json.loads((tmp_path / "hf2" / "config.json").read_text())["model_type"] == other
+    assert main([str(tmp_path / "vlm"), str(tmp_path / "hf3"), "--format", "bogus"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("vlm.convert: error: to_hf: unknown format 'bogus'") and not err.endswith('"')
+    assert all(n in err for n in FORMATS.names())
+
+
 def test_bad_geometry_is_named(tmp_path):
     # a scale_factor that does not divide the 4x4 patch grid
     save_family(tmp_path / "sf", "idefics3", scale_factor=3)
@@ -253,3 +279,17 @@ def test_a_partial_pixel_mask_is_refused(saved):
     inputs["pixel_attention_mask"][0, 0, :, -1] = 0
     with pytest.raises(ValueError, match=r"covers only part of view 0 of sample 0"):
         model(**inputs)
+
+
+def test_a_video_is_refused_naming_what_the_model_takes(saved, tmp_path):
+    """Idefics3 / SmolVLM take no video input: ``model.chat`` with a video names the model's parts and says to give
+    the frames as images (not the old rule that only native-resolution encoders take videos)."""
+    from vlm.data.readers.base import SampleError
+
+    _, _, model, _, _ = saved
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"\0" * 64)  # never decoded: refused before
+    with pytest.raises(SampleError, match=r"this model \(encoder 'idefics3_vision'.*\) takes no video input, only "
+                                          r"images.*give the video's frames as images") as e:
+        model.chat({"type": "video", "video": str(clip)}, "hi")
+    assert "native_resolution" not in str(e.value)

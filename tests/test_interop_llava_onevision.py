@@ -7,6 +7,7 @@ counts (0 included) and videos (frames pooled 2x2, a newline after each video); 
 and logits for one image; from_hf -> to_hf is exact; the exported directory answers ``model.chat`` exactly under
 plain transformers; ``python -m vlm.convert`` both ways; bad input is refused, named."""
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -397,8 +398,18 @@ def test_bad_geometry_is_refused_when_composed_or_imported(tmp_path):
     # a transformers directory whose pinpoints do not fit its tower, or whose budget is not anyres_max_N, names the
     # config keys
     save_onevision(tmp_path / "pins", "siglip-qwen2", pinpoints=[[S, 2 * S], [50, S]])
-    with pytest.raises(ValueError, match=r"config.json.*image_grid_pinpoints=.*vision_aspect_ratio=.*not multiples"):
+    with pytest.raises(ValueError, match=r"config.json': onevision: pinpoints \[\[50, \d+\]\] are not multiples.*"
+                                         r"\(from image_grid_pinpoints=.*vision_aspect_ratio="):
         from_hf(tmp_path / "pins")
+    # OneVision's 36 pinpoints, none fitting: the problem comes first and both lists are shortened
+    pins = [[S * i, S * j + 2] for i in range(1, 7) for j in range(1, 7)]
+    save_onevision(tmp_path / "pins36", "siglip-qwen2", pinpoints=pins)
+    with pytest.raises(ValueError) as e:
+        from_hf(tmp_path / "pins36")
+    msg = str(e.value)
+    assert re.search(r"config.json': onevision: pinpoints \[\[\d+, \d+\], .*, \.\.\.\] \(36 of 36\) are not "
+                     r"multiples", msg), msg
+    assert "image_grid_pinpoints=[" in msg and "(36 in all)" in msg and str(pins[10]) not in msg, msg
     save_onevision(tmp_path / "aspect", "siglip-qwen2", aspect="anyres")
     with pytest.raises(ValueError, match=r"config.json.*vision_aspect_ratio='anyres'; expected 'anyres_max_N'"):
         from_hf(tmp_path / "aspect")
@@ -492,3 +503,38 @@ def test_a_model_built_from_parts_exports_and_answers_as_model_chat(tmp_path):
         with torch.no_grad():
             ids = exported.generate(**inputs, max_new_tokens=5, do_sample=False)[:, inputs["input_ids"].shape[1]:]
         assert decode(proc.tokenizer, ids, model.generation["eos_token_id"])[0] == reply and reply, conversation
+
+
+def test_export_without_set_template_writes_video_parts(tmp_path):
+    """A parts-built OneVision model whose tokenizer template (byte_tokenizer's chatml) has no video branch, exported
+    without ``set_template``: the written chat template writes ``<video>`` for a video part (the model's own tokenizer
+    unchanged), and plain transformers answers a video question as model.chat does."""
+    import warnings
+
+    from PIL import Image
+
+    from vlm.data.sample import Video
+
+    torch.manual_seed(3)
+    tok = byte_tokenizer("chatml", extra_tokens=["<image>", "<video>"])
+    before = tok.chat_template
+    model = vlm.build({**build_cfg(PINPOINTS, max_tiles=2), "encoder": {
+        "name": "siglip", "config": {k: v for k, v in VISION["siglip"].items() if k != "model_type"}}},
+        tokenizer=tok).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: the template is fixed, not left broken
+        out = to_hf(model, tmp_path / "out")
+    assert model.tokenizer.chat_template == before
+    exported = AutoModelForImageTextToText.from_pretrained(str(out)).eval()
+    proc = hf_processor(out)
+    clip = video(4)
+    conversation = turn(0, "what happens?", 1)
+    reply, _ = model.chat(Video([Image.fromarray(f) for f in clip]), "what happens?", max_new_tokens=5)
+    inputs = proc(text=[proc.apply_chat_template(conversation, add_generation_prompt=True)], return_tensors="pt",
+                  videos=[clip])
+    with torch.no_grad():
+        ids = exported.generate(**inputs, max_new_tokens=5, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    assert reply and decode(proc.tokenizer, ids, model.generation["eos_token_id"])[0] == reply

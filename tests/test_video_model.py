@@ -224,10 +224,14 @@ def test_bad_video_input_is_named(model, proc, tmp_path):
                             "connector": {"name": "mlp"}, "llm": {"name": "hf_causal_lm", "config": copy.deepcopy(TEXT)}},
                            tokenizer=byte_tokenizer())
     assert clip_model.video_token_id is None
-    with pytest.raises(SampleError, match=r"sample 'v'.*takes no videos"):
+    with pytest.raises(SampleError, match=r"sample 'v'.*this model \(encoder 'clip'\) takes no video input, only "
+                       r"images.*frames as images") as e:
         Processor.for_model(clip_model, clip_model.tokenizer)(video_sample(write_clip(tmp_path / "x.mkv", n=2)))
+    assert "native_resolution" not in str(e.value)  # the model's own parts, not a rule about encoders
+    with pytest.raises(ValueError, match=r"video options .* this model \(encoder 'clip'\) takes no video input"):
+        Processor.for_model(clip_model, clip_model.tokenizer, video={"fps": 1})
     item = proc(video_sample(write_clip(tmp_path / "y.mkv", n=4)))
-    with pytest.raises(ValueError, match="takes no videos"):
+    with pytest.raises(ValueError, match="takes no such videos"):
         clip_model.video_features(item["pixel_values_videos"], item["video_grid_thw"])
     with pytest.raises(ValueError, match="video_grid_thw"):  # grids that disagree with the patches
         model(item["input_ids"][None], pixel_values_videos=item["pixel_values_videos"],

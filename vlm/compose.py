@@ -7,7 +7,8 @@ from typing import Any
 from vlm import arrangements, connectors, encoders, llm as llms
 from vlm.data.image_placement import DEFAULT as DEFAULT_IMAGE_LAYOUT, ImagePlacement
 from vlm.generation import generation_settings
-from vlm.model import VLM, param_dtype
+from vlm.dtypes import param_dtype
+from vlm.model import VLM
 from vlm.persistence import DEFAULT_IMAGE_PREPROCESSING
 from vlm.registry import to_dict
 
@@ -100,6 +101,7 @@ def from_config(config: dict[str, Any]) -> VLM:
                 video_token=config.get("video_token") or "<video>",
                 arrangement=build_arrangement(config.get("arrangement"), lm))
     model.generation = dict(config.get("generation") or {})
+    model.source_format = config.get("source_format")  # configs written before it was recorded: None
     # configs written before the preprocessing was recorded: ImageProcessor's default
     model.image_preprocessing = dict(config.get("image_preprocessing") or DEFAULT_IMAGE_PREPROCESSING)
     # configs written before the placement was recorded: the documented default; an explicit null stays None

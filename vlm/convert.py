@@ -3,8 +3,9 @@
     python -m vlm.convert SRC DST [--to hf|vlm] [--format llava] [--dtype bfloat16] [--no-processor]
 
 The direction comes from ``SRC/config.json``: ``{"format": "vlm", ...}`` (written by ``VLM.save_pretrained``) is
-exported to the first transformers format that can hold it (``--format`` names one); a ``model_type`` that
-``vlm.interop`` imports (``llava``, ...) is imported as a vlm directory. ``--to`` forces the direction.
+exported to the format it was imported from (``source_format``) when that can hold it, else the first transformers
+format that can (``--format`` names one); a ``model_type`` that ``vlm.interop`` imports (``llava``, ...) is imported
+as a vlm directory (``--format`` other than its own is refused). ``--to`` forces the direction.
 """
 from __future__ import annotations
 
@@ -63,8 +64,29 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, dtype: s
                              f"'vlm' as written by VLM.save_pretrained")
         model = vlm.load(src)
         return to_hf(model, dst, format=format, dtype=dtype, processor=processor)
+    check_import_format(src, format)
     model = from_hf(src, dtype=dtype)
     return model.save_pretrained(dst)
+
+
+def check_import_format(src: Path, format: str | None) -> None:
+    """``--format`` on an import: the format comes from ``SRC/config.json``'s ``model_type``, so a ``format`` naming
+    another one is a ``ValueError`` (naming both and saying that ``--format`` applies to export); the source's own
+    name (or none) is accepted. The vlm directory records it (``source_format``), and exporting it again writes
+    that format by default."""
+    if format is None:
+        return
+    from vlm.interop.formats import FORMATS, format_for_model_type
+
+    model_type = read_config(src).get("model_type")
+    fmt = format_for_model_type(model_type, f"convert: {str(src / 'config.json')!r}")
+    if format != fmt.registry_name:
+        known = "" if format in FORMATS.names() else f" (not a format: expected one of {', '.join(FORMATS.names())})"
+        raise ValueError(f"--format {format!r}{known} applies to export (vlm -> transformers) only; "
+                         f"{str(src / 'config.json')!r} is a transformers directory (model_type {model_type!r}, "
+                         f"format {fmt.registry_name!r}), imported as such and recorded in the vlm directory, whose "
+                         f"export writes {fmt.registry_name!r} again by default; drop --format, or export the vlm "
+                         f"directory with --format NAME")
 
 
 def describe(direction: str, hf_dir: Path) -> str:
@@ -90,14 +112,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="export only: do not write the image processor / tokenizer / processor config")
     parser.add_argument("--format", default=None,
                         help="export only: the transformers format to write (a vlm.interop.FORMATS name, e.g. llava; "
-                             "default: the first that can hold the model)")
+                             "default: the format the model was imported from when it can hold it, else the first "
+                             "that can); on an import only SRC's own format is accepted")
     args = parser.parse_args(argv)
     try:
         direction = args.to or detect_direction(Path(args.src))
         out = convert(args.src, args.dst, to=direction, dtype=args.dtype, processor=not args.no_processor,
                       format=args.format)
     except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"vlm.convert: error: {e}", file=sys.stderr)
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e  # a KeyError's str() is its repr
+        print(f"vlm.convert: error: {message}", file=sys.stderr)
         return 1
     hf_dir = Path(args.src) if direction == "vlm" else out
     print(f"vlm.convert: {describe(direction, hf_dir)}: wrote {out}")

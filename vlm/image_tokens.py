@@ -21,7 +21,7 @@ from vlm.encoders.base import as_pair
 class ImageTokens:
     """``(H, W) -> int``: tokens one image (tile) of ``H x W`` pixels becomes (``VLM.num_image_tokens``)."""
 
-    #: ``vlm.data.processor.TokenCount`` keeps it when pickled (it holds configs, not the model)
+    #: ``vlm.data.placeholders.TokenCount`` keeps it when pickled (it holds configs, not the model)
     pickles_without_model = True
 
     def __init__(self, encoder: nn.Module, connector: nn.Module, arrangement: nn.Module | None = None) -> None:

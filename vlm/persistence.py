@@ -53,6 +53,9 @@ class VLMConfig:
     video_token: str = "<video>"
     # how each image's view tokens are arranged (vlm.arrangements; None: one view after another)
     arrangement: dict[str, Any] | None = None
+    # the vlm.interop format (FORMATS name) the model was imported from (None: built by vlm); to_hf without format=
+    # writes it again when it can hold the model
+    source_format: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}

@@ -72,10 +72,11 @@ class AnyresGrid(Arrangement):
         s = int(s[0] if isinstance(s, (tuple, list)) else s)
         bad = [p for p in self.options["pinpoints"] if p[0] % s or p[1] % s]
         if bad:
-            raise ValueError(f"{self.registry_name}: pinpoints {bad} are not multiples of the encoder's image (tile) "
-                             f"size {s}: "
-                             f"every pinpoint [height, width] must be a whole number of {s} x {s} tiles (e.g. "
-                             f"{[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]]})")
+            shown = str(bad) if len(bad) <= 4 else str(bad[:4])[:-1] + f", ...] ({len(bad)} of " \
+                f"{len(self.options['pinpoints'])})"
+            raise ValueError(f"{self.registry_name}: pinpoints {shown} are not multiples of the encoder's image (tile) "
+                             f"size {s}: every pinpoint [height, width] must be a whole number of {s} x {s} tiles "
+                             f"(e.g. {[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]]})")
         grid = connector.output_grid(encoder.grid((s, s))) \
             if not getattr(connector, "fuses_by_cross_attention", False) else None
         if grid is None:

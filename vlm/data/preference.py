@@ -6,7 +6,8 @@ A record (JSON / JSONL / parquet / HF ``datasets``, any source ``load_records`` 
 - the prompt: ``prompt`` (a string with ``<image>`` placeholders, or a list of messages) or ``conversation`` /
   ``messages`` / ``conversations`` (messages ``{"role"|"from", "content"|"value"}``, ending with the user's turn);
 - ``chosen`` and ``rejected``: the two answers, each a string, an assistant message, or a whole conversation (the
-  prompt then is their shared turns before the last; TRL's "implicit prompt" form).
+  prompt then is their shared turns before the last; TRL's "implicit prompt" form);
+- ``kind`` (optional): a label the held-out evaluation scores separately (``pairs/preference_accuracy/<kind>``).
 
 Each answer becomes an SFT sample (the prompt + that answer, read by the ``messages`` reader) and is processed by
 the stage's processor: the same template, box rewriting and checks as SFT data. The two processed sequences share
@@ -135,7 +136,10 @@ class PreferenceSamples(SampleDataset):
             chosen, rejected = sft_records(record)
         except SampleError as e:
             raise SampleError(e.problem, reason=e.reason, index=i, sample_id=sid, source=self.source_name) from None
-        return Pair(self.reader.convert(chosen, index=i), self.reader.convert(rejected, index=i))
+        pair = Pair(self.reader.convert(chosen, index=i), self.reader.convert(rejected, index=i))
+        if isinstance(record, Mapping) and record.get("kind") is not None:  # scored per kind when held out
+            pair.chosen.meta["kind"] = str(record["kind"])
+        return pair
 
 
 def pair_row(chosen: dict[str, Any], rejected: dict[str, Any], max_length: int | None,
@@ -194,6 +198,7 @@ class ProcessedPairs(WrapsSamples, Dataset):
         sid = pair.chosen.id
         row = pair_row(self.processor(pair.chosen), self.processor(pair.rejected), self.processor.max_length, sid)
         row["meta"]["index"] = pair.chosen.meta.get("index")
+        row["meta"]["kind"] = pair.chosen.meta.get("kind", pair.chosen.meta.get("task"))  # per-kind eval metrics
         return row
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -254,3 +259,12 @@ def preference(train: str, eval: str | None = None, part: str = "train", heldout
         samples.indices = keep
         samples.selection = f"{part}: {len(keep)} of the {len(samples.records)} pairs of {source}"
     return processed_pairs(samples, processor)
+
+
+def preference_held_out(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The held-out part of a ``preference`` spec: the same file's ``part: eval`` (its ``eval`` file, or the
+    ``heldout`` pairs its training part leaves out)."""
+    return {**spec, "part": "eval"}
+
+
+preference.held_out = preference_held_out  # type: ignore[attr-defined]

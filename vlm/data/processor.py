@@ -14,6 +14,10 @@ Tokenization: the rendered prompt (text segments joined, each image slot written
 then give the labels: a token is trained when any of its characters lies in trainable text (the rule of
 transformers' ``return_assistant_tokens_mask``) and none in an image block. Tokenizers without offsets (not ``is_fast``) fall back to tokenizing
 piece by piece, with a warning. See docs/data.md, "Tokenization".
+
+``Processor`` is its mixins plus the tokenization and labels: the images and videos loaded and their pixel tensors
+(``vlm.data.media_inputs``), the placeholder text of each image and video and the count rule ``TokenCount``
+(``vlm.data.placeholders``); here the setup (``for_model``), the prompt tokenized once, labels and truncation.
 """
 from __future__ import annotations
 
@@ -22,34 +26,23 @@ import inspect
 import warnings
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from vlm.data.errors import DataError
-from vlm.data.readers.base import SampleError, locate
+from vlm.data.media_inputs import MediaInputs, no_video_input
+from vlm.data.placeholders import Piece, Placeholders, TokenCount
+from vlm.data.readers.base import SampleDropped, SampleError, locate
 from vlm.data.sample import Sample
-from vlm.data.templates import ImageSlot, Template, Text, VideoSlot, build_template
+from vlm.data.templates import ImageSlot, Template, VideoSlot, build_template
 from vlm.labels import IGNORE_INDEX
 
-
-class Piece(NamedTuple):
-    """A character range ``[start, end)`` of the rendered prompt: template text (``trainable`` or not) or an image
-    block (``image_tokens`` placeholders between its markers; ``None`` for text)."""
-
-    start: int
-    end: int
-    trainable: bool = False
-    image_tokens: int | None = None
+# importable from here as before the split
+__all__ = ["IGNORE_INDEX", "Piece", "Processor", "SampleDropped", "TokenCount"]
 
 
-class SampleDropped(SampleError):
-    """A sample the processor drops by policy (e.g. too long to truncate without cutting an image).
-
-    Datasets always skip and count these, whatever their ``skip_bad`` setting."""
-
-
-class Processor:
+class Processor(Placeholders, MediaInputs):
     """Turn a ``Sample`` into ``{"input_ids", "labels", "pixel_values", "meta"}``.
 
     Args:
@@ -181,12 +174,13 @@ class Processor:
                                                         **{**video_options, **geometry})
             options["video_token"] = getattr(config, "video_token", None) or "<video>"
         elif video_options:
-            raise ValueError(f"video options {video_options} were given but the model takes no videos (its encoder "
-                             f"states no native_resolution)")
+            raise ValueError(f"video options {video_options} were given but {no_video_input(model)}")
         multi = arrangement.multi_image_layout() if arrangement is not None else None
         if multi is not None:  # the images of a multi-image sample, as the arrangement lays them out
             options.setdefault("multi_image_processor", ImageProcessor.from_model(model, **multi))
         proc = cls(tokenizer, template, image_processor, count, image_token=image_token, **options)
+        if geometry is None:
+            proc.no_video_input = no_video_input(model)
         model_id = getattr(config, "image_token_id", getattr(model, "image_token_id", None))
         if model_id is not None and model_id != proc.image_token_id:
             raise ValueError(f"the model's image_token_id is {model_id} but the tokenizer maps {image_token!r} to "
@@ -197,117 +191,7 @@ class Processor:
                              f"to {proc.video_token_id}; use the tokenizer the model was built with")
         return proc
 
-    # --------------------------------------------------------------------------------------------- images
-    def _tile_cap(self, sizes: list[tuple[int, int]], sid: Any) -> int | None:
-        """The per-image ``max_tiles`` keeping the sample within ``max_tiles_per_sample`` (None: no cap)."""
-        budget, ip = self.max_tiles_per_sample, self.image_processor
-        if not budget or not sizes or getattr(ip, "tiling", None) is None or not self._ip_takes_max_tiles:
-            return None
-        count = getattr(ip, "num_images", None)
-        for cap in range(max(1, budget // len(sizes)), 0, -1):
-            if count is None or sum(count(w, h, max_tiles=cap) for w, h in sizes) <= budget:
-                return cap
-        raise SampleDropped(f"{len(sizes)} images need more than the tile budget of {budget}", reason="tile_budget",
-                            sample_id=sid)
-
-    def _images(self, sample: Sample, order: list[int], allow_urls: bool) -> tuple[list[torch.Tensor], list[Any]]:
-        if order and (self.image_processor is None or self.num_image_tokens is None):
-            missing = "image_processor" if self.image_processor is None else "num_image_tokens"
-            raise SampleError(f"sample has images but the processor has no {missing}", reason="config",
-                              sample_id=sample.id)
-        pils = [self.image_loader(sample.images[i], root=self.image_root, allow_urls=allow_urls, sample_id=sample.id)
-                for i in order]
-        several = len(pils) > 1 and self.multi_image_processor is not None
-        cap = None if several else self._tile_cap([p.size for p in pils], sample.id)
-        kwargs = {"max_tiles": cap} if cap is not None else {}
-        processor = self.multi_image_processor if several else self.image_processor
-        tiles, infos = [], []
-        for pil in pils:
-            t, info = processor(pil, **kwargs)
-            tiles.append(t)
-            infos.append(info)
-        total = sum(t.shape[0] for t in tiles)
-        if self.max_tiles_per_sample and total > self.max_tiles_per_sample:
-            raise SampleDropped(f"{total} tiles exceed the tile budget of {self.max_tiles_per_sample}",
-                                reason="tile_budget", sample_id=sample.id)
-        return tiles, infos
-
-    def _videos(self, sample: Sample, order: list[int], allow_urls: bool) -> tuple[list[torch.Tensor], list[Any]]:
-        """Each video of ``order`` as normalized frames ``(T, 3, H, W)`` and its ``VideoInfo``."""
-        if order and self.video_processor is None:
-            raise SampleError(f"sample has {len(order)} video(s) but the processor has no video_processor: the model "
-                              f"takes no videos (only an encoder stating native_resolution, e.g. qwen2_vl_vit, "
-                              f"does); give the frames as images instead", reason="config", sample_id=sample.id)
-        out = [self.video_processor(sample.videos[i], sample_id=sample.id, allow_urls=allow_urls) for i in order]
-        return [f for f, _ in out], [info for _, info in out]
-
-    def _video_tokens(self, frames: torch.Tensor) -> int:
-        """Placeholders of one video: its temporal patches x the tokens of one frame of its size; fixed-size frames
-        (the video processor's ``size``): the arrangement's count for its frame count."""
-        if self.video_processor.options.get("size") is not None:
-            return self.num_image_tokens.video(frames.shape[0])
-        tp = int(self.video_processor.options["temporal_patch_size"])
-        return -(-frames.shape[0] // tp) * int(self.num_image_tokens(tuple(frames.shape[-2:])))
-
     # ------------------------------------------------------------------------------------------- tokenize
-    def _layout(self, segments: list[Any], tiles: list[torch.Tensor], add_generation_prompt: bool,
-                videos: list[torch.Tensor] = (), infos: list[Any] = (), sample_id: Any = None
-                ) -> tuple[str, list[Piece]]:
-        """The prompt as one string and its pieces. Each image slot is written as ``image_start``, ``image_token``
-        repeated ``tiles x num_image_tokens((H, W))`` times (with a model that arranges its views,
-        ``vlm.arrangements``: the arrangement's count for the image's original size), ``image_end`` (what
-        ``LlavaProcessor`` puts in the text before it tokenizes); nothing is trainable under
-        ``add_generation_prompt``."""
-        parts: list[str] = []
-        pieces: list[Piece] = []
-        pos = 0
-        image_iter, video_iter, info_iter = iter(tiles), iter(videos), iter(infos)
-        markers = (self.template.image_start or "", self.template.image_end or "")
-        for seg in segments:
-            if isinstance(seg, Text):
-                piece_text, train, n = seg.text, seg.trainable and not add_generation_prompt, None
-            elif isinstance(seg, VideoSlot):
-                n = self._video_tokens(next(video_iter))
-                piece_text, train = markers[0] + self.video_token * n + markers[1], False
-            else:
-                t, info = next(image_iter), next(info_iter, None)
-                n = self._image_tokens(t, info, sample_id, alone=len(tiles) == 1)
-                piece_text, train = markers[0] + self._image_text(t, info, n) + markers[1], False
-            parts.append(piece_text)
-            pieces.append(Piece(pos, pos + len(piece_text), train, n))
-            pos += len(piece_text)
-        return "".join(parts), pieces
-
-    def _image_text(self, views: torch.Tensor, info: Any, n: int) -> str:
-        """The text of one image's ``n`` placeholders: the image layout's (``Layout.image_text``: Idefics3 writes
-        ``<row_r_col_c>`` before each crop's tokens), or ``image_token * n`` (no layout, or a model that arranges
-        its views)."""
-        layout = getattr(self.image_processor, "layout", None)
-        if layout is None or info is None or getattr(self.num_image_tokens, "arranges", False):
-            return self.image_token * n
-        per_view = int(self.num_image_tokens(tuple(views.shape[-2:])))
-        return layout.image_text(info, self.image_token, [per_view] * views.shape[0])
-
-    def _image_tokens(self, views: torch.Tensor, info: Any, sample_id: Any, alone: bool = True) -> int:
-        """Placeholders of one image of ``views (n, 3, H, W)``: ``n x num_image_tokens((H, W))``, or, when the
-        count arranges views (``TokenCount.arranges``), its count for the image's original size (and whether it is
-        ``alone`` in its sample; ``SampleError`` naming the sample when it refuses the size, or when the image's
-        views are not the ones it expects)."""
-        if not getattr(self.num_image_tokens, "arranges", False):
-            return views.shape[0] * int(self.num_image_tokens(tuple(views.shape[-2:])))
-        w, h = info.original_size
-        try:
-            n = self.num_image_tokens.image(h, w, alone=alone)
-            expected = self.num_image_tokens.views(h, w, alone=alone)
-        except ValueError as e:
-            raise SampleError(str(e), reason="image_size", sample_id=sample_id) from None
-        if views.shape[0] != expected:
-            what = "a base view + its pinpoint's tiles" if alone else "one view: the image shares its sample"
-            raise SampleError(f"an image of {w}x{h} pixels (width x height) became {views.shape[0]} views, but the "
-                              f"model's arrangement expects {expected} ({what}): the image layout (tiling) must be "
-                              f"the model's ({self.num_image_tokens.layout()})", reason="config", sample_id=sample_id)
-        return n
-
     def _tokenize(self, text: str, pieces: list[Piece]) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         """``(ids, starts, ends)``: the ids of ``text`` and each token's character range ``[start, end)`` (L,).
 
@@ -417,53 +301,6 @@ class Processor:
                 **self._video_pixels(videos, video_infos, sample.id),
                 "meta": meta}
 
-    def _video_pixels(self, videos: list[torch.Tensor], infos: list[Any], sample_id: Any = None
-                      ) -> dict[str, torch.Tensor]:
-        """The item's videos as flat patches: ``pixel_values_videos (P, D)``, ``video_grid_thw (M, 3)`` (patch units)
-        and ``second_per_grid_ts (M,)`` (seconds one temporal patch spans); nothing without videos. Fixed-size frames
-        (the video processor's ``size``: OneVision): ``pixel_values_videos (M, F, 3, S, S)`` stacked (``SampleError``
-        for videos of different frame counts)."""
-        if not videos:
-            return {}
-        if self.video_processor.options.get("size") is not None:  # fixed-size frames: (M, F, 3, S, S)
-            counts = sorted({v.shape[0] for v in videos})
-            if len(counts) > 1:
-                raise SampleError(f"the sample's videos have {counts} frames; fixed-size frames are stacked "
-                                  f"(videos, frames, 3, S, S): give its videos one frame count (num_frames)",
-                                  reason="video_frames", sample_id=sample_id)
-            return {"pixel_values_videos": torch.stack(videos)}
-        from vlm.data.patches import concat_patches
-
-        o = self.video_processor.options
-        pixels, grid_thw = concat_patches(videos, patch_size=int(o["patch_size"]),
-                                          temporal_patch_size=int(o["temporal_patch_size"]),
-                                          merge_size=int(o["merge_size"]))
-        seconds = torch.tensor([float(i.second_per_grid_t) for i in infos], dtype=torch.float32)
-        return {"pixel_values_videos": pixels, "video_grid_thw": grid_thw, "second_per_grid_ts": seconds}
-
-    def _pixels(self, tiles: list[torch.Tensor], infos: list[Any] = ()) -> dict[str, torch.Tensor | None]:
-        """The item's pixels: every view ``(n, 3, H, W)`` concatenated, or, when the layout hands its views to the
-        encoder as flat patches (``Layout.patch_options``: native resolution, each view its own size), ``pixel_values
-        (P, D)`` + ``image_grid_thw (N, 3)`` (``vlm.data.patches.concat_patches``). A model that arranges its views
-        (``TokenCount.arranges``) also gets ``image_sizes (N, 2)``: each image's original ``(height, width)``."""
-        if not tiles:
-            return {"pixel_values": None}
-        options = getattr(getattr(self.image_processor, "layout", None), "patch_options", None)
-        if options is None and getattr(self.num_image_tokens, "arranges", False):
-            # the model arranges each image's views by its original size: image_sizes (N, 2) (height, width)
-            out = {"pixel_values": torch.cat(tiles),
-                   "image_sizes": torch.tensor([(i.original_size[1], i.original_size[0]) for i in infos],
-                                               dtype=torch.long).reshape(-1, 2)}
-            if self.num_image_tokens.lays_out_multi_image:  # which images share their sample (OneVision)
-                out["batch_num_images"] = torch.tensor([len(tiles)], dtype=torch.long)
-            return out
-        if options is None:
-            return {"pixel_values": torch.cat(tiles)}
-        from vlm.data.patches import concat_patches
-
-        pixel_values, grid_thw = concat_patches([view for t in tiles for view in t], **options)
-        return {"pixel_values": pixel_values, "image_grid_thw": grid_thw}
-
 
 def _overlaps(starts: torch.Tensor, ends: torch.Tensor, pieces: list[Piece]) -> torch.Tensor:
     """(L,) bool: which tokens (character ranges ``[starts, ends)``, (L,)) share a character with any piece.
@@ -474,67 +311,6 @@ def _overlaps(starts: torch.Tensor, ends: torch.Tensor, pieces: list[Piece]) -> 
     for p in pieces:
         mask |= (starts < p.end) & (ends > p.start)
     return mask
-
-
-class TokenCount:
-    """``(H, W) -> tokens per tile``: a constant, or a model's ``num_image_tokens`` memoized per size.
-
-    Pickles without the model (DataLoader workers must not receive a copy of it): after unpickling only the sizes
-    already asked (``for_model`` pre-asks the processor's tile size) are known, unless the source is itself
-    picklable without the model (it states ``pickles_without_model``: ``vlm.image_tokens.ImageTokens``, which
-    ``for_model`` passes), which then counts any size."""
-
-    def __init__(self, source: int | Callable[[tuple[int, int]], int], known: dict | None = None) -> None:
-        self.constant = source if isinstance(source, int) else None
-        self.fn = None if isinstance(source, int) else source
-        self.known: dict[tuple[int, int], int] = dict(known or {})
-
-    def __call__(self, hw: tuple[int, int]) -> int:
-        if self.constant is not None:
-            return self.constant
-        hw = tuple(int(v) for v in hw)
-        if hw not in self.known:
-            if self.fn is None:
-                raise ValueError(f"num_image_tokens for tile size {hw} unknown in this process (only {sorted(self.known)})")
-            self.known[hw] = int(self.fn(hw))
-        return self.known[hw]
-
-    @property
-    def arranges(self) -> bool:
-        """Whether the model arranges each image's views (``vlm.arrangements``): its count then depends on the
-        image's original size (``image``)."""
-        return bool(getattr(self.fn, "arranges", False))
-
-    @property
-    def lays_out_multi_image(self) -> bool:
-        """Whether the model's arrangement lays out the images of a multi-image sample otherwise (OneVision)."""
-        return bool(getattr(self.fn, "lays_out_multi_image", False))
-
-    def image(self, height: int, width: int, alone: bool = True) -> int:
-        """Tokens of one whole image of original ``height x width`` pixels (a model with an arrangement; ``alone``:
-        the only image of its sample)."""
-        if self.lays_out_multi_image:
-            return int(self.fn.image(height, width, alone=alone))
-        return int(self.fn.image(height, width))
-
-    def views(self, height: int, width: int, alone: bool = True) -> int:
-        """Views the model's arrangement expects for an image of original ``height x width`` pixels."""
-        if self.lays_out_multi_image:
-            return int(self.fn.views(height, width, alone=alone))
-        return int(self.fn.views(height, width))
-
-    def video(self, num_frames: int) -> int:
-        """Tokens of a video of ``num_frames`` fixed-size frames (a model whose arrangement takes videos)."""
-        return int(self.fn.video(num_frames))
-
-    def layout(self) -> dict:
-        """The image layout (``tiling``) the model's arrangement expects."""
-        return self.fn.layout()
-
-    def __getstate__(self) -> dict:
-        portable = getattr(self.fn, "pickles_without_model", False)
-        return {"constant": self.constant, "fn": self.fn if portable else None,
-                "known": self.known}
 
 
 def _accepts(fn: Any, name: str) -> bool:

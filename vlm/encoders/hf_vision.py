@@ -21,8 +21,8 @@ class HFVisionEncoder(VisionEncoder):
     """A transformers vision model whose ``hidden_states`` give the features.
 
     Subclasses set ``model_class``, ``config_class``, ``has_cls``, default ``image_mean``/``image_std``,
-    ``config_overrides`` (applied when building from dimensions or from a ``pretrained`` directory) and the image-size
-    rule (``fixed_position_grid``, ``native_size_only``).
+    ``config_overrides`` (applied however the tower is built: dimensions, ``config`` or a ``pretrained``
+    directory) and the image-size rule (``fixed_position_grid``, ``native_size_only``).
 
     Build from exactly one of: ``pretrained`` (a local directory holding a transformers vision model, or a full
     CLIP/SigLIP model whose vision part is used), ``config`` (a transformers config dict), or dimensions
@@ -128,12 +128,15 @@ class HFVisionEncoder(VisionEncoder):
 
     def build_config(self, config: dict[str, Any] | None, strict_config: bool, **dims: int) -> PretrainedConfig:
         """The transformers config of a random tower: from ``config`` (keys checked against ``config_class`` when
-        ``strict_config``; raises ``TypeError`` naming an unknown key) or else from the dimensions ``dims``."""
+        ``strict_config``; raises ``TypeError`` naming an unknown key) or else from the dimensions ``dims``; either
+        way with ``config_overrides`` applied, as for a ``pretrained`` directory."""
         if config is None:
             return self.config_class(**self.dims_config(**dims), **self.config_overrides)
         if strict_config:
             check_config_keys(self.config_class, config, f"{self.component_name} encoder config")
-        return self.config_class(**{k: v for k, v in config.items() if k != "model_type" and k not in FILE_KEYS})
+        # the overrides hold here too (a SigLIP config saying vision_use_head: true still builds no pooling head)
+        return self.config_class(**{**{k: v for k, v in config.items() if k != "model_type" and k not in FILE_KEYS},
+                                    **self.config_overrides})
 
     @staticmethod
     def check_feature_layers(feature_layer: FeatureLayer, num_layers: int) -> list[int]:

@@ -40,6 +40,13 @@ def processor_for(model: Any, template: Any = None, **options: Any) -> Any:
     return Processor.for_model(model, model.tokenizer, template=template or "auto", **options)
 
 
+#: what a turn's ``images`` entries may be (the end of the message for anything else)
+ACCEPTED_IMAGES = ("expected an image file path (str or os.PathLike), an http(s):// URL (allow_urls) or data: URI, a "
+                   "PIL.Image.Image, a numpy array (H, W) or (H, W, C), raw bytes, a {'bytes': ..., 'path': ...} dict, "
+                   "or a video ({'type': 'video', 'video': path or frame list} or vlm.data.sample.Video); several: a "
+                   "list of these")
+
+
 def _image_part(src: Any) -> dict[str, Any]:
     """One entry of a turn's ``images``: an image source, or a video (a ``{"type": "video", "video": path or frame
     list, ...options}`` part as the ``messages`` reader takes it, or a ``vlm.data.sample.Video``)."""
@@ -55,6 +62,9 @@ def _image_part(src: Any) -> dict[str, Any]:
         src = Image.fromarray(src if src.dtype == np.uint8 else np.clip(src, 0, 255).astype(np.uint8))
     elif isinstance(src, os.PathLike):
         src = os.fspath(src)
+    elif not isinstance(src, (str, bytes, bytearray, dict, Image.Image)):
+        # ValueError, as chat's other bad-input errors (a SampleError is one)
+        raise ValueError(f"bad image source {src!r} (a {type(src).__name__}); {ACCEPTED_IMAGES}")  # noqa: TRY004
     return {"type": "image", "image": src}
 
 

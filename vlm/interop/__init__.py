@@ -65,11 +65,13 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
                              f"with its own config.json")
     model = fmt.from_hf(path, dtype=dtype, tokenizer=tokenizer, **kwargs)
     model.image_placement = None  # the directory's own chat template places images (vlm.data.image_placement)
+    model.source_format = fmt.registry_name  # saved in config.json; to_hf prefers it (e.g. smolvlm, not idefics3)
     return model.eval()
 
 
 def to_hf(model: Any, path: str | os.PathLike, *, format: str | None = None,
           dtype: str | torch.dtype | None = None, processor: bool = True) -> Path:
-    """Write ``model`` as a transformers directory (safetensors) in ``format`` (a ``FORMATS`` name, default: the
-    first that can hold the model) and return the path. ``ValueError`` listing why when no format can."""
+    """Write ``model`` as a transformers directory (safetensors) in ``format`` (a ``FORMATS`` name; default: the
+    format the model was imported from, ``model.source_format``, when it can hold the model, else the first that
+    can) and return the path. ``ValueError`` listing why when no format can, or for an unknown ``format``."""
     return format_for_model(model, format).to_hf(model, path, dtype=dtype, processor=processor)

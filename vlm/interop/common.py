@@ -60,6 +60,15 @@ def is_tied(model: nn.Module) -> bool:
     return out is not None and out.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
 
 
+def short_list(items: Any, shown: int = 4) -> str:
+    """``items`` (a list) for a message: the first ``shown`` entries, then how many there are in all, e.g.
+    ``[[384, 768], [768, 384], ...] (36 in all)``; a list that short is shown whole."""
+    items = list(items)
+    if len(items) <= shown:
+        return str(items)
+    return str(items[:shown])[:-1] + f", ...] ({len(items)} in all)"
+
+
 def part_name(part: Any) -> str:
     """A component's registry name (``clip``, ``mlp``, ...) for messages, else its class name."""
     return getattr(part, "registry_name", type(part).__name__)

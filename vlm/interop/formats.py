@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from vlm.registry import Registry
+from vlm.registry import Registry, did_you_mean
 
 
 class HFFormat:
@@ -69,14 +69,21 @@ def format_for_model_type(model_type: Any, where: str) -> type[HFFormat]:
 
 
 def format_for_model(model: Any, name: str | None = None) -> type[HFFormat]:
-    """The format named ``name``, or the first registered one that can hold ``model``; ``ValueError`` listing every
-    format's problems otherwise."""
+    """The format named ``name``; else the one ``model`` was imported from (``model.source_format``) when it can hold
+    the model; else the first registered one that can. ``ValueError`` for an unknown ``name`` (listing the formats)
+    and, listing every format's problems, when none can hold the model."""
     if name is not None:
+        if name not in FORMATS.names():
+            raise ValueError(f"to_hf: unknown format {name!r} ({did_you_mean(name, FORMATS.names())}); expected one "
+                             f"of: {', '.join(FORMATS.names())}")
         fmt = FORMATS.get(name)
         problems = all_problems(fmt, model)
         if problems:
             raise ValueError(f"to_hf: this model cannot be exported as {fmt.hf_class}: " + "; ".join(problems))
         return fmt
+    source = getattr(model, "source_format", None)
+    if source in FORMATS.names() and not all_problems(FORMATS.get(source), model):
+        return FORMATS.get(source)
     reasons = {}
     for n in FORMATS.names():
         fmt = FORMATS.get(n)
@@ -90,5 +97,5 @@ def format_for_model(model: Any, name: str | None = None) -> type[HFFormat]:
 
 #: what serves a model no transformers format holds (the end of ``to_hf``'s error)
 SERVE_INSTEAD = ("It still serves from its vlm directory: `python -m vlm.chat DIR` (DIR: the model directory or the run "
-                 "directory), or `vlm.load(DIR).chat(image, question)` in Python; an HTTP server (`vlm.serve`) is "
-                 "coming. Which encoder x connector compositions export to which format: docs/interop.md")
+                 "directory), `vlm.load(DIR).chat(image, question)` in Python, or the OpenAI-compatible HTTP server "
+                 "`python -m vlm.serve DIR`. Which encoder x connector compositions export to which format: docs/interop.md")

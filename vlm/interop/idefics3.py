@@ -1,6 +1,7 @@
 """transformers ``Idefics3ForConditionalGeneration`` and ``SmolVLMForConditionalGeneration`` <-> ``vlm.VLM``, weight
-for weight (one architecture, two registrations: ``idefics3`` and ``smolvlm``; ``to_hf`` without ``format`` tries formats in
-name order, so a model that fits is written as Idefics3 unless ``format="smolvlm"``).
+for weight (one architecture, two registrations: ``idefics3`` and ``smolvlm``; ``to_hf`` without ``format`` writes the
+one a model was imported from (``model.source_format``), else tries formats in name order: a model built by vlm is
+written as Idefics3 unless ``format="smolvlm"``).
 
 | Idefics3 / SmolVLM                                    | vlm                                                        |
 | ----------------------------------------------------- | ---------------------------------------------------------- |

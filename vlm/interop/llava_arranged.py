@@ -35,8 +35,9 @@ def import_arranged(path: Path, config: Any, hf_class: type, arrangement_cfg: di
     try:
         arrangement.attach(parts.encoder, parts.connector)
     except ValueError as e:
-        raise ValueError(f"{where} ({keys}, vision_config.image_size={config.vision_config.image_size}, "
-                         f"vision_feature_select_strategy={config.vision_feature_select_strategy!r}): {e}") from None
+        # the problem first, then the config keys it comes from (the pinpoints shortened: OneVision has 36)
+        raise ValueError(f"{where}: {e} (from {keys}, vision_config.image_size={config.vision_config.image_size}, "
+                         f"vision_feature_select_strategy={config.vision_feature_select_strategy!r})") from None
     with torch.no_grad():
         arrangement.image_newline.copy_(parts.hf.model.image_newline)
     hf_processor = parts.image_processor

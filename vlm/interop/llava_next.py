@@ -51,7 +51,7 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
     return import_arranged(path, config, LlavaNextForConditionalGeneration,
                            {**ARRANGEMENT, "pinpoints": config.image_grid_pinpoints}, dtype=dtype,
                            tokenizer=tokenizer, attn_implementation=attn_implementation,
-                           keys=f"image_grid_pinpoints={config.image_grid_pinpoints}")
+                           keys=f"image_grid_pinpoints={common.short_list(config.image_grid_pinpoints)}")
 
 
 def llava_next_problems(model: VLM) -> list[str]:

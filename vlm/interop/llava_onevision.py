@@ -68,7 +68,8 @@ def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, 
     arrangement = {**ARRANGEMENT, "pinpoints": config.image_grid_pinpoints, "max_tiles": max_tiles}
     return import_arranged(path, config, LlavaOnevisionForConditionalGeneration, arrangement, dtype=dtype,
                            tokenizer=tokenizer, attn_implementation=attn_implementation,
-                           keys=f"image_grid_pinpoints={config.image_grid_pinpoints}, vision_aspect_ratio="
+                           keys=f"image_grid_pinpoints={common.short_list(config.image_grid_pinpoints)}, "
+                                f"vision_aspect_ratio="
                                 f"{config.vision_aspect_ratio!r}",
                            video_token_id=int(config.video_token_id))
 
@@ -110,7 +111,9 @@ def to_hf(model: VLM, path: str | os.PathLike, *, dtype: str | torch.dtype | Non
           processor: bool = True) -> Path:
     """Write ``model`` as a transformers ``LlavaOnevisionForConditionalGeneration`` directory (safetensors) and
     return it. ``dtype``: of the written weights (default: the LLM's). With ``processor`` (default) also writes
-    ``LlavaOnevisionImageProcessorPil`` (vlm's anyres pixels), ``LlavaOnevisionVideoProcessor``, the tokenizer (if
+    the image processor (vlm's anyres pixels: written from ``LlavaOnevisionImageProcessorPil``; transformers 5
+    records it as ``LlavaOnevisionImageProcessor``, so load it with ``backend="pil"`` for vlm's pixels exactly),
+    ``LlavaOnevisionVideoProcessor``, the tokenizer (if
     ``model.tokenizer``; its chat template) and the ``LlavaOnevisionProcessor`` config (when the tokenizer encodes
     the image token as the single ``image_token_id``; otherwise it warns and skips just that file)."""
     from transformers import LlavaOnevisionForConditionalGeneration

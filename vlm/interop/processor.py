@@ -20,6 +20,7 @@ import transformers
 from transformers import CLIPImageProcessor, LlavaImageProcessor
 from transformers.image_utils import PILImageResampling
 
+from vlm.interop.chat_template import tokenizer_for_export
 from vlm.persistence import DEFAULT_IMAGE_PREPROCESSING
 from vlm.pretrained import IMAGE_PROCESSOR_CONFIG, PROCESSOR_CONFIG
 
@@ -102,12 +103,14 @@ def save_processor(model: Any, path: Path, *, processor_class: type, options: di
     ``options``. The processor class must find ``image_token`` as the single id ``model.image_token_id`` in the
     tokenizer; it is constructed once (on a copy of the tokenizer) to validate the combination exactly as
     ``AutoProcessor`` will on load. ``parts``: the processor's other sub-processors (e.g. ``video_processor``),
-    saved by the caller, passed to that construction. Returns whether the full processor was written; warns saying why when not."""
+    saved by the caller, passed to that construction. For a model that takes videos, the chat template written
+    renders a ``{"type": "video"}`` part as ``model.video_token`` (``vlm.interop.chat_template``). Returns whether
+    the full processor was written; warns saying why when not."""
     import copy
 
     image_processor = image_processor if image_processor is not None else hf_image_processor(model)
     image_processor.save_pretrained(str(path))
-    tokenizer = model.tokenizer
+    tokenizer = tokenizer_for_export(model)  # a video-taking model's template writes its video parts
     if tokenizer is None:
         warnings.warn(f"to_hf: model.tokenizer is not set, so {str(path)!r} gets no tokenizer and no "
                       f"{PROCESSOR_CONFIG} (only {IMAGE_PROCESSOR_CONFIG}); AutoProcessor and serving engines need "

@@ -137,8 +137,8 @@ class DPO(Objective):
         """Pairs in the batch (the step's loss is the mean over its pairs)."""
         return float(batch["input_ids"].shape[0])
 
-    def losses(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        """The batch's mean loss and its metrics."""
+    def losses(self, model: nn.Module, batch: dict[str, Any], with_margins: bool = False) -> Any:
+        """The batch's mean loss and its metrics (and, ``with_margins``, the reward margins ``(B,)``, detached)."""
         policy = self.policy_logps(model, batch)
         ref = self.reference.logps(model, batch, self.policy_logps)
         p, r = (policy.averaged(), ref.averaged()) if self.loss_type in AVERAGED else (policy, ref)
@@ -153,34 +153,44 @@ class DPO(Objective):
         metrics = {"rewards_chosen": chosen_r.mean().item(), "rewards_rejected": rejected_r.mean().item(),
                    "reward_margin": (chosen_r - rejected_r).mean().item(),
                    "preference_accuracy": (chosen_r > rejected_r).float().mean().item()}
-        return loss, metrics
+        return (loss, metrics, chosen_r - rejected_r) if with_margins else (loss, metrics)
 
     def forward(self, model: nn.Module, batch: dict[str, Any], weight: float | None = None,
                 total: float | None = None) -> ObjectiveOutput:
-        loss, metrics = self.losses(model, batch)
+        """The batch's loss and metrics; ``logits (B,)``: each pair's reward margin ``r_chosen - r_rejected`` (the
+        logit of the Bradley-Terry preference probability; > 0: the pair is ranked right)."""
+        loss, metrics, margins = self.losses(model, batch, with_margins=True)
         if total is not None:
             loss = loss * ((self.weight(batch) if weight is None else weight) / max(total, 1e-12))
-        return ObjectiveOutput(loss=loss, metrics=metrics)
+        return ObjectiveOutput(loss=loss, metrics=metrics, logits=margins)
 
     @staticmethod
     @torch.no_grad()
     def evaluate_pairs(module: nn.Module, batches: Any, precision: torch.dtype) -> dict[str, float]:
-        """Held-out preference metrics over ``batches`` (collated pair rows on the model's device), computed by
-        ``module(batch)`` (the stage's wrapped ``TrainModule``: DDP / FSDP see an ordinary forward) in eval mode: the
-        means over pairs of the rewards, the margin and ``preference_accuracy``, keyed ``pairs/<metric>``."""
+        """Held-out preference metrics over ``batches`` (``(batch, kinds)``: collated pair rows on the model's
+        device and each pair's kind or ``None``), computed by ``module(batch)`` (the stage's wrapped
+        ``TrainModule``: DDP / FSDP see an ordinary forward) in eval mode: the means over pairs of the rewards, the
+        margin and ``preference_accuracy``, keyed ``pairs/<metric>``, and the accuracy over the pairs of each kind
+        (``pairs/preference_accuracy/<kind>``; shapes pairs: their task)."""
         sums: dict[str, float] = {}
+        right: dict[str, list[int]] = {}
         n = 0
         was = module.training
         module.eval()
         try:
-            for batch in batches:
+            for batch, kinds in batches:
                 device = batch["input_ids"].device
                 with torch.autocast(device.type, dtype=precision, enabled=precision != torch.float32):
-                    metrics = module(batch).metrics
+                    out = module(batch)
                 k = batch["input_ids"].shape[0]
-                for key, v in metrics.items():
+                for key, v in out.metrics.items():
                     sums[key] = sums.get(key, 0.0) + v * k
+                if out.logits is not None:
+                    for kind, ok in zip(kinds or [None] * k, (out.logits > 0).tolist()):
+                        if kind is not None:
+                            right.setdefault(str(kind), []).append(int(ok))
                 n += k
         finally:
             module.train(was)
-        return {f"pairs/{k}": v / max(n, 1) for k, v in sums.items()}
+        return {**{f"pairs/{k}": v / max(n, 1) for k, v in sums.items()},
+                **{f"pairs/preference_accuracy/{k}": sum(v) / len(v) for k, v in sorted(right.items())}}

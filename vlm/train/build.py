@@ -1,7 +1,10 @@
 """Build a run's tokenizer and model from its config.
 
 The tokenizer comes from ``vlm.data.tokenizer.TOKENIZERS`` (``tokenizer.name``); special tokens the stages'
-templates emit are added too; ``vlm.build`` then grows the embeddings.
+templates emit are added too; ``vlm.build`` then grows the embeddings. A run that starts from ``init_from`` uses the
+tokenizer saved with that checkpoint instead (``saved_tokenizer``): the weights' vocabulary is that tokenizer's,
+whatever the recipe's own tokenizer would be (``byte_bpe`` trains on the run's data, so its vocabulary depends on
+the data sizes).
 """
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import hashlib
 import inspect
 import json
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,17 +26,51 @@ from vlm.registry import plain
 from vlm.train.config import model_config
 
 
+def saved_tokenizer(init_from: str | Path | None) -> Path | None:
+    """The directory of the tokenizer saved with the checkpoint ``init_from`` names, or ``None`` when it has none:
+    a ``vlm.load`` directory (``final/``) holding ``tokenizer_config.json``; a run directory's ``final/``; a stage
+    directory's (or its ``weights.safetensors``') run's ``final/`` (a run's stages share one tokenizer); a
+    ``.safetensors`` file inside such a directory. Checkpoints of other formats (transformers directories) keep the
+    recipe's tokenizer (``tokenizer.name=hf``)."""
+    from vlm.persistence import FORMAT
+    from vlm.train.checkpoint import STAGE_WEIGHTS
+
+    if init_from is None:
+        return None
+    source = Path(init_from)
+    here = source.parent if source.is_file() else source
+    candidates = [here, here / "final"]
+    if (here / STAGE_WEIGHTS).is_file():  # a stage of a run: the run's export holds the run's tokenizer
+        candidates.append(here.parent / "final")
+    for d in candidates:
+        try:
+            is_vlm = json.loads((d / "config.json").read_text()).get("format") == FORMAT
+        except (OSError, ValueError, AttributeError):
+            continue
+        if is_vlm and (d / "tokenizer_config.json").is_file():
+            return d
+    return None
+
+
 def build_tokenizer(cfg: DictConfig, templates: Iterable[Any] = (), tilings: Iterable[Any] = ()) -> Any:
     """The run's tokenizer, with every special token of ``templates`` (names or configs) and of the image layouts
     ``tilings`` (``tiling`` configs or ``None``; ``Layout.special_tokens``: Idefics3's ``<row_1_col_1>``, ...)
-    present."""
+    present: the one saved with ``init_from`` (``saved_tokenizer``) when there is one, else the recipe's
+    (``tokenizer``). A saved tokenizer lacking one of those special tokens is a ``ConfigError`` (adding it would
+    change the vocabulary the weights were trained with)."""
     from vlm.data.images import check_tiling
     from vlm.data.layouts import LAYOUTS
     from vlm.data.templates import build_template
+    from vlm.data.tokenizer import load_tokenizer
+    from vlm.train.errors import ConfigError
 
-    factory = TOKENIZERS.get(cfg.tokenizer.name)
-    extra = {"data": cfg.data} if "data" in inspect.signature(factory).parameters else {}
-    tok = TOKENIZERS.build(cfg.tokenizer, **extra)
+    saved = saved_tokenizer(cfg.get("init_from"))
+    if saved is not None:
+        tok = load_tokenizer(saved)
+    else:
+        factory = TOKENIZERS.get(cfg.tokenizer.name)
+        extra = {"data": cfg.data} if "data" in inspect.signature(factory).parameters else {}
+        tok = TOKENIZERS.build(cfg.tokenizer, **extra)
     wanted = [t for spec in templates for t in build_template(plain(spec)).special_tokens(tok)]
     for tiling in tilings:
         options = check_tiling(plain(tiling))
@@ -42,6 +80,11 @@ def build_tokenizer(cfg: DictConfig, templates: Iterable[Any] = (), tilings: Ite
     for t in wanted:
         if t not in tok.get_vocab() and t not in missing:
             missing.append(t)
+    if missing and saved is not None:
+        raise ConfigError(f"init_from={cfg.init_from!r}: the tokenizer saved with it ({saved}) has no special token "
+                          f"{missing} that the stages' templates {[plain(t) for t in templates]} or image layouts "
+                          f"emit; expected the template and layout the model was trained with (adding tokens would "
+                          f"change the vocabulary of its weights)")
     if missing:
         tok.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     return tok

@@ -82,9 +82,26 @@ def load_weights(model: nn.Module, source: str | Path) -> list[str]:
         own = model.state_dict()
         bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
         if bad:
-            raise ValueError(f"{f}: shapes differ from this model (a different model or tokenizer?): {bad[:5]}")
+            why = vocab_mismatch(model, state) or "a different model or tokenizer?"
+            raise ValueError(f"{f}: shapes differ from this model ({why}): {bad[:5]}")
         model.load_state_dict(state, strict=False)
     return [str(f) for f in files]
+
+
+def vocab_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """A sentence when ``state``'s token embedding or output head (the LLM's ``get_input_embeddings`` /
+    ``get_output_embeddings``; tied ones are saved once, under either name) has another number of rows than
+    ``model``'s: the checkpoint was trained with another tokenizer. ``None`` otherwise."""
+    lm = getattr(getattr(model, "llm", None), "model", None)
+    tables = [m.weight for m in (getattr(lm, "get_input_embeddings", lambda: None)(),
+                                 getattr(lm, "get_output_embeddings", lambda: None)()) if m is not None]
+    own = model.state_dict(keep_vars=True)
+    name = next((n for n, t in own.items() if n in state and any(t is w for w in tables)), None)
+    if name is None or state[name].shape[0] == own[name].shape[0]:
+        return None
+    return (f"its vocabulary has {state[name].shape[0]} tokens, this run's tokenizer {own[name].shape[0]}: the weights "
+            f"were trained with another tokenizer; start from a directory that holds its tokenizer (a run's final/, "
+            f"or the run itself), or configure the tokenizer it was trained with")
 
 
 def is_original(source: Path) -> bool:

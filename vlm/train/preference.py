@@ -7,21 +7,46 @@ from typing import Any
 
 import torch
 
+from vlm.data.dataset_registry import DATASETS
 from vlm.data.datasets import build_dataset
 from vlm.objectives import TrainModule
+from vlm.registry import to_dict
 from vlm.train.errors import ConfigError
 from vlm.train.rng import derive_seed, isolated
 
 
+def held_out_spec(cfg: Any, stage_name: str, eval_data: str | None) -> dict[str, Any] | None:
+    """The data spec of the stage's held-out pairs: ``eval_data`` is ``None`` (none), a key of ``cfg.data``, or
+    ``auto``: the training pairs' own held-out part, given by their data set's ``held_out(spec)`` (a user's file,
+    ``preference``: its ``eval`` file or ``heldout`` pairs left out of training; ``shapes_preference``: its ``val``
+    split; ``None`` for a data set without one). Raises ``ConfigError`` for a key that is not in ``cfg.data``."""
+    if eval_data is None:
+        return None
+    if eval_data != "auto":
+        if eval_data not in cfg.data or cfg.data[eval_data] is None:
+            raise ConfigError(f"stage.{stage_name}.objective.eval_data={eval_data!r} is not a key of data; expected "
+                              f"one of {[k for k in cfg.data if cfg.data[k] is not None]}, auto or null")
+        return to_dict(cfg.data[eval_data])
+    key = cfg.stage[stage_name].data
+    train = to_dict(cfg.data[key])
+    held_out = getattr(DATASETS.get(train["name"]), "held_out", None)
+    return held_out(train) if held_out is not None else None
+
+
 def preference_setup(stage: Any, module: TrainModule, dataset: Any, collator: Any, processor: Any,
                      precision: torch.dtype) -> Any:
-    """For an objective on preference pairs (``dpo``): its held-out pairs (``objective.eval_data``, a key of
-    ``data``; ``None`` without) and, with a ``precomputed`` reference, the reference log-probs of every training
+    """For an objective on preference pairs (``dpo``): its held-out pairs (``objective.eval_data``:
+    ``held_out_spec``; ``None`` without) and, with a ``precomputed`` reference, the reference log-probs of every training
     and held-out pair under the starting model, stored with the data (before any checkpoint is loaded: a resumed
     run computes the same table)."""
     objective = module.objective
-    key = getattr(objective, "eval_data", None)
-    held_out = build_dataset(stage.cfg.data[key], processor) if key else None
+    spec = held_out_spec(stage.cfg, stage.name, getattr(objective, "eval_data", None))
+    held_out = build_dataset(spec, processor) if spec is not None else None
+    if spec is None and getattr(objective, "eval_data", None) is not None:
+        stage.log.info(f"[{stage.name}] objective.eval_data=auto: data.{stage.stage.data} has no held-out part; no "
+                       f"held-out pairs are scored")
+    if held_out is not None and (selection := getattr(getattr(held_out, "samples", None), "selection", None)):
+        stage.log.info(f"[{stage.name}] held-out pairs: {selection}")
     if getattr(objective, "precomputes", False):
         if stage.strategy.shards_parameters:  # the pass calls the model's parts, not the sharded root
             raise ConfigError(f"stage.{stage.name}.objective.reference=precomputed is not supported with "
@@ -45,6 +70,12 @@ def evaluate_pairs(stage: Any, t: Any) -> dict[str, float]:
     from vlm.train.loop import to_device
 
     data, size = t.held_out_pairs, stage.cfg.eval.batch_size
-    batches = (to_device({k: v for k, v in t.collator([data[i] for i in range(s, min(s + size, len(data)))])
-                          .items() if k != "meta"}, stage.strategy.device) for s in range(0, len(data), size))
-    return t.module.objective.evaluate_pairs(t.wrapped, batches, t.precision)
+
+    def batches() -> Any:
+        for s in range(0, len(data), size):
+            items = [data[i] for i in range(s, min(s + size, len(data)))]
+            batch = t.collator(items)
+            kinds = [it["meta"].get("kind") for it in items if it is not None]
+            yield to_device({k: v for k, v in batch.items() if k != "meta"}, stage.strategy.device), kinds
+
+    return t.module.objective.evaluate_pairs(t.wrapped, batches(), t.precision)

@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig
 
 from vlm.data.datasets import build_dataset
-from vlm.train.build import build_tokenizer
+from vlm.train.build import build_tokenizer, saved_tokenizer
 from vlm.train.config import check, compose
 from vlm.train.config_check import check_runnable
 from vlm.train.distributed import build_strategy
@@ -149,6 +149,9 @@ def _run(cfg: DictConfig, strategy: Any, t0: float, overrides: list[str] | None,
                  + ("; ".join(resume.changes) if resume.changes else "none"))
     tokenizer = build_tokenizer(cfg, [cfg.stage[n].template for n in cfg.stages],
                                 [cfg.stage[n].get("tiling") for n in cfg.stages])
+    if (saved := saved_tokenizer(cfg.init_from)) is not None:
+        log.info(f"[vlm.train] tokenizer: the one saved with init_from ({saved}; {len(tokenizer)} tokens), not the "
+                 f"recipe's tokenizer.{cfg.tokenizer.name}")
     eval_samples = None
     if cfg.eval.enabled and cfg.eval.data is not None:
         eval_samples = build_dataset(cfg.data[cfg.eval.data])

@@ -56,6 +56,12 @@ def _rebuild(cls: type, problem: str, reason: str, index: Any, sample_id: Any, f
     return cls(problem, reason=reason, index=index, sample_id=sample_id, file=file, source=source, media=media)
 
 
+class SampleDropped(SampleError):
+    """A sample the processor drops by policy (e.g. too long to truncate without cutting an image).
+
+    Datasets always skip and count these, whatever their ``skip_bad`` setting."""
+
+
 def reason_of(err: BaseException) -> str:
     """The cause key of an error: a ``DataError``'s ``reason`` (stated by its class or given), else ``invalid``."""
     return getattr(err, "reason", None) or "invalid"
@@ -214,7 +220,12 @@ class Reader:
         if isinstance(src, os.PathLike):
             src = os.fspath(src)
         if not isinstance(src, str) or not src:
-            raise SampleError(f"bad {media} source {src!r}", reason="format")
+            expected = ("a file path (str or os.PathLike), an http(s):// URL, a data: URI, a PIL image, raw bytes or "
+                        "a {'bytes', 'path'} dict") if media == "image" else \
+                ("a file path (str or os.PathLike), an http(s):// URL, raw bytes, a {'bytes', 'path'} dict or a list "
+                 "of frames (image sources)")
+            raise SampleError(f"bad {media} source {src!r} (a {type(src).__name__}); expected {expected}",
+                              reason="format")
         if URL_RE.match(src):
             if not self.allow_urls:
                 raise SampleError(f"{media} URL {src!r} refused: fetching is off; pass allow_urls=True to enable it",
@@ -230,7 +241,8 @@ class Reader:
                               f"(data.allow_outside_root=true) to read it", reason="outside_root", file=path,
                               media=media)
         if self.check_files and not os.path.isfile(path):
-            raise SampleError(f"{media} file not found", reason=f"missing_{media}", file=path, media=media)
+            what = f"{media} path is a directory, not a file" if os.path.isdir(path) else f"{media} file not found"
+            raise SampleError(what, reason=f"missing_{media}", file=path, media=media)
         return path
 
     def video(self, src: Any, options: Mapping[str, Any] | None = None) -> Video:
