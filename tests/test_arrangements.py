@@ -14,6 +14,7 @@ from tests.conftest import TINY_TEXT, TINY_VISION
 from vlm.train import compose
 from vlm.train.config import model_config
 from vlm.train.errors import ConfigError
+from vlm.train.stage import model_facts
 
 PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96]]
 
@@ -113,8 +114,24 @@ def test_layout_axis_and_llava_next_recipe_compose():
     onevision = model_config(compose("ablation", ["layout=onevision"]))
     assert onevision["arrangement"]["name"] == "onevision" and onevision["arrangement"]["max_tiles"] == 2
     torch.manual_seed(0)
-    assert vlm.build(onevision).arrangement.layout() == {"kind": "anyres",
-                                                         "pinpoints": onevision["arrangement"]["pinpoints"]}
+    ov = vlm.build(onevision)
+    assert ov.arrangement.layout() == {"kind": "anyres", "pinpoints": onevision["arrangement"]["pinpoints"]}
+    # the shapes data is one 64 px square per sample: alone, the 1x2 pinpoint unpadded to a 4 x 4 grid, under
+    # max_tiles=2's budget (never pooled), so onevision arranges it as anyres_grid does: the same views, tokens and
+    # arranged features for the same weights. Not the same run: onevision takes videos, so the vocabulary gains
+    # <video> and the random init draws differ.
+    torch.manual_seed(0)
+    ny = vlm.build(anyres)
+    assert ov.arrangement.pooled(4, 4) is None and ov.arrangement.pooled(8, 8) is not None
+    assert ov.arrangement.num_views(64, 64) == ny.arrangement.num_views(64, 64) == 3
+    assert ov.image_token_count(64, 64) == ny.image_token_count(64, 64) == model_facts(ny)["image_tokens"] == 36
+    assert ov.video_token_id is not None and ny.video_token_id is None
+    sizes, n = torch.tensor([[64, 64], [64, 64]]), ny.arrangement.tile_grid[0] * ny.arrangement.tile_grid[1]
+    feats = torch.randn(2 * 3, n, ny.arrangement.dim)
+    with torch.no_grad():
+        ov.arrangement.image_newline.copy_(ny.arrangement.image_newline)
+        assert torch.equal(ov.arrangement(feats, sizes, batch_num_images=torch.tensor([1, 1])),
+                           ny.arrangement(feats, sizes))
 
 
 def test_llava_next_7b_recipe_has_transformers_parameter_count():
@@ -210,3 +227,38 @@ def test_an_arranged_model_exports_only_as_its_family(tmp_path):
     assert format_for_model(llava_like).hf_class == "LlavaNextForConditionalGeneration"
     with pytest.raises(ValueError, match="feature arrangement is 'anyres_grid'; LlavaForConditionalGeneration"):
         llava.to_hf(llava_like, tmp_path / "b")
+
+
+def test_idefics3_layout_on_the_ablation():
+    """``recipe=ablation layout=idefics3``: no arrangement; the pretrain and SFT stages split each 64 px shapes image
+    Idefics3's way (longest edge 128 px: 2 x 2 crops of 64 px + the global image, 5 views x 16 tokens), the stem's
+    own stage (align) sees one view; the run's tokenizer holds the row/col tokens; the built model takes the
+    processed samples, no SFT sample is cut at the stage's max_length, and the sweep's "image tokens" are 5 x 16."""
+    from vlm.data.datasets import build_dataset
+    from vlm.train.build import build_model, build_tokenizer
+
+    run = compose("ablation", ["layout=idefics3", "data.sft.size=64"])
+    assert model_config(run).get("arrangement") is None
+    assert run.stage.align.get("tiling") is None
+    for name in ("pretrain", "sft"):
+        assert run.stage[name].tiling == {"kind": "idefics3", "longest_edge": 128, "split": True}
+    tok = build_tokenizer(run, [run.stage[n].template for n in run.stages],
+                          [run.stage[n].get("tiling") for n in run.stages])
+    assert {"<fake_token_around_image>", "<global-img>", "<row_2_col_2>"} <= set(tok.get_vocab())
+    torch.manual_seed(0)
+    model = build_model(run, tok).eval()
+    from vlm.data.processor import Processor
+
+    st = run.stage.sft
+    proc = Processor.for_model(model, tok, template=st.template, max_length=None, tiling=dict(st.tiling))
+    items = [proc(s) for s in build_dataset(run.data.sft)]
+    assert all(it["pixel_values"].shape == (5, 3, 64, 64) for it in items)
+    assert all(int((it["input_ids"] == model.image_token_id).sum()) == 5 * 16 for it in items)
+    # what the sweep's "image tokens" column reports: the stage's layout's views, not one view
+    assert model_facts(model, proc)["image_tokens"] == 5 * 16 and model_facts(model)["image_tokens"] == 16
+    assert max(len(it["input_ids"]) for it in items) <= st.max_length
+    text = tok.decode(items[0]["input_ids"])
+    assert "<row_1_col_1>" in text and "<row_2_col_2>" in text and "<global-img>" in text
+    with torch.no_grad():
+        out = model(input_ids=items[0]["input_ids"][None], pixel_values=items[0]["pixel_values"])
+    assert out.logits.shape[:2] == (1, len(items[0]["input_ids"]))

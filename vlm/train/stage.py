@@ -153,7 +153,7 @@ class StageRunner:
             self.save(t, t.total, state)
         result = StageResult(self.name, t.total, state.losses, 0.0, str(self.dir / STAGE_WEIGHTS), resumed_from,
                              skipped_samples=self.report_bad(t), step_seconds=typical_step_seconds(state.step_seconds),
-                             peak_memory_mb=peak_mb, **model_facts(t.model))
+                             peak_memory_mb=peak_mb, **model_facts(t.model, t.processor))
         self.export(t)
         if self.is_last and self.eval_samples is not None and self.cfg.eval.enabled:
             result.eval = self.final_eval(t)
@@ -403,16 +403,22 @@ def max_bad_fraction_key(cfg: DictConfig, data: str) -> str:
     return option_source(node, f"data.{data}", "max_bad_fraction")
 
 
-def model_facts(model: torch.nn.Module) -> dict[str, int | None]:
-    """``trainable_params``, ``image_tokens`` (per image of the encoder's size, in the LLM's sequence: with an
-    arrangement, a square image of that size, its base view and tiles arranged) and
-    ``media_tokens`` (the keys per image a fusion connector's cross-attention reads; None for token connectors)."""
+def model_facts(model: torch.nn.Module, processor: Any = None) -> dict[str, int | None]:
+    """``trainable_params``, ``image_tokens`` (per square image of the encoder's size, in the LLM's sequence: with an
+    arrangement, its base view and tiles arranged; else, with the stage ``processor``'s image layout (``tiling``),
+    its views' tokens, e.g. Idefics3's crops + global image; else one view) and ``media_tokens`` (the keys per image
+    a fusion connector's cross-attention reads; None for token connectors)."""
     size = as_pair(model.image_size)
     connector = model.connector
     media = connector.num_media_tokens(model.encoder.num_tokens(size), model.encoder.grid(size)) \
         if connector.fuses_by_cross_attention else None
+    layout = getattr(getattr(processor, "image_processor", None), "layout", None)
+    if model.arrangement is None and layout is not None:  # (H, W) of each view of a W x H image
+        tokens = sum(model.num_image_tokens(view) for view in layout.view_sizes(size[1], size[0]))
+    else:
+        tokens = model.image_token_count(*size, view_size=size)
     return {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "image_tokens": int(model.image_token_count(*size, view_size=size)), "media_tokens": media}
+            "image_tokens": int(tokens), "media_tokens": media}
 
 
 def skipped_result(name: str, stage_dir: Path) -> StageResult:
