@@ -27,6 +27,9 @@ class HFFormat:
     #: the feature arrangement (``vlm.arrangements`` name) the family's models have; ``None``: none (each image's
     #: view tokens one after another). A model whose arrangement differs is refused (``all_problems``)
     arrangement: ClassVar[str | None] = None
+    #: whether plain transformers loads this format's directories (``False``: an original remote-code checkpoint
+    #: layout, read and written as data); a model's ``source_format`` is preferred on export only when ``True``
+    loads_in_transformers: ClassVar[bool] = True
 
     @staticmethod
     def from_hf(path: str | os.PathLike, *, dtype: str | torch.dtype | None = None, tokenizer: bool = True,
@@ -70,7 +73,7 @@ def format_for_model_type(model_type: Any, where: str) -> type[HFFormat]:
 
 def format_for_model(model: Any, name: str | None = None) -> type[HFFormat]:
     """The format named ``name``; else the one ``model`` was imported from (``model.source_format``) when it can hold
-    the model; else the first registered one that can. ``ValueError`` for an unknown ``name`` (listing the formats)
+    the model and is a transformers class (an original checkpoint's layout only by name); else the first registered one that can. ``ValueError`` for an unknown ``name`` (listing the formats)
     and, listing every format's problems, when none can hold the model."""
     if name is not None:
         if name not in FORMATS.names():
@@ -82,7 +85,8 @@ def format_for_model(model: Any, name: str | None = None) -> type[HFFormat]:
             raise ValueError(f"to_hf: this model cannot be exported as {fmt.hf_class}: " + "; ".join(problems))
         return fmt
     source = getattr(model, "source_format", None)
-    if source in FORMATS.names() and not all_problems(FORMATS.get(source), model):
+    if (source in FORMATS.names() and FORMATS.get(source).loads_in_transformers
+            and not all_problems(FORMATS.get(source), model)):
         return FORMATS.get(source)
     reasons = {}
     for n in FORMATS.names():

@@ -225,6 +225,7 @@ class InternVLChatFormat(HFFormat):
 
     model_type = MODEL_TYPE
     hf_class = "InternVLChatModel (original OpenGVLab checkpoint, imported without its remote code)"
+    loads_in_transformers = False
     from_hf = staticmethod(from_original)
     to_hf = staticmethod(to_original)
     problems = staticmethod(original_problems)

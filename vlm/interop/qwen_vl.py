@@ -367,6 +367,7 @@ class QwenVLFormat(HFFormat):
 
     model_type = MODEL_TYPE
     hf_class = "QWenLMHeadModel (original Qwen-VL checkpoint, imported without its remote code)"
+    loads_in_transformers = False
     from_hf = staticmethod(from_original)
     to_hf = staticmethod(to_original_dir)
     problems = staticmethod(qwen_vl_problems)
